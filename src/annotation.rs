@@ -1,0 +1,453 @@
+//! The podnat annotation: JSON text → validated port mappings, or an error that
+//! names the entry and the field so the pod's Warning event tells the user what
+//! to fix. Unknown keys are ignored (forward compatibility with the Go version).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use serde_json::{Map, Value};
+
+use crate::model::{PortMapping, Proto};
+
+/// Why an annotation was rejected. Display gives the user-facing message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AnnotationError {
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    #[error("expected a JSON object with a list \"entries\", got {0}")]
+    NotAnObject(&'static str),
+    #[error("entries: missing (expected {{\"entries\":[...]}})")]
+    MissingEntries,
+    #[error("entries: expected a list, got {0}")]
+    EntriesNotAList(&'static str),
+    #[error("entries[{index}]: expected an object, got {got}")]
+    EntryNotAnObject { index: usize, got: &'static str },
+    #[error("entries[{index}].{field}: {problem}")]
+    Field {
+        index: usize,
+        field: &'static str,
+        problem: String,
+    },
+    #[error("entries[{index}].srcPort: {port}/{proto} is already used by entries[{first}]")]
+    Duplicate {
+        index: usize,
+        first: usize,
+        port: u16,
+        proto: Proto,
+    },
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Parses and validates an annotation value. `restricted` ports may be neither
+/// source nor destination of any entry.
+pub fn parse(text: &str, restricted: &BTreeSet<u16>) -> Result<Vec<PortMapping>, AnnotationError> {
+    let doc: Value =
+        serde_json::from_str(text).map_err(|e| AnnotationError::Json(e.to_string()))?;
+    let obj = match &doc {
+        Value::Object(o) => o,
+        other => return Err(AnnotationError::NotAnObject(kind(other))),
+    };
+    let entries = match obj.get("entries") {
+        None | Some(Value::Null) => return Err(AnnotationError::MissingEntries),
+        Some(Value::Array(a)) => a,
+        Some(other) => return Err(AnnotationError::EntriesNotAList(kind(other))),
+    };
+    let mut out = Vec::with_capacity(entries.len());
+    // (srcPort, proto) → first entry index; the public address is not part of
+    // the key, as in the Go version: one pod never publishes a port twice.
+    let mut seen: BTreeMap<(u16, Proto), usize> = BTreeMap::new();
+    for (index, entry) in entries.iter().enumerate() {
+        let fields = match entry {
+            Value::Object(o) => o,
+            other => {
+                return Err(AnnotationError::EntryNotAnObject {
+                    index,
+                    got: kind(other),
+                })
+            }
+        };
+        let mapping = parse_entry(index, fields, restricted)?;
+        if let Some(&first) = seen.get(&(mapping.src_port, mapping.proto)) {
+            return Err(AnnotationError::Duplicate {
+                index,
+                first,
+                port: mapping.src_port,
+                proto: mapping.proto,
+            });
+        }
+        seen.insert((mapping.src_port, mapping.proto), index);
+        out.push(mapping);
+    }
+    Ok(out)
+}
+
+fn field_err(index: usize, field: &'static str, problem: impl Into<String>) -> AnnotationError {
+    AnnotationError::Field {
+        index,
+        field,
+        problem: problem.into(),
+    }
+}
+
+fn parse_entry(
+    index: usize,
+    fields: &Map<String, Value>,
+    restricted: &BTreeSet<u16>,
+) -> Result<PortMapping, AnnotationError> {
+    let iface_auto = match fields.get("ifaceAuto") {
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
+        Some(other) => {
+            return Err(field_err(
+                index,
+                "ifaceAuto",
+                format!("expected true or false, got {}", kind(other)),
+            ))
+        }
+    };
+    let src_ip = match fields.get("srcIP") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.is_empty() => None,
+        Some(Value::String(s)) => Some(parse_ipv4(index, s)?),
+        Some(other) => {
+            return Err(field_err(
+                index,
+                "srcIP",
+                format!("expected an IPv4 address as a string, got {}", kind(other)),
+            ))
+        }
+    };
+    let src_ip = match (iface_auto, src_ip) {
+        (Some(true), Some(_)) => {
+            return Err(field_err(
+                index,
+                "srcIP",
+                "set together with ifaceAuto:true; drop ifaceAuto or set it to false",
+            ))
+        }
+        (Some(false), None) => {
+            return Err(field_err(
+                index,
+                "srcIP",
+                "missing; ifaceAuto:false needs the public address in srcIP",
+            ))
+        }
+        (_, ip) => ip,
+    };
+    let src_port = parse_port(index, "srcPort", fields.get("srcPort"), restricted)?;
+    let dst_port = parse_port(index, "dstPort", fields.get("dstPort"), restricted)?;
+    let proto = match fields.get("proto") {
+        None | Some(Value::Null) => Proto::Tcp,
+        Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+            "tcp" => Proto::Tcp,
+            "udp" => Proto::Udp,
+            _ => {
+                return Err(field_err(
+                    index,
+                    "proto",
+                    format!("unknown protocol {s:?}; use \"tcp\" or \"udp\""),
+                ))
+            }
+        },
+        Some(other) => {
+            return Err(field_err(
+                index,
+                "proto",
+                format!("expected \"tcp\" or \"udp\", got {}", kind(other)),
+            ))
+        }
+    };
+    Ok(PortMapping {
+        src_ip,
+        src_port,
+        dst_port,
+        proto,
+    })
+}
+
+fn parse_ipv4(index: usize, s: &str) -> Result<Ipv4Addr, AnnotationError> {
+    match s.trim().parse::<IpAddr>() {
+        Ok(IpAddr::V4(ip)) => {
+            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
+                Err(field_err(
+                    index,
+                    "srcIP",
+                    format!("{ip} cannot be a public address of a node"),
+                ))
+            } else {
+                Ok(ip)
+            }
+        }
+        Ok(IpAddr::V6(_)) => Err(field_err(
+            index,
+            "srcIP",
+            format!("{s:?} is an IPv6 address; only IPv4 is supported"),
+        )),
+        Err(_) => Err(field_err(
+            index,
+            "srcIP",
+            format!("{s:?} is not a valid IPv4 address"),
+        )),
+    }
+}
+
+fn parse_port(
+    index: usize,
+    field: &'static str,
+    value: Option<&Value>,
+    restricted: &BTreeSet<u16>,
+) -> Result<u16, AnnotationError> {
+    let n = match value {
+        None | Some(Value::Null) => {
+            return Err(field_err(index, field, "missing (required, 1-65535)"))
+        }
+        Some(Value::Number(n)) => n,
+        Some(other) => {
+            return Err(field_err(
+                index,
+                field,
+                format!("expected a port number 1-65535, got {}", kind(other)),
+            ))
+        }
+    };
+    let port = match (n.as_u64(), n.as_i64()) {
+        (Some(p), _) => p,
+        (None, Some(neg)) => {
+            return Err(field_err(
+                index,
+                field,
+                format!("port {neg} is out of range 1-65535"),
+            ))
+        }
+        (None, None) => {
+            return Err(field_err(
+                index,
+                field,
+                format!("port {n} is not a whole number"),
+            ))
+        }
+    };
+    if port == 0 {
+        return Err(field_err(index, field, "port 0 is reserved"));
+    }
+    if port > 65535 {
+        return Err(field_err(
+            index,
+            field,
+            format!("port {port} is out of range 1-65535"),
+        ));
+    }
+    let port = port as u16;
+    if restricted.contains(&port) {
+        return Err(field_err(
+            index,
+            field,
+            format!("port {port} is restricted on this node (restrictedports)"),
+        ));
+    }
+    Ok(port)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn restricted() -> BTreeSet<u16> {
+        [22, 53, 6443].into_iter().collect()
+    }
+
+    fn err(text: &str) -> String {
+        parse(text, &restricted()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn spec_example_mail_server() {
+        let m = parse(
+            r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":143,"dstPort":143},{"srcPort":587,"dstPort":587}]}"#,
+            &restricted(),
+        )
+        .unwrap();
+        let expect: Vec<PortMapping> = [25, 143, 587]
+            .iter()
+            .map(|&p| PortMapping {
+                src_ip: None,
+                src_port: p,
+                dst_port: p,
+                proto: Proto::Tcp,
+            })
+            .collect();
+        assert_eq!(m, expect);
+    }
+
+    #[test]
+    fn spec_example_manual_address() {
+        let m = parse(
+            r#"{"entries":[{"ifaceAuto":false,"srcIP":"192.168.2.94","srcPort":25,"dstPort":25}]}"#,
+            &restricted(),
+        )
+        .unwrap();
+        assert_eq!(
+            m,
+            vec![PortMapping {
+                src_ip: Some(Ipv4Addr::new(192, 168, 2, 94)),
+                src_port: 25,
+                dst_port: 25,
+                proto: Proto::Tcp
+            }]
+        );
+    }
+
+    #[test]
+    fn src_ip_implies_manual_and_udp_and_unknown_keys() {
+        let m = parse(
+            r#"{"x":1,"entries":[{"srcIP":"203.0.113.9","srcPort":5000,"dstPort":50,"proto":"UDP","note":"hi"}]}"#,
+            &restricted(),
+        )
+        .unwrap();
+        assert_eq!(m[0].src_ip, Some(Ipv4Addr::new(203, 0, 113, 9)));
+        assert_eq!(m[0].proto, Proto::Udp);
+        assert_eq!(m[0].dst_port, 50);
+    }
+
+    #[test]
+    fn same_port_tcp_and_udp_is_fine() {
+        let m = parse(
+            r#"{"entries":[{"srcPort":500,"dstPort":500},{"srcPort":500,"dstPort":500,"proto":"udp"}]}"#,
+            &restricted(),
+        )
+        .unwrap();
+        assert_eq!(m.len(), 2);
+    }
+
+    #[test]
+    fn rejections_name_entry_and_field() {
+        assert!(err("{entries:").starts_with("malformed JSON: "));
+        assert_eq!(
+            err("[]"),
+            "expected a JSON object with a list \"entries\", got a list"
+        );
+        assert_eq!(err("{}"), "entries: missing (expected {\"entries\":[...]})");
+        assert_eq!(
+            err(r#"{"entries":{}}"#),
+            "entries: expected a list, got an object"
+        );
+        assert_eq!(
+            err(r#"{"entries":[1]}"#),
+            "entries[0]: expected an object, got a number"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":80,"dstPort":80},{"dstPort":80}]}"#),
+            "entries[1].srcPort: missing (required, 1-65535)"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":0,"dstPort":80}]}"#),
+            "entries[0].srcPort: port 0 is reserved"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":80,"dstPort":0}]}"#),
+            "entries[0].dstPort: port 0 is reserved"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":80,"dstPort":70000}]}"#),
+            "entries[0].dstPort: port 70000 is out of range 1-65535"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":-1,"dstPort":80}]}"#),
+            "entries[0].srcPort: port -1 is out of range 1-65535"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":8.5,"dstPort":80}]}"#),
+            "entries[0].srcPort: port 8.5 is not a whole number"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":"80","dstPort":80}]}"#),
+            "entries[0].srcPort: expected a port number 1-65535, got a string"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":80,"dstPort":80,"proto":"sctp"}]}"#),
+            "entries[0].proto: unknown protocol \"sctp\"; use \"tcp\" or \"udp\""
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"ifaceAuto":false,"srcPort":80,"dstPort":80}]}"#),
+            "entries[0].srcIP: missing; ifaceAuto:false needs the public address in srcIP"
+        );
+        assert_eq!(
+            err(
+                r#"{"entries":[{"ifaceAuto":true,"srcIP":"203.0.113.1","srcPort":80,"dstPort":80}]}"#
+            ),
+            "entries[0].srcIP: set together with ifaceAuto:true; drop ifaceAuto or set it to false"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcIP":"203.0.113.300","srcPort":80,"dstPort":80}]}"#),
+            "entries[0].srcIP: \"203.0.113.300\" is not a valid IPv4 address"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcIP":"2001:db8::1","srcPort":80,"dstPort":80}]}"#),
+            "entries[0].srcIP: \"2001:db8::1\" is an IPv6 address; only IPv4 is supported"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":80,"dstPort":81}]}"#),
+            "entries[1].srcPort: 80/tcp is already used by entries[0]"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":22,"dstPort":2222}]}"#),
+            "entries[0].srcPort: port 22 is restricted on this node (restrictedports)"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"srcPort":5353,"dstPort":53,"proto":"udp"}]}"#),
+            "entries[0].dstPort: port 53 is restricted on this node (restrictedports)"
+        );
+        assert_eq!(
+            err(r#"{"entries":[{"ifaceAuto":"yes","srcPort":80,"dstPort":80}]}"#),
+            "entries[0].ifaceAuto: expected true or false, got a string"
+        );
+    }
+
+    #[test]
+    fn restricted_list_comes_from_config() {
+        let none = BTreeSet::new();
+        assert!(parse(r#"{"entries":[{"srcPort":22,"dstPort":22}]}"#, &none).is_ok());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn arbitrary_text_never_panics(s in ".*") {
+            let _ = parse(&s, &restricted());
+        }
+
+        #[test]
+        fn arbitrary_json_shaped_text_never_panics(
+            entries in proptest::collection::vec(
+                (proptest::option::of(-5i64..70000), proptest::option::of(-5i64..70000),
+                 proptest::option::of("[a-zA-Z]{0,4}"), proptest::option::of(proptest::bool::ANY),
+                 proptest::option::of("[0-9.:a-f]{0,16}")), 0..5)
+        ) {
+            let items: Vec<String> = entries.iter().map(|(s, d, p, a, ip)| {
+                let mut f = Vec::new();
+                if let Some(s) = s { f.push(format!("\"srcPort\":{s}")); }
+                if let Some(d) = d { f.push(format!("\"dstPort\":{d}")); }
+                if let Some(p) = p { f.push(format!("\"proto\":{p:?}")); }
+                if let Some(a) = a { f.push(format!("\"ifaceAuto\":{a}")); }
+                if let Some(ip) = ip { f.push(format!("\"srcIP\":{ip:?}")); }
+                format!("{{{}}}", f.join(","))
+            }).collect();
+            let text = format!("{{\"entries\":[{}]}}", items.join(","));
+            if let Ok(m) = parse(&text, &restricted()) {
+                for e in m {
+                    proptest::prop_assert!(e.src_port != 0 && e.dst_port != 0);
+                    proptest::prop_assert!(!restricted().contains(&e.src_port));
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,612 @@
+//! Command line → validated `Config`. Accepts the Go version's spellings
+//! (`-dryrun`, `-annotationKey=x`, `-nodeID`, klog's `-v=2`, `-logtostderr`)
+//! beside the usual `--kebab-case`, so old chart values keep working.
+
+use std::collections::BTreeSet;
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::Ipv4Net;
+
+/// Which rule layout the agent programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Flavor {
+    /// iptables-nft's own tables and chains (the Go version's layout).
+    Iptables,
+    /// A table of the agent's own with maps and sets.
+    Nftables,
+}
+
+/// Where the per-node NAT table is persisted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum StateFlavor {
+    Configmap,
+    Webdav,
+    None,
+}
+
+/// Jump positions in FORWARD, PREROUTING, POSTROUTING (Go: `-iptablesJump`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct JumpPositions {
+    pub forward: i32,
+    pub prerouting: i32,
+    pub postrouting: i32,
+}
+
+impl Default for JumpPositions {
+    fn default() -> Self {
+        JumpPositions {
+            forward: -2,
+            prerouting: -2,
+            postrouting: -2,
+        }
+    }
+}
+
+fn parse_jump(s: &str) -> Result<JumpPositions, String> {
+    let parts: Vec<&str> = s.split(',').map(str::trim).collect();
+    if parts.len() != 3 {
+        return Err(format!(
+            "expected three comma-separated positions (FORWARD,PREROUTING,POSTROUTING), got {}",
+            parts.len()
+        ));
+    }
+    let mut n = [0i32; 3];
+    for (i, p) in parts.iter().enumerate() {
+        n[i] = p
+            .parse()
+            .map_err(|_| format!("position {p:?} is not an integer"))?;
+    }
+    Ok(JumpPositions {
+        forward: n[0],
+        prerouting: n[1],
+        postrouting: n[2],
+    })
+}
+
+fn parse_ports(s: &str) -> Result<BTreeSet<u16>, String> {
+    let mut out = BTreeSet::new();
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let n: u64 = p
+            .parse()
+            .map_err(|_| format!("port {p:?} is not a number"))?;
+        if n == 0 || n > 65535 {
+            return Err(format!("port {n} is out of range 1-65535"));
+        }
+        out.insert(n as u16);
+    }
+    Ok(out)
+}
+
+fn parse_nets(s: &str) -> Result<Vec<Ipv4Net>, String> {
+    let mut out = Vec::new();
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let net: Ipv4Net = p
+            .parse()
+            .or_else(|_| p.parse::<Ipv4Addr>().map(Ipv4Net::from))
+            .map_err(|_| format!("{p:?} is not an IPv4 network (a.b.c.d/n)"))?;
+        out.push(net.trunc());
+    }
+    Ok(out)
+}
+
+fn parse_prefix(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 20
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        && s.chars().next().is_some_and(|c| c.is_ascii_alphabetic());
+    if ok {
+        Ok(s.to_string())
+    } else {
+        Err("expected 1-20 letters, digits, '-' or '_', starting with a letter".into())
+    }
+}
+
+fn parse_uri(s: &str) -> Result<String, String> {
+    if (s.starts_with("http://") || s.starts_with("https://")) && s.len() > "https://".len() {
+        Ok(s.trim_end_matches('/').to_string())
+    } else {
+        Err("expected an http:// or https:// URL".into())
+    }
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    // Go's strconv.ParseBool spellings.
+    match s {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Ok(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Ok(false),
+        _ => Err("expected true or false".into()),
+    }
+}
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "podnat-controller",
+    version,
+    about = "Direct DNAT/SNAT on the node's public IPv4 for annotated pods, programmed through nf_tables netlink",
+    long_about = None
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub flags: Flags,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
+pub enum Command {
+    /// Remove everything the agent owns from the kernel (its chains and jumps, or its table), nothing else.
+    Cleanup,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Flags {
+    /// Print the changes the agent would make; touch nothing [Go: -dryrun]
+    #[arg(long = "dry-run", global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub dry_run: bool,
+    /// Annotation to watch [Go: -annotationkey]
+    #[arg(
+        long = "annotation-key",
+        global = true,
+        default_value = "bln.space/podnat"
+    )]
+    pub annotation_key: String,
+    /// Seconds between full resyncs; 0 disables them [Go: -informerresync]
+    #[arg(
+        long = "informer-resync",
+        global = true,
+        value_name = "SECONDS",
+        default_value_t = 180
+    )]
+    pub informer_resync: u64,
+    /// Ports never NATed, as source or destination [Go: -restrictedports]
+    #[arg(long = "restricted-ports", global = true, value_name = "PORTS", default_value = "22,53,6443", value_parser = parse_ports)]
+    pub restricted_ports: BTreeSet<u16>,
+    /// HTTP port for health, readiness, entries and metrics [Go: -httpport]
+    #[arg(
+        long = "http-port",
+        global = true,
+        value_name = "PORT",
+        default_value_t = 8484
+    )]
+    pub http_port: u16,
+    /// Rule layout: iptables (iptables-nft's tables) or nftables (a table of its own) [Go: -firewallflavor]
+    #[arg(
+        long = "firewall-flavor",
+        global = true,
+        value_enum,
+        default_value = "iptables"
+    )]
+    pub firewall_flavor: Flavor,
+    /// Jump positions in FORWARD,PREROUTING,POSTROUTING; n>0 the n-th rule, n<0 from the end [Go: -iptablesJump]
+    #[arg(long = "iptables-jump", global = true, value_name = "F,P,Q", default_value = "-2,-2,-2", value_parser = parse_jump, allow_hyphen_values = true)]
+    pub iptables_jump: JumpPositions,
+    /// Extra networks ignored by public address detection (comma-separated CIDRs) [Go: -inclfilternet]
+    #[arg(long = "incl-filter-net", global = true, value_name = "CIDRS", value_parser = parse_nets, action = clap::ArgAction::Append)]
+    pub incl_filter_net: Vec<Vec<Ipv4Net>>,
+    /// Default-filtered networks to allow again (comma-separated CIDRs) [Go: -exclfilternet, -excludefilternetworks]
+    #[arg(long = "excl-filter-net", global = true, value_name = "CIDRS", value_parser = parse_nets, action = clap::ArgAction::Append)]
+    pub excl_filter_net: Vec<Vec<Ipv4Net>>,
+    /// Prefix of chains, table and comments [Go: -resourceprefix]
+    #[arg(long = "resource-prefix", global = true, value_name = "PREFIX", default_value = "podnat", value_parser = parse_prefix)]
+    pub resource_prefix: String,
+    /// State store: configmap, webdav or none [Go: -stateflavor]
+    #[arg(
+        long = "state-flavor",
+        global = true,
+        value_enum,
+        default_value = "configmap"
+    )]
+    pub state_flavor: StateFlavor,
+    /// WebDAV endpoint of the state store [Go: -stateuri]
+    #[arg(long = "state-uri", global = true, value_name = "URL", default_value = "http://podnat-state-store:80", value_parser = parse_uri)]
+    pub state_uri: String,
+    /// Node to serve (default: NODE_NAME, else HOSTNAME); matched by short name [Go: -nodeid]
+    #[arg(long = "node-id", global = true, value_name = "NODE")]
+    pub node_id: Option<String>,
+    /// klog verbosity of the Go version: 0-1 info, 2-4 debug, 5+ trace (RUST_LOG wins) [Go: -v]
+    #[arg(long = "v", global = true, value_name = "N", default_value_t = 0)]
+    pub verbosity: u8,
+    /// Run one reconcile for this JSON pod list (as `kubectl get pods -o json` prints) and exit
+    #[arg(long = "pods-file", global = true, value_name = "FILE")]
+    pub pods_file: Option<PathBuf>,
+    /// Use this public IPv4 address instead of auto detection
+    #[arg(long = "public-address", global = true, value_name = "IPV4")]
+    pub public_address: Option<Ipv4Addr>,
+    /// Kubeconfig file (default: in-cluster config, else KUBECONFIG, else ~/.kube/config)
+    #[arg(long = "kubeconfig", global = true, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// Go-version (and lowercase) flag names → the canonical long name.
+const ALIASES: &[(&str, &str)] = &[
+    ("dryrun", "dry-run"),
+    ("annotationkey", "annotation-key"),
+    ("informerresync", "informer-resync"),
+    ("restrictedports", "restricted-ports"),
+    ("httpport", "http-port"),
+    ("firewallflavor", "firewall-flavor"),
+    ("iptablesjump", "iptables-jump"),
+    ("inclfilternet", "incl-filter-net"),
+    ("exclfilternet", "excl-filter-net"),
+    ("excludefilternetworks", "excl-filter-net"),
+    ("resourceprefix", "resource-prefix"),
+    ("stateflavor", "state-flavor"),
+    ("stateuri", "state-uri"),
+    ("nodeid", "node-id"),
+    ("podsfile", "pods-file"),
+    ("publicaddress", "public-address"),
+];
+
+/// klog flags the Go binary registered: accepted, without effect. The bool is
+/// true when the flag takes a value (so `-log_dir /x` consumes `/x`).
+const KLOG_NOOPS: &[(&str, bool)] = &[
+    ("logtostderr", false),
+    ("alsologtostderr", false),
+    ("skip_headers", false),
+    ("skip_log_headers", false),
+    ("add_dir_header", false),
+    ("one_output", false),
+    ("stderrthreshold", true),
+    ("vmodule", true),
+    ("log_dir", true),
+    ("log_file", true),
+    ("log_file_max_size", true),
+    ("log_backtrace_at", true),
+    ("log_flush_frequency", true),
+];
+
+/// Rewrites Go-style arguments into clap's spelling. Returns the rewritten
+/// argv and the klog flags that were dropped (to be logged once).
+pub fn normalize_args(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
+    let mut out = Vec::with_capacity(args.len());
+    let mut ignored = Vec::new();
+    let mut iter = args.into_iter();
+    if let Some(bin) = iter.next() {
+        out.push(bin);
+    }
+    let mut rest_verbatim = false;
+    while let Some(arg) = iter.next() {
+        let Some(s) = arg.to_str().map(str::to_owned) else {
+            out.push(arg);
+            continue;
+        };
+        if rest_verbatim || !s.starts_with('-') || s == "-" || s == "--" {
+            rest_verbatim |= s == "--";
+            out.push(arg);
+            continue;
+        }
+        let body = s.trim_start_matches('-');
+        let dashes = s.len() - body.len();
+        // Negative numbers (`-iptablesJump -1,2,-3`) are values, not flags.
+        if dashes > 2 || body.is_empty() || body.starts_with(|c: char| c.is_ascii_digit()) {
+            out.push(arg);
+            continue;
+        }
+        let (name, value) = match body.split_once('=') {
+            Some((n, v)) => (n, Some(v)),
+            None => (body, None),
+        };
+        let lower = name.to_ascii_lowercase();
+        if let Some(&(_, takes_value)) = KLOG_NOOPS.iter().find(|(n, _)| *n == lower) {
+            ignored.push(format!("-{lower}"));
+            if takes_value && value.is_none() {
+                iter.next();
+            }
+            continue;
+        }
+        let canonical = ALIASES
+            .iter()
+            .find(|(alias, canon)| *alias == lower || *canon == lower)
+            .map(|(_, canon)| *canon);
+        let canonical = match canonical {
+            Some(c) => c.to_string(),
+            // klog's -v / --v.
+            None if lower == "v" => "v".to_string(),
+            // A single-dash short flag (-h, -V) stays as it is.
+            None if dashes == 1 && name.len() == 1 => {
+                out.push(arg);
+                continue;
+            }
+            // Unknown: hand clap the long form so it can suggest the right name.
+            None => name.to_string(),
+        };
+        match value {
+            Some(v) => out.push(OsString::from(format!("--{canonical}={v}"))),
+            None => out.push(OsString::from(format!("--{canonical}"))),
+        }
+    }
+    (out, ignored)
+}
+
+/// The validated configuration the agent runs with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub dry_run: bool,
+    pub annotation_key: String,
+    pub informer_resync_secs: u64,
+    pub restricted_ports: BTreeSet<u16>,
+    pub http_port: u16,
+    pub flavor: Flavor,
+    pub jump: JumpPositions,
+    pub incl_filter_net: Vec<Ipv4Net>,
+    pub excl_filter_net: Vec<Ipv4Net>,
+    pub resource_prefix: String,
+    pub state_flavor: StateFlavor,
+    pub state_uri: String,
+    /// The node as given (`-nodeid`, NODE_NAME or HOSTNAME); `None` if none is known.
+    pub node_id: Option<String>,
+    pub verbosity: u8,
+    pub pods_file: Option<PathBuf>,
+    pub public_address: Option<Ipv4Addr>,
+    pub kubeconfig: Option<PathBuf>,
+    pub command: Option<Command>,
+    /// klog flags that were accepted without effect.
+    pub ignored_flags: Vec<String>,
+}
+
+impl Config {
+    /// Parses the process arguments; `env` looks up NODE_NAME / HOSTNAME.
+    pub fn parse_from(
+        args: Vec<OsString>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, clap::Error> {
+        let (args, ignored) = normalize_args(args);
+        let cli = Cli::try_parse_from(args)?;
+        Ok(Config::from_cli(cli, ignored, env))
+    }
+
+    fn from_cli(
+        cli: Cli,
+        ignored_flags: Vec<String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Config {
+        let f = cli.flags;
+        let node_id = f
+            .node_id
+            .filter(|s| !s.is_empty())
+            .or_else(|| env("NODE_NAME").filter(|s| !s.is_empty()))
+            .or_else(|| env("HOSTNAME").filter(|s| !s.is_empty()));
+        Config {
+            dry_run: f.dry_run,
+            annotation_key: f.annotation_key,
+            informer_resync_secs: f.informer_resync,
+            restricted_ports: f.restricted_ports,
+            http_port: f.http_port,
+            flavor: f.firewall_flavor,
+            jump: f.iptables_jump,
+            incl_filter_net: f.incl_filter_net.into_iter().flatten().collect(),
+            excl_filter_net: f.excl_filter_net.into_iter().flatten().collect(),
+            resource_prefix: f.resource_prefix,
+            state_flavor: f.state_flavor,
+            state_uri: f.state_uri,
+            node_id,
+            verbosity: f.verbosity,
+            pods_file: f.pods_file,
+            public_address: f.public_address,
+            kubeconfig: f.kubeconfig,
+            command: cli.command,
+            ignored_flags,
+        }
+    }
+
+    /// Default tracing filter for `-v=N` (RUST_LOG, when set, wins).
+    pub fn log_filter(&self) -> &'static str {
+        match self.verbosity {
+            0..=1 => "info",
+            2..=4 => "debug",
+            _ => "trace",
+        }
+    }
+}
+
+/// The first label of a node name: `node1.example.org` → `node1`. The Go
+/// version matched nodes this way.
+pub fn short_node_name(name: &str) -> &str {
+    name.split('.').next().unwrap_or(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let mut v: Vec<OsString> = vec!["podnat-controller".into()];
+        v.extend(args.iter().map(OsString::from));
+        Config::parse_from(v, |_| None)
+    }
+
+    #[test]
+    fn defaults_match_the_spec() {
+        let c = parse(&[]).unwrap();
+        assert!(!c.dry_run);
+        assert_eq!(c.annotation_key, "bln.space/podnat");
+        assert_eq!(c.informer_resync_secs, 180);
+        assert_eq!(c.restricted_ports, [22, 53, 6443].into_iter().collect());
+        assert_eq!(c.http_port, 8484);
+        assert_eq!(c.flavor, Flavor::Iptables);
+        assert_eq!(c.jump, JumpPositions::default());
+        assert!(c.incl_filter_net.is_empty() && c.excl_filter_net.is_empty());
+        assert_eq!(c.resource_prefix, "podnat");
+        assert_eq!(c.state_flavor, StateFlavor::Configmap);
+        assert_eq!(c.state_uri, "http://podnat-state-store:80");
+        assert_eq!(c.node_id, None);
+    }
+
+    #[test]
+    fn go_spellings_equal_kebab_forms() {
+        let pairs: &[(&[&str], &[&str])] = &[
+            (&["-dryrun"], &["--dry-run"]),
+            (&["-dryRun"], &["--dry-run=true"]),
+            (
+                &["-dryrun=false", "-httpport=1"],
+                &["--dry-run=false", "--http-port=1"],
+            ),
+            (&["-annotationkey=x/y"], &["--annotation-key", "x/y"]),
+            (&["-annotationKey", "x/y"], &["--annotation-key=x/y"]),
+            (&["--annotationkey", "x/y"], &["--annotation-key=x/y"]),
+            (&["-informerresync=60"], &["--informer-resync", "60"]),
+            (&["-informerResync", "60"], &["--informer-resync", "60"]),
+            (
+                &["-restrictedports=22,25"],
+                &["--restricted-ports", "22,25"],
+            ),
+            (
+                &["-restrictedPorts", "22,25"],
+                &["--restricted-ports", "22,25"],
+            ),
+            (&["-httpport=9090"], &["--http-port", "9090"]),
+            (&["-httpPort", "9090"], &["--http-port", "9090"]),
+            (
+                &["-firewallflavor=nftables"],
+                &["--firewall-flavor", "nftables"],
+            ),
+            (
+                &["-firewallFlavor", "nftables"],
+                &["--firewall-flavor", "nftables"],
+            ),
+            (&["-iptablesJump=-1,2,-3"], &["--iptables-jump", "-1,2,-3"]),
+            (&["-iptablesjump", "-1,2,-3"], &["--iptables-jump=-1,2,-3"]),
+            (
+                &["-inclfilternet=203.0.113.0/24"],
+                &["--incl-filter-net", "203.0.113.0/24"],
+            ),
+            (
+                &["-inclFilterNet", "203.0.113.0/24"],
+                &["--incl-filter-net", "203.0.113.0/24"],
+            ),
+            (
+                &["-exclfilternet=192.168.0.0/16"],
+                &["--excl-filter-net", "192.168.0.0/16"],
+            ),
+            (
+                &["-excludefilternetworks=192.168.0.0/16"],
+                &["--excl-filter-net", "192.168.0.0/16"],
+            ),
+            (
+                &["-exclFilterNet", "192.168.0.0/16"],
+                &["--excl-filter-net", "192.168.0.0/16"],
+            ),
+            (&["-resourceprefix=pn"], &["--resource-prefix", "pn"]),
+            (&["-resourcePrefix", "pn"], &["--resource-prefix", "pn"]),
+            (&["-stateflavor=webdav"], &["--state-flavor", "webdav"]),
+            (&["-stateFlavor", "none"], &["--state-flavor", "none"]),
+            (
+                &["-stateuri=http://dav:8080/"],
+                &["--state-uri", "http://dav:8080"],
+            ),
+            (
+                &["-stateURI", "http://dav:8080"],
+                &["--state-uri", "http://dav:8080"],
+            ),
+            (&["-nodeid=node1"], &["--node-id", "node1"]),
+            (&["-nodeID", "node1"], &["--node-id", "node1"]),
+            (&["-v=4"], &["--v", "4"]),
+            (&["-v", "4"], &["--v=4"]),
+        ];
+        for (go, kebab) in pairs {
+            let a = parse(go).unwrap_or_else(|e| panic!("{go:?}: {e}"));
+            let b = parse(kebab).unwrap_or_else(|e| panic!("{kebab:?}: {e}"));
+            assert_eq!(a, b, "{go:?} vs {kebab:?}");
+            assert_ne!(a, parse(&[]).unwrap(), "{go:?} changed nothing");
+        }
+    }
+
+    #[test]
+    fn klog_flags_are_accepted_and_noted() {
+        let c = parse(&[
+            "-logtostderr",
+            "-alsologtostderr=true",
+            "-stderrthreshold",
+            "INFO",
+            "-vmodule=x=2",
+            "-log_dir",
+            "/tmp",
+            "-log_file=/tmp/x",
+            "-skip_headers",
+            "-dryrun",
+        ])
+        .unwrap();
+        assert!(c.dry_run);
+        assert_eq!(
+            c.ignored_flags,
+            vec![
+                "-logtostderr",
+                "-alsologtostderr",
+                "-stderrthreshold",
+                "-vmodule",
+                "-log_dir",
+                "-log_file",
+                "-skip_headers"
+            ]
+        );
+    }
+
+    #[test]
+    fn lists_append_and_split() {
+        let c = parse(&[
+            "-inclfilternet=203.0.113.0/24,198.51.100.7",
+            "--incl-filter-net",
+            "100.64.0.0/10",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.incl_filter_net,
+            vec![
+                "203.0.113.0/24".parse::<Ipv4Net>().unwrap(),
+                "198.51.100.7/32".parse().unwrap(),
+                "100.64.0.0/10".parse().unwrap()
+            ]
+        );
+    }
+
+    #[test]
+    fn node_id_falls_back_to_env() {
+        let args = || vec![OsString::from("p")];
+        let c =
+            Config::parse_from(args(), |k| (k == "HOSTNAME").then(|| "h1".to_string())).unwrap();
+        assert_eq!(c.node_id.as_deref(), Some("h1"));
+        let c = Config::parse_from(args(), |k| Some(format!("{k}-value"))).unwrap();
+        assert_eq!(c.node_id.as_deref(), Some("NODE_NAME-value"));
+        let mut a = args();
+        a.push("-nodeid=n9".into());
+        let c = Config::parse_from(a, |k| Some(format!("{k}-value"))).unwrap();
+        assert_eq!(c.node_id.as_deref(), Some("n9"));
+    }
+
+    #[test]
+    fn bad_values_fail() {
+        for bad in [
+            &["-restrictedports=22,70000"][..],
+            &["-firewallflavor=ebtables"],
+            &["-inclfilternet=10.0.0.0/33"],
+            &["-iptablesJump=1,2"],
+            &["-iptablesJump=a,b,c"],
+            &["-httpport=99999"],
+            &["-stateuri=ftp://x"],
+            &["-dryrun=maybe"],
+            &["-nosuchflag"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn cleanup_subcommand_takes_flags_on_either_side() {
+        let c = parse(&["cleanup", "-firewallflavor=nftables"]).unwrap();
+        assert!(matches!(c.command, Some(Command::Cleanup)));
+        assert_eq!(c.flavor, Flavor::Nftables);
+        let c = parse(&["-resourceprefix=pn", "cleanup"]).unwrap();
+        assert_eq!(c.resource_prefix, "pn");
+    }
+
+    #[test]
+    fn short_names() {
+        assert_eq!(short_node_name("node1.example.org"), "node1");
+        assert_eq!(short_node_name("node1"), "node1");
+    }
+}

@@ -1,0 +1,48 @@
+//! Names of everything the agent owns, derived from `-resourceprefix`, so the
+//! backends, the views and `cleanup` agree on them.
+
+/// Object names for one resource prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Names {
+    /// The prefix as given (`podnat`): native table name, jump comment.
+    pub prefix: String,
+    /// `<PREFIX>_PRE` in `ip nat`.
+    pub pre: String,
+    /// `<PREFIX>_POST` in `ip nat`.
+    pub post: String,
+    /// `<PREFIX>_FORWARD` in `ip filter`.
+    pub forward: String,
+    /// Comment of the jump rules: `<prefix>[jump_to_chain]`.
+    pub jump_comment: String,
+}
+
+/// Native flavor: map/set and chain names inside `table ip <prefix>`.
+pub const NFT_DNAT_MAP: &str = "dnat_to_pod";
+pub const NFT_SNAT_MAP: &str = "snat_to_public";
+pub const NFT_FORWARD_SET: &str = "forward_allowed";
+pub const NFT_PRE_CHAIN: &str = "prerouting";
+pub const NFT_POST_CHAIN: &str = "postrouting";
+pub const NFT_FORWARD_CHAIN: &str = "forward";
+/// Base chain priorities: just before the standard dstnat (-100), srcnat
+/// (100) and filter (0) hooks, so the agent's NAT runs before kube-proxy's.
+pub const NFT_PRE_PRIORITY: i32 = -101;
+pub const NFT_POST_PRIORITY: i32 = 99;
+pub const NFT_FORWARD_PRIORITY: i32 = -1;
+
+impl Names {
+    pub fn new(prefix: &str) -> Names {
+        let up = prefix.to_ascii_uppercase();
+        Names {
+            prefix: prefix.to_string(),
+            pre: format!("{up}_PRE"),
+            post: format!("{up}_POST"),
+            forward: format!("{up}_FORWARD"),
+            jump_comment: format!("{prefix}[jump_to_chain]"),
+        }
+    }
+
+    /// The native flavor's table (`ip <prefix>`).
+    pub fn table(&self) -> &str {
+        &self.prefix
+    }
+}

@@ -1,0 +1,377 @@
+//! The rule view: a rule set rendered as the text the real tools print —
+//! `iptables-nft-save` lines for the iptables flavor, `nft list table` for the
+//! native one. `-dryrun` prints it, the HTTP endpoint serves it, and the
+//! integration tests compare it with the tools' own output.
+
+use std::fmt::Write;
+use std::net::Ipv4Addr;
+
+use crate::firewall::names::{self, Names};
+use crate::model::{ForwardRule, Mapping, RuleSet, SnatRule, INTERNAL_NETWORKS};
+
+/// `-A <PREFIX>_PRE ...` for one mapping, exactly as iptables-nft-save prints it.
+pub fn ipt_dnat(n: &Names, m: &Mapping) -> String {
+    let p = m.key.proto;
+    format!(
+        "-A {} -d {}/32 -p {p} -m {p} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {}:{}",
+        n.pre, m.key.public_ip, m.key.public_port, m.owner, m.pod_ip, m.pod_port
+    )
+}
+
+pub fn ipt_snat(n: &Names, s: &SnatRule) -> String {
+    format!(
+        "-A {} -s {}/32 -p {} -m comment --comment \"{}\" -j SNAT --to-source {}",
+        n.post, s.pod_ip, s.proto, s.owner, s.public_ip
+    )
+}
+
+pub fn ipt_forward(n: &Names, f: &ForwardRule) -> String {
+    let p = f.proto;
+    format!(
+        "-A {} -d {}/32 -p {p} -m {p} --dport {} -m conntrack --ctstate NEW -m comment --comment \"{}\" -j ACCEPT",
+        n.forward, f.pod_ip, f.pod_port, f.owner
+    )
+}
+
+pub fn ipt_internal_return(n: &Names, net: Ipv4Addr, len: u8) -> String {
+    format!("-A {} -d {net}/{len} -j RETURN", n.post)
+}
+
+pub fn ipt_jump(n: &Names, parent: &str, target: &str) -> String {
+    format!(
+        "-A {parent} -m comment --comment \"{}\" -j {target}",
+        n.jump_comment
+    )
+}
+
+/// The agent's part of `iptables-nft-save`: its chains, its jump rules and its
+/// rules, table by table, in the order iptables-nft-save prints them.
+pub fn iptables_save(rules: &RuleSet, n: &Names) -> String {
+    let mut out = String::new();
+    let mut user_chains = [n.post.as_str(), n.pre.as_str()];
+    user_chains.sort_unstable();
+    out.push_str("*nat\n");
+    for c in user_chains {
+        let _ = writeln!(out, ":{c} - [0:0]");
+    }
+    let _ = writeln!(out, "{}", ipt_jump(n, "PREROUTING", &n.pre));
+    let _ = writeln!(out, "{}", ipt_jump(n, "POSTROUTING", &n.post));
+    for c in user_chains {
+        if c == n.post {
+            for (net, len) in INTERNAL_NETWORKS {
+                let _ = writeln!(out, "{}", ipt_internal_return(n, net, len));
+            }
+            for s in &rules.snat {
+                let _ = writeln!(out, "{}", ipt_snat(n, s));
+            }
+        } else {
+            for m in &rules.dnat {
+                let _ = writeln!(out, "{}", ipt_dnat(n, m));
+            }
+        }
+    }
+    out.push_str("COMMIT\n*filter\n");
+    let _ = writeln!(out, ":{} - [0:0]", n.forward);
+    let _ = writeln!(out, "{}", ipt_jump(n, "FORWARD", &n.forward));
+    for f in &rules.forward {
+        let _ = writeln!(out, "{}", ipt_forward(n, f));
+    }
+    out.push_str("COMMIT\n");
+    out
+}
+
+/// One element of the DNAT map in nft syntax.
+pub fn nft_dnat_element(m: &Mapping) -> String {
+    format!(
+        "{} . {} . {} comment \"{}\" : {} . {}",
+        m.key.public_ip, m.key.proto, m.key.public_port, m.owner, m.pod_ip, m.pod_port
+    )
+}
+
+pub fn nft_snat_element(s: &SnatRule) -> String {
+    format!(
+        "{} . {} comment \"{}\" : {}",
+        s.pod_ip, s.proto, s.owner, s.public_ip
+    )
+}
+
+pub fn nft_forward_element(f: &ForwardRule) -> String {
+    format!(
+        "{} . {} . {} comment \"{}\"",
+        f.pod_ip, f.proto, f.pod_port, f.owner
+    )
+}
+
+fn nft_elements(out: &mut String, elements: &[String]) {
+    if elements.is_empty() {
+        return;
+    }
+    // nft prints one concatenated element per line, continuation lines
+    // indented by three tabs and five spaces.
+    let mut sorted: Vec<&String> = elements.iter().collect();
+    sorted.sort_by_key(|e| sort_key(e));
+    out.push_str("\t\telements = { ");
+    out.push_str(
+        &sorted
+            .iter()
+            .map(|e| e.as_str())
+            .collect::<Vec<_>>()
+            .join(",\n\t\t\t     "),
+    );
+    out.push_str(" }\n");
+}
+
+fn nft_priority(base: &str, offset: i32) -> String {
+    match offset {
+        0 => base.to_string(),
+        o if o < 0 => format!("{base} - {}", -o),
+        o => format!("{base} + {o}"),
+    }
+}
+
+/// The native table as `nft list table ip <prefix>` prints it (elements in
+/// key order; the kernel's hash order may differ, see `canonical_nft`).
+pub fn nft(rules: &RuleSet, n: &Names) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "table ip {} {{", n.table());
+    let _ = writeln!(out, "\tmap {} {{", names::NFT_DNAT_MAP);
+    out.push_str("\t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n");
+    nft_elements(
+        &mut out,
+        &rules.dnat.iter().map(nft_dnat_element).collect::<Vec<_>>(),
+    );
+    out.push_str("\t}\n\n");
+    let _ = writeln!(out, "\tmap {} {{", names::NFT_SNAT_MAP);
+    out.push_str("\t\ttype ipv4_addr . inet_proto : ipv4_addr\n");
+    nft_elements(
+        &mut out,
+        &rules.snat.iter().map(nft_snat_element).collect::<Vec<_>>(),
+    );
+    out.push_str("\t}\n\n");
+    let _ = writeln!(out, "\tset {} {{", names::NFT_FORWARD_SET);
+    out.push_str("\t\ttype ipv4_addr . inet_proto . inet_service\n");
+    nft_elements(
+        &mut out,
+        &rules
+            .forward
+            .iter()
+            .map(nft_forward_element)
+            .collect::<Vec<_>>(),
+    );
+    out.push_str("\t}\n\n");
+    let _ = writeln!(out, "\tchain {} {{", names::NFT_PRE_CHAIN);
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook prerouting priority {}; policy accept;",
+        nft_priority("dstnat", names::NFT_PRE_PRIORITY + 100)
+    );
+    let _ = writeln!(
+        out,
+        "\t\tdnat ip to ip daddr . meta l4proto . th dport map @{}",
+        names::NFT_DNAT_MAP
+    );
+    out.push_str("\t}\n\n");
+    let _ = writeln!(out, "\tchain {} {{", names::NFT_POST_CHAIN);
+    let _ = writeln!(
+        out,
+        "\t\ttype nat hook postrouting priority {}; policy accept;",
+        nft_priority("srcnat", names::NFT_POST_PRIORITY - 100)
+    );
+    for (net, len) in INTERNAL_NETWORKS {
+        let _ = writeln!(out, "\t\tip daddr {net}/{len} return");
+    }
+    let _ = writeln!(
+        out,
+        "\t\tsnat to ip saddr . meta l4proto map @{}",
+        names::NFT_SNAT_MAP
+    );
+    out.push_str("\t}\n\n");
+    let _ = writeln!(out, "\tchain {} {{", names::NFT_FORWARD_CHAIN);
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook forward priority {}; policy accept;",
+        nft_priority("filter", names::NFT_FORWARD_PRIORITY)
+    );
+    let _ = writeln!(
+        out,
+        "\t\tct state new ip daddr . meta l4proto . th dport @{} accept",
+        names::NFT_FORWARD_SET
+    );
+    out.push_str("\t}\n}\n");
+    out
+}
+
+/// Puts the elements of every set/map in `nft list` output into sorted order,
+/// so kernel output and the rendered view compare with `==`.
+pub fn canonical_nft(text: &str) -> String {
+    let mut out = Vec::new();
+    let mut lines = text.lines().peekable();
+    while let Some(line) = lines.next() {
+        let Some(start) = line.find("elements = { ") else {
+            out.push(line.to_string());
+            continue;
+        };
+        let indent = &line[..start];
+        let mut body = line[start + "elements = { ".len()..].to_string();
+        while !body.trim_end().ends_with('}') {
+            match lines.next() {
+                Some(next) => {
+                    body.push(' ');
+                    body.push_str(next.trim());
+                }
+                None => break,
+            }
+        }
+        let body = body.trim_end().trim_end_matches('}').trim_end();
+        let mut elems: Vec<String> = body
+            .split(',')
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect();
+        elems.sort_by_key(|e| sort_key(e));
+        out.push(format!(
+            "{indent}elements = {{ {} }}",
+            elems.join(",\n\t\t\t     ")
+        ));
+    }
+    let mut s = out.join("\n");
+    if text.ends_with('\n') {
+        s.push('\n');
+    }
+    s
+}
+
+/// Numeric-aware key: addresses and ports compare as numbers.
+fn sort_key(e: &str) -> Vec<(u64, String)> {
+    e.split([' ', '.', ':'])
+        .map(|t| (t.parse::<u64>().unwrap_or(u64::MAX), t.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NatKey, PodRef, Proto};
+
+    /// The SPEC's 3-port mail server pod, plus a UDP entry and an SNAT.
+    fn mail() -> RuleSet {
+        let owner = PodRef::new("mail", "mx-0");
+        let public_ip = Ipv4Addr::new(203, 0, 113, 7);
+        let pod_ip = Ipv4Addr::new(10, 1, 0, 5);
+        let mut rules = RuleSet::default();
+        for port in [25, 143, 587] {
+            rules.dnat.push(Mapping {
+                key: NatKey {
+                    public_ip,
+                    public_port: port,
+                    proto: Proto::Tcp,
+                },
+                pod_ip,
+                pod_port: port,
+                owner: owner.clone(),
+            });
+            rules.forward.push(ForwardRule {
+                pod_ip,
+                proto: Proto::Tcp,
+                pod_port: port,
+                owner: owner.clone(),
+            });
+        }
+        rules.snat.push(SnatRule {
+            pod_ip,
+            proto: Proto::Tcp,
+            public_ip,
+            owner,
+        });
+        rules.normalize();
+        rules
+    }
+
+    #[test]
+    fn iptables_golden_mail_server() {
+        let got = iptables_save(&mail(), &Names::new("podnat"));
+        let want = r#"*nat
+:PODNAT_POST - [0:0]
+:PODNAT_PRE - [0:0]
+-A PREROUTING -m comment --comment "podnat[jump_to_chain]" -j PODNAT_PRE
+-A POSTROUTING -m comment --comment "podnat[jump_to_chain]" -j PODNAT_POST
+-A PODNAT_POST -d 127.0.0.0/8 -j RETURN
+-A PODNAT_POST -d 10.0.0.0/8 -j RETURN
+-A PODNAT_POST -d 172.16.0.0/12 -j RETURN
+-A PODNAT_POST -d 192.168.0.0/16 -j RETURN
+-A PODNAT_POST -s 10.1.0.5/32 -p tcp -m comment --comment "mail:mx-0" -j SNAT --to-source 203.0.113.7
+-A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 25 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:25
+-A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 143 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:143
+-A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 587 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:587
+COMMIT
+*filter
+:PODNAT_FORWARD - [0:0]
+-A FORWARD -m comment --comment "podnat[jump_to_chain]" -j PODNAT_FORWARD
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 25 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 143 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 587 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
+COMMIT
+"#;
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn nft_golden_mail_server() {
+        let got = nft(&mail(), &Names::new("podnat"));
+        let want = "table ip podnat {
+\tmap dnat_to_pod {
+\t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service
+\t\telements = { 203.0.113.7 . tcp . 25 comment \"mail:mx-0\" : 10.1.0.5 . 25,
+\t\t\t     203.0.113.7 . tcp . 143 comment \"mail:mx-0\" : 10.1.0.5 . 143,
+\t\t\t     203.0.113.7 . tcp . 587 comment \"mail:mx-0\" : 10.1.0.5 . 587 }
+\t}
+
+\tmap snat_to_public {
+\t\ttype ipv4_addr . inet_proto : ipv4_addr
+\t\telements = { 10.1.0.5 . tcp comment \"mail:mx-0\" : 203.0.113.7 }
+\t}
+
+\tset forward_allowed {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t\telements = { 10.1.0.5 . tcp . 25 comment \"mail:mx-0\",
+\t\t\t     10.1.0.5 . tcp . 143 comment \"mail:mx-0\",
+\t\t\t     10.1.0.5 . tcp . 587 comment \"mail:mx-0\" }
+\t}
+
+\tchain prerouting {
+\t\ttype nat hook prerouting priority dstnat - 1; policy accept;
+\t\tdnat ip to ip daddr . meta l4proto . th dport map @dnat_to_pod
+\t}
+
+\tchain postrouting {
+\t\ttype nat hook postrouting priority srcnat - 1; policy accept;
+\t\tip daddr 127.0.0.0/8 return
+\t\tip daddr 10.0.0.0/8 return
+\t\tip daddr 172.16.0.0/12 return
+\t\tip daddr 192.168.0.0/16 return
+\t\tsnat to ip saddr . meta l4proto map @snat_to_public
+\t}
+
+\tchain forward {
+\t\ttype filter hook forward priority filter - 1; policy accept;
+\t\tct state new ip daddr . meta l4proto . th dport @forward_allowed accept
+\t}
+}
+";
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn empty_sets_have_no_elements_line() {
+        let got = nft(&RuleSet::default(), &Names::new("pn"));
+        assert!(got.starts_with("table ip pn {\n"));
+        assert!(!got.contains("elements"));
+    }
+
+    #[test]
+    fn canonical_sorts_kernel_order() {
+        let kernel = "\t\telements = { 203.0.113.7 . tcp . 587 comment \"a:b\" : 10.1.0.5 . 587,\n\t\t\t     203.0.113.7 . tcp . 25 comment \"a:b\" : 10.1.0.5 . 25 }\n";
+        let want = "\t\telements = { 203.0.113.7 . tcp . 25 comment \"a:b\" : 10.1.0.5 . 25,\n\t\t\t     203.0.113.7 . tcp . 587 comment \"a:b\" : 10.1.0.5 . 587 }\n";
+        assert_eq!(canonical_nft(kernel), want);
+    }
+}

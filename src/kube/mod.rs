@@ -1,0 +1,3 @@
+//! The Kubernetes edge: pod objects in, events out.
+
+pub mod pod;

@@ -1,0 +1,9 @@
+//! podnat-controller: direct DNAT/SNAT on the node's public IPv4 for annotated
+//! pods, programmed natively through nf_tables netlink batches.
+
+pub mod annotation;
+pub mod config;
+pub mod firewall;
+pub mod kube;
+pub mod model;
+pub mod plan;

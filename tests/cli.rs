@@ -1,0 +1,161 @@
+//! The binary as a user runs it: flag errors, the cluster-less dry run.
+
+use std::process::{Command, Output};
+
+fn bin() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_podnat-controller"));
+    c.env_remove("NODE_NAME")
+        .env_remove("HOSTNAME")
+        .env_remove("KUBECONFIG")
+        .env_remove("RUST_LOG");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bin().args(args).output().expect("run podnat-controller")
+}
+
+fn fixture(name: &str) -> String {
+    format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn bad_flag_values_stop_with_status_2_and_one_line() {
+    let cases: &[(&[&str], &str, &str)] = &[
+        (
+            &["-restrictedports=22,70000"],
+            "--restricted-ports",
+            "70000",
+        ),
+        (
+            &["-firewallflavor=ebtables"],
+            "--firewall-flavor",
+            "ebtables",
+        ),
+        (&["--firewall-flavor", "pf"], "--firewall-flavor", "pf"),
+        (
+            &["-inclfilternet=10.0.0.0/33"],
+            "--incl-filter-net",
+            "10.0.0.0/33",
+        ),
+        (&["-exclfilternet", "bogus"], "--excl-filter-net", "bogus"),
+        (&["-iptablesJump=1,2"], "--iptables-jump", "1,2"),
+        (&["-iptablesJump=x,2,3"], "--iptables-jump", "x,2,3"),
+        (&["-httpport=70000"], "--http-port", "70000"),
+        (&["-stateuri=ftp://dav"], "--state-uri", "ftp://dav"),
+    ];
+    for (args, flag, value) in cases {
+        let out = run(args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert_eq!(
+            stderr.lines().count(),
+            1,
+            "{args:?}: not one line: {stderr:?}"
+        );
+        assert!(
+            stderr.contains(flag) && stderr.contains(value),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn unknown_flag_fails_with_a_suggestion() {
+    let out = run(&["-dryrunn"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--dry-run"), "{stderr}");
+}
+
+#[test]
+fn go_chart_flags_are_accepted() {
+    // What the old chart passed: klog flags plus Go spellings.
+    let out = run(&[
+        "-logtostderr",
+        "-v=2",
+        "-dryrun",
+        "-nodeID=node1",
+        "-iptablesJump",
+        "-1,-1,-1",
+        "--pods-file",
+        &fixture("mail-pods.json"),
+        "--public-address",
+        "203.0.113.7",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("klog flags of the Go version accepted"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn dry_run_prints_the_rule_view_for_a_pods_file() {
+    let out = run(&[
+        "-dryrun",
+        "-nodeid=node1",
+        "--pods-file",
+        &fixture("mail-pods.json"),
+        "--public-address",
+        "203.0.113.7",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let dnat: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("-A PODNAT_PRE "))
+        .collect();
+    assert_eq!(dnat.len(), 3, "{stdout}");
+    assert!(stdout.contains(
+        "-A PODNAT_POST -s 10.1.0.5/32 -p tcp -m comment --comment \"mail:mx-0\" -j SNAT --to-source 203.0.113.7"
+    ));
+    // The broken pod is reported and skipped; the pod on node2 is ignored.
+    assert!(
+        stderr.contains("web:broken") && stderr.contains("entries[0].dstPort: port 0 is reserved"),
+        "{stderr}"
+    );
+    assert!(!stdout.contains("10.1.0.6") && !stdout.contains("10.2.0.6"));
+
+    let out = run(&[
+        "--dry-run",
+        "--firewall-flavor=nftables",
+        "--node-id=node1",
+        "--pods-file",
+        &fixture("mail-pods.json"),
+        "--public-address=203.0.113.7",
+    ]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(stdout.starts_with("table ip podnat {\n"), "{stdout}");
+    assert!(stdout.contains("203.0.113.7 . tcp . 587 comment \"mail:mx-0\" : 10.1.0.5 . 587"));
+}
+
+#[test]
+fn without_cluster_or_pods_file_says_what_is_missing() {
+    let out = run(&["-nodeid=node1"]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--pods-file"), "{stderr}");
+}
+
+#[test]
+fn missing_node_id_is_reported() {
+    let out = run(&["-dryrun", "--pods-file", &fixture("mail-pods.json")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no node id"));
+}
+
+#[test]
+fn unreadable_pods_file_names_the_path() {
+    let out = run(&[
+        "-dryrun",
+        "-nodeid=n",
+        "--pods-file",
+        "/nonexistent/pods.json",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/pods.json"));
+}
