@@ -6,4 +6,5 @@ pub mod config;
 pub mod firewall;
 pub mod kube;
 pub mod model;
+pub mod net;
 pub mod plan;

@@ -4,8 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use clap::error::ErrorKind;
-use podnat_controller::config::{Command, Config, Flavor};
-use podnat_controller::firewall::{view, Names};
+use podnat_controller::config::{Command, Config};
+use podnat_controller::firewall::netlink::NetlinkError;
+use podnat_controller::firewall::{backend_for, FirewallError, Names};
 use podnat_controller::kube::pod;
 use podnat_controller::plan::{self, PlanConfig};
 
@@ -64,13 +65,24 @@ fn init_logging(config: &Config) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
     let names = Names::new(&config.resource_prefix);
+    let mut backend = backend_for(config.flavor, names.clone());
     if let Some(Command::Cleanup) = config.command {
-        bail!("cleanup: no firewall backend is built into this version yet");
+        if config.dry_run {
+            println!(
+                "# cleanup would remove everything the {} flavor owns",
+                backend.name()
+            );
+            return Ok(());
+        }
+        let removed = backend.cleanup().context("cleanup")?;
+        tracing::info!(flavor = backend.name(), removed, "cleanup done");
+        return Ok(());
     }
     let Some(pods_file) = config.pods_file.clone() else {
         bail!(
@@ -104,13 +116,35 @@ fn run(config: Config) -> anyhow::Result<()> {
     for p in &table.pending {
         tracing::warn!(pod = %p.pod, entry = p.entry, "no public address known yet; entry pending");
     }
-    if !config.dry_run {
-        bail!("applying to the kernel is not built into this version yet; use -dryrun to print the plan");
+    if config.dry_run {
+        let text = match backend.dry_run(&table.rules, false) {
+            Err(FirewallError::Netlink(
+                NetlinkError::Refused { errno, .. } | NetlinkError::Socket(errno),
+            )) if errno == nix::errno::Errno::EPERM => {
+                eprintln!(
+                    "# no CAP_NET_ADMIN: the kernel state cannot be read; assuming it is empty"
+                );
+                backend.dry_run(&table.rules, true)?
+            }
+            r => r?,
+        };
+        if text.is_empty() {
+            println!("# no changes: the kernel already holds this NAT table");
+        } else {
+            print!("{text}");
+        }
+        return Ok(());
     }
-    let text = match config.flavor {
-        Flavor::Iptables => view::iptables_save(&table.rules, &names),
-        Flavor::Nftables => view::nft(&table.rules, &names),
-    };
-    print!("{text}");
+    let report = backend
+        .apply(&table.rules)
+        .context("applying the NAT table")?;
+    tracing::info!(
+        flavor = backend.name(),
+        messages = report.messages,
+        bytes = report.bytes,
+        retries = report.retries,
+        mappings = table.rules.dnat.len(),
+        "applied"
+    );
     Ok(())
 }

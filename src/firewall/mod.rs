@@ -1,7 +1,236 @@
-//! Firewall flavors: the rule set → kernel (nf_tables netlink) and back, plus
-//! the text views of it.
+//! Firewall flavors: the planned rule set → kernel (one nf_tables netlink
+//! batch per change) and back, plus the text views of it. A backend only
+//! encodes, decodes and diffs; it never decides what should exist.
 
+pub mod encode;
 pub mod names;
+pub mod netlink;
+
+pub mod nftables;
 pub mod view;
 
 pub use names::Names;
+
+use crate::config::Flavor;
+use crate::model::{Mapping, PodRef, RuleSet};
+use netlink::NetlinkError;
+
+/// How many times a batch is rebuilt when another writer committed between
+/// our read and our commit (the kernel refuses it with ERESTART).
+pub const MAX_RETRIES: u32 = 16;
+
+/// Errors at the firewall boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error(transparent)]
+    Netlink(#[from] NetlinkError),
+    #[error("gave up after {0} retries: other writers kept changing the ruleset")]
+    TooManyRetries(u32),
+    #[error("{0}")]
+    Unsupported(String),
+}
+
+impl FirewallError {
+    /// A short, stable label for metrics.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            FirewallError::Netlink(NetlinkError::Refused { .. }) => "refused",
+            FirewallError::Netlink(NetlinkError::Socket(_)) => "socket",
+            FirewallError::Netlink(_) => "netlink",
+            FirewallError::TooManyRetries(_) => "retries",
+            FirewallError::Unsupported(_) => "unsupported",
+        }
+    }
+}
+
+/// What one apply did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    /// Messages in the batch (0: nothing changed, nothing sent).
+    pub messages: usize,
+    pub bytes: usize,
+    /// Batches refused because the generation moved, then rebuilt.
+    pub retries: u32,
+    /// The kernel state came from the cache (generation unchanged).
+    pub cache_hit: bool,
+    /// The agent's layout was (re)created.
+    pub rebuilt: bool,
+    pub added_dnat: Vec<Mapping>,
+    pub removed_dnat: Vec<Mapping>,
+}
+
+/// One flavor's encoder/decoder. Blocking: call it off the async runtime.
+pub trait Backend: Send {
+    fn name(&self) -> &'static str;
+    /// Reads what the agent owns back from the kernel.
+    fn read(&mut self) -> Result<RuleSet, FirewallError>;
+    /// Makes the kernel hold exactly `desired` with one batch of the
+    /// difference (none when nothing differs).
+    fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError>;
+    /// The changes `apply` would make, in the view's syntax; touches nothing.
+    /// `assume_empty`: do not read the kernel (no CAP_NET_ADMIN).
+    fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError>;
+    /// Removes everything the agent owns; false if there was nothing.
+    fn cleanup(&mut self) -> Result<bool, FirewallError>;
+    /// The rule view of `rules` in this flavor's syntax.
+    fn view(&self, rules: &RuleSet) -> String;
+}
+
+/// Builds the backend for a flavor.
+pub fn backend_for(flavor: Flavor, names: Names) -> Box<dyn Backend> {
+    match flavor {
+        Flavor::Nftables => Box::new(nftables::NftablesBackend::new(names)),
+        Flavor::Iptables => Box::new(Unimplemented),
+    }
+}
+
+/// Placeholder until the iptables flavor lands: every call says so.
+struct Unimplemented;
+
+impl Backend for Unimplemented {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+    fn read(&mut self) -> Result<RuleSet, FirewallError> {
+        Err(Self::err())
+    }
+    fn apply(&mut self, _: &RuleSet) -> Result<ApplyReport, FirewallError> {
+        Err(Self::err())
+    }
+    fn dry_run(&mut self, _: &RuleSet, _: bool) -> Result<String, FirewallError> {
+        Err(Self::err())
+    }
+    fn cleanup(&mut self) -> Result<bool, FirewallError> {
+        Err(Self::err())
+    }
+    fn view(&self, rules: &RuleSet) -> String {
+        view::iptables_save(rules, &Names::new("podnat"))
+    }
+}
+
+impl Unimplemented {
+    fn err() -> FirewallError {
+        FirewallError::Unsupported(
+            "the iptables flavor is not built into this version yet; use -firewallflavor=nftables"
+                .into(),
+        )
+    }
+}
+
+/// Items in `desired` but not in `current` (to add), and the reverse (to
+/// delete). Both inputs sorted; unchanged items are not touched.
+pub fn diff<T: Ord + Clone>(current: &[T], desired: &[T]) -> (Vec<T>, Vec<T>) {
+    let add = desired
+        .iter()
+        .filter(|d| current.binary_search(d).is_err())
+        .cloned()
+        .collect();
+    let del = current
+        .iter()
+        .filter(|c| desired.binary_search(c).is_err())
+        .cloned()
+        .collect();
+    (add, del)
+}
+
+/// Longest owner comment written to the kernel (nft's comment limit is 128
+/// bytes with its NUL); longer `namespace:name` pairs are cut at a character
+/// boundary.
+pub const MAX_COMMENT: usize = 127;
+
+pub fn comment_for(owner: &PodRef) -> String {
+    let mut s = owner.to_string();
+    if s.len() > MAX_COMMENT {
+        let mut cut = MAX_COMMENT;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
+    s
+}
+
+/// The rule set as it reads back from the kernel: owners as their (possibly
+/// cut) comments say. Diffing against this keeps long names from churning.
+pub fn canonical(rules: &RuleSet) -> RuleSet {
+    let fix = |o: &PodRef| PodRef::from_comment(&comment_for(o)).unwrap_or_else(|| o.clone());
+    let mut r = RuleSet {
+        dnat: rules
+            .dnat
+            .iter()
+            .map(|m| Mapping {
+                owner: fix(&m.owner),
+                ..m.clone()
+            })
+            .collect(),
+        snat: rules
+            .snat
+            .iter()
+            .map(|s| crate::model::SnatRule {
+                owner: fix(&s.owner),
+                ..s.clone()
+            })
+            .collect(),
+        forward: rules
+            .forward
+            .iter()
+            .map(|f| crate::model::ForwardRule {
+                owner: fix(&f.owner),
+                ..f.clone()
+            })
+            .collect(),
+    };
+    r.normalize();
+    r
+}
+
+/// The last committed kernel state, valid while the ruleset generation has
+/// not moved: no re-read when nobody else wrote.
+pub struct GenerationCache<T> {
+    entry: Option<(u32, T)>,
+}
+
+impl<T> Default for GenerationCache<T> {
+    fn default() -> Self {
+        GenerationCache { entry: None }
+    }
+}
+
+impl<T> GenerationCache<T> {
+    pub fn get(&self, generation: u32) -> Option<&T> {
+        self.entry
+            .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, t)| t)
+    }
+    pub fn set(&mut self, generation: u32, value: T) {
+        self.entry = Some((generation, value));
+    }
+    pub fn clear(&mut self) {
+        self.entry = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn diff_touches_only_changes() {
+        let (add, del) = diff(&[1, 2, 3, 5], &[2, 3, 4, 5]);
+        assert_eq!(add, vec![4]);
+        assert_eq!(del, vec![1]);
+        let (add, del) = diff(&[1, 2], &[1, 2]);
+        assert!(add.is_empty() && del.is_empty());
+    }
+
+    #[test]
+    fn long_owner_comments_are_cut_consistently() {
+        let long = PodRef::new("ns", "p".repeat(200));
+        let c = comment_for(&long);
+        assert_eq!(c.len(), MAX_COMMENT);
+        assert!(c.starts_with("ns:ppp"));
+        let short = PodRef::new("mail", "mx-0");
+        assert_eq!(comment_for(&short), "mail:mx-0");
+    }
+}

@@ -1,0 +1,203 @@
+//! nf_tables expression encoding shared by both flavors: the few native
+//! expressions the agent's rules use, each as one `Attrs` list element.
+
+use std::net::Ipv4Addr;
+
+use super::netlink::{sys, Attrs};
+
+/// Registers: NFT_REG_1 (128 bit, shares storage with REG32_00) and the
+/// 32-bit registers concatenations are loaded into.
+pub const REG_VERDICT: u32 = sys::NFT_REG_VERDICT;
+pub const REG_1: u32 = sys::NFT_REG_1;
+pub const REG32_01: u32 = sys::NFT_REG32_01;
+pub const REG32_02: u32 = sys::NFT_REG32_02;
+
+pub const BASE_NETWORK: u32 = sys::NFT_PAYLOAD_NETWORK_HEADER;
+pub const BASE_TRANSPORT: u32 = sys::NFT_PAYLOAD_TRANSPORT_HEADER;
+
+/// Offsets in the IPv4 header and in a TCP/UDP header.
+pub const IP_SADDR: u32 = 12;
+pub const IP_DADDR: u32 = 16;
+pub const TH_DPORT: u32 = 2;
+
+/// A list of expressions for NFTA_RULE_EXPRESSIONS.
+#[derive(Default)]
+pub struct Exprs {
+    list: Attrs,
+    names: Vec<&'static str>,
+}
+
+impl Exprs {
+    pub fn new() -> Exprs {
+        Exprs::default()
+    }
+
+    fn push(&mut self, name: &'static str, data: impl FnOnce(&mut Attrs)) -> &mut Self {
+        self.list.nest(sys::NFTA_LIST_ELEM, |e| {
+            e.str(sys::NFTA_EXPR_NAME, name);
+            e.nest(sys::NFTA_EXPR_DATA, data);
+        });
+        self.names.push(name);
+        self
+    }
+
+    /// Raw xt-compat or other expression data the caller encodes itself.
+    pub fn raw(&mut self, name: &'static str, data: impl FnOnce(&mut Attrs)) -> &mut Self {
+        self.push(name, data)
+    }
+
+    pub fn payload(&mut self, dreg: u32, base: u32, offset: u32, len: u32) -> &mut Self {
+        self.push("payload", |d| {
+            d.be32(sys::NFTA_PAYLOAD_DREG, dreg)
+                .be32(sys::NFTA_PAYLOAD_BASE, base)
+                .be32(sys::NFTA_PAYLOAD_OFFSET, offset)
+                .be32(sys::NFTA_PAYLOAD_LEN, len);
+        })
+    }
+
+    pub fn meta_l4proto(&mut self, dreg: u32) -> &mut Self {
+        self.push("meta", |d| {
+            d.be32(sys::NFTA_META_KEY, sys::NFT_META_L4PROTO)
+                .be32(sys::NFTA_META_DREG, dreg);
+        })
+    }
+
+    pub fn cmp(&mut self, sreg: u32, op: u32, value: &[u8]) -> &mut Self {
+        self.push("cmp", |d| {
+            d.be32(sys::NFTA_CMP_SREG, sreg)
+                .be32(sys::NFTA_CMP_OP, op)
+                .nest(sys::NFTA_CMP_DATA, |v| {
+                    v.bytes(sys::NFTA_DATA_VALUE, value);
+                });
+        })
+    }
+
+    pub fn cmp_eq(&mut self, sreg: u32, value: &[u8]) -> &mut Self {
+        self.cmp(sreg, sys::NFT_CMP_EQ, value)
+    }
+
+    pub fn bitwise(&mut self, reg: u32, mask: &[u8], xor: &[u8]) -> &mut Self {
+        self.push("bitwise", |d| {
+            d.be32(sys::NFTA_BITWISE_SREG, reg)
+                .be32(sys::NFTA_BITWISE_DREG, reg)
+                .be32(sys::NFTA_BITWISE_LEN, mask.len() as u32)
+                .nest(sys::NFTA_BITWISE_MASK, |v| {
+                    v.bytes(sys::NFTA_DATA_VALUE, mask);
+                })
+                .nest(sys::NFTA_BITWISE_XOR, |v| {
+                    v.bytes(sys::NFTA_DATA_VALUE, xor);
+                });
+        })
+    }
+
+    /// `ct state new` as nft encodes it natively: load, mask, compare ≠ 0.
+    pub fn ct_state_new(&mut self) -> &mut Self {
+        self.push("ct", |d| {
+            d.be32(sys::NFTA_CT_DREG, REG_1)
+                .be32(sys::NFTA_CT_KEY, sys::NFT_CT_STATE);
+        });
+        // NF_CT_STATE_BIT(IP_CT_NEW) = 1 << (2 + 1), in host byte order.
+        self.bitwise(REG_1, &8u32.to_ne_bytes(), &[0; 4]);
+        self.cmp(REG_1, sys::NFT_CMP_NEQ, &[0; 4])
+    }
+
+    /// Loads the address at `offset` and matches `net/len`, as nft and
+    /// iptables-nft do: byte-aligned prefixes load only their bytes; others
+    /// load the whole address and mask it.
+    pub fn ip_prefix(&mut self, offset: u32, net: Ipv4Addr, len: u8) -> &mut Self {
+        let octets = net.octets();
+        if len % 8 == 0 {
+            let n = (len / 8) as usize;
+            self.payload(REG_1, BASE_NETWORK, offset, n as u32);
+            self.cmp_eq(REG_1, &octets[..n])
+        } else {
+            let mask = u32::MAX
+                .checked_shl(32 - len as u32)
+                .unwrap_or(0)
+                .to_be_bytes();
+            self.payload(REG_1, BASE_NETWORK, offset, 4);
+            self.bitwise(REG_1, &mask, &[0; 4]);
+            self.cmp_eq(REG_1, &octets)
+        }
+    }
+
+    pub fn lookup(&mut self, set: &str, sreg: u32, dreg: Option<u32>) -> &mut Self {
+        self.push("lookup", |d| {
+            d.str(sys::NFTA_LOOKUP_SET, set)
+                .be32(sys::NFTA_LOOKUP_SREG, sreg);
+            if let Some(r) = dreg {
+                d.be32(sys::NFTA_LOOKUP_DREG, r);
+            }
+        })
+    }
+
+    /// Native NAT from registers (the address and, for DNAT, the port).
+    pub fn nat(&mut self, dnat: bool, addr_reg: u32, proto_reg: Option<u32>) -> &mut Self {
+        self.push("nat", |d| {
+            d.be32(
+                sys::NFTA_NAT_TYPE,
+                if dnat {
+                    sys::NFT_NAT_DNAT
+                } else {
+                    sys::NFT_NAT_SNAT
+                },
+            )
+            .be32(sys::NFTA_NAT_FAMILY, libc::NFPROTO_IPV4 as u32)
+            .be32(sys::NFTA_NAT_REG_ADDR_MIN, addr_reg);
+            if let Some(r) = proto_reg {
+                d.be32(sys::NFTA_NAT_REG_PROTO_MIN, r);
+            }
+        })
+    }
+
+    pub fn counter(&mut self) -> &mut Self {
+        self.push("counter", |d| {
+            d.be64(sys::NFTA_COUNTER_BYTES, 0)
+                .be64(sys::NFTA_COUNTER_PACKETS, 0);
+        })
+    }
+
+    /// A verdict: NF_ACCEPT, NFT_RETURN, or a jump to `chain`.
+    pub fn verdict(&mut self, code: i32, chain: Option<&str>) -> &mut Self {
+        self.push("immediate", |d| {
+            d.be32(sys::NFTA_IMMEDIATE_DREG, REG_VERDICT)
+                .nest(sys::NFTA_IMMEDIATE_DATA, |v| {
+                    v.nest(sys::NFTA_DATA_VERDICT, |c| {
+                        c.be32(sys::NFTA_VERDICT_CODE, code as u32);
+                        if let Some(ch) = chain {
+                            c.str(sys::NFTA_VERDICT_CHAIN, ch);
+                        }
+                    });
+                });
+        })
+    }
+
+    pub fn accept(&mut self) -> &mut Self {
+        self.verdict(libc::NF_ACCEPT, None)
+    }
+
+    pub fn ret(&mut self) -> &mut Self {
+        self.verdict(sys::NFT_RETURN, None)
+    }
+
+    pub fn jump(&mut self, chain: &str) -> &mut Self {
+        self.verdict(sys::NFT_JUMP, Some(chain))
+    }
+
+    /// Expression names in order: a cheap fingerprint to compare with what
+    /// the kernel reports back.
+    pub fn names(&self) -> &[&'static str] {
+        &self.names
+    }
+
+    pub fn attrs(&self) -> &Attrs {
+        &self.list
+    }
+}
+
+/// Expression names of a rule as the kernel dumps it (NFTA_RULE_EXPRESSIONS).
+pub fn expr_names(exprs: &[u8]) -> Vec<String> {
+    super::netlink::parse_attrs(exprs)
+        .filter_map(|(_, e)| super::netlink::attr_str(e, sys::NFTA_EXPR_NAME))
+        .collect()
+}

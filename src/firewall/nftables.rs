@@ -1,0 +1,790 @@
+//! Flavor `nftables`: a table of the agent's own, `ip <prefix>`, whose
+//! per-mapping data lives in two maps and a set (see `view::nft` for the text
+//! form). The packet path is three lookups whatever the number of mappings,
+//! and a change is element adds/deletes, so its cost does not grow with the
+//! table.
+
+use std::net::Ipv4Addr;
+
+use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
+
+use super::encode::{
+    self, Exprs, BASE_NETWORK, BASE_TRANSPORT, IP_DADDR, IP_SADDR, REG32_01, REG32_02, REG_1,
+    TH_DPORT,
+};
+use super::names::{self, Names};
+use super::netlink::{
+    attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, NetlinkError, NfSocket, NftBatch,
+    NftMsg,
+};
+use super::{comment_for, diff, ApplyReport, Backend, FirewallError, GenerationCache};
+use crate::model::{
+    ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule, INTERNAL_NETWORKS,
+};
+
+const AF_INET: u8 = libc::AF_INET as u8;
+
+// nft datatype ids (nftables' enum datatypes) and the concatenation encoding
+// (each field shifts the type by 6 bits), as nft writes NFTA_SET_KEY_TYPE.
+const TYPE_IPADDR: u32 = 7;
+const TYPE_INET_PROTOCOL: u32 = 12;
+const TYPE_INET_SERVICE: u32 = 13;
+const fn concat(types: &[u32]) -> u32 {
+    let mut v = 0;
+    let mut i = 0;
+    while i < types.len() {
+        v = (v << 6) | types[i];
+        i += 1;
+    }
+    v
+}
+
+/// Shape of one of the agent's sets: what the kernel must report back.
+struct SetShape {
+    name: &'static str,
+    key_type: u32,
+    key_len: u32,
+    data: Option<(u32, u32)>,
+}
+
+const SETS: [SetShape; 3] = [
+    SetShape {
+        name: names::NFT_DNAT_MAP,
+        key_type: concat(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+        key_len: 12,
+        data: Some((concat(&[TYPE_IPADDR, TYPE_INET_SERVICE]), 8)),
+    },
+    SetShape {
+        name: names::NFT_SNAT_MAP,
+        key_type: concat(&[TYPE_IPADDR, TYPE_INET_PROTOCOL]),
+        key_len: 8,
+        data: Some((TYPE_IPADDR, 4)),
+    },
+    SetShape {
+        name: names::NFT_FORWARD_SET,
+        key_type: concat(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+        key_len: 12,
+        data: None,
+    },
+];
+
+struct ChainShape {
+    name: &'static str,
+    hook: HookClass,
+    priority: i32,
+    nat: bool,
+}
+
+const CHAINS: [ChainShape; 3] = [
+    ChainShape {
+        name: names::NFT_PRE_CHAIN,
+        hook: HookClass::PreRouting,
+        priority: names::NFT_PRE_PRIORITY,
+        nat: true,
+    },
+    ChainShape {
+        name: names::NFT_POST_CHAIN,
+        hook: HookClass::PostRouting,
+        priority: names::NFT_POST_PRIORITY,
+        nat: true,
+    },
+    ChainShape {
+        name: names::NFT_FORWARD_CHAIN,
+        hook: HookClass::Forward,
+        priority: names::NFT_FORWARD_PRIORITY,
+        nat: false,
+    },
+];
+
+/// The fixed rules of each chain, in order.
+fn chain_rules(chain: &str) -> Vec<Exprs> {
+    match chain {
+        names::NFT_PRE_CHAIN => {
+            let mut e = Exprs::new();
+            e.payload(REG_1, BASE_NETWORK, IP_DADDR, 4)
+                .meta_l4proto(REG32_01)
+                .payload(REG32_02, BASE_TRANSPORT, TH_DPORT, 2)
+                .lookup(names::NFT_DNAT_MAP, REG_1, Some(REG_1))
+                .nat(true, REG_1, Some(REG32_01));
+            vec![e]
+        }
+        names::NFT_POST_CHAIN => {
+            let mut rules: Vec<Exprs> = INTERNAL_NETWORKS
+                .iter()
+                .map(|(net, len)| {
+                    let mut e = Exprs::new();
+                    e.ip_prefix(IP_DADDR, *net, *len).ret();
+                    e
+                })
+                .collect();
+            let mut e = Exprs::new();
+            e.payload(REG_1, BASE_NETWORK, IP_SADDR, 4)
+                .meta_l4proto(REG32_01)
+                .lookup(names::NFT_SNAT_MAP, REG_1, Some(REG_1))
+                .nat(false, REG_1, None);
+            rules.push(e);
+            rules
+        }
+        _ => {
+            let mut e = Exprs::new();
+            e.ct_state_new()
+                .payload(REG_1, BASE_NETWORK, IP_DADDR, 4)
+                .meta_l4proto(REG32_01)
+                .payload(REG32_02, BASE_TRANSPORT, TH_DPORT, 2)
+                .lookup(names::NFT_FORWARD_SET, REG_1, None)
+                .accept();
+            vec![e]
+        }
+    }
+}
+
+// Element encodings: every concatenated field padded to 4 bytes.
+fn proto_field(p: Proto) -> [u8; 4] {
+    [p.number(), 0, 0, 0]
+}
+
+fn port_field(port: u16) -> [u8; 4] {
+    let b = port.to_be_bytes();
+    [b[0], b[1], 0, 0]
+}
+
+fn key_ip_proto_port(ip: Ipv4Addr, p: Proto, port: u16) -> Vec<u8> {
+    let mut k = ip.octets().to_vec();
+    k.extend_from_slice(&proto_field(p));
+    k.extend_from_slice(&port_field(port));
+    k
+}
+
+fn dnat_key(m: &Mapping) -> Vec<u8> {
+    key_ip_proto_port(m.key.public_ip, m.key.proto, m.key.public_port)
+}
+
+fn dnat_data(m: &Mapping) -> Vec<u8> {
+    let mut d = m.pod_ip.octets().to_vec();
+    d.extend_from_slice(&port_field(m.pod_port));
+    d
+}
+
+fn snat_key(s: &SnatRule) -> Vec<u8> {
+    let mut k = s.pod_ip.octets().to_vec();
+    k.extend_from_slice(&proto_field(s.proto));
+    k
+}
+
+fn forward_key(f: &ForwardRule) -> Vec<u8> {
+    key_ip_proto_port(f.pod_ip, f.proto, f.pod_port)
+}
+
+fn ip_at(b: &[u8], at: usize) -> Option<Ipv4Addr> {
+    let o: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+    Some(Ipv4Addr::from(o))
+}
+
+fn port_at(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
+}
+
+fn proto_at(b: &[u8], at: usize) -> Option<Proto> {
+    Proto::from_number(*b.get(at)?)
+}
+
+/// NFTNL_UDATA_SET_ELEM_COMMENT, the TLV nft reads as an element's comment.
+fn comment_udata(owner: &PodRef) -> Vec<u8> {
+    let c = comment_for(owner);
+    let mut v = vec![0u8, (c.len() + 1) as u8];
+    v.extend_from_slice(c.as_bytes());
+    v.push(0);
+    v
+}
+
+fn parse_comment_udata(u: &[u8]) -> Option<PodRef> {
+    let mut rest = u;
+    while rest.len() >= 2 {
+        let (ty, len) = (rest[0], rest[1] as usize);
+        let val = rest.get(2..2 + len)?;
+        if ty == 0 {
+            let end = val.iter().position(|&b| b == 0).unwrap_or(val.len());
+            return PodRef::from_comment(std::str::from_utf8(&val[..end]).ok()?);
+        }
+        rest = &rest[2 + len..];
+    }
+    None
+}
+
+/// One element: key, optional data, comment.
+struct Element {
+    key: Vec<u8>,
+    data: Option<Vec<u8>>,
+    owner: Option<PodRef>,
+}
+
+/// Writes NEWSETELEM/DELSETELEM messages, chunked below the 64 KiB limit
+/// of one netlink attribute.
+fn add_elements(batch: &mut NftBatch, table: &str, set: &str, elems: &[Element], delete: bool) {
+    const CHUNK_BYTES: usize = 48 * 1024;
+    let mut i = 0;
+    while i < elems.len() {
+        let mut list = Attrs::new();
+        let start = i;
+        while i < elems.len() && list.len() < CHUNK_BYTES {
+            let e = &elems[i];
+            list.nest(sys::NFTA_LIST_ELEM, |a| {
+                a.nest(sys::NFTA_SET_ELEM_KEY, |k| {
+                    k.bytes(sys::NFTA_DATA_VALUE, &e.key);
+                });
+                if !delete {
+                    if let Some(d) = &e.data {
+                        a.nest(sys::NFTA_SET_ELEM_DATA, |k| {
+                            k.bytes(sys::NFTA_DATA_VALUE, d);
+                        });
+                    }
+                    if let Some(o) = &e.owner {
+                        a.bytes(sys::NFTA_SET_ELEM_USERDATA, &comment_udata(o));
+                    }
+                }
+            });
+            i += 1;
+        }
+        let mut m = Attrs::new();
+        m.str(sys::NFTA_SET_ELEM_LIST_TABLE, table)
+            .str(sys::NFTA_SET_ELEM_LIST_SET, set)
+            .nest(sys::NFTA_SET_ELEM_LIST_ELEMENTS, |n| {
+                *n = list.clone();
+            });
+        let (ty, flags, verb) = if delete {
+            (sys::NFT_MSG_DELSETELEM, 0, "delete")
+        } else {
+            (
+                sys::NFT_MSG_NEWSETELEM,
+                libc::NLM_F_CREATE as u32 | libc::NLM_F_EXCL as u32,
+                "add",
+            )
+        };
+        batch.add(
+            NftMsg::new(ty, flags, m),
+            format!(
+                "{verb} {} element(s) of {set} in table ip {table}",
+                i - start
+            ),
+        );
+    }
+}
+
+fn dnat_elements(v: &[Mapping]) -> Vec<Element> {
+    v.iter()
+        .map(|m| Element {
+            key: dnat_key(m),
+            data: Some(dnat_data(m)),
+            owner: Some(m.owner.clone()),
+        })
+        .collect()
+}
+
+fn snat_elements(v: &[SnatRule]) -> Vec<Element> {
+    v.iter()
+        .map(|s| Element {
+            key: snat_key(s),
+            data: Some(s.public_ip.octets().to_vec()),
+            owner: Some(s.owner.clone()),
+        })
+        .collect()
+}
+
+fn forward_elements(v: &[ForwardRule]) -> Vec<Element> {
+    v.iter()
+        .map(|f| Element {
+            key: forward_key(f),
+            data: None,
+            owner: Some(f.owner.clone()),
+        })
+        .collect()
+}
+
+/// What the kernel holds of the agent's table.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NativeState {
+    pub table_exists: bool,
+    /// Table, sets, chains and rules are exactly the agent's layout.
+    pub structure_ok: bool,
+    pub rules: RuleSet,
+}
+
+/// The native flavor's backend.
+pub struct NftablesBackend {
+    names: Names,
+    sock: Option<NfSocket>,
+    cache: GenerationCache<NativeState>,
+}
+
+impl NftablesBackend {
+    pub fn new(names: Names) -> NftablesBackend {
+        NftablesBackend {
+            names,
+            sock: None,
+            cache: GenerationCache::default(),
+        }
+    }
+
+    fn sock(&mut self) -> Result<&mut NfSocket, NetlinkError> {
+        if self.sock.is_none() {
+            self.sock = Some(NfSocket::open()?);
+        }
+        Ok(self.sock.as_mut().expect("socket just opened"))
+    }
+
+    fn table(&self) -> Table {
+        Table::new(ProtocolFamily::Ipv4).with_name(self.names.table())
+    }
+
+    /// Reads the table back from the kernel.
+    pub fn read_state(&mut self) -> Result<NativeState, NetlinkError> {
+        let tname = self.names.table().to_string();
+        let sock = self.sock()?;
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_TABLE_NAME, &tname);
+        if sock.get(sys::NFT_MSG_GETTABLE, AF_INET, &a)?.is_none() {
+            return Ok(NativeState::default());
+        }
+        let mut ok = true;
+
+        let mut f = Attrs::new();
+        f.str(sys::NFTA_SET_TABLE, &tname);
+        let sets = sock.dump(sys::NFT_MSG_GETSET, AF_INET, &f)?;
+        ok &= sets.len() == SETS.len();
+        for shape in &SETS {
+            let found = sets
+                .iter()
+                .find(|s| attr_str(s, sys::NFTA_SET_NAME).as_deref() == Some(shape.name));
+            ok &= found.is_some_and(|s| {
+                let flags = attr_be32(s, sys::NFTA_SET_FLAGS).unwrap_or(0);
+                attr_be32(s, sys::NFTA_SET_KEY_TYPE) == Some(shape.key_type)
+                    && attr_be32(s, sys::NFTA_SET_KEY_LEN) == Some(shape.key_len)
+                    && (flags & sys::NFT_SET_MAP != 0) == shape.data.is_some()
+                    && shape.data.is_none_or(|(t, l)| {
+                        attr_be32(s, sys::NFTA_SET_DATA_TYPE) == Some(t)
+                            && attr_be32(s, sys::NFTA_SET_DATA_LEN) == Some(l)
+                    })
+            });
+        }
+
+        let mut f = Attrs::new();
+        f.str(sys::NFTA_CHAIN_TABLE, &tname);
+        let chains = sock.dump(sys::NFT_MSG_GETCHAIN, AF_INET, &f)?;
+        ok &= chains.len() == CHAINS.len();
+        for shape in &CHAINS {
+            let found = chains
+                .iter()
+                .find(|c| attr_str(c, sys::NFTA_CHAIN_NAME).as_deref() == Some(shape.name));
+            ok &= found.is_some_and(|c| {
+                let hook = find_attr(c, sys::NFTA_CHAIN_HOOK).unwrap_or(&[]);
+                attr_be32(hook, sys::NFTA_HOOK_HOOKNUM) == Some(shape.hook as u32)
+                    && attr_be32(hook, sys::NFTA_HOOK_PRIORITY) == Some(shape.priority as u32)
+                    && attr_str(c, sys::NFTA_CHAIN_TYPE).as_deref()
+                        == Some(if shape.nat { "nat" } else { "filter" })
+                    && attr_be32(c, sys::NFTA_CHAIN_POLICY) == Some(libc::NF_ACCEPT as u32)
+            });
+        }
+
+        let mut f = Attrs::new();
+        f.str(sys::NFTA_RULE_TABLE, &tname);
+        let rules = sock.dump(sys::NFT_MSG_GETRULE, AF_INET, &f)?;
+        for shape in &CHAINS {
+            let want: Vec<Vec<&str>> = chain_rules(shape.name)
+                .iter()
+                .map(|e| e.names().to_vec())
+                .collect();
+            let got: Vec<Vec<String>> = rules
+                .iter()
+                .filter(|r| attr_str(r, sys::NFTA_RULE_CHAIN).as_deref() == Some(shape.name))
+                .map(|r| {
+                    encode::expr_names(find_attr(r, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]))
+                })
+                .collect();
+            ok &= want == got;
+        }
+        ok &= rules.len()
+            == CHAINS
+                .iter()
+                .map(|c| chain_rules(c.name).len())
+                .sum::<usize>();
+
+        let mut state = NativeState {
+            table_exists: true,
+            structure_ok: ok,
+            rules: RuleSet::default(),
+        };
+        if !ok {
+            return Ok(state);
+        }
+        for shape in &SETS {
+            let mut f = Attrs::new();
+            f.str(sys::NFTA_SET_ELEM_LIST_TABLE, &tname)
+                .str(sys::NFTA_SET_ELEM_LIST_SET, shape.name);
+            for msg in sock.dump(sys::NFT_MSG_GETSETELEM, AF_INET, &f)? {
+                let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                    continue;
+                };
+                for (_, el) in parse_attrs(list) {
+                    let key = find_attr(el, sys::NFTA_SET_ELEM_KEY)
+                        .and_then(|k| find_attr(k, sys::NFTA_DATA_VALUE))
+                        .unwrap_or(&[]);
+                    let data = find_attr(el, sys::NFTA_SET_ELEM_DATA)
+                        .and_then(|k| find_attr(k, sys::NFTA_DATA_VALUE))
+                        .unwrap_or(&[]);
+                    let owner =
+                        find_attr(el, sys::NFTA_SET_ELEM_USERDATA).and_then(parse_comment_udata);
+                    // An element without an owner comment is not one of ours
+                    // as written; it is kept as "ownerless" so the diff
+                    // replaces it.
+                    let owner = owner.unwrap_or_else(|| PodRef::new("", ""));
+                    if !decode_element(shape.name, key, data, owner, &mut state.rules) {
+                        state.structure_ok = false;
+                    }
+                }
+            }
+        }
+        state.rules.normalize();
+        Ok(state)
+    }
+
+    /// Encodes the whole layout (after deleting a broken table) plus every
+    /// element of `desired`.
+    fn encode_rebuild(&self, batch: &mut NftBatch, state: &NativeState, desired: &RuleSet) {
+        let tname = self.names.table();
+        let table = self.table();
+        if state.table_exists {
+            batch.add_table(
+                &table,
+                MsgType::Del,
+                format!("delete table ip {tname} (layout drifted)"),
+            );
+        }
+        batch.add_table(&table, MsgType::Add, format!("add table ip {tname}"));
+        for (i, shape) in SETS.iter().enumerate() {
+            let mut a = Attrs::new();
+            a.str(sys::NFTA_SET_TABLE, tname)
+                .str(sys::NFTA_SET_NAME, shape.name)
+                .be32(
+                    sys::NFTA_SET_FLAGS,
+                    if shape.data.is_some() {
+                        sys::NFT_SET_MAP
+                    } else {
+                        0
+                    },
+                )
+                .be32(sys::NFTA_SET_KEY_TYPE, shape.key_type)
+                .be32(sys::NFTA_SET_KEY_LEN, shape.key_len);
+            if let Some((t, l)) = shape.data {
+                a.be32(sys::NFTA_SET_DATA_TYPE, t)
+                    .be32(sys::NFTA_SET_DATA_LEN, l);
+            }
+            a.be32(sys::NFTA_SET_ID, i as u32 + 1);
+            batch.add(
+                NftMsg::new(sys::NFT_MSG_NEWSET, libc::NLM_F_CREATE as u32, a),
+                format!("add set {} to table ip {tname}", shape.name),
+            );
+        }
+        for shape in &CHAINS {
+            let chain = Chain::new(&table)
+                .with_name(shape.name)
+                .with_hook(Hook::new(shape.hook, shape.priority))
+                .with_policy(ChainPolicy::Accept)
+                .with_type(if shape.nat {
+                    ChainType::Nat
+                } else {
+                    ChainType::Filter
+                });
+            batch.add_chain(
+                &chain,
+                MsgType::Add,
+                format!("add chain {} to table ip {tname}", shape.name),
+            );
+        }
+        for shape in &CHAINS {
+            for (i, rule) in chain_rules(shape.name).iter().enumerate() {
+                let mut a = Attrs::new();
+                a.str(sys::NFTA_RULE_TABLE, tname)
+                    .str(sys::NFTA_RULE_CHAIN, shape.name)
+                    .nest(sys::NFTA_RULE_EXPRESSIONS, |e| *e = rule.attrs().clone());
+                batch.add(
+                    NftMsg::new(
+                        sys::NFT_MSG_NEWRULE,
+                        libc::NLM_F_CREATE as u32 | libc::NLM_F_APPEND as u32,
+                        a,
+                    ),
+                    format!("add rule {} to chain {}", i + 1, shape.name),
+                );
+            }
+        }
+        encode_changes(batch, tname, &RuleSet::default(), desired);
+    }
+
+    fn build(&self, state: &NativeState, desired: &RuleSet) -> NftBatch {
+        let mut batch = NftBatch::new();
+        if !state.structure_ok {
+            self.encode_rebuild(&mut batch, state, desired);
+        } else {
+            encode_changes(&mut batch, self.names.table(), &state.rules, desired);
+        }
+        batch
+    }
+}
+
+/// Element deletes first, then adds: a retargeted key is deleted and re-added
+/// with its new data in the same batch.
+fn encode_changes(batch: &mut NftBatch, table: &str, current: &RuleSet, desired: &RuleSet) {
+    let (add_d, del_d) = diff(&current.dnat, &desired.dnat);
+    let (add_s, del_s) = diff(&current.snat, &desired.snat);
+    let (add_f, del_f) = diff(&current.forward, &desired.forward);
+    add_elements(
+        batch,
+        table,
+        names::NFT_DNAT_MAP,
+        &dnat_elements(&del_d),
+        true,
+    );
+    add_elements(
+        batch,
+        table,
+        names::NFT_SNAT_MAP,
+        &snat_elements(&del_s),
+        true,
+    );
+    add_elements(
+        batch,
+        table,
+        names::NFT_FORWARD_SET,
+        &forward_elements(&del_f),
+        true,
+    );
+    add_elements(
+        batch,
+        table,
+        names::NFT_DNAT_MAP,
+        &dnat_elements(&add_d),
+        false,
+    );
+    add_elements(
+        batch,
+        table,
+        names::NFT_SNAT_MAP,
+        &snat_elements(&add_s),
+        false,
+    );
+    add_elements(
+        batch,
+        table,
+        names::NFT_FORWARD_SET,
+        &forward_elements(&add_f),
+        false,
+    );
+}
+
+fn decode_element(set: &str, key: &[u8], data: &[u8], owner: PodRef, out: &mut RuleSet) -> bool {
+    match set {
+        names::NFT_DNAT_MAP => {
+            let (Some(public_ip), Some(proto), Some(public_port), Some(pod_ip), Some(pod_port)) = (
+                ip_at(key, 0),
+                proto_at(key, 4),
+                port_at(key, 8),
+                ip_at(data, 0),
+                port_at(data, 4),
+            ) else {
+                return false;
+            };
+            out.dnat.push(Mapping {
+                key: NatKey {
+                    public_ip,
+                    public_port,
+                    proto,
+                },
+                pod_ip,
+                pod_port,
+                owner,
+            });
+        }
+        names::NFT_SNAT_MAP => {
+            let (Some(pod_ip), Some(proto), Some(public_ip)) =
+                (ip_at(key, 0), proto_at(key, 4), ip_at(data, 0))
+            else {
+                return false;
+            };
+            out.snat.push(SnatRule {
+                pod_ip,
+                proto,
+                public_ip,
+                owner,
+            });
+        }
+        _ => {
+            let (Some(pod_ip), Some(proto), Some(pod_port)) =
+                (ip_at(key, 0), proto_at(key, 4), port_at(key, 8))
+            else {
+                return false;
+            };
+            out.forward.push(ForwardRule {
+                pod_ip,
+                proto,
+                pod_port,
+                owner,
+            });
+        }
+    }
+    true
+}
+
+impl Backend for NftablesBackend {
+    fn name(&self) -> &'static str {
+        "nftables"
+    }
+
+    fn read(&mut self) -> Result<RuleSet, FirewallError> {
+        Ok(self.read_state()?.rules)
+    }
+
+    fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError> {
+        let desired = super::canonical(desired);
+        let mut report = ApplyReport::default();
+        for attempt in 0..=super::MAX_RETRIES {
+            let generation = self.sock()?.generation()?;
+            let state = match self.cache.get(generation) {
+                Some(s) => {
+                    report.cache_hit = true;
+                    s.clone()
+                }
+                None => {
+                    report.cache_hit = false;
+                    self.read_state()?
+                }
+            };
+            let batch = self.build(&state, &desired);
+            if batch.is_empty() {
+                self.cache.set(generation, state);
+                return Ok(report);
+            }
+            report.rebuilt = !state.structure_ok;
+            report.messages = batch.len();
+            report.bytes = batch.byte_len();
+            let (add_d, del_d) = diff(&state.rules.dnat, &desired.dnat);
+            report.removed_dnat = del_d;
+            report.added_dnat = add_d;
+            let fin = batch.finalize(Some(generation));
+            match self.sock()?.send_batch(fin) {
+                Ok(()) => {
+                    let after = self.sock()?.generation()?;
+                    let new_state = NativeState {
+                        table_exists: true,
+                        structure_ok: true,
+                        rules: desired.clone(),
+                    };
+                    // Only our commit happened in between: the table is known.
+                    if after == generation.wrapping_add(1) {
+                        self.cache.set(after, new_state);
+                    } else {
+                        self.cache.clear();
+                    }
+                    return Ok(report);
+                }
+                Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {
+                    report.retries += 1;
+                    self.cache.clear();
+                    tracing::debug!(
+                        attempt,
+                        "ruleset changed under the batch; re-reading and retrying"
+                    );
+                }
+                Err(e) => {
+                    self.cache.clear();
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(FirewallError::TooManyRetries(super::MAX_RETRIES))
+    }
+
+    fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError> {
+        let desired = super::canonical(desired);
+        let state = if assume_empty {
+            NativeState::default()
+        } else {
+            self.read_state()?
+        };
+        let t = self.names.table();
+        if !state.structure_ok {
+            let mut out = String::new();
+            if state.table_exists {
+                out.push_str(&format!("delete table ip {t}\n"));
+            }
+            out.push_str(&super::view::nft(&desired, &self.names));
+            return Ok(out);
+        }
+        let mut out = String::new();
+        let (add_d, del_d) = diff(&state.rules.dnat, &desired.dnat);
+        let (add_s, del_s) = diff(&state.rules.snat, &desired.snat);
+        let (add_f, del_f) = diff(&state.rules.forward, &desired.forward);
+        let key_only = |e: String| e.split(" comment ").next().unwrap_or("").to_string();
+        for m in &del_d {
+            out.push_str(&format!(
+                "delete element ip {t} {} {{ {} }}\n",
+                names::NFT_DNAT_MAP,
+                key_only(super::view::nft_dnat_element(m))
+            ));
+        }
+        for s in &del_s {
+            out.push_str(&format!(
+                "delete element ip {t} {} {{ {} }}\n",
+                names::NFT_SNAT_MAP,
+                key_only(super::view::nft_snat_element(s))
+            ));
+        }
+        for f in &del_f {
+            out.push_str(&format!(
+                "delete element ip {t} {} {{ {} }}\n",
+                names::NFT_FORWARD_SET,
+                key_only(super::view::nft_forward_element(f))
+            ));
+        }
+        for m in &add_d {
+            out.push_str(&format!(
+                "add element ip {t} {} {{ {} }}\n",
+                names::NFT_DNAT_MAP,
+                super::view::nft_dnat_element(m)
+            ));
+        }
+        for s in &add_s {
+            out.push_str(&format!(
+                "add element ip {t} {} {{ {} }}\n",
+                names::NFT_SNAT_MAP,
+                super::view::nft_snat_element(s)
+            ));
+        }
+        for f in &add_f {
+            out.push_str(&format!(
+                "add element ip {t} {} {{ {} }}\n",
+                names::NFT_FORWARD_SET,
+                super::view::nft_forward_element(f)
+            ));
+        }
+        Ok(out)
+    }
+
+    fn cleanup(&mut self) -> Result<bool, FirewallError> {
+        let state = self.read_state()?;
+        self.cache.clear();
+        if !state.table_exists {
+            return Ok(false);
+        }
+        let mut batch = NftBatch::new();
+        batch.add_table(
+            &self.table(),
+            MsgType::Del,
+            format!("delete table ip {}", self.names.table()),
+        );
+        self.sock()?.send_batch(batch.finalize(None))?;
+        Ok(true)
+    }
+
+    fn view(&self, rules: &RuleSet) -> String {
+        super::view::nft(&super::canonical(rules), &self.names)
+    }
+}
