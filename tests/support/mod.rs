@@ -1,0 +1,5 @@
+#![allow(dead_code)]
+//! Test helpers: throw-away network namespaces and a real test cluster.
+
+pub mod cluster;
+pub mod netns;
