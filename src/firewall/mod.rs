@@ -2,6 +2,7 @@
 //! batch per change) and back, plus the text views of it. A backend only
 //! encodes, decodes and diffs; it never decides what should exist.
 
+pub mod conntrack;
 pub mod encode;
 pub mod names;
 pub mod netlink;
@@ -57,6 +58,24 @@ pub struct ApplyReport {
     pub rebuilt: bool,
     pub added_dnat: Vec<Mapping>,
     pub removed_dnat: Vec<Mapping>,
+    /// UDP conntrack entries deleted after the commit.
+    pub conntrack_flushed: usize,
+}
+
+/// After a commit: UDP mappings that were removed or moved lose their
+/// conntrack entries, so the next datagram follows the new rules. A failure
+/// is logged, not returned: the rules themselves are in place.
+pub fn flush_stale_udp(report: &mut ApplyReport) {
+    let targets: std::collections::BTreeSet<_> = report
+        .removed_dnat
+        .iter()
+        .filter(|m| m.key.proto == crate::model::Proto::Udp)
+        .map(|m| (m.key.public_ip, m.key.public_port))
+        .collect();
+    match conntrack::flush_udp(&targets) {
+        Ok(n) => report.conntrack_flushed = n,
+        Err(e) => tracing::warn!("could not flush UDP conntrack entries of changed mappings: {e}"),
+    }
 }
 
 /// One flavor's encoder/decoder. Blocking: call it off the async runtime.

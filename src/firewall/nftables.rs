@@ -683,6 +683,7 @@ impl Backend for NftablesBackend {
                     } else {
                         self.cache.clear();
                     }
+                    super::flush_stale_udp(&mut report);
                     return Ok(report);
                 }
                 Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {

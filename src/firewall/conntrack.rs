@@ -1,0 +1,148 @@
+//! UDP has no connection end: after a UDP mapping is removed or moves to
+//! another pod, conntrack would keep sending the peer's datagrams to the old
+//! pod. This deletes the entries whose original destination is the public
+//! address:port (ctnetlink, through netlink-packet-netfilter), as kube-proxy
+//! does on endpoint changes.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, Ipv4Addr};
+
+use netlink_packet_core::{
+    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
+use netlink_packet_netfilter::conntrack::{
+    ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple,
+};
+use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
+use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+/// Errors while flushing conntrack entries.
+#[derive(Debug, thiserror::Error)]
+pub enum ConntrackError {
+    #[error("conntrack netlink socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("conntrack netlink message: {0}")]
+    Decode(String),
+    #[error("the kernel refused a conntrack request: errno {0}")]
+    Refused(i32),
+}
+
+fn request(msg: ConntrackMessage, flags: u16, seq: u32) -> Vec<u8> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | flags;
+    header.sequence_number = seq;
+    let mut nl = NetlinkMessage::new(
+        header,
+        NetlinkPayload::from(NetfilterMessage::new(
+            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            msg,
+        )),
+    );
+    nl.finalize();
+    let mut buf = vec![0u8; nl.buffer_len()];
+    nl.serialize(&mut buf);
+    buf
+}
+
+/// The original-direction destination of an entry, if it is UDP/IPv4.
+fn udp_destination(tuple: &[Tuple]) -> Option<(Ipv4Addr, u16)> {
+    let mut dst = None;
+    let mut port = None;
+    let mut udp = false;
+    for t in tuple {
+        match t {
+            Tuple::Ip(ips) => {
+                for ip in ips {
+                    if let IPTuple::DestinationAddress(IpAddr::V4(a)) = ip {
+                        dst = Some(*a);
+                    }
+                }
+            }
+            Tuple::Proto(ps) => {
+                for p in ps {
+                    match p {
+                        ProtoTuple::Protocol(Protocol::Udp) => udp = true,
+                        ProtoTuple::DestinationPort(d) => port = Some(*d),
+                        _ => {}
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if udp {
+        Some((dst?, port?))
+    } else {
+        None
+    }
+}
+
+/// Deletes every UDP conntrack entry whose original destination is one of
+/// `targets` (public address, public port). Returns how many were deleted.
+/// Runs in the calling thread's network namespace.
+pub fn flush_udp(targets: &BTreeSet<(Ipv4Addr, u16)>) -> Result<usize, ConntrackError> {
+    if targets.is_empty() {
+        return Ok(0);
+    }
+    let mut sock = Socket::new(NETLINK_NETFILTER)?;
+    sock.bind_auto()?;
+    sock.connect(&SocketAddr::new(0, 0))?;
+    sock.send(&request(ConntrackMessage::Get(vec![]), NLM_F_DUMP, 1), 0)?;
+
+    let mut doomed: Vec<Vec<Tuple>> = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    'dump: loop {
+        let n = sock.recv(&mut &mut buf[..], 0)?;
+        let mut off = 0;
+        while off < n {
+            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n])
+                .map_err(|e| ConntrackError::Decode(e.to_string()))?;
+            let len = msg.header.length as usize;
+            if len == 0 {
+                break;
+            }
+            off += (len + 3) & !3;
+            match msg.payload {
+                NetlinkPayload::Done(_) => break 'dump,
+                NetlinkPayload::Error(e) => {
+                    return Err(ConntrackError::Refused(e.code.map_or(0, |c| c.get())));
+                }
+                NetlinkPayload::InnerMessage(NetfilterMessage {
+                    inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
+                    ..
+                }) => {
+                    for a in attrs {
+                        if let ConntrackAttribute::CtaTupleOrig(t) = a {
+                            if udp_destination(&t).is_some_and(|d| targets.contains(&d)) {
+                                doomed.push(t);
+                            }
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let mut deleted = 0;
+    for (i, tuple) in doomed.into_iter().enumerate() {
+        let seq = 2 + i as u32;
+        sock.send(
+            &request(ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple)]), NLM_F_ACK, seq),
+            0,
+        )?;
+        let n = sock.recv(&mut &mut buf[..], 0)?;
+        let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[..n])
+            .map_err(|e| ConntrackError::Decode(e.to_string()))?;
+        match msg.payload {
+            NetlinkPayload::Error(e) if e.code.is_some() => {
+                // ENOENT: it expired meanwhile; that is the goal anyway.
+                let code = e.code.map_or(0, |c| c.get());
+                if code != -libc::ENOENT {
+                    return Err(ConntrackError::Refused(code));
+                }
+            }
+            _ => deleted += 1,
+        }
+    }
+    Ok(deleted)
+}
