@@ -435,13 +435,7 @@ async fn read_choice(handle: &Handle, filter: &AddressFilter) -> Result<Choice, 
 /// a failed re-read is logged and retried, keeping the previous choice.
 pub async fn spawn_watcher(
     filter: AddressFilter,
-) -> Result<
-    (
-        watch::Receiver<Choice>,
-        JoinHandle<Result<(), AddressError>>,
-    ),
-    AddressError,
-> {
+) -> Result<(watch::Receiver<Choice>, WatcherTask), AddressError> {
     let (conn, handle, events) =
         rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
             .map_err(|source| AddressError::Subscribe { source })?;
@@ -464,6 +458,11 @@ pub async fn spawn_watcher(
     });
     Ok((rx, task))
 }
+
+/// The watcher's task: it ends only when nobody listens any more (`Ok`) or
+/// the kernel connection is gone (`Err`), so `main` can treat its end as
+/// fatal.
+pub type WatcherTask = JoinHandle<Result<(), AddressError>>;
 
 type Events = futures::channel::mpsc::UnboundedReceiver<(
     netlink_packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
