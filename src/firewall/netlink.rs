@@ -41,7 +41,7 @@ pub enum NetlinkError {
     Send(#[source] Errno),
     #[error("netlink receive failed: {0}")]
     Recv(#[source] Errno),
-    #[error("the kernel refused {what}: {errno} ({})", errno.desc())]
+    #[error("the kernel refused {what}: {errno}")]
     Refused { what: String, errno: Errno },
     #[error("the ruleset changed while the batch was built (generation {genid} is stale)")]
     GenerationChanged { genid: u32 },

@@ -1,0 +1,629 @@
+//! The nftables flavor against the real kernel, inside namespaces each test
+//! creates: real TCP/UDP through the NAT, `nft` as the oracle of what the
+//! kernel holds, churn, concurrency, atomicity and size.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use podnat_controller::firewall::netlink::{sys, Attrs, NetlinkError, NfSocket, NftBatch, NftMsg};
+use podnat_controller::firewall::nftables::NftablesBackend;
+use podnat_controller::firewall::{view, Backend, FirewallError, Names};
+use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
+use proptest::prelude::*;
+use support::netns::{Netns, Sandbox, CLIENT_IP, POD_A_IP, POD_B_IP, PUBLIC_IP};
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// A mapping plus its SNAT and FORWARD companions, as the planner makes them.
+fn publish(
+    rules: &mut RuleSet,
+    owner: &str,
+    public: &str,
+    port: u16,
+    proto: Proto,
+    pod: &str,
+    pod_port: u16,
+) {
+    let (ns, name) = owner.split_once(':').unwrap();
+    let owner = PodRef::new(ns, name);
+    rules.dnat.push(Mapping {
+        key: NatKey {
+            public_ip: ip(public),
+            public_port: port,
+            proto,
+        },
+        pod_ip: ip(pod),
+        pod_port,
+        owner: owner.clone(),
+    });
+    if !rules
+        .snat
+        .iter()
+        .any(|s| s.pod_ip == ip(pod) && s.proto == proto)
+    {
+        rules.snat.push(SnatRule {
+            pod_ip: ip(pod),
+            proto,
+            public_ip: ip(public),
+            owner: owner.clone(),
+        });
+    }
+    rules.forward.push(ForwardRule {
+        pod_ip: ip(pod),
+        proto,
+        pod_port,
+        owner,
+    });
+    rules.normalize();
+}
+
+fn names() -> Names {
+    Names::new("podnat")
+}
+
+fn apply(ns: &Netns, rules: &RuleSet) -> podnat_controller::firewall::ApplyReport {
+    let rules = rules.clone();
+    ns.run(move || NftablesBackend::new(names()).apply(&rules))
+        .unwrap_or_else(|e| panic!("apply in {}: {e}", ns.name))
+}
+
+fn kernel_view(ns: &Netns) -> String {
+    view::canonical_nft(&ns.sh("nft list table ip podnat"))
+}
+
+fn assert_kernel_holds(ns: &Netns, rules: &RuleSet) {
+    assert_eq!(
+        kernel_view(ns),
+        view::canonical_nft(&view::nft(rules, &names()))
+    );
+}
+
+fn mail_rules() -> RuleSet {
+    let mut r = RuleSet::default();
+    publish(
+        &mut r,
+        "mail:mx-0",
+        PUBLIC_IP,
+        25,
+        Proto::Tcp,
+        POD_A_IP,
+        2525,
+    );
+    publish(
+        &mut r,
+        "mail:mx-0",
+        PUBLIC_IP,
+        5353,
+        Proto::Udp,
+        POD_A_IP,
+        5300,
+    );
+    r
+}
+
+#[test]
+fn tcp_udp_snat_and_internal_traffic() {
+    let sb = Sandbox::new("traf");
+    apply(&sb.node, &mail_rules());
+
+    // TCP: client → public:25 reaches the pod's listener on 2525.
+    let listener = sb.pod_a.run(|| TcpListener::bind("0.0.0.0:2525").unwrap());
+    let mut client = sb.client.run(|| {
+        TcpStream::connect_timeout(
+            &format!("{PUBLIC_IP}:25").parse().unwrap(),
+            Duration::from_secs(3),
+        )
+        .expect("TCP through the DNAT")
+    });
+    let (mut conn, peer) = listener.accept().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        CLIENT_IP,
+        "DNAT keeps the client's address"
+    );
+    client.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // UDP: client → public:5353 reaches the pod on 5300, and the reply comes
+    // back from the public address.
+    let pod_udp = sb.pod_a.run(|| UdpSocket::bind("0.0.0.0:5300").unwrap());
+    pod_udp
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let client_udp = sb.client.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
+    client_udp
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    client_udp
+        .send_to(b"hello", format!("{PUBLIC_IP}:5353"))
+        .unwrap();
+    let (n, from) = pod_udp
+        .recv_from(&mut buf[..])
+        .expect("UDP through the DNAT");
+    assert_eq!(n, 4);
+    assert_eq!(from.ip().to_string(), CLIENT_IP);
+    pod_udp.send_to(b"pong", from).unwrap();
+    let (_, reply_from) = client_udp.recv_from(&mut buf).expect("UDP reply");
+    assert_eq!(
+        reply_from,
+        format!("{PUBLIC_IP}:5353").parse::<SocketAddr>().unwrap()
+    );
+
+    // SNAT: the pod's own connection to the client shows the public address.
+    let client_listener = sb
+        .client
+        .run(|| TcpListener::bind(format!("{CLIENT_IP}:8080")).unwrap());
+    let _out = sb.pod_a.run(|| {
+        TcpStream::connect_timeout(
+            &format!("{CLIENT_IP}:8080").parse().unwrap(),
+            Duration::from_secs(3),
+        )
+        .expect("pod → client through the SNAT")
+    });
+    let (_c, seen) = client_listener.accept().unwrap();
+    assert_eq!(
+        seen.ip().to_string(),
+        PUBLIC_IP,
+        "outbound traffic leaves through the public address"
+    );
+
+    // Internal destinations keep the pod address.
+    let pod_b_listener = sb
+        .pod_b
+        .run(|| TcpListener::bind(format!("{POD_B_IP}:9000")).unwrap());
+    let _in = sb.pod_a.run(|| {
+        TcpStream::connect_timeout(
+            &format!("{POD_B_IP}:9000").parse().unwrap(),
+            Duration::from_secs(3),
+        )
+        .unwrap()
+    });
+    let (_c, seen) = pod_b_listener.accept().unwrap();
+    assert_eq!(
+        seen.ip().to_string(),
+        POD_A_IP,
+        "10.x destinations are not SNATed"
+    );
+}
+
+#[test]
+fn kernel_holds_exactly_the_view_and_reapply_sends_nothing() {
+    let ns = Netns::new("oracle");
+    let rules = mail_rules();
+    let first = apply(&ns, &rules);
+    assert!(first.messages > 0 && first.rebuilt);
+    assert_kernel_holds(&ns, &rules);
+
+    // The JSON listing holds every element with its owner comment.
+    let json = ns.sh("nft -j list map ip podnat dnat_to_pod");
+    assert!(json.contains("\"comment\": \"mail:mx-0\""), "{json}");
+
+    // Same table again, in a fresh process-like backend (no cache): no batch.
+    let again = apply(&ns, &rules);
+    assert_eq!(again.messages, 0, "an unchanged table sends no batch");
+    // And with a warm cache (same backend, generation unchanged).
+    let r2 = rules.clone();
+    let (a, b) = ns.run(move || {
+        let mut be = NftablesBackend::new(names());
+        let a = be.apply(&r2).unwrap();
+        let b = be.apply(&r2).unwrap();
+        (a, b)
+    });
+    assert_eq!(a.messages, 0);
+    assert_eq!(b.messages, 0);
+    assert!(
+        b.cache_hit,
+        "second apply diffed against the remembered table"
+    );
+
+    // Elements that are unchanged keep their place; a change touches only it.
+    let mut changed = rules.clone();
+    publish(
+        &mut changed,
+        "web:w-1",
+        PUBLIC_IP,
+        8080,
+        Proto::Tcp,
+        POD_B_IP,
+        80,
+    );
+    let rep = apply(&ns, &changed);
+    assert!(!rep.rebuilt);
+    assert_eq!(rep.added_dnat.len(), 1);
+    assert!(rep.removed_dnat.is_empty());
+    assert_kernel_holds(&ns, &changed);
+
+    // Read back decodes to the same rule set.
+    let back = ns.run(|| NftablesBackend::new(names()).read().unwrap());
+    assert_eq!(back, changed);
+}
+
+#[test]
+fn drifted_layout_is_rebuilt() {
+    let ns = Netns::new("drift");
+    let rules = mail_rules();
+    apply(&ns, &rules);
+    ns.sh("nft flush chain ip podnat prerouting");
+    let rep = apply(&ns, &rules);
+    assert!(rep.rebuilt, "a flushed chain is noticed");
+    assert_kernel_holds(&ns, &rules);
+    ns.sh("nft delete element ip podnat forward_allowed '{ 10.1.0.5 . tcp . 2525 }'");
+    let rep = apply(&ns, &rules);
+    assert!(!rep.rebuilt);
+    assert_kernel_holds(&ns, &rules);
+}
+
+fn foreign_setup(ns: &Netns) {
+    ns.sh(
+        "nft add table inet foreign && \
+         nft add chain inet foreign input '{ type filter hook input priority 0; policy accept; }' && \
+         nft add rule inet foreign input tcp dport 22 counter accept && \
+         iptables-nft -t nat -A PREROUTING -p tcp --dport 8443 -j DNAT --to-destination 10.9.9.9:443",
+    );
+}
+
+fn foreign_listing(ns: &Netns) -> String {
+    ns.sh("nft list table inet foreign; iptables-nft-save | grep -v '^#'")
+}
+
+#[test]
+fn foreign_tables_are_untouched_by_apply_and_cleanup() {
+    let ns = Netns::new("foreign");
+    foreign_setup(&ns);
+    let before = foreign_listing(&ns);
+    apply(&ns, &mail_rules());
+    assert_eq!(foreign_listing(&ns), before);
+    let removed = ns.run(|| NftablesBackend::new(names()).cleanup().unwrap());
+    assert!(removed);
+    assert_eq!(foreign_listing(&ns), before);
+    assert!(
+        !ns.try_sh("nft list table ip podnat").status.success(),
+        "cleanup removed the table"
+    );
+    let again = ns.run(|| NftablesBackend::new(names()).cleanup().unwrap());
+    assert!(!again, "nothing left to remove");
+}
+
+#[test]
+fn a_refused_batch_changes_nothing_and_names_the_cause() {
+    let ns = Netns::new("refuse");
+    apply(&ns, &mail_rules());
+    ns.sh("nft add table inet foreign");
+    let before = ns.sh("nft list ruleset");
+    let err = ns.run(|| {
+        let mut sock = NfSocket::open().unwrap();
+        let genid = sock.generation().unwrap();
+        let mut batch = NftBatch::new();
+        // A valid change first...
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_TABLE_NAME, "another");
+        batch.add(
+            NftMsg::new(sys::NFT_MSG_NEWTABLE, libc::NLM_F_CREATE as u32, a),
+            "add table ip another",
+        );
+        // ...then a rule for a chain that does not exist.
+        let mut r = Attrs::new();
+        r.str(sys::NFTA_RULE_TABLE, "podnat")
+            .str(sys::NFTA_RULE_CHAIN, "no-such-chain");
+        batch.add(
+            NftMsg::new(
+                sys::NFT_MSG_NEWRULE,
+                (libc::NLM_F_CREATE | libc::NLM_F_APPEND) as u32,
+                r,
+            ),
+            "add rule to chain no-such-chain",
+        );
+        sock.send_batch(batch.finalize(Some(genid))).unwrap_err()
+    });
+    match &err {
+        NetlinkError::Refused { what, errno } => {
+            assert_eq!(what, "add rule to chain no-such-chain");
+            assert_eq!(*errno, nix::errno::Errno::ENOENT);
+        }
+        other => panic!("unexpected error {other}"),
+    }
+    assert!(err.to_string().contains("no-such-chain"));
+    assert_eq!(
+        ns.sh("nft list ruleset"),
+        before,
+        "all of the batch or none of it"
+    );
+}
+
+#[test]
+fn a_stale_generation_is_refused() {
+    let ns = Netns::new("genid");
+    let err = ns.run(|| {
+        let mut sock = NfSocket::open().unwrap();
+        let genid = sock.generation().unwrap();
+        let mut other = NfSocket::open().unwrap();
+        let mut b = NftBatch::new();
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_TABLE_NAME, "someone-else");
+        b.add(
+            NftMsg::new(sys::NFT_MSG_NEWTABLE, libc::NLM_F_CREATE as u32, a),
+            "add table",
+        );
+        other.send_batch(b.finalize(None)).unwrap();
+        let mut b = NftBatch::new();
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_TABLE_NAME, "mine");
+        b.add(
+            NftMsg::new(sys::NFT_MSG_NEWTABLE, libc::NLM_F_CREATE as u32, a),
+            "add table",
+        );
+        sock.send_batch(b.finalize(Some(genid))).unwrap_err()
+    });
+    assert!(
+        matches!(err, NetlinkError::GenerationChanged { .. }),
+        "{err}"
+    );
+    assert!(!ns.try_sh("nft list table ip mine").status.success());
+}
+
+#[test]
+fn concurrent_writer_never_breaks_an_apply() {
+    let ns = Netns::new("race");
+    ns.sh("nft add table inet foreign && nft add chain inet foreign c");
+    let name = ns.name.clone();
+    let writer = std::thread::spawn(move || {
+        let script =
+            "i=0; while [ $i -lt 400 ]; do nft add rule inet foreign c counter; i=$((i+1)); done";
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &name, "sh", "-c", script])
+            .status()
+            .unwrap()
+    });
+    let (retries, last) = ns.run(|| {
+        let mut be = NftablesBackend::new(names());
+        let mut retries = 0;
+        let mut last = RuleSet::default();
+        for i in 0..60u16 {
+            let mut r = RuleSet::default();
+            for p in 0..(i % 7) {
+                publish(
+                    &mut r,
+                    "ns:p",
+                    PUBLIC_IP,
+                    1000 + p + i,
+                    Proto::Tcp,
+                    POD_A_IP,
+                    80,
+                );
+            }
+            let rep = be.apply(&r).unwrap_or_else(|e| panic!("apply {i}: {e}"));
+            retries += rep.retries;
+            last = r;
+        }
+        (retries, last)
+    });
+    assert!(writer.join().unwrap().success());
+    assert_kernel_holds(&ns, &last);
+    assert_eq!(
+        ns.sh("nft list chain inet foreign c")
+            .matches("counter")
+            .count(),
+        400
+    );
+    eprintln!("generation retries while racing another writer: {retries}");
+}
+
+#[test]
+fn udp_mapping_moves_to_another_pod_within_a_second() {
+    let sb = Sandbox::new("udpmv");
+    let mut to_a = RuleSet::default();
+    publish(
+        &mut to_a,
+        "ns:a",
+        PUBLIC_IP,
+        4000,
+        Proto::Udp,
+        POD_A_IP,
+        4000,
+    );
+    let mut to_b = RuleSet::default();
+    publish(
+        &mut to_b,
+        "ns:b",
+        PUBLIC_IP,
+        4000,
+        Proto::Udp,
+        POD_B_IP,
+        4000,
+    );
+    apply(&sb.node, &to_a);
+
+    let a = sb.pod_a.run(|| UdpSocket::bind("0.0.0.0:4000").unwrap());
+    let b = sb.pod_b.run(|| UdpSocket::bind("0.0.0.0:4000").unwrap());
+    a.set_nonblocking(true).unwrap();
+    b.set_nonblocking(true).unwrap();
+    let client = sb.client.run(|| UdpSocket::bind("0.0.0.0:41000").unwrap());
+    let target = format!("{PUBLIC_IP}:4000");
+    let drain = |s: &UdpSocket| {
+        let mut n = 0;
+        let mut buf = [0u8; 64];
+        while s.recv_from(&mut buf).is_ok() {
+            n += 1;
+        }
+        n
+    };
+    // Datagrams every 50 ms reach A (same source port: one conntrack entry).
+    for _ in 0..6 {
+        client.send_to(b"x", &target).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(drain(&a) > 0, "A receives before the move");
+    let rep = apply(&sb.node, &to_b);
+    assert!(
+        rep.conntrack_flushed >= 1,
+        "the stale UDP entry was deleted: {rep:?}"
+    );
+    drain(&a);
+    let moved = Instant::now();
+    let mut at_b = 0;
+    let mut at_a_after = 0;
+    while moved.elapsed() < Duration::from_secs(1) {
+        client.send_to(b"x", &target).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        at_b += drain(&b);
+        at_a_after += drain(&a);
+    }
+    assert!(
+        at_b >= 10,
+        "B receives within a second of the move ({at_b} datagrams)"
+    );
+    assert_eq!(at_a_after, 0, "nothing reaches A after the move");
+}
+
+fn big_table(ports: u16) -> RuleSet {
+    let mut r = RuleSet::default();
+    for i in 0..ports {
+        let pod = Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1);
+        let owner = PodRef::new("bulk", format!("p-{i}"));
+        r.dnat.push(Mapping {
+            key: NatKey {
+                public_ip: ip(PUBLIC_IP),
+                public_port: 10000 + i,
+                proto: Proto::Tcp,
+            },
+            pod_ip: pod,
+            pod_port: 80,
+            owner: owner.clone(),
+        });
+        r.snat.push(SnatRule {
+            pod_ip: pod,
+            proto: Proto::Tcp,
+            public_ip: ip(PUBLIC_IP),
+            owner: owner.clone(),
+        });
+        r.forward.push(ForwardRule {
+            pod_ip: pod,
+            proto: Proto::Tcp,
+            pod_port: 80,
+            owner,
+        });
+    }
+    r.normalize();
+    r
+}
+
+#[test]
+fn five_thousand_ports_in_one_batch() {
+    let ns = Netns::new("big");
+    let rules = big_table(5000);
+    let rep = apply(&ns, &rules);
+    assert_eq!(rules.len(), 15000);
+    eprintln!(
+        "5000 ports: {} messages, {} bytes in one batch",
+        rep.messages, rep.bytes
+    );
+    let back = ns.run(|| NftablesBackend::new(names()).read().unwrap());
+    assert_eq!(back, rules);
+    assert_eq!(
+        ns.sh("nft -j list map ip podnat dnat_to_pod")
+            .matches("\"comment\"")
+            .count(),
+        5000
+    );
+    assert_eq!(apply(&ns, &rules).messages, 0);
+}
+
+#[test]
+fn dry_run_without_cap_net_admin_assumes_an_empty_kernel() {
+    // nfnetlink refuses every request without CAP_NET_ADMIN; the dry run says
+    // so and prints the whole table as what it would create.
+    let ns = Netns::new("nocap");
+    let out = ns
+        .command("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+        ])
+        .arg(env!("CARGO_BIN_EXE_podnat-controller"))
+        .args([
+            "-dryrun",
+            "-firewallflavor=nftables",
+            "-nodeid=node1",
+            "--public-address",
+            PUBLIC_IP,
+        ])
+        .arg("--pods-file")
+        .arg(format!(
+            "{}/tests/fixtures/mail-pods.json",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("no CAP_NET_ADMIN"), "{stderr}");
+    assert!(stdout.starts_with("table ip podnat {"), "{stdout}");
+    let refused: FirewallError = NetlinkError::Refused {
+        what: "add table ip podnat".into(),
+        errno: nix::errno::Errno::EPERM,
+    }
+    .into();
+    assert_eq!(
+        refused.to_string(),
+        "the kernel refused add table ip podnat: EPERM: Operation not permitted"
+    );
+}
+
+/// Random owners/ports/pods for the churn property.
+fn arb_rules() -> impl Strategy<Value = RuleSet> {
+    proptest::collection::vec((0u16..6, 0u8..2, 0u8..3, 0u16..3), 0..6).prop_map(|entries| {
+        let mut r = RuleSet::default();
+        let mut seen = BTreeSet::new();
+        for (port, proto, pod, dport) in entries {
+            let proto = if proto == 0 { Proto::Tcp } else { Proto::Udp };
+            if !seen.insert((port, proto)) {
+                continue;
+            }
+            let pod_ip = format!("10.1.{pod}.5");
+            publish(
+                &mut r,
+                &format!("ns:p{pod}"),
+                PUBLIC_IP,
+                7000 + port,
+                proto,
+                &pod_ip,
+                80 + dport,
+            );
+        }
+        r.forward.dedup_by(|a, b| {
+            a.pod_ip == b.pod_ip && a.proto == b.proto && a.pod_port == b.pod_port
+        });
+        r
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    #[test]
+    fn any_sequence_of_changes_converges_like_a_fresh_apply(steps in proptest::collection::vec(arb_rules(), 1..6)) {
+        let churned = Netns::new("churn");
+        let fresh = Netns::new("fresh");
+        let steps2 = steps.clone();
+        churned.run(move || {
+            let mut be = NftablesBackend::new(names());
+            for s in &steps2 {
+                be.apply(s).unwrap();
+            }
+        });
+        let last = steps.last().unwrap().clone();
+        apply(&fresh, &last);
+        prop_assert_eq!(kernel_view(&churned), kernel_view(&fresh));
+        prop_assert_eq!(kernel_view(&churned), view::canonical_nft(&view::nft(&last, &names())));
+    }
+}
