@@ -7,12 +7,14 @@ pub mod encode;
 pub mod names;
 pub mod netlink;
 
+pub mod iptables;
+pub mod monitor;
 pub mod nftables;
 pub mod view;
 
 pub use names::Names;
 
-use crate::config::Flavor;
+use crate::config::{Flavor, JumpPositions};
 use crate::model::{Mapping, PodRef, RuleSet};
 use netlink::NetlinkError;
 
@@ -95,44 +97,18 @@ pub trait Backend: Send {
     fn view(&self, rules: &RuleSet) -> String;
 }
 
-/// Builds the backend for a flavor.
+/// Builds the backend for a flavor (iptables jumps at the default
+/// positions; see `backend_with_jumps`).
 pub fn backend_for(flavor: Flavor, names: Names) -> Box<dyn Backend> {
+    backend_with_jumps(flavor, names, JumpPositions::default())
+}
+
+/// Builds the backend for a flavor; `jumps` (`-iptablesJump`) places the
+/// iptables flavor's jump rules.
+pub fn backend_with_jumps(flavor: Flavor, names: Names, jumps: JumpPositions) -> Box<dyn Backend> {
     match flavor {
         Flavor::Nftables => Box::new(nftables::NftablesBackend::new(names)),
-        Flavor::Iptables => Box::new(Unimplemented),
-    }
-}
-
-/// Placeholder until the iptables flavor lands: every call says so.
-struct Unimplemented;
-
-impl Backend for Unimplemented {
-    fn name(&self) -> &'static str {
-        "iptables"
-    }
-    fn read(&mut self) -> Result<RuleSet, FirewallError> {
-        Err(Self::err())
-    }
-    fn apply(&mut self, _: &RuleSet) -> Result<ApplyReport, FirewallError> {
-        Err(Self::err())
-    }
-    fn dry_run(&mut self, _: &RuleSet, _: bool) -> Result<String, FirewallError> {
-        Err(Self::err())
-    }
-    fn cleanup(&mut self) -> Result<bool, FirewallError> {
-        Err(Self::err())
-    }
-    fn view(&self, rules: &RuleSet) -> String {
-        view::iptables_save(rules, &Names::new("podnat"))
-    }
-}
-
-impl Unimplemented {
-    fn err() -> FirewallError {
-        FirewallError::Unsupported(
-            "the iptables flavor is not built into this version yet; use -firewallflavor=nftables"
-                .into(),
-        )
+        Flavor::Iptables => Box::new(iptables::IptablesBackend::new(names, jumps)),
     }
 }
 

@@ -1,0 +1,872 @@
+//! Flavor `iptables` (the default, as in the Go version): the agent's rules
+//! live in iptables-nft's own tables — `<PREFIX>_PRE`/`<PREFIX>_POST` in
+//! `ip nat`, `<PREFIX>_FORWARD` in `ip filter` — reached by one jump each
+//! from PREROUTING, POSTROUTING and FORWARD, every rule encoded exactly as
+//! iptables-nft 1.8.9 encodes it, so `iptables-nft -S`/`-save` list them
+//! and kube-proxy or CNI plugins keep working beside them. Nothing else in
+//! those tables is touched.
+
+pub mod position;
+pub mod rules;
+pub mod xt;
+
+use std::fmt::Write;
+
+use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
+
+use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
+use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule};
+use super::names::Names;
+use super::netlink::{
+    attr_be64, attr_str, find_attr, sys, Attrs, FinalBatch, NetlinkError, NfSocket, NftBatch,
+    NftMsg,
+};
+use super::{canonical, diff, view, ApplyReport, Backend, FirewallError, GenerationCache};
+use crate::config::JumpPositions;
+use crate::model::{RuleSet, INTERNAL_NETWORKS};
+
+const AF_INET: u8 = libc::AF_INET as u8;
+const NAT: &str = "nat";
+const FILTER: &str = "filter";
+
+/// One of the three places the agent hooks in: a parent (base) chain of
+/// iptables-nft's and the agent's chain its jump leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Place {
+    Pre,
+    Post,
+    Forward,
+}
+
+const PLACES: [Place; 3] = [Place::Pre, Place::Post, Place::Forward];
+
+impl Place {
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn table(self) -> &'static str {
+        match self {
+            Place::Pre | Place::Post => NAT,
+            Place::Forward => FILTER,
+        }
+    }
+
+    fn parent(self) -> &'static str {
+        match self {
+            Place::Pre => "PREROUTING",
+            Place::Post => "POSTROUTING",
+            Place::Forward => "FORWARD",
+        }
+    }
+
+    /// The base chain as iptables-nft creates it on first use (hook,
+    /// priority, type; policy accept).
+    fn base_chain(self, table: &Table) -> Chain {
+        let (hook, priority, ty) = match self {
+            Place::Pre => (HookClass::PreRouting, -100, ChainType::Nat),
+            Place::Post => (HookClass::PostRouting, 100, ChainType::Nat),
+            Place::Forward => (HookClass::Forward, 0, ChainType::Filter),
+        };
+        Chain::new(table)
+            .with_name(self.parent())
+            .with_hook(Hook::new(hook, priority))
+            .with_policy(ChainPolicy::Accept)
+            .with_type(ty)
+    }
+
+    fn own(self, n: &Names) -> &str {
+        match self {
+            Place::Pre => &n.pre,
+            Place::Post => &n.post,
+            Place::Forward => &n.forward,
+        }
+    }
+
+    fn requested(self, j: &JumpPositions) -> i32 {
+        match self {
+            Place::Pre => j.prerouting,
+            Place::Post => j.postrouting,
+            Place::Forward => j.forward,
+        }
+    }
+}
+
+/// A rule as read back: its handle (`None` for a rule the agent's last batch
+/// added and nobody has read since) and what it is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Slot<T> {
+    handle: Option<u64>,
+    rule: T,
+}
+
+/// What the kernel holds of the agent's part of `ip nat` and `ip filter`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IptState {
+    nat_exists: bool,
+    filter_exists: bool,
+    parent_exists: [bool; 3],
+    own_exists: [bool; 3],
+    /// Parent chains: which rules jump to the agent's chain.
+    parents: [Vec<Slot<ParentRule>>; 3],
+    /// The agent's chains: `None` for a rule that is not its encoding.
+    own: [Vec<Slot<Option<AgentRule>>>; 3],
+}
+
+impl IptState {
+    fn table_exists(&self, table: &str) -> bool {
+        if table == NAT {
+            self.nat_exists
+        } else {
+            self.filter_exists
+        }
+    }
+
+    /// Anything of the agent's exists (for `cleanup`).
+    fn anything(&self) -> bool {
+        self.own_exists.iter().any(|e| *e)
+            || self
+                .parents
+                .iter()
+                .any(|p| p.iter().any(|s| s.rule != ParentRule::Foreign))
+    }
+
+    /// The agent's rules decoded from its chains (each in its own chain).
+    pub fn rules(&self) -> RuleSet {
+        let mut r = RuleSet::default();
+        for (place, chain) in PLACES.iter().zip(&self.own) {
+            for s in chain {
+                match (place, &s.rule) {
+                    (Place::Pre, Some(AgentRule::Dnat(m))) => r.dnat.push(m.clone()),
+                    (Place::Post, Some(AgentRule::Snat(x))) => r.snat.push(x.clone()),
+                    (Place::Forward, Some(AgentRule::Forward(f))) => r.forward.push(f.clone()),
+                    _ => {}
+                }
+            }
+        }
+        r.normalize();
+        r
+    }
+}
+
+/// The content each of the agent's chains must have, in order.
+fn desired_chains(desired: &RuleSet) -> [Vec<AgentRule>; 3] {
+    let pre = desired.dnat.iter().cloned().map(AgentRule::Dnat).collect();
+    let post = (0..INTERNAL_NETWORKS.len())
+        .map(AgentRule::Return)
+        .chain(desired.snat.iter().cloned().map(AgentRule::Snat))
+        .collect();
+    let fwd = desired
+        .forward
+        .iter()
+        .cloned()
+        .map(AgentRule::Forward)
+        .collect();
+    let mut chains: [Vec<AgentRule>; 3] = [pre, post, fwd];
+    for c in &mut chains {
+        c.sort();
+        c.dedup();
+    }
+    chains
+}
+
+/// Everything one apply changes, planned against one read of the kernel.
+struct Changes {
+    create_nat: bool,
+    create_filter: bool,
+    create_parent: [bool; 3],
+    create_own: [bool; 3],
+    own: [ChainPlan<AgentRule>; 3],
+    jumps: [ChainPlan<()>; 3],
+}
+
+impl Changes {
+    fn plan(state: &IptState, desired: &RuleSet, jumps: &JumpPositions) -> Changes {
+        let want = desired_chains(desired);
+        let own = std::array::from_fn(|i| {
+            let current: Vec<Option<AgentRule>> =
+                state.own[i].iter().map(|s| s.rule.clone()).collect();
+            plan_chain(&current, &want[i])
+        });
+        let jump_plans = std::array::from_fn(|i| {
+            let current: Vec<ParentRule> = state.parents[i].iter().map(|s| s.rule).collect();
+            plan_jump(&current, PLACES[i].requested(jumps))
+        });
+        Changes {
+            create_nat: !state.nat_exists,
+            create_filter: !state.filter_exists,
+            create_parent: std::array::from_fn(|i| !state.parent_exists[i]),
+            create_own: std::array::from_fn(|i| !state.own_exists[i]),
+            own,
+            jumps: jump_plans,
+        }
+    }
+
+    fn creates(&self) -> bool {
+        self.create_nat
+            || self.create_filter
+            || self.create_parent.iter().any(|c| *c)
+            || self.create_own.iter().any(|c| *c)
+    }
+
+    fn is_empty(&self) -> bool {
+        !self.creates()
+            && self.own.iter().all(ChainPlan::is_empty)
+            && self.jumps.iter().all(ChainPlan::is_empty)
+    }
+
+    /// Every handle the plan refers to is known (a rule added by the last
+    /// batch has none until the chain is read again).
+    fn handles_known(&self, state: &IptState) -> bool {
+        (0..3).all(|i| {
+            self.own[i]
+                .referenced()
+                .all(|j| state.own[i][j].handle.is_some())
+                && self.jumps[i]
+                    .referenced()
+                    .all(|j| state.parents[i][j].handle.is_some())
+        })
+    }
+
+    /// The state after this plan commits: inserted rules without handles.
+    fn after(&self, state: &IptState) -> IptState {
+        IptState {
+            nat_exists: true,
+            filter_exists: true,
+            parent_exists: [true; 3],
+            own_exists: [true; 3],
+            parents: std::array::from_fn(|i| {
+                apply_plan(&state.parents[i], &self.jumps[i], |_| Slot {
+                    handle: None,
+                    rule: ParentRule::Jump { exact: true },
+                })
+            }),
+            own: std::array::from_fn(|i| {
+                apply_plan(&state.own[i], &self.own[i], |r| Slot {
+                    handle: None,
+                    rule: Some(r.clone()),
+                })
+            }),
+        }
+    }
+}
+
+/// The rule's `-A ...` line in the view's syntax.
+fn line(rule: &AgentRule, place: Place, n: &Names) -> String {
+    match rule {
+        AgentRule::Return(i) => {
+            let (net, len) = INTERNAL_NETWORKS[*i];
+            view::ipt_internal_return(n, net, len)
+        }
+        AgentRule::Snat(s) => view::ipt_snat(n, s),
+        AgentRule::Dnat(m) => view::ipt_dnat(n, m),
+        AgentRule::Forward(f) => view::ipt_forward(n, f),
+        AgentRule::Jump(target) => view::ipt_jump(n, place.parent(), target),
+    }
+}
+
+/// `-A CHAIN spec` → `<head> spec` (e.g. `-D CHAIN spec`, `-I CHAIN 3 spec`).
+fn respec(line: &str, head: &str) -> String {
+    let spec = line.splitn(3, ' ').nth(2).unwrap_or("");
+    format!("{head} {spec}")
+}
+
+/// The iptables flavor's backend.
+pub struct IptablesBackend {
+    names: Names,
+    jumps: JumpPositions,
+    sock: Option<NfSocket>,
+    cache: GenerationCache<IptState>,
+}
+
+impl IptablesBackend {
+    pub fn new(names: Names, jumps: JumpPositions) -> IptablesBackend {
+        IptablesBackend {
+            names,
+            jumps,
+            sock: None,
+            cache: GenerationCache::default(),
+        }
+    }
+
+    /// Changes the jump positions (the next apply moves the jumps).
+    pub fn set_jump_positions(&mut self, jumps: JumpPositions) {
+        self.jumps = jumps;
+    }
+
+    fn sock(&mut self) -> Result<&mut NfSocket, NetlinkError> {
+        if self.sock.is_none() {
+            self.sock = Some(NfSocket::open()?);
+        }
+        Ok(self.sock.as_mut().expect("socket just opened"))
+    }
+
+    fn exists(&mut self, msg: u32, attrs: &Attrs) -> Result<bool, NetlinkError> {
+        Ok(self.sock()?.get(msg, AF_INET, attrs)?.is_some())
+    }
+
+    fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, NetlinkError> {
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_CHAIN_TABLE, table)
+            .str(sys::NFTA_CHAIN_NAME, chain);
+        self.exists(sys::NFT_MSG_GETCHAIN, &a)
+    }
+
+    /// The rules of one chain, in order: (handle, expressions).
+    fn dump_chain(
+        &mut self,
+        table: &str,
+        chain: &str,
+    ) -> Result<Vec<(u64, Vec<rules::Expr>)>, NetlinkError> {
+        let mut f = Attrs::new();
+        f.str(sys::NFTA_RULE_TABLE, table)
+            .str(sys::NFTA_RULE_CHAIN, chain);
+        let msgs = self.sock()?.dump(sys::NFT_MSG_GETRULE, AF_INET, &f)?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            if attr_str(&m, sys::NFTA_RULE_CHAIN).as_deref() != Some(chain) {
+                continue;
+            }
+            let handle = attr_be64(&m, sys::NFTA_RULE_HANDLE).ok_or_else(|| {
+                NetlinkError::Malformed(format!("rule in {chain} without handle"))
+            })?;
+            let exprs = parse_exprs(find_attr(&m, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]));
+            out.push((handle, exprs));
+        }
+        Ok(out)
+    }
+
+    /// Reads the agent's chains and the parent chains back from the kernel.
+    pub fn read_state(&mut self) -> Result<IptState, NetlinkError> {
+        let mut st = IptState::default();
+        for (table, exists) in [(NAT, &mut st.nat_exists), (FILTER, &mut st.filter_exists)] {
+            let mut a = Attrs::new();
+            a.str(sys::NFTA_TABLE_NAME, table);
+            *exists = self.exists(sys::NFT_MSG_GETTABLE, &a)?;
+        }
+        let names = self.names.clone();
+        for place in PLACES {
+            let i = place.index();
+            if !st.table_exists(place.table()) {
+                continue;
+            }
+            let own = place.own(&names);
+            st.parent_exists[i] = self.chain_exists(place.table(), place.parent())?;
+            st.own_exists[i] = self.chain_exists(place.table(), own)?;
+            if st.parent_exists[i] {
+                st.parents[i] = self
+                    .dump_chain(place.table(), place.parent())?
+                    .into_iter()
+                    .map(|(handle, exprs)| {
+                        let rule = if jump_target(&exprs) == Some(own) {
+                            ParentRule::Jump {
+                                exact: decode(&exprs, &names)
+                                    == Some(AgentRule::Jump(own.to_string())),
+                            }
+                        } else {
+                            ParentRule::Foreign
+                        };
+                        Slot {
+                            handle: Some(handle),
+                            rule,
+                        }
+                    })
+                    .collect();
+            }
+            if st.own_exists[i] {
+                st.own[i] = self
+                    .dump_chain(place.table(), own)?
+                    .into_iter()
+                    .map(|(handle, exprs)| Slot {
+                        handle: Some(handle),
+                        rule: decode(&exprs, &names),
+                    })
+                    .collect();
+            }
+        }
+        Ok(st)
+    }
+
+    fn add_rule(
+        &self,
+        batch: &mut NftBatch,
+        place: Place,
+        chain: &str,
+        rule: &AgentRule,
+        anchor: Option<u64>,
+    ) {
+        let flags = if anchor.is_some() {
+            libc::NLM_F_CREATE
+        } else {
+            libc::NLM_F_CREATE | libc::NLM_F_APPEND
+        };
+        let a = rule_attrs(place.table(), chain, anchor, rule, &self.names);
+        batch.add(
+            NftMsg::new(sys::NFT_MSG_NEWRULE, flags as u32, a),
+            format!("add rule {}", line(rule, place, &self.names)),
+        );
+    }
+
+    fn delete_rule(&self, batch: &mut NftBatch, place: Place, chain: &str, handle: u64) {
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_RULE_TABLE, place.table())
+            .str(sys::NFTA_RULE_CHAIN, chain)
+            .be64(sys::NFTA_RULE_HANDLE, handle);
+        batch.add(
+            NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
+            format!(
+                "delete rule handle {handle} in chain {chain} of table ip {}",
+                place.table()
+            ),
+        );
+    }
+
+    /// Encodes `changes` (whose handles are all known) into one batch:
+    /// tables and chains first, then each chain's deletes and inserts, the
+    /// jumps last (they need the agent's chains).
+    fn build(&self, state: &IptState, changes: &Changes) -> NftBatch {
+        let mut batch = NftBatch::new();
+        let nat = Table::new(ProtocolFamily::Ipv4).with_name(NAT);
+        let filter = Table::new(ProtocolFamily::Ipv4).with_name(FILTER);
+        for (create, table, name) in [
+            (changes.create_nat, &nat, NAT),
+            (changes.create_filter, &filter, FILTER),
+        ] {
+            if create {
+                batch.add_table(table, MsgType::Add, format!("add table ip {name}"));
+            }
+        }
+        for place in PLACES {
+            let i = place.index();
+            let table = if place.table() == NAT { &nat } else { &filter };
+            if changes.create_parent[i] {
+                batch.add_chain(
+                    &place.base_chain(table),
+                    MsgType::Add,
+                    format!("add chain {} to table ip {}", place.parent(), place.table()),
+                );
+            }
+            let own = place.own(&self.names);
+            if changes.create_own[i] {
+                batch.add_chain(
+                    &Chain::new(table).with_name(own),
+                    MsgType::Add,
+                    format!("add chain {own} to table ip {}", place.table()),
+                );
+            }
+        }
+        for place in PLACES {
+            let i = place.index();
+            let own = place.own(&self.names);
+            let plan = &changes.own[i];
+            let handle = |j: usize| state.own[i][j].handle.expect("handles checked");
+            for &j in &plan.delete {
+                self.delete_rule(&mut batch, place, own, handle(j));
+            }
+            for (rule, anchor) in &plan.insert {
+                let pos = match anchor {
+                    Anchor::Before(j) => Some(handle(*j)),
+                    Anchor::Append => None,
+                };
+                self.add_rule(&mut batch, place, own, rule, pos);
+            }
+        }
+        for place in PLACES {
+            let i = place.index();
+            let plan = &changes.jumps[i];
+            let handle = |j: usize| state.parents[i][j].handle.expect("handles checked");
+            for &j in &plan.delete {
+                self.delete_rule(&mut batch, place, place.parent(), handle(j));
+            }
+            let jump = AgentRule::Jump(place.own(&self.names).to_string());
+            for (_, anchor) in &plan.insert {
+                let pos = match anchor {
+                    Anchor::Before(j) => Some(handle(*j)),
+                    Anchor::Append => None,
+                };
+                self.add_rule(&mut batch, place, place.parent(), &jump, pos);
+            }
+        }
+        batch
+    }
+
+    /// The kernel state to plan against for `generation`: the cache when
+    /// nobody else committed since, unless the plan would need handles it
+    /// does not know.
+    fn state_for(
+        &mut self,
+        generation: u32,
+        desired: &RuleSet,
+        report: &mut ApplyReport,
+    ) -> Result<(IptState, Changes), NetlinkError> {
+        if let Some(s) = self.cache.get(generation) {
+            let changes = Changes::plan(s, desired, &self.jumps);
+            if changes.handles_known(s) {
+                report.cache_hit = true;
+                return Ok((s.clone(), changes));
+            }
+        }
+        report.cache_hit = false;
+        let s = self.read_state()?;
+        let changes = Changes::plan(&s, desired, &self.jumps);
+        Ok((s, changes))
+    }
+
+    /// Reads the kernel and encodes the batch `apply` would send, without
+    /// sending it (for benchmarks that time the kernel's part alone).
+    pub fn prepare(&mut self, desired: &RuleSet) -> Result<Option<FinalBatch>, FirewallError> {
+        let desired = canonical(desired);
+        let generation = self.sock()?.generation()?;
+        let state = self.read_state()?;
+        let changes = Changes::plan(&state, &desired, &self.jumps);
+        let batch = self.build(&state, &changes);
+        Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
+    }
+
+    pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
+        self.cache.clear();
+        Ok(self.sock()?.send_batch(batch)?)
+    }
+
+    /// `-D` lines for a plan's deletes, last rule first so that rule numbers
+    /// stay valid; by rule number where the spec would be ambiguous (an
+    /// identical rule earlier in the chain) or is not the agent's encoding.
+    /// `specs`: each current rule's `-A` line, if it is the agent's.
+    fn delete_lines<T>(
+        out: &mut String,
+        chain: &str,
+        plan: &ChainPlan<T>,
+        specs: &[Option<String>],
+    ) {
+        let mut first = std::collections::HashMap::new();
+        for (k, s) in specs.iter().enumerate() {
+            if let Some(s) = s {
+                first.entry(s.as_str()).or_insert(k);
+            }
+        }
+        let mut del = plan.delete.clone();
+        del.sort_unstable();
+        for &j in del.iter().rev() {
+            match &specs[j] {
+                Some(s) if first.get(s.as_str()) == Some(&j) => {
+                    let _ = writeln!(out, "{}", respec(s, &format!("-D {chain}")));
+                }
+                _ => {
+                    let _ = writeln!(out, "-D {chain} {}", j + 1);
+                }
+            }
+        }
+    }
+
+    /// The changes as iptables-restore input (`--noflush`): per table,
+    /// `-N` for missing chains, `-D` for deletes, `-I`/`-A` for inserts.
+    fn render(&self, state: &IptState, changes: &Changes) -> String {
+        let n = &self.names;
+        let mut out = String::new();
+        for table in [NAT, FILTER] {
+            let mut t = String::new();
+            for place in PLACES.iter().filter(|p| p.table() == table) {
+                if changes.create_own[place.index()] {
+                    let _ = writeln!(t, "-N {}", place.own(n));
+                }
+            }
+            for place in PLACES.iter().copied().filter(|p| p.table() == table) {
+                let i = place.index();
+                let own = place.own(n);
+                let plan = &changes.own[i];
+                let specs: Vec<Option<String>> = state.own[i]
+                    .iter()
+                    .map(|s| s.rule.as_ref().map(|r| line(r, place, n)))
+                    .collect();
+                Self::delete_lines(&mut t, own, plan, &specs);
+                let after = apply_plan(&state.own[i], plan, |r| Slot {
+                    handle: None,
+                    rule: Some(r.clone()),
+                });
+                for (rule, anchor) in &plan.insert {
+                    let l = line(rule, place, n);
+                    match anchor {
+                        Anchor::Append => {
+                            let _ = writeln!(t, "{l}");
+                        }
+                        Anchor::Before(_) => {
+                            let k = after
+                                .iter()
+                                .position(|s| s.rule.as_ref() == Some(rule))
+                                .map_or(1, |k| k + 1);
+                            let _ = writeln!(t, "{}", respec(&l, &format!("-I {own} {k}")));
+                        }
+                    }
+                }
+            }
+            for place in PLACES.iter().copied().filter(|p| p.table() == table) {
+                let i = place.index();
+                let plan = &changes.jumps[i];
+                let jump = AgentRule::Jump(place.own(n).to_string());
+                let jump_line = line(&jump, place, n);
+                let specs: Vec<Option<String>> = state.parents[i]
+                    .iter()
+                    .map(|s| {
+                        (s.rule == ParentRule::Jump { exact: true }).then(|| jump_line.clone())
+                    })
+                    .collect();
+                Self::delete_lines(&mut t, place.parent(), plan, &specs);
+                for (_, anchor) in &plan.insert {
+                    match anchor {
+                        Anchor::Append => {
+                            let _ = writeln!(t, "{jump_line}");
+                        }
+                        Anchor::Before(_) => {
+                            let others = state.parents[i]
+                                .iter()
+                                .filter(|s| s.rule == ParentRule::Foreign)
+                                .count();
+                            let p = position::jump_position(place.requested(&self.jumps), others);
+                            let head = format!("-I {} {p}", place.parent());
+                            let _ = writeln!(t, "{}", respec(&jump_line, &head));
+                        }
+                    }
+                }
+            }
+            if !t.is_empty() {
+                let _ = write!(out, "*{table}\n{t}COMMIT\n");
+            }
+        }
+        out
+    }
+}
+
+impl Backend for IptablesBackend {
+    fn name(&self) -> &'static str {
+        "iptables"
+    }
+
+    fn read(&mut self) -> Result<RuleSet, FirewallError> {
+        Ok(self.read_state()?.rules())
+    }
+
+    fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError> {
+        let desired = canonical(desired);
+        let mut report = ApplyReport::default();
+        for attempt in 0..=super::MAX_RETRIES {
+            let generation = self.sock()?.generation()?;
+            let (state, changes) = self.state_for(generation, &desired, &mut report)?;
+            if changes.is_empty() {
+                self.cache.set(generation, state);
+                return Ok(report);
+            }
+            let batch = self.build(&state, &changes);
+            report.rebuilt = changes.creates();
+            report.messages = batch.len();
+            report.bytes = batch.byte_len();
+            let (added, removed) = diff(&state.rules().dnat, &desired.dnat);
+            report.added_dnat = added;
+            report.removed_dnat = removed;
+            match self.sock()?.send_batch(batch.finalize(Some(generation))) {
+                Ok(()) => {
+                    let after = self.sock()?.generation()?;
+                    // Only our commit happened in between: the chains are known
+                    // (but for the handles of what was just added).
+                    if after == generation.wrapping_add(1) {
+                        self.cache.set(after, changes.after(&state));
+                    } else {
+                        self.cache.clear();
+                    }
+                    super::flush_stale_udp(&mut report);
+                    return Ok(report);
+                }
+                Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {
+                    report.retries += 1;
+                    self.cache.clear();
+                    tracing::debug!(
+                        attempt,
+                        "ruleset changed under the batch; re-reading and retrying"
+                    );
+                }
+                Err(e) => {
+                    self.cache.clear();
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(FirewallError::TooManyRetries(super::MAX_RETRIES))
+    }
+
+    fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError> {
+        let desired = canonical(desired);
+        let state = if assume_empty {
+            IptState::default()
+        } else {
+            self.read_state()?
+        };
+        let changes = Changes::plan(&state, &desired, &self.jumps);
+        Ok(self.render(&state, &changes))
+    }
+
+    fn cleanup(&mut self) -> Result<bool, FirewallError> {
+        self.cache.clear();
+        let names = self.names.clone();
+        for attempt in 0..=super::MAX_RETRIES {
+            let generation = self.sock()?.generation()?;
+            let state = self.read_state()?;
+            if !state.anything() {
+                return Ok(false);
+            }
+            let mut batch = NftBatch::new();
+            // Jumps first (a chain still referenced cannot be deleted), from
+            // wherever they are in the two tables.
+            for table in [NAT, FILTER] {
+                if !state.table_exists(table) {
+                    continue;
+                }
+                let mut f = Attrs::new();
+                f.str(sys::NFTA_RULE_TABLE, table);
+                let own: Vec<&str> = PLACES
+                    .iter()
+                    .filter(|p| p.table() == table)
+                    .map(|p| p.own(&names))
+                    .collect();
+                for m in self.sock()?.dump(sys::NFT_MSG_GETRULE, AF_INET, &f)? {
+                    let chain = attr_str(&m, sys::NFTA_RULE_CHAIN).unwrap_or_default();
+                    let exprs =
+                        parse_exprs(find_attr(&m, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]));
+                    let (Some(target), Some(handle)) =
+                        (jump_target(&exprs), attr_be64(&m, sys::NFTA_RULE_HANDLE))
+                    else {
+                        continue;
+                    };
+                    if own.contains(&target) && !own.contains(&chain.as_str()) {
+                        let mut a = Attrs::new();
+                        a.str(sys::NFTA_RULE_TABLE, table)
+                            .str(sys::NFTA_RULE_CHAIN, &chain)
+                            .be64(sys::NFTA_RULE_HANDLE, handle);
+                        batch.add(
+                            NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
+                            format!("delete the jump to {target} in chain {chain}"),
+                        );
+                    }
+                }
+            }
+            for place in PLACES {
+                if !state.own_exists[place.index()] {
+                    continue;
+                }
+                let own = place.own(&names);
+                let mut a = Attrs::new();
+                a.str(sys::NFTA_RULE_TABLE, place.table())
+                    .str(sys::NFTA_RULE_CHAIN, own);
+                batch.add(
+                    NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
+                    format!("flush chain {own} in table ip {}", place.table()),
+                );
+                let mut a = Attrs::new();
+                a.str(sys::NFTA_CHAIN_TABLE, place.table())
+                    .str(sys::NFTA_CHAIN_NAME, own);
+                batch.add(
+                    NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a),
+                    format!("delete chain {own} in table ip {}", place.table()),
+                );
+            }
+            match self.sock()?.send_batch(batch.finalize(Some(generation))) {
+                Ok(()) => return Ok(true),
+                Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FirewallError::TooManyRetries(super::MAX_RETRIES))
+    }
+
+    fn view(&self, rules: &RuleSet) -> String {
+        view::iptables_save(&canonical(rules), &self.names)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule};
+    use std::net::Ipv4Addr;
+
+    fn mail() -> RuleSet {
+        let owner = PodRef::new("mail", "mx-0");
+        let public_ip = Ipv4Addr::new(203, 0, 113, 7);
+        let pod_ip = Ipv4Addr::new(10, 1, 0, 5);
+        let mut r = RuleSet::default();
+        for port in [25, 587] {
+            r.dnat.push(Mapping {
+                key: NatKey {
+                    public_ip,
+                    public_port: port,
+                    proto: Proto::Tcp,
+                },
+                pod_ip,
+                pod_port: port,
+                owner: owner.clone(),
+            });
+            r.forward.push(ForwardRule {
+                pod_ip,
+                proto: Proto::Tcp,
+                pod_port: port,
+                owner: owner.clone(),
+            });
+        }
+        r.snat.push(SnatRule {
+            pod_ip,
+            proto: Proto::Tcp,
+            public_ip,
+            owner,
+        });
+        r.normalize();
+        r
+    }
+
+    #[test]
+    fn dry_run_on_an_empty_kernel_creates_everything() {
+        let names = Names::new("podnat");
+        let be = IptablesBackend::new(names.clone(), JumpPositions::default());
+        let state = IptState::default();
+        let changes = Changes::plan(&state, &mail(), &be.jumps);
+        let got = be.render(&state, &changes);
+        let want = r#"*nat
+-N PODNAT_PRE
+-N PODNAT_POST
+-A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 25 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:25
+-A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 587 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:587
+-A PODNAT_POST -d 127.0.0.0/8 -j RETURN
+-A PODNAT_POST -d 10.0.0.0/8 -j RETURN
+-A PODNAT_POST -d 172.16.0.0/12 -j RETURN
+-A PODNAT_POST -d 192.168.0.0/16 -j RETURN
+-A PODNAT_POST -s 10.1.0.5/32 -p tcp -m comment --comment "mail:mx-0" -j SNAT --to-source 203.0.113.7
+-A PREROUTING -m comment --comment "podnat[jump_to_chain]" -j PODNAT_PRE
+-A POSTROUTING -m comment --comment "podnat[jump_to_chain]" -j PODNAT_POST
+COMMIT
+*filter
+-N PODNAT_FORWARD
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 25 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 587 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
+-A FORWARD -m comment --comment "podnat[jump_to_chain]" -j PODNAT_FORWARD
+COMMIT
+"#;
+        assert_eq!(got, want);
+        assert!(changes.creates());
+    }
+
+    #[test]
+    fn the_state_after_a_plan_plans_nothing() {
+        let names = Names::new("podnat");
+        let jumps = JumpPositions::default();
+        let state = IptState::default();
+        let changes = Changes::plan(&state, &mail(), &jumps);
+        let after = changes.after(&state);
+        assert_eq!(after.rules(), mail());
+        let again = Changes::plan(&after, &mail(), &jumps);
+        assert!(again.is_empty());
+        // Removing the first mapping needs its handle, which is unknown.
+        let mut less = mail();
+        less.dnat.remove(0);
+        let c = Changes::plan(&after, &less, &jumps);
+        assert!(!c.handles_known(&after));
+    }
+}

@@ -1,0 +1,342 @@
+//! Where rules go, as pure functions over the order read back from the
+//! kernel: the jump's position in a parent chain (`-iptablesJump`), and the
+//! minimal deletes/inserts that turn one of the agent's chains into its
+//! sorted desired content.
+
+/// The 1-based position of the agent's jump in a parent chain that holds
+/// `others` rules besides it, for the requested position `r`: with
+/// m = others + 1, 0 → 1, 0 < r ≤ m → r, -m ≤ r < 0 → m + r + 1 (-1 is the
+/// last rule), and |r| > m → m, as the Go version's rule-position function.
+pub fn jump_position(r: i32, others: usize) -> usize {
+    let m = others as i64 + 1;
+    let r = i64::from(r);
+    let p = if r == 0 {
+        1
+    } else if r.abs() > m {
+        m
+    } else if r > 0 {
+        r
+    } else {
+        m + r + 1
+    };
+    p as usize
+}
+
+/// Where a new rule goes: immediately before the rule at this index of the
+/// chain as read (NFTA_RULE_POSITION = its handle, no NLM_F_APPEND), or at
+/// the end (NLM_F_APPEND, no position) — iptables-nft's `-I` and `-A`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Anchor {
+    Before(usize),
+    Append,
+}
+
+/// Changes to one chain: indexes (into the chain as read) to delete, then
+/// rules to insert, in this order.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChainPlan<T> {
+    pub delete: Vec<usize>,
+    pub insert: Vec<(T, Anchor)>,
+}
+
+impl<T> ChainPlan<T> {
+    pub fn is_empty(&self) -> bool {
+        self.delete.is_empty() && self.insert.is_empty()
+    }
+
+    /// The indexes whose handles the plan needs (deleted or anchored to).
+    pub fn referenced(&self) -> impl Iterator<Item = usize> + '_ {
+        self.delete
+            .iter()
+            .copied()
+            .chain(self.insert.iter().filter_map(|(_, a)| match a {
+                Anchor::Before(i) => Some(*i),
+                Anchor::Append => None,
+            }))
+    }
+}
+
+/// Plans one of the agent's own chains. `current` is the chain as read
+/// (`None`: a rule that is not exactly one of the agent's encodings),
+/// `desired` is sorted and free of duplicates. Rules that stay keep their
+/// handles; the result is `desired` in order. Undecodable, unwanted and
+/// duplicate rules are deleted, and so is a rule out of order (it is
+/// re-inserted at its place); new rules go before the first kept rule that
+/// sorts after them.
+pub fn plan_chain<T: Ord + Clone>(current: &[Option<T>], desired: &[T]) -> ChainPlan<T> {
+    let mut delete = Vec::new();
+    let mut kept: Vec<(usize, &T)> = Vec::new();
+    for (i, rule) in current.iter().enumerate() {
+        let keep = match rule {
+            Some(r) => {
+                desired.binary_search(r).is_ok() && kept.last().is_none_or(|(_, last)| *last < r)
+            }
+            None => false,
+        };
+        match rule {
+            Some(r) if keep => kept.push((i, r)),
+            _ => delete.push(i),
+        }
+    }
+    let mut insert = Vec::new();
+    for d in desired {
+        // `kept` is sorted: the first kept rule after `d` is the anchor.
+        let at = kept.partition_point(|(_, k)| *k < d);
+        if kept.get(at).is_some_and(|(_, k)| *k == d) {
+            continue;
+        }
+        let anchor = kept
+            .get(at)
+            .map_or(Anchor::Append, |(i, _)| Anchor::Before(*i));
+        insert.push((d.clone(), anchor));
+    }
+    ChainPlan { delete, insert }
+}
+
+/// A rule of a parent chain (PREROUTING, POSTROUTING, FORWARD), as far as
+/// the jump is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ParentRule {
+    /// Anybody else's rule: never touched.
+    Foreign,
+    /// A rule that jumps to the agent's chain; `exact` when it is the
+    /// agent's own encoding (comment, counter, jump).
+    Jump { exact: bool },
+}
+
+/// Plans the jump in a parent chain: exactly one exact jump at
+/// `jump_position(requested, foreign rules)`. A jump already there stays;
+/// other jumps to the agent's chain are deleted; a missing one is inserted
+/// before the foreign rule that must follow it, or appended.
+pub fn plan_jump(current: &[ParentRule], requested: i32) -> ChainPlan<()> {
+    let foreign: Vec<usize> = current
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| **r == ParentRule::Foreign)
+        .map(|(i, _)| i)
+        .collect();
+    let p = jump_position(requested, foreign.len());
+    let mut keep = None;
+    let mut foreign_before = 0;
+    for (i, r) in current.iter().enumerate() {
+        match r {
+            ParentRule::Foreign => foreign_before += 1,
+            ParentRule::Jump { exact: true } if keep.is_none() && foreign_before == p - 1 => {
+                keep = Some(i)
+            }
+            ParentRule::Jump { .. } => {}
+        }
+    }
+    let delete = current
+        .iter()
+        .enumerate()
+        .filter(|(i, r)| matches!(r, ParentRule::Jump { .. }) && Some(*i) != keep)
+        .map(|(i, _)| i)
+        .collect();
+    let insert = if keep.is_some() {
+        Vec::new()
+    } else {
+        let anchor = foreign
+            .get(p - 1)
+            .map_or(Anchor::Append, |i| Anchor::Before(*i));
+        vec![((), anchor)]
+    };
+    ChainPlan { delete, insert }
+}
+
+/// The chain after `plan`, as the kernel orders it: a rule inserted before
+/// an anchor lands right before it (after rules inserted there earlier in
+/// the batch); appended rules go to the end in order. `new` makes the
+/// element for an inserted rule.
+pub fn apply_plan<E: Clone, T>(
+    current: &[E],
+    plan: &ChainPlan<T>,
+    mut new: impl FnMut(&T) -> E,
+) -> Vec<E> {
+    let mut before: std::collections::BTreeMap<usize, Vec<&T>> = Default::default();
+    let mut appended = Vec::new();
+    for (t, a) in &plan.insert {
+        match a {
+            Anchor::Before(i) => before.entry(*i).or_default().push(t),
+            Anchor::Append => appended.push(t),
+        }
+    }
+    let deleted: std::collections::BTreeSet<usize> = plan.delete.iter().copied().collect();
+    let mut out = Vec::with_capacity(current.len() + plan.insert.len());
+    for (i, e) in current.iter().enumerate() {
+        for t in before.get(&i).into_iter().flatten() {
+            out.push(new(t));
+        }
+        if !deleted.contains(&i) {
+            out.push(e.clone());
+        }
+    }
+    for t in appended {
+        out.push(new(t));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn jump_position_follows_the_go_arithmetic() {
+        // Empty chain: m = 1, every request lands at 1.
+        for r in -3..=3 {
+            assert_eq!(jump_position(r, 0), 1, "r={r}");
+        }
+        // Three foreign rules: m = 4.
+        let table = [
+            (0, 1),
+            (1, 1),
+            (2, 2),
+            (4, 4),
+            (5, 4),
+            (-1, 4),
+            (-2, 3),
+            (-4, 1),
+            (-5, 4),
+            (i32::MIN, 4),
+            (i32::MAX, 4),
+        ];
+        for (r, p) in table {
+            assert_eq!(jump_position(r, 3), p, "r={r}");
+        }
+        // The default -2 with one foreign rule: the jump goes first.
+        assert_eq!(jump_position(-2, 1), 1);
+    }
+
+    use ParentRule::{Foreign as F, Jump};
+    const J: ParentRule = Jump { exact: true };
+
+    /// Positions (1-based) of exact jumps after the plan.
+    fn jumps_after(current: &[ParentRule], r: i32) -> (Vec<usize>, ChainPlan<()>) {
+        let plan = plan_jump(current, r);
+        let after = apply_plan(current, &plan, |_| J);
+        let at = after
+            .iter()
+            .enumerate()
+            .filter(|(_, x)| matches!(x, Jump { .. }))
+            .map(|(i, _)| i + 1)
+            .collect();
+        (at, plan)
+    }
+
+    #[test]
+    fn jump_in_place_is_left_alone() {
+        let (at, plan) = jumps_after(&[F, J, F], -2);
+        assert_eq!(at, vec![2]);
+        assert!(plan.is_empty());
+        let (_, plan) = jumps_after(&[J], -2);
+        assert!(plan.is_empty());
+    }
+
+    #[test]
+    fn jump_moves_and_duplicates_go() {
+        let (at, plan) = jumps_after(&[J, F, F], -1);
+        assert_eq!(at, vec![3]);
+        assert_eq!(plan.delete, vec![0]);
+        assert_eq!(plan.insert, vec![((), Anchor::Append)]);
+        // Two jumps, the second already at the right place: only the first goes.
+        let (at, plan) = jumps_after(&[J, F, J, F], 2);
+        assert_eq!(at, vec![2]);
+        assert_eq!(plan.delete, vec![0]);
+        assert!(plan.insert.is_empty());
+        // A jump that is not the agent's encoding is replaced.
+        let (at, plan) = jumps_after(&[F, Jump { exact: false }], -1);
+        assert_eq!(at, vec![2]);
+        assert_eq!(plan.delete, vec![1]);
+        // Insert before the foreign rule that must follow.
+        let (at, plan) = jumps_after(&[F, F, F], 2);
+        assert_eq!(at, vec![2]);
+        assert_eq!(plan.insert, vec![((), Anchor::Before(1))]);
+    }
+
+    #[test]
+    fn chain_plan_keeps_sorted_survivors() {
+        let cur = [Some(1), Some(3), None, Some(5), Some(9)];
+        let plan = plan_chain(&cur, &[1, 2, 5, 6, 10]);
+        assert_eq!(plan.delete, vec![1, 2, 4]);
+        assert_eq!(
+            plan.insert,
+            vec![
+                (2, Anchor::Before(3)),
+                (6, Anchor::Append),
+                (10, Anchor::Append)
+            ]
+        );
+        let after: Vec<i32> = apply_plan(&cur, &plan, |t| Some(*t))
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(after, vec![1, 2, 5, 6, 10]);
+        assert!(plan_chain(&[Some(1), Some(2)], &[1, 2]).is_empty());
+    }
+
+    #[test]
+    fn chain_plan_repairs_order_and_duplicates() {
+        let cur = [Some(2), Some(1), Some(2), Some(3)];
+        let plan = plan_chain(&cur, &[1, 2, 3]);
+        assert_eq!(plan.delete, vec![1, 2]);
+        let after: Vec<i32> = apply_plan(&cur, &plan, |t| Some(*t))
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(after, vec![1, 2, 3]);
+    }
+
+    proptest! {
+        #[test]
+        fn any_chain_becomes_the_desired_one(
+            cur in proptest::collection::vec(proptest::option::of(0u8..12), 0..14),
+            want in proptest::collection::btree_set(0u8..12, 0..10),
+        ) {
+            let want: Vec<u8> = want.into_iter().collect();
+            let plan = plan_chain(&cur, &want);
+            for i in plan.referenced() {
+                prop_assert!(i < cur.len());
+            }
+            // Anchors are never rules the same plan deletes.
+            for (_, a) in &plan.insert {
+                if let Anchor::Before(i) = a {
+                    prop_assert!(!plan.delete.contains(i));
+                }
+            }
+            let after: Vec<Option<u8>> = apply_plan(&cur, &plan, |t| Some(*t));
+            prop_assert_eq!(after.iter().flatten().copied().collect::<Vec<_>>(), want.clone());
+            prop_assert!(after.iter().all(Option::is_some));
+            // Idempotent: planning again changes nothing.
+            prop_assert!(plan_chain(&after, &want).is_empty());
+        }
+
+        #[test]
+        fn any_parent_chain_gets_one_jump_at_its_place(
+            cur in proptest::collection::vec(0u8..4, 0..8),
+            r in -6i32..6,
+        ) {
+            let cur: Vec<ParentRule> = cur
+                .into_iter()
+                .map(|k| match k {
+                    0 | 1 => F,
+                    2 => J,
+                    _ => Jump { exact: false },
+                })
+                .collect();
+            let others = cur.iter().filter(|x| **x == F).count();
+            let plan = plan_jump(&cur, r);
+            let after = apply_plan(&cur, &plan, |_| J);
+            let jumps: Vec<usize> = after
+                .iter()
+                .enumerate()
+                .filter(|(_, x)| matches!(x, Jump { .. }))
+                .map(|(i, _)| i + 1)
+                .collect();
+            prop_assert_eq!(jumps, vec![jump_position(r, others)]);
+            prop_assert_eq!(after.iter().filter(|x| **x == F).count(), others);
+            prop_assert!(plan_jump(&after, r).is_empty());
+        }
+    }
+}

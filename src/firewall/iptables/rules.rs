@@ -1,0 +1,574 @@
+//! The agent's iptables rules as iptables-nft 1.8.9 encodes them (native
+//! meta/payload/cmp for `-p`/`-s`/`-d`/`--dport`, xt-compat `match` and
+//! `target` for the rest, a `counter` in every rule), and back: a rule read
+//! from the kernel is the agent's only if re-encoding what it decodes to
+//! gives the very same expressions.
+
+use std::net::Ipv4Addr;
+
+use super::xt;
+use crate::firewall::encode::{
+    Exprs, BASE_NETWORK, BASE_TRANSPORT, IP_DADDR, IP_SADDR, REG_1, TH_DPORT,
+};
+use crate::firewall::netlink::{attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs};
+use crate::firewall::{comment_for, Names};
+use crate::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule, INTERNAL_NETWORKS};
+
+/// One rule the agent writes. The variant order is the order inside a chain:
+/// in `<PREFIX>_POST` the internal-network returns come before the SNATs.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AgentRule {
+    /// `-d <INTERNAL_NETWORKS[i]> -j RETURN`.
+    Return(usize),
+    Snat(SnatRule),
+    Dnat(Mapping),
+    Forward(ForwardRule),
+    /// `-m comment --comment "<prefix>[jump_to_chain]" -j <chain>`.
+    Jump(String),
+}
+
+/// A rule ready for NFT_MSG_NEWRULE: expressions plus NFTA_RULE_COMPAT proto.
+pub struct Encoded {
+    pub exprs: Exprs,
+    pub compat_proto: u32,
+}
+
+fn xt(e: &mut Exprs, expr: &'static str, name: &str, rev: u32, info: &[u8]) {
+    e.raw(expr, |d| {
+        d.str(xt::NFTA_XT_NAME, name)
+            .be32(xt::NFTA_XT_REV, rev)
+            .bytes(xt::NFTA_XT_INFO, info);
+    });
+}
+
+fn proto(e: &mut Exprs, p: Proto) {
+    e.meta_l4proto(REG_1).cmp_eq(REG_1, &[p.number()]);
+}
+
+fn host(e: &mut Exprs, offset: u32, ip: Ipv4Addr) {
+    e.payload(REG_1, BASE_NETWORK, offset, 4)
+        .cmp_eq(REG_1, &ip.octets());
+}
+
+fn dport(e: &mut Exprs, port: u16) {
+    e.payload(REG_1, BASE_TRANSPORT, TH_DPORT, 2)
+        .cmp_eq(REG_1, &port.to_be_bytes());
+}
+
+fn comment(e: &mut Exprs, c: &str) {
+    xt(e, "match", "comment", xt::COMMENT_REV, &xt::comment_info(c));
+}
+
+/// Encodes `rule` in iptables-nft's expression order: protocol, addresses,
+/// then the matches as the view lists them, counter, verdict or target.
+pub fn encode(rule: &AgentRule, names: &Names) -> Encoded {
+    let mut e = Exprs::new();
+    let mut compat_proto = 0;
+    match rule {
+        AgentRule::Return(i) => {
+            let (net, len) = INTERNAL_NETWORKS[*i];
+            e.ip_prefix(IP_DADDR, net, len).counter().ret();
+        }
+        AgentRule::Snat(s) => {
+            compat_proto = s.proto.number() as u32;
+            proto(&mut e, s.proto);
+            host(&mut e, IP_SADDR, s.pod_ip);
+            comment(&mut e, &comment_for(&s.owner));
+            e.counter();
+            xt(
+                &mut e,
+                "target",
+                "SNAT",
+                xt::SNAT_REV,
+                &xt::snat_compat(s.public_ip),
+            );
+        }
+        AgentRule::Dnat(m) => {
+            compat_proto = m.key.proto.number() as u32;
+            proto(&mut e, m.key.proto);
+            host(&mut e, IP_DADDR, m.key.public_ip);
+            dport(&mut e, m.key.public_port);
+            comment(&mut e, &comment_for(&m.owner));
+            e.counter();
+            xt(
+                &mut e,
+                "target",
+                "DNAT",
+                xt::DNAT_REV,
+                &xt::dnat_range2(m.pod_ip, m.pod_port),
+            );
+        }
+        AgentRule::Forward(f) => {
+            compat_proto = f.proto.number() as u32;
+            proto(&mut e, f.proto);
+            host(&mut e, IP_DADDR, f.pod_ip);
+            dport(&mut e, f.pod_port);
+            xt(
+                &mut e,
+                "match",
+                "conntrack",
+                xt::CONNTRACK_REV,
+                &xt::conntrack_state_new(),
+            );
+            comment(&mut e, &comment_for(&f.owner));
+            e.counter().accept();
+        }
+        AgentRule::Jump(chain) => {
+            comment(&mut e, &names.jump_comment);
+            e.counter().jump(chain);
+        }
+    }
+    Encoded {
+        exprs: e,
+        compat_proto,
+    }
+}
+
+/// The NEWRULE attributes for `rule` in `table`/`chain`, optionally placed
+/// relative to the rule with handle `position` (NFTA_RULE_POSITION), in the
+/// attribute order iptables-nft writes.
+pub fn rule_attrs(
+    table: &str,
+    chain: &str,
+    position: Option<u64>,
+    rule: &AgentRule,
+    names: &Names,
+) -> Attrs {
+    let enc = encode(rule, names);
+    let mut a = Attrs::new();
+    a.str(sys::NFTA_RULE_TABLE, table)
+        .str(sys::NFTA_RULE_CHAIN, chain);
+    if let Some(h) = position {
+        a.be64(sys::NFTA_RULE_POSITION, h);
+    }
+    a.nest(sys::NFTA_RULE_EXPRESSIONS, |l| {
+        *l = enc.exprs.attrs().clone()
+    })
+    .nest(sys::NFTA_RULE_COMPAT, |c| {
+        c.be32(sys::NFTA_RULE_COMPAT_PROTO, enc.compat_proto)
+            .be32(sys::NFTA_RULE_COMPAT_FLAGS, 0);
+    });
+    a
+}
+
+/// An expression reduced to what the agent's encoding determines: counter
+/// values, and attributes newer kernels add to their dumps (e.g. the
+/// bitwise operation, 0 = mask/xor), are left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expr {
+    Meta {
+        key: u32,
+        dreg: u32,
+    },
+    Cmp {
+        sreg: u32,
+        op: u32,
+        data: Vec<u8>,
+    },
+    Payload {
+        dreg: u32,
+        base: u32,
+        offset: u32,
+        len: u32,
+    },
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        len: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+        op: u32,
+    },
+    Xt {
+        kind: String,
+        name: String,
+        rev: u32,
+        info: Vec<u8>,
+    },
+    Counter,
+    Verdict {
+        code: i32,
+        chain: Option<String>,
+    },
+    Other(String),
+}
+
+fn data_value(a: &[u8], ty: u16) -> Vec<u8> {
+    find_attr(a, ty)
+        .and_then(|d| find_attr(d, sys::NFTA_DATA_VALUE))
+        .map(<[u8]>::to_vec)
+        .unwrap_or_default()
+}
+
+fn parse_expr(e: &[u8]) -> Expr {
+    let name = attr_str(e, sys::NFTA_EXPR_NAME).unwrap_or_default();
+    let d = find_attr(e, sys::NFTA_EXPR_DATA).unwrap_or(&[]);
+    let u = |ty: u16| attr_be32(d, ty).unwrap_or(u32::MAX);
+    match name.as_str() {
+        "meta" => Expr::Meta {
+            key: u(sys::NFTA_META_KEY),
+            dreg: u(sys::NFTA_META_DREG),
+        },
+        "cmp" => Expr::Cmp {
+            sreg: u(sys::NFTA_CMP_SREG),
+            op: u(sys::NFTA_CMP_OP),
+            data: data_value(d, sys::NFTA_CMP_DATA),
+        },
+        "payload" => Expr::Payload {
+            dreg: u(sys::NFTA_PAYLOAD_DREG),
+            base: u(sys::NFTA_PAYLOAD_BASE),
+            offset: u(sys::NFTA_PAYLOAD_OFFSET),
+            len: u(sys::NFTA_PAYLOAD_LEN),
+        },
+        "bitwise" => Expr::Bitwise {
+            sreg: u(sys::NFTA_BITWISE_SREG),
+            dreg: u(sys::NFTA_BITWISE_DREG),
+            len: u(sys::NFTA_BITWISE_LEN),
+            mask: data_value(d, sys::NFTA_BITWISE_MASK),
+            xor: data_value(d, sys::NFTA_BITWISE_XOR),
+            op: attr_be32(d, sys::NFTA_BITWISE_OP).unwrap_or(0),
+        },
+        "match" | "target" => Expr::Xt {
+            kind: name.clone(),
+            name: attr_str(d, xt::NFTA_XT_NAME).unwrap_or_default(),
+            rev: u(xt::NFTA_XT_REV),
+            info: find_attr(d, xt::NFTA_XT_INFO)
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
+        },
+        "counter" => Expr::Counter,
+        "immediate" if u(sys::NFTA_IMMEDIATE_DREG) == sys::NFT_REG_VERDICT => {
+            let v = find_attr(d, sys::NFTA_IMMEDIATE_DATA)
+                .and_then(|x| find_attr(x, sys::NFTA_DATA_VERDICT))
+                .unwrap_or(&[]);
+            Expr::Verdict {
+                code: attr_be32(v, sys::NFTA_VERDICT_CODE).unwrap_or(0) as i32,
+                chain: attr_str(v, sys::NFTA_VERDICT_CHAIN),
+            }
+        }
+        _ => Expr::Other(name),
+    }
+}
+
+/// The expressions of NFTA_RULE_EXPRESSIONS, reduced.
+pub fn parse_exprs(list: &[u8]) -> Vec<Expr> {
+    parse_attrs(list).map(|(_, e)| parse_expr(e)).collect()
+}
+
+/// The chain a rule jumps or goes to, if its verdict does either: how a
+/// parent chain's rule is recognized as a jump to one of the agent's chains,
+/// whatever else it matches.
+pub fn jump_target(exprs: &[Expr]) -> Option<&str> {
+    exprs.iter().rev().find_map(|e| match e {
+        Expr::Verdict { code, chain } if *code == sys::NFT_JUMP || *code == sys::NFT_GOTO => {
+            chain.as_deref()
+        }
+        _ => None,
+    })
+}
+
+/// The fields a rule of the agent's can carry, collected loosely; `decode`
+/// then insists on the exact encoding.
+#[derive(Default)]
+struct Fields {
+    proto: Option<Proto>,
+    saddr: Option<Ipv4Addr>,
+    daddr: Option<Ipv4Addr>,
+    dport: Option<u16>,
+    comment: Option<String>,
+    dnat: Option<(Ipv4Addr, u16)>,
+    snat: Option<Ipv4Addr>,
+    verdict: Option<(i32, Option<String>)>,
+}
+
+fn collect(exprs: &[Expr]) -> Fields {
+    let mut f = Fields::default();
+    let mut last_load: Option<&Expr> = None;
+    for e in exprs {
+        match e {
+            Expr::Meta { .. } | Expr::Payload { .. } => last_load = Some(e),
+            Expr::Cmp { data, .. } => {
+                match last_load {
+                    Some(Expr::Meta { key, .. }) if *key == sys::NFT_META_L4PROTO => {
+                        f.proto = data.first().and_then(|&n| Proto::from_number(n));
+                    }
+                    Some(Expr::Payload {
+                        base,
+                        offset,
+                        len: 4,
+                        ..
+                    }) if *base == BASE_NETWORK => {
+                        let ip = <[u8; 4]>::try_from(data.as_slice())
+                            .ok()
+                            .map(Ipv4Addr::from);
+                        if *offset == IP_SADDR {
+                            f.saddr = ip;
+                        } else if *offset == IP_DADDR {
+                            f.daddr = ip;
+                        }
+                    }
+                    Some(Expr::Payload {
+                        base,
+                        offset,
+                        len: 2,
+                        ..
+                    }) if *base == BASE_TRANSPORT && *offset == TH_DPORT => {
+                        f.dport = <[u8; 2]>::try_from(data.as_slice())
+                            .ok()
+                            .map(u16::from_be_bytes);
+                    }
+                    _ => {}
+                }
+                last_load = None;
+            }
+            Expr::Xt {
+                kind, name, info, ..
+            } => match (kind.as_str(), name.as_str()) {
+                ("match", "comment") => f.comment = xt::parse_comment_info(info),
+                ("target", "DNAT") => f.dnat = xt::parse_dnat_range2(info),
+                ("target", "SNAT") => f.snat = xt::parse_snat_compat(info),
+                _ => {}
+            },
+            Expr::Verdict { code, chain } => f.verdict = Some((*code, chain.clone())),
+            _ => {}
+        }
+    }
+    f
+}
+
+/// Decodes a rule of the agent's; `None` for anything that is not exactly
+/// one of its encodings (such a rule in its chains is deleted).
+pub fn decode(exprs: &[Expr], names: &Names) -> Option<AgentRule> {
+    let f = collect(exprs);
+    let owner = || f.comment.as_deref().and_then(PodRef::from_comment);
+    let candidates: Vec<AgentRule> = match (&f.dnat, &f.snat, &f.verdict) {
+        (Some((pod_ip, pod_port)), None, None) => vec![AgentRule::Dnat(Mapping {
+            key: NatKey {
+                public_ip: f.daddr?,
+                public_port: f.dport?,
+                proto: f.proto?,
+            },
+            pod_ip: *pod_ip,
+            pod_port: *pod_port,
+            owner: owner()?,
+        })],
+        (None, Some(public_ip), None) => vec![AgentRule::Snat(SnatRule {
+            pod_ip: f.saddr?,
+            proto: f.proto?,
+            public_ip: *public_ip,
+            owner: owner()?,
+        })],
+        (None, None, Some((code, None))) if *code == libc::NF_ACCEPT => {
+            vec![AgentRule::Forward(ForwardRule {
+                pod_ip: f.daddr?,
+                proto: f.proto?,
+                pod_port: f.dport?,
+                owner: owner()?,
+            })]
+        }
+        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => (0..INTERNAL_NETWORKS
+            .len())
+            .map(AgentRule::Return)
+            .collect(),
+        (None, None, Some((code, Some(chain)))) if *code == sys::NFT_JUMP => {
+            vec![AgentRule::Jump(chain.clone())]
+        }
+        _ => return None,
+    };
+    candidates
+        .into_iter()
+        .find(|r| parse_exprs(encode(r, names).exprs.attrs().as_bytes()) == exprs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::firewall::iptables::xt::tests::observed;
+
+    fn owner(s: &str) -> PodRef {
+        PodRef::from_comment(s).unwrap()
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    /// The rules of the captured iptables-nft commands, as the agent names them.
+    fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
+        let dnat = |public_port, proto, pod: &str, pod_port, o: &str| {
+            AgentRule::Dnat(Mapping {
+                key: NatKey {
+                    public_ip: ip("203.0.113.7"),
+                    public_port,
+                    proto,
+                },
+                pod_ip: ip(pod),
+                pod_port,
+                owner: owner(o),
+            })
+        };
+        vec![
+            (
+                "jump_pre",
+                "nat",
+                "PREROUTING",
+                AgentRule::Jump("PODNAT_PRE".into()),
+            ),
+            (
+                "jump_fwd",
+                "filter",
+                "FORWARD",
+                AgentRule::Jump("PODNAT_FORWARD".into()),
+            ),
+            (
+                "dnat_tcp",
+                "nat",
+                "PODNAT_PRE",
+                dnat(25, Proto::Tcp, "10.1.0.5", 25, "mail:mx-0"),
+            ),
+            (
+                "dnat_udp",
+                "nat",
+                "PODNAT_PRE",
+                dnat(5353, Proto::Udp, "10.1.1.5", 53, "dns:resolver-1"),
+            ),
+            (
+                "snat_tcp",
+                "nat",
+                "PODNAT_POST",
+                AgentRule::Snat(SnatRule {
+                    pod_ip: ip("10.1.0.5"),
+                    proto: Proto::Tcp,
+                    public_ip: ip("203.0.113.7"),
+                    owner: owner("mail:mx-0"),
+                }),
+            ),
+            (
+                "snat_udp",
+                "nat",
+                "PODNAT_POST",
+                AgentRule::Snat(SnatRule {
+                    pod_ip: ip("10.1.1.5"),
+                    proto: Proto::Udp,
+                    public_ip: ip("198.51.100.9"),
+                    owner: owner("dns:resolver-1"),
+                }),
+            ),
+            (
+                "fwd_tcp",
+                "filter",
+                "PODNAT_FORWARD",
+                AgentRule::Forward(ForwardRule {
+                    pod_ip: ip("10.1.0.5"),
+                    proto: Proto::Tcp,
+                    pod_port: 25,
+                    owner: owner("mail:mx-0"),
+                }),
+            ),
+            (
+                "fwd_udp",
+                "filter",
+                "PODNAT_FORWARD",
+                AgentRule::Forward(ForwardRule {
+                    pod_ip: ip("10.1.1.5"),
+                    proto: Proto::Udp,
+                    pod_port: 53,
+                    owner: owner("dns:resolver-1"),
+                }),
+            ),
+            ("ret_127", "nat", "PODNAT_POST", AgentRule::Return(0)),
+            ("ret_10", "nat", "PODNAT_POST", AgentRule::Return(1)),
+            ("ret_172", "nat", "PODNAT_POST", AgentRule::Return(2)),
+            ("ret_192", "nat", "PODNAT_POST", AgentRule::Return(3)),
+        ]
+    }
+
+    #[test]
+    fn every_rule_is_byte_identical_to_iptables_nft() {
+        let names = Names::new("podnat");
+        let observed = observed();
+        for (name, table, chain, rule) in agent_rules() {
+            let (_, flags, bytes) = observed.iter().find(|(n, _, _)| n == name).unwrap();
+            // -A: NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND.
+            assert_eq!(*flags, 0xc01, "{name}");
+            let got = rule_attrs(table, chain, None, &rule, &names);
+            assert_eq!(
+                got.as_bytes(),
+                bytes.as_slice(),
+                "{name}: encoding differs from iptables-nft"
+            );
+        }
+    }
+
+    #[test]
+    fn every_observed_rule_decodes_back() {
+        let names = Names::new("podnat");
+        let observed = observed();
+        for (name, _, _, rule) in agent_rules() {
+            let (_, _, bytes) = observed.iter().find(|(n, _, _)| n == name).unwrap();
+            let exprs = parse_exprs(find_attr(bytes, sys::NFTA_RULE_EXPRESSIONS).unwrap());
+            assert_eq!(decode(&exprs, &names), Some(rule), "{name}");
+        }
+    }
+
+    #[test]
+    fn near_misses_are_not_the_agents() {
+        let names = Names::new("podnat");
+        let m = AgentRule::Dnat(Mapping {
+            key: NatKey {
+                public_ip: ip("203.0.113.7"),
+                public_port: 25,
+                proto: Proto::Tcp,
+            },
+            pod_ip: ip("10.1.0.5"),
+            pod_port: 25,
+            owner: owner("mail:mx-0"),
+        });
+        let exprs = parse_exprs(encode(&m, &names).exprs.attrs().as_bytes());
+        assert_eq!(decode(&exprs, &names), Some(m));
+        // Without the counter.
+        let no_counter: Vec<Expr> = exprs
+            .iter()
+            .filter(|e| **e != Expr::Counter)
+            .cloned()
+            .collect();
+        assert_eq!(decode(&no_counter, &names), None);
+        // With an extra expression.
+        let mut extra = exprs.clone();
+        extra.insert(0, Expr::Other("ct".into()));
+        assert_eq!(decode(&extra, &names), None);
+        // A jump with another comment is not the agent's canonical jump.
+        let other = Names::new("other");
+        let j = parse_exprs(
+            encode(&AgentRule::Jump("PODNAT_PRE".into()), &other)
+                .exprs
+                .attrs()
+                .as_bytes(),
+        );
+        assert_eq!(decode(&j, &names), None);
+        assert_eq!(jump_target(&j), Some("PODNAT_PRE"));
+        // An ownerless comment does not decode.
+        let mut bad = exprs;
+        for e in &mut bad {
+            if let Expr::Xt { name, info, .. } = e {
+                if name == "comment" {
+                    *info = xt::comment_info("no-colon");
+                }
+            }
+        }
+        assert_eq!(decode(&bad, &names), None);
+    }
+
+    #[test]
+    fn chain_order_puts_returns_first() {
+        let s = AgentRule::Snat(SnatRule {
+            pod_ip: ip("10.0.0.1"),
+            proto: Proto::Tcp,
+            public_ip: ip("203.0.113.7"),
+            owner: owner("a:b"),
+        });
+        let mut v = vec![s.clone(), AgentRule::Return(3), AgentRule::Return(0)];
+        v.sort();
+        assert_eq!(v, vec![AgentRule::Return(0), AgentRule::Return(3), s]);
+    }
+}

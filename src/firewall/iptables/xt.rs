@@ -1,0 +1,229 @@
+//! Payloads of the xt-compat expressions (`match`, `target`) in the agent's
+//! iptables rules: the kernel uapi structs `xt_comment_info`,
+//! `xt_conntrack_mtinfo3`, `nf_nat_range2` and
+//! `nf_nat_ipv4_multi_range_compat`, written and read byte by byte.
+//!
+//! Hand-written because no maintained crate encodes xt payloads (rustables
+//! has no xt-compat support) and these four fixed-ABI structs are small. The
+//! unit tests compare every byte with what iptables-nft 1.8.9 sends
+//! (`testdata/iptables-nft-1.8.9-newrule.txt`, captured with strace).
+
+use std::net::Ipv4Addr;
+
+/// NFTA_MATCH_* / NFTA_TARGET_* (linux/netfilter/nf_tables_compat.h); the
+/// two expressions number their attributes alike.
+pub const NFTA_XT_NAME: u16 = 1;
+pub const NFTA_XT_REV: u16 = 2;
+pub const NFTA_XT_INFO: u16 = 3;
+
+/// Revisions iptables-nft 1.8.9 uses for these extensions.
+pub const COMMENT_REV: u32 = 0;
+pub const CONNTRACK_REV: u32 = 3;
+pub const DNAT_REV: u32 = 2;
+pub const SNAT_REV: u32 = 0;
+
+/// XT_ALIGN: payload sizes are rounded up to 8 bytes; the kernel checks
+/// NFTA_*_INFO against exactly that length.
+const fn xt_align(n: usize) -> usize {
+    (n + 7) & !7
+}
+
+/// `XT_MAX_COMMENT_LEN`: the comment with its NUL.
+pub const XT_MAX_COMMENT_LEN: usize = 256;
+pub const COMMENT_INFO_LEN: usize = xt_align(XT_MAX_COMMENT_LEN);
+
+/// `struct xt_comment_info { char comment[256]; }`. Longer comments are cut
+/// at a character boundary (iptables refuses them; the agent's are shorter).
+pub fn comment_info(comment: &str) -> Vec<u8> {
+    let mut cut = comment.len().min(XT_MAX_COMMENT_LEN - 1);
+    while !comment.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut info = vec![0u8; COMMENT_INFO_LEN];
+    info[..cut].copy_from_slice(&comment.as_bytes()[..cut]);
+    info
+}
+
+pub fn parse_comment_info(info: &[u8]) -> Option<String> {
+    if info.len() != COMMENT_INFO_LEN {
+        return None;
+    }
+    let end = info.iter().position(|&b| b == 0)?;
+    std::str::from_utf8(&info[..end]).ok().map(str::to_string)
+}
+
+/// sizeof(struct xt_conntrack_mtinfo3): eight 16-byte addresses, two u32,
+/// thirteen u16, padded to 4 → 164; XT_ALIGN → 168.
+pub const CONNTRACK_INFO_LEN: usize = xt_align(164);
+const CT_MATCH_FLAGS: usize = 8 * 16 + 2 * 4 + 5 * 2; // after l4proto and 4 ports
+const CT_STATE_MASK: usize = CT_MATCH_FLAGS + 2 * 2; // after invert_flags
+/// XT_CONNTRACK_STATE (match_flags bit 0).
+const XT_CONNTRACK_STATE: u16 = 1;
+/// XT_CONNTRACK_STATE_BIT(IP_CT_NEW) = 1 << (IP_CT_NEW + 1), IP_CT_NEW = 2.
+const STATE_BIT_NEW: u16 = 1 << 3;
+
+/// `-m conntrack --ctstate NEW`: only match_flags and state_mask are set
+/// (host byte order, like every field of the struct but the ports).
+pub fn conntrack_state_new() -> Vec<u8> {
+    let mut info = vec![0u8; CONNTRACK_INFO_LEN];
+    info[CT_MATCH_FLAGS..CT_MATCH_FLAGS + 2].copy_from_slice(&XT_CONNTRACK_STATE.to_ne_bytes());
+    info[CT_STATE_MASK..CT_STATE_MASK + 2].copy_from_slice(&STATE_BIT_NEW.to_ne_bytes());
+    info
+}
+
+/// NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED (linux/netfilter/nf_nat.h).
+const NF_NAT_RANGE_MAP_IPS: u32 = 1;
+const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
+
+/// sizeof(struct nf_nat_range2) = 4 + 16 + 16 + 2 + 2 + 2 = 42 → 48.
+pub const DNAT_INFO_LEN: usize = xt_align(42);
+const R2_MIN_ADDR: usize = 4;
+const R2_MAX_ADDR: usize = 20;
+const R2_MIN_PROTO: usize = 36;
+const R2_MAX_PROTO: usize = 38;
+
+/// `-j DNAT --to-destination ip:port` (target revision 2): one address and
+/// one port, as min = max.
+pub fn dnat_range2(ip: Ipv4Addr, port: u16) -> Vec<u8> {
+    let mut info = vec![0u8; DNAT_INFO_LEN];
+    info[..4].copy_from_slice(&(NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED).to_ne_bytes());
+    for at in [R2_MIN_ADDR, R2_MAX_ADDR] {
+        info[at..at + 4].copy_from_slice(&ip.octets());
+    }
+    for at in [R2_MIN_PROTO, R2_MAX_PROTO] {
+        info[at..at + 2].copy_from_slice(&port.to_be_bytes());
+    }
+    info
+}
+
+/// The address and port of a `dnat_range2` payload (min side; whether it is
+/// exactly the agent's encoding is checked by re-encoding).
+pub fn parse_dnat_range2(info: &[u8]) -> Option<(Ipv4Addr, u16)> {
+    if info.len() != DNAT_INFO_LEN {
+        return None;
+    }
+    let ip: [u8; 4] = info[R2_MIN_ADDR..R2_MIN_ADDR + 4].try_into().ok()?;
+    let port = u16::from_be_bytes([info[R2_MIN_PROTO], info[R2_MIN_PROTO + 1]]);
+    Some((Ipv4Addr::from(ip), port))
+}
+
+/// sizeof(struct nf_nat_ipv4_multi_range_compat) = 4 + (4 + 4 + 4 + 2 + 2) = 20 → 24.
+pub const SNAT_INFO_LEN: usize = xt_align(20);
+const MR_FLAGS: usize = 4;
+const MR_MIN_IP: usize = 8;
+const MR_MAX_IP: usize = 12;
+
+/// `-j SNAT --to-source ip` (target revision 0): rangesize 1, MAP_IPS,
+/// min_ip = max_ip, no ports.
+pub fn snat_compat(ip: Ipv4Addr) -> Vec<u8> {
+    let mut info = vec![0u8; SNAT_INFO_LEN];
+    info[..4].copy_from_slice(&1u32.to_ne_bytes());
+    info[MR_FLAGS..MR_FLAGS + 4].copy_from_slice(&NF_NAT_RANGE_MAP_IPS.to_ne_bytes());
+    for at in [MR_MIN_IP, MR_MAX_IP] {
+        info[at..at + 4].copy_from_slice(&ip.octets());
+    }
+    info
+}
+
+pub fn parse_snat_compat(info: &[u8]) -> Option<Ipv4Addr> {
+    if info.len() != SNAT_INFO_LEN {
+        return None;
+    }
+    let ip: [u8; 4] = info[MR_MIN_IP..MR_MIN_IP + 4].try_into().ok()?;
+    Some(Ipv4Addr::from(ip))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::firewall::netlink::{find_attr, parse_attrs, sys};
+
+    /// NEWRULE payloads iptables-nft 1.8.9 sent (name, flags, attribute bytes).
+    pub(crate) fn observed() -> Vec<(String, u16, Vec<u8>)> {
+        include_str!("testdata/iptables-nft-1.8.9-newrule.txt")
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let mut it = l.split_whitespace();
+                let name = it.next().unwrap().to_string();
+                let flags = it.next().unwrap().trim_start_matches("flags=0x");
+                let flags = u16::from_str_radix(flags, 16).unwrap();
+                let hex = it.next().unwrap();
+                let bytes = (0..hex.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                    .collect();
+                (name, flags, bytes)
+            })
+            .collect()
+    }
+
+    /// The INFO of the `n`-th xt expression called `expr` ("match"/"target")
+    /// named `xt_name` in an observed rule.
+    fn observed_info(rule: &str, expr: &str, xt_name: &str) -> Vec<u8> {
+        let (_, _, attrs) = observed().into_iter().find(|(n, _, _)| n == rule).unwrap();
+        let exprs = find_attr(&attrs, sys::NFTA_RULE_EXPRESSIONS).unwrap();
+        for (_, e) in parse_attrs(exprs) {
+            let name = crate::firewall::netlink::attr_str(e, sys::NFTA_EXPR_NAME).unwrap();
+            let data = find_attr(e, sys::NFTA_EXPR_DATA).unwrap();
+            if name == expr
+                && crate::firewall::netlink::attr_str(data, NFTA_XT_NAME).as_deref()
+                    == Some(xt_name)
+            {
+                return find_attr(data, NFTA_XT_INFO).unwrap().to_vec();
+            }
+        }
+        panic!("no {expr} {xt_name} in {rule}");
+    }
+
+    #[test]
+    fn comment_matches_iptables_nft() {
+        let got = comment_info("mail:mx-0");
+        assert_eq!(got, observed_info("dnat_tcp", "match", "comment"));
+        assert_eq!(got.len(), 256);
+        assert_eq!(parse_comment_info(&got).as_deref(), Some("mail:mx-0"));
+        assert_eq!(
+            comment_info("podnat[jump_to_chain]"),
+            observed_info("jump_pre", "match", "comment")
+        );
+        // Over-long comments keep their NUL.
+        let long = comment_info(&"x".repeat(300));
+        assert_eq!(long[254], b'x');
+        assert_eq!(long[255], 0);
+    }
+
+    #[test]
+    fn conntrack_new_matches_iptables_nft() {
+        let got = conntrack_state_new();
+        assert_eq!(got.len(), 168);
+        assert_eq!(got, observed_info("fwd_tcp", "match", "conntrack"));
+        assert_eq!(got, observed_info("fwd_udp", "match", "conntrack"));
+    }
+
+    #[test]
+    fn dnat_matches_iptables_nft() {
+        let got = dnat_range2(Ipv4Addr::new(10, 1, 0, 5), 25);
+        assert_eq!(got.len(), 48);
+        assert_eq!(got, observed_info("dnat_tcp", "target", "DNAT"));
+        assert_eq!(
+            dnat_range2(Ipv4Addr::new(10, 1, 1, 5), 53),
+            observed_info("dnat_udp", "target", "DNAT")
+        );
+        assert_eq!(
+            parse_dnat_range2(&got),
+            Some((Ipv4Addr::new(10, 1, 0, 5), 25))
+        );
+    }
+
+    #[test]
+    fn snat_matches_iptables_nft() {
+        let got = snat_compat(Ipv4Addr::new(203, 0, 113, 7));
+        assert_eq!(got.len(), 24);
+        assert_eq!(got, observed_info("snat_tcp", "target", "SNAT"));
+        assert_eq!(
+            snat_compat(Ipv4Addr::new(198, 51, 100, 9)),
+            observed_info("snat_udp", "target", "SNAT")
+        );
+        assert_eq!(parse_snat_compat(&got), Some(Ipv4Addr::new(203, 0, 113, 7)));
+    }
+}
