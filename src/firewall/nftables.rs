@@ -14,7 +14,7 @@ use super::encode::{
 };
 use super::names::{self, Names};
 use super::netlink::{
-    attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, NetlinkError, NfSocket, NftBatch,
+    attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, FinalBatch, NetlinkError, NfSocket, NftBatch,
     NftMsg,
 };
 use super::{comment_for, diff, ApplyReport, Backend, FirewallError, GenerationCache};
@@ -517,6 +517,21 @@ impl NftablesBackend {
             }
         }
         encode_changes(batch, tname, &RuleSet::default(), desired);
+    }
+
+    /// Reads the kernel and encodes the batch `apply` would send, without
+    /// sending it (benchmarks time `send_prepared` alone: the kernel's floor).
+    pub fn prepare(&mut self, desired: &RuleSet) -> Result<Option<FinalBatch>, FirewallError> {
+        let desired = super::canonical(desired);
+        let generation = self.sock()?.generation()?;
+        let state = self.read_state()?;
+        let batch = self.build(&state, &desired);
+        Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
+    }
+
+    pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
+        self.cache.clear();
+        Ok(self.sock()?.send_batch(batch)?)
     }
 
     fn build(&self, state: &NativeState, desired: &RuleSet) -> NftBatch {

@@ -1,0 +1,459 @@
+//! Churn benchmark: full install of N ports (3 rules or elements each), add 1
+//! and delete 1 port with N installed — ours beside the peers, in one run,
+//! each in fresh network namespaces. Prints medians and ratios; asserts
+//! nothing. Run: `cargo bench --bench churn` (root; ~10 min).
+//!
+//! Peers: (A) one `iptables-nft` process per rule, `-C` then `-A` (what the
+//! Go version did through go-iptables), (B) `iptables-nft-restore --noflush`,
+//! (C) `nft -f` with one rule per mapping, (M) `nft -f` with the same maps as
+//! ours. The floor is the kernel's own time for our batch: encoded once,
+//! only send + answers timed.
+
+#[path = "../tests/support/netns.rs"]
+#[allow(dead_code)]
+mod netns;
+
+use std::fmt::Write as _;
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use netns::Netns;
+use podnat_controller::firewall::nftables::NftablesBackend;
+use podnat_controller::firewall::{view, Backend, Names};
+use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
+
+const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+const REPS: usize = 5;
+
+fn pod_ip(i: u32) -> Ipv4Addr {
+    Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1)
+}
+
+/// Ports 0..n, each its own pod: one DNAT, one SNAT, one FORWARD.
+fn table(n: u32) -> RuleSet {
+    let mut r = RuleSet::default();
+    for i in 0..n {
+        let owner = PodRef::new("bench", format!("p-{i}"));
+        r.dnat.push(Mapping {
+            key: NatKey {
+                public_ip: PUBLIC,
+                public_port: 10000 + i as u16,
+                proto: Proto::Tcp,
+            },
+            pod_ip: pod_ip(i),
+            pod_port: 80,
+            owner: owner.clone(),
+        });
+        r.snat.push(SnatRule {
+            pod_ip: pod_ip(i),
+            proto: Proto::Tcp,
+            public_ip: PUBLIC,
+            owner: owner.clone(),
+        });
+        r.forward.push(ForwardRule {
+            pod_ip: pod_ip(i),
+            proto: Proto::Tcp,
+            pod_port: 80,
+            owner,
+        });
+    }
+    r.normalize();
+    r
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn timed(ns: &Netns, mut cmd: Command) -> Duration {
+    ns.run(move || {
+        let t = Instant::now();
+        let out = cmd.output().expect("spawn peer");
+        let d = t.elapsed();
+        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        d
+    })
+}
+
+fn stdin_cmd(program: &str, args: &[&str], file: &str) -> Command {
+    let mut c = Command::new(program);
+    c.args(args).stdin(std::fs::File::open(file).unwrap());
+    c
+}
+
+fn tmpfile(name: &str, text: &str) -> String {
+    let path = std::env::temp_dir().join(format!("podnat-bench-{}-{name}", std::process::id()));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+// --- iptables text of N ports (peer A/B) ---
+fn ipt_lines(n_from: u32, n_to: u32) -> Vec<(String, String)> {
+    // (table, rule spec without "-A CHAIN")
+    let names = Names::new("podnat");
+    let mut out = Vec::new();
+    let t = table(n_to);
+    for i in n_from..n_to {
+        let idx = i as usize;
+        let d = view::ipt_dnat(&names, &t.dnat[idx]);
+        let s = view::ipt_snat(&names, &t.snat.iter().find(|s| s.pod_ip == pod_ip(i)).unwrap().clone());
+        let f = view::ipt_forward(&names, &t.forward.iter().find(|f| f.pod_ip == pod_ip(i)).unwrap().clone());
+        out.push(("nat".to_string(), d));
+        out.push(("nat".to_string(), s));
+        out.push(("filter".to_string(), f));
+    }
+    out
+}
+
+fn restore_file(lines: &[(String, String)], delete: bool, with_chains: bool) -> String {
+    let mut s = String::new();
+    for tbl in ["nat", "filter"] {
+        let _ = writeln!(s, "*{tbl}");
+        if with_chains {
+            if tbl == "nat" {
+                s.push_str(":PODNAT_PRE - [0:0]\n:PODNAT_POST - [0:0]\n");
+            } else {
+                s.push_str(":PODNAT_FORWARD - [0:0]\n");
+            }
+        }
+        for (t, l) in lines {
+            if t == tbl {
+                let l = if delete { l.replacen("-A ", "-D ", 1) } else { l.clone() };
+                let _ = writeln!(s, "{l}");
+            }
+        }
+        s.push_str("COMMIT\n");
+    }
+    s
+}
+
+/// iptables-save text → argv for iptables-nft (quotes around the comment).
+fn ipt_argv(table: &str, line: &str, op: &str) -> Vec<String> {
+    let mut v = vec!["-t".to_string(), table.to_string()];
+    let mut rest = line.to_string();
+    let mut parts = Vec::new();
+    while !rest.is_empty() {
+        rest = rest.trim_start().to_string();
+        if let Some(stripped) = rest.strip_prefix('"') {
+            let end = stripped.find('"').unwrap();
+            parts.push(stripped[..end].to_string());
+            rest = stripped[end + 1..].to_string();
+        } else {
+            let end = rest.find(' ').unwrap_or(rest.len());
+            parts.push(rest[..end].to_string());
+            rest = rest[end..].to_string();
+        }
+    }
+    parts[0] = op.to_string();
+    v.extend(parts);
+    v
+}
+
+// --- nft text (peers C and M) ---
+const C_HEAD: &str = "table ip podnatc {\n\tchain c_pre { type nat hook prerouting priority dstnat - 1; policy accept; }\n\tchain c_post { type nat hook postrouting priority srcnat - 1; policy accept; }\n\tchain c_fwd { type filter hook forward priority filter - 1; policy accept; }\n}\n";
+
+fn c_rules(n_from: u32, n_to: u32) -> String {
+    let mut s = String::new();
+    for i in n_from..n_to {
+        let p = 10000 + i;
+        let ip = pod_ip(i);
+        let _ = writeln!(s, "add rule ip podnatc c_pre ip daddr {PUBLIC} tcp dport {p} counter dnat to {ip}:80 comment \"bench:p-{i}\"");
+        let _ = writeln!(s, "add rule ip podnatc c_post ip saddr {ip} meta l4proto tcp counter snat to {PUBLIC} comment \"bench:p-{i}\"");
+        let _ = writeln!(s, "add rule ip podnatc c_fwd ip daddr {ip} tcp dport 80 ct state new counter accept comment \"bench:p-{i}\"");
+    }
+    s
+}
+
+fn m_elements(verb: &str, i: u32) -> String {
+    let ip = pod_ip(i);
+    let p = 10000 + i;
+    if verb == "add" {
+        format!(
+            "add element ip podnat dnat_to_pod {{ {PUBLIC} . tcp . {p} comment \"bench:p-{i}\" : {ip} . 80 }}\n\
+             add element ip podnat snat_to_public {{ {ip} . tcp comment \"bench:p-{i}\" : {PUBLIC} }}\n\
+             add element ip podnat forward_allowed {{ {ip} . tcp . 80 comment \"bench:p-{i}\" }}\n"
+        )
+    } else {
+        format!(
+            "delete element ip podnat dnat_to_pod {{ {PUBLIC} . tcp . {p} }}\n\
+             delete element ip podnat snat_to_public {{ {ip} . tcp }}\n\
+             delete element ip podnat forward_allowed {{ {ip} . tcp . 80 }}\n"
+        )
+    }
+}
+
+#[derive(Default, Clone)]
+struct Row {
+    ours: Option<Duration>,
+    floor: Option<Duration>,
+    a: Option<Duration>,
+    b: Option<Duration>,
+    c: Option<Duration>,
+    m: Option<Duration>,
+    note: String,
+}
+
+fn ours(n: u32) -> [Row; 3] {
+    let ns = Netns::new("bo");
+    let base = table(n);
+    let plus = table(n + 1);
+    ns.run(move || {
+        let mut be = NftablesBackend::new(Names::new("podnat"));
+        let (mut install, mut install_floor, mut add, mut add_floor, mut del, mut del_floor) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        for _ in 0..REPS {
+            be.cleanup().unwrap();
+            let t = Instant::now();
+            be.apply(&base).unwrap();
+            install.push(t.elapsed());
+            be.cleanup().unwrap();
+            let batch = be.prepare(&base).unwrap().unwrap();
+            let t = Instant::now();
+            be.send_prepared(batch).unwrap();
+            install_floor.push(t.elapsed());
+        }
+        be.apply(&base).unwrap(); // warm the generation cache
+        for _ in 0..REPS {
+            let t = Instant::now();
+            be.apply(&plus).unwrap();
+            add.push(t.elapsed());
+            let t = Instant::now();
+            be.apply(&base).unwrap();
+            del.push(t.elapsed());
+            let batch = be.prepare(&plus).unwrap().unwrap();
+            let t = Instant::now();
+            be.send_prepared(batch).unwrap();
+            add_floor.push(t.elapsed());
+            let batch = be.prepare(&base).unwrap().unwrap();
+            let t = Instant::now();
+            be.send_prepared(batch).unwrap();
+            del_floor.push(t.elapsed());
+            be.apply(&base).unwrap();
+        }
+        let row = |o: Vec<Duration>, f: Vec<Duration>| Row {
+            ours: Some(median(o)),
+            floor: Some(median(f)),
+            ..Row::default()
+        };
+        [row(install, install_floor), row(add, add_floor), row(del, del_floor)]
+    })
+}
+
+fn peer_a(n: u32, rows: &mut [Row; 3]) {
+    let ns = Netns::new("ba");
+    ns.sh("iptables-nft -t nat -N PODNAT_PRE && iptables-nft -t nat -N PODNAT_POST && iptables-nft -t filter -N PODNAT_FORWARD");
+    let lines = ipt_lines(0, n);
+    let run_one = |table: &str, line: &str| -> Duration {
+        // go-iptables AppendUnique: `-C` (exit 1 when missing), then `-A`.
+        let check = ipt_argv(table, line, "-C");
+        let add = ipt_argv(table, line, "-A");
+        ns.run(|| {
+            let t = Instant::now();
+            let _ = Command::new("iptables-nft").args(&check).output().unwrap();
+            let st = Command::new("iptables-nft").args(&add).output().unwrap();
+            let d = t.elapsed();
+            assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+            d
+        })
+    };
+    // The full install is O(n²) process work: a few reps only where it is
+    // bearable (its figure at 5000 would take the better part of an hour).
+    let install_reps = match n {
+        0..=100 => REPS,
+        101..=1000 => 1,
+        _ => 0,
+    };
+    let mut install = vec![];
+    for rep in 0..install_reps.max(1) {
+        if rep > 0 || install_reps == 0 {
+            ns.sh("iptables-nft -t nat -F PODNAT_PRE; iptables-nft -t nat -F PODNAT_POST; iptables-nft -t filter -F PODNAT_FORWARD");
+        }
+        if install_reps == 0 {
+            // Fill by restore (untimed) so add/delete 1 are measured at n.
+            let f = tmpfile("a-fill", &restore_file(&lines, false, false));
+            timed(&ns, stdin_cmd("iptables-nft-restore", &["--noflush"], &f));
+            break;
+        }
+        let mut total = Duration::ZERO;
+        for (t, l) in &lines {
+            total += run_one(t, l);
+        }
+        install.push(total);
+    }
+    if !install.is_empty() {
+        rows[0].a = Some(median(install));
+        if install_reps < REPS {
+            rows[0].note.push_str(&format!(" A: {install_reps} rep(s)"));
+        }
+    } else {
+        rows[0].note.push_str(" A: skipped (O(n²) processes)");
+    }
+    let extra = ipt_lines(n, n + 1);
+    let (mut add, mut del) = (vec![], vec![]);
+    for _ in 0..REPS {
+        add.push(extra.iter().map(|(t, l)| run_one(t, l)).sum());
+        let t0: Duration = extra
+            .iter()
+            .map(|(t, l)| {
+                let argv = ipt_argv(t, l, "-D");
+                ns.run(|| {
+                    let t = Instant::now();
+                    let st = Command::new("iptables-nft").args(&argv).output().unwrap();
+                    assert!(st.status.success());
+                    t.elapsed()
+                })
+            })
+            .sum();
+        del.push(t0);
+    }
+    rows[1].a = Some(median(add));
+    rows[2].a = Some(median(del));
+}
+
+fn peer_b(n: u32, rows: &mut [Row; 3]) {
+    let ns = Netns::new("bb");
+    let full = tmpfile("b-full", &restore_file(&ipt_lines(0, n), false, true));
+    let add1 = tmpfile("b-add", &restore_file(&ipt_lines(n, n + 1), false, false));
+    let del1 = tmpfile("b-del", &restore_file(&ipt_lines(n, n + 1), true, false));
+    let mut install = vec![];
+    for _ in 0..REPS {
+        ns.sh("iptables-nft -t nat -F; iptables-nft -t nat -X; iptables-nft -t filter -F; iptables-nft -t filter -X; true");
+        install.push(timed(&ns, stdin_cmd("iptables-nft-restore", &["--noflush"], &full)));
+    }
+    let (mut add, mut del) = (vec![], vec![]);
+    for _ in 0..REPS {
+        add.push(timed(&ns, stdin_cmd("iptables-nft-restore", &["--noflush"], &add1)));
+        del.push(timed(&ns, stdin_cmd("iptables-nft-restore", &["--noflush"], &del1)));
+    }
+    rows[0].b = Some(median(install));
+    rows[1].b = Some(median(add));
+    rows[2].b = Some(median(del));
+}
+
+fn peer_c(n: u32, rows: &mut [Row; 3]) {
+    let ns = Netns::new("bc");
+    let full = tmpfile("c-full", &format!("{C_HEAD}{}", c_rules(0, n)));
+    let add1 = tmpfile("c-add", &c_rules(n, n + 1));
+    let mut install = vec![];
+    for _ in 0..REPS {
+        ns.sh("nft delete table ip podnatc 2>/dev/null; true");
+        install.push(timed(&ns, {
+            let mut c = Command::new("nft");
+            c.args(["-f", &full]);
+            c
+        }));
+    }
+    let (mut add, mut del) = (vec![], vec![]);
+    for _ in 0..REPS {
+        add.push(timed(&ns, {
+            let mut c = Command::new("nft");
+            c.args(["-f", &add1]);
+            c
+        }));
+        // Handles of the three new rules (untimed), then delete them.
+        let listing = ns.sh("nft -a list table ip podnatc");
+        let marker = format!("\"bench:p-{n}\"");
+        let mut text = String::new();
+        let mut chain = "";
+        for line in listing.lines() {
+            let l = line.trim();
+            if let Some(c) = l.strip_prefix("chain ") {
+                chain = c.split_whitespace().next().unwrap_or("");
+            }
+            if l.contains(&marker) {
+                let h = l.rsplit("# handle ").next().unwrap();
+                let _ = writeln!(text, "delete rule ip podnatc {chain} handle {h}");
+            }
+        }
+        let f = tmpfile("c-del", &text);
+        del.push(timed(&ns, {
+            let mut c = Command::new("nft");
+            c.args(["-f", &f]);
+            c
+        }));
+    }
+    rows[0].c = Some(median(install));
+    rows[1].c = Some(median(add));
+    rows[2].c = Some(median(del));
+}
+
+fn peer_m(n: u32, rows: &mut [Row; 3]) {
+    let ns = Netns::new("bm");
+    let full = tmpfile("m-full", &view::nft(&table(n), &Names::new("podnat")));
+    let add1 = tmpfile("m-add", &m_elements("add", n));
+    let del1 = tmpfile("m-del", &m_elements("delete", n));
+    let nft = |f: &str| {
+        let mut c = Command::new("nft");
+        c.args(["-f", f]);
+        c
+    };
+    let mut install = vec![];
+    for _ in 0..REPS {
+        ns.sh("nft delete table ip podnat 2>/dev/null; true");
+        install.push(timed(&ns, nft(&full)));
+    }
+    let (mut add, mut del) = (vec![], vec![]);
+    for _ in 0..REPS {
+        add.push(timed(&ns, nft(&add1)));
+        del.push(timed(&ns, nft(&del1)));
+    }
+    rows[0].m = Some(median(install));
+    rows[1].m = Some(median(add));
+    rows[2].m = Some(median(del));
+}
+
+fn ms(d: Option<Duration>) -> String {
+    d.map_or("-".into(), |d| format!("{:.3}", d.as_secs_f64() * 1e3))
+}
+
+fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if !b.is_zero() => format!("{:.2}", a.as_secs_f64() / b.as_secs_f64()),
+        _ => "-".into(),
+    }
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return;
+    }
+    let sizes: Vec<u32> = std::env::var("CHURN_SIZES")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![100, 1000, 5000]);
+    println!("churn benchmark: medians of {REPS} runs, milliseconds (wall); one machine, compare within this run only");
+    println!(
+        "| work | ours (nftables) | floor | A iptables per rule | B restore | C nft rules | M nft maps | ours/floor | ours/B | ours/C | ours/M | notes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for n in sizes {
+        let mut rows = ours(n);
+        peer_a(n, &mut rows);
+        peer_b(n, &mut rows);
+        peer_c(n, &mut rows);
+        peer_m(n, &mut rows);
+        for (label, r) in ["install", "add 1", "delete 1"].iter().zip(rows.iter()) {
+            let work = if *label == "install" {
+                format!("install {n} ports")
+            } else {
+                format!("{label} port at {n}")
+            };
+            println!(
+                "| {work} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{} |",
+                ms(r.ours),
+                ms(r.floor),
+                ms(r.a),
+                ms(r.b),
+                ms(r.c),
+                ms(r.m),
+                ratio(r.ours, r.floor),
+                ratio(r.ours, r.b),
+                ratio(r.ours, r.c),
+                ratio(r.ours, r.m),
+                r.note
+            );
+        }
+    }
+}
