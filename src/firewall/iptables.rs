@@ -641,8 +641,15 @@ impl Backend for IptablesBackend {
         "iptables"
     }
 
+    /// Also remembers what it read (with every handle) for the next apply.
     fn read(&mut self) -> Result<RuleSet, FirewallError> {
-        Ok(self.read_state()?.rules())
+        let generation = self.sock()?.generation()?;
+        let state = self.read_state()?;
+        let rules = state.rules();
+        // Changed between the two reads: then the generation moved on and
+        // this entry is never used.
+        self.cache.set(generation, state);
+        Ok(rules)
     }
 
     fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError> {

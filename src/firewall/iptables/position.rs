@@ -58,26 +58,26 @@ impl<T> ChainPlan<T> {
 
 /// Plans one of the agent's own chains. `current` is the chain as read
 /// (`None`: a rule that is not exactly one of the agent's encodings),
-/// `desired` is sorted and free of duplicates. Rules that stay keep their
-/// handles; the result is `desired` in order. Undecodable, unwanted and
-/// duplicate rules are deleted, and so is a rule out of order (it is
-/// re-inserted at its place); new rules go before the first kept rule that
-/// sorts after them.
+/// `desired` is sorted and free of duplicates. The longest run of wanted
+/// rules already in increasing order stays, with its handles; everything
+/// else — undecodable, unwanted, duplicate or out-of-order rules — is
+/// deleted, and each missing rule goes before the first kept rule that
+/// sorts after it. The result is `desired` in order, with the fewest
+/// deletes.
 pub fn plan_chain<T: Ord + Clone>(current: &[Option<T>], desired: &[T]) -> ChainPlan<T> {
-    let mut delete = Vec::new();
-    let mut kept: Vec<(usize, &T)> = Vec::new();
-    for (i, rule) in current.iter().enumerate() {
-        let keep = match rule {
-            Some(r) => {
-                desired.binary_search(r).is_ok() && kept.last().is_none_or(|(_, last)| *last < r)
-            }
-            None => false,
-        };
-        match rule {
-            Some(r) if keep => kept.push((i, r)),
-            _ => delete.push(i),
-        }
+    let wanted: Vec<(usize, &T)> = current
+        .iter()
+        .enumerate()
+        .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
+        .filter(|(_, r)| desired.binary_search(r).is_ok())
+        .collect();
+    let keep = longest_increasing(&wanted);
+    let kept: Vec<(usize, &T)> = keep.iter().map(|&k| wanted[k]).collect();
+    let mut is_kept = vec![false; current.len()];
+    for (i, _) in &kept {
+        is_kept[*i] = true;
     }
+    let delete = (0..current.len()).filter(|i| !is_kept[*i]).collect();
     let mut insert = Vec::new();
     for d in desired {
         // `kept` is sorted: the first kept rule after `d` is the anchor.
@@ -91,6 +91,31 @@ pub fn plan_chain<T: Ord + Clone>(current: &[Option<T>], desired: &[T]) -> Chain
         insert.push((d.clone(), anchor));
     }
     ChainPlan { delete, insert }
+}
+
+/// Indexes (into `v`) of a longest strictly increasing subsequence of the
+/// values, in order (patience sorting, O(n log n)).
+fn longest_increasing<T: Ord>(v: &[(usize, &T)]) -> Vec<usize> {
+    // tails[l]: index of the smallest last value of an increasing run of length l+1.
+    let mut tails: Vec<usize> = Vec::new();
+    let mut prev: Vec<Option<usize>> = vec![None; v.len()];
+    for k in 0..v.len() {
+        let l = tails.partition_point(|&t| v[t].1 < v[k].1);
+        prev[k] = l.checked_sub(1).map(|p| tails[p]);
+        if l == tails.len() {
+            tails.push(k);
+        } else {
+            tails[l] = k;
+        }
+    }
+    let mut out = Vec::with_capacity(tails.len());
+    let mut at = tails.last().copied();
+    while let Some(k) = at {
+        out.push(k);
+        at = prev[k];
+    }
+    out.reverse();
+    out
 }
 
 /// A rule of a parent chain (PREROUTING, POSTROUTING, FORWARD), as far as
@@ -280,12 +305,17 @@ mod tests {
     fn chain_plan_repairs_order_and_duplicates() {
         let cur = [Some(2), Some(1), Some(2), Some(3)];
         let plan = plan_chain(&cur, &[1, 2, 3]);
-        assert_eq!(plan.delete, vec![1, 2]);
+        assert_eq!(plan.delete, vec![0]);
+        assert!(plan.insert.is_empty());
+        // A copy of a late rule at the head: only the copy goes.
+        let cur = [Some(9), Some(1), Some(5), Some(9)];
+        let plan = plan_chain(&cur, &[1, 5, 9]);
+        assert_eq!(plan.delete, vec![0]);
         let after: Vec<i32> = apply_plan(&cur, &plan, |t| Some(*t))
             .into_iter()
             .flatten()
             .collect();
-        assert_eq!(after, vec![1, 2, 3]);
+        assert_eq!(after, vec![1, 5, 9]);
     }
 
     proptest! {
@@ -310,6 +340,9 @@ mod tests {
             prop_assert!(after.iter().all(Option::is_some));
             // Idempotent: planning again changes nothing.
             prop_assert!(plan_chain(&after, &want).is_empty());
+            // Fewest deletes: every wanted rule kept is one not re-inserted.
+            let kept = cur.len() - plan.delete.len();
+            prop_assert_eq!(kept + plan.insert.len(), want.len());
         }
 
         #[test]
