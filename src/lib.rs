@@ -8,3 +8,4 @@ pub mod kube;
 pub mod model;
 pub mod net;
 pub mod plan;
+pub mod reconcile;

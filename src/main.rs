@@ -1,14 +1,21 @@
-//! Wiring only: flags → config → the chosen mode.
+//! Wiring only: flags → config → the chosen mode (cleanup, one run for a
+//! pods file, or the agent: pod watch + address + reconcile loop).
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::error::ErrorKind;
-use podnat_controller::config::{Command, Config};
+use podnat_controller::config::{Command, Config, StateFlavor};
 use podnat_controller::firewall::netlink::NetlinkError;
-use podnat_controller::firewall::{backend_for, FirewallError, Names};
-use podnat_controller::kube::pod;
+use podnat_controller::firewall::{backend_for, Backend, FirewallError, Names};
+use podnat_controller::kube::events::EventSink;
+use podnat_controller::kube::watch::{self, PodWatchConfig};
+use podnat_controller::kube::{self, pod};
+use podnat_controller::net::address::{self, AddressFilter};
 use podnat_controller::plan::{self, PlanConfig};
+use podnat_controller::reconcile::{self, AgentStatus, BackendWorker, ReconcileConfig, Reconciler};
 
 fn main() -> ExitCode {
     let config = match Config::parse_from(std::env::args_os().collect(), |k| std::env::var(k).ok())
@@ -84,16 +91,13 @@ fn run(config: Config) -> anyhow::Result<()> {
         tracing::info!(flavor = backend.name(), removed, "cleanup done");
         return Ok(());
     }
-    let Some(pods_file) = config.pods_file.clone() else {
-        bail!(
-            "no Kubernetes cluster to watch: this version runs only with --pods-file FILE \
-             (a JSON pod list, as `kubectl get pods -o json` prints)"
-        );
-    };
     let node_id = config
         .node_id
         .clone()
         .context("no node id: pass -nodeid NODE or set NODE_NAME (or HOSTNAME)")?;
+    let Some(pods_file) = config.pods_file.clone() else {
+        return run_agent(config, node_id, backend);
+    };
     let pods = pod::read_pods_file(&pods_file)?;
     let facts: Vec<_> = pods
         .iter()
@@ -147,4 +151,84 @@ fn run(config: Config) -> anyhow::Result<()> {
         "applied"
     );
     Ok(())
+}
+
+/// Agent mode: watch this node's pods and keep the kernel in step until
+/// SIGTERM/SIGINT.
+fn run_agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(agent(config, node_id, backend));
+    // Tasks still running (watch, events) are cut off; the rules stay.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> anyhow::Result<()> {
+    let (client, _) = kube::connect(config.kubeconfig.as_deref()).await?;
+    if config.state_flavor != StateFlavor::None {
+        tracing::info!(
+            state_flavor = ?config.state_flavor,
+            "the state store is not implemented yet; -stateflavor and -stateuri are accepted and ignored"
+        );
+    }
+    // The sender of a fixed address must outlive the loop.
+    let (_fixed, address) = match config.public_address {
+        Some(a) => {
+            tracing::info!(public_address = %a, "public address given by --public-address");
+            let (tx, rx) = reconcile::fixed_address(a);
+            (Some(tx), rx)
+        }
+        None => {
+            let filter = AddressFilter::new(&config.incl_filter_net, &config.excl_filter_net);
+            let (rx, _task) = address::spawn_watcher(filter)
+                .await
+                .context("detecting the public address")?;
+            (None, rx)
+        }
+    };
+    let (feed, _watch_task) = watch::spawn_pod_watcher(
+        client.clone(),
+        PodWatchConfig {
+            node: node_id.clone(),
+            annotation_key: config.annotation_key.clone(),
+        },
+    );
+    let events = if config.dry_run {
+        EventSink::log_only()
+    } else {
+        EventSink::spawn(client, node_id.clone()).0
+    };
+    let status = Arc::new(AgentStatus::new(events.stats()));
+    let backend = BackendWorker::spawn(backend)?;
+    let reconciler = Reconciler::new(
+        ReconcileConfig::new(&config, &node_id),
+        feed,
+        address,
+        backend,
+        events,
+        status,
+    );
+    reconciler.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT.
+async fn shutdown_signal() {
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    match term {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only SIGINT stops the agent");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,298 @@
+//! The pod watcher: a kube watcher on this node's pods (field selector
+//! `spec.nodeName=<node>`), with backoff, feeding a reflector store. The
+//! reconcile loop reads the store and follows a [`FeedState`] channel that
+//! says when the store changed, whether the first full list is in, and
+//! whether the apiserver answers.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::utils::Backoff;
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The field selector for the pods of `node`. The selector matches the node
+/// name exactly; the Go version's short-name matching (`node1` for
+/// `node1.example.org`) cannot be expressed in a field selector, and a
+/// cluster-wide watch on every node would cost the apiserver too much, so the
+/// node id must be the node's exact name (the chart sets NODE_NAME from the
+/// downward API, which is).
+pub fn field_selector(node: &str) -> String {
+    format!("spec.nodeName={node}")
+}
+
+/// What the reconcile loop needs to know about the watch besides the store.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct FeedState {
+    /// Bumped whenever the store's content changed.
+    pub revision: u64,
+    /// The first full pod list is in the store (the watcher's first
+    /// `InitDone`). Until then the store is empty or partial and must not be
+    /// taken for "no pods".
+    pub listed: bool,
+    /// The last request to the apiserver succeeded.
+    pub reachable: bool,
+    /// Watch errors since start.
+    pub errors: u64,
+    pub last_error: Option<String>,
+}
+
+/// The pod store and the channel that announces its changes.
+pub struct PodFeed {
+    pub store: Store<Pod>,
+    pub state: watch::Receiver<FeedState>,
+}
+
+/// Settings of the pod watcher.
+#[derive(Clone, Debug)]
+pub struct PodWatchConfig {
+    /// The node whose pods are watched (exact name).
+    pub node: String,
+    /// The podnat annotation: the only annotation kept in the store.
+    pub annotation_key: String,
+}
+
+/// While the apiserver does not answer, how often to ask whether it is back
+/// (the watcher itself retries on its own backoff; this only keeps
+/// [`FeedState::reachable`] honest when the resumed watch brings no event).
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// Starts the watcher task. It runs until the returned handle is aborted or
+/// every receiver of the feed is dropped.
+pub fn spawn_pod_watcher(client: Client, cfg: PodWatchConfig) -> (PodFeed, JoinHandle<()>) {
+    let selector = field_selector(&cfg.node);
+    tracing::info!(selector = %selector, "watching this node's pods");
+    let api: Api<Pod> = Api::all(client.clone());
+    let (reader, writer) = reflector::store::<Pod>();
+    let (tx, rx) = watch::channel(FeedState::default());
+    let key = cfg.annotation_key;
+    let stream = watcher(api, watcher::Config::default().fields(&selector))
+        .backoff(WatchBackoff::default())
+        .modify(move |pod| slim(pod, &key));
+    let stream = reflector::reflector(writer, stream);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        let mut probe = tokio::time::interval(PROBE_EVERY);
+        probe.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let unreachable = !tx.borrow().reachable && tx.borrow().errors > 0;
+            tokio::select! {
+                () = tx.closed() => return,
+                item = stream.next() => match item {
+                    Some(Ok(event)) => on_event(&tx, &event),
+                    Some(Err(e)) => on_error(&tx, &e),
+                    None => {
+                        tracing::error!("the pod watch stream ended");
+                        return;
+                    }
+                },
+                _ = probe.tick(), if unreachable => {
+                    let answer = tokio::time::timeout(PROBE_EVERY, client.apiserver_version()).await;
+                    if matches!(answer, Ok(Ok(_))) {
+                        set_reachable(&tx, true);
+                    }
+                }
+            }
+        }
+    });
+    (
+        PodFeed {
+            store: reader,
+            state: rx,
+        },
+        task,
+    )
+}
+
+fn on_event(tx: &watch::Sender<FeedState>, event: &watcher::Event<Pod>) {
+    tx.send_if_modified(|s| {
+        let was_reachable = s.reachable;
+        s.reachable = true;
+        if !was_reachable && s.errors > 0 {
+            tracing::info!("the apiserver answers again");
+        }
+        match event {
+            // The store swaps in the new list only at InitDone, so nothing
+            // changed for readers before it.
+            watcher::Event::Init | watcher::Event::InitApply(_) => !was_reachable,
+            watcher::Event::InitDone => {
+                if !s.listed {
+                    tracing::info!("first full pod list received");
+                }
+                s.listed = true;
+                s.revision += 1;
+                true
+            }
+            watcher::Event::Apply(_) | watcher::Event::Delete(_) => {
+                s.revision += 1;
+                true
+            }
+        }
+    });
+}
+
+fn on_error(tx: &watch::Sender<FeedState>, e: &watcher::Error) {
+    tx.send_if_modified(|s| {
+        let was_reachable = s.reachable || s.errors == 0;
+        s.errors += 1;
+        s.last_error = Some(e.to_string());
+        if was_reachable {
+            // Rules stay as they are; the watcher retries with backoff.
+            tracing::warn!(error = %e, "pod watch failed; keeping the current rules and retrying");
+        } else {
+            tracing::debug!(error = %e, "pod watch still failing");
+        }
+        let changed = s.reachable;
+        s.reachable = false;
+        changed
+    });
+}
+
+fn set_reachable(tx: &watch::Sender<FeedState>, reachable: bool) {
+    tx.send_if_modified(|s| {
+        let changed = s.reachable != reachable;
+        if changed && reachable {
+            tracing::info!("the apiserver answers again");
+        }
+        s.reachable = reachable;
+        changed
+    });
+}
+
+/// Drops what the agent never reads, so that a node with many pods keeps a
+/// small store: managed fields, other annotations (kubectl's
+/// last-applied-configuration can be large), labels, the containers and their
+/// statuses. Kept: identity (for events), node, creation and deletion times,
+/// the podnat annotation, IPs, phase and conditions.
+pub fn slim(pod: &mut Pod, annotation_key: &str) {
+    let meta = &mut pod.metadata;
+    meta.managed_fields = None;
+    meta.labels = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    if let Some(annotations) = meta.annotations.as_mut() {
+        annotations.retain(|k, _| k == annotation_key);
+        if annotations.is_empty() {
+            meta.annotations = None;
+        }
+    }
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        node_name: s.node_name,
+        ..PodSpec::default()
+    });
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        pod_ips: s.pod_ips,
+        conditions: s.conditions,
+        ..PodStatus::default()
+    });
+}
+
+/// Exponential backoff for the watcher, 0.5 s doubling up to 10 s, with up to
+/// 25 % jitter so that the agents of many nodes do not retry in step after an
+/// apiserver outage. (kube's own default waits up to 30 s, which would hold
+/// changes back that long after the apiserver is back.)
+pub struct WatchBackoff {
+    next: Duration,
+    seed: u64,
+}
+
+const BACKOFF_MIN: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+impl Default for WatchBackoff {
+    fn default() -> Self {
+        // Jitter needs no quality: the clock and the pid differ per node.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        WatchBackoff {
+            next: BACKOFF_MIN,
+            seed: u64::from(nanos) ^ (u64::from(std::process::id()) << 32) | 1,
+        }
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        // xorshift64
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let base = self.next;
+        self.next = (self.next * 2).min(BACKOFF_MAX);
+        let jitter = base.mul_f64((self.seed % 1000) as f64 / 4000.0);
+        Some(base + jitter)
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.next = BACKOFF_MIN;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selector_names_the_node_exactly() {
+        assert_eq!(field_selector("node1"), "spec.nodeName=node1");
+        assert_eq!(
+            field_selector("node1.example.org"),
+            "spec.nodeName=node1.example.org"
+        );
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = WatchBackoff::default();
+        let first = b.next().unwrap();
+        assert!(first >= BACKOFF_MIN && first <= BACKOFF_MIN.mul_f64(1.25));
+        let late: Vec<Duration> = (0..10).filter_map(|_| b.next()).collect();
+        assert!(late
+            .iter()
+            .all(|d| *d >= BACKOFF_MIN && *d <= BACKOFF_MAX.mul_f64(1.25)));
+        assert!(late[9] >= BACKOFF_MAX);
+        b.reset();
+        assert!(b.next().unwrap() <= BACKOFF_MIN.mul_f64(1.25));
+    }
+
+    #[test]
+    fn slim_keeps_what_the_planner_and_events_read() {
+        let mut pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": "mx-0", "namespace": "mail", "uid": "u1", "resourceVersion": "7",
+                "creationTimestamp": "2026-01-02T03:04:05Z",
+                "labels": {"app": "mx"},
+                "annotations": {"bln.space/podnat": "{\"entries\":[]}", "other": "x".repeat(1000)},
+                "managedFields": [{"manager": "kubectl"}]
+            },
+            "spec": {"nodeName": "node1", "containers": [{"name": "mx", "image": "mx"}]},
+            "status": {"phase": "Running", "podIP": "10.1.0.5",
+                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "containerStatuses": [{"name": "mx", "image": "mx", "imageID": "", "ready": true, "restartCount": 0}]}
+        }))
+        .unwrap();
+        let before = crate::kube::pod::facts(&pod, "bln.space/podnat");
+        slim(&mut pod, "bln.space/podnat");
+        assert_eq!(crate::kube::pod::facts(&pod, "bln.space/podnat"), before);
+        assert_eq!(pod.metadata.uid.as_deref(), Some("u1"));
+        assert_eq!(pod.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
+        assert!(pod.metadata.managed_fields.is_none() && pod.metadata.labels.is_none());
+        assert!(pod.spec.as_ref().is_some_and(|s| s.containers.is_empty()));
+        assert!(pod
+            .status
+            .as_ref()
+            .is_some_and(|s| s.container_statuses.is_none()));
+    }
+}
