@@ -22,7 +22,7 @@ lint: deps
 # Unit tests, CLI tests and the kernel/cluster integration tests (each kernel
 # test runs in network namespaces of its own).
 test: deps cluster-build lint
-	$(CARGO) test --locked --all-targets -- --test-threads=2
+	$(CARGO) test --locked --lib --bins --tests -- --test-threads=2
 
 bench: deps
 	$(CARGO) bench --locked

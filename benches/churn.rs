@@ -72,7 +72,11 @@ fn timed(ns: &Netns, mut cmd: Command) -> Duration {
         let t = Instant::now();
         let out = cmd.output().expect("spawn peer");
         let d = t.elapsed();
-        assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{cmd:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         d
     })
 }
@@ -98,8 +102,22 @@ fn ipt_lines(n_from: u32, n_to: u32) -> Vec<(String, String)> {
     for i in n_from..n_to {
         let idx = i as usize;
         let d = view::ipt_dnat(&names, &t.dnat[idx]);
-        let s = view::ipt_snat(&names, &t.snat.iter().find(|s| s.pod_ip == pod_ip(i)).unwrap().clone());
-        let f = view::ipt_forward(&names, &t.forward.iter().find(|f| f.pod_ip == pod_ip(i)).unwrap().clone());
+        let s = view::ipt_snat(
+            &names,
+            &t.snat
+                .iter()
+                .find(|s| s.pod_ip == pod_ip(i))
+                .unwrap()
+                .clone(),
+        );
+        let f = view::ipt_forward(
+            &names,
+            &t.forward
+                .iter()
+                .find(|f| f.pod_ip == pod_ip(i))
+                .unwrap()
+                .clone(),
+        );
         out.push(("nat".to_string(), d));
         out.push(("nat".to_string(), s));
         out.push(("filter".to_string(), f));
@@ -120,7 +138,11 @@ fn restore_file(lines: &[(String, String)], delete: bool, with_chains: bool) -> 
         }
         for (t, l) in lines {
             if t == tbl {
-                let l = if delete { l.replacen("-A ", "-D ", 1) } else { l.clone() };
+                let l = if delete {
+                    l.replacen("-A ", "-D ", 1)
+                } else {
+                    l.clone()
+                };
                 let _ = writeln!(s, "{l}");
             }
         }
@@ -237,7 +259,11 @@ fn ours(n: u32) -> [Row; 3] {
             floor: Some(median(f)),
             ..Row::default()
         };
-        [row(install, install_floor), row(add, add_floor), row(del, del_floor)]
+        [
+            row(install, install_floor),
+            row(add, add_floor),
+            row(del, del_floor),
+        ]
     })
 }
 
@@ -254,7 +280,11 @@ fn peer_a(n: u32, rows: &mut [Row; 3]) {
             let _ = Command::new("iptables-nft").args(&check).output().unwrap();
             let st = Command::new("iptables-nft").args(&add).output().unwrap();
             let d = t.elapsed();
-            assert!(st.status.success(), "{}", String::from_utf8_lossy(&st.stderr));
+            assert!(
+                st.status.success(),
+                "{}",
+                String::from_utf8_lossy(&st.stderr)
+            );
             d
         })
     };
@@ -320,12 +350,21 @@ fn peer_b(n: u32, rows: &mut [Row; 3]) {
     let mut install = vec![];
     for _ in 0..REPS {
         ns.sh("iptables-nft -t nat -F; iptables-nft -t nat -X; iptables-nft -t filter -F; iptables-nft -t filter -X; true");
-        install.push(timed(&ns, stdin_cmd("iptables-nft-restore", &["--noflush"], &full)));
+        install.push(timed(
+            &ns,
+            stdin_cmd("iptables-nft-restore", &["--noflush"], &full),
+        ));
     }
     let (mut add, mut del) = (vec![], vec![]);
     for _ in 0..REPS {
-        add.push(timed(&ns, stdin_cmd("iptables-nft-restore", &["--noflush"], &add1)));
-        del.push(timed(&ns, stdin_cmd("iptables-nft-restore", &["--noflush"], &del1)));
+        add.push(timed(
+            &ns,
+            stdin_cmd("iptables-nft-restore", &["--noflush"], &add1),
+        ));
+        del.push(timed(
+            &ns,
+            stdin_cmd("iptables-nft-restore", &["--noflush"], &del1),
+        ));
     }
     rows[0].b = Some(median(install));
     rows[1].b = Some(median(add));
@@ -416,7 +455,10 @@ fn ratio(a: Option<Duration>, b: Option<Duration>) -> String {
 }
 
 fn main() {
-    if std::env::args().any(|a| a == "--list") {
+    // `cargo bench` passes --bench; `cargo test --all-targets` does not, and
+    // then this must not spend ten minutes measuring.
+    if !std::env::args().any(|a| a == "--bench") {
+        println!("churn: run with `cargo bench --bench churn`");
         return;
     }
     let sizes: Vec<u32> = std::env::var("CHURN_SIZES")

@@ -113,19 +113,81 @@ pub fn backend_with_jumps(flavor: Flavor, names: Names, jumps: JumpPositions) ->
 }
 
 /// Items in `desired` but not in `current` (to add), and the reverse (to
-/// delete). Both inputs sorted; unchanged items are not touched.
+/// delete). Both inputs sorted; one merge walk, unchanged items untouched.
 pub fn diff<T: Ord + Clone>(current: &[T], desired: &[T]) -> (Vec<T>, Vec<T>) {
-    let add = desired
-        .iter()
-        .filter(|d| current.binary_search(d).is_err())
-        .cloned()
-        .collect();
-    let del = current
-        .iter()
-        .filter(|c| desired.binary_search(c).is_err())
-        .cloned()
-        .collect();
+    use std::cmp::Ordering::*;
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    let (mut i, mut j) = (0, 0);
+    while i < current.len() && j < desired.len() {
+        match current[i].cmp(&desired[j]) {
+            Less => {
+                del.push(current[i].clone());
+                i += 1;
+            }
+            Greater => {
+                add.push(desired[j].clone());
+                j += 1;
+            }
+            Equal => {
+                i += 1;
+                j += 1;
+            }
+        }
+    }
+    del.extend_from_slice(&current[i..]);
+    add.extend_from_slice(&desired[j..]);
     (add, del)
+}
+
+/// The difference between two rule sets, list by list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub add: RuleSet,
+    pub del: RuleSet,
+}
+
+impl Changes {
+    pub fn between(current: &RuleSet, desired: &RuleSet) -> Changes {
+        let (add_d, del_d) = diff(&current.dnat, &desired.dnat);
+        let (add_s, del_s) = diff(&current.snat, &desired.snat);
+        let (add_f, del_f) = diff(&current.forward, &desired.forward);
+        Changes {
+            add: RuleSet {
+                dnat: add_d,
+                snat: add_s,
+                forward: add_f,
+            },
+            del: RuleSet {
+                dnat: del_d,
+                snat: del_s,
+                forward: del_f,
+            },
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.add.is_empty() && self.del.is_empty()
+    }
+
+    /// Applies the changes to a sorted rule set in place (no re-read, no
+    /// copy of the unchanged part).
+    pub fn apply_to(&self, rules: &mut RuleSet) {
+        fn one<T: Ord + Clone>(v: &mut Vec<T>, add: &[T], del: &[T]) {
+            for d in del {
+                if let Ok(i) = v.binary_search(d) {
+                    v.remove(i);
+                }
+            }
+            for a in add {
+                if let Err(i) = v.binary_search(a) {
+                    v.insert(i, a.clone());
+                }
+            }
+        }
+        one(&mut rules.dnat, &self.add.dnat, &self.del.dnat);
+        one(&mut rules.snat, &self.add.snat, &self.del.snat);
+        one(&mut rules.forward, &self.add.forward, &self.del.forward);
+    }
 }
 
 /// Longest owner comment written to the kernel (nft's comment limit is 128
@@ -147,7 +209,15 @@ pub fn comment_for(owner: &PodRef) -> String {
 
 /// The rule set as it reads back from the kernel: owners as their (possibly
 /// cut) comments say. Diffing against this keeps long names from churning.
-pub fn canonical(rules: &RuleSet) -> RuleSet {
+/// Borrowed when no owner is cut (the usual case: no copy of a large table).
+pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
+    let too_long = |o: &PodRef| o.namespace.len() + 1 + o.name.len() > MAX_COMMENT;
+    if !rules.dnat.iter().any(|m| too_long(&m.owner))
+        && !rules.snat.iter().any(|s| too_long(&s.owner))
+        && !rules.forward.iter().any(|f| too_long(&f.owner))
+    {
+        return std::borrow::Cow::Borrowed(rules);
+    }
     let fix = |o: &PodRef| PodRef::from_comment(&comment_for(o)).unwrap_or_else(|| o.clone());
     let mut r = RuleSet {
         dnat: rules
@@ -176,7 +246,7 @@ pub fn canonical(rules: &RuleSet) -> RuleSet {
             .collect(),
     };
     r.normalize();
-    r
+    std::borrow::Cow::Owned(r)
 }
 
 /// The last committed kernel state, valid while the ruleset generation has
@@ -195,6 +265,14 @@ impl<T> GenerationCache<T> {
     pub fn get(&self, generation: u32) -> Option<&T> {
         self.entry
             .as_ref()
+            .filter(|(g, _)| *g == generation)
+            .map(|(_, t)| t)
+    }
+    /// Moves the entry out if it is for `generation` (the caller sets the
+    /// next one); the cache is empty afterwards either way.
+    pub fn take(&mut self, generation: u32) -> Option<T> {
+        self.entry
+            .take()
             .filter(|(g, _)| *g == generation)
             .map(|(_, t)| t)
     }
@@ -217,6 +295,36 @@ mod tests {
         assert_eq!(del, vec![1]);
         let (add, del) = diff(&[1, 2], &[1, 2]);
         assert!(add.is_empty() && del.is_empty());
+    }
+
+    #[test]
+    fn changes_apply_in_place_like_the_target() {
+        use crate::model::{NatKey, Proto};
+        let m = |port: u16, pod: u8| Mapping {
+            key: NatKey {
+                public_ip: std::net::Ipv4Addr::new(203, 0, 113, 7),
+                public_port: port,
+                proto: Proto::Tcp,
+            },
+            pod_ip: std::net::Ipv4Addr::new(10, 0, 0, pod),
+            pod_port: 80,
+            owner: PodRef::new("a", "b"),
+        };
+        let cur = RuleSet {
+            dnat: vec![m(1, 1), m(2, 1), m(3, 1)],
+            ..RuleSet::default()
+        };
+        let want = RuleSet {
+            dnat: vec![m(2, 1), m(3, 2), m(4, 1)],
+            ..RuleSet::default()
+        };
+        let ch = Changes::between(&cur, &want);
+        assert_eq!(ch.add.dnat, vec![m(3, 2), m(4, 1)]);
+        assert_eq!(ch.del.dnat, vec![m(1, 1), m(3, 1)]);
+        let mut got = cur.clone();
+        ch.apply_to(&mut got);
+        assert_eq!(got, want);
+        assert!(Changes::between(&want, &want).is_empty());
     }
 
     #[test]

@@ -14,10 +14,10 @@ use super::encode::{
 };
 use super::names::{self, Names};
 use super::netlink::{
-    attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, FinalBatch, NetlinkError, NfSocket, NftBatch,
-    NftMsg,
+    attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, FinalBatch, NetlinkError, NfSocket,
+    NftBatch, NftMsg,
 };
-use super::{comment_for, diff, ApplyReport, Backend, FirewallError, GenerationCache};
+use super::{comment_for, diff, ApplyReport, Backend, Changes, FirewallError, GenerationCache};
 use crate::model::{
     ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule, INTERNAL_NETWORKS,
 };
@@ -516,81 +516,85 @@ impl NftablesBackend {
                 );
             }
         }
-        encode_changes(batch, tname, &RuleSet::default(), desired);
+        encode_changes(
+            batch,
+            tname,
+            &Changes::between(&RuleSet::default(), desired),
+        );
     }
 
     /// Reads the kernel and encodes the batch `apply` would send, without
     /// sending it (benchmarks time `send_prepared` alone: the kernel's floor).
     pub fn prepare(&mut self, desired: &RuleSet) -> Result<Option<FinalBatch>, FirewallError> {
+        self.cache.clear();
         let desired = super::canonical(desired);
         let generation = self.sock()?.generation()?;
         let state = self.read_state()?;
-        let batch = self.build(&state, &desired);
+        let (batch, _) = self.build(&state, &desired);
         Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
     }
 
     pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
-        self.cache.clear();
         Ok(self.sock()?.send_batch(batch)?)
     }
 
-    fn build(&self, state: &NativeState, desired: &RuleSet) -> NftBatch {
+    fn build(&self, state: &NativeState, desired: &RuleSet) -> (NftBatch, Changes) {
         let mut batch = NftBatch::new();
         if !state.structure_ok {
             self.encode_rebuild(&mut batch, state, desired);
+            let changes = Changes::between(&state.rules, desired);
+            (batch, changes)
         } else {
-            encode_changes(&mut batch, self.names.table(), &state.rules, desired);
+            let changes = Changes::between(&state.rules, desired);
+            encode_changes(&mut batch, self.names.table(), &changes);
+            (batch, changes)
         }
-        batch
     }
 }
 
 /// Element deletes first, then adds: a retargeted key is deleted and re-added
 /// with its new data in the same batch.
-fn encode_changes(batch: &mut NftBatch, table: &str, current: &RuleSet, desired: &RuleSet) {
-    let (add_d, del_d) = diff(&current.dnat, &desired.dnat);
-    let (add_s, del_s) = diff(&current.snat, &desired.snat);
-    let (add_f, del_f) = diff(&current.forward, &desired.forward);
+fn encode_changes(batch: &mut NftBatch, table: &str, ch: &Changes) {
     add_elements(
         batch,
         table,
         names::NFT_DNAT_MAP,
-        &dnat_elements(&del_d),
+        &dnat_elements(&ch.del.dnat),
         true,
     );
     add_elements(
         batch,
         table,
         names::NFT_SNAT_MAP,
-        &snat_elements(&del_s),
+        &snat_elements(&ch.del.snat),
         true,
     );
     add_elements(
         batch,
         table,
         names::NFT_FORWARD_SET,
-        &forward_elements(&del_f),
+        &forward_elements(&ch.del.forward),
         true,
     );
     add_elements(
         batch,
         table,
         names::NFT_DNAT_MAP,
-        &dnat_elements(&add_d),
+        &dnat_elements(&ch.add.dnat),
         false,
     );
     add_elements(
         batch,
         table,
         names::NFT_SNAT_MAP,
-        &snat_elements(&add_s),
+        &snat_elements(&ch.add.snat),
         false,
     );
     add_elements(
         batch,
         table,
         names::NFT_FORWARD_SET,
-        &forward_elements(&add_f),
+        &forward_elements(&ch.add.forward),
         false,
     );
 }
@@ -659,20 +663,21 @@ impl Backend for NftablesBackend {
 
     fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError> {
         let desired = super::canonical(desired);
+        let desired: &RuleSet = &desired;
         let mut report = ApplyReport::default();
         for attempt in 0..=super::MAX_RETRIES {
             let generation = self.sock()?.generation()?;
-            let state = match self.cache.get(generation) {
+            let mut state = match self.cache.take(generation) {
                 Some(s) => {
                     report.cache_hit = true;
-                    s.clone()
+                    s
                 }
                 None => {
                     report.cache_hit = false;
                     self.read_state()?
                 }
             };
-            let batch = self.build(&state, &desired);
+            let (batch, changes) = self.build(&state, desired);
             if batch.is_empty() {
                 self.cache.set(generation, state);
                 return Ok(report);
@@ -680,21 +685,24 @@ impl Backend for NftablesBackend {
             report.rebuilt = !state.structure_ok;
             report.messages = batch.len();
             report.bytes = batch.byte_len();
-            let (add_d, del_d) = diff(&state.rules.dnat, &desired.dnat);
-            report.removed_dnat = del_d;
-            report.added_dnat = add_d;
+            report.removed_dnat = changes.del.dnat.clone();
+            report.added_dnat = changes.add.dnat.clone();
             let fin = batch.finalize(Some(generation));
             match self.sock()?.send_batch(fin) {
                 Ok(()) => {
                     let after = self.sock()?.generation()?;
-                    let new_state = NativeState {
-                        table_exists: true,
-                        structure_ok: true,
-                        rules: desired.clone(),
-                    };
                     // Only our commit happened in between: the table is known.
                     if after == generation.wrapping_add(1) {
-                        self.cache.set(after, new_state);
+                        if state.structure_ok {
+                            changes.apply_to(&mut state.rules);
+                        } else {
+                            state = NativeState {
+                                table_exists: true,
+                                structure_ok: true,
+                                rules: desired.clone(),
+                            };
+                        }
+                        self.cache.set(after, state);
                     } else {
                         self.cache.clear();
                     }
