@@ -264,3 +264,55 @@ fn apiserver_outage_and_agent_restarts_keep_traffic_flowing() {
     assert_eq!(w.dnat(), one);
     assert!(w.roundtrip(25));
 }
+
+#[test]
+fn detected_public_address_and_its_change_retarget_the_rules() {
+    let w = World::new("agaddr");
+    let _echo = EchoServer::start(&w.sandbox.pod_a, 2525);
+    // No --public-address: the agent finds 203.0.113.7 on the node (the
+    // pods' 10.x side is filtered by default).
+    let agent = w.start_agent_with(&[]);
+    agent.wait_first_sync();
+    w.create_pod("mx-a", NODE, Some(&annotation(&[(25, 2525)])));
+    w.set_running("mx-a", POD_A_IP);
+    wait_for("the mapping on the detected address", WAIT, || {
+        w.dnat() == set(&["203.0.113.7:25/tcp → 10.1.0.5:2525"])
+    });
+    wait_for("TCP through the NAT", WAIT, || w.roundtrip(25));
+
+    // The node's public address changes: the rules follow.
+    w.sandbox
+        .node
+        .sh("ip addr add 198.51.100.7/24 dev pub0 && ip addr del 203.0.113.7/24 dev pub0");
+    wait_for("the mapping on the new address", WAIT, || {
+        w.dnat() == set(&["198.51.100.7:25/tcp → 10.1.0.5:2525"])
+    });
+    wait_for("a NATApplied event naming the new address", WAIT, || {
+        w.events("mx-a", "NATApplied").last().map(String::as_str)
+            == Some("198.51.100.7:25/tcp → 10.1.0.5:2525")
+    });
+}
+
+#[test]
+fn dry_run_agent_prints_the_changes_and_touches_nothing() {
+    let w = World::new("agdry");
+    let agent = w.start_agent(&["-dryrun"]);
+    agent.wait_first_sync();
+    w.create_pod("mx-a", NODE, Some(&annotation(&[(25, 2525)])));
+    w.set_running("mx-a", POD_A_IP);
+    wait_for("the printed diff", WAIT, || {
+        agent.count("203.0.113.7 . tcp . 25") > 0
+    });
+    assert!(
+        !w.sandbox
+            .node
+            .try_sh("nft list table ip podnat")
+            .status
+            .success(),
+        "dry run created the table"
+    );
+    assert!(
+        w.events("mx-a", "NATApplied").is_empty(),
+        "dry run published an event"
+    );
+}

@@ -220,8 +220,17 @@ impl World {
         found.into_iter().map(|(_, n)| n).collect()
     }
 
-    /// The agent, in the node namespace, as the agent identity.
+    /// The agent, in the node namespace, as the agent identity, with
+    /// `--public-address 203.0.113.7`.
     pub fn start_agent(&self, extra: &[&str]) -> Agent {
+        let mut args = vec!["--public-address", PUBLIC_IP];
+        args.extend_from_slice(extra);
+        self.start_agent_with(&args)
+    }
+
+    /// The agent with exactly these extra flags (public address detected
+    /// unless one is passed).
+    pub fn start_agent_with(&self, extra: &[&str]) -> Agent {
         let log = self.cluster.dir.join(format!(
             "agent-{}.log",
             AGENT_SEQ.fetch_add(1, Ordering::Relaxed)
@@ -236,8 +245,6 @@ impl World {
             .args([
                 "-nodeid",
                 NODE,
-                "--public-address",
-                PUBLIC_IP,
                 "-firewallflavor=nftables",
                 "-stateflavor=none",
             ])
