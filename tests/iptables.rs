@@ -193,6 +193,25 @@ fn netlink_debug(ns: &Netns, table: &str) -> String {
         .join("\n")
 }
 
+/// The chains of the `ip nat` and `ip filter` tables as `nft list chains`
+/// declares them (type, hook, priority, policy), sorted by name.
+fn chain_decls(ns: &Netns) -> Vec<String> {
+    let out = ns.sh("nft list chains ip 2>/dev/null");
+    let mut decls: Vec<String> = out
+        .split("chain ")
+        .skip(1)
+        .map(|c| {
+            c.lines()
+                .take_while(|l| !l.trim().starts_with('}'))
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    decls.sort();
+    decls
+}
+
 #[test]
 fn iptables_nft_reads_the_rules_as_its_own() {
     let ns = Netns::new("ipt-oracle");
@@ -251,6 +270,10 @@ fn iptables_nft_reads_the_rules_as_its_own() {
         assert_eq!(ours, netlink_debug(&twin, t), "table {t}");
     }
     assert_eq!(agent_save(&ns), agent_save(&twin));
+    // Tables and base chains made as iptables-nft makes them: only the base
+    // chains in use, with iptables-nft's hooks, priorities and policies.
+    assert_eq!(chain_decls(&ns), chain_decls(&twin));
+    assert_eq!(chain_decls(&ns).len(), 6, "{:?}", chain_decls(&ns));
 
     // What the agent reads back from iptables-nft's rules is the rule set.
     let back = twin.run(|| {

@@ -21,9 +21,9 @@ use super::netlink::{
     attr_be64, attr_str, find_attr, sys, Attrs, FinalBatch, NetlinkError, NfSocket, NftBatch,
     NftMsg,
 };
-use super::{canonical, diff, view, ApplyReport, Backend, FirewallError, GenerationCache};
+use super::{canonical, view, ApplyReport, Backend, FirewallError, GenerationCache};
 use crate::config::JumpPositions;
-use crate::model::{RuleSet, INTERNAL_NETWORKS};
+use crate::model::{Mapping, RuleSet, INTERNAL_NETWORKS};
 
 const AF_INET: u8 = libc::AF_INET as u8;
 const NAT: &str = "nat";
@@ -184,8 +184,8 @@ impl Changes {
     fn plan(state: &IptState, desired: &RuleSet, jumps: &JumpPositions) -> Changes {
         let want = desired_chains(desired);
         let own = std::array::from_fn(|i| {
-            let current: Vec<Option<AgentRule>> =
-                state.own[i].iter().map(|s| s.rule.clone()).collect();
+            let current: Vec<Option<&AgentRule>> =
+                state.own[i].iter().map(|s| s.rule.as_ref()).collect();
             plan_chain(&current, &want[i])
         });
         let jump_plans = std::array::from_fn(|i| {
@@ -229,25 +229,60 @@ impl Changes {
     }
 
     /// The state after this plan commits: inserted rules without handles.
-    fn after(&self, state: &IptState) -> IptState {
+    fn after(&self, state: IptState) -> IptState {
+        let IptState { parents, own, .. } = state;
+        let mut parents = parents.into_iter();
+        let mut own = own.into_iter();
         IptState {
             nat_exists: true,
             filter_exists: true,
             parent_exists: [true; 3],
             own_exists: [true; 3],
             parents: std::array::from_fn(|i| {
-                apply_plan(&state.parents[i], &self.jumps[i], |_| Slot {
-                    handle: None,
-                    rule: ParentRule::Jump { exact: true },
+                apply_plan(parents.next().unwrap_or_default(), &self.jumps[i], |_| {
+                    Slot {
+                        handle: None,
+                        rule: ParentRule::Jump { exact: true },
+                    }
                 })
             }),
             own: std::array::from_fn(|i| {
-                apply_plan(&state.own[i], &self.own[i], |r| Slot {
+                apply_plan(own.next().unwrap_or_default(), &self.own[i], |r| Slot {
                     handle: None,
                     rule: Some(r.clone()),
                 })
             }),
         }
+    }
+
+    /// DNAT mappings this plan adds and removes (for the report and the
+    /// UDP conntrack flush): as a diff of the decoded rules, not counting
+    /// a rule that is only moved.
+    fn dnat_changes(&self, state: &IptState, desired: &RuleSet) -> (Vec<Mapping>, Vec<Mapping>) {
+        let pre = Place::Pre.index();
+        let mut current: Vec<&Mapping> = state.own[pre]
+            .iter()
+            .filter_map(|s| match &s.rule {
+                Some(AgentRule::Dnat(m)) => Some(m),
+                _ => None,
+            })
+            .collect();
+        current.sort_unstable();
+        current.dedup();
+        let added = self.own[pre]
+            .insert
+            .iter()
+            .filter_map(|(r, _)| match r {
+                AgentRule::Dnat(m) if current.binary_search(&m).is_err() => Some(m.clone()),
+                _ => None,
+            })
+            .collect();
+        let removed = current
+            .into_iter()
+            .filter(|m| desired.dnat.binary_search(m).is_err())
+            .cloned()
+            .collect();
+        (added, removed)
     }
 }
 
@@ -499,11 +534,11 @@ impl IptablesBackend {
         desired: &RuleSet,
         report: &mut ApplyReport,
     ) -> Result<(IptState, Changes), NetlinkError> {
-        if let Some(s) = self.cache.get(generation) {
-            let changes = Changes::plan(s, desired, &self.jumps);
-            if changes.handles_known(s) {
+        if let Some(s) = self.cache.take(generation) {
+            let changes = Changes::plan(&s, desired, &self.jumps);
+            if changes.handles_known(&s) {
                 report.cache_hit = true;
-                return Ok((s.clone(), changes));
+                return Ok((s, changes));
             }
         }
         report.cache_hit = false;
@@ -579,7 +614,7 @@ impl IptablesBackend {
                     .map(|s| s.rule.as_ref().map(|r| line(r, place, n)))
                     .collect();
                 Self::delete_lines(&mut t, own, plan, &specs);
-                let after = apply_plan(&state.own[i], plan, |r| Slot {
+                let after = apply_plan(state.own[i].clone(), plan, |r| Slot {
                     handle: None,
                     rule: Some(r.clone()),
                 });
@@ -666,7 +701,7 @@ impl Backend for IptablesBackend {
             report.rebuilt = changes.creates();
             report.messages = batch.len();
             report.bytes = batch.byte_len();
-            let (added, removed) = diff(&state.rules().dnat, &desired.dnat);
+            let (added, removed) = changes.dnat_changes(&state, &desired);
             report.added_dnat = added;
             report.removed_dnat = removed;
             match self.sock()?.send_batch(batch.finalize(Some(generation))) {
@@ -675,7 +710,7 @@ impl Backend for IptablesBackend {
                     // Only our commit happened in between: the chains are known
                     // (but for the handles of what was just added).
                     if after == generation.wrapping_add(1) {
-                        self.cache.set(after, changes.after(&state));
+                        self.cache.set(after, changes.after(state));
                     } else {
                         self.cache.clear();
                     }
@@ -862,11 +897,10 @@ COMMIT
 
     #[test]
     fn the_state_after_a_plan_plans_nothing() {
-        let names = Names::new("podnat");
         let jumps = JumpPositions::default();
         let state = IptState::default();
         let changes = Changes::plan(&state, &mail(), &jumps);
-        let after = changes.after(&state);
+        let after = changes.after(state);
         assert_eq!(after.rules(), mail());
         let again = Changes::plan(&after, &mail(), &jumps);
         assert!(again.is_empty());

@@ -64,11 +64,11 @@ impl<T> ChainPlan<T> {
 /// deleted, and each missing rule goes before the first kept rule that
 /// sorts after it. The result is `desired` in order, with the fewest
 /// deletes.
-pub fn plan_chain<T: Ord + Clone>(current: &[Option<T>], desired: &[T]) -> ChainPlan<T> {
+pub fn plan_chain<T: Ord + Clone>(current: &[Option<&T>], desired: &[T]) -> ChainPlan<T> {
     let wanted: Vec<(usize, &T)> = current
         .iter()
         .enumerate()
-        .filter_map(|(i, r)| r.as_ref().map(|r| (i, r)))
+        .filter_map(|(i, r)| r.map(|r| (i, r)))
         .filter(|(_, r)| desired.binary_search(r).is_ok())
         .collect();
     let keep = longest_increasing(&wanted);
@@ -173,8 +173,8 @@ pub fn plan_jump(current: &[ParentRule], requested: i32) -> ChainPlan<()> {
 /// an anchor lands right before it (after rules inserted there earlier in
 /// the batch); appended rules go to the end in order. `new` makes the
 /// element for an inserted rule.
-pub fn apply_plan<E: Clone, T>(
-    current: &[E],
+pub fn apply_plan<E, T>(
+    current: Vec<E>,
     plan: &ChainPlan<T>,
     mut new: impl FnMut(&T) -> E,
 ) -> Vec<E> {
@@ -188,12 +188,12 @@ pub fn apply_plan<E: Clone, T>(
     }
     let deleted: std::collections::BTreeSet<usize> = plan.delete.iter().copied().collect();
     let mut out = Vec::with_capacity(current.len() + plan.insert.len());
-    for (i, e) in current.iter().enumerate() {
+    for (i, e) in current.into_iter().enumerate() {
         for t in before.get(&i).into_iter().flatten() {
             out.push(new(t));
         }
         if !deleted.contains(&i) {
-            out.push(e.clone());
+            out.push(e);
         }
     }
     for t in appended {
@@ -240,7 +240,7 @@ mod tests {
     /// Positions (1-based) of exact jumps after the plan.
     fn jumps_after(current: &[ParentRule], r: i32) -> (Vec<usize>, ChainPlan<()>) {
         let plan = plan_jump(current, r);
-        let after = apply_plan(current, &plan, |_| J);
+        let after = apply_plan(current.to_vec(), &plan, |_| J);
         let at = after
             .iter()
             .enumerate()
@@ -280,10 +280,21 @@ mod tests {
         assert_eq!(plan.insert, vec![((), Anchor::Before(1))]);
     }
 
+    /// `plan_chain` over owned values, and the chain after the plan.
+    fn plan_owned(cur: &[Option<i32>], want: &[i32]) -> (ChainPlan<i32>, Vec<i32>) {
+        let refs: Vec<Option<&i32>> = cur.iter().map(Option::as_ref).collect();
+        let plan = plan_chain(&refs, want);
+        let after = apply_plan(cur.to_vec(), &plan, |t| Some(*t))
+            .into_iter()
+            .flatten()
+            .collect();
+        (plan, after)
+    }
+
     #[test]
     fn chain_plan_keeps_sorted_survivors() {
         let cur = [Some(1), Some(3), None, Some(5), Some(9)];
-        let plan = plan_chain(&cur, &[1, 2, 5, 6, 10]);
+        let (plan, after) = plan_owned(&cur, &[1, 2, 5, 6, 10]);
         assert_eq!(plan.delete, vec![1, 2, 4]);
         assert_eq!(
             plan.insert,
@@ -293,28 +304,19 @@ mod tests {
                 (10, Anchor::Append)
             ]
         );
-        let after: Vec<i32> = apply_plan(&cur, &plan, |t| Some(*t))
-            .into_iter()
-            .flatten()
-            .collect();
         assert_eq!(after, vec![1, 2, 5, 6, 10]);
-        assert!(plan_chain(&[Some(1), Some(2)], &[1, 2]).is_empty());
+        assert!(plan_owned(&[Some(1), Some(2)], &[1, 2]).0.is_empty());
     }
 
     #[test]
     fn chain_plan_repairs_order_and_duplicates() {
-        let cur = [Some(2), Some(1), Some(2), Some(3)];
-        let plan = plan_chain(&cur, &[1, 2, 3]);
+        let (plan, after) = plan_owned(&[Some(2), Some(1), Some(2), Some(3)], &[1, 2, 3]);
         assert_eq!(plan.delete, vec![0]);
         assert!(plan.insert.is_empty());
+        assert_eq!(after, vec![1, 2, 3]);
         // A copy of a late rule at the head: only the copy goes.
-        let cur = [Some(9), Some(1), Some(5), Some(9)];
-        let plan = plan_chain(&cur, &[1, 5, 9]);
+        let (plan, after) = plan_owned(&[Some(9), Some(1), Some(5), Some(9)], &[1, 5, 9]);
         assert_eq!(plan.delete, vec![0]);
-        let after: Vec<i32> = apply_plan(&cur, &plan, |t| Some(*t))
-            .into_iter()
-            .flatten()
-            .collect();
         assert_eq!(after, vec![1, 5, 9]);
     }
 
@@ -325,7 +327,8 @@ mod tests {
             want in proptest::collection::btree_set(0u8..12, 0..10),
         ) {
             let want: Vec<u8> = want.into_iter().collect();
-            let plan = plan_chain(&cur, &want);
+            let refs: Vec<Option<&u8>> = cur.iter().map(Option::as_ref).collect();
+            let plan = plan_chain(&refs, &want);
             for i in plan.referenced() {
                 prop_assert!(i < cur.len());
             }
@@ -335,11 +338,12 @@ mod tests {
                     prop_assert!(!plan.delete.contains(i));
                 }
             }
-            let after: Vec<Option<u8>> = apply_plan(&cur, &plan, |t| Some(*t));
+            let after: Vec<Option<u8>> = apply_plan(cur.clone(), &plan, |t| Some(*t));
             prop_assert_eq!(after.iter().flatten().copied().collect::<Vec<_>>(), want.clone());
             prop_assert!(after.iter().all(Option::is_some));
             // Idempotent: planning again changes nothing.
-            prop_assert!(plan_chain(&after, &want).is_empty());
+            let refs: Vec<Option<&u8>> = after.iter().map(Option::as_ref).collect();
+            prop_assert!(plan_chain(&refs, &want).is_empty());
             // Fewest deletes: every wanted rule kept is one not re-inserted.
             let kept = cur.len() - plan.delete.len();
             prop_assert_eq!(kept + plan.insert.len(), want.len());
@@ -360,7 +364,7 @@ mod tests {
                 .collect();
             let others = cur.iter().filter(|x| **x == F).count();
             let plan = plan_jump(&cur, r);
-            let after = apply_plan(&cur, &plan, |_| J);
+            let after = apply_plan(cur.clone(), &plan, |_| J);
             let jumps: Vec<usize> = after
                 .iter()
                 .enumerate()
