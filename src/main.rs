@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config, StateFlavor};
 use podnat_controller::firewall::netlink::NetlinkError;
-use podnat_controller::firewall::{backend_for, Backend, FirewallError, Names};
+use podnat_controller::firewall::{backend_with_jumps, Backend, FirewallError, Names};
 use podnat_controller::kube::events::EventSink;
 use podnat_controller::kube::watch::{self, PodWatchConfig};
 use podnat_controller::kube::{self, pod};
@@ -78,7 +78,7 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let names = Names::new(&config.resource_prefix);
-    let mut backend = backend_for(config.flavor, names.clone());
+    let mut backend = backend_with_jumps(config.flavor, names.clone(), config.jump);
     if let Some(Command::Cleanup) = config.command {
         if config.dry_run {
             println!(

@@ -316,3 +316,33 @@ fn dry_run_agent_prints_the_changes_and_touches_nothing() {
         "dry run published an event"
     );
 }
+
+#[test]
+fn default_iptables_flavor_works_end_to_end() {
+    let w = World::new("agipt");
+    let _echo = EchoServer::start(&w.sandbox.pod_a, 2525);
+    let agent = w.start_agent(&["-firewallflavor=iptables", "-iptablesJump=-1,-1,-1"]);
+    agent.wait_first_sync();
+    w.create_pod("mx-a", NODE, Some(&annotation(&[(25, 2525)])));
+    w.set_running("mx-a", POD_A_IP);
+    wait_for("TCP through the iptables flavor's DNAT", WAIT, || {
+        w.roundtrip(25)
+    });
+    let save = w.sandbox.node.sh("iptables-nft-save -t nat");
+    assert!(
+        save.contains("-A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 25")
+            && save.contains("mail:mx-a"),
+        "{save}"
+    );
+    wait_for("a NATApplied event", WAIT, || {
+        w.events("mx-a", "NATApplied") == vec!["203.0.113.7:25/tcp → 10.1.0.5:2525"]
+    });
+    w.delete_pod("mx-a");
+    wait_for("the DNAT rule removed", WAIT, || {
+        !w.sandbox
+            .node
+            .sh("iptables-nft-save -t nat")
+            .contains("mail:mx-a")
+    });
+    assert!(!w.roundtrip(25));
+}

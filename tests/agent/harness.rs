@@ -228,9 +228,15 @@ impl World {
         self.start_agent_with(&args)
     }
 
-    /// The agent with exactly these extra flags (public address detected
-    /// unless one is passed).
+    /// The agent with these extra flags (public address detected unless one
+    /// is passed; the nftables flavor unless one is passed).
     pub fn start_agent_with(&self, extra: &[&str]) -> Agent {
+        // The nftables flavor unless the test picks one.
+        let flavor: &[&str] = if extra.iter().any(|a| a.starts_with("-firewallflavor")) {
+            &[]
+        } else {
+            &["-firewallflavor=nftables"]
+        };
         let log = self.cluster.dir.join(format!(
             "agent-{}.log",
             AGENT_SEQ.fetch_add(1, Ordering::Relaxed)
@@ -242,12 +248,8 @@ impl World {
             .command(env!("CARGO_BIN_EXE_podnat-controller"))
             .args(["--kubeconfig"])
             .arg(&self.cluster.agent_kubeconfig)
-            .args([
-                "-nodeid",
-                NODE,
-                "-firewallflavor=nftables",
-                "-stateflavor=none",
-            ])
+            .args(["-nodeid", NODE, "-stateflavor=none"])
+            .args(flavor)
             .args(extra)
             .env_remove("NODE_NAME")
             .env_remove("HOSTNAME")
@@ -293,8 +295,20 @@ impl Agent {
 
     pub fn wait_first_sync(&self) {
         wait_for("the agent's first sync", WAIT, || {
+            assert!(self.running(), "the agent exited:\n{}", self.log());
             self.count("first sync applied") > 0
         });
+    }
+
+    /// The process is there and not a zombie.
+    pub fn running(&self) -> bool {
+        std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
+            .ok()
+            .and_then(|stat| {
+                stat.rsplit_once(") ")
+                    .map(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'))
+            })
+            .unwrap_or(false)
     }
 
     pub fn kill9(&mut self) {
