@@ -13,7 +13,9 @@ use netlink_packet_core::{
 use netlink_packet_netfilter::conntrack::{
     ConntrackAttribute, ConntrackMessage, IPTuple, ProtoTuple, Protocol, Tuple,
 };
-use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily};
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 /// Errors while flushing conntrack entries.
@@ -127,7 +129,11 @@ pub fn flush_udp(targets: &BTreeSet<(Ipv4Addr, u16)>) -> Result<usize, Conntrack
     for (i, tuple) in doomed.into_iter().enumerate() {
         let seq = 2 + i as u32;
         sock.send(
-            &request(ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple)]), NLM_F_ACK, seq),
+            &request(
+                ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple)]),
+                NLM_F_ACK,
+                seq,
+            ),
             0,
         )?;
         let n = sock.recv(&mut &mut buf[..], 0)?;

@@ -95,10 +95,7 @@ impl TestCluster {
 
         let text = std::fs::read_to_string(dir.join("env"))
             .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.join("env").display()));
-        let env: HashMap<&str, &str> = text
-            .lines()
-            .filter_map(|l| l.split_once('='))
-            .collect();
+        let env: HashMap<&str, &str> = text.lines().filter_map(|l| l.split_once('=')).collect();
         let get = |k: &str| -> String {
             match env.get(k) {
                 Some(v) => v.to_string(),
