@@ -10,7 +10,6 @@
 //! only send + answers timed.
 
 #[path = "../tests/support/netns.rs"]
-#[allow(dead_code)]
 mod netns;
 
 use std::fmt::Write as _;

@@ -4,7 +4,9 @@
 pub mod annotation;
 pub mod config;
 pub mod firewall;
+pub mod http;
 pub mod kube;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod plan;

@@ -10,6 +10,7 @@ use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config, StateFlavor};
 use podnat_controller::firewall::netlink::NetlinkError;
 use podnat_controller::firewall::{backend_with_jumps, Backend, FirewallError, Names};
+use podnat_controller::http::{self, AddressSource, HttpContext};
 use podnat_controller::kube::events::EventSink;
 use podnat_controller::kube::watch::{self, PodWatchConfig};
 use podnat_controller::kube::{self, pod};
@@ -168,6 +169,12 @@ fn run_agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> anyh
 }
 
 async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> anyhow::Result<()> {
+    // Bound first: a taken port stops the agent before it does anything.
+    let listener = http::bind(std::net::SocketAddr::from((
+        std::net::Ipv4Addr::UNSPECIFIED,
+        config.http_port,
+    )))
+    .await?;
     let (client, _) = kube::connect(config.kubeconfig.as_deref()).await?;
     if config.state_flavor != StateFlavor::None {
         tracing::info!(
@@ -203,6 +210,7 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         EventSink::spawn(client, node_id.clone()).0
     };
     let status = Arc::new(AgentStatus::new(events.stats()));
+    spawn_http(listener, &config, &node_id, &status);
     let backend = BackendWorker::spawn(backend)?;
     let reconciler = Reconciler::new(
         ReconcileConfig::new(&config, &node_id),
@@ -214,6 +222,40 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
     );
     reconciler.run(shutdown_signal()).await?;
     Ok(())
+}
+
+/// Serves the HTTP endpoints on `listener` for as long as the runtime runs.
+fn spawn_http(
+    listener: tokio::net::TcpListener,
+    config: &Config,
+    node_id: &str,
+    status: &Arc<AgentStatus>,
+) {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving /healthz, /ready, /ping, /entries/list, /metrics");
+    }
+    let ctx = HttpContext {
+        registry: podnat_controller::metrics::registry(status),
+        status: status.clone(),
+        flavor: config.flavor,
+        view: std::sync::Mutex::new(backend_with_jumps(
+            config.flavor,
+            Names::new(&config.resource_prefix),
+            config.jump,
+        )),
+        node: node_id.to_string(),
+        dry_run: config.dry_run,
+        address_source: if config.public_address.is_some() {
+            AddressSource::Flag
+        } else {
+            AddressSource::Detected
+        },
+    };
+    tokio::spawn(async move {
+        if let Err(e) = http::serve(listener, http::router(ctx)).await {
+            tracing::error!(error = %e, "the HTTP endpoints are down; NAT goes on");
+        }
+    });
 }
 
 /// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT.

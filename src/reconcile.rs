@@ -24,6 +24,7 @@ use crate::firewall::{ApplyReport, Backend, FirewallError};
 use crate::kube::events::{self, EventSink, EventStats, PodEvent, Reason};
 use crate::kube::pod;
 use crate::kube::watch::{FeedState, PodFeed};
+use crate::metrics::Metrics;
 use crate::model::{PodRef, RuleSet};
 use crate::net::address::Choice;
 use crate::plan::{self, NatTable, PlanConfig};
@@ -94,6 +95,9 @@ pub struct LastReconcile {
     /// The last apply error, cleared by the next success.
     pub error: Option<String>,
     pub at: Option<SystemTime>,
+    /// The public address choice the table was planned with (with the
+    /// addresses passed over and why).
+    pub address: Option<Choice>,
 }
 
 /// Counters since start.
@@ -104,6 +108,8 @@ pub struct Counters {
     pub batches: AtomicU64,
     pub apply_errors: AtomicU64,
     pub watch_errors: AtomicU64,
+    /// Watch events that changed the pod store (the feed's revision).
+    pub watch_events: AtomicU64,
     /// Pods in the store at the last reconcile.
     pub pods: AtomicU64,
 }
@@ -117,6 +123,10 @@ pub struct AgentStatus {
     last: Mutex<LastReconcile>,
     pub counters: Counters,
     events: Mutex<Option<Arc<EventStats>>>,
+    /// Prometheus metrics the loop records (see `metrics`).
+    pub metrics: Metrics,
+    /// When the loop last showed it is alive (liveness).
+    heartbeat: Mutex<Option<std::time::Instant>>,
 }
 
 impl AgentStatus {
@@ -144,12 +154,26 @@ impl AgentStatus {
         lock(&self.events).clone()
     }
 
+    /// Time since the loop last beat (`None`: it has not started). It beats
+    /// every `HEARTBEAT` while waiting and after each reconcile, so a large
+    /// age means it is stuck (e.g. in an apply that never returns).
+    pub fn heartbeat_age(&self) -> Option<Duration> {
+        lock(&self.heartbeat).map(|t| t.elapsed())
+    }
+
+    fn beat(&self) {
+        *lock(&self.heartbeat) = Some(std::time::Instant::now());
+    }
+
     fn follow_feed(&self, feed: &FeedState) {
         self.apiserver_reachable
             .store(feed.reachable, Ordering::Release);
         self.counters
             .watch_errors
             .store(feed.errors, Ordering::Relaxed);
+        self.counters
+            .watch_events
+            .store(feed.revision, Ordering::Relaxed);
     }
 }
 
@@ -379,6 +403,8 @@ impl Wake {
 }
 
 const RETRY_MIN: Duration = Duration::from_secs(1);
+/// How often the waiting loop beats (see `AgentStatus::heartbeat_age`).
+pub const HEARTBEAT: Duration = Duration::from_secs(5);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 
 /// The loop's inputs and memory.
@@ -392,6 +418,7 @@ pub struct Reconciler {
     status: Arc<AgentStatus>,
     ledger: EventLedger,
     resync: Option<Interval>,
+    heartbeat: Option<Interval>,
     retry_at: Option<Instant>,
     failures: u32,
     /// The rules the kernel holds since our last successful apply.
@@ -420,6 +447,7 @@ impl Reconciler {
             status,
             ledger: EventLedger::default(),
             resync: None,
+            heartbeat: None,
             retry_at: None,
             failures: 0,
             applied: None,
@@ -433,6 +461,8 @@ impl Reconciler {
     /// the rules stay) or a fatal error.
     pub async fn run(mut self, shutdown: impl Future<Output = ()>) -> Result<(), ReconcileError> {
         let mut shutdown = std::pin::pin!(shutdown);
+        self.status.beat();
+        self.heartbeat = Some(tokio::time::interval(HEARTBEAT));
         tracing::info!(
             flavor = self.backend.name(),
             dry_run = self.cfg.dry_run,
@@ -454,6 +484,7 @@ impl Reconciler {
                     return Ok(());
                 }
                 r = self.feed.state.changed() => r.map_err(|_| ReconcileError::WatcherStopped)?,
+                () = tick(&mut self.heartbeat) => self.status.beat(),
             }
         }
         self.resync = self.cfg.resync.map(|period| {
@@ -529,6 +560,7 @@ impl Reconciler {
                     return Ok(Wake::Address);
                 }
                 () = tick(&mut self.resync) => return Ok(Wake::Resync),
+                () = tick(&mut self.heartbeat) => self.status.beat(),
                 () = sleep_until(retry_at) => {
                     self.retry_at = None;
                     return Ok(Wake::Retry);
@@ -538,13 +570,14 @@ impl Reconciler {
     }
 
     async fn reconcile(&mut self, force: bool, why: &str) -> Result<(), ReconcileError> {
+        let _timer = self.status.metrics.reconcile_timer();
         let pods = self.feed.store.state();
         let facts: Vec<_> = pods
             .iter()
             .map(|p| pod::facts(p, &self.cfg.annotation_key))
             .collect();
-        let address = self.address.borrow().chosen;
-        let table = plan::plan(&facts, address, &self.cfg.plan);
+        let choice = self.address.borrow().clone();
+        let table = plan::plan(&facts, choice.chosen, &self.cfg.plan);
         let counters = &self.status.counters;
         counters.reconciles.fetch_add(1, Ordering::Relaxed);
         counters.pods.store(pods.len() as u64, Ordering::Relaxed);
@@ -589,6 +622,7 @@ impl Reconciler {
                     self.failures = 0;
                     self.retry_at = None;
                     log_apply(&report, &table, why);
+                    self.status.metrics.observe_batch(&report);
                     if report.messages > 0 {
                         counters.batches.fetch_add(1, Ordering::Relaxed);
                     }
@@ -625,13 +659,17 @@ impl Reconciler {
             self.events.publish(ev);
         }
 
+        self.status.metrics.observe_table(&table, !self.cfg.dry_run);
         let mut last = lock(&self.status.last);
         if report.is_some() {
             last.report = report;
         }
         last.error = None;
         last.table = Some(table);
+        last.address = Some(choice);
         last.at = Some(SystemTime::now());
+        drop(last);
+        self.status.beat();
         Ok(())
     }
 
@@ -648,6 +686,7 @@ impl Reconciler {
             .counters
             .apply_errors
             .fetch_add(1, Ordering::Relaxed);
+        self.status.metrics.apply_failed(e.metric_label());
         lock(&self.status.last).error = Some(e.to_string());
         tracing::error!(error = %e, retry_in = ?delay, "cannot program the NAT table; the kernel keeps its previous rules");
     }

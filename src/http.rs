@@ -1,0 +1,488 @@
+//! The agent's HTTP endpoints (axum): liveness, readiness, the NAT entries
+//! and the rule view, Prometheus metrics. Read-only: everything served comes
+//! from the shared [`AgentStatus`]; nothing here changes what the loop does.
+//!
+//! | path | answer |
+//! |---|---|
+//! | `/healthz` | 200 while the loop's heartbeat is recent, else 503 |
+//! | `/ping` | `pong` |
+//! | `/ready` | 200 once the first sync is applied and while the API server answers, else 503 |
+//! | `/entries/list` | the NAT entries as JSON; `?format=iptables` / `?format=nft`: the rule view |
+//! | `/metrics` | Prometheus text (OpenMetrics when the scraper asks for it) |
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use prometheus_client::registry::Registry;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+
+use crate::config::Flavor;
+use crate::firewall::Backend;
+use crate::model::{PodRef, Proto};
+use crate::net::address::Choice;
+use crate::plan::NatTable;
+use crate::reconcile::AgentStatus;
+
+/// Errors at the HTTP boundary.
+#[derive(Debug, thiserror::Error)]
+pub enum HttpError {
+    #[error("cannot listen on {addr} (-httpport): {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the HTTP server stopped: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// The loop beats every `reconcile::HEARTBEAT` while it waits and after
+/// each reconcile; this much silence means it is stuck.
+pub const LIVENESS_LIMIT: Duration = Duration::from_secs(60);
+
+/// Where the public address comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AddressSource {
+    /// `--public-address`.
+    Flag,
+    /// Auto detection over rtnetlink.
+    Detected,
+}
+
+/// What the endpoints serve from.
+pub struct HttpContext {
+    pub status: Arc<AgentStatus>,
+    pub registry: Registry,
+    pub flavor: Flavor,
+    /// Renders the rule view: a backend of the agent's flavor used only for
+    /// `Backend::view`, which touches no kernel state (the live backend
+    /// belongs to the firewall thread).
+    pub view: Mutex<Box<dyn Backend>>,
+    pub node: String,
+    pub dry_run: bool,
+    pub address_source: AddressSource,
+}
+
+/// The router over `ctx`.
+pub fn router(ctx: HttpContext) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/ping", get(|| async { "pong\n" }))
+        .route("/ready", get(ready))
+        .route("/entries/list", get(entries))
+        .route("/metrics", get(metrics))
+        .with_state(Arc::new(ctx))
+}
+
+/// Binds the listener (at start, so a taken port stops the agent at once).
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| HttpError::Bind { addr, source })
+}
+
+/// Serves until the task is dropped.
+pub async fn serve(listener: TcpListener, router: Router) -> Result<(), HttpError> {
+    axum::serve(listener, router)
+        .await
+        .map_err(HttpError::Serve)
+}
+
+type Ctx = State<Arc<HttpContext>>;
+
+fn text(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response()
+}
+
+async fn healthz(State(ctx): Ctx) -> Response {
+    match ctx.status.heartbeat_age() {
+        Some(age) if age <= LIVENESS_LIMIT => text(StatusCode::OK, "ok\n".into()),
+        Some(age) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "the reconcile loop has not beaten for {}s (limit {}s): it is stuck\n",
+                age.as_secs(),
+                LIVENESS_LIMIT.as_secs()
+            ),
+        ),
+        None => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the reconcile loop has not started\n".into(),
+        ),
+    }
+}
+
+async fn ready(State(ctx): Ctx) -> Response {
+    let mut missing = Vec::new();
+    if !ctx.status.first_sync_applied() {
+        missing.push("the first full pod list is not applied yet");
+    }
+    if !ctx.status.apiserver_reachable() {
+        missing.push("the Kubernetes API server does not answer");
+    }
+    if missing.is_empty() {
+        text(StatusCode::OK, "ready\n".into())
+    } else {
+        text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", missing.join("; ")),
+        )
+    }
+}
+
+async fn metrics(State(ctx): Ctx, headers: HeaderMap) -> Response {
+    use prometheus_client::encoding::{prometheus_text, text as openmetrics};
+    let wants_openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let mut body = String::new();
+    let (result, content_type) = if wants_openmetrics {
+        (
+            openmetrics::encode(&mut body, &ctx.registry),
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )
+    } else {
+        (
+            prometheus_text::encode(&mut body, &ctx.registry),
+            prometheus_text::CONTENT_TYPE,
+        )
+    };
+    match result {
+        Ok(()) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
+        Err(_) => text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "cannot encode the metrics\n".into(),
+        ),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct EntriesQuery {
+    format: Option<String>,
+}
+
+/// The state of one entry in `/entries/list`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EntryState {
+    /// The kernel holds it.
+    Applied,
+    /// Dry run: it would be applied.
+    Planned,
+    /// Another pod holds its public address:port/proto.
+    ConflictLost,
+    /// Waits for a public address to be detected.
+    Pending,
+    /// The pod's annotation was rejected (no NAT for the whole pod).
+    Invalid,
+}
+
+/// One row of `/entries/list`. Every key is always present; what the agent
+/// does not know for a state is `null` (a losing or pending entry's pod
+/// address, an invalid annotation's ports).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Entry {
+    pub namespace: String,
+    pub pod: String,
+    pub public_address: Option<Ipv4Addr>,
+    pub public_port: Option<u16>,
+    pub pod_address: Option<Ipv4Addr>,
+    pub pod_port: Option<u16>,
+    pub proto: Option<Proto>,
+    pub state: EntryState,
+    /// Why it is not applied (conflict, pending, the parser's error).
+    pub message: Option<String>,
+    /// The pod that holds the port (`namespace:name`), for a lost conflict.
+    pub winner: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SkippedAddress {
+    pub address: Ipv4Addr,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct PublicAddress {
+    pub chosen: Option<Ipv4Addr>,
+    pub source: AddressSource,
+    pub skipped: Vec<SkippedAddress>,
+}
+
+/// The JSON document of `/entries/list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct EntriesList {
+    pub node: String,
+    pub flavor: &'static str,
+    pub dry_run: bool,
+    pub first_sync_applied: bool,
+    pub apiserver_reachable: bool,
+    /// RFC 3339 time of the last reconcile that completed.
+    pub last_reconcile: Option<String>,
+    /// The last apply error, cleared by the next success.
+    pub last_error: Option<String>,
+    pub public_address: PublicAddress,
+    pub entries: Vec<Entry>,
+}
+
+fn flavor_format(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Iptables => "iptables",
+        Flavor::Nftables => "nft",
+    }
+}
+
+async fn entries(State(ctx): Ctx, Query(q): Query<EntriesQuery>) -> Response {
+    let last = ctx.status.last();
+    let own = flavor_format(ctx.flavor);
+    match q.format.as_deref() {
+        None | Some("json") => {}
+        Some(f) if f == own => {
+            let rules = last.table.map(|t| t.rules).unwrap_or_default();
+            let view = ctx
+                .view
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .view(&rules);
+            return text(StatusCode::OK, view);
+        }
+        Some(f @ ("iptables" | "nft")) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "this agent runs the {} flavor, whose rule view is ?format={own}; it has no {f} view\n",
+                    flavor_name(ctx.flavor)
+                ),
+            )
+        }
+        Some(f) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("unknown format {f:?}: use json (the default) or {own}\n"),
+            )
+        }
+    }
+    let list = EntriesList {
+        node: ctx.node.clone(),
+        flavor: flavor_name(ctx.flavor),
+        dry_run: ctx.dry_run,
+        first_sync_applied: ctx.status.first_sync_applied(),
+        apiserver_reachable: ctx.status.apiserver_reachable(),
+        last_reconcile: last.at.and_then(rfc3339),
+        last_error: last.error,
+        public_address: public_address(last.address.as_ref(), ctx.address_source),
+        entries: last
+            .table
+            .as_ref()
+            .map(|t| entry_rows(t, ctx.dry_run))
+            .unwrap_or_default(),
+    };
+    Json(list).into_response()
+}
+
+fn flavor_name(flavor: Flavor) -> &'static str {
+    match flavor {
+        Flavor::Iptables => "iptables",
+        Flavor::Nftables => "nftables",
+    }
+}
+
+fn rfc3339(t: SystemTime) -> Option<String> {
+    k8s_openapi::jiff::Timestamp::try_from(t)
+        .ok()
+        .map(|t| t.to_string())
+}
+
+fn public_address(choice: Option<&Choice>, source: AddressSource) -> PublicAddress {
+    PublicAddress {
+        chosen: choice.and_then(|c| c.chosen),
+        source,
+        skipped: choice
+            .map(|c| {
+                c.skipped
+                    .iter()
+                    .map(|(address, why)| SkippedAddress {
+                        address: *address,
+                        reason: why.to_string(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// The rows of `/entries/list` for a planned table: winners, losers, pending
+/// entries and rejected pods, by pod then public port.
+pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
+    let row = |pod: &PodRef, state| Entry {
+        namespace: pod.namespace.clone(),
+        pod: pod.name.clone(),
+        public_address: None,
+        public_port: None,
+        pod_address: None,
+        pod_port: None,
+        proto: None,
+        state,
+        message: None,
+        winner: None,
+    };
+    let mut rows = Vec::new();
+    for m in &table.rules.dnat {
+        let state = if dry_run {
+            EntryState::Planned
+        } else {
+            EntryState::Applied
+        };
+        rows.push(Entry {
+            public_address: Some(m.key.public_ip),
+            public_port: Some(m.key.public_port),
+            pod_address: Some(m.pod_ip),
+            pod_port: Some(m.pod_port),
+            proto: Some(m.key.proto),
+            ..row(&m.owner, state)
+        });
+    }
+    for c in &table.conflicts {
+        rows.push(Entry {
+            public_address: Some(c.key.public_ip),
+            public_port: Some(c.key.public_port),
+            proto: Some(c.key.proto),
+            message: Some(format!(
+                "{} is taken by {} (a Ready pod beats a not-ready one, then the newer pod wins)",
+                c.key, c.winner
+            )),
+            winner: Some(c.winner.to_string()),
+            ..row(&c.loser, EntryState::ConflictLost)
+        });
+    }
+    for p in &table.pending {
+        rows.push(Entry {
+            public_port: Some(p.public_port),
+            pod_port: Some(p.pod_port),
+            proto: Some(p.proto),
+            message: Some(format!(
+                "entries[{}] uses the node's public address, and none is detected yet",
+                p.entry
+            )),
+            ..row(&p.pod, EntryState::Pending)
+        });
+    }
+    for r in &table.rejected {
+        rows.push(Entry {
+            message: Some(r.error.to_string()),
+            ..row(&r.pod, EntryState::Invalid)
+        });
+    }
+    rows.sort_by(|a, b| {
+        (&a.namespace, &a.pod, a.public_port, a.proto).cmp(&(
+            &b.namespace,
+            &b.pod,
+            b.public_port,
+            b.proto,
+        ))
+    });
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::{self, PlanConfig, PodFacts};
+
+    fn pod(name: &str, ip: [u8; 4], created: i64, annotation: &str) -> PodFacts {
+        PodFacts {
+            pod: PodRef::new("mail", name),
+            node: Some("node1".into()),
+            ip: Some(ip.into()),
+            created: Some(k8s_openapi::jiff::Timestamp::from_second(created).unwrap()),
+            ready: true,
+            terminating: false,
+            finished: false,
+            annotation: Some(annotation.into()),
+        }
+    }
+
+    #[test]
+    fn rows_cover_every_state() {
+        let pods = [
+            pod(
+                "old",
+                [10, 1, 0, 5],
+                1,
+                r#"{"entries":[{"srcPort":25,"dstPort":25}]}"#,
+            ),
+            pod(
+                "new",
+                [10, 1, 1, 5],
+                2,
+                r#"{"entries":[{"srcPort":25,"dstPort":2525}]}"#,
+            ),
+            pod(
+                "bad",
+                [10, 1, 2, 5],
+                3,
+                r#"{"entries":[{"srcPort":0,"dstPort":25}]}"#,
+            ),
+        ];
+        let cfg = PlanConfig {
+            node_id: "node1".into(),
+            restricted_ports: [22].into(),
+        };
+        let table = plan::plan(&pods, Some(Ipv4Addr::new(203, 0, 113, 7)), &cfg);
+        let rows = entry_rows(&table, false);
+        let states: Vec<_> = rows.iter().map(|r| (r.pod.as_str(), r.state)).collect();
+        assert_eq!(
+            states,
+            vec![
+                ("bad", EntryState::Invalid),
+                ("new", EntryState::Applied),
+                ("old", EntryState::ConflictLost),
+            ]
+        );
+        assert_eq!(rows[1].pod_port, Some(2525));
+        assert_eq!(rows[2].winner.as_deref(), Some("mail:new"));
+        assert!(rows[0].message.as_deref().unwrap().contains("srcPort"));
+
+        let pending = plan::plan(&pods[..1], None, &cfg);
+        let rows = entry_rows(&pending, true);
+        assert_eq!(rows[0].state, EntryState::Pending);
+        assert_eq!(rows[0].public_address, None);
+        let planned = entry_rows(&table, true);
+        assert_eq!(planned[1].state, EntryState::Planned);
+    }
+
+    #[test]
+    fn json_keys_are_stable() {
+        let e = Entry {
+            namespace: "mail".into(),
+            pod: "mx".into(),
+            public_address: Some(Ipv4Addr::new(203, 0, 113, 7)),
+            public_port: Some(25),
+            pod_address: Some(Ipv4Addr::new(10, 1, 0, 5)),
+            pod_port: Some(25),
+            proto: Some(Proto::Tcp),
+            state: EntryState::ConflictLost,
+            message: None,
+            winner: None,
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["state"], "conflict-lost");
+        assert_eq!(v["proto"], "tcp");
+        assert_eq!(v["public_address"], "203.0.113.7");
+        assert!(v["message"].is_null());
+    }
+}

@@ -1,0 +1,384 @@
+//! Prometheus metrics (prometheus-client, in the style of kube-rs'
+//! controller-rs): the reconcile loop records what happens — reconciles and
+//! their duration, batch sizes, apply errors by kind, what the last plan
+//! holds — into [`Metrics`]; counters that other parts already keep (the pod
+//! watch, Kubernetes events, readiness) are read from [`AgentStatus`] at
+//! scrape time by [`StatusCollector`], so they are never kept twice.
+
+use std::net::Ipv4Addr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::firewall::ApplyReport;
+use crate::plan::NatTable;
+use crate::reconcile::AgentStatus;
+
+/// Prefix of every metric name.
+pub const PREFIX: &str = "podnat";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    /// `FirewallError::metric_label` (refused, socket, netlink, retries, ...).
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// dnat, snat or forward.
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabels {
+    pub address: String,
+}
+
+/// What the loop records. Cloning shares the metrics (prometheus-client
+/// handles are reference-counted), so the loop and the registry hold the
+/// same values.
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    pub reconciles: Counter,
+    pub reconcile_duration: Histogram,
+    pub batch_messages: Histogram,
+    pub batch_bytes: Histogram,
+    pub apply_errors: Family<ErrorLabels, Counter>,
+    pub rules_owned: Family<KindLabels, Gauge>,
+    pub conflicts: Gauge,
+    pub invalid_annotations: Gauge,
+    pub pending_entries: Gauge,
+    pub public_address: Family<AddressLabels, Gauge>,
+    /// The address `public_address` shows.
+    shown_address: Arc<Mutex<Option<Ipv4Addr>>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            reconciles: Counter::default(),
+            // 1 ms .. ~16 s: a small change takes milliseconds, a first sync
+            // of thousands of rules up to seconds.
+            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            // 1 .. 16384 netlink messages; 256 B .. 64 MiB per batch.
+            batch_messages: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
+            batch_bytes: Histogram::new(exponential_buckets(256.0, 4.0, 10)),
+            apply_errors: Family::default(),
+            rules_owned: Family::default(),
+            conflicts: Gauge::default(),
+            invalid_annotations: Gauge::default(),
+            pending_entries: Gauge::default(),
+            public_address: Family::default(),
+            shown_address: Arc::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Registers these metrics (shared, not copied) under `registry`.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "reconciles",
+            "Reconciles run (plan, and apply when something changed or a resync is due)",
+            self.reconciles.clone(),
+        );
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Duration of one reconcile: plan, diff, apply and events",
+            Unit::Seconds,
+            self.reconcile_duration.clone(),
+        );
+        registry.register(
+            "batch_messages",
+            "Netlink messages in each nf_tables batch sent to the kernel",
+            self.batch_messages.clone(),
+        );
+        registry.register_with_unit(
+            "batch",
+            "Size of each nf_tables batch sent to the kernel",
+            Unit::Bytes,
+            self.batch_bytes.clone(),
+        );
+        registry.register(
+            "apply_errors",
+            "Applies the kernel refused or that failed, by kind of error",
+            self.apply_errors.clone(),
+        );
+        registry.register(
+            "rules_owned",
+            "Rules (iptables flavor) or map/set elements (nftables flavor) the agent holds in the kernel, by kind",
+            self.rules_owned.clone(),
+        );
+        registry.register(
+            "conflicts",
+            "Entries that lost their public address:port/proto to another pod in the last plan",
+            self.conflicts.clone(),
+        );
+        registry.register(
+            "invalid_annotations",
+            "Pods on this node whose annotation was rejected in the last plan",
+            self.invalid_annotations.clone(),
+        );
+        registry.register(
+            "pending_entries",
+            "Auto-address entries waiting for a public address to be detected",
+            self.pending_entries.clone(),
+        );
+        registry.register(
+            "public_address_info",
+            "The public IPv4 address in use (value 1; no series while none is known)",
+            self.public_address.clone(),
+        );
+    }
+
+    /// Counts a reconcile and records its duration when dropped.
+    pub fn reconcile_timer(&self) -> ReconcileTimer {
+        self.reconciles.inc();
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: self.reconcile_duration.clone(),
+        }
+    }
+
+    /// A batch that reached the kernel (nothing is recorded when nothing
+    /// changed and no batch was sent).
+    pub fn observe_batch(&self, report: &ApplyReport) {
+        if report.messages > 0 {
+            self.batch_messages.observe(report.messages as f64);
+            self.batch_bytes.observe(report.bytes as f64);
+        }
+    }
+
+    /// An apply that failed; `label` is `FirewallError::metric_label`.
+    pub fn apply_failed(&self, label: &str) {
+        self.apply_errors
+            .get_or_create(&ErrorLabels {
+                error: label.to_string(),
+            })
+            .inc();
+    }
+
+    /// What the last plan says; `in_kernel`: its rules are what the kernel
+    /// holds now (false in dry run, where the agent owns nothing).
+    pub fn observe_table(&self, table: &NatTable, in_kernel: bool) {
+        let rules = &table.rules;
+        for (kind, n) in [
+            ("dnat", rules.dnat.len()),
+            ("snat", rules.snat.len()),
+            ("forward", rules.forward.len()),
+        ] {
+            let n = if in_kernel { n as i64 } else { 0 };
+            self.rules_owned
+                .get_or_create(&KindLabels {
+                    kind: kind.to_string(),
+                })
+                .set(n);
+        }
+        self.conflicts.set(table.conflicts.len() as i64);
+        self.invalid_annotations.set(table.rejected.len() as i64);
+        self.pending_entries.set(table.pending.len() as i64);
+        // Only on change: a scrape between clear and set would see no address.
+        let mut shown = self.shown_address.lock().unwrap_or_else(|e| e.into_inner());
+        if *shown != table.public_address {
+            self.public_address.clear();
+            if let Some(a) = table.public_address {
+                self.public_address
+                    .get_or_create(&AddressLabels {
+                        address: a.to_string(),
+                    })
+                    .set(1);
+            }
+            *shown = table.public_address;
+        }
+    }
+}
+
+/// Records the time since it was made into the reconcile histogram when
+/// dropped (also on an early return).
+pub struct ReconcileTimer {
+    start: Instant,
+    histogram: Histogram,
+}
+
+impl Drop for ReconcileTimer {
+    fn drop(&mut self) {
+        self.histogram.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+/// Reads, at each scrape, the counters the rest of the agent keeps in
+/// [`AgentStatus`]: the pod watch, Kubernetes events, readiness.
+#[derive(Debug)]
+pub struct StatusCollector(pub Arc<AgentStatus>);
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let status = &self.0;
+        let c = &status.counters;
+        let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
+            let m = ConstCounter::new(v);
+            m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)
+        };
+        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
+            let m = ConstGauge::new(v);
+            m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)
+        };
+        counter(
+            &mut encoder,
+            "watch_events",
+            "Pod watch events that changed the agent's pod store (added, modified, deleted pods and completed lists).",
+            c.watch_events.load(Ordering::Relaxed),
+        )?;
+        counter(
+            &mut encoder,
+            "watch_errors",
+            "Pod watch requests that failed (the watch retries with backoff).",
+            c.watch_errors.load(Ordering::Relaxed),
+        )?;
+        gauge(
+            &mut encoder,
+            "apiserver_reachable",
+            "1 while the last request to the Kubernetes API server succeeded.",
+            status.apiserver_reachable().into(),
+        )?;
+        gauge(
+            &mut encoder,
+            "first_sync_applied",
+            "1 once the first full pod list was planned and applied.",
+            status.first_sync_applied().into(),
+        )?;
+        gauge(
+            &mut encoder,
+            "pods",
+            "Pods of this node in the agent's store at the last reconcile.",
+            c.pods.load(Ordering::Relaxed) as i64,
+        )?;
+        if let Some(events) = status.event_stats() {
+            let mut family = encoder.encode_descriptor(
+                "kube_events",
+                "Kubernetes events about pods, by outcome (published, failed, or dropped while the API server was slow or away).",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            for (result, v) in [
+                ("published", &events.published),
+                ("failed", &events.failed),
+                ("dropped", &events.dropped),
+            ] {
+                let labels = [("result", result)];
+                ConstCounter::new(v.load(Ordering::Relaxed))
+                    .encode(family.encode_family(&labels)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The agent's whole registry: [`Metrics`] plus the status collector, all
+/// under the `podnat_` prefix.
+pub fn registry(status: &Arc<AgentStatus>) -> Registry {
+    let mut registry = Registry::with_prefix(PREFIX);
+    status.metrics.register(&mut registry);
+    registry.register_collector(Box::new(StatusCollector(status.clone())));
+    registry
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kube::events::EventStats;
+    use crate::model::{Mapping, NatKey, PodRef, Proto};
+
+    fn text(status: &Arc<AgentStatus>) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry(status))
+            .expect("encode");
+        out
+    }
+
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
+
+    #[test]
+    fn loop_metrics_and_status_counters_are_exposed() {
+        let status = Arc::new(AgentStatus::new(Arc::new(EventStats::default())));
+        let m = &status.metrics;
+        drop(m.reconcile_timer());
+        m.observe_batch(&ApplyReport {
+            messages: 7,
+            bytes: 1200,
+            ..ApplyReport::default()
+        });
+        m.observe_batch(&ApplyReport::default()); // nothing sent: not a batch
+        m.apply_failed("refused");
+        m.apply_failed("refused");
+        let mut table = NatTable {
+            public_address: Some(Ipv4Addr::new(203, 0, 113, 7)),
+            ..NatTable::default()
+        };
+        table.rules.dnat.push(Mapping {
+            key: NatKey {
+                public_ip: Ipv4Addr::new(203, 0, 113, 7),
+                public_port: 25,
+                proto: Proto::Tcp,
+            },
+            pod_ip: Ipv4Addr::new(10, 1, 0, 5),
+            pod_port: 25,
+            owner: PodRef::new("mail", "mx"),
+        });
+        m.observe_table(&table, true);
+        status.counters.watch_events.store(5, Ordering::Relaxed);
+
+        let t = text(&status);
+        assert_eq!(sample(&t, "podnat_reconciles_total"), Some(1.0), "{t}");
+        assert_eq!(
+            sample(&t, "podnat_reconcile_duration_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(sample(&t, "podnat_batch_messages_count"), Some(1.0));
+        assert_eq!(sample(&t, "podnat_batch_messages_sum"), Some(7.0));
+        assert_eq!(sample(&t, "podnat_batch_bytes_sum"), Some(1200.0));
+        assert_eq!(
+            sample(&t, "podnat_apply_errors_total{error=\"refused\"}"),
+            Some(2.0)
+        );
+        assert_eq!(
+            sample(&t, "podnat_rules_owned{kind=\"dnat\"}"),
+            Some(1.0),
+            "{t}"
+        );
+        assert_eq!(
+            sample(&t, "podnat_public_address_info{address=\"203.0.113.7\"}"),
+            Some(1.0)
+        );
+        assert_eq!(sample(&t, "podnat_watch_events_total"), Some(5.0));
+        assert_eq!(
+            sample(&t, "podnat_kube_events_total{result=\"published\"}"),
+            Some(0.0),
+            "{t}"
+        );
+        assert_eq!(sample(&t, "podnat_first_sync_applied"), Some(0.0));
+
+        // A new address replaces the old series; none known: no series.
+        table.public_address = Some(Ipv4Addr::new(203, 0, 113, 8));
+        m.observe_table(&table, true);
+        let t = text(&status);
+        assert!(!t.contains("203.0.113.7"), "{t}");
+        assert!(t.contains("address=\"203.0.113.8\""));
+        table.public_address = None;
+        m.observe_table(&table, false);
+        let t = text(&status);
+        assert!(!t.contains("podnat_public_address_info{"), "{t}");
+        assert_eq!(sample(&t, "podnat_rules_owned{kind=\"dnat\"}"), Some(0.0));
+    }
+}
