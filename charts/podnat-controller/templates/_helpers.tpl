@@ -1,0 +1,70 @@
+{{/*
+Name of the chart.
+*/}}
+{{- define "podnat-controller.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name: the release name when it contains the chart name, else
+release-chart; truncated to 63 characters (DNS label).
+*/}}
+{{- define "podnat-controller.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "podnat-controller.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "podnat-controller.labels" -}}
+helm.sh/chart: {{ include "podnat-controller.chart" . }}
+{{ include "podnat-controller.selectorLabels" . }}
+{{- if .Chart.AppVersion }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+{{- end }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "podnat-controller.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "podnat-controller.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "podnat-controller.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "podnat-controller.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/*
+Container args: -httpport when httpPort is not the default (and extraArgs
+does not set it), then extraArgs followed by "-logtostderr" with duplicates
+removed, as the Go chart appended them (it also read the older key
+extra_args).
+*/}}
+{{- define "podnat-controller.args" -}}
+{{- $extra := concat (.Values.extraArgs | default list) (.Values.extra_args | default list) }}
+{{- $portInExtra := false }}
+{{- range $extra }}
+{{- if regexMatch "(?i)^--?(httpport|http-port)(=|$)" (toString .) }}
+{{- $portInExtra = true }}
+{{- end }}
+{{- end }}
+{{- $args := list }}
+{{- if and (ne (int .Values.httpPort) 8484) (not $portInExtra) }}
+{{- $args = append $args (printf "-httpport=%d" (int .Values.httpPort)) }}
+{{- end }}
+{{- concat $args (uniq (append $extra "-logtostderr")) | toYaml }}
+{{- end }}
