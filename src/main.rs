@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::error::ErrorKind;
-use podnat_controller::config::{Command, Config, StateFlavor};
+use podnat_controller::config::{Command, Config};
 use podnat_controller::firewall::netlink::NetlinkError;
 use podnat_controller::firewall::{backend_with_jumps, Backend, FirewallError, Names};
 use podnat_controller::http::{self, AddressSource, HttpContext};
@@ -17,6 +17,7 @@ use podnat_controller::kube::{self, pod};
 use podnat_controller::net::address::{self, AddressFilter};
 use podnat_controller::plan::{self, PlanConfig};
 use podnat_controller::reconcile::{self, AgentStatus, BackendWorker, ReconcileConfig, Reconciler};
+use podnat_controller::state::{self, RecorderOptions};
 
 fn main() -> ExitCode {
     let config = match Config::parse_from(std::env::args_os().collect(), |k| std::env::var(k).ok())
@@ -176,12 +177,18 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
     )))
     .await?;
     let (client, _) = kube::connect(config.kubeconfig.as_deref()).await?;
-    if config.state_flavor != StateFlavor::None {
-        tracing::info!(
-            state_flavor = ?config.state_flavor,
-            "the state store is not implemented yet; -stateflavor and -stateuri are accepted and ignored"
-        );
-    }
+    // -dryrun touches nothing: the state store is neither read nor written.
+    let state_store = if config.dry_run {
+        tracing::info!("-dryrun: the state store is neither read nor written");
+        None
+    } else {
+        Some(state::store_for(
+            config.state_flavor,
+            &config.state_uri,
+            &node_id,
+            &client,
+        )?)
+    };
     // The sender of a fixed address must outlive the loop.
     let (_fixed, address) = match config.public_address {
         Some(a) => {
@@ -210,6 +217,13 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         EventSink::spawn(client, node_id.clone()).0
     };
     let status = Arc::new(AgentStatus::new(events.stats()));
+    // The store runs on a task of its own: a slow or unreachable store never
+    // delays NAT; its failures are logged and counted in the status.
+    let recorder = state_store.map(|store| {
+        let (recorder, stats, _task) = state::spawn(store, RecorderOptions::default());
+        status.set_state_stats(stats);
+        recorder
+    });
     spawn_http(listener, &config, &node_id, &status);
     let backend = BackendWorker::spawn(backend)?;
     let reconciler = Reconciler::new(
@@ -219,7 +233,8 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         backend,
         events,
         status,
-    );
+    )
+    .with_state(recorder);
     reconciler.run(shutdown_signal()).await?;
     Ok(())
 }

@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::model::{PodRef, RuleSet};
 use crate::net::address::Choice;
 use crate::plan::{self, NatTable, PlanConfig};
+use crate::state::{Recorder, StateStats};
 
 /// Errors that stop the loop (everything else is retried).
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +121,8 @@ pub struct Counters {
 pub struct AgentStatus {
     first_sync_applied: AtomicBool,
     apiserver_reachable: AtomicBool,
+    /// The state store's counters, once it runs (see `state_stats`).
+    state: std::sync::OnceLock<Arc<StateStats>>,
     last: Mutex<LastReconcile>,
     pub counters: Counters,
     events: Mutex<Option<Arc<EventStats>>>,
@@ -135,6 +138,17 @@ impl AgentStatus {
             events: Mutex::new(Some(events)),
             ..AgentStatus::default()
         }
+    }
+
+    /// The state store's counters: writes, failures (`failures()`, each
+    /// retry counts), last error, pending. `None` when no store runs (dry run).
+    pub fn state_stats(&self) -> Option<Arc<StateStats>> {
+        self.state.get().cloned()
+    }
+
+    /// Set once, by the wiring, when the state store starts.
+    pub fn set_state_stats(&self, stats: Arc<StateStats>) {
+        let _ = self.state.set(stats);
     }
 
     /// The first full pod list was planned and applied (ready).
@@ -424,6 +438,8 @@ pub struct Reconciler {
     /// The rules the kernel holds since our last successful apply.
     applied: Option<RuleSet>,
     last_dry_run: Option<String>,
+    /// Hands each table the kernel holds to the state store (never waits).
+    state: Option<Recorder>,
     seen_revision: u64,
     seen_reachable: bool,
 }
@@ -452,9 +468,17 @@ impl Reconciler {
             failures: 0,
             applied: None,
             last_dry_run: None,
+            state: None,
             seen_revision: 0,
             seen_reachable: false,
         }
+    }
+
+    /// Records every table the kernel holds in the state store (`None`: no
+    /// store, as in a dry run).
+    pub fn with_state(mut self, recorder: Option<Recorder>) -> Reconciler {
+        self.state = recorder;
+        self
     }
 
     /// Runs until `shutdown` resolves (a batch in flight is finished first;
@@ -644,6 +668,12 @@ impl Reconciler {
                 pods = pods.len(),
                 "first sync applied"
             );
+        }
+
+        // The kernel holds this table now: hand it to the state store, whose
+        // task writes it if it changed, without holding this loop up.
+        if let Some(recorder) = self.state.as_ref().filter(|_| !self.cfg.dry_run) {
+            recorder.record(&table.rules.dnat);
         }
 
         // Events only once the kernel holds what they describe.

@@ -1,0 +1,407 @@
+//! `state.json` as the Go version wrote and read it: an object keyed
+//! `"<public IP>:<public port>"` whose values are lists of rules
+//! (`api.NATRule`). Parsing accepts what the Go version wrote (addresses as
+//! `net.IPAddr` objects `{"IP":"a.b.c.d","Zone":""}`) and plain address
+//! strings; writing uses the object form, the only one the Go version can
+//! read back. Pure data: the stores move the text, the recorder decides when.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use k8s_openapi::jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Mapping, NatKey, PodRef, Proto};
+
+/// One rule of the record: traffic to `source_ip:source_port` goes to
+/// `destination_ip:destination_port`, owned by the pod named in `comment`.
+/// Field order and names are the Go version's (`api.NATRule`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatRecord {
+    #[serde(rename = "Protocol")]
+    pub protocol: Proto,
+    #[serde(rename = "SourceIP", with = "go_ip")]
+    pub source_ip: Ipv4Addr,
+    #[serde(rename = "SourcePort")]
+    pub source_port: u16,
+    #[serde(rename = "DestinationIP", with = "go_ip")]
+    pub destination_ip: Ipv4Addr,
+    #[serde(rename = "DestinationPort")]
+    pub destination_port: u16,
+    /// When the agent last wrote the record with this rule in it.
+    #[serde(rename = "LastVerified", with = "go_time")]
+    pub last_verified: Timestamp,
+    /// When the rule first appeared in the record; kept while it exists.
+    #[serde(rename = "Created", with = "go_time")]
+    pub created: Timestamp,
+    /// The owner, `namespace:pod`.
+    #[serde(rename = "Comment", default)]
+    pub comment: String,
+}
+
+/// What makes two records the same rule (everything but the times): the
+/// Go version matched a pod's rule by key, destination address and port; the
+/// protocol and owner make a UDP twin or a new pod on a recycled IP new rules.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordId {
+    pub protocol: Proto,
+    pub source_ip: Ipv4Addr,
+    pub source_port: u16,
+    pub destination_ip: Ipv4Addr,
+    pub destination_port: u16,
+    pub comment: String,
+}
+
+impl NatRecord {
+    pub fn id(&self) -> RecordId {
+        RecordId {
+            protocol: self.protocol,
+            source_ip: self.source_ip,
+            source_port: self.source_port,
+            destination_ip: self.destination_ip,
+            destination_port: self.destination_port,
+            comment: self.comment.clone(),
+        }
+    }
+
+    /// The rule as a mapping of the planner's model; `None` when the comment
+    /// does not name a pod (`namespace:pod`).
+    pub fn mapping(&self) -> Option<Mapping> {
+        Some(Mapping {
+            key: NatKey {
+                public_ip: self.source_ip,
+                public_port: self.source_port,
+                proto: self.protocol,
+            },
+            pod_ip: self.destination_ip,
+            pod_port: self.destination_port,
+            owner: PodRef::from_comment(&self.comment)?,
+        })
+    }
+}
+
+/// The whole record: `"<public IP>:<public port>"` → rules. The key has no
+/// protocol (as in the Go version), so a TCP and a UDP mapping of one port
+/// share a list.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StateFile {
+    pub entries: BTreeMap<String, Vec<NatRecord>>,
+}
+
+/// The Go version's key of a rule.
+pub fn record_key(public_ip: Ipv4Addr, public_port: u16) -> String {
+    format!("{public_ip}:{public_port}")
+}
+
+impl StateFile {
+    pub fn parse(text: &str) -> Result<StateFile, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+
+    /// Compact JSON, as the Go version's `json.Marshal` wrote it (a ConfigMap
+    /// holds at most 1 MiB).
+    pub fn to_json(&self) -> String {
+        // Infallible: string keys, no maps with non-string keys, no floats.
+        serde_json::to_string(self).unwrap_or_else(|_| String::from("{}"))
+    }
+
+    pub fn records(&self) -> impl Iterator<Item = &NatRecord> {
+        self.entries.values().flatten()
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.values().map(Vec::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The record of `dnat` at `now`: `Created` is taken from `previous` for
+    /// every rule that is already there, `LastVerified` is `now`.
+    pub fn from_mappings(dnat: &[Mapping], previous: &StateFile, now: Timestamp) -> StateFile {
+        let mut created: HashMap<RecordId, Timestamp> = HashMap::new();
+        for r in previous.records() {
+            // A rule listed twice (an old file) keeps its earliest time.
+            created
+                .entry(r.id())
+                .and_modify(|t| *t = (*t).min(r.created))
+                .or_insert(r.created);
+        }
+        let mut entries: BTreeMap<String, Vec<NatRecord>> = BTreeMap::new();
+        for m in dnat {
+            let mut record = NatRecord {
+                protocol: m.key.proto,
+                source_ip: m.key.public_ip,
+                source_port: m.key.public_port,
+                destination_ip: m.pod_ip,
+                destination_port: m.pod_port,
+                last_verified: now,
+                created: now,
+                comment: m.owner.to_string(),
+            };
+            if let Some(t) = created.get(&record.id()) {
+                record.created = *t;
+            }
+            entries
+                .entry(record_key(m.key.public_ip, m.key.public_port))
+                .or_default()
+                .push(record);
+        }
+        for list in entries.values_mut() {
+            list.sort_by_key(NatRecord::id);
+        }
+        StateFile { entries }
+    }
+
+    /// The rules, ignoring their times: equal when the NAT table is the same.
+    pub fn ids(&self) -> Vec<(&str, RecordId)> {
+        let mut ids: Vec<(&str, RecordId)> = self
+            .entries
+            .iter()
+            .flat_map(|(k, list)| list.iter().map(move |r| (k.as_str(), r.id())))
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Same rules under the same keys (times aside)?
+    pub fn same_rules(&self, other: &StateFile) -> bool {
+        self.ids() == other.ids()
+    }
+
+    /// The rules as the planner's mappings (rules whose comment names no pod
+    /// are left out), sorted.
+    pub fn mappings(&self) -> Vec<Mapping> {
+        let mut out: Vec<Mapping> = self.records().filter_map(NatRecord::mapping).collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// The latest `LastVerified`: when the record was last written.
+    pub fn last_verified(&self) -> Option<Timestamp> {
+        self.records().map(|r| r.last_verified).max()
+    }
+}
+
+/// Addresses: Go's `*net.IPAddr` (`{"IP":"a.b.c.d","Zone":""}`) on write;
+/// that or a plain string on read.
+mod go_ip {
+    use super::*;
+    use serde::de::{self, MapAccess, Visitor};
+    use serde::ser::SerializeStruct;
+
+    pub fn serialize<S: serde::Serializer>(ip: &Ipv4Addr, s: S) -> Result<S::Ok, S::Error> {
+        let mut st = s.serialize_struct("IPAddr", 2)?;
+        st.serialize_field("IP", &ip.to_string())?;
+        st.serialize_field("Zone", "")?;
+        st.end()
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+        d.deserialize_any(AddressVisitor)
+    }
+
+    /// Go writes IPv4 as dotted quads, but an address held in 16-byte form
+    /// may come as `::ffff:a.b.c.d`; both are the same IPv4 address.
+    fn ipv4(text: &str) -> Result<Ipv4Addr, String> {
+        match text.parse::<IpAddr>() {
+            Ok(IpAddr::V4(a)) => Ok(a),
+            Ok(IpAddr::V6(a)) => a
+                .to_ipv4_mapped()
+                .ok_or_else(|| format!("{text:?} is an IPv6 address; only IPv4 is supported")),
+            Err(_) => Err(format!("{text:?} is not an IPv4 address")),
+        }
+    }
+
+    struct AddressVisitor;
+
+    impl<'de> Visitor<'de> for AddressVisitor {
+        type Value = Ipv4Addr;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(r#"an IPv4 address: "a.b.c.d" or {"IP":"a.b.c.d","Zone":""}"#)
+        }
+
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Ipv4Addr, E> {
+            ipv4(v).map_err(E::custom)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ipv4Addr, A::Error> {
+            let mut ip: Option<String> = None;
+            while let Some(key) = map.next_key::<String>()? {
+                if key == "IP" {
+                    ip = Some(map.next_value()?);
+                } else {
+                    // "Zone" (always empty for IPv4) and anything else.
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+            let ip = ip.ok_or_else(|| de::Error::missing_field("IP"))?;
+            ipv4(&ip).map_err(de::Error::custom)
+        }
+    }
+}
+
+/// Times: RFC 3339, as Go's `time.Time` marshals (any offset on read; UTC
+/// on write, the same instant).
+mod go_time {
+    use super::*;
+    use serde::de;
+
+    pub fn serialize<S: serde::Serializer>(t: &Timestamp, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(t)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Timestamp, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse::<Timestamp>()
+            .map_err(|e| de::Error::custom(format!("{text:?} is not an RFC 3339 time: {e}")))
+    }
+}
+
+impl fmt::Display for RecordId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}/{} → {}:{} ({})",
+            self.source_ip,
+            self.source_port,
+            self.protocol,
+            self.destination_ip,
+            self.destination_port,
+            self.comment
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    fn mapping(port: u16, proto: Proto, pod_ip: [u8; 4], owner: &str) -> Mapping {
+        Mapping {
+            key: NatKey {
+                public_ip: Ipv4Addr::new(203, 0, 113, 7),
+                public_port: port,
+                proto,
+            },
+            pod_ip: pod_ip.into(),
+            pod_port: port,
+            owner: PodRef::from_comment(owner).unwrap(),
+        }
+    }
+
+    #[test]
+    fn reads_go_objects_and_plain_strings() {
+        let text = r#"{"203.0.113.7:25":[
+            {"Protocol":"tcp","SourceIP":{"IP":"203.0.113.7","Zone":""},"SourcePort":25,
+             "DestinationIP":"10.42.0.17","DestinationPort":2525,
+             "LastVerified":"2024-11-03T09:14:52.418273645+01:00",
+             "Created":"0001-01-01T00:00:00Z","Comment":"mail:mx-0"}]}"#;
+        let f = StateFile::parse(text).unwrap();
+        let r = &f.entries["203.0.113.7:25"][0];
+        assert_eq!(r.source_ip, Ipv4Addr::new(203, 0, 113, 7));
+        assert_eq!(r.destination_ip, Ipv4Addr::new(10, 42, 0, 17));
+        assert_eq!(r.last_verified, ts("2024-11-03T08:14:52.418273645Z"));
+        assert_eq!(r.created, ts("0001-01-01T00:00:00Z"));
+        assert_eq!(
+            r.mapping(),
+            Some(Mapping {
+                pod_port: 2525,
+                ..mapping(25, Proto::Tcp, [10, 42, 0, 17], "mail:mx-0")
+            })
+        );
+    }
+
+    #[test]
+    fn writes_addresses_as_go_objects() {
+        let now = ts("2025-01-02T03:04:05Z");
+        let f = StateFile::from_mappings(
+            &[mapping(25, Proto::Tcp, [10, 42, 0, 17], "mail:mx-0")],
+            &StateFile::default(),
+            now,
+        );
+        assert_eq!(
+            f.to_json(),
+            r#"{"203.0.113.7:25":[{"Protocol":"tcp","SourceIP":{"IP":"203.0.113.7","Zone":""},"SourcePort":25,"DestinationIP":{"IP":"10.42.0.17","Zone":""},"DestinationPort":25,"LastVerified":"2025-01-02T03:04:05Z","Created":"2025-01-02T03:04:05Z","Comment":"mail:mx-0"}]}"#
+        );
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_record() {
+        for (text, needle) in [
+            ("[]", "expected a map"),
+            (r#"{"k":[{"Protocol":"sctp"}]}"#, "sctp"),
+            (
+                r#"{"k":[{"Protocol":"tcp","SourceIP":"fe80::1","SourcePort":1,"DestinationIP":"10.0.0.1","DestinationPort":1,"LastVerified":"2024-01-01T00:00:00Z","Created":"2024-01-01T00:00:00Z"}]}"#,
+                "IPv6",
+            ),
+            (
+                r#"{"k":[{"Protocol":"tcp","SourceIP":{"Zone":""},"SourcePort":1}]}"#,
+                "missing field `IP`",
+            ),
+            (
+                r#"{"k":[{"Protocol":"tcp","SourceIP":"1.2.3.4","SourcePort":1,"DestinationIP":"10.0.0.1","DestinationPort":1,"LastVerified":"yesterday","Created":"2024-01-01T00:00:00Z"}]}"#,
+                "not an RFC 3339 time",
+            ),
+        ] {
+            let e = StateFile::parse(text).unwrap_err().to_string();
+            assert!(e.contains(needle), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn created_is_kept_for_rules_that_stay_and_new_for_the_rest() {
+        let t0 = ts("2024-01-01T00:00:00Z");
+        let t1 = ts("2024-06-01T00:00:00Z");
+        let a = mapping(25, Proto::Tcp, [10, 42, 0, 17], "mail:mx-0");
+        let b = mapping(443, Proto::Tcp, [10, 42, 0, 9], "web:ingress");
+        let b_udp = mapping(443, Proto::Udp, [10, 42, 0, 9], "web:ingress");
+        let first = StateFile::from_mappings(&[a.clone(), b.clone()], &StateFile::default(), t0);
+
+        // a stays; b moves to a new pod IP; a UDP twin of b appears.
+        let b_moved = Mapping {
+            pod_ip: Ipv4Addr::new(10, 42, 0, 10),
+            ..b.clone()
+        };
+        let second = StateFile::from_mappings(&[a.clone(), b_moved, b_udp], &first, t1);
+        let created: Vec<(String, Timestamp, Timestamp)> = second
+            .records()
+            .map(|r| (r.id().to_string(), r.created, r.last_verified))
+            .collect();
+        assert_eq!(
+            created,
+            vec![
+                (
+                    "203.0.113.7:25/tcp → 10.42.0.17:25 (mail:mx-0)".into(),
+                    t0,
+                    t1
+                ),
+                (
+                    "203.0.113.7:443/tcp → 10.42.0.10:443 (web:ingress)".into(),
+                    t1,
+                    t1
+                ),
+                (
+                    "203.0.113.7:443/udp → 10.42.0.9:443 (web:ingress)".into(),
+                    t1,
+                    t1
+                ),
+            ]
+        );
+        assert_eq!(second.entries["203.0.113.7:443"].len(), 2);
+        assert!(!second.same_rules(&first));
+        let again =
+            StateFile::from_mappings(&second.mappings(), &second, ts("2025-01-01T00:00:00Z"));
+        assert!(again.same_rules(&second));
+        assert_ne!(again, second, "LastVerified moved");
+    }
+}
