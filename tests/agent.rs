@@ -346,3 +346,38 @@ fn default_iptables_flavor_works_end_to_end() {
     });
     assert!(!w.roundtrip(25));
 }
+
+#[test]
+fn refused_events_are_logged_and_nat_goes_on() {
+    let w = World::new("agev");
+    // Take the events rules away from the agent's ClusterRole.
+    let roles: kube::Api<k8s_openapi::api::rbac::v1::ClusterRole> = kube::Api::all(w.admin.clone());
+    let pods_only = serde_json::json!({"rules": [
+        {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]}
+    ]});
+    w.rt.block_on(roles.patch(
+        "podnat-controller",
+        &kube::api::PatchParams::default(),
+        &kube::api::Patch::Merge(&pods_only),
+    ))
+    .expect("narrow the ClusterRole");
+    wait_for("the authorizer to refuse events", WAIT, || {
+        !w.agent_may("create", "events.k8s.io", "events", "mail")
+    });
+    assert!(w.agent_may("watch", "", "pods", ""));
+    let _echo = EchoServer::start(&w.sandbox.pod_a, 2525);
+    let agent = w.start_agent(&[]);
+    agent.wait_first_sync();
+    w.create_pod("mx-a", NODE, Some(&annotation(&[(25, 2525)])));
+    w.set_running("mx-a", POD_A_IP);
+    wait_for("TCP through the NAT", WAIT, || w.roundtrip(25));
+    wait_for("the refused event in the log", WAIT, || {
+        agent.count("cannot publish event") > 0
+    });
+    assert!(w.events("mx-a", "NATApplied").is_empty());
+    // Later changes are not held back by the failing events either.
+    w.set_annotation("mx-a", &annotation(&[(26, 2525)]));
+    wait_for("the edited mapping", WAIT, || {
+        w.dnat() == set(&["203.0.113.7:26/tcp → 10.1.0.5:2525"])
+    });
+}

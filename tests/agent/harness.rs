@@ -108,6 +108,10 @@ impl World {
             "{}/tests/fixtures/rbac.yaml",
             env!("CARGO_MANIFEST_DIR")
         ));
+        wait_for("the agent's RBAC in the authorizer", WAIT, || {
+            world.agent_may("watch", "", "pods", "")
+                && world.agent_may("create", "events.k8s.io", "events", NAMESPACE)
+        });
         world
     }
 
@@ -146,6 +150,33 @@ impl World {
 
     pub fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.admin.clone(), NAMESPACE)
+    }
+
+    /// Does the agent identity's authorizer allow this (SelfSubjectAccessReview,
+    /// as the agent)? RBAC changes reach the authorizer a moment after they
+    /// are written; poll this to know they have.
+    pub fn agent_may(&self, verb: &str, group: &str, resource: &str, namespace: &str) -> bool {
+        use k8s_openapi::api::authorization::v1::SelfSubjectAccessReview;
+        let agent = self.rt.block_on(async {
+            let kc =
+                Kubeconfig::read_from(&self.cluster.agent_kubeconfig).expect("agent kubeconfig");
+            let config = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .expect("agent config");
+            Client::try_from(config).expect("agent client")
+        });
+        let review: SelfSubjectAccessReview = serde_json::from_value(serde_json::json!({
+            "spec": {"resourceAttributes": {
+                "verb": verb, "group": group, "resource": resource, "namespace": namespace
+            }}
+        }))
+        .unwrap();
+        let api: Api<SelfSubjectAccessReview> = Api::all(agent);
+        let answer = self
+            .rt
+            .block_on(api.create(&PostParams::default(), &review))
+            .expect("access review");
+        answer.status.is_some_and(|s| s.allowed)
     }
 
     /// A pod bound to `node` (no scheduler here), with the podnat annotation
