@@ -30,14 +30,14 @@ pub use format::{NatRecord, StateFile};
 /// Errors at the state store boundary. None of them stops the agent.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
-    #[error("ConfigMap {namespace}/{name}: {source}")]
+    #[error("ConfigMap {namespace}/{name}: {}", causes(.source))]
     Kube {
         namespace: String,
         name: String,
         #[source]
         source: ::kube::Error,
     },
-    #[error("WebDAV {method} {url}: {source}")]
+    #[error("WebDAV {method} {url}: {}", causes(.source))]
     Http {
         method: &'static str,
         url: String,
@@ -50,7 +50,7 @@ pub enum StateError {
         url: String,
         status: reqwest::StatusCode,
     },
-    #[error("cannot build the WebDAV client for {uri}: {source}")]
+    #[error("cannot build the WebDAV client for {uri}: {}", causes(.source))]
     Client {
         uri: String,
         #[source]
@@ -64,6 +64,22 @@ pub enum StateError {
         location: String,
         after: Duration,
     },
+}
+
+/// An error and its causes in one line: HTTP clients put the useful part
+/// ("Connection refused") in a source that `Display` alone leaves out.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut next = e.source();
+    while let Some(cause) = next {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        next = cause.source();
+    }
+    text
 }
 
 impl StateError {
