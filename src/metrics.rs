@@ -6,7 +6,7 @@
 //! scrape time by [`StatusCollector`], so they are never kept twice.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,6 +16,7 @@ use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::firewall::ApplyReport;
@@ -61,8 +62,18 @@ pub struct Metrics {
     shown_address: Arc<Mutex<Option<Ipv4Addr>>>,
 }
 
+/// `FirewallError::metric_label` values, exposed at 0 from the start so
+/// that rates and alerts see a series before the first error.
+const APPLY_ERROR_KINDS: [&str; 5] = ["refused", "socket", "netlink", "retries", "unsupported"];
+
 impl Default for Metrics {
     fn default() -> Self {
+        let apply_errors = Family::<ErrorLabels, Counter>::default();
+        for kind in APPLY_ERROR_KINDS {
+            apply_errors.get_or_create_owned(&ErrorLabels {
+                error: kind.to_string(),
+            });
+        }
         Metrics {
             reconciles: Counter::default(),
             // 1 ms .. ~16 s: a small change takes milliseconds, a first sync
@@ -71,7 +82,7 @@ impl Default for Metrics {
             // 1 .. 16384 netlink messages; 256 B .. 64 MiB per batch.
             batch_messages: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
             batch_bytes: Histogram::new(exponential_buckets(256.0, 4.0, 10)),
-            apply_errors: Family::default(),
+            apply_errors,
             rules_owned: Family::default(),
             conflicts: Gauge::default(),
             invalid_annotations: Gauge::default(),
@@ -215,7 +226,7 @@ impl Drop for ReconcileTimer {
 }
 
 /// Reads, at each scrape, the counters the rest of the agent keeps in
-/// [`AgentStatus`]: the pod watch, Kubernetes events, readiness.
+/// [`AgentStatus`]: the pod watch, Kubernetes events, the state store, readiness.
 #[derive(Debug)]
 pub struct StatusCollector(pub Arc<AgentStatus>);
 
@@ -261,25 +272,58 @@ impl Collector for StatusCollector {
             "Pods of this node in the agent's store at the last reconcile.",
             c.pods.load(Ordering::Relaxed) as i64,
         )?;
+        if let Some(state) = status.state_stats() {
+            let flavor = state.flavor();
+            labelled_counters(
+                &mut encoder,
+                "state_store_failures",
+                "Reads and writes of the state store that failed, each retry counted (NAT never waits for the store).",
+                &[
+                    ([("operation", "read"), ("flavor", flavor)], &state.read_errors),
+                    ([("operation", "write"), ("flavor", flavor)], &state.write_errors),
+                ],
+            )?;
+            counter(
+                &mut encoder,
+                "state_store_writes",
+                "State records written.",
+                state.writes.load(Ordering::Relaxed),
+            )?;
+            gauge(
+                &mut encoder,
+                "state_store_pending",
+                "1 while a changed table waits to be written (the store is failing or busy).",
+                state.pending().into(),
+            )?;
+        }
         if let Some(events) = status.event_stats() {
-            let mut family = encoder.encode_descriptor(
+            labelled_counters(
+                &mut encoder,
                 "kube_events",
                 "Kubernetes events about pods, by outcome (published, failed, or dropped while the API server was slow or away).",
-                None,
-                prometheus_client::metrics::MetricType::Counter,
+                &[
+                    ([("result", "published")], &events.published),
+                    ([("result", "failed")], &events.failed),
+                    ([("result", "dropped")], &events.dropped),
+                ],
             )?;
-            for (result, v) in [
-                ("published", &events.published),
-                ("failed", &events.failed),
-                ("dropped", &events.dropped),
-            ] {
-                let labels = [("result", result)];
-                ConstCounter::new(v.load(Ordering::Relaxed))
-                    .encode(family.encode_family(&labels)?)?;
-            }
         }
         Ok(())
     }
+}
+
+/// One counter family read from atomics: a series per label set.
+fn labelled_counters<const N: usize>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    series: &[([(&str, &str); N], &AtomicU64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in series {
+        ConstCounter::new(v.load(Ordering::Relaxed)).encode(family.encode_family(labels)?)?;
+    }
+    Ok(())
 }
 
 /// The agent's whole registry: [`Metrics`] plus the status collector, all
