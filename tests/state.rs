@@ -178,6 +178,16 @@ async fn client(kubeconfig: &Path) -> Client {
     Client::try_from(config).expect("client")
 }
 
+/// RBAC changes reach the authorizer a moment after they are written, the
+/// namespaced Role apart from the ClusterRole `World::new` waits for.
+fn wait_configmap_rbac(w: &World) {
+    wait_for("the agent's ConfigMap Role in the authorizer", WAIT, || {
+        ["get", "create", "patch"]
+            .iter()
+            .all(|verb| w.agent_may(verb, "", "configmaps", "podnat-system"))
+    });
+}
+
 /// `(resourceVersion, state.json)` of a ConfigMap, read as the admin.
 fn read_configmap(w: &World, name: &str) -> Option<(String, String)> {
     let api: Api<ConfigMap> = Api::namespaced(w.admin.clone(), "podnat-system");
@@ -193,6 +203,7 @@ fn read_configmap(w: &World, name: &str) -> Option<(String, String)> {
 #[test]
 fn configmap_store_as_the_agent_with_its_rbac_only() {
     let w = World::new("stcm");
+    wait_configmap_rbac(&w);
     let agent = w.rt.block_on(client(&w.cluster.agent_kubeconfig));
     let store = ConfigMapStore::new(agent.clone(), "podnat-system", "node1.example.org");
     assert_eq!(store.name(), "podnat-controller-node1");
@@ -263,6 +274,7 @@ fn configmap_store_as_the_agent_with_its_rbac_only() {
 #[test]
 fn configmap_written_by_the_go_version_is_taken_over_keeping_created() {
     let w = World::new("stgo");
+    wait_configmap_rbac(&w);
     // As the Go version left it: its own ConfigMap, written with Update.
     let go_text = std::fs::read_to_string(FIXTURE).unwrap();
     let api: Api<ConfigMap> = Api::namespaced(w.admin.clone(), "podnat-system");
