@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build deps test lint unit integration cluster-build demo bench clean
+.PHONY: all build deps test lint unit integration cluster-build helm-build demo bench clean
 
 all: build
 
@@ -15,21 +15,33 @@ build: deps
 cluster-build:
 	tests/cluster/build
 
+# helm, built from helm.sh/helm/v3 (tests/helm) for the chart tests and the
+# demo; a cold build takes minutes, then it is a no-op.
+helm-build:
+	tests/helm/build
+
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 # Unit tests, CLI tests and the kernel/cluster integration tests (each kernel
 # test runs in network namespaces of its own).
-test: deps cluster-build lint
+test: deps cluster-build helm-build lint
 	$(CARGO) test --locked --lib --bins --tests -- --test-threads=2
 
 bench: deps
 	$(CARGO) bench --locked
 
-demo:
-	@echo "make demo: coming with the operability issue (a namespace sandbox + test apiserver walk-through)"
+# The walk-through (scripts/demo): builds what it needs, runs the agent in a
+# namespace sandbox against the test apiserver, cleans up. PODNAT_BIN=path
+# runs it with another binary (tests/demo.rs passes its debug build).
+PODNAT_BIN ?= target/release/podnat-controller
+demo: deps cluster-build helm-build
+ifeq ($(PODNAT_BIN),target/release/podnat-controller)
+	$(CARGO) build --release --locked
+endif
+	PODNAT_BIN=$(PODNAT_BIN) scripts/demo
 
 clean:
 	$(CARGO) clean
-	rm -rf tests/cluster/bin
+	rm -rf tests/cluster/bin tests/helm/bin
