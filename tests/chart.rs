@@ -130,6 +130,16 @@ fn daemonset_runs_on_the_host_network_with_net_admin_only() {
         ]
     );
     let ds = find(&objects, "DaemonSet");
+    // The Go chart's selector (immutable in Kubernetes): `helm upgrade` from
+    // it must not need the DaemonSet deleted.
+    assert_eq!(
+        ds["spec"]["selector"]["matchLabels"],
+        serde_json::json!({"app.kubernetes.io/name": "podnat-podnat-controller"})
+    );
+    assert_eq!(
+        ds["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/name"],
+        "podnat-podnat-controller"
+    );
     let pod = &ds["spec"]["template"]["spec"];
     assert_eq!(pod["hostNetwork"], true);
     assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");

@@ -29,15 +29,19 @@ release-chart; truncated to 63 characters (DNS label).
 {{- define "podnat-controller.labels" -}}
 helm.sh/chart: {{ include "podnat-controller.chart" . }}
 {{ include "podnat-controller.selectorLabels" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if .Chart.AppVersion }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 {{- end }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/*
+The DaemonSet's selector, which Kubernetes never lets change: the Go chart's
+(app.kubernetes.io/name = the full name), so `helm upgrade` from it works.
+*/}}
 {{- define "podnat-controller.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "podnat-controller.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "podnat-controller.fullname" . }}
 {{- end }}
 
 {{- define "podnat-controller.serviceAccountName" -}}
