@@ -401,7 +401,57 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::firewall::{backend_for, Names};
+    use crate::kube::events::EventStats;
     use crate::plan::{self, PlanConfig, PodFacts};
+
+    fn context(flavor: Flavor) -> Arc<HttpContext> {
+        let status = Arc::new(AgentStatus::new(Arc::new(EventStats::default())));
+        Arc::new(HttpContext {
+            registry: crate::metrics::registry(&status),
+            status,
+            flavor,
+            view: Mutex::new(backend_for(flavor, Names::new("podnat"))),
+            node: "node1".into(),
+            dry_run: false,
+            address_source: AddressSource::Detected,
+        })
+    }
+
+    fn query(format: &str) -> Query<EntriesQuery> {
+        Query(EntriesQuery {
+            format: Some(format.into()),
+        })
+    }
+
+    /// Handlers called directly (the running agent's answers are tested in
+    /// tests/http.rs): the states a test agent cannot be put in on demand.
+    #[tokio::test]
+    async fn answers_before_the_loop_runs() {
+        let ctx = context(Flavor::Nftables);
+        assert_eq!(
+            healthz(State(ctx.clone())).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            ready(State(ctx.clone())).await.status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        // No table yet: an empty list, and the empty table's rule view.
+        let r = entries(State(ctx.clone()), Query(EntriesQuery { format: None })).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = entries(State(ctx.clone()), query("nft")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = entries(State(ctx.clone()), query("iptables")).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let r = entries(State(ctx), query("xml")).await;
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        let ctx = context(Flavor::Iptables);
+        let r = entries(State(ctx.clone()), query("iptables")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let r = metrics(State(ctx), HeaderMap::new()).await;
+        assert_eq!(r.status(), StatusCode::OK);
+    }
 
     fn pod(name: &str, ip: [u8; 4], created: i64, annotation: &str) -> PodFacts {
         PodFacts {

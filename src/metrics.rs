@@ -2,8 +2,9 @@
 //! controller-rs): the reconcile loop records what happens — reconciles and
 //! their duration, batch sizes, apply errors by kind, what the last plan
 //! holds — into [`Metrics`]; counters that other parts already keep (the pod
-//! watch, Kubernetes events, readiness) are read from [`AgentStatus`] at
-//! scrape time by [`StatusCollector`], so they are never kept twice.
+//! watch, Kubernetes events, the state store, readiness) are read from
+//! [`AgentStatus`] at scrape time by [`StatusCollector`], so they are never
+//! kept twice.
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
