@@ -10,6 +10,7 @@ pub mod position;
 pub mod rules;
 pub mod xt;
 
+use std::collections::HashMap;
 use std::fmt::Write;
 
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
@@ -18,7 +19,7 @@ use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, Paren
 use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule};
 use super::names::Names;
 use super::netlink::{
-    attr_be64, attr_str, find_attr, sys, Attrs, FinalBatch, NetlinkError, NfSocket, NftBatch,
+    attr_be64, attr_str, find_attr, sys, Attrs, Echo, FinalBatch, NetlinkError, NfSocket, NftBatch,
     NftMsg,
 };
 use super::{canonical, view, ApplyReport, Backend, FirewallError, GenerationCache};
@@ -170,6 +171,32 @@ fn desired_chains(desired: &RuleSet) -> [Vec<AgentRule>; 3] {
     chains
 }
 
+/// Up to this many new rules per batch ask the kernel for an echo, whose
+/// handles keep the cache complete (the next change needs no re-read);
+/// beyond it (a rebuild) the echoes would only fill the socket buffer.
+const MAX_ECHOED_RULES: usize = 4096;
+
+/// A rule a batch inserts: (chain index, index in that chain's plan).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Inserted {
+    Own(usize, usize),
+    Jump(usize, usize),
+}
+
+/// The handles the kernel echoed for the inserted rules, by sequence number.
+/// (The commit's NEWGEN is echoed too, with a sequence number of its own.)
+fn echoed_handles(inserted: &[(u32, Inserted)], echoes: &[Echo]) -> HashMap<Inserted, u64> {
+    let by_seq: HashMap<u32, Inserted> = inserted.iter().copied().collect();
+    echoes
+        .iter()
+        .filter(|e| e.msg_type == sys::NFT_MSG_NEWRULE)
+        .filter_map(|e| {
+            let which = by_seq.get(&e.seq)?;
+            Some((*which, attr_be64(&e.attrs, sys::NFTA_RULE_HANDLE)?))
+        })
+        .collect()
+}
+
 /// Everything one apply changes, planned against one read of the kernel.
 struct Changes {
     create_nat: bool,
@@ -228,8 +255,15 @@ impl Changes {
         })
     }
 
-    /// The state after this plan commits: inserted rules without handles.
-    fn after(&self, state: IptState) -> IptState {
+    /// Rules the plan adds.
+    fn inserts(&self) -> usize {
+        let own: usize = self.own.iter().map(|p| p.insert.len()).sum();
+        own + self.jumps.iter().map(|p| p.insert.len()).sum::<usize>()
+    }
+
+    /// The state after this plan commits; a new rule's handle is known if
+    /// the kernel echoed it.
+    fn after(&self, state: IptState, handles: &HashMap<Inserted, u64>) -> IptState {
         let IptState { parents, own, .. } = state;
         let mut parents = parents.into_iter();
         let mut own = own.into_iter();
@@ -239,16 +273,18 @@ impl Changes {
             parent_exists: [true; 3],
             own_exists: [true; 3],
             parents: std::array::from_fn(|i| {
-                apply_plan(parents.next().unwrap_or_default(), &self.jumps[i], |_| {
-                    Slot {
-                        handle: None,
+                apply_plan(
+                    parents.next().unwrap_or_default(),
+                    &self.jumps[i],
+                    |k, _| Slot {
+                        handle: handles.get(&Inserted::Jump(i, k)).copied(),
                         rule: ParentRule::Jump { exact: true },
-                    }
-                })
+                    },
+                )
             }),
             own: std::array::from_fn(|i| {
-                apply_plan(own.next().unwrap_or_default(), &self.own[i], |r| Slot {
-                    handle: None,
+                apply_plan(own.next().unwrap_or_default(), &self.own[i], |k, r| Slot {
+                    handle: handles.get(&Inserted::Own(i, k)).copied(),
                     rule: Some(r.clone()),
                 })
             }),
@@ -422,6 +458,7 @@ impl IptablesBackend {
         Ok(st)
     }
 
+    /// Adds a NEWRULE; returns its sequence number in the batch.
     fn add_rule(
         &self,
         batch: &mut NftBatch,
@@ -429,17 +466,24 @@ impl IptablesBackend {
         chain: &str,
         rule: &AgentRule,
         anchor: Option<u64>,
-    ) {
-        let flags = if anchor.is_some() {
+        echo: bool,
+    ) -> u32 {
+        let mut flags = if anchor.is_some() {
             libc::NLM_F_CREATE
         } else {
             libc::NLM_F_CREATE | libc::NLM_F_APPEND
         };
+        if echo {
+            flags |= libc::NLM_F_ECHO;
+        }
         let a = rule_attrs(place.table(), chain, anchor, rule, &self.names);
+        // Sequence numbers count the messages; the batch begin is 0.
+        let seq = batch.len() as u32 + 1;
         batch.add(
             NftMsg::new(sys::NFT_MSG_NEWRULE, flags as u32, a),
             format!("add rule {}", line(rule, place, &self.names)),
         );
+        seq
     }
 
     fn delete_rule(&self, batch: &mut NftBatch, place: Place, chain: &str, handle: u64) {
@@ -458,9 +502,13 @@ impl IptablesBackend {
 
     /// Encodes `changes` (whose handles are all known) into one batch:
     /// tables and chains first, then each chain's deletes and inserts, the
-    /// jumps last (they need the agent's chains).
-    fn build(&self, state: &IptState, changes: &Changes) -> NftBatch {
+    /// jumps last (they need the agent's chains). New rules ask for an echo
+    /// (which carries their handles) unless there are too many of them; the
+    /// sequence number of each is returned by the insert it belongs to.
+    fn build(&self, state: &IptState, changes: &Changes) -> (NftBatch, Vec<(u32, Inserted)>) {
         let mut batch = NftBatch::new();
+        let mut inserted = Vec::new();
+        let echo = changes.inserts() <= MAX_ECHOED_RULES;
         let nat = Table::new(ProtocolFamily::Ipv4).with_name(NAT);
         let filter = Table::new(ProtocolFamily::Ipv4).with_name(FILTER);
         for (create, table, name) in [
@@ -498,12 +546,13 @@ impl IptablesBackend {
             for &j in &plan.delete {
                 self.delete_rule(&mut batch, place, own, handle(j));
             }
-            for (rule, anchor) in &plan.insert {
+            for (k, (rule, anchor)) in plan.insert.iter().enumerate() {
                 let pos = match anchor {
                     Anchor::Before(j) => Some(handle(*j)),
                     Anchor::Append => None,
                 };
-                self.add_rule(&mut batch, place, own, rule, pos);
+                let seq = self.add_rule(&mut batch, place, own, rule, pos, echo);
+                inserted.push((seq, Inserted::Own(i, k)));
             }
         }
         for place in PLACES {
@@ -514,15 +563,16 @@ impl IptablesBackend {
                 self.delete_rule(&mut batch, place, place.parent(), handle(j));
             }
             let jump = AgentRule::Jump(place.own(&self.names).to_string());
-            for (_, anchor) in &plan.insert {
+            for (k, (_, anchor)) in plan.insert.iter().enumerate() {
                 let pos = match anchor {
                     Anchor::Before(j) => Some(handle(*j)),
                     Anchor::Append => None,
                 };
-                self.add_rule(&mut batch, place, place.parent(), &jump, pos);
+                let seq = self.add_rule(&mut batch, place, place.parent(), &jump, pos, echo);
+                inserted.push((seq, Inserted::Jump(i, k)));
             }
         }
-        batch
+        (batch, inserted)
     }
 
     /// The kernel state to plan against for `generation`: the cache when
@@ -554,7 +604,7 @@ impl IptablesBackend {
         let generation = self.sock()?.generation()?;
         let state = self.read_state()?;
         let changes = Changes::plan(&state, &desired, &self.jumps);
-        let batch = self.build(&state, &changes);
+        let (batch, _) = self.build(&state, &changes);
         Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
     }
 
@@ -614,7 +664,7 @@ impl IptablesBackend {
                     .map(|s| s.rule.as_ref().map(|r| line(r, place, n)))
                     .collect();
                 Self::delete_lines(&mut t, own, plan, &specs);
-                let after = apply_plan(state.own[i].clone(), plan, |r| Slot {
+                let after = apply_plan(state.own[i].clone(), plan, |_, r| Slot {
                     handle: None,
                     rule: Some(r.clone()),
                 });
@@ -697,20 +747,24 @@ impl Backend for IptablesBackend {
                 self.cache.set(generation, state);
                 return Ok(report);
             }
-            let batch = self.build(&state, &changes);
+            let (batch, inserted) = self.build(&state, &changes);
             report.rebuilt = changes.creates();
             report.messages = batch.len();
             report.bytes = batch.byte_len();
             let (added, removed) = changes.dnat_changes(&state, &desired);
             report.added_dnat = added;
             report.removed_dnat = removed;
-            match self.sock()?.send_batch(batch.finalize(Some(generation))) {
-                Ok(()) => {
+            match self
+                .sock()?
+                .send_batch_echo(batch.finalize(Some(generation)))
+            {
+                Ok(echoes) => {
                     let after = self.sock()?.generation()?;
-                    // Only our commit happened in between: the chains are known
-                    // (but for the handles of what was just added).
+                    // Only our commit happened in between: the chains are known,
+                    // the new rules' handles as far as the kernel echoed them.
                     if after == generation.wrapping_add(1) {
-                        self.cache.set(after, changes.after(state));
+                        let handles = echoed_handles(&inserted, &echoes);
+                        self.cache.set(after, changes.after(state, &handles));
                     } else {
                         self.cache.clear();
                     }
@@ -900,7 +954,7 @@ COMMIT
         let jumps = JumpPositions::default();
         let state = IptState::default();
         let changes = Changes::plan(&state, &mail(), &jumps);
-        let after = changes.after(state);
+        let after = changes.after(state, &HashMap::new());
         assert_eq!(after.rules(), mail());
         let again = Changes::plan(&after, &mail(), &jumps);
         assert!(again.is_empty());

@@ -376,6 +376,16 @@ pub struct FinalBatch {
     pub genid: Option<u32>,
 }
 
+/// An nf_tables message the kernel echoed back after a commit.
+#[derive(Clone, Debug)]
+pub struct Echo {
+    /// NFT_MSG_* (e.g. NFT_MSG_NEWRULE).
+    pub msg_type: u32,
+    /// The sequence number of the batch message it answers.
+    pub seq: u32,
+    pub attrs: Vec<u8>,
+}
+
 /// A NETLINK_NETFILTER socket owned by the agent.
 pub struct NfSocket {
     fd: OwnedFd,
@@ -442,6 +452,23 @@ impl NfSocket {
     /// Sends a batch; the kernel processes it inside sendmsg, so every answer
     /// is queued when it returns. Success means no error for any message.
     pub fn send_batch(&mut self, batch: FinalBatch) -> Result<(), NetlinkError> {
+        self.send_batch_collect(batch, None)
+    }
+
+    /// Like `send_batch`, and returns what the kernel echoes for the
+    /// messages sent with NLM_F_ECHO — a new rule comes back with its
+    /// NFTA_RULE_HANDLE — plus the NEWGEN of the commit.
+    pub fn send_batch_echo(&mut self, batch: FinalBatch) -> Result<Vec<Echo>, NetlinkError> {
+        let mut echoes = Vec::new();
+        self.send_batch_collect(batch, Some(&mut echoes))?;
+        Ok(echoes)
+    }
+
+    fn send_batch_collect(
+        &mut self,
+        batch: FinalBatch,
+        mut echoes: Option<&mut Vec<Echo>>,
+    ) -> Result<(), NetlinkError> {
         let needed = batch.bytes.len() * 2 + (batch.what.len() * 64) + (1 << 20);
         self.size_buffers(needed.max(4 << 20));
         if self.buf.len() < needed.min(64 << 20) {
@@ -463,7 +490,19 @@ impl NfSocket {
                 };
                 let start = off;
                 off += align4(msg.total_len);
-                if msg.msg_type != NLMSG_ERROR || msg.total_len < NLMSG_HDRLEN + 4 {
+                if msg.msg_type != NLMSG_ERROR {
+                    if let Some(e) = echoes.as_deref_mut() {
+                        if msg.msg_type >> 8 == libc::NFNL_SUBSYS_NFTABLES as u16 {
+                            e.push(Echo {
+                                msg_type: (msg.msg_type & 0xff) as u32,
+                                seq: msg.seq,
+                                attrs: msg.attrs.to_vec(),
+                            });
+                        }
+                    }
+                    continue;
+                }
+                if msg.total_len < NLMSG_HDRLEN + 4 {
                     continue;
                 }
                 // struct nlmsgerr { int error; struct nlmsghdr msg; ... }

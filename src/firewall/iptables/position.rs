@@ -172,32 +172,32 @@ pub fn plan_jump(current: &[ParentRule], requested: i32) -> ChainPlan<()> {
 /// The chain after `plan`, as the kernel orders it: a rule inserted before
 /// an anchor lands right before it (after rules inserted there earlier in
 /// the batch); appended rules go to the end in order. `new` makes the
-/// element for an inserted rule.
+/// element for an inserted rule from its index in `plan.insert`.
 pub fn apply_plan<E, T>(
     current: Vec<E>,
     plan: &ChainPlan<T>,
-    mut new: impl FnMut(&T) -> E,
+    mut new: impl FnMut(usize, &T) -> E,
 ) -> Vec<E> {
-    let mut before: std::collections::BTreeMap<usize, Vec<&T>> = Default::default();
+    let mut before: std::collections::BTreeMap<usize, Vec<(usize, &T)>> = Default::default();
     let mut appended = Vec::new();
-    for (t, a) in &plan.insert {
+    for (k, (t, a)) in plan.insert.iter().enumerate() {
         match a {
-            Anchor::Before(i) => before.entry(*i).or_default().push(t),
-            Anchor::Append => appended.push(t),
+            Anchor::Before(i) => before.entry(*i).or_default().push((k, t)),
+            Anchor::Append => appended.push((k, t)),
         }
     }
     let deleted: std::collections::BTreeSet<usize> = plan.delete.iter().copied().collect();
     let mut out = Vec::with_capacity(current.len() + plan.insert.len());
     for (i, e) in current.into_iter().enumerate() {
-        for t in before.get(&i).into_iter().flatten() {
-            out.push(new(t));
+        for (k, t) in before.get(&i).into_iter().flatten() {
+            out.push(new(*k, t));
         }
         if !deleted.contains(&i) {
             out.push(e);
         }
     }
-    for t in appended {
-        out.push(new(t));
+    for (k, t) in appended {
+        out.push(new(k, t));
     }
     out
 }
@@ -240,7 +240,7 @@ mod tests {
     /// Positions (1-based) of exact jumps after the plan.
     fn jumps_after(current: &[ParentRule], r: i32) -> (Vec<usize>, ChainPlan<()>) {
         let plan = plan_jump(current, r);
-        let after = apply_plan(current.to_vec(), &plan, |_| J);
+        let after = apply_plan(current.to_vec(), &plan, |_, _| J);
         let at = after
             .iter()
             .enumerate()
@@ -284,7 +284,7 @@ mod tests {
     fn plan_owned(cur: &[Option<i32>], want: &[i32]) -> (ChainPlan<i32>, Vec<i32>) {
         let refs: Vec<Option<&i32>> = cur.iter().map(Option::as_ref).collect();
         let plan = plan_chain(&refs, want);
-        let after = apply_plan(cur.to_vec(), &plan, |t| Some(*t))
+        let after = apply_plan(cur.to_vec(), &plan, |_, t| Some(*t))
             .into_iter()
             .flatten()
             .collect();
@@ -338,7 +338,7 @@ mod tests {
                     prop_assert!(!plan.delete.contains(i));
                 }
             }
-            let after: Vec<Option<u8>> = apply_plan(cur.clone(), &plan, |t| Some(*t));
+            let after: Vec<Option<u8>> = apply_plan(cur.clone(), &plan, |_, t| Some(*t));
             prop_assert_eq!(after.iter().flatten().copied().collect::<Vec<_>>(), want.clone());
             prop_assert!(after.iter().all(Option::is_some));
             // Idempotent: planning again changes nothing.
@@ -364,7 +364,7 @@ mod tests {
                 .collect();
             let others = cur.iter().filter(|x| **x == F).count();
             let plan = plan_jump(&cur, r);
-            let after = apply_plan(cur.clone(), &plan, |_| J);
+            let after = apply_plan(cur.clone(), &plan, |_, _| J);
             let jumps: Vec<usize> = after
                 .iter()
                 .enumerate()
