@@ -235,7 +235,18 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         status,
     )
     .with_state(recorder);
-    reconciler.run(shutdown_signal()).await?;
+    // Drift repair: any nf_tables commit (a flushed chain, a moved jump)
+    // wakes the loop. Not in dry run, which must not react to the kernel.
+    let (drift, _drift_watch) = if config.dry_run {
+        (None, None)
+    } else {
+        let bell = Arc::new(tokio::sync::Notify::new());
+        let ring = Arc::clone(&bell);
+        let watch = podnat_controller::firewall::monitor::watch_ruleset(move || ring.notify_one())
+            .context("subscribing to nf_tables notifications (drift repair)")?;
+        (Some(bell), Some(watch))
+    };
+    reconciler.with_drift(drift).run(shutdown_signal()).await?;
     Ok(())
 }
 

@@ -407,12 +407,25 @@ enum Wake {
     Retry,
     /// The apiserver answers again after an outage.
     Reconnected,
+    /// The kernel's ruleset changed (maybe someone else's hand on ours).
+    Ruleset,
 }
 
 impl Wake {
     /// Wakes that check the kernel even when the plan did not change.
     fn forces_apply(self) -> bool {
-        matches!(self, Wake::Resync | Wake::Retry | Wake::Reconnected)
+        matches!(
+            self,
+            Wake::Resync | Wake::Retry | Wake::Reconnected | Wake::Ruleset
+        )
+    }
+}
+
+/// Resolves when the drift bell rings; never without one.
+async fn rung(bell: &Option<Arc<tokio::sync::Notify>>) {
+    match bell {
+        Some(n) => n.notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -440,6 +453,8 @@ pub struct Reconciler {
     last_dry_run: Option<String>,
     /// Hands each table the kernel holds to the state store (never waits).
     state: Option<Recorder>,
+    /// Rung by the nf_tables monitor on any ruleset change (drift repair).
+    drift: Option<Arc<tokio::sync::Notify>>,
     seen_revision: u64,
     seen_reachable: bool,
 }
@@ -469,6 +484,7 @@ impl Reconciler {
             applied: None,
             last_dry_run: None,
             state: None,
+            drift: None,
             seen_revision: 0,
             seen_reachable: false,
         }
@@ -478,6 +494,15 @@ impl Reconciler {
     /// store, as in a dry run).
     pub fn with_state(mut self, recorder: Option<Recorder>) -> Reconciler {
         self.state = recorder;
+        self
+    }
+
+    /// Reconciles (and so repairs drift) whenever `notify` rings: the
+    /// nf_tables monitor rings it on any ruleset change by anybody. The
+    /// agent's own commits ring it too; the apply that follows finds its
+    /// remembered generation and an empty diff, sends nothing, and settles.
+    pub fn with_drift(mut self, notify: Option<Arc<tokio::sync::Notify>>) -> Reconciler {
+        self.drift = notify;
         self
     }
 
@@ -584,6 +609,7 @@ impl Reconciler {
                     return Ok(Wake::Address);
                 }
                 () = tick(&mut self.resync) => return Ok(Wake::Resync),
+                () = rung(&self.drift) => return Ok(Wake::Ruleset),
                 () = tick(&mut self.heartbeat) => self.status.beat(),
                 () = sleep_until(retry_at) => {
                     self.retry_at = None;
@@ -747,6 +773,7 @@ fn wake_name(w: Wake) -> &'static str {
         Wake::Resync => "periodic resync",
         Wake::Retry => "retry after a failed apply",
         Wake::Reconnected => "apiserver reachable again",
+        Wake::Ruleset => "ruleset changed in the kernel",
     }
 }
 
@@ -914,6 +941,7 @@ mod tests {
         assert!(Wake::Resync.forces_apply());
         assert!(Wake::Retry.forces_apply());
         assert!(Wake::Reconnected.forces_apply());
+        assert!(Wake::Ruleset.forces_apply());
         assert!(!Wake::Pods.forces_apply());
         assert!(!Wake::Address.forces_apply());
     }

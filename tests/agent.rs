@@ -337,6 +337,40 @@ fn default_iptables_flavor_works_end_to_end() {
     wait_for("a NATApplied event", WAIT, || {
         w.events("mx-a", "NATApplied") == vec!["203.0.113.7:25/tcp → 10.1.0.5:2525"]
     });
+
+    // Drift repair: someone flushes the agent's chain and deletes its jump;
+    // the nf_tables monitor wakes the loop, which puts both back (well
+    // within the periodic resync, which is minutes away).
+    let before = agent.count("applied one batch");
+    w.sandbox.node.sh(
+        "iptables-nft -t nat -F PODNAT_PRE && \
+         iptables-nft -t filter -D FORWARD -m comment --comment 'podnat[jump_to_chain]' -j PODNAT_FORWARD",
+    );
+    wait_for(
+        "the flushed chain and the deleted jump repaired",
+        Duration::from_secs(3),
+        || {
+            let nat = w.sandbox.node.sh("iptables-nft-save -t nat");
+            let filter = w.sandbox.node.sh("iptables-nft-save -t filter");
+            nat.contains("-A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 25")
+                && filter.contains(
+                    "-A FORWARD -m comment --comment \"podnat[jump_to_chain]\" -j PODNAT_FORWARD",
+                )
+        },
+    );
+    assert!(w.roundtrip(25), "traffic flows again after the repair");
+    wait_for("the repair logged by the agent", WAIT, || {
+        agent.count("applied one batch") > before
+    });
+    // The agent's own repair does not wake it into a loop: the log settles.
+    let applies = agent.count("applied one batch");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        agent.count("applied one batch") <= applies + 1,
+        "{}",
+        agent.log()
+    );
+
     w.delete_pod("mx-a");
     wait_for("the DNAT rule removed", WAIT, || {
         !w.sandbox
