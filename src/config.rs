@@ -340,6 +340,11 @@ pub struct Config {
     pub state_uri: String,
     /// The node as given (`-nodeid`, NODE_NAME or HOSTNAME); `None` if none is known.
     pub node_id: Option<String>,
+    /// The node id is the node's exact name: it came from NODE_NAME (the
+    /// downward API) or is a full name with dots. Otherwise (a short
+    /// `-nodeid` or HOSTNAME) nodes are matched by short name, as the Go
+    /// version did, which needs a cluster-wide pod watch.
+    pub node_id_exact: bool,
     pub verbosity: u8,
     pub pods_file: Option<PathBuf>,
     pub public_address: Option<Ipv4Addr>,
@@ -366,11 +371,16 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Config {
         let f = cli.flags;
-        let node_id = f
-            .node_id
-            .filter(|s| !s.is_empty())
-            .or_else(|| env("NODE_NAME").filter(|s| !s.is_empty()))
+        let from_flag = f.node_id.filter(|s| !s.is_empty());
+        let from_node_name = env("NODE_NAME").filter(|s| !s.is_empty());
+        let node_id_exact = from_flag.is_none() && from_node_name.is_some()
+            || from_flag
+                .as_deref()
+                .is_some_and(|id| id.contains('.') || from_node_name.as_deref() == Some(id));
+        let node_id = from_flag
+            .or(from_node_name)
             .or_else(|| env("HOSTNAME").filter(|s| !s.is_empty()));
+        let node_id_exact = node_id_exact || node_id.as_deref().is_some_and(|id| id.contains('.'));
         Config {
             dry_run: f.dry_run,
             annotation_key: f.annotation_key,
@@ -385,6 +395,7 @@ impl Config {
             state_flavor: f.state_flavor,
             state_uri: f.state_uri,
             node_id,
+            node_id_exact,
             verbosity: f.verbosity,
             pods_file: f.pods_file,
             public_address: f.public_address,
@@ -576,6 +587,36 @@ mod tests {
         a.push("-nodeid=n9".into());
         let c = Config::parse_from(a, |k| Some(format!("{k}-value"))).unwrap();
         assert_eq!(c.node_id.as_deref(), Some("n9"));
+    }
+
+    #[test]
+    fn node_id_is_exact_only_when_it_can_be() {
+        let exact = |args: &[&str], node_name: Option<&str>, host: Option<&str>| {
+            let mut v: Vec<OsString> = vec!["p".into()];
+            v.extend(args.iter().map(OsString::from));
+            let c = Config::parse_from(v, |k| match k {
+                "NODE_NAME" => node_name.map(str::to_string),
+                "HOSTNAME" => host.map(str::to_string),
+                _ => None,
+            })
+            .unwrap();
+            c.node_id_exact
+        };
+        assert!(
+            exact(&[], Some("node1"), Some("h")),
+            "NODE_NAME is the exact name"
+        );
+        assert!(
+            exact(&["-nodeid=node1.example.org"], None, None),
+            "a full name"
+        );
+        assert!(
+            exact(&["-nodeid=node1"], Some("node1"), None),
+            "confirmed by NODE_NAME"
+        );
+        assert!(!exact(&["-nodeid=node1"], None, None), "a short -nodeid");
+        assert!(!exact(&[], None, Some("node1")), "a short HOSTNAME");
+        assert!(exact(&[], None, Some("node1.example.org")));
     }
 
     #[test]

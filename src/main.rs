@@ -208,6 +208,7 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         client.clone(),
         PodWatchConfig {
             node: node_id.clone(),
+            exact: config.node_id_exact,
             annotation_key: config.annotation_key.clone(),
         },
     );

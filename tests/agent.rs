@@ -318,6 +318,28 @@ fn dry_run_agent_prints_the_changes_and_touches_nothing() {
 }
 
 #[test]
+fn short_node_id_matches_full_node_names_through_a_cluster_wide_watch() {
+    // The Go version's matching: -nodeid node1 serves pods on
+    // node1.example.org. Without NODE_NAME the watch cannot select by the
+    // exact name, so it watches all pods and says so.
+    let w = World::new("agshort");
+    w.create_pod("fqdn", "node1.example.org", Some(&annotation(&[(60, 80)])));
+    w.set_running("fqdn", "10.1.0.5");
+    w.create_pod(
+        "elsewhere",
+        "node2.example.org",
+        Some(&annotation(&[(61, 80)])),
+    );
+    w.set_running("elsewhere", "10.1.1.5");
+    let agent = w.start_agent(&["-nodeid=node1"]);
+    agent.wait_first_sync();
+    wait_for("the pod on node1.example.org mapped", WAIT, || {
+        w.dnat() == set(&["203.0.113.7:60/tcp → 10.1.0.5:80"])
+    });
+    assert!(agent.log().contains("cluster-wide"), "{}", agent.log());
+}
+
+#[test]
 fn default_iptables_flavor_works_end_to_end() {
     let w = World::new("agipt");
     let _echo = EchoServer::start(&w.sandbox.pod_a, 2525);

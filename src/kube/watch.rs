@@ -50,8 +50,12 @@ pub struct PodFeed {
 /// Settings of the pod watcher.
 #[derive(Clone, Debug)]
 pub struct PodWatchConfig {
-    /// The node whose pods are watched (exact name).
+    /// The node whose pods are watched.
     pub node: String,
+    /// `node` is the node's exact name: watch with a field selector.
+    /// Otherwise watch all pods; the planner keeps those whose node matches
+    /// by short name (`node1` ~ `node1.example.org`), as the Go version did.
+    pub exact: bool,
     /// The podnat annotation: the only annotation kept in the store.
     pub annotation_key: String,
 }
@@ -64,8 +68,19 @@ const PROBE_EVERY: Duration = Duration::from_secs(2);
 /// Starts the watcher task. It runs until the returned handle is aborted or
 /// every receiver of the feed is dropped.
 pub fn spawn_pod_watcher(client: Client, cfg: PodWatchConfig) -> (PodFeed, JoinHandle<()>) {
-    let selector = field_selector(&cfg.node);
-    tracing::info!(selector = %selector, "watching this node's pods");
+    let selector = if cfg.exact {
+        let s = field_selector(&cfg.node);
+        tracing::info!(selector = %s, "watching this node's pods");
+        s
+    } else {
+        tracing::warn!(
+            node = %cfg.node,
+            "only a short node id is known (-nodeid or HOSTNAME, no NODE_NAME): watching pods \
+             cluster-wide and matching nodes by short name, as the Go version did; set NODE_NAME \
+             from the downward API (the chart does) to watch only this node's pods"
+        );
+        String::new()
+    };
     let api: Api<Pod> = Api::all(client.clone());
     let (reader, writer) = reflector::store::<Pod>();
     let (tx, rx) = watch::channel(FeedState::default());

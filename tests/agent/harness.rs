@@ -273,16 +273,23 @@ impl World {
             AGENT_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let file = File::create(&log).expect("agent log file");
-        let child = self
+        let mut cmd = self
             .sandbox
             .node
-            .command(env!("CARGO_BIN_EXE_podnat-controller"))
+            .command(env!("CARGO_BIN_EXE_podnat-controller"));
+        // NODE_NAME as the chart sets it (exact: node-scoped watch), unless
+        // the test gives a -nodeid of its own.
+        if extra.iter().any(|a| a.starts_with("-nodeid")) {
+            cmd.env_remove("NODE_NAME");
+        } else {
+            cmd.env("NODE_NAME", NODE);
+        }
+        let child = cmd
             .args(["--kubeconfig"])
             .arg(&self.cluster.agent_kubeconfig)
-            .args(["-nodeid", NODE, "-stateflavor=none"])
+            .args(["-stateflavor=none"])
             .args(flavor)
             .args(extra)
-            .env_remove("NODE_NAME")
             .env_remove("HOSTNAME")
             .env_remove("KUBECONFIG")
             .env("RUST_LOG", "info,podnat_controller=debug")
