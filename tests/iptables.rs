@@ -794,9 +794,12 @@ fn drift_is_repaired_within_a_second_and_settles() {
         agent_save(&ns) == view::iptables_save(&rules, &names())
     });
 
+    // Moved to the end in one transaction (one commit, one repair).
     ns.sh(&format!(
-        "iptables-nft -t nat -D PREROUTING -m comment --comment {JUMP} -j PODNAT_PRE && \
-         iptables-nft -t nat -A PREROUTING -m comment --comment {JUMP} -j PODNAT_PRE"
+        "printf '%s\\n' '*nat' \
+           '-D PREROUTING -m comment --comment {JUMP} -j PODNAT_PRE' \
+           '-A PREROUTING -m comment --comment {JUMP} -j PODNAT_PRE' COMMIT \
+         | iptables-nft-restore --noflush"
     ));
     let t_move = within(second, "moved jump", || {
         jump_positions(&ns, "nat", "PREROUTING").0 == vec![jump_position(-2, 2)]
