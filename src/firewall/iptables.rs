@@ -93,8 +93,9 @@ impl Place {
     }
 }
 
-/// A rule as read back: its handle (`None` for a rule the agent's last batch
-/// added and nobody has read since) and what it is.
+/// A rule as read back: its handle (`None` for a rule an earlier batch of
+/// the agent's added without an echo of its handle, until the chain is read
+/// again) and what it is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Slot<T> {
     handle: Option<u64>,
@@ -242,8 +243,7 @@ impl Changes {
             && self.jumps.iter().all(ChainPlan::is_empty)
     }
 
-    /// Every handle the plan refers to is known (a rule added by the last
-    /// batch has none until the chain is read again).
+    /// Every handle the plan refers to is known (see `Slot`).
     fn handles_known(&self, state: &IptState) -> bool {
         (0..3).all(|i| {
             self.own[i]
@@ -664,22 +664,24 @@ impl IptablesBackend {
                     .map(|s| s.rule.as_ref().map(|r| line(r, place, n)))
                     .collect();
                 Self::delete_lines(&mut t, own, plan, &specs);
-                let after = apply_plan(state.own[i].clone(), plan, |_, r| Slot {
-                    handle: None,
-                    rule: Some(r.clone()),
-                });
-                for (rule, anchor) in &plan.insert {
+                // Inserted in order, each new rule lands at its final
+                // position (the rules before it are all in place by then).
+                let mut at = vec![0; plan.insert.len()];
+                let after = apply_plan(vec![None; state.own[i].len()], plan, |k, _| Some(k));
+                for (p, k) in after.iter().enumerate() {
+                    if let Some(k) = k {
+                        at[*k] = p + 1;
+                    }
+                }
+                for (k, (rule, anchor)) in plan.insert.iter().enumerate() {
                     let l = line(rule, place, n);
                     match anchor {
                         Anchor::Append => {
                             let _ = writeln!(t, "{l}");
                         }
                         Anchor::Before(_) => {
-                            let k = after
-                                .iter()
-                                .position(|s| s.rule.as_ref() == Some(rule))
-                                .map_or(1, |k| k + 1);
-                            let _ = writeln!(t, "{}", respec(&l, &format!("-I {own} {k}")));
+                            let head = format!("-I {own} {}", at[k]);
+                            let _ = writeln!(t, "{}", respec(&l, &head));
                         }
                     }
                 }
