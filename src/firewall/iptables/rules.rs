@@ -1,8 +1,8 @@
 //! The agent's iptables rules as iptables-nft 1.8.9 encodes them (native
 //! meta/payload/cmp for `-p`/`-s`/`-d`/`--dport`, xt-compat `match` and
 //! `target` for the rest, a `counter` in every rule), and back: a rule read
-//! from the kernel is the agent's only if re-encoding what it decodes to
-//! gives the very same expressions.
+//! from the kernel is the agent's only if what it decodes to has the very
+//! same expressions.
 
 use std::net::Ipv4Addr;
 
@@ -10,6 +10,8 @@ use super::xt;
 use crate::firewall::encode::{
     Exprs, BASE_NETWORK, BASE_TRANSPORT, IP_DADDR, IP_SADDR, REG_1, TH_DPORT,
 };
+// `Exprs` (encode.rs) writes the wire form; the reduced `Expr` list below is
+// what both directions agree on.
 use crate::firewall::netlink::{attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs};
 use crate::firewall::{comment_for, Names};
 use crate::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule, INTERNAL_NETWORKS};
@@ -33,94 +35,197 @@ pub struct Encoded {
     pub compat_proto: u32,
 }
 
-fn xt(e: &mut Exprs, expr: &'static str, name: &str, rev: u32, info: &[u8]) {
-    e.raw(expr, |d| {
-        d.str(xt::NFTA_XT_NAME, name)
-            .be32(xt::NFTA_XT_REV, rev)
-            .bytes(xt::NFTA_XT_INFO, info);
+fn xt(kind: &str, name: &str, rev: u32, info: Vec<u8>) -> Expr {
+    Expr::Xt {
+        kind: kind.to_string(),
+        name: name.to_string(),
+        rev,
+        info,
+    }
+}
+
+fn cmp_eq(data: &[u8]) -> Expr {
+    Expr::Cmp {
+        sreg: REG_1,
+        op: sys::NFT_CMP_EQ,
+        data: data.to_vec(),
+    }
+}
+
+fn load(base: u32, offset: u32, len: u32) -> Expr {
+    Expr::Payload {
+        dreg: REG_1,
+        base,
+        offset,
+        len,
+    }
+}
+
+fn proto(e: &mut Vec<Expr>, p: Proto) {
+    e.push(Expr::Meta {
+        key: sys::NFT_META_L4PROTO,
+        dreg: REG_1,
     });
+    e.push(cmp_eq(&[p.number()]));
 }
 
-fn proto(e: &mut Exprs, p: Proto) {
-    e.meta_l4proto(REG_1).cmp_eq(REG_1, &[p.number()]);
+fn host(e: &mut Vec<Expr>, offset: u32, ip: Ipv4Addr) {
+    e.push(load(BASE_NETWORK, offset, 4));
+    e.push(cmp_eq(&ip.octets()));
 }
 
-fn host(e: &mut Exprs, offset: u32, ip: Ipv4Addr) {
-    e.payload(REG_1, BASE_NETWORK, offset, 4)
-        .cmp_eq(REG_1, &ip.octets());
+/// `-d net/len`: byte-aligned prefixes load only their bytes; others load
+/// the address and mask it (as iptables-nft and nft do).
+fn prefix(e: &mut Vec<Expr>, offset: u32, net: Ipv4Addr, len: u8) {
+    let octets = net.octets();
+    if len % 8 == 0 {
+        let n = usize::from(len / 8);
+        e.push(load(BASE_NETWORK, offset, n as u32));
+        e.push(cmp_eq(&octets[..n]));
+    } else {
+        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+        e.push(load(BASE_NETWORK, offset, 4));
+        e.push(Expr::Bitwise {
+            sreg: REG_1,
+            dreg: REG_1,
+            len: 4,
+            mask: mask.to_be_bytes().to_vec(),
+            xor: vec![0; 4],
+            op: 0,
+        });
+        e.push(cmp_eq(&octets));
+    }
 }
 
-fn dport(e: &mut Exprs, port: u16) {
-    e.payload(REG_1, BASE_TRANSPORT, TH_DPORT, 2)
-        .cmp_eq(REG_1, &port.to_be_bytes());
+fn dport(e: &mut Vec<Expr>, port: u16) {
+    e.push(load(BASE_TRANSPORT, TH_DPORT, 2));
+    e.push(cmp_eq(&port.to_be_bytes()));
 }
 
-fn comment(e: &mut Exprs, c: &str) {
-    xt(e, "match", "comment", xt::COMMENT_REV, &xt::comment_info(c));
+fn comment(e: &mut Vec<Expr>, c: &str) {
+    e.push(xt("match", "comment", xt::COMMENT_REV, xt::comment_info(c)));
 }
 
-/// Encodes `rule` in iptables-nft's expression order: protocol, addresses,
+fn verdict(code: i32) -> Expr {
+    Expr::Verdict { code, chain: None }
+}
+
+/// The expressions of `rule`, in iptables-nft's order: protocol, addresses,
 /// then the matches as the view lists them, counter, verdict or target.
-pub fn encode(rule: &AgentRule, names: &Names) -> Encoded {
-    let mut e = Exprs::new();
-    let mut compat_proto = 0;
+/// The one description of the encoding: `encode` serializes it, `decode`
+/// compares what the kernel reports with it.
+pub fn exprs_of(rule: &AgentRule, names: &Names) -> Vec<Expr> {
+    let mut e = Vec::with_capacity(10);
     match rule {
         AgentRule::Return(i) => {
             let (net, len) = INTERNAL_NETWORKS[*i];
-            e.ip_prefix(IP_DADDR, net, len).counter().ret();
+            prefix(&mut e, IP_DADDR, net, len);
+            e.push(Expr::Counter);
+            e.push(verdict(sys::NFT_RETURN));
         }
         AgentRule::Snat(s) => {
-            compat_proto = s.proto.number() as u32;
             proto(&mut e, s.proto);
             host(&mut e, IP_SADDR, s.pod_ip);
             comment(&mut e, &comment_for(&s.owner));
-            e.counter();
-            xt(
-                &mut e,
+            e.push(Expr::Counter);
+            e.push(xt(
                 "target",
                 "SNAT",
                 xt::SNAT_REV,
-                &xt::snat_compat(s.public_ip),
-            );
+                xt::snat_compat(s.public_ip),
+            ));
         }
         AgentRule::Dnat(m) => {
-            compat_proto = m.key.proto.number() as u32;
             proto(&mut e, m.key.proto);
             host(&mut e, IP_DADDR, m.key.public_ip);
             dport(&mut e, m.key.public_port);
             comment(&mut e, &comment_for(&m.owner));
-            e.counter();
-            xt(
-                &mut e,
-                "target",
-                "DNAT",
-                xt::DNAT_REV,
-                &xt::dnat_range2(m.pod_ip, m.pod_port),
-            );
+            e.push(Expr::Counter);
+            let info = xt::dnat_range2(m.pod_ip, m.pod_port);
+            e.push(xt("target", "DNAT", xt::DNAT_REV, info));
         }
         AgentRule::Forward(f) => {
-            compat_proto = f.proto.number() as u32;
             proto(&mut e, f.proto);
             host(&mut e, IP_DADDR, f.pod_ip);
             dport(&mut e, f.pod_port);
-            xt(
-                &mut e,
-                "match",
-                "conntrack",
-                xt::CONNTRACK_REV,
-                &xt::conntrack_state_new(),
-            );
+            let ct = xt::conntrack_state_new();
+            e.push(xt("match", "conntrack", xt::CONNTRACK_REV, ct));
             comment(&mut e, &comment_for(&f.owner));
-            e.counter().accept();
+            e.push(Expr::Counter);
+            e.push(verdict(libc::NF_ACCEPT));
         }
         AgentRule::Jump(chain) => {
             comment(&mut e, &names.jump_comment);
-            e.counter().jump(chain);
+            e.push(Expr::Counter);
+            e.push(Expr::Verdict {
+                code: sys::NFT_JUMP,
+                chain: Some(chain.clone()),
+            });
         }
     }
+    e
+}
+
+/// NFTA_RULE_COMPAT's protocol: that of `-p`, 0 without.
+fn compat_proto(rule: &AgentRule) -> u32 {
+    match rule {
+        AgentRule::Snat(s) => s.proto.number().into(),
+        AgentRule::Dnat(m) => m.key.proto.number().into(),
+        AgentRule::Forward(f) => f.proto.number().into(),
+        AgentRule::Return(_) | AgentRule::Jump(_) => 0,
+    }
+}
+
+/// The netlink form of reduced expressions (the inverse of `parse_exprs`).
+fn serialize(list: &[Expr]) -> Exprs {
+    let mut e = Exprs::new();
+    for x in list {
+        match x {
+            Expr::Meta { key, dreg } => {
+                debug_assert_eq!(*key, sys::NFT_META_L4PROTO);
+                e.meta_l4proto(*dreg)
+            }
+            Expr::Cmp { sreg, op, data } => e.cmp(*sreg, *op, data),
+            Expr::Payload {
+                dreg,
+                base,
+                offset,
+                len,
+            } => e.payload(*dreg, *base, *offset, *len),
+            Expr::Bitwise {
+                sreg,
+                dreg,
+                len,
+                mask,
+                xor,
+                op,
+            } => {
+                debug_assert!(sreg == dreg && *len as usize == mask.len() && *op == 0);
+                e.bitwise(*sreg, mask, xor)
+            }
+            Expr::Xt {
+                kind,
+                name,
+                rev,
+                info,
+            } => e.raw(if kind == "target" { "target" } else { "match" }, |d| {
+                d.str(xt::NFTA_XT_NAME, name)
+                    .be32(xt::NFTA_XT_REV, *rev)
+                    .bytes(xt::NFTA_XT_INFO, info);
+            }),
+            Expr::Counter => e.counter(),
+            Expr::Verdict { code, chain } => e.verdict(*code, chain.as_deref()),
+            Expr::Other(name) => unreachable!("exprs_of never produces {name}"),
+        };
+    }
+    e
+}
+
+/// Encodes `rule` as iptables-nft does.
+pub fn encode(rule: &AgentRule, names: &Names) -> Encoded {
     Encoded {
-        exprs: e,
-        compat_proto,
+        exprs: serialize(&exprs_of(rule, names)),
+        compat_proto: compat_proto(rule),
     }
 }
 
@@ -375,15 +480,14 @@ pub fn decode(exprs: &[Expr], names: &Names) -> Option<AgentRule> {
         }
         _ => return None,
     };
-    candidates
-        .into_iter()
-        .find(|r| parse_exprs(encode(r, names).exprs.attrs().as_bytes()) == exprs)
+    candidates.into_iter().find(|r| exprs_of(r, names) == exprs)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::firewall::iptables::xt::tests::observed;
+    use proptest::prelude::*;
 
     fn owner(s: &str) -> PodRef {
         PodRef::from_comment(s).unwrap()
@@ -557,6 +661,90 @@ mod tests {
             }
         }
         assert_eq!(decode(&bad, &names), None);
+    }
+
+    fn arb_owner() -> impl Strategy<Value = PodRef> {
+        ("[a-z][a-z0-9-]{0,20}", "[a-z][a-z0-9.-]{0,150}").prop_map(|(ns, n)| PodRef::new(ns, n))
+    }
+
+    fn arb_rule() -> impl Strategy<Value = AgentRule> {
+        let ip = any::<u32>().prop_map(Ipv4Addr::from);
+        let proto = prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)];
+        prop_oneof![
+            (0..INTERNAL_NETWORKS.len()).prop_map(AgentRule::Return),
+            (ip.clone(), proto.clone(), ip.clone(), arb_owner()).prop_map(
+                |(pod_ip, proto, public_ip, owner)| AgentRule::Snat(SnatRule {
+                    pod_ip,
+                    proto,
+                    public_ip,
+                    owner
+                })
+            ),
+            (
+                ip.clone(),
+                any::<u16>(),
+                proto.clone(),
+                ip.clone(),
+                any::<u16>(),
+                arb_owner()
+            )
+                .prop_map(
+                    |(public_ip, public_port, proto, pod_ip, pod_port, owner)| {
+                        AgentRule::Dnat(Mapping {
+                            key: NatKey {
+                                public_ip,
+                                public_port,
+                                proto,
+                            },
+                            pod_ip,
+                            pod_port,
+                            owner,
+                        })
+                    }
+                ),
+            (ip, proto, any::<u16>(), arb_owner()).prop_map(|(pod_ip, proto, pod_port, owner)| {
+                AgentRule::Forward(ForwardRule {
+                    pod_ip,
+                    proto,
+                    pod_port,
+                    owner,
+                })
+            }),
+            "[A-Z_]{1,28}".prop_map(AgentRule::Jump),
+        ]
+    }
+
+    /// A long owner reads back as its cut comment (what `canonical` makes).
+    fn as_read_back(r: AgentRule) -> AgentRule {
+        let cut = |o: &PodRef| PodRef::from_comment(&comment_for(o)).unwrap();
+        match r {
+            AgentRule::Snat(s) => AgentRule::Snat(SnatRule {
+                owner: cut(&s.owner),
+                ..s
+            }),
+            AgentRule::Dnat(m) => AgentRule::Dnat(Mapping {
+                owner: cut(&m.owner),
+                ..m
+            }),
+            AgentRule::Forward(f) => AgentRule::Forward(ForwardRule {
+                owner: cut(&f.owner),
+                ..f
+            }),
+            other => other,
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_rule_round_trips(rule in arb_rule()) {
+            let names = Names::new("podnat");
+            let wire = encode(&rule, &names);
+            // The wire form parses back to the description...
+            let parsed = parse_exprs(wire.exprs.attrs().as_bytes());
+            prop_assert_eq!(&parsed, &exprs_of(&rule, &names));
+            // ...which decodes to the rule (owners as their comments say).
+            prop_assert_eq!(decode(&parsed, &names), Some(as_read_back(rule)));
+        }
     }
 
     #[test]
