@@ -1,5 +1,5 @@
 //! Churn benchmark: full install of N ports (3 rules or elements each), add 1
-//! and delete 1 port with N installed — ours beside the peers, in one run,
+//! and delete 1 port with N installed — ours (both flavors) beside the peers, in one run,
 //! each in fresh network namespaces. Prints medians and ratios; asserts
 //! nothing. Run: `cargo bench --bench churn` (root; ~10 min).
 //!
@@ -18,6 +18,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netns::Netns;
+use podnat_controller::config::JumpPositions;
+use podnat_controller::firewall::iptables::IptablesBackend;
 use podnat_controller::firewall::nftables::NftablesBackend;
 use podnat_controller::firewall::{view, Backend, Names};
 use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
@@ -209,6 +211,8 @@ fn m_elements(verb: &str, i: u32) -> String {
 struct Row {
     ours: Option<Duration>,
     floor: Option<Duration>,
+    ours_ipt: Option<Duration>,
+    floor_ipt: Option<Duration>,
     a: Option<Duration>,
     b: Option<Duration>,
     c: Option<Duration>,
@@ -216,54 +220,74 @@ struct Row {
     note: String,
 }
 
-fn ours(n: u32) -> [Row; 3] {
-    let ns = Netns::new("bo");
-    let base = table(n);
-    let plus = table(n + 1);
-    ns.run(move || {
-        let mut be = NftablesBackend::new(Names::new("podnat"));
+/// The three workloads with one of our backends: wall time of `apply`
+/// (warm backend) and the kernel's floor (`send_prepared` of a pre-encoded
+/// batch). `prepare`/`send_prepared` are the backend's own.
+macro_rules! measure_ours {
+    ($be:expr, $base:expr, $plus:expr) => {{
+        let be = &mut $be;
+        let (base, plus) = (&$base, &$plus);
         let (mut install, mut install_floor, mut add, mut add_floor, mut del, mut del_floor) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..REPS {
             be.cleanup().unwrap();
             let t = Instant::now();
-            be.apply(&base).unwrap();
+            be.apply(base).unwrap();
             install.push(t.elapsed());
             be.cleanup().unwrap();
-            let batch = be.prepare(&base).unwrap().unwrap();
+            let batch = be.prepare(base).unwrap().unwrap();
             let t = Instant::now();
             be.send_prepared(batch).unwrap();
             install_floor.push(t.elapsed());
         }
-        be.apply(&base).unwrap(); // warm the generation cache
+        be.apply(base).unwrap(); // warm the generation cache
         for _ in 0..REPS {
             let t = Instant::now();
-            be.apply(&plus).unwrap();
+            be.apply(plus).unwrap();
             add.push(t.elapsed());
             let t = Instant::now();
-            be.apply(&base).unwrap();
+            be.apply(base).unwrap();
             del.push(t.elapsed());
-            let batch = be.prepare(&plus).unwrap().unwrap();
+            let batch = be.prepare(plus).unwrap().unwrap();
             let t = Instant::now();
             be.send_prepared(batch).unwrap();
             add_floor.push(t.elapsed());
-            let batch = be.prepare(&base).unwrap().unwrap();
+            let batch = be.prepare(base).unwrap().unwrap();
             let t = Instant::now();
             be.send_prepared(batch).unwrap();
             del_floor.push(t.elapsed());
-            be.apply(&base).unwrap();
+            be.apply(base).unwrap();
         }
-        let row = |o: Vec<Duration>, f: Vec<Duration>| Row {
-            ours: Some(median(o)),
-            floor: Some(median(f)),
-            ..Row::default()
-        };
         [
-            row(install, install_floor),
-            row(add, add_floor),
-            row(del, del_floor),
+            (median(install), median(install_floor)),
+            (median(add), median(add_floor)),
+            (median(del), median(del_floor)),
         ]
-    })
+    }};
+}
+
+fn ours(n: u32) -> [Row; 3] {
+    let base = table(n);
+    let plus = table(n + 1);
+    let ns = Netns::new("bo");
+    let (b2, p2) = (base.clone(), plus.clone());
+    let nft = ns.run(move || {
+        let mut be = NftablesBackend::new(Names::new("podnat"));
+        measure_ours!(be, b2, p2)
+    });
+    let ns = Netns::new("bi");
+    let ipt = ns.run(move || {
+        let mut be = IptablesBackend::new(Names::new("podnat"), JumpPositions::default());
+        measure_ours!(be, base, plus)
+    });
+    let row = |i: usize| Row {
+        ours: Some(nft[i].0),
+        floor: Some(nft[i].1),
+        ours_ipt: Some(ipt[i].0),
+        floor_ipt: Some(ipt[i].1),
+        ..Row::default()
+    };
+    [row(0), row(1), row(2)]
 }
 
 fn peer_a(n: u32, rows: &mut [Row; 3]) {
@@ -466,15 +490,19 @@ fn main() {
         .unwrap_or_else(|| vec![100, 1000, 5000]);
     println!("churn benchmark: medians of {REPS} runs, milliseconds (wall); one machine, compare within this run only");
     println!(
-        "| work | ours (nftables) | floor | A iptables per rule | B restore | C nft rules | M nft maps | ours/floor | ours/B | ours/C | ours/M | notes |"
+        "| work | ours nftables | its floor | ours iptables | its floor | A iptables per rule | B restore | C nft rules | M nft maps | nft/floor | ipt/floor | ipt/B | nft/M | notes |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    // CHURN_OURS_ONLY=1 skips the peers (a quick look at our own figures).
+    let peers = std::env::var("CHURN_OURS_ONLY").is_err();
     for n in sizes {
         let mut rows = ours(n);
-        peer_a(n, &mut rows);
-        peer_b(n, &mut rows);
-        peer_c(n, &mut rows);
-        peer_m(n, &mut rows);
+        if peers {
+            peer_a(n, &mut rows);
+            peer_b(n, &mut rows);
+            peer_c(n, &mut rows);
+            peer_m(n, &mut rows);
+        }
         for (label, r) in ["install", "add 1", "delete 1"].iter().zip(rows.iter()) {
             let work = if *label == "install" {
                 format!("install {n} ports")
@@ -482,16 +510,18 @@ fn main() {
                 format!("{label} port at {n}")
             };
             println!(
-                "| {work} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{} |",
+                "| {work} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{} |",
                 ms(r.ours),
                 ms(r.floor),
+                ms(r.ours_ipt),
+                ms(r.floor_ipt),
                 ms(r.a),
                 ms(r.b),
                 ms(r.c),
                 ms(r.m),
                 ratio(r.ours, r.floor),
-                ratio(r.ours, r.b),
-                ratio(r.ours, r.c),
+                ratio(r.ours_ipt, r.floor_ipt),
+                ratio(r.ours_ipt, r.b),
                 ratio(r.ours, r.m),
                 r.note
             );

@@ -600,6 +600,7 @@ impl IptablesBackend {
     /// Reads the kernel and encodes the batch `apply` would send, without
     /// sending it (for benchmarks that time the kernel's part alone).
     pub fn prepare(&mut self, desired: &RuleSet) -> Result<Option<FinalBatch>, FirewallError> {
+        self.cache.clear();
         let desired = canonical(desired);
         let generation = self.sock()?.generation()?;
         let state = self.read_state()?;
@@ -609,7 +610,6 @@ impl IptablesBackend {
     }
 
     pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
-        self.cache.clear();
         Ok(self.sock()?.send_batch(batch)?)
     }
 
