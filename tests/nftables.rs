@@ -5,8 +5,7 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, UdpSocket};
 use std::time::{Duration, Instant};
 
 use podnat_controller::firewall::netlink::{sys, Attrs, NetlinkError, NfSocket, NftBatch, NftMsg};
@@ -14,7 +13,7 @@ use podnat_controller::firewall::nftables::NftablesBackend;
 use podnat_controller::firewall::{view, Backend, FirewallError, Names};
 use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
 use proptest::prelude::*;
-use support::netns::{Netns, Sandbox, CLIENT_IP, POD_A_IP, POD_B_IP, PUBLIC_IP};
+use support::netns::{Netns, Sandbox, POD_A_IP, POD_B_IP, PUBLIC_IP};
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -112,86 +111,7 @@ fn tcp_udp_snat_and_internal_traffic() {
     let sb = Sandbox::new("traf");
     apply(&sb.node, &mail_rules());
 
-    // TCP: client → public:25 reaches the pod's listener on 2525.
-    let listener = sb.pod_a.run(|| TcpListener::bind("0.0.0.0:2525").unwrap());
-    let mut client = sb.client.run(|| {
-        TcpStream::connect_timeout(
-            &format!("{PUBLIC_IP}:25").parse().unwrap(),
-            Duration::from_secs(3),
-        )
-        .expect("TCP through the DNAT")
-    });
-    let (mut conn, peer) = listener.accept().unwrap();
-    assert_eq!(
-        peer.ip().to_string(),
-        CLIENT_IP,
-        "DNAT keeps the client's address"
-    );
-    client.write_all(b"ping").unwrap();
-    let mut buf = [0u8; 4];
-    conn.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping");
-
-    // UDP: client → public:5353 reaches the pod on 5300, and the reply comes
-    // back from the public address.
-    let pod_udp = sb.pod_a.run(|| UdpSocket::bind("0.0.0.0:5300").unwrap());
-    pod_udp
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let client_udp = sb.client.run(|| UdpSocket::bind("0.0.0.0:0").unwrap());
-    client_udp
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    client_udp
-        .send_to(b"hello", format!("{PUBLIC_IP}:5353"))
-        .unwrap();
-    let (n, from) = pod_udp
-        .recv_from(&mut buf[..])
-        .expect("UDP through the DNAT");
-    assert_eq!(n, 4);
-    assert_eq!(from.ip().to_string(), CLIENT_IP);
-    pod_udp.send_to(b"pong", from).unwrap();
-    let (_, reply_from) = client_udp.recv_from(&mut buf).expect("UDP reply");
-    assert_eq!(
-        reply_from,
-        format!("{PUBLIC_IP}:5353").parse::<SocketAddr>().unwrap()
-    );
-
-    // SNAT: the pod's own connection to the client shows the public address.
-    let client_listener = sb
-        .client
-        .run(|| TcpListener::bind(format!("{CLIENT_IP}:8080")).unwrap());
-    let _out = sb.pod_a.run(|| {
-        TcpStream::connect_timeout(
-            &format!("{CLIENT_IP}:8080").parse().unwrap(),
-            Duration::from_secs(3),
-        )
-        .expect("pod → client through the SNAT")
-    });
-    let (_c, seen) = client_listener.accept().unwrap();
-    assert_eq!(
-        seen.ip().to_string(),
-        PUBLIC_IP,
-        "outbound traffic leaves through the public address"
-    );
-
-    // Internal destinations keep the pod address.
-    let pod_b_listener = sb
-        .pod_b
-        .run(|| TcpListener::bind(format!("{POD_B_IP}:9000")).unwrap());
-    let _in = sb.pod_a.run(|| {
-        TcpStream::connect_timeout(
-            &format!("{POD_B_IP}:9000").parse().unwrap(),
-            Duration::from_secs(3),
-        )
-        .unwrap()
-    });
-    let (_c, seen) = pod_b_listener.accept().unwrap();
-    assert_eq!(
-        seen.ip().to_string(),
-        POD_A_IP,
-        "10.x destinations are not SNATed"
-    );
+    support::traffic::check_mail_traffic(&sb);
 }
 
 #[test]
