@@ -14,10 +14,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    self, setsockopt, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol,
-    SockType,
-};
+use nix::sys::socket::{self, setsockopt, sockopt, MsgFlags};
 use nix::sys::time::TimeVal;
 
 use super::netlink::{sys, NetlinkError};
@@ -81,16 +78,7 @@ pub fn watch_ruleset(notify: impl Fn() + Send + 'static) -> Result<RulesetWatch,
 }
 
 fn subscribe() -> Result<OwnedFd, NetlinkError> {
-    let fd = socket::socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkNetFilter,
-    )
-    .map_err(NetlinkError::Socket)?;
-    let group = sys::NFNLGRP_NFTABLES;
-    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 1 << (group - 1)))
-        .map_err(NetlinkError::Socket)?;
+    let fd = super::netlink::open_netfilter_socket(1 << (sys::NFNLGRP_NFTABLES - 1))?;
     // Room for a large batch's notifications; an overrun is still a signal.
     let bytes = 4usize << 20;
     if setsockopt(&fd, sockopt::RcvBufForce, &bytes).is_err() {

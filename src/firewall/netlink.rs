@@ -393,16 +393,23 @@ pub struct NfSocket {
     buf: Vec<u8>,
 }
 
+/// A bound NETLINK_NETFILTER socket in the calling thread's namespace,
+/// joined to the multicast `groups` (a bit mask; 0 for none).
+pub fn open_netfilter_socket(groups: u32) -> Result<OwnedFd, NetlinkError> {
+    let fd = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkNetFilter,
+    )
+    .map_err(NetlinkError::Socket)?;
+    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).map_err(NetlinkError::Socket)?;
+    Ok(fd)
+}
+
 impl NfSocket {
     pub fn open() -> Result<NfSocket, NetlinkError> {
-        let fd = socket::socket(
-            AddressFamily::Netlink,
-            SockType::Raw,
-            SockFlag::SOCK_CLOEXEC,
-            SockProtocol::NetlinkNetFilter,
-        )
-        .map_err(NetlinkError::Socket)?;
-        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, 0)).map_err(NetlinkError::Socket)?;
+        let fd = open_netfilter_socket(0)?;
         let s = NfSocket {
             fd,
             seq: 1,
