@@ -24,7 +24,8 @@ use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 
 use crate::config::Flavor;
-use crate::firewall::Backend;
+use crate::firewall::monitor::Blocker;
+use crate::firewall::{coexist, Backend};
 use crate::model::{PodRef, Proto};
 use crate::net::address::Choice;
 use crate::plan::NatTable;
@@ -236,7 +237,35 @@ pub struct EntriesList {
     /// The last apply error, cleared by the next success.
     pub last_error: Option<String>,
     pub public_address: PublicAddress,
+    /// What on this node keeps NAT from working although the agent's rules
+    /// are in place (foreign forward-hook drop policies).
+    pub warnings: Vec<Warning>,
     pub entries: Vec<Entry>,
+}
+
+/// One warning of `/entries/list`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Warning {
+    /// `forward_blocked`.
+    pub kind: &'static str,
+    /// ip or inet.
+    pub family: &'static str,
+    pub table: String,
+    pub chain: String,
+    pub message: String,
+}
+
+fn warnings(flavor: Flavor, blockers: &[Blocker]) -> Vec<Warning> {
+    blockers
+        .iter()
+        .map(|b| Warning {
+            kind: "forward_blocked",
+            family: b.family_name(),
+            table: b.table.clone(),
+            chain: b.chain.clone(),
+            message: coexist::advice(flavor_name(flavor), b),
+        })
+        .collect()
 }
 
 fn flavor_format(flavor: Flavor) -> &'static str {
@@ -285,6 +314,7 @@ async fn entries(State(ctx): Ctx, Query(q): Query<EntriesQuery>) -> Response {
         last_reconcile: last.at.and_then(rfc3339),
         last_error: last.error,
         public_address: public_address(last.address.as_ref(), ctx.address_source),
+        warnings: warnings(ctx.flavor, &ctx.status.forward_blocked()),
         entries: last
             .table
             .as_ref()

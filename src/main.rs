@@ -9,14 +9,18 @@ use anyhow::Context;
 use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config};
 use podnat_controller::firewall::netlink::NetlinkError;
-use podnat_controller::firewall::{backend_with_jumps, Backend, FirewallError, Names};
+use podnat_controller::firewall::{
+    backend_with_jumps, coexist, monitor, Backend, FirewallError, Names,
+};
 use podnat_controller::http::{self, AddressSource, HttpContext};
 use podnat_controller::kube::events::EventSink;
 use podnat_controller::kube::watch::{self, PodWatchConfig};
 use podnat_controller::kube::{self, pod};
 use podnat_controller::net::address::{self, AddressFilter};
 use podnat_controller::plan::{self, PlanConfig};
-use podnat_controller::reconcile::{self, AgentStatus, BackendWorker, ReconcileConfig, Reconciler};
+use podnat_controller::reconcile::{
+    self, AgentStatus, BackendWorker, Drift, ReconcileConfig, Reconciler,
+};
 use podnat_controller::state::{self, RecorderOptions};
 
 fn main() -> ExitCode {
@@ -122,6 +126,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     for p in &table.pending {
         tracing::warn!(pod = %p.pod, entry = p.entry, "no public address known yet; entry pending");
     }
+    warn_forward_blockers(backend.as_mut());
     if config.dry_run {
         let text = match backend.dry_run(&table.rules, false) {
             Err(FirewallError::Netlink(
@@ -153,6 +158,25 @@ fn run(config: Config) -> anyhow::Result<()> {
         "applied"
     );
     Ok(())
+}
+
+/// One-shot mode's forward-hook check (the agent does it at each resync).
+fn warn_forward_blockers(backend: &mut dyn Backend) {
+    match backend.forward_blockers() {
+        Ok(found) => {
+            for b in &found {
+                tracing::warn!(
+                    family = b.family_name(),
+                    table = %b.table,
+                    chain = %b.chain,
+                    "{}",
+                    coexist::advice(backend.name(), b)
+                );
+            }
+        }
+        // Without CAP_NET_ADMIN (a dry run as a user) nothing can be read.
+        Err(e) => tracing::debug!("cannot look for foreign forward-hook drop policies: {e}"),
+    }
 }
 
 /// Agent mode: watch this node's pods and keep the kernel in step until
@@ -226,6 +250,25 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         recorder
     });
     spawn_http(listener, &config, &node_id, &status);
+    // Drift repair: foreign commits that touch what the agent owns wake the
+    // loop; its own commits and everybody else's (kube-proxy's) do not, and
+    // leave the backend's cache valid. Subscribed before the first read so
+    // no commit is missed. Not in dry run, which must not react to the kernel.
+    let mut backend = backend;
+    let watch = if config.dry_run {
+        None
+    } else {
+        let bell = Arc::new(tokio::sync::Notify::new());
+        let ring = Arc::clone(&bell);
+        let watch = monitor::watch_ruleset(backend.interest(), move || ring.notify_one())
+            .context("subscribing to nf_tables notifications (drift repair)")?;
+        backend.attach_tracker(watch.tracker());
+        Some((bell, watch))
+    };
+    let drift = watch.as_ref().map(|(bell, w)| Drift {
+        bell: Arc::clone(bell),
+        tracker: w.tracker(),
+    });
     let backend = BackendWorker::spawn(backend)?;
     let reconciler = Reconciler::new(
         ReconcileConfig::new(&config, &node_id),
@@ -236,18 +279,8 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         status,
     )
     .with_state(recorder);
-    // Drift repair: any nf_tables commit (a flushed chain, a moved jump)
-    // wakes the loop. Not in dry run, which must not react to the kernel.
-    let (drift, _drift_watch) = if config.dry_run {
-        (None, None)
-    } else {
-        let bell = Arc::new(tokio::sync::Notify::new());
-        let ring = Arc::clone(&bell);
-        let watch = podnat_controller::firewall::monitor::watch_ruleset(move || ring.notify_one())
-            .context("subscribing to nf_tables notifications (drift repair)")?;
-        (Some(bell), Some(watch))
-    };
     reconciler.with_drift(drift).run(shutdown_signal()).await?;
+    drop(watch);
     Ok(())
 }
 

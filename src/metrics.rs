@@ -20,6 +20,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
+use crate::firewall::monitor::Blocker;
 use crate::firewall::ApplyReport;
 use crate::plan::NatTable;
 use crate::reconcile::AgentStatus;
@@ -37,6 +38,14 @@ pub struct ErrorLabels {
 pub struct KindLabels {
     /// dnat, snat or forward.
     pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BlockerLabels {
+    /// ip or inet.
+    pub family: String,
+    pub table: String,
+    pub chain: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -59,6 +68,7 @@ pub struct Metrics {
     pub invalid_annotations: Gauge,
     pub pending_entries: Gauge,
     pub public_address: Family<AddressLabels, Gauge>,
+    pub forward_blocked: Family<BlockerLabels, Gauge>,
     /// The address `public_address` shows.
     shown_address: Arc<Mutex<Option<Ipv4Addr>>>,
 }
@@ -89,6 +99,7 @@ impl Default for Metrics {
             invalid_annotations: Gauge::default(),
             pending_entries: Gauge::default(),
             public_address: Family::default(),
+            forward_blocked: Family::default(),
             shown_address: Arc::default(),
         }
     }
@@ -145,6 +156,11 @@ impl Metrics {
             self.pending_entries.clone(),
         );
         registry.register(
+            "forward_blocked",
+            "Foreign base chains at the forward hook whose policy drops what the agent accepts (value 1 each; never touched)",
+            self.forward_blocked.clone(),
+        );
+        registry.register(
             "public_address_info",
             "The public IPv4 address in use (value 1; no series while none is known)",
             self.public_address.clone(),
@@ -180,6 +196,20 @@ impl Metrics {
 
     /// What the last plan says; `in_kernel`: its rules are what the kernel
     /// holds now (false in dry run, where the agent owns nothing).
+    /// The forward-hook blockers found by the last check.
+    pub fn observe_blockers(&self, blockers: &[Blocker]) {
+        self.forward_blocked.clear();
+        for b in blockers {
+            self.forward_blocked
+                .get_or_create(&BlockerLabels {
+                    family: b.family_name().to_string(),
+                    table: b.table.clone(),
+                    chain: b.chain.clone(),
+                })
+                .set(1);
+        }
+    }
+
     pub fn observe_table(&self, table: &NatTable, in_kernel: bool) {
         let rules = &table.rules;
         for (kind, n) in [

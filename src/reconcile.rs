@@ -19,8 +19,9 @@ use tokio::sync::{oneshot, watch};
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
 use crate::config::Config;
+use crate::firewall::monitor::{Blocker, Tracker};
 use crate::firewall::netlink::NetlinkError;
-use crate::firewall::{ApplyReport, Backend, FirewallError};
+use crate::firewall::{coexist, ApplyReport, Backend, FirewallError};
 use crate::kube::events::{self, EventSink, EventStats, PodEvent, Reason};
 use crate::kube::pod;
 use crate::kube::watch::{FeedState, PodFeed};
@@ -130,6 +131,8 @@ pub struct AgentStatus {
     pub metrics: Metrics,
     /// When the loop last showed it is alive (liveness).
     heartbeat: Mutex<Option<std::time::Instant>>,
+    /// Foreign forward-hook chains that drop what the agent accepts.
+    forward_blocked: Mutex<Vec<Blocker>>,
 }
 
 impl AgentStatus {
@@ -162,6 +165,11 @@ impl AgentStatus {
 
     pub fn last(&self) -> LastReconcile {
         lock(&self.last).clone()
+    }
+
+    /// Foreign forward-hook base chains with policy drop, as last checked.
+    pub fn forward_blocked(&self) -> Vec<Blocker> {
+        lock(&self.forward_blocked).clone()
     }
 
     pub fn event_stats(&self) -> Option<Arc<EventStats>> {
@@ -199,6 +207,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 enum Job {
     Apply(RuleSet, oneshot::Sender<Result<ApplyReport, FirewallError>>),
     DryRun(RuleSet, oneshot::Sender<Result<String, FirewallError>>),
+    ForwardBlockers(oneshot::Sender<Result<Vec<Blocker>, FirewallError>>),
 }
 
 /// The backend on a dedicated thread: its netlink work blocks, and must not
@@ -226,6 +235,9 @@ impl BackendWorker {
                         Job::DryRun(rules, reply) => {
                             let _ = reply.send(dry_run(backend.as_mut(), &rules));
                         }
+                        Job::ForwardBlockers(reply) => {
+                            let _ = reply.send(backend.forward_blockers());
+                        }
                     }
                 }
             })
@@ -242,6 +254,15 @@ impl BackendWorker {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Job::Apply(rules, tx))
+            .map_err(|_| ReconcileError::BackendGone)?;
+        Ok(rx.await.map_err(|_| ReconcileError::BackendGone)??)
+    }
+
+    /// Foreign forward-hook chains with policy drop (read only).
+    pub async fn forward_blockers(&self) -> Result<Vec<Blocker>, ReconcileError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::ForwardBlockers(tx))
             .map_err(|_| ReconcileError::BackendGone)?;
         Ok(rx.await.map_err(|_| ReconcileError::BackendGone)??)
     }
@@ -412,19 +433,49 @@ enum Wake {
 }
 
 impl Wake {
-    /// Wakes that check the kernel even when the plan did not change.
+    /// Wakes that check the kernel even when the plan did not change (a
+    /// ruleset wake does when the tracker says a foreign commit touched ours).
     fn forces_apply(self) -> bool {
-        matches!(
-            self,
-            Wake::Resync | Wake::Retry | Wake::Reconnected | Wake::Ruleset
-        )
+        matches!(self, Wake::Resync | Wake::Retry | Wake::Reconnected)
     }
 }
 
+/// What the wakes of one burst ask for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Due {
+    reconcile: bool,
+    /// Apply even if the plan did not change (the kernel may have).
+    force: bool,
+    /// Look again for foreign forward-hook chains that drop.
+    forward: bool,
+}
+
+impl Due {
+    const ALL: Due = Due {
+        reconcile: true,
+        force: true,
+        forward: true,
+    };
+
+    fn merge(&mut self, o: Due) {
+        self.reconcile |= o.reconcile;
+        self.force |= o.force;
+        self.forward |= o.forward;
+    }
+}
+
+/// The nf_tables monitor's side of the loop: its bell rings only for foreign
+/// commits that concern the agent; the tracker says why.
+#[derive(Clone)]
+pub struct Drift {
+    pub bell: Arc<tokio::sync::Notify>,
+    pub tracker: Arc<Tracker>,
+}
+
 /// Resolves when the drift bell rings; never without one.
-async fn rung(bell: &Option<Arc<tokio::sync::Notify>>) {
-    match bell {
-        Some(n) => n.notified().await,
+async fn rung(drift: &Option<Drift>) {
+    match drift {
+        Some(d) => d.bell.notified().await,
         None => std::future::pending().await,
     }
 }
@@ -453,8 +504,11 @@ pub struct Reconciler {
     last_dry_run: Option<String>,
     /// Hands each table the kernel holds to the state store (never waits).
     state: Option<Recorder>,
-    /// Rung by the nf_tables monitor on any ruleset change (drift repair).
-    drift: Option<Arc<tokio::sync::Notify>>,
+    /// Rung by the nf_tables monitor on foreign changes to what the agent
+    /// owns (drift repair) or to forward-hook policies.
+    drift: Option<Drift>,
+    /// The blockers last reported (warned once per change).
+    blockers: Vec<Blocker>,
     seen_revision: u64,
     seen_reachable: bool,
 }
@@ -485,6 +539,7 @@ impl Reconciler {
             last_dry_run: None,
             state: None,
             drift: None,
+            blockers: Vec::new(),
             seen_revision: 0,
             seen_reachable: false,
         }
@@ -497,13 +552,72 @@ impl Reconciler {
         self
     }
 
-    /// Reconciles (and so repairs drift) whenever `notify` rings: the
-    /// nf_tables monitor rings it on any ruleset change by anybody. The
-    /// agent's own commits ring it too; the apply that follows finds its
-    /// remembered generation and an empty diff, sends nothing, and settles.
-    pub fn with_drift(mut self, notify: Option<Arc<tokio::sync::Notify>>) -> Reconciler {
-        self.drift = notify;
+    /// Reconciles (and so repairs drift) when the nf_tables monitor rings
+    /// for a foreign commit that touched what the agent owns; re-checks the
+    /// forward hook when one changed a forward-hook policy. The agent's own
+    /// commits and commits elsewhere (kube-proxy's) never ring.
+    pub fn with_drift(mut self, drift: Option<Drift>) -> Reconciler {
+        self.drift = drift;
         self
+    }
+
+    /// What wake `w` asks for.
+    fn due(&self, w: Wake) -> Due {
+        match w {
+            Wake::Ruleset => {
+                let r = self
+                    .drift
+                    .as_ref()
+                    .map(|d| d.tracker.take_reasons())
+                    .unwrap_or_default();
+                Due {
+                    reconcile: r.ours,
+                    force: r.ours,
+                    forward: r.forward_hook,
+                }
+            }
+            Wake::Resync => Due::ALL,
+            w => Due {
+                reconcile: true,
+                force: w.forces_apply(),
+                forward: false,
+            },
+        }
+    }
+
+    /// Looks for foreign forward-hook chains with policy drop and says so
+    /// once per change: log, status (/entries/list), metric. Never touches
+    /// them.
+    async fn check_forward(&mut self) {
+        let found = match self.backend.forward_blockers().await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!("cannot look for foreign forward-hook drop policies: {e}");
+                return;
+            }
+        };
+        if found == self.blockers {
+            return;
+        }
+        for b in found.iter().filter(|b| !self.blockers.contains(b)) {
+            tracing::warn!(
+                family = b.family_name(),
+                table = %b.table,
+                chain = %b.chain,
+                "{}",
+                coexist::advice(self.backend.name(), b)
+            );
+        }
+        for b in self.blockers.iter().filter(|b| !found.contains(b)) {
+            tracing::info!(family = b.family_name(), table = %b.table, chain = %b.chain,
+                "the forward-hook chain no longer drops by policy (or is gone)");
+        }
+        if let Some(d) = &self.drift {
+            d.tracker.set_blockers(&found);
+        }
+        self.status.metrics.observe_blockers(&found);
+        *lock(&self.status.forward_blocked) = found.clone();
+        self.blockers = found;
     }
 
     /// Runs until `shutdown` resolves (a batch in flight is finished first;
@@ -542,10 +656,15 @@ impl Reconciler {
             i
         });
 
-        let mut force = true;
+        let mut due = Due::ALL;
         let mut why = "first pod list";
         loop {
-            self.reconcile(force, why).await?;
+            if due.reconcile {
+                self.reconcile(due.force, why).await?;
+            }
+            if due.forward {
+                self.check_forward().await;
+            }
             // Wait for the next trigger...
             let first = tokio::select! {
                 biased;
@@ -553,7 +672,7 @@ impl Reconciler {
                 w = self.next_wake() => w?,
             };
             // ...and for the burst it starts to end.
-            force = first.forces_apply();
+            due = self.due(first);
             why = wake_name(first);
             let mut burst = Coalescer::new(Instant::now(), self.cfg.debounce, self.cfg.max_delay);
             loop {
@@ -563,7 +682,7 @@ impl Reconciler {
                     () = tokio::time::sleep_until(burst.deadline()) => break,
                     w = self.next_wake() => {
                         let w = w?;
-                        force |= w.forces_apply();
+                        due.merge(self.due(w));
                         burst.poke(Instant::now());
                     }
                 }
@@ -941,7 +1060,10 @@ mod tests {
         assert!(Wake::Resync.forces_apply());
         assert!(Wake::Retry.forces_apply());
         assert!(Wake::Reconnected.forces_apply());
-        assert!(Wake::Ruleset.forces_apply());
+        assert!(
+            !Wake::Ruleset.forces_apply(),
+            "only when the tracker says ours"
+        );
         assert!(!Wake::Pods.forces_apply());
         assert!(!Wake::Address.forces_apply());
     }

@@ -17,10 +17,14 @@ use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Protoco
 
 use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
 use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule};
+use std::sync::Arc;
+
+use super::coexist::{self, OwnForward};
+use super::monitor::{Blocker, Interest, TableInterest, Tracker};
 use super::names::Names;
 use super::netlink::{
     attr_be64, attr_str, find_attr, sys, Attrs, Echo, FinalBatch, NetlinkError, NfSocket, NftBatch,
-    NftMsg,
+    NftMsg, Scope,
 };
 use super::{canonical, view, ApplyReport, Backend, FirewallError, GenerationCache};
 use crate::config::JumpPositions;
@@ -389,15 +393,11 @@ impl IptablesBackend {
         table: &str,
         chain: &str,
     ) -> Result<Vec<(u64, Vec<rules::Expr>)>, NetlinkError> {
-        let mut f = Attrs::new();
-        f.str(sys::NFTA_RULE_TABLE, table)
-            .str(sys::NFTA_RULE_CHAIN, chain);
-        let msgs = self.sock()?.dump(sys::NFT_MSG_GETRULE, AF_INET, &f)?;
+        let msgs = self
+            .sock()?
+            .dump_scoped(sys::NFT_MSG_GETRULE, &Scope::object(AF_INET, table, chain))?;
         let mut out = Vec::with_capacity(msgs.len());
         for m in msgs {
-            if attr_str(&m, sys::NFTA_RULE_CHAIN).as_deref() != Some(chain) {
-                continue;
-            }
             let handle = attr_be64(&m, sys::NFTA_RULE_HANDLE).ok_or_else(|| {
                 NetlinkError::Malformed(format!("rule in {chain} without handle"))
             })?;
@@ -730,12 +730,13 @@ impl Backend for IptablesBackend {
 
     /// Also remembers what it read (with every handle) for the next apply.
     fn read(&mut self) -> Result<RuleSet, FirewallError> {
+        let epoch = self.cache.epoch();
         let generation = self.sock()?.generation()?;
         let state = self.read_state()?;
         let rules = state.rules();
         // Changed between the two reads: then the generation moved on and
         // this entry is never used.
-        self.cache.set(generation, state);
+        self.cache.set(generation, epoch, state);
         Ok(rules)
     }
 
@@ -743,10 +744,11 @@ impl Backend for IptablesBackend {
         let desired = canonical(desired);
         let mut report = ApplyReport::default();
         for attempt in 0..=super::MAX_RETRIES {
+            let epoch = self.cache.epoch();
             let generation = self.sock()?.generation()?;
             let (state, changes) = self.state_for(generation, &desired, &mut report)?;
             if changes.is_empty() {
-                self.cache.set(generation, state);
+                self.cache.set(generation, epoch, state);
                 return Ok(report);
             }
             let (batch, inserted) = self.build(&state, &changes);
@@ -756,33 +758,29 @@ impl Backend for IptablesBackend {
             let (added, removed) = changes.dnat_changes(&state, &desired);
             report.added_dnat = added;
             report.removed_dnat = removed;
+            let own = self.cache.sending(generation);
             match self
                 .sock()?
                 .send_batch_echo(batch.finalize(Some(generation)))
             {
                 Ok(echoes) => {
-                    let after = self.sock()?.generation()?;
-                    // Only our commit happened in between: the chains are known,
-                    // the new rules' handles as far as the kernel echoed them.
-                    if after == generation.wrapping_add(1) {
-                        let handles = echoed_handles(&inserted, &echoes);
-                        self.cache.set(after, changes.after(state, &handles));
-                    } else {
-                        self.cache.clear();
-                    }
+                    // The commit is `own`: the chains are known there, the
+                    // new rules' handles as far as the kernel echoed them.
+                    let handles = echoed_handles(&inserted, &echoes);
+                    self.cache.set(own, epoch, changes.after(state, &handles));
                     super::flush_stale_udp(&mut report);
                     return Ok(report);
                 }
                 Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {
+                    self.cache.refused(own);
                     report.retries += 1;
-                    self.cache.clear();
                     tracing::debug!(
                         attempt,
                         "ruleset changed under the batch; re-reading and retrying"
                     );
                 }
                 Err(e) => {
-                    self.cache.clear();
+                    self.cache.refused(own);
                     return Err(e.into());
                 }
             }
@@ -817,14 +815,13 @@ impl Backend for IptablesBackend {
                 if !state.table_exists(table) {
                     continue;
                 }
-                let mut f = Attrs::new();
-                f.str(sys::NFTA_RULE_TABLE, table);
                 let own: Vec<&str> = PLACES
                     .iter()
                     .filter(|p| p.table() == table)
                     .map(|p| p.own(&names))
                     .collect();
-                for m in self.sock()?.dump(sys::NFT_MSG_GETRULE, AF_INET, &f)? {
+                let scope = Scope::table(AF_INET, table);
+                for m in self.sock()?.dump_scoped(sys::NFT_MSG_GETRULE, &scope)? {
                     let chain = attr_str(&m, sys::NFTA_RULE_CHAIN).unwrap_or_default();
                     let exprs =
                         parse_exprs(find_attr(&m, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]));
@@ -878,6 +875,42 @@ impl Backend for IptablesBackend {
 
     fn view(&self, rules: &RuleSet) -> String {
         view::iptables_save(&canonical(rules), &self.names)
+    }
+
+    fn interest(&self) -> Interest {
+        let tables = [NAT, FILTER]
+            .into_iter()
+            .map(|table| {
+                let here = PLACES.iter().filter(|p| p.table() == table);
+                TableInterest {
+                    table: table.to_string(),
+                    whole: false,
+                    chains: here
+                        .clone()
+                        .map(|p| p.own(&self.names).to_string())
+                        .collect(),
+                    parents: here.map(|p| p.parent().to_string()).collect(),
+                }
+            })
+            .collect();
+        Interest {
+            family: AF_INET,
+            tables,
+        }
+    }
+
+    fn attach_tracker(&mut self, tracker: Arc<Tracker>) {
+        self.cache.attach(tracker);
+    }
+
+    fn forward_blockers(&mut self) -> Result<Vec<Blocker>, FirewallError> {
+        // The accept is a rule of iptables-nft's FORWARD, ahead of its policy.
+        let own = OwnForward {
+            family: AF_INET,
+            table: FILTER,
+            chain: Place::Forward.parent(),
+        };
+        Ok(coexist::forward_blockers(self.sock()?, own)?)
     }
 }
 

@@ -2,6 +2,7 @@
 //! batch per change) and back, plus the text views of it. A backend only
 //! encodes, decodes and diffs; it never decides what should exist.
 
+pub mod coexist;
 pub mod conntrack;
 pub mod encode;
 pub mod names;
@@ -14,8 +15,11 @@ pub mod view;
 
 pub use names::Names;
 
+use std::sync::Arc;
+
 use crate::config::{Flavor, JumpPositions};
 use crate::model::{Mapping, PodRef, RuleSet};
+use monitor::Tracker;
 use netlink::NetlinkError;
 
 /// How many times a batch is rebuilt when another writer committed between
@@ -95,6 +99,14 @@ pub trait Backend: Send {
     fn cleanup(&mut self) -> Result<bool, FirewallError>;
     /// The rule view of `rules` in this flavor's syntax.
     fn view(&self, rules: &RuleSet) -> String;
+    /// What the agent owns, as nf_tables notifications name it.
+    fn interest(&self) -> monitor::Interest;
+    /// From now on the cache trusts `tracker`: commits that touch nothing of
+    /// ours cost no re-read, and our own commits are known as ours.
+    fn attach_tracker(&mut self, tracker: Arc<Tracker>);
+    /// Foreign forward-hook base chains with policy drop, which drop what
+    /// this flavor accepts (reported, never touched).
+    fn forward_blockers(&mut self) -> Result<Vec<monitor::Blocker>, FirewallError>;
 }
 
 /// Builds the backend for a flavor (iptables jumps at the default
@@ -249,38 +261,70 @@ pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
     std::borrow::Cow::Owned(r)
 }
 
-/// The last committed kernel state, valid while the ruleset generation has
-/// not moved: no re-read when nobody else wrote.
+/// The last committed kernel state. Valid while the ruleset generation has
+/// not moved, or — with a `Tracker` attached (agent mode) — while every
+/// commit since was read from the notifications and none touched what the
+/// agent owns: kube-proxy's syncs then cost no re-read.
 pub struct GenerationCache<T> {
-    entry: Option<(u32, T)>,
+    entry: Option<(u32, u64, T)>,
+    tracker: Option<Arc<Tracker>>,
 }
 
 impl<T> Default for GenerationCache<T> {
     fn default() -> Self {
-        GenerationCache { entry: None }
+        GenerationCache {
+            entry: None,
+            tracker: None,
+        }
     }
 }
 
 impl<T> GenerationCache<T> {
-    pub fn get(&self, generation: u32) -> Option<&T> {
-        self.entry
-            .as_ref()
-            .filter(|(g, _)| *g == generation)
-            .map(|(_, t)| t)
+    pub fn attach(&mut self, tracker: Arc<Tracker>) {
+        self.tracker = Some(tracker);
+        self.entry = None;
     }
-    /// Moves the entry out if it is for `generation` (the caller sets the
+
+    /// Called at the start of an attempt, before the generation is read:
+    /// the epoch a state read from now on belongs to.
+    pub fn epoch(&self) -> u64 {
+        self.tracker.as_ref().map_or(0, |t| t.catch_up())
+    }
+
+    /// Moves the entry out if it holds at `generation` (the caller sets the
     /// next one); the cache is empty afterwards either way.
     pub fn take(&mut self, generation: u32) -> Option<T> {
-        self.entry
-            .take()
-            .filter(|(g, _)| *g == generation)
-            .map(|(_, t)| t)
+        let (g, epoch, value) = self.entry.take()?;
+        let valid = g == generation
+            || self
+                .tracker
+                .as_ref()
+                .is_some_and(|t| t.still_valid(epoch, generation));
+        valid.then_some(value)
     }
-    pub fn set(&mut self, generation: u32, value: T) {
-        self.entry = Some((generation, value));
+
+    pub fn set(&mut self, generation: u32, epoch: u64, value: T) {
+        self.entry = Some((generation, epoch, value));
     }
+
     pub fn clear(&mut self) {
         self.entry = None;
+    }
+
+    /// Before sending a batch built against `generation`: the generation its
+    /// commit will have, remembered as the agent's own (no wake for it).
+    pub fn sending(&self, generation: u32) -> u32 {
+        match &self.tracker {
+            Some(t) => t.expect_own(generation),
+            None => monitor::next_generation(generation),
+        }
+    }
+
+    /// The batch meant to produce `genid` was refused.
+    pub fn refused(&self, genid: u32) {
+        if let Some(t) = &self.tracker {
+            t.not_own(genid);
+        }
     }
 }
 

@@ -233,6 +233,16 @@ fn parse_msg(buf: &[u8]) -> Option<RawMsg<'_>> {
     })
 }
 
+/// Every netlink message in a datagram, in order.
+pub fn parse_all(buf: &[u8]) -> impl Iterator<Item = RawMsg<'_>> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let m = parse_msg(buf.get(off..)?)?;
+        off += align4(m.total_len);
+        Some(m)
+    })
+}
+
 fn nlmsg_header(buf: &mut Vec<u8>, msg_type: u16, flags: u16, seq: u32, family: u8, res_id: u16) {
     buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
     buf.extend_from_slice(&msg_type.to_ne_bytes());
@@ -553,7 +563,7 @@ impl NfSocket {
         flags: u16,
         family: u8,
         attrs: &Attrs,
-    ) -> Result<Vec<Vec<u8>>, RequestError> {
+    ) -> Result<Vec<(u8, Vec<u8>)>, RequestError> {
         let seq = self.next_seq();
         let mut req = Vec::with_capacity(32 + attrs.len());
         let ty = ((libc::NFNL_SUBSYS_NFTABLES as u16) << 8) | msg_type as u16;
@@ -579,6 +589,15 @@ impl NfSocket {
                 if msg.seq != seq {
                     continue; // a stale answer to an earlier request
                 }
+                // Objects of another family are never ours (the kernel
+                // filters most dumps by family too; this does not rely on it).
+                if family != libc::AF_UNSPEC as u8
+                    && msg.family != family
+                    && msg.msg_type != NLMSG_DONE
+                    && msg.msg_type != NLMSG_ERROR
+                {
+                    continue;
+                }
                 if msg.flags & NLM_F_DUMP_INTR != 0 {
                     interrupted = true;
                 }
@@ -598,7 +617,7 @@ impl NfSocket {
                         }
                         return Err(RequestError::Errno(Errno::from_raw(-code)));
                     }
-                    _ => out.push(msg.attrs.to_vec()),
+                    _ => out.push((msg.family, msg.attrs.to_vec())),
                 }
             }
         }
@@ -612,6 +631,21 @@ impl NfSocket {
         family: u8,
         filter: &Attrs,
     ) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        Ok(self
+            .dump_families(msg_type, family, filter)?
+            .into_iter()
+            .map(|(_, m)| m)
+            .collect())
+    }
+
+    /// Like `dump`, each object with its family (for dumps across families,
+    /// `family` = AF_UNSPEC).
+    pub fn dump_families(
+        &mut self,
+        msg_type: u32,
+        family: u8,
+        filter: &Attrs,
+    ) -> Result<Vec<(u8, Vec<u8>)>, NetlinkError> {
         for _ in 0..10 {
             match self.request(msg_type, libc::NLM_F_DUMP as u16, family, filter) {
                 Ok(v) => return Ok(v),
@@ -628,6 +662,27 @@ impl NfSocket {
         Err(NetlinkError::DumpInterrupted(10))
     }
 
+    /// Dumps the objects of `msg_type` (GETCHAIN, GETRULE, GETSET or
+    /// GETSETELEM) inside `scope` only. The kernel narrows some dumps by the
+    /// filter attributes and not others (a chain dump answers with every
+    /// table's chains), so every answer is checked against the scope here:
+    /// on a crowded node a foreign object must never look like ours.
+    pub fn dump_scoped(
+        &mut self,
+        msg_type: u32,
+        scope: &Scope<'_>,
+    ) -> Result<Vec<Vec<u8>>, NetlinkError> {
+        let (table_attr, object_attr) = scope_attrs(msg_type);
+        let mut filter = Attrs::new();
+        filter.str(table_attr, scope.table);
+        if let Some(o) = scope.object {
+            filter.str(object_attr, o);
+        }
+        let mut all = self.dump(msg_type, scope.family, &filter)?;
+        all.retain(|m| scope.holds(m, table_attr, object_attr));
+        Ok(all)
+    }
+
     /// Gets one object; `Ok(None)` when it does not exist (ENOENT).
     pub fn get(
         &mut self,
@@ -636,7 +691,7 @@ impl NfSocket {
         attrs: &Attrs,
     ) -> Result<Option<Vec<u8>>, NetlinkError> {
         match self.request(msg_type, 0, family, attrs) {
-            Ok(mut v) => Ok(v.pop()),
+            Ok(mut v) => Ok(v.pop().map(|(_, m)| m)),
             Err(RequestError::Errno(Errno::ENOENT)) => Ok(None),
             Err(RequestError::Errno(e)) => Err(NetlinkError::Refused {
                 what: format!("get request {msg_type}"),
@@ -654,6 +709,55 @@ impl NfSocket {
             .ok_or_else(|| NetlinkError::Malformed("no answer to GETGEN".into()))?;
         attr_be32(&reply, sys::NFTA_GEN_ID)
             .ok_or_else(|| NetlinkError::Malformed("GETGEN without NFTA_GEN_ID".into()))
+    }
+}
+
+/// What a scoped dump may return: one family, one table and, for rules and
+/// set elements, one chain or set.
+#[derive(Clone, Copy, Debug)]
+pub struct Scope<'a> {
+    pub family: u8,
+    pub table: &'a str,
+    pub object: Option<&'a str>,
+}
+
+impl<'a> Scope<'a> {
+    pub fn table(family: u8, table: &'a str) -> Scope<'a> {
+        Scope {
+            family,
+            table,
+            object: None,
+        }
+    }
+
+    /// A chain's rules or a set's elements.
+    pub fn object(family: u8, table: &'a str, object: &'a str) -> Scope<'a> {
+        Scope {
+            family,
+            table,
+            object: Some(object),
+        }
+    }
+
+    fn holds(&self, msg: &[u8], table_attr: u16, object_attr: u16) -> bool {
+        let is = |ty: u16, want: &str| {
+            find_attr(msg, ty).is_some_and(|p| {
+                let end = p.iter().position(|&b| b == 0).unwrap_or(p.len());
+                &p[..end] == want.as_bytes()
+            })
+        };
+        is(table_attr, self.table) && self.object.is_none_or(|o| is(object_attr, o))
+    }
+}
+
+/// The attributes naming an object's table and, for rules and elements, its
+/// chain or set (for chains and sets: their own name).
+fn scope_attrs(msg_type: u32) -> (u16, u16) {
+    match msg_type {
+        sys::NFT_MSG_GETCHAIN => (sys::NFTA_CHAIN_TABLE, sys::NFTA_CHAIN_NAME),
+        sys::NFT_MSG_GETRULE => (sys::NFTA_RULE_TABLE, sys::NFTA_RULE_CHAIN),
+        sys::NFT_MSG_GETSET => (sys::NFTA_SET_TABLE, sys::NFTA_SET_NAME),
+        _ => (sys::NFTA_SET_ELEM_LIST_TABLE, sys::NFTA_SET_ELEM_LIST_SET),
     }
 }
 

@@ -12,10 +12,14 @@ use super::encode::{
     self, Exprs, BASE_NETWORK, BASE_TRANSPORT, IP_DADDR, IP_SADDR, REG32_01, REG32_02, REG_1,
     TH_DPORT,
 };
+use std::sync::Arc;
+
+use super::coexist::{self, OwnForward};
+use super::monitor::{Blocker, Interest, TableInterest, Tracker};
 use super::names::{self, Names};
 use super::netlink::{
     attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, FinalBatch, NetlinkError, NfSocket,
-    NftBatch, NftMsg,
+    NftBatch, NftMsg, Scope,
 };
 use super::{comment_for, diff, ApplyReport, Backend, Changes, FirewallError, GenerationCache};
 use crate::model::{
@@ -347,9 +351,10 @@ impl NftablesBackend {
         }
         let mut ok = true;
 
-        let mut f = Attrs::new();
-        f.str(sys::NFTA_SET_TABLE, &tname);
-        let sets = sock.dump(sys::NFT_MSG_GETSET, AF_INET, &f)?;
+        // Only what is in our table: chains of every table come back from the
+        // kernel's chain dump, and a crowded node has many.
+        let scope = Scope::table(AF_INET, &tname);
+        let sets = sock.dump_scoped(sys::NFT_MSG_GETSET, &scope)?;
         ok &= sets.len() == SETS.len();
         for shape in &SETS {
             let found = sets
@@ -367,9 +372,7 @@ impl NftablesBackend {
             });
         }
 
-        let mut f = Attrs::new();
-        f.str(sys::NFTA_CHAIN_TABLE, &tname);
-        let chains = sock.dump(sys::NFT_MSG_GETCHAIN, AF_INET, &f)?;
+        let chains = sock.dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?;
         ok &= chains.len() == CHAINS.len();
         for shape in &CHAINS {
             let found = chains
@@ -385,9 +388,7 @@ impl NftablesBackend {
             });
         }
 
-        let mut f = Attrs::new();
-        f.str(sys::NFTA_RULE_TABLE, &tname);
-        let rules = sock.dump(sys::NFT_MSG_GETRULE, AF_INET, &f)?;
+        let rules = sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?;
         for shape in &CHAINS {
             let want: Vec<Vec<&str>> = chain_rules(shape.name)
                 .iter()
@@ -417,10 +418,8 @@ impl NftablesBackend {
             return Ok(state);
         }
         for shape in &SETS {
-            let mut f = Attrs::new();
-            f.str(sys::NFTA_SET_ELEM_LIST_TABLE, &tname)
-                .str(sys::NFTA_SET_ELEM_LIST_SET, shape.name);
-            for msg in sock.dump(sys::NFT_MSG_GETSETELEM, AF_INET, &f)? {
+            let scope = Scope::object(AF_INET, &tname, shape.name);
+            for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
                 let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
                     continue;
                 };
@@ -666,6 +665,7 @@ impl Backend for NftablesBackend {
         let desired: &RuleSet = &desired;
         let mut report = ApplyReport::default();
         for attempt in 0..=super::MAX_RETRIES {
+            let epoch = self.cache.epoch();
             let generation = self.sock()?.generation()?;
             let mut state = match self.cache.take(generation) {
                 Some(s) => {
@@ -679,7 +679,7 @@ impl Backend for NftablesBackend {
             };
             let (batch, changes) = self.build(&state, desired);
             if batch.is_empty() {
-                self.cache.set(generation, state);
+                self.cache.set(generation, epoch, state);
                 return Ok(report);
             }
             report.rebuilt = !state.structure_ok;
@@ -688,37 +688,34 @@ impl Backend for NftablesBackend {
             report.removed_dnat = changes.del.dnat.clone();
             report.added_dnat = changes.add.dnat.clone();
             let fin = batch.finalize(Some(generation));
+            let own = self.cache.sending(generation);
             match self.sock()?.send_batch(fin) {
                 Ok(()) => {
-                    let after = self.sock()?.generation()?;
-                    // Only our commit happened in between: the table is known.
-                    if after == generation.wrapping_add(1) {
-                        if state.structure_ok {
-                            changes.apply_to(&mut state.rules);
-                        } else {
-                            state = NativeState {
-                                table_exists: true,
-                                structure_ok: true,
-                                rules: desired.clone(),
-                            };
-                        }
-                        self.cache.set(after, state);
+                    // The batch carried the generation it was built on, so
+                    // its commit is `own`, and the table is known there.
+                    if state.structure_ok {
+                        changes.apply_to(&mut state.rules);
                     } else {
-                        self.cache.clear();
+                        state = NativeState {
+                            table_exists: true,
+                            structure_ok: true,
+                            rules: desired.clone(),
+                        };
                     }
+                    self.cache.set(own, epoch, state);
                     super::flush_stale_udp(&mut report);
                     return Ok(report);
                 }
                 Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {
+                    self.cache.refused(own);
                     report.retries += 1;
-                    self.cache.clear();
                     tracing::debug!(
                         attempt,
                         "ruleset changed under the batch; re-reading and retrying"
                     );
                 }
                 Err(e) => {
-                    self.cache.clear();
+                    self.cache.refused(own);
                     return Err(e.into());
                 }
             }
@@ -810,5 +807,31 @@ impl Backend for NftablesBackend {
 
     fn view(&self, rules: &RuleSet) -> String {
         super::view::nft(&super::canonical(rules), &self.names)
+    }
+
+    fn interest(&self) -> Interest {
+        Interest {
+            family: AF_INET,
+            tables: vec![TableInterest {
+                table: self.names.table().to_string(),
+                whole: true,
+                chains: Vec::new(),
+                parents: Vec::new(),
+            }],
+        }
+    }
+
+    fn attach_tracker(&mut self, tracker: Arc<Tracker>) {
+        self.cache.attach(tracker);
+    }
+
+    fn forward_blockers(&mut self) -> Result<Vec<Blocker>, FirewallError> {
+        let table = self.names.table().to_string();
+        let own = OwnForward {
+            family: AF_INET,
+            table: &table,
+            chain: names::NFT_FORWARD_CHAIN,
+        };
+        Ok(coexist::forward_blockers(self.sock()?, own)?)
     }
 }
