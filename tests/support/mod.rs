@@ -2,5 +2,7 @@
 //! Test helpers: throw-away network namespaces and a real test cluster.
 
 pub mod cluster;
+pub mod crowd;
 pub mod netns;
+pub mod rules;
 pub mod traffic;

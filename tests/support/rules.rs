@@ -1,0 +1,77 @@
+//! Rule sets for kernel tests, built as the planner builds them.
+
+use std::net::Ipv4Addr;
+
+use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
+
+use super::netns::{POD_A_IP, PUBLIC_IP};
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// Adds a mapping public:port/proto → pod:pod_port owned by `owner`
+/// (`ns:name`), with its SNAT (first per pod and protocol) and FORWARD rules.
+pub fn publish(
+    rules: &mut RuleSet,
+    owner: &str,
+    public: &str,
+    port: u16,
+    proto: Proto,
+    pod: &str,
+    pod_port: u16,
+) {
+    let (ns, name) = owner.split_once(':').unwrap();
+    let owner = PodRef::new(ns, name);
+    rules.dnat.push(Mapping {
+        key: NatKey {
+            public_ip: ip(public),
+            public_port: port,
+            proto,
+        },
+        pod_ip: ip(pod),
+        pod_port,
+        owner: owner.clone(),
+    });
+    if !rules
+        .snat
+        .iter()
+        .any(|s| s.pod_ip == ip(pod) && s.proto == proto)
+    {
+        rules.snat.push(SnatRule {
+            pod_ip: ip(pod),
+            proto,
+            public_ip: ip(public),
+            owner: owner.clone(),
+        });
+    }
+    rules.forward.push(ForwardRule {
+        pod_ip: ip(pod),
+        proto,
+        pod_port,
+        owner,
+    });
+    rules.normalize();
+}
+
+/// The mail pod of `traffic::check_mail_traffic`: 25/tcp → 2525 and
+/// 5353/udp → 5300 on pod A, plus 587/tcp.
+pub fn mail() -> RuleSet {
+    let mut r = RuleSet::default();
+    for (port, proto, pod_port) in [
+        (25, Proto::Tcp, 2525),
+        (587, Proto::Tcp, 587),
+        (5353, Proto::Udp, 5300),
+    ] {
+        publish(
+            &mut r,
+            "mail:mx-0",
+            PUBLIC_IP,
+            port,
+            proto,
+            POD_A_IP,
+            pod_port,
+        );
+    }
+    r
+}
