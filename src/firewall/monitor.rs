@@ -62,9 +62,6 @@ pub struct Reasons {
 }
 
 impl Reasons {
-    fn any(self) -> bool {
-        self.ours || self.forward_hook
-    }
     fn merge(&mut self, o: Reasons) {
         self.ours |= o.ours;
         self.forward_hook |= o.forward_hook;
