@@ -205,7 +205,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 enum Job {
-    Apply(RuleSet, oneshot::Sender<Result<ApplyReport, FirewallError>>),
+    /// `true`: read the kernel even if the remembered state looks valid.
+    Apply(
+        RuleSet,
+        bool,
+        oneshot::Sender<Result<ApplyReport, FirewallError>>,
+    ),
     DryRun(RuleSet, oneshot::Sender<Result<String, FirewallError>>),
     ForwardBlockers(oneshot::Sender<Result<Vec<Blocker>, FirewallError>>),
 }
@@ -229,7 +234,10 @@ impl BackendWorker {
                 // any more is not an error.
                 for job in rx {
                     match job {
-                        Job::Apply(rules, reply) => {
+                        Job::Apply(rules, fresh, reply) => {
+                            if fresh {
+                                backend.forget();
+                            }
                             let _ = reply.send(backend.apply(&rules));
                         }
                         Job::DryRun(rules, reply) => {
@@ -249,11 +257,12 @@ impl BackendWorker {
         self.name
     }
 
-    /// One batch of the difference between the kernel and `rules`.
-    pub async fn apply(&self, rules: RuleSet) -> Result<ApplyReport, ReconcileError> {
+    /// One batch of the difference between the kernel and `rules`;
+    /// `fresh`: against a new read of the kernel, not the remembered state.
+    pub async fn apply(&self, rules: RuleSet, fresh: bool) -> Result<ApplyReport, ReconcileError> {
         let (tx, rx) = oneshot::channel();
         self.jobs
-            .send(Job::Apply(rules, tx))
+            .send(Job::Apply(rules, fresh, tx))
             .map_err(|_| ReconcileError::BackendGone)?;
         Ok(rx.await.map_err(|_| ReconcileError::BackendGone)??)
     }
@@ -446,6 +455,9 @@ struct Due {
     reconcile: bool,
     /// Apply even if the plan did not change (the kernel may have).
     force: bool,
+    /// Read the kernel again even if no notification said it changed (the
+    /// periodic resync: the safety net under the monitor).
+    fresh: bool,
     /// Look again for foreign forward-hook chains that drop.
     forward: bool,
 }
@@ -454,12 +466,14 @@ impl Due {
     const ALL: Due = Due {
         reconcile: true,
         force: true,
+        fresh: true,
         forward: true,
     };
 
     fn merge(&mut self, o: Due) {
         self.reconcile |= o.reconcile;
         self.force |= o.force;
+        self.fresh |= o.fresh;
         self.forward |= o.forward;
     }
 }
@@ -573,6 +587,7 @@ impl Reconciler {
                 Due {
                     reconcile: r.ours,
                     force: r.ours,
+                    fresh: false,
                     forward: r.forward_hook,
                 }
             }
@@ -580,6 +595,7 @@ impl Reconciler {
             w => Due {
                 reconcile: true,
                 force: w.forces_apply(),
+                fresh: false,
                 forward: false,
             },
         }
@@ -660,7 +676,7 @@ impl Reconciler {
         let mut why = "first pod list";
         loop {
             if due.reconcile {
-                self.reconcile(due.force, why).await?;
+                self.reconcile(due.force, due.fresh, why).await?;
             }
             if due.forward {
                 self.check_forward().await;
@@ -738,7 +754,12 @@ impl Reconciler {
         }
     }
 
-    async fn reconcile(&mut self, force: bool, why: &str) -> Result<(), ReconcileError> {
+    async fn reconcile(
+        &mut self,
+        force: bool,
+        fresh: bool,
+        why: &str,
+    ) -> Result<(), ReconcileError> {
         let _timer = self.status.metrics.reconcile_timer();
         let pods = self.feed.store.state();
         let facts: Vec<_> = pods
@@ -785,7 +806,7 @@ impl Reconciler {
             }
             None
         } else if force || self.applied.as_ref() != Some(&table.rules) {
-            match self.backend.apply(table.rules.clone()).await {
+            match self.backend.apply(table.rules.clone(), fresh).await {
                 Ok(report) => {
                     self.applied = Some(table.rules.clone());
                     self.failures = 0;

@@ -899,6 +899,10 @@ impl Backend for IptablesBackend {
         }
     }
 
+    fn forget(&mut self) {
+        self.cache.clear();
+    }
+
     fn attach_tracker(&mut self, tracker: Arc<Tracker>) {
         self.cache.attach(tracker);
     }

@@ -99,6 +99,8 @@ pub trait Backend: Send {
     fn cleanup(&mut self) -> Result<bool, FirewallError>;
     /// The rule view of `rules` in this flavor's syntax.
     fn view(&self, rules: &RuleSet) -> String;
+    /// Drops the remembered kernel state: the next apply reads the kernel.
+    fn forget(&mut self);
     /// What the agent owns, as nf_tables notifications name it.
     fn interest(&self) -> monitor::Interest;
     /// From now on the cache trusts `tracker`: commits that touch nothing of

@@ -821,6 +821,10 @@ impl Backend for NftablesBackend {
         }
     }
 
+    fn forget(&mut self) {
+        self.cache.clear();
+    }
+
     fn attach_tracker(&mut self, tracker: Arc<Tracker>) {
         self.cache.attach(tracker);
     }
