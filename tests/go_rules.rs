@@ -325,18 +325,26 @@ fn save(ns: &Netns) -> Vec<String> {
         .collect()
 }
 
-/// The agent's part of `iptables-nft-save`, as the rule view renders it.
+/// The agent's part of `iptables-nft-save` (its chains, rules and jumps),
+/// table by table in the order the rule view renders them.
 fn agent_part(save: &[String]) -> String {
     let mut out = String::new();
-    for l in save {
-        let table_line = l.starts_with('*') || l == "COMMIT";
-        let ours = l.starts_with(":PODNAT_")
-            || l.starts_with("-A PODNAT_")
-            || l.contains("\"podnat[jump_to_chain]\"");
-        if table_line || ours {
-            out.push_str(l);
-            out.push('\n');
+    for table in ["nat", "filter"] {
+        out.push_str(&format!("*{table}\n"));
+        let body = save
+            .iter()
+            .skip_while(|l| **l != format!("*{table}"))
+            .take_while(|l| *l != "COMMIT");
+        for l in body {
+            if l.starts_with(":PODNAT_")
+                || l.starts_with("-A PODNAT_")
+                || l.contains("\"podnat[jump_to_chain]\"")
+            {
+                out.push_str(l);
+                out.push('\n');
+            }
         }
+        out.push_str("COMMIT\n");
     }
     out
 }
