@@ -92,7 +92,12 @@ const GO_CHAINS: [(&str, &str, &str); 3] = [
 ];
 
 /// `internalNetworks`, in the Go version's order.
-const GO_INTERNAL: [&str; 4] = ["172.16.0.0/12", "192.168.0.0/16", "10.0.0.0/8", "127.0.0.0/8"];
+const GO_INTERNAL: [&str; 4] = [
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "10.0.0.0/8",
+    "127.0.0.0/8",
+];
 
 /// `getRule(chain, rule)`, argument by argument.
 fn go_rule_spec(jump_from: &str, r: &GoRule) -> Vec<String> {
@@ -155,16 +160,32 @@ fn go_rule_spec(jump_from: &str, r: &GoRule) -> Vec<String> {
 
 /// `ensureDefaults`' RETURN rulespec for one internal network.
 fn go_return_spec(net: &str) -> Vec<String> {
-    ["-d", net, "-m", "comment", "--comment", "podnat[no_snat_for_internal]", "-j", "RETURN"]
-        .map(str::to_string)
-        .to_vec()
+    [
+        "-d",
+        net,
+        "-m",
+        "comment",
+        "--comment",
+        "podnat[no_snat_for_internal]",
+        "-j",
+        "RETURN",
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
 /// `ensureJumpToChain`'s rulespec.
 fn go_jump_spec(chain: &str) -> Vec<String> {
-    ["-m", "comment", "--comment", "podnat[jump_to_chain]", "-j", chain]
-        .map(str::to_string)
-        .to_vec()
+    [
+        "-m",
+        "comment",
+        "--comment",
+        "podnat[jump_to_chain]",
+        "-j",
+        chain,
+    ]
+    .map(str::to_string)
+    .to_vec()
 }
 
 /// Runs `iptables-nft -t TABLE ARGS...` in `ns` without a shell, as
@@ -180,11 +201,17 @@ fn ipt(ns: &Netns, table: &str, args: &[String]) -> bool {
 }
 
 fn ipt_ok(ns: &Netns, table: &str, args: &[String]) {
-    assert!(ipt(ns, table, args), "iptables-nft -t {table} {args:?} failed");
+    assert!(
+        ipt(ns, table, args),
+        "iptables-nft -t {table} {args:?} failed"
+    );
 }
 
 fn with_head(head: &[&str], spec: &[String]) -> Vec<String> {
-    head.iter().map(|s| s.to_string()).chain(spec.iter().cloned()).collect()
+    head.iter()
+        .map(|s| s.to_string())
+        .chain(spec.iter().cloned())
+        .collect()
 }
 
 /// `computeRulePosition` for `JumpFromPos` -2 (the default `-iptablesJump`).
@@ -213,7 +240,11 @@ fn go_ensure_jump(ns: &Netns, table: &str, jump_from: &str, chain: &str) {
         Some(_) => ipt_ok(ns, table, &with_head(&["-D", jump_from], &spec)),
         None => {}
     }
-    ipt_ok(ns, table, &with_head(&["-I", jump_from, &pos.to_string()], &spec));
+    ipt_ok(
+        ns,
+        table,
+        &with_head(&["-I", jump_from, &pos.to_string()], &spec),
+    );
 }
 
 /// The Go version on this node: `init` (chains, defaults, the jump refresh
@@ -369,7 +400,10 @@ fn after_the_agent_a_go_version_finds_every_rule_of_its_own() {
     let ours = crowded_node("go-ours");
     assert!(agent_apply(&ours, &rules) > 0);
     for (chain, table, jump_from) in GO_CHAINS {
-        let mut specs: Vec<Vec<String>> = GO_RULES.iter().map(|r| go_rule_spec(jump_from, r)).collect();
+        let mut specs: Vec<Vec<String>> = GO_RULES
+            .iter()
+            .map(|r| go_rule_spec(jump_from, r))
+            .collect();
         if jump_from == "POSTROUTING" {
             specs.extend(GO_INTERNAL.iter().map(|n| go_return_spec(n)));
         }

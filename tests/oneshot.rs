@@ -68,7 +68,10 @@ fn a_public_address_on_an_up_link_is_used_for_auto_entries() {
     }
     let dnat = dnat_lines(&ns);
     assert_eq!(dnat.len(), 3, "{dnat:?}");
-    assert!(dnat.iter().all(|l| l.contains("-d 203.0.113.5/32")), "{dnat:?}");
+    assert!(
+        dnat.iter().all(|l| l.contains("-d 203.0.113.5/32")),
+        "{dnat:?}"
+    );
     // The native flavor detects the same way.
     text(&one_shot(&ns, "nftables", &[]));
     let nft = ns.sh("nft list map ip podnat dnat_to_pod");
@@ -93,19 +96,33 @@ fn only_private_addresses_leave_auto_entries_pending_and_say_why() {
     text(&one_shot(&ns, "iptables", &[]));
     assert_eq!(dnat_lines(&ns), Vec::<String>::new());
     // The agent's own filter flags apply: allowed again, it is chosen.
-    text(&one_shot(&ns, "iptables", &["-exclfilternet=192.168.0.0/16"]));
+    text(&one_shot(
+        &ns,
+        "iptables",
+        &["-exclfilternet=192.168.0.0/16"],
+    ));
     let dnat = dnat_lines(&ns);
     assert_eq!(dnat.len(), 3, "{dnat:?}");
-    assert!(dnat.iter().all(|l| l.contains("-d 192.168.7.2/32")), "{dnat:?}");
+    assert!(
+        dnat.iter().all(|l| l.contains("-d 192.168.7.2/32")),
+        "{dnat:?}"
+    );
 }
 
 #[test]
 fn public_address_flag_wins_over_detection() {
     let ns = Netns::new("oneshot-flag");
     link(&ns, "wan0", "203.0.113.5/24");
-    let (_, stderr) = text(&one_shot(&ns, "iptables", &["--public-address", "198.51.100.9"]));
+    let (_, stderr) = text(&one_shot(
+        &ns,
+        "iptables",
+        &["--public-address", "198.51.100.9"],
+    ));
     assert!(!stderr.contains("public address detected"), "{stderr}");
     let dnat = dnat_lines(&ns);
     assert_eq!(dnat.len(), 3, "{dnat:?}");
-    assert!(dnat.iter().all(|l| l.contains("-d 198.51.100.9/32")), "{dnat:?}");
+    assert!(
+        dnat.iter().all(|l| l.contains("-d 198.51.100.9/32")),
+        "{dnat:?}"
+    );
 }

@@ -436,11 +436,17 @@ mod tests {
     fn go_keeps(json: &str, key: &str) -> (Vec<String>, Vec<String>) {
         let v: serde_json::Value = serde_json::from_str(json).unwrap();
         let list = v[key].as_array().unwrap();
-        let created = |r: &serde_json::Value| r["Created"].as_str().unwrap().parse::<Timestamp>().unwrap();
+        let created =
+            |r: &serde_json::Value| r["Created"].as_str().unwrap().parse::<Timestamp>().unwrap();
         let latest = list.iter().map(created).max().unwrap();
-        let name = |r: &serde_json::Value| format!("{}/{}", r["SourcePort"], r["Protocol"].as_str().unwrap());
+        let name = |r: &serde_json::Value| {
+            format!("{}/{}", r["SourcePort"], r["Protocol"].as_str().unwrap())
+        };
         let (kept, deleted): (Vec<_>, Vec<_>) = list.iter().partition(|r| created(r) >= latest);
-        (kept.into_iter().map(name).collect(), deleted.into_iter().map(name).collect())
+        (
+            kept.into_iter().map(name).collect(),
+            deleted.into_iter().map(name).collect(),
+        )
     }
 
     #[test]
@@ -448,8 +454,15 @@ mod tests {
         let now = ts("2025-01-02T03:04:05Z");
         let sip = |proto| mapping(5060, proto, [10, 42, 0, 30], "voip:pbx-0");
         // Whichever came first, and in either order.
-        for (udp_first, order) in [(true, [Proto::Udp, Proto::Tcp]), (false, [Proto::Tcp, Proto::Udp])] {
-            let first = StateFile::from_mappings(&[sip(order[0])], &StateFile::default(), ts("2024-01-01T00:00:00Z"));
+        for (udp_first, order) in [
+            (true, [Proto::Udp, Proto::Tcp]),
+            (false, [Proto::Tcp, Proto::Udp]),
+        ] {
+            let first = StateFile::from_mappings(
+                &[sip(order[0])],
+                &StateFile::default(),
+                ts("2024-01-01T00:00:00Z"),
+            );
             let both = StateFile::from_mappings(&[sip(order[1]), sip(order[0])], &first, now);
             let json = both.to_json();
             let (kept, deleted) = go_keeps(&json, "203.0.113.7:5060");
@@ -459,7 +472,12 @@ mod tests {
             let again = StateFile::from_mappings(&both.mappings(), &both, now);
             assert_eq!(again, both);
         }
-        let json = StateFile::from_mappings(&[sip(Proto::Tcp), sip(Proto::Udp)], &StateFile::default(), now).to_json();
+        let json = StateFile::from_mappings(
+            &[sip(Proto::Tcp), sip(Proto::Udp)],
+            &StateFile::default(),
+            now,
+        )
+        .to_json();
         assert_eq!(
             json,
             r#"{"203.0.113.7:5060":[{"Protocol":"tcp","SourceIP":{"IP":"203.0.113.7","Zone":""},"SourcePort":5060,"DestinationIP":{"IP":"10.42.0.30","Zone":""},"DestinationPort":5060,"LastVerified":"2025-01-02T03:04:05Z","Created":"2025-01-02T03:04:05Z","Comment":"voip:pbx-0"},{"Protocol":"udp","SourceIP":{"IP":"203.0.113.7","Zone":""},"SourcePort":5060,"DestinationIP":{"IP":"10.42.0.30","Zone":""},"DestinationPort":5060,"LastVerified":"2025-01-02T03:04:05Z","Created":"2025-01-02T03:04:04Z","Comment":"voip:pbx-0"}]}"#

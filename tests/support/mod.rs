@@ -3,4 +3,5 @@
 
 pub mod cluster;
 pub mod netns;
+pub mod rootfs;
 pub mod traffic;

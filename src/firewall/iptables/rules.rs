@@ -499,11 +499,10 @@ pub fn decode(exprs: &[Expr], names: &Names) -> Option<AgentRule> {
                 owner: owner()?,
             })]
         }
-        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => {
-            (0..GO_INTERNAL_NETWORKS.len())
-                .map(AgentRule::Return)
-                .collect()
-        }
+        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => (0..GO_INTERNAL_NETWORKS
+            .len())
+            .map(AgentRule::Return)
+            .collect(),
         (None, None, Some((code, Some(chain)))) if *code == sys::NFT_JUMP => {
             vec![AgentRule::Jump(chain.clone())]
         }
