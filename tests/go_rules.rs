@@ -356,30 +356,6 @@ fn save(ns: &Netns) -> Vec<String> {
         .collect()
 }
 
-/// The agent's part of `iptables-nft-save` (its chains, rules and jumps),
-/// table by table in the order the rule view renders them.
-fn agent_part(save: &[String]) -> String {
-    let mut out = String::new();
-    for table in ["nat", "filter"] {
-        out.push_str(&format!("*{table}\n"));
-        let body = save
-            .iter()
-            .skip_while(|l| **l != format!("*{table}"))
-            .take_while(|l| *l != "COMMIT");
-        for l in body {
-            if l.starts_with(":PODNAT_")
-                || l.starts_with("-A PODNAT_")
-                || l.contains("\"podnat[jump_to_chain]\"")
-            {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
-        out.push_str("COMMIT\n");
-    }
-    out
-}
-
 #[test]
 fn the_go_versions_rules_are_taken_over_as_they_are() {
     let ns = crowded_node("go-take");
@@ -423,7 +399,7 @@ fn after_the_agent_a_go_version_finds_every_rule_of_its_own() {
     let (ours_saved, go_saved) = (save(&ours), save(&go));
     assert_eq!(ours_saved, go_saved, "iptables-nft-save differs");
     assert_eq!(
-        agent_part(&ours_saved),
+        support::save::agent_iptables_save(&ours),
         view::iptables_save(&rules, &names()),
         "the rule view differs from iptables-nft-save"
     );

@@ -4,4 +4,5 @@
 pub mod cluster;
 pub mod netns;
 pub mod rootfs;
+pub mod save;
 pub mod traffic;
