@@ -109,9 +109,13 @@ fn run(config: Config) -> anyhow::Result<()> {
         .iter()
         .map(|p| pod::facts(p, &config.annotation_key))
         .collect();
+    let public_address = match config.public_address {
+        Some(a) => Some(a),
+        None => detect_public_address(&config)?,
+    };
     let table = plan::plan(
         &facts,
-        config.public_address,
+        public_address,
         &PlanConfig {
             node_id,
             restricted_ports: config.restricted_ports.clone(),
@@ -177,6 +181,28 @@ fn warn_forward_blockers(backend: &mut dyn Backend) {
         // Without CAP_NET_ADMIN (a dry run as a user) nothing can be read.
         Err(e) => tracing::debug!("cannot look for foreign forward-hook drop policies: {e}"),
     }
+}
+
+/// The one-shot mode's public address without `--public-address`: one
+/// rtnetlink dump, chosen by the agent's own detection (same filters, same
+/// skip reasons, logged whatever the outcome).
+fn detect_public_address(config: &Config) -> anyhow::Result<Option<std::net::Ipv4Addr>> {
+    let filter = AddressFilter::new(&config.incl_filter_net, &config.excl_filter_net);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let choice = runtime
+        .block_on(address::detect_once(&filter))
+        .context("detecting the public address")?;
+    match choice.chosen {
+        Some(_) => tracing::info!(public_address = %choice, "public address detected"),
+        None => tracing::warn!(
+            public_address = %choice,
+            "no public address qualifies; auto entries stay pending"
+        ),
+    }
+    Ok(choice.chosen)
 }
 
 /// Agent mode: watch this node's pods and keep the kernel in step until

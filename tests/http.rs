@@ -18,6 +18,7 @@ use harness::{annotation, wait_for, World, NODE, WAIT};
 use podnat_controller::firewall::view;
 use serde_json::Value;
 use support::netns::{Netns, POD_A_IP, POD_B_IP};
+use support::save::agent_iptables_save as agent_save;
 
 /// One HTTP/1.1 exchange with the agent inside `ns`: (status, content type,
 /// body). `None` while nothing listens.
@@ -392,26 +393,6 @@ fn endpoints_of_a_running_agent() {
     w.cluster.start_apiserver();
     wait_for("/ready again", WAIT, || status(node, "/ready") == 200);
     drop(agent);
-}
-
-/// The agent's part of `iptables-nft-save` (its chains, its rules, its jump
-/// lines), as tests/iptables.rs reads it: what the iptables view equals.
-fn agent_save(ns: &Netns) -> String {
-    let mut out = String::new();
-    for t in ["nat", "filter"] {
-        out.push_str(&format!("*{t}\n"));
-        for l in ns.sh(&format!("iptables-nft-save -t {t}")).lines() {
-            if l.starts_with(":PODNAT_")
-                || l.starts_with("-A PODNAT_")
-                || l.contains("\"podnat[jump_to_chain]\"")
-            {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
-        out.push_str("COMMIT\n");
-    }
-    out
 }
 
 #[test]

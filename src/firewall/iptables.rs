@@ -12,13 +12,12 @@ pub mod xt;
 
 use std::collections::HashMap;
 use std::fmt::Write;
+use std::sync::Arc;
 
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
 
 use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
-use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule};
-use std::sync::Arc;
-
+use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule, GO_INTERNAL_NETWORKS};
 use super::coexist::{self, OwnForward};
 use super::monitor::{Blocker, Interest, TableInterest, Tracker};
 use super::names::Names;
@@ -28,7 +27,7 @@ use super::netlink::{
 };
 use super::{canonical, view, ApplyReport, Backend, FirewallError, GenerationCache};
 use crate::config::JumpPositions;
-use crate::model::{Mapping, RuleSet, INTERNAL_NETWORKS};
+use crate::model::{Mapping, RuleSet};
 
 const AF_INET: u8 = libc::AF_INET as u8;
 const NAT: &str = "nat";
@@ -158,7 +157,7 @@ impl IptState {
 /// The content each of the agent's chains must have, in order.
 fn desired_chains(desired: &RuleSet) -> [Vec<AgentRule>; 3] {
     let pre = desired.dnat.iter().cloned().map(AgentRule::Dnat).collect();
-    let post = (0..INTERNAL_NETWORKS.len())
+    let post = (0..GO_INTERNAL_NETWORKS.len())
         .map(AgentRule::Return)
         .chain(desired.snat.iter().cloned().map(AgentRule::Snat))
         .collect();
@@ -218,7 +217,7 @@ impl Changes {
         let own = std::array::from_fn(|i| {
             let current: Vec<Option<&AgentRule>> =
                 state.own[i].iter().map(|s| s.rule.as_ref()).collect();
-            plan_chain(&current, &want[i])
+            plan_chain(&current, &want[i], AgentRule::rank)
         });
         let jump_plans = std::array::from_fn(|i| {
             let current: Vec<ParentRule> = state.parents[i].iter().map(|s| s.rule).collect();
@@ -330,7 +329,7 @@ impl Changes {
 fn line(rule: &AgentRule, place: Place, n: &Names) -> String {
     match rule {
         AgentRule::Return(i) => {
-            let (net, len) = INTERNAL_NETWORKS[*i];
+            let (net, len) = GO_INTERNAL_NETWORKS[*i];
             view::ipt_internal_return(n, net, len)
         }
         AgentRule::Snat(s) => view::ipt_snat(n, s),
@@ -969,18 +968,18 @@ mod tests {
 -N PODNAT_POST
 -A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 25 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:25
 -A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 587 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:587
--A PODNAT_POST -d 127.0.0.0/8 -j RETURN
--A PODNAT_POST -d 10.0.0.0/8 -j RETURN
--A PODNAT_POST -d 172.16.0.0/12 -j RETURN
--A PODNAT_POST -d 192.168.0.0/16 -j RETURN
+-A PODNAT_POST -d 172.16.0.0/12 -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
+-A PODNAT_POST -d 192.168.0.0/16 -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
+-A PODNAT_POST -d 10.0.0.0/8 -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
+-A PODNAT_POST -d 127.0.0.0/8 -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
 -A PODNAT_POST -s 10.1.0.5/32 -p tcp -m comment --comment "mail:mx-0" -j SNAT --to-source 203.0.113.7
 -A PREROUTING -m comment --comment "podnat[jump_to_chain]" -j PODNAT_PRE
 -A POSTROUTING -m comment --comment "podnat[jump_to_chain]" -j PODNAT_POST
 COMMIT
 *filter
 -N PODNAT_FORWARD
--A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 25 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
--A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 587 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m conntrack --ctstate NEW -m tcp --dport 25 -m comment --comment "mail:mx-0" -j ACCEPT
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m conntrack --ctstate NEW -m tcp --dport 587 -m comment --comment "mail:mx-0" -j ACCEPT
 -A FORWARD -m comment --comment "podnat[jump_to_chain]" -j PODNAT_FORWARD
 COMMIT
 "#;

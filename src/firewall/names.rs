@@ -14,6 +14,9 @@ pub struct Names {
     pub forward: String,
     /// Comment of the jump rules: `<prefix>[jump_to_chain]`.
     pub jump_comment: String,
+    /// Comment of the internal-network RETURNs in `<PREFIX>_POST`:
+    /// `<prefix>[no_snat_for_internal]`, as the Go version's `ensureDefaults`.
+    pub internal_comment: String,
 }
 
 /// Native flavor: map/set and chain names inside `table ip <prefix>`.
@@ -38,6 +41,7 @@ impl Names {
             post: format!("{up}_POST"),
             forward: format!("{up}_FORWARD"),
             jump_comment: format!("{prefix}[jump_to_chain]"),
+            internal_comment: format!("{prefix}[no_snat_for_internal]"),
         }
     }
 

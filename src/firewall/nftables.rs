@@ -5,16 +5,15 @@
 //! table.
 
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
 
+use super::coexist::{self, OwnForward};
 use super::encode::{
     self, Exprs, BASE_NETWORK, BASE_TRANSPORT, IP_DADDR, IP_SADDR, REG32_01, REG32_02, REG_1,
     TH_DPORT,
 };
-use std::sync::Arc;
-
-use super::coexist::{self, OwnForward};
 use super::monitor::{Blocker, Interest, TableInterest, Tracker};
 use super::names::{self, Names};
 use super::netlink::{

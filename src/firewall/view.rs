@@ -6,6 +6,7 @@
 use std::fmt::Write;
 use std::net::Ipv4Addr;
 
+use crate::firewall::iptables::rules::GO_INTERNAL_NETWORKS;
 use crate::firewall::names::{self, Names};
 use crate::model::{ForwardRule, Mapping, RuleSet, SnatRule, INTERNAL_NETWORKS};
 
@@ -28,13 +29,16 @@ pub fn ipt_snat(n: &Names, s: &SnatRule) -> String {
 pub fn ipt_forward(n: &Names, f: &ForwardRule) -> String {
     let p = f.proto;
     format!(
-        "-A {} -d {}/32 -p {p} -m {p} --dport {} -m conntrack --ctstate NEW -m comment --comment \"{}\" -j ACCEPT",
+        "-A {} -d {}/32 -p {p} -m conntrack --ctstate NEW -m {p} --dport {} -m comment --comment \"{}\" -j ACCEPT",
         n.forward, f.pod_ip, f.pod_port, f.owner
     )
 }
 
 pub fn ipt_internal_return(n: &Names, net: Ipv4Addr, len: u8) -> String {
-    format!("-A {} -d {net}/{len} -j RETURN", n.post)
+    format!(
+        "-A {} -d {net}/{len} -m comment --comment \"{}\" -j RETURN",
+        n.post, n.internal_comment
+    )
 }
 
 pub fn ipt_jump(n: &Names, parent: &str, target: &str) -> String {
@@ -58,7 +62,7 @@ pub fn iptables_save(rules: &RuleSet, n: &Names) -> String {
     let _ = writeln!(out, "{}", ipt_jump(n, "POSTROUTING", &n.post));
     for c in user_chains {
         if c == n.post {
-            for (net, len) in INTERNAL_NETWORKS {
+            for (net, len) in GO_INTERNAL_NETWORKS {
                 let _ = writeln!(out, "{}", ipt_internal_return(n, net, len));
             }
             for s in &rules.snat {
@@ -295,10 +299,10 @@ mod tests {
 :PODNAT_PRE - [0:0]
 -A PREROUTING -m comment --comment "podnat[jump_to_chain]" -j PODNAT_PRE
 -A POSTROUTING -m comment --comment "podnat[jump_to_chain]" -j PODNAT_POST
--A PODNAT_POST -d 127.0.0.0/8 -j RETURN
--A PODNAT_POST -d 10.0.0.0/8 -j RETURN
--A PODNAT_POST -d 172.16.0.0/12 -j RETURN
--A PODNAT_POST -d 192.168.0.0/16 -j RETURN
+-A PODNAT_POST -d 172.16.0.0/12 -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
+-A PODNAT_POST -d 192.168.0.0/16 -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
+-A PODNAT_POST -d 10.0.0.0/8 -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
+-A PODNAT_POST -d 127.0.0.0/8 -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
 -A PODNAT_POST -s 10.1.0.5/32 -p tcp -m comment --comment "mail:mx-0" -j SNAT --to-source 203.0.113.7
 -A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 25 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:25
 -A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 143 -m comment --comment "mail:mx-0" -j DNAT --to-destination 10.1.0.5:143
@@ -307,9 +311,9 @@ COMMIT
 *filter
 :PODNAT_FORWARD - [0:0]
 -A FORWARD -m comment --comment "podnat[jump_to_chain]" -j PODNAT_FORWARD
--A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 25 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
--A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 143 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
--A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m tcp --dport 587 -m conntrack --ctstate NEW -m comment --comment "mail:mx-0" -j ACCEPT
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m conntrack --ctstate NEW -m tcp --dport 25 -m comment --comment "mail:mx-0" -j ACCEPT
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m conntrack --ctstate NEW -m tcp --dport 143 -m comment --comment "mail:mx-0" -j ACCEPT
+-A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m conntrack --ctstate NEW -m tcp --dport 587 -m comment --comment "mail:mx-0" -j ACCEPT
 COMMIT
 "#;
         assert_eq!(got, want);

@@ -152,6 +152,7 @@ impl StateFile {
         }
         for list in entries.values_mut() {
             list.sort_by_key(NatRecord::id);
+            go_keeps_the_first(list);
         }
         StateFile { entries }
     }
@@ -184,6 +185,29 @@ impl StateFile {
     /// The latest `LastVerified`: when the record was last written.
     pub fn last_verified(&self) -> Option<Timestamp> {
         self.records().map(|r| r.last_verified).max()
+    }
+}
+
+/// A list of more than one rule (TCP and UDP on one port) is a conflict to
+/// the Go version: its `reconcileRules` deletes, kernel rules and record
+/// alike, every rule `Created` before the list's latest, and programs only
+/// the first of the rest; its pod events refresh only the first rule that
+/// matches by pod address and port, so the rest go stale and are deleted
+/// after 600 s. Written TCP first (`RecordId` order) with every later rule
+/// `Created` at least a second before the first, a Go version reading the
+/// record back keeps the TCP mapping and deletes the others from the kernel
+/// at once, by its own rulespecs (which are ours), instead of leaving them
+/// beside its rules or dropping whichever was published first.
+fn go_keeps_the_first(list: &mut [NatRecord]) {
+    let Some((first, rest)) = list.split_first_mut() else {
+        return;
+    };
+    let before = first
+        .created
+        .checked_sub(k8s_openapi::jiff::SignedDuration::from_secs(1))
+        .unwrap_or(first.created);
+    for r in rest {
+        r.created = r.created.min(before);
     }
 }
 
@@ -392,7 +416,7 @@ mod tests {
                 ),
                 (
                     "203.0.113.7:443/udp → 10.42.0.9:443 (web:ingress)".into(),
-                    t1,
+                    ts("2024-05-31T23:59:59Z"),
                     t1
                 ),
             ]
@@ -403,5 +427,60 @@ mod tests {
             StateFile::from_mappings(&second.mappings(), &second, ts("2025-01-01T00:00:00Z"));
         assert!(again.same_rules(&second));
         assert_ne!(again, second, "LastVerified moved");
+    }
+
+    /// What the Go version's `reconcileRules` keeps of one key's list read
+    /// from `state.json` (its `fetchState` → `map[string][]*NATRule`): the
+    /// rules not `Created` before the list's latest; of those it programs the
+    /// first. Read from the JSON text, not from our types.
+    fn go_keeps(json: &str, key: &str) -> (Vec<String>, Vec<String>) {
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        let list = v[key].as_array().unwrap();
+        let created =
+            |r: &serde_json::Value| r["Created"].as_str().unwrap().parse::<Timestamp>().unwrap();
+        let latest = list.iter().map(created).max().unwrap();
+        let name = |r: &serde_json::Value| {
+            format!("{}/{}", r["SourcePort"], r["Protocol"].as_str().unwrap())
+        };
+        let (kept, deleted): (Vec<_>, Vec<_>) = list.iter().partition(|r| created(r) >= latest);
+        (
+            kept.into_iter().map(name).collect(),
+            deleted.into_iter().map(name).collect(),
+        )
+    }
+
+    #[test]
+    fn both_protocols_on_one_port_leave_the_go_version_the_tcp_rule() {
+        let now = ts("2025-01-02T03:04:05Z");
+        let sip = |proto| mapping(5060, proto, [10, 42, 0, 30], "voip:pbx-0");
+        // Whichever came first, and in either order.
+        for (udp_first, order) in [
+            (true, [Proto::Udp, Proto::Tcp]),
+            (false, [Proto::Tcp, Proto::Udp]),
+        ] {
+            let first = StateFile::from_mappings(
+                &[sip(order[0])],
+                &StateFile::default(),
+                ts("2024-01-01T00:00:00Z"),
+            );
+            let both = StateFile::from_mappings(&[sip(order[1]), sip(order[0])], &first, now);
+            let json = both.to_json();
+            let (kept, deleted) = go_keeps(&json, "203.0.113.7:5060");
+            assert_eq!(kept, ["5060/tcp"], "udp first: {udp_first}: {json}");
+            assert_eq!(deleted, ["5060/udp"], "udp first: {udp_first}: {json}");
+            // Rewriting keeps the times (the record does not churn).
+            let again = StateFile::from_mappings(&both.mappings(), &both, now);
+            assert_eq!(again, both);
+        }
+        let json = StateFile::from_mappings(
+            &[sip(Proto::Tcp), sip(Proto::Udp)],
+            &StateFile::default(),
+            now,
+        )
+        .to_json();
+        assert_eq!(
+            json,
+            r#"{"203.0.113.7:5060":[{"Protocol":"tcp","SourceIP":{"IP":"203.0.113.7","Zone":""},"SourcePort":5060,"DestinationIP":{"IP":"10.42.0.30","Zone":""},"DestinationPort":5060,"LastVerified":"2025-01-02T03:04:05Z","Created":"2025-01-02T03:04:05Z","Comment":"voip:pbx-0"},{"Protocol":"udp","SourceIP":{"IP":"203.0.113.7","Zone":""},"SourcePort":5060,"DestinationIP":{"IP":"10.42.0.30","Zone":""},"DestinationPort":5060,"LastVerified":"2025-01-02T03:04:05Z","Created":"2025-01-02T03:04:04Z","Comment":"voip:pbx-0"}]}"#
+        );
     }
 }

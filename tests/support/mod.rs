@@ -4,5 +4,7 @@
 pub mod cluster;
 pub mod crowd;
 pub mod netns;
+pub mod rootfs;
 pub mod rules;
+pub mod save;
 pub mod traffic;

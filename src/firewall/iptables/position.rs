@@ -1,7 +1,7 @@
 //! Where rules go, as pure functions over the order read back from the
 //! kernel: the jump's position in a parent chain (`-iptablesJump`), and the
 //! minimal deletes/inserts that turn one of the agent's chains into its
-//! sorted desired content.
+//! desired content (in rank order; rules of one rank in any order).
 
 /// The 1-based position of the agent's jump in a parent chain that holds
 /// `others` rules besides it, for the requested position `r`: with
@@ -58,33 +58,71 @@ impl<T> ChainPlan<T> {
 
 /// Plans one of the agent's own chains. `current` is the chain as read
 /// (`None`: a rule that is not exactly one of the agent's encodings),
-/// `desired` is sorted and free of duplicates. The longest run of wanted
-/// rules already in increasing order stays, with its handles; everything
-/// else — undecodable, unwanted, duplicate or out-of-order rules — is
-/// deleted, and each missing rule goes before the first kept rule that
-/// sorts after it. The result is `desired` in order, with the fewest
-/// deletes.
-pub fn plan_chain<T: Ord + Clone>(current: &[Option<&T>], desired: &[T]) -> ChainPlan<T> {
+/// `desired` is sorted and free of duplicates; `rank` orders what must stay
+/// in order (in `<PREFIX>_POST` the RETURNs before the SNATs) and must not
+/// decrease along `desired`. Rules of one rank match disjoint packets, so
+/// their order does not matter and is kept as read (rules another writer,
+/// e.g. the Go version in its map order, put there stay with their
+/// handles). The longest run of wanted rules whose ranks do not decrease
+/// stays; everything else — undecodable, unwanted, duplicate or out-of-rank
+/// rules — is deleted, and each missing rule goes before the first kept rule
+/// that sorts after it. With `rank` the identity, the result is `desired` in
+/// order; always it is `desired` with ranks in order, with the fewest deletes.
+pub fn plan_chain<T: Ord + Clone, K: Ord>(
+    current: &[Option<&T>],
+    desired: &[T],
+    rank: impl Fn(&T) -> K,
+) -> ChainPlan<T> {
     let wanted: Vec<(usize, &T)> = current
         .iter()
         .enumerate()
         .filter_map(|(i, r)| r.map(|r| (i, r)))
         .filter(|(_, r)| desired.binary_search(r).is_ok())
         .collect();
-    let keep = longest_increasing(&wanted);
-    let kept: Vec<(usize, &T)> = keep.iter().map(|&k| wanted[k]).collect();
+    // Two candidates: the longest run already in sorted order (the best
+    // choice among duplicates), and the longest run in rank order of each
+    // rule's first copy (the order another writer left within a rank). The
+    // longer one stays; on a tie the sorted one.
+    let values: Vec<&T> = wanted.iter().map(|(_, r)| *r).collect();
+    let sorted: Vec<(usize, &T)> = longest_run(&values, true)
+        .into_iter()
+        .map(|k| wanted[k])
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    let firsts: Vec<(usize, &T)> = wanted
+        .iter()
+        .copied()
+        .filter(|(_, r)| seen.insert(*r))
+        .collect();
+    let ranks: Vec<K> = firsts.iter().map(|(_, r)| rank(r)).collect();
+    let ranked: Vec<(usize, &T)> = longest_run(&ranks, false)
+        .into_iter()
+        .map(|k| firsts[k])
+        .collect();
+    let kept = if ranked.len() > sorted.len() {
+        ranked
+    } else {
+        sorted
+    };
     let mut is_kept = vec![false; current.len()];
     for (i, _) in &kept {
         is_kept[*i] = true;
     }
+    let kept_set: std::collections::BTreeSet<&T> = kept.iter().map(|(_, r)| *r).collect();
+    // The largest kept rule up to each position: it does not decrease, so
+    // the first kept rule after `d` is found by binary search.
+    let mut running_max: Vec<&T> = Vec::with_capacity(kept.len());
+    for (_, r) in &kept {
+        let m = running_max.last().map_or(*r, |m| (*m).max(*r));
+        running_max.push(m);
+    }
     let delete = (0..current.len()).filter(|i| !is_kept[*i]).collect();
     let mut insert = Vec::new();
     for d in desired {
-        // `kept` is sorted: the first kept rule after `d` is the anchor.
-        let at = kept.partition_point(|(_, k)| *k < d);
-        if kept.get(at).is_some_and(|(_, k)| *k == d) {
+        if kept_set.contains(d) {
             continue;
         }
+        let at = running_max.partition_point(|m| *m < d);
         let anchor = kept
             .get(at)
             .map_or(Anchor::Append, |(i, _)| Anchor::Before(*i));
@@ -93,14 +131,14 @@ pub fn plan_chain<T: Ord + Clone>(current: &[Option<&T>], desired: &[T]) -> Chai
     ChainPlan { delete, insert }
 }
 
-/// Indexes (into `v`) of a longest strictly increasing subsequence of the
-/// values, in order (patience sorting, O(n log n)).
-fn longest_increasing<T: Ord>(v: &[(usize, &T)]) -> Vec<usize> {
-    // tails[l]: index of the smallest last value of an increasing run of length l+1.
+/// Indexes (into `v`) of a longest increasing (`strict`) or non-decreasing
+/// subsequence, in order (patience sorting, O(n log n)).
+fn longest_run<K: Ord>(v: &[K], strict: bool) -> Vec<usize> {
+    // tails[l]: index of the smallest last value of a run of length l+1.
     let mut tails: Vec<usize> = Vec::new();
     let mut prev: Vec<Option<usize>> = vec![None; v.len()];
     for k in 0..v.len() {
-        let l = tails.partition_point(|&t| v[t].1 < v[k].1);
+        let l = tails.partition_point(|&t| v[t] < v[k] || (!strict && v[t] == v[k]));
         prev[k] = l.checked_sub(1).map(|p| tails[p]);
         if l == tails.len() {
             tails.push(k);
@@ -283,7 +321,7 @@ mod tests {
     /// `plan_chain` over owned values, and the chain after the plan.
     fn plan_owned(cur: &[Option<i32>], want: &[i32]) -> (ChainPlan<i32>, Vec<i32>) {
         let refs: Vec<Option<&i32>> = cur.iter().map(Option::as_ref).collect();
-        let plan = plan_chain(&refs, want);
+        let plan = plan_chain(&refs, want, |x| *x);
         let after = apply_plan(cur.to_vec(), &plan, |_, t| Some(*t))
             .into_iter()
             .flatten()
@@ -320,7 +358,58 @@ mod tests {
         assert_eq!(after, vec![1, 5, 9]);
     }
 
+    #[test]
+    fn rules_of_one_rank_stay_in_the_order_read() {
+        // Rank = tens digit: 1x before 2x; within a rank any order.
+        let refs = |v: &[i32]| v.iter().map(|x| Some(*x)).collect::<Vec<_>>();
+        let tens = |x: &i32| x / 10;
+        let cur = refs(&[12, 11, 23, 21]);
+        let r: Vec<Option<&i32>> = cur.iter().map(Option::as_ref).collect();
+        assert!(plan_chain(&r, &[11, 12, 21, 23], tens).is_empty());
+        // A new rule goes before the first kept one that sorts after it.
+        let plan = plan_chain(&r, &[11, 12, 13, 21, 22, 23], tens);
+        assert!(plan.delete.is_empty());
+        assert_eq!(
+            plan.insert,
+            vec![(13, Anchor::Before(2)), (22, Anchor::Before(2))]
+        );
+        let after: Vec<i32> = apply_plan(cur.clone(), &plan, |_, t| Some(*t))
+            .into_iter()
+            .flatten()
+            .collect();
+        assert_eq!(after, vec![12, 11, 13, 22, 23, 21]);
+        // Out of rank: the fewest rules move.
+        let cur = refs(&[21, 11, 12]);
+        let r: Vec<Option<&i32>> = cur.iter().map(Option::as_ref).collect();
+        let plan = plan_chain(&r, &[11, 12, 21], tens);
+        assert_eq!(plan.delete, vec![0]);
+        assert_eq!(plan.insert, vec![(21, Anchor::Append)]);
+    }
+
     proptest! {
+        #[test]
+        fn any_chain_gets_its_rules_in_rank_order(
+            cur in proptest::collection::vec(proptest::option::of(0u8..12), 0..14),
+            want in proptest::collection::btree_set(0u8..12, 0..10),
+        ) {
+            let want: Vec<u8> = want.into_iter().collect();
+            let rank = |x: &u8| x / 4;
+            let refs: Vec<Option<&u8>> = cur.iter().map(Option::as_ref).collect();
+            let plan = plan_chain(&refs, &want, rank);
+            let after: Vec<u8> = apply_plan(cur.clone(), &plan, |_, t| Some(*t))
+                .into_iter()
+                .map(|x| x.expect("undecodable rules are deleted"))
+                .collect();
+            let mut sorted = after.clone();
+            sorted.sort_unstable();
+            prop_assert_eq!(&sorted, &want);
+            prop_assert!(after.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])));
+            let refs: Vec<Option<&u8>> = after.iter().map(Some).collect();
+            prop_assert!(plan_chain(&refs, &want, rank).is_empty());
+            let kept = cur.len() - plan.delete.len();
+            prop_assert_eq!(kept + plan.insert.len(), want.len());
+        }
+
         #[test]
         fn any_chain_becomes_the_desired_one(
             cur in proptest::collection::vec(proptest::option::of(0u8..12), 0..14),
@@ -328,7 +417,7 @@ mod tests {
         ) {
             let want: Vec<u8> = want.into_iter().collect();
             let refs: Vec<Option<&u8>> = cur.iter().map(Option::as_ref).collect();
-            let plan = plan_chain(&refs, &want);
+            let plan = plan_chain(&refs, &want, |x| *x);
             for i in plan.referenced() {
                 prop_assert!(i < cur.len());
             }
@@ -343,7 +432,7 @@ mod tests {
             prop_assert!(after.iter().all(Option::is_some));
             // Idempotent: planning again changes nothing.
             let refs: Vec<Option<&u8>> = after.iter().map(Option::as_ref).collect();
-            prop_assert!(plan_chain(&refs, &want).is_empty());
+            prop_assert!(plan_chain(&refs, &want, |x| *x).is_empty());
             // Fewest deletes: every wanted rule kept is one not re-inserted.
             let kept = cur.len() - plan.delete.len();
             prop_assert_eq!(kept + plan.insert.len(), want.len());

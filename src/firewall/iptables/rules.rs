@@ -14,19 +14,44 @@ use crate::firewall::encode::{
 // what both directions agree on.
 use crate::firewall::netlink::{attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs};
 use crate::firewall::{comment_for, Names};
-use crate::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule, INTERNAL_NETWORKS};
+use crate::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule};
+
+/// The networks `<PREFIX>_POST` returns un-NATed, in the order the Go version
+/// puts them at the head of its chain (its `internalNetworks`, inserted at
+/// positions 1..4 by `ensureDefaults`): the networks of
+/// `model::INTERNAL_NETWORKS`, ordered so `iptables-nft-save` prints the Go
+/// version's very lines. The native flavor keeps its own order.
+pub const GO_INTERNAL_NETWORKS: [(Ipv4Addr, u8); 4] = [
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(127, 0, 0, 0), 8),
+];
 
 /// One rule the agent writes. The variant order is the order inside a chain:
 /// in `<PREFIX>_POST` the internal-network returns come before the SNATs.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AgentRule {
-    /// `-d <INTERNAL_NETWORKS[i]> -j RETURN`.
+    /// `-d <GO_INTERNAL_NETWORKS[i]> -m comment --comment
+    /// "<prefix>[no_snat_for_internal]" -j RETURN`.
     Return(usize),
     Snat(SnatRule),
     Dnat(Mapping),
     Forward(ForwardRule),
     /// `-m comment --comment "<prefix>[jump_to_chain]" -j <chain>`.
     Jump(String),
+}
+
+impl AgentRule {
+    /// What must stay in order inside a chain: the internal-network RETURNs
+    /// before the SNATs. Rules of one rank match disjoint packets (or share
+    /// the verdict), so any order of them is the same chain.
+    pub fn rank(&self) -> u8 {
+        match self {
+            AgentRule::Return(_) => 0,
+            _ => 1,
+        }
+    }
 }
 
 /// A rule ready for NFT_MSG_NEWRULE: expressions plus NFTA_RULE_COMPAT proto.
@@ -118,8 +143,9 @@ pub fn exprs_of(rule: &AgentRule, names: &Names) -> Vec<Expr> {
     let mut e = Vec::with_capacity(10);
     match rule {
         AgentRule::Return(i) => {
-            let (net, len) = INTERNAL_NETWORKS[*i];
+            let (net, len) = GO_INTERNAL_NETWORKS[*i];
             prefix(&mut e, IP_DADDR, net, len);
+            comment(&mut e, &names.internal_comment);
             e.push(Expr::Counter);
             e.push(verdict(sys::NFT_RETURN));
         }
@@ -145,11 +171,13 @@ pub fn exprs_of(rule: &AgentRule, names: &Names) -> Vec<Expr> {
             e.push(xt("target", "DNAT", xt::DNAT_REV, info));
         }
         AgentRule::Forward(f) => {
+            // The Go version's order: `-m conntrack --ctstate NEW` before
+            // `-m tcp --dport N` (its `getRule`).
             proto(&mut e, f.proto);
             host(&mut e, IP_DADDR, f.pod_ip);
-            dport(&mut e, f.pod_port);
             let ct = xt::conntrack_state_new();
             e.push(xt("match", "conntrack", xt::CONNTRACK_REV, ct));
+            dport(&mut e, f.pod_port);
             comment(&mut e, &comment_for(&f.owner));
             e.push(Expr::Counter);
             e.push(verdict(libc::NF_ACCEPT));
@@ -471,7 +499,7 @@ pub fn decode(exprs: &[Expr], names: &Names) -> Option<AgentRule> {
                 owner: owner()?,
             })]
         }
-        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => (0..INTERNAL_NETWORKS
+        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => (0..GO_INTERNAL_NETWORKS
             .len())
             .map(AgentRule::Return)
             .collect(),
@@ -580,10 +608,10 @@ mod tests {
                     owner: owner("dns:resolver-1"),
                 }),
             ),
-            ("ret_127", "nat", "PODNAT_POST", AgentRule::Return(0)),
-            ("ret_10", "nat", "PODNAT_POST", AgentRule::Return(1)),
-            ("ret_172", "nat", "PODNAT_POST", AgentRule::Return(2)),
-            ("ret_192", "nat", "PODNAT_POST", AgentRule::Return(3)),
+            ("ret_172", "nat", "PODNAT_POST", AgentRule::Return(0)),
+            ("ret_192", "nat", "PODNAT_POST", AgentRule::Return(1)),
+            ("ret_10", "nat", "PODNAT_POST", AgentRule::Return(2)),
+            ("ret_127", "nat", "PODNAT_POST", AgentRule::Return(3)),
         ]
     }
 
@@ -671,7 +699,7 @@ mod tests {
         let ip = any::<u32>().prop_map(Ipv4Addr::from);
         let proto = prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)];
         prop_oneof![
-            (0..INTERNAL_NETWORKS.len()).prop_map(AgentRule::Return),
+            (0..GO_INTERNAL_NETWORKS.len()).prop_map(AgentRule::Return),
             (ip.clone(), proto.clone(), ip.clone(), arb_owner()).prop_map(
                 |(pod_ip, proto, public_ip, owner)| AgentRule::Snat(SnatRule {
                     pod_ip,
@@ -745,6 +773,17 @@ mod tests {
             // ...which decodes to the rule (owners as their comments say).
             prop_assert_eq!(decode(&parsed, &names), Some(as_read_back(rule)));
         }
+    }
+
+    #[test]
+    fn go_internal_networks_are_the_models_in_go_order() {
+        let mut go = GO_INTERNAL_NETWORKS.to_vec();
+        let mut model = crate::model::INTERNAL_NETWORKS.to_vec();
+        go.sort();
+        model.sort();
+        assert_eq!(go, model);
+        assert_eq!(GO_INTERNAL_NETWORKS[0], (ip("172.16.0.0"), 12));
+        assert_eq!(GO_INTERNAL_NETWORKS[3], (ip("127.0.0.0"), 8));
     }
 
     #[test]

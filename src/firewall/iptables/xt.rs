@@ -6,7 +6,8 @@
 //! Hand-written because no maintained crate encodes xt payloads (rustables
 //! has no xt-compat support) and these four fixed-ABI structs are small. The
 //! unit tests compare every byte with what iptables-nft 1.8.9 sends
-//! (`testdata/iptables-nft-1.8.9-newrule.txt`, captured with strace).
+//! (`testdata/iptables-nft-1.8.9-newrule.txt`, captured with strace by
+//! `testdata/capture-newrule.sh`).
 
 use std::net::Ipv4Addr;
 
