@@ -20,6 +20,7 @@ use podnat_controller::firewall::monitor::watch_ruleset;
 use podnat_controller::firewall::{view, ApplyReport, Backend, Names};
 use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
 use support::netns::{Netns, Sandbox, POD_A_IP, POD_B_IP, PUBLIC_IP};
+use support::rules::publish;
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
@@ -30,48 +31,6 @@ fn names() -> Names {
 }
 
 const JUMP: &str = "\"podnat[jump_to_chain]\"";
-
-/// A mapping plus its SNAT and FORWARD companions, as the planner makes them.
-fn publish(
-    rules: &mut RuleSet,
-    owner: &str,
-    public: &str,
-    port: u16,
-    proto: Proto,
-    pod: &str,
-    pod_port: u16,
-) {
-    let owner = PodRef::from_comment(owner).unwrap();
-    rules.dnat.push(Mapping {
-        key: NatKey {
-            public_ip: ip(public),
-            public_port: port,
-            proto,
-        },
-        pod_ip: ip(pod),
-        pod_port,
-        owner: owner.clone(),
-    });
-    if !rules
-        .snat
-        .iter()
-        .any(|s| s.pod_ip == ip(pod) && s.proto == proto)
-    {
-        rules.snat.push(SnatRule {
-            pod_ip: ip(pod),
-            proto,
-            public_ip: ip(public),
-            owner: owner.clone(),
-        });
-    }
-    rules.forward.push(ForwardRule {
-        pod_ip: ip(pod),
-        proto,
-        pod_port,
-        owner,
-    });
-    rules.normalize();
-}
 
 fn mail_rules() -> RuleSet {
     let mut r = RuleSet::default();

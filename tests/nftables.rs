@@ -14,52 +14,10 @@ use podnat_controller::firewall::{view, Backend, FirewallError, Names};
 use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
 use proptest::prelude::*;
 use support::netns::{Netns, Sandbox, POD_A_IP, POD_B_IP, PUBLIC_IP};
+use support::rules::publish;
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
-}
-
-/// A mapping plus its SNAT and FORWARD companions, as the planner makes them.
-fn publish(
-    rules: &mut RuleSet,
-    owner: &str,
-    public: &str,
-    port: u16,
-    proto: Proto,
-    pod: &str,
-    pod_port: u16,
-) {
-    let (ns, name) = owner.split_once(':').unwrap();
-    let owner = PodRef::new(ns, name);
-    rules.dnat.push(Mapping {
-        key: NatKey {
-            public_ip: ip(public),
-            public_port: port,
-            proto,
-        },
-        pod_ip: ip(pod),
-        pod_port,
-        owner: owner.clone(),
-    });
-    if !rules
-        .snat
-        .iter()
-        .any(|s| s.pod_ip == ip(pod) && s.proto == proto)
-    {
-        rules.snat.push(SnatRule {
-            pod_ip: ip(pod),
-            proto,
-            public_ip: ip(public),
-            owner: owner.clone(),
-        });
-    }
-    rules.forward.push(ForwardRule {
-        pod_ip: ip(pod),
-        proto,
-        pod_port,
-        owner,
-    });
-    rules.normalize();
 }
 
 fn names() -> Names {
