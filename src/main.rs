@@ -150,9 +150,10 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
         return Ok(());
     }
-    let report = backend
+    let mut report = backend
         .apply(&table.rules)
         .context("applying the NAT table")?;
+    podnat_controller::firewall::flush_stale_udp(&mut report);
     tracing::info!(
         flavor = backend.name(),
         messages = report.messages,

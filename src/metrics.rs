@@ -75,7 +75,7 @@ pub struct Metrics {
 
 /// `FirewallError::metric_label` values, exposed at 0 from the start so
 /// that rates and alerts see a series before the first error.
-const APPLY_ERROR_KINDS: [&str; 5] = ["refused", "socket", "netlink", "retries", "unsupported"];
+const APPLY_ERROR_KINDS: [&str; 4] = ["refused", "socket", "netlink", "retries"];
 
 impl Default for Metrics {
     fn default() -> Self {

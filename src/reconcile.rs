@@ -238,7 +238,11 @@ impl BackendWorker {
                             if fresh {
                                 backend.forget();
                             }
-                            let _ = reply.send(backend.apply(&rules));
+                            let mut result = backend.apply(&rules);
+                            if let Ok(report) = &mut result {
+                                crate::firewall::flush_stale_udp(report);
+                            }
+                            let _ = reply.send(result);
                         }
                         Job::DryRun(rules, reply) => {
                             let _ = reply.send(dry_run(backend.as_mut(), &rules));

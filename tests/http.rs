@@ -365,7 +365,7 @@ fn endpoints_of_a_running_agent() {
         ),
         Some(0.0)
     );
-    for kind in ["refused", "socket", "netlink", "retries", "unsupported"] {
+    for kind in ["refused", "socket", "netlink", "retries"] {
         assert_eq!(
             v("podnat_apply_errors_total", &[("error", kind)]),
             Some(0.0),

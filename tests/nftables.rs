@@ -24,10 +24,16 @@ fn names() -> Names {
     Names::new("podnat")
 }
 
+/// An apply as the agent's firewall thread makes it: the batch, then the
+/// conntrack flush of moved UDP mappings.
 fn apply(ns: &Netns, rules: &RuleSet) -> podnat_controller::firewall::ApplyReport {
     let rules = rules.clone();
-    ns.run(move || NftablesBackend::new(names()).apply(&rules))
-        .unwrap_or_else(|e| panic!("apply in {}: {e}", ns.name))
+    ns.run(move || {
+        let mut report = NftablesBackend::new(names()).apply(&rules)?;
+        podnat_controller::firewall::flush_stale_udp(&mut report);
+        Ok::<_, podnat_controller::firewall::FirewallError>(report)
+    })
+    .unwrap_or_else(|e| panic!("apply in {}: {e}", ns.name))
 }
 
 fn kernel_view(ns: &Netns) -> String {

@@ -12,20 +12,20 @@ pub mod xt;
 
 use std::collections::HashMap;
 use std::fmt::Write;
-use std::sync::Arc;
 
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
 
 use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
 use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule, GO_INTERNAL_NETWORKS};
-use super::coexist::{self, OwnForward};
-use super::monitor::{Blocker, Interest, TableInterest, Tracker};
+use super::applier::{Applier, Effect, Flavor, Planned};
+use super::coexist::OwnForward;
+use super::monitor::{Interest, TableInterest};
 use super::names::Names;
 use super::netlink::{
-    attr_be64, attr_str, find_attr, sys, Attrs, Echo, FinalBatch, NetlinkError, NfSocket, NftBatch,
-    NftMsg, Scope,
+    attr_be64, attr_str, find_attr, sys, Attrs, Echo, NetlinkError, NfSocket, NftBatch, NftMsg,
+    Scope,
 };
-use super::{canonical, view, ApplyReport, Backend, FirewallError, GenerationCache};
+use super::view;
 use crate::config::JumpPositions;
 use crate::model::{Mapping, RuleSet};
 
@@ -182,7 +182,7 @@ const MAX_ECHOED_RULES: usize = 4096;
 
 /// A rule a batch inserts: (chain index, index in that chain's plan).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Inserted {
+pub enum Inserted {
     Own(usize, usize),
     Jump(usize, usize),
 }
@@ -202,7 +202,7 @@ fn echoed_handles(inserted: &[(u32, Inserted)], echoes: &[Echo]) -> HashMap<Inse
 }
 
 /// Everything one apply changes, planned against one read of the kernel.
-struct Changes {
+pub struct Changes {
     create_nat: bool,
     create_filter: bool,
     create_parent: [bool; 3],
@@ -345,56 +345,47 @@ fn respec(line: &str, head: &str) -> String {
     format!("{head} {spec}")
 }
 
-/// The iptables flavor's backend.
-pub struct IptablesBackend {
+/// The iptables flavor: the agent's chains and jumps in iptables-nft's
+/// tables. Pure but for `read`/`teardown`, which dump through the
+/// applier's socket.
+pub struct Iptables {
     names: Names,
     jumps: JumpPositions,
-    sock: Option<NfSocket>,
-    cache: GenerationCache<IptState>,
 }
+
+/// The iptables flavor with the applier around it.
+pub type IptablesBackend = Applier<Iptables>;
 
 impl IptablesBackend {
     pub fn new(names: Names, jumps: JumpPositions) -> IptablesBackend {
-        IptablesBackend {
-            names,
-            jumps,
-            sock: None,
-            cache: GenerationCache::default(),
-        }
+        Applier::with_flavor(Iptables { names, jumps })
     }
 
     /// Changes the jump positions (the next apply moves the jumps).
     pub fn set_jump_positions(&mut self, jumps: JumpPositions) {
-        self.jumps = jumps;
+        self.flavor.jumps = jumps;
+    }
+}
+
+impl Iptables {
+    fn exists(sock: &mut NfSocket, msg: u32, attrs: &Attrs) -> Result<bool, NetlinkError> {
+        Ok(sock.get(msg, AF_INET, attrs)?.is_some())
     }
 
-    fn sock(&mut self) -> Result<&mut NfSocket, NetlinkError> {
-        if self.sock.is_none() {
-            self.sock = Some(NfSocket::open()?);
-        }
-        Ok(self.sock.as_mut().expect("socket just opened"))
-    }
-
-    fn exists(&mut self, msg: u32, attrs: &Attrs) -> Result<bool, NetlinkError> {
-        Ok(self.sock()?.get(msg, AF_INET, attrs)?.is_some())
-    }
-
-    fn chain_exists(&mut self, table: &str, chain: &str) -> Result<bool, NetlinkError> {
+    fn chain_exists(sock: &mut NfSocket, table: &str, chain: &str) -> Result<bool, NetlinkError> {
         let mut a = Attrs::new();
         a.str(sys::NFTA_CHAIN_TABLE, table)
             .str(sys::NFTA_CHAIN_NAME, chain);
-        self.exists(sys::NFT_MSG_GETCHAIN, &a)
+        Self::exists(sock, sys::NFT_MSG_GETCHAIN, &a)
     }
 
     /// The rules of one chain, in order: (handle, expressions).
     fn dump_chain(
-        &mut self,
+        sock: &mut NfSocket,
         table: &str,
         chain: &str,
     ) -> Result<Vec<(u64, Vec<rules::Expr>)>, NetlinkError> {
-        let msgs = self
-            .sock()?
-            .dump_scoped(sys::NFT_MSG_GETRULE, &Scope::object(AF_INET, table, chain))?;
+        let msgs = sock.dump_scoped(sys::NFT_MSG_GETRULE, &Scope::object(AF_INET, table, chain))?;
         let mut out = Vec::with_capacity(msgs.len());
         for m in msgs {
             let handle = attr_be64(&m, sys::NFTA_RULE_HANDLE).ok_or_else(|| {
@@ -407,12 +398,12 @@ impl IptablesBackend {
     }
 
     /// Reads the agent's chains and the parent chains back from the kernel.
-    pub fn read_state(&mut self) -> Result<IptState, NetlinkError> {
+    fn read_state(&self, sock: &mut NfSocket) -> Result<IptState, NetlinkError> {
         let mut st = IptState::default();
         for (table, exists) in [(NAT, &mut st.nat_exists), (FILTER, &mut st.filter_exists)] {
             let mut a = Attrs::new();
             a.str(sys::NFTA_TABLE_NAME, table);
-            *exists = self.exists(sys::NFT_MSG_GETTABLE, &a)?;
+            *exists = Self::exists(sock, sys::NFT_MSG_GETTABLE, &a)?;
         }
         let names = self.names.clone();
         for place in PLACES {
@@ -421,11 +412,10 @@ impl IptablesBackend {
                 continue;
             }
             let own = place.own(&names);
-            st.parent_exists[i] = self.chain_exists(place.table(), place.parent())?;
-            st.own_exists[i] = self.chain_exists(place.table(), own)?;
+            st.parent_exists[i] = Self::chain_exists(sock, place.table(), place.parent())?;
+            st.own_exists[i] = Self::chain_exists(sock, place.table(), own)?;
             if st.parent_exists[i] {
-                st.parents[i] = self
-                    .dump_chain(place.table(), place.parent())?
+                st.parents[i] = Self::dump_chain(sock, place.table(), place.parent())?
                     .into_iter()
                     .map(|(handle, exprs)| {
                         let rule = if jump_target(&exprs) == Some(own) {
@@ -444,8 +434,7 @@ impl IptablesBackend {
                     .collect();
             }
             if st.own_exists[i] {
-                st.own[i] = self
-                    .dump_chain(place.table(), own)?
+                st.own[i] = Self::dump_chain(sock, place.table(), own)?
                     .into_iter()
                     .map(|(handle, exprs)| Slot {
                         handle: Some(handle),
@@ -574,44 +563,6 @@ impl IptablesBackend {
         (batch, inserted)
     }
 
-    /// The kernel state to plan against for `generation`: the cache when
-    /// nobody else committed since, unless the plan would need handles it
-    /// does not know.
-    fn state_for(
-        &mut self,
-        generation: u32,
-        desired: &RuleSet,
-        report: &mut ApplyReport,
-    ) -> Result<(IptState, Changes), NetlinkError> {
-        if let Some(s) = self.cache.take(generation) {
-            let changes = Changes::plan(&s, desired, &self.jumps);
-            if changes.handles_known(&s) {
-                report.cache_hit = true;
-                return Ok((s, changes));
-            }
-        }
-        report.cache_hit = false;
-        let s = self.read_state()?;
-        let changes = Changes::plan(&s, desired, &self.jumps);
-        Ok((s, changes))
-    }
-
-    /// Reads the kernel and encodes the batch `apply` would send, without
-    /// sending it (for benchmarks that time the kernel's part alone).
-    pub fn prepare(&mut self, desired: &RuleSet) -> Result<Option<FinalBatch>, FirewallError> {
-        self.cache.clear();
-        let desired = canonical(desired);
-        let generation = self.sock()?.generation()?;
-        let state = self.read_state()?;
-        let changes = Changes::plan(&state, &desired, &self.jumps);
-        let (batch, _) = self.build(&state, &changes);
-        Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
-    }
-
-    pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
-        Ok(self.sock()?.send_batch(batch)?)
-    }
-
     /// `-D` lines for a plan's deletes, last rule first so that rule numbers
     /// stay valid; by rule number where the spec would be ambiguous (an
     /// identical rule earlier in the chain) or is not the agent's encoding.
@@ -644,7 +595,7 @@ impl IptablesBackend {
 
     /// The changes as iptables-restore input (`--noflush`): per table,
     /// `-N` for missing chains, `-D` for deletes, `-I`/`-A` for inserts.
-    fn render(&self, state: &IptState, changes: &Changes) -> String {
+    fn render_changes(&self, state: &IptState, changes: &Changes) -> String {
         let n = &self.names;
         let mut out = String::new();
         for table in [NAT, FILTER] {
@@ -722,158 +673,135 @@ impl IptablesBackend {
     }
 }
 
-impl Backend for IptablesBackend {
+impl Flavor for Iptables {
+    type State = IptState;
+    type Plan = Changes;
+    /// The sequence number of each new rule's message.
+    type Sent = Vec<(u32, Inserted)>;
+
     fn name(&self) -> &'static str {
         "iptables"
     }
 
-    /// Also remembers what it read (with every handle) for the next apply.
-    fn read(&mut self) -> Result<RuleSet, FirewallError> {
-        let epoch = self.cache.epoch();
-        let generation = self.sock()?.generation()?;
-        let state = self.read_state()?;
-        let rules = state.rules();
-        // Changed between the two reads: then the generation moved on and
-        // this entry is never used.
-        self.cache.set(generation, epoch, state);
-        Ok(rules)
+    fn read(&self, sock: &mut NfSocket) -> Result<IptState, NetlinkError> {
+        self.read_state(sock)
     }
 
-    fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError> {
-        let desired = canonical(desired);
-        let mut report = ApplyReport::default();
-        for attempt in 0..=super::MAX_RETRIES {
-            let epoch = self.cache.epoch();
-            let generation = self.sock()?.generation()?;
-            let (state, changes) = self.state_for(generation, &desired, &mut report)?;
-            if changes.is_empty() {
-                self.cache.set(generation, epoch, state);
-                return Ok(report);
+    fn empty(&self) -> IptState {
+        IptState::default()
+    }
+
+    fn rules(&self, state: &IptState) -> RuleSet {
+        state.rules()
+    }
+
+    fn plan(&self, state: &IptState, desired: &RuleSet) -> Planned<Changes> {
+        let changes = Changes::plan(state, desired, &self.jumps);
+        if changes.is_empty() {
+            Planned::Nothing
+        } else if !changes.handles_known(state) {
+            Planned::NeedsRead
+        } else {
+            Planned::Change(changes)
+        }
+    }
+
+    fn encode(
+        &self,
+        state: &IptState,
+        plan: &Changes,
+        _desired: &RuleSet,
+    ) -> (NftBatch, Vec<(u32, Inserted)>) {
+        self.build(state, plan)
+    }
+
+    fn after(
+        &self,
+        state: IptState,
+        plan: Changes,
+        _desired: &RuleSet,
+        sent: Vec<(u32, Inserted)>,
+        echoes: &[Echo],
+    ) -> IptState {
+        plan.after(state, &echoed_handles(&sent, echoes))
+    }
+
+    fn effect(&self, state: &IptState, plan: &Changes, desired: &RuleSet) -> Effect {
+        let (added_dnat, removed_dnat) = plan.dnat_changes(state, desired);
+        Effect {
+            rebuilt: plan.creates(),
+            added_dnat,
+            removed_dnat,
+        }
+    }
+
+    fn render(&self, state: &IptState, plan: &Changes, _desired: &RuleSet) -> String {
+        self.render_changes(state, plan)
+    }
+
+    /// Jumps first (a chain still referenced cannot be deleted), from
+    /// wherever they are in the two tables, then the agent's chains.
+    fn teardown(
+        &self,
+        sock: &mut NfSocket,
+        state: &IptState,
+    ) -> Result<Option<NftBatch>, NetlinkError> {
+        if !state.anything() {
+            return Ok(None);
+        }
+        let names = &self.names;
+        let mut batch = NftBatch::new();
+        for table in [NAT, FILTER] {
+            if !state.table_exists(table) {
+                continue;
             }
-            let (batch, inserted) = self.build(&state, &changes);
-            report.rebuilt = changes.creates();
-            report.messages = batch.len();
-            report.bytes = batch.byte_len();
-            let (added, removed) = changes.dnat_changes(&state, &desired);
-            report.added_dnat = added;
-            report.removed_dnat = removed;
-            let own = self.cache.sending(generation);
-            match self
-                .sock()?
-                .send_batch_echo(batch.finalize(Some(generation)))
-            {
-                Ok(echoes) => {
-                    // The commit is `own`: the chains are known there, the
-                    // new rules' handles as far as the kernel echoed them.
-                    let handles = echoed_handles(&inserted, &echoes);
-                    self.cache.set(own, epoch, changes.after(state, &handles));
-                    super::flush_stale_udp(&mut report);
-                    return Ok(report);
-                }
-                Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {
-                    self.cache.refused(own);
-                    report.retries += 1;
-                    tracing::debug!(
-                        attempt,
-                        "ruleset changed under the batch; re-reading and retrying"
+            let own: Vec<&str> = PLACES
+                .iter()
+                .filter(|p| p.table() == table)
+                .map(|p| p.own(names))
+                .collect();
+            let scope = Scope::table(AF_INET, table);
+            for m in sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)? {
+                let chain = attr_str(&m, sys::NFTA_RULE_CHAIN).unwrap_or_default();
+                let exprs = parse_exprs(find_attr(&m, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]));
+                let (Some(target), Some(handle)) =
+                    (jump_target(&exprs), attr_be64(&m, sys::NFTA_RULE_HANDLE))
+                else {
+                    continue;
+                };
+                if own.contains(&target) && !own.contains(&chain.as_str()) {
+                    let mut a = Attrs::new();
+                    a.str(sys::NFTA_RULE_TABLE, table)
+                        .str(sys::NFTA_RULE_CHAIN, &chain)
+                        .be64(sys::NFTA_RULE_HANDLE, handle);
+                    batch.add(
+                        NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
+                        format!("delete the jump to {target} in chain {chain}"),
                     );
                 }
-                Err(e) => {
-                    self.cache.refused(own);
-                    return Err(e.into());
-                }
             }
         }
-        Err(FirewallError::TooManyRetries(super::MAX_RETRIES))
-    }
-
-    fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError> {
-        let desired = canonical(desired);
-        let state = if assume_empty {
-            IptState::default()
-        } else {
-            self.read_state()?
-        };
-        let changes = Changes::plan(&state, &desired, &self.jumps);
-        Ok(self.render(&state, &changes))
-    }
-
-    fn cleanup(&mut self) -> Result<bool, FirewallError> {
-        self.cache.clear();
-        let names = self.names.clone();
-        for attempt in 0..=super::MAX_RETRIES {
-            let generation = self.sock()?.generation()?;
-            let state = self.read_state()?;
-            if !state.anything() {
-                return Ok(false);
+        for place in PLACES {
+            if !state.own_exists[place.index()] {
+                continue;
             }
-            let mut batch = NftBatch::new();
-            // Jumps first (a chain still referenced cannot be deleted), from
-            // wherever they are in the two tables.
-            for table in [NAT, FILTER] {
-                if !state.table_exists(table) {
-                    continue;
-                }
-                let own: Vec<&str> = PLACES
-                    .iter()
-                    .filter(|p| p.table() == table)
-                    .map(|p| p.own(&names))
-                    .collect();
-                let scope = Scope::table(AF_INET, table);
-                for m in self.sock()?.dump_scoped(sys::NFT_MSG_GETRULE, &scope)? {
-                    let chain = attr_str(&m, sys::NFTA_RULE_CHAIN).unwrap_or_default();
-                    let exprs =
-                        parse_exprs(find_attr(&m, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]));
-                    let (Some(target), Some(handle)) =
-                        (jump_target(&exprs), attr_be64(&m, sys::NFTA_RULE_HANDLE))
-                    else {
-                        continue;
-                    };
-                    if own.contains(&target) && !own.contains(&chain.as_str()) {
-                        let mut a = Attrs::new();
-                        a.str(sys::NFTA_RULE_TABLE, table)
-                            .str(sys::NFTA_RULE_CHAIN, &chain)
-                            .be64(sys::NFTA_RULE_HANDLE, handle);
-                        batch.add(
-                            NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
-                            format!("delete the jump to {target} in chain {chain}"),
-                        );
-                    }
-                }
-            }
-            for place in PLACES {
-                if !state.own_exists[place.index()] {
-                    continue;
-                }
-                let own = place.own(&names);
-                let mut a = Attrs::new();
-                a.str(sys::NFTA_RULE_TABLE, place.table())
-                    .str(sys::NFTA_RULE_CHAIN, own);
-                batch.add(
-                    NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
-                    format!("flush chain {own} in table ip {}", place.table()),
-                );
-                let mut a = Attrs::new();
-                a.str(sys::NFTA_CHAIN_TABLE, place.table())
-                    .str(sys::NFTA_CHAIN_NAME, own);
-                batch.add(
-                    NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a),
-                    format!("delete chain {own} in table ip {}", place.table()),
-                );
-            }
-            match self.sock()?.send_batch(batch.finalize(Some(generation))) {
-                Ok(()) => return Ok(true),
-                Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {
-                    continue
-                }
-                Err(e) => return Err(e.into()),
-            }
+            let own = place.own(names);
+            let mut a = Attrs::new();
+            a.str(sys::NFTA_RULE_TABLE, place.table())
+                .str(sys::NFTA_RULE_CHAIN, own);
+            batch.add(
+                NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
+                format!("flush chain {own} in table ip {}", place.table()),
+            );
+            let mut a = Attrs::new();
+            a.str(sys::NFTA_CHAIN_TABLE, place.table())
+                .str(sys::NFTA_CHAIN_NAME, own);
+            batch.add(
+                NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a),
+                format!("delete chain {own} in table ip {}", place.table()),
+            );
         }
-        Err(FirewallError::TooManyRetries(super::MAX_RETRIES))
-    }
-
-    fn view(&self, rules: &RuleSet) -> String {
-        view::iptables_save(&canonical(rules), &self.names)
+        Ok(Some(batch))
     }
 
     fn interest(&self) -> Interest {
@@ -898,22 +826,17 @@ impl Backend for IptablesBackend {
         }
     }
 
-    fn forget(&mut self) {
-        self.cache.clear();
-    }
-
-    fn attach_tracker(&mut self, tracker: Arc<Tracker>) {
-        self.cache.attach(tracker);
-    }
-
-    fn forward_blockers(&mut self) -> Result<Vec<Blocker>, FirewallError> {
-        // The accept is a rule of iptables-nft's FORWARD, ahead of its policy.
-        let own = OwnForward {
+    /// The accept is a rule of iptables-nft's FORWARD, ahead of its policy.
+    fn own_forward(&self) -> OwnForward<'_> {
+        OwnForward {
             family: AF_INET,
             table: FILTER,
             chain: Place::Forward.parent(),
-        };
-        Ok(coexist::forward_blockers(self.sock()?, own)?)
+        }
+    }
+
+    fn view(&self, rules: &RuleSet) -> String {
+        view::iptables_save(rules, &self.names)
     }
 }
 
@@ -959,10 +882,13 @@ mod tests {
     #[test]
     fn dry_run_on_an_empty_kernel_creates_everything() {
         let names = Names::new("podnat");
-        let be = IptablesBackend::new(names.clone(), JumpPositions::default());
-        let state = IptState::default();
-        let changes = Changes::plan(&state, &mail(), &be.jumps);
-        let got = be.render(&state, &changes);
+        let flavor = Iptables {
+            names,
+            jumps: JumpPositions::default(),
+        };
+        let state = flavor.empty();
+        let changes = Changes::plan(&state, &mail(), &flavor.jumps);
+        let got = flavor.render(&state, &changes, &mail());
         let want = r#"*nat
 -N PODNAT_PRE
 -N PODNAT_POST

@@ -2,6 +2,7 @@
 //! batch per change) and back, plus the text views of it. A backend only
 //! encodes, decodes and diffs; it never decides what should exist.
 
+pub mod applier;
 pub mod coexist;
 pub mod conntrack;
 pub mod encode;
@@ -22,10 +23,6 @@ use crate::model::{Mapping, PodRef, RuleSet};
 use monitor::Tracker;
 use netlink::NetlinkError;
 
-/// How many times a batch is rebuilt when another writer committed between
-/// our read and our commit (the kernel refuses it with ERESTART).
-pub const MAX_RETRIES: u32 = 16;
-
 /// Errors at the firewall boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
@@ -33,8 +30,6 @@ pub enum FirewallError {
     Netlink(#[from] NetlinkError),
     #[error("gave up after {0} retries: other writers kept changing the ruleset")]
     TooManyRetries(u32),
-    #[error("{0}")]
-    Unsupported(String),
 }
 
 impl FirewallError {
@@ -45,7 +40,6 @@ impl FirewallError {
             FirewallError::Netlink(NetlinkError::Socket(_)) => "socket",
             FirewallError::Netlink(_) => "netlink",
             FirewallError::TooManyRetries(_) => "retries",
-            FirewallError::Unsupported(_) => "unsupported",
         }
     }
 }

@@ -5,22 +5,22 @@
 //! table.
 
 use std::net::Ipv4Addr;
-use std::sync::Arc;
 
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
 
-use super::coexist::{self, OwnForward};
+use super::applier::{Applier, Effect, Flavor, Planned};
+use super::coexist::OwnForward;
 use super::encode::{
     self, Exprs, BASE_NETWORK, BASE_TRANSPORT, IP_DADDR, IP_SADDR, REG32_01, REG32_02, REG_1,
     TH_DPORT,
 };
-use super::monitor::{Blocker, Interest, TableInterest, Tracker};
+use super::monitor::{Interest, TableInterest};
 use super::names::{self, Names};
 use super::netlink::{
-    attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, FinalBatch, NetlinkError, NfSocket,
+    attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, Echo, NetlinkError, NfSocket,
     NftBatch, NftMsg, Scope,
 };
-use super::{comment_for, diff, ApplyReport, Backend, Changes, FirewallError, GenerationCache};
+use super::{comment_for, view, Changes};
 use crate::model::{
     ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule, INTERNAL_NETWORKS,
 };
@@ -312,37 +312,39 @@ pub struct NativeState {
     pub rules: RuleSet,
 }
 
-/// The native flavor's backend.
-pub struct NftablesBackend {
+/// The native flavor: the layout of the table `ip <prefix>` and its
+/// elements. Pure but for `read`/`teardown`, which dump through the
+/// applier's socket.
+pub struct Nftables {
     names: Names,
-    sock: Option<NfSocket>,
-    cache: GenerationCache<NativeState>,
 }
+
+/// The native flavor with the applier around it.
+pub type NftablesBackend = Applier<Nftables>;
 
 impl NftablesBackend {
     pub fn new(names: Names) -> NftablesBackend {
-        NftablesBackend {
-            names,
-            sock: None,
-            cache: GenerationCache::default(),
-        }
+        Applier::with_flavor(Nftables { names })
     }
+}
 
-    fn sock(&mut self) -> Result<&mut NfSocket, NetlinkError> {
-        if self.sock.is_none() {
-            self.sock = Some(NfSocket::open()?);
-        }
-        Ok(self.sock.as_mut().expect("socket just opened"))
-    }
+/// One change of the native table.
+pub enum NftPlan {
+    /// The layout is missing or drifted: (delete it and) create it with
+    /// every desired element, in the same batch.
+    Rebuild,
+    /// Element deletes and adds only.
+    Elements(Changes),
+}
 
+impl Nftables {
     fn table(&self) -> Table {
         Table::new(ProtocolFamily::Ipv4).with_name(self.names.table())
     }
 
     /// Reads the table back from the kernel.
-    pub fn read_state(&mut self) -> Result<NativeState, NetlinkError> {
+    fn read_state(&self, sock: &mut NfSocket) -> Result<NativeState, NetlinkError> {
         let tname = self.names.table().to_string();
-        let sock = self.sock()?;
         let mut a = Attrs::new();
         a.str(sys::NFTA_TABLE_NAME, &tname);
         if sock.get(sys::NFT_MSG_GETTABLE, AF_INET, &a)?.is_none() {
@@ -520,34 +522,6 @@ impl NftablesBackend {
             &Changes::between(&RuleSet::default(), desired),
         );
     }
-
-    /// Reads the kernel and encodes the batch `apply` would send, without
-    /// sending it (benchmarks time `send_prepared` alone: the kernel's floor).
-    pub fn prepare(&mut self, desired: &RuleSet) -> Result<Option<FinalBatch>, FirewallError> {
-        self.cache.clear();
-        let desired = super::canonical(desired);
-        let generation = self.sock()?.generation()?;
-        let state = self.read_state()?;
-        let (batch, _) = self.build(&state, &desired);
-        Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
-    }
-
-    pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
-        Ok(self.sock()?.send_batch(batch)?)
-    }
-
-    fn build(&self, state: &NativeState, desired: &RuleSet) -> (NftBatch, Changes) {
-        let mut batch = NftBatch::new();
-        if !state.structure_ok {
-            self.encode_rebuild(&mut batch, state, desired);
-            let changes = Changes::between(&state.rules, desired);
-            (batch, changes)
-        } else {
-            let changes = Changes::between(&state.rules, desired);
-            encode_changes(&mut batch, self.names.table(), &changes);
-            (batch, changes)
-        }
-    }
 }
 
 /// Element deletes first, then adds: a retargeted key is deleted and re-added
@@ -650,149 +624,132 @@ fn decode_element(set: &str, key: &[u8], data: &[u8], owner: PodRef, out: &mut R
     true
 }
 
-impl Backend for NftablesBackend {
+impl Flavor for Nftables {
+    type State = NativeState;
+    type Plan = NftPlan;
+    type Sent = ();
+
     fn name(&self) -> &'static str {
         "nftables"
     }
 
-    fn read(&mut self) -> Result<RuleSet, FirewallError> {
-        Ok(self.read_state()?.rules)
+    fn read(&self, sock: &mut NfSocket) -> Result<NativeState, NetlinkError> {
+        self.read_state(sock)
     }
 
-    fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError> {
-        let desired = super::canonical(desired);
-        let desired: &RuleSet = &desired;
-        let mut report = ApplyReport::default();
-        for attempt in 0..=super::MAX_RETRIES {
-            let epoch = self.cache.epoch();
-            let generation = self.sock()?.generation()?;
-            let mut state = match self.cache.take(generation) {
-                Some(s) => {
-                    report.cache_hit = true;
-                    s
-                }
-                None => {
-                    report.cache_hit = false;
-                    self.read_state()?
-                }
-            };
-            let (batch, changes) = self.build(&state, desired);
-            if batch.is_empty() {
-                self.cache.set(generation, epoch, state);
-                return Ok(report);
-            }
-            report.rebuilt = !state.structure_ok;
-            report.messages = batch.len();
-            report.bytes = batch.byte_len();
-            report.removed_dnat = changes.del.dnat.clone();
-            report.added_dnat = changes.add.dnat.clone();
-            let fin = batch.finalize(Some(generation));
-            let own = self.cache.sending(generation);
-            match self.sock()?.send_batch(fin) {
-                Ok(()) => {
-                    // The batch carried the generation it was built on, so
-                    // its commit is `own`, and the table is known there.
-                    if state.structure_ok {
-                        changes.apply_to(&mut state.rules);
-                    } else {
-                        state = NativeState {
-                            table_exists: true,
-                            structure_ok: true,
-                            rules: desired.clone(),
-                        };
-                    }
-                    self.cache.set(own, epoch, state);
-                    super::flush_stale_udp(&mut report);
-                    return Ok(report);
-                }
-                Err(NetlinkError::GenerationChanged { .. }) if attempt < super::MAX_RETRIES => {
-                    self.cache.refused(own);
-                    report.retries += 1;
-                    tracing::debug!(
-                        attempt,
-                        "ruleset changed under the batch; re-reading and retrying"
-                    );
-                }
-                Err(e) => {
-                    self.cache.refused(own);
-                    return Err(e.into());
-                }
-            }
-        }
-        Err(FirewallError::TooManyRetries(super::MAX_RETRIES))
+    fn empty(&self) -> NativeState {
+        NativeState::default()
     }
 
-    fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError> {
-        let desired = super::canonical(desired);
-        let state = if assume_empty {
-            NativeState::default()
-        } else {
-            self.read_state()?
-        };
-        let t = self.names.table();
+    fn rules(&self, state: &NativeState) -> RuleSet {
+        state.rules.clone()
+    }
+
+    fn plan(&self, state: &NativeState, desired: &RuleSet) -> Planned<NftPlan> {
         if !state.structure_ok {
-            let mut out = String::new();
-            if state.table_exists {
-                out.push_str(&format!("delete table ip {t}\n"));
-            }
-            out.push_str(&super::view::nft(&desired, &self.names));
-            return Ok(out);
+            return Planned::Change(NftPlan::Rebuild);
         }
-        let mut out = String::new();
-        let (add_d, del_d) = diff(&state.rules.dnat, &desired.dnat);
-        let (add_s, del_s) = diff(&state.rules.snat, &desired.snat);
-        let (add_f, del_f) = diff(&state.rules.forward, &desired.forward);
-        let key_only = |e: String| e.split(" comment ").next().unwrap_or("").to_string();
-        for m in &del_d {
-            out.push_str(&format!(
-                "delete element ip {t} {} {{ {} }}\n",
-                names::NFT_DNAT_MAP,
-                key_only(super::view::nft_dnat_element(m))
-            ));
+        let changes = Changes::between(&state.rules, desired);
+        if changes.is_empty() {
+            Planned::Nothing
+        } else {
+            Planned::Change(NftPlan::Elements(changes))
         }
-        for s in &del_s {
-            out.push_str(&format!(
-                "delete element ip {t} {} {{ {} }}\n",
-                names::NFT_SNAT_MAP,
-                key_only(super::view::nft_snat_element(s))
-            ));
-        }
-        for f in &del_f {
-            out.push_str(&format!(
-                "delete element ip {t} {} {{ {} }}\n",
-                names::NFT_FORWARD_SET,
-                key_only(super::view::nft_forward_element(f))
-            ));
-        }
-        for m in &add_d {
-            out.push_str(&format!(
-                "add element ip {t} {} {{ {} }}\n",
-                names::NFT_DNAT_MAP,
-                super::view::nft_dnat_element(m)
-            ));
-        }
-        for s in &add_s {
-            out.push_str(&format!(
-                "add element ip {t} {} {{ {} }}\n",
-                names::NFT_SNAT_MAP,
-                super::view::nft_snat_element(s)
-            ));
-        }
-        for f in &add_f {
-            out.push_str(&format!(
-                "add element ip {t} {} {{ {} }}\n",
-                names::NFT_FORWARD_SET,
-                super::view::nft_forward_element(f)
-            ));
-        }
-        Ok(out)
     }
 
-    fn cleanup(&mut self) -> Result<bool, FirewallError> {
-        let state = self.read_state()?;
-        self.cache.clear();
+    fn encode(&self, state: &NativeState, plan: &NftPlan, desired: &RuleSet) -> (NftBatch, ()) {
+        let mut batch = NftBatch::new();
+        match plan {
+            NftPlan::Rebuild => self.encode_rebuild(&mut batch, state, desired),
+            NftPlan::Elements(ch) => encode_changes(&mut batch, self.names.table(), ch),
+        }
+        (batch, ())
+    }
+
+    fn after(
+        &self,
+        mut state: NativeState,
+        plan: NftPlan,
+        desired: &RuleSet,
+        _sent: (),
+        _echoes: &[Echo],
+    ) -> NativeState {
+        match plan {
+            NftPlan::Rebuild => NativeState {
+                table_exists: true,
+                structure_ok: true,
+                rules: desired.clone(),
+            },
+            NftPlan::Elements(ch) => {
+                ch.apply_to(&mut state.rules);
+                state
+            }
+        }
+    }
+
+    fn effect(&self, state: &NativeState, plan: &NftPlan, desired: &RuleSet) -> Effect {
+        match plan {
+            NftPlan::Rebuild => {
+                let ch = Changes::between(&state.rules, desired);
+                Effect {
+                    rebuilt: true,
+                    added_dnat: ch.add.dnat,
+                    removed_dnat: ch.del.dnat,
+                }
+            }
+            NftPlan::Elements(ch) => Effect {
+                rebuilt: false,
+                added_dnat: ch.add.dnat.clone(),
+                removed_dnat: ch.del.dnat.clone(),
+            },
+        }
+    }
+
+    fn render(&self, state: &NativeState, plan: &NftPlan, desired: &RuleSet) -> String {
+        let t = self.names.table();
+        let ch = match plan {
+            NftPlan::Rebuild => {
+                let mut out = String::new();
+                if state.table_exists {
+                    out.push_str(&format!("delete table ip {t}\n"));
+                }
+                out.push_str(&view::nft(desired, &self.names));
+                return out;
+            }
+            NftPlan::Elements(ch) => ch,
+        };
+        let mut out = String::new();
+        let mut line = |verb: &str, set: &str, element: String| {
+            out.push_str(&format!("{verb} element ip {t} {set} {{ {element} }}\n"));
+        };
+        for m in &ch.del.dnat {
+            line("delete", names::NFT_DNAT_MAP, view::nft_dnat_key(m));
+        }
+        for s in &ch.del.snat {
+            line("delete", names::NFT_SNAT_MAP, view::nft_snat_key(s));
+        }
+        for f in &ch.del.forward {
+            line("delete", names::NFT_FORWARD_SET, view::nft_forward_key(f));
+        }
+        for m in &ch.add.dnat {
+            line("add", names::NFT_DNAT_MAP, view::nft_dnat_element(m));
+        }
+        for s in &ch.add.snat {
+            line("add", names::NFT_SNAT_MAP, view::nft_snat_element(s));
+        }
+        for f in &ch.add.forward {
+            line("add", names::NFT_FORWARD_SET, view::nft_forward_element(f));
+        }
+        out
+    }
+
+    fn teardown(
+        &self,
+        _sock: &mut NfSocket,
+        state: &NativeState,
+    ) -> Result<Option<NftBatch>, NetlinkError> {
         if !state.table_exists {
-            return Ok(false);
+            return Ok(None);
         }
         let mut batch = NftBatch::new();
         batch.add_table(
@@ -800,12 +757,7 @@ impl Backend for NftablesBackend {
             MsgType::Del,
             format!("delete table ip {}", self.names.table()),
         );
-        self.sock()?.send_batch(batch.finalize(None))?;
-        Ok(true)
-    }
-
-    fn view(&self, rules: &RuleSet) -> String {
-        super::view::nft(&super::canonical(rules), &self.names)
+        Ok(Some(batch))
     }
 
     fn interest(&self) -> Interest {
@@ -820,21 +772,15 @@ impl Backend for NftablesBackend {
         }
     }
 
-    fn forget(&mut self) {
-        self.cache.clear();
-    }
-
-    fn attach_tracker(&mut self, tracker: Arc<Tracker>) {
-        self.cache.attach(tracker);
-    }
-
-    fn forward_blockers(&mut self) -> Result<Vec<Blocker>, FirewallError> {
-        let table = self.names.table().to_string();
-        let own = OwnForward {
+    fn own_forward(&self) -> OwnForward<'_> {
+        OwnForward {
             family: AF_INET,
-            table: &table,
+            table: self.names.table(),
             chain: names::NFT_FORWARD_CHAIN,
-        };
-        Ok(coexist::forward_blockers(self.sock()?, own)?)
+        }
+    }
+
+    fn view(&self, rules: &RuleSet) -> String {
+        view::nft(rules, &self.names)
     }
 }

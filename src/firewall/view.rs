@@ -85,25 +85,43 @@ pub fn iptables_save(rules: &RuleSet, n: &Names) -> String {
 }
 
 /// One element of the DNAT map in nft syntax.
+/// A DNAT map element's key, as `delete element` names it.
+pub fn nft_dnat_key(m: &Mapping) -> String {
+    format!(
+        "{} . {} . {}",
+        m.key.public_ip, m.key.proto, m.key.public_port
+    )
+}
+
 pub fn nft_dnat_element(m: &Mapping) -> String {
     format!(
-        "{} . {} . {} comment \"{}\" : {} . {}",
-        m.key.public_ip, m.key.proto, m.key.public_port, m.owner, m.pod_ip, m.pod_port
+        "{} comment \"{}\" : {} . {}",
+        nft_dnat_key(m),
+        m.owner,
+        m.pod_ip,
+        m.pod_port
     )
+}
+
+pub fn nft_snat_key(s: &SnatRule) -> String {
+    format!("{} . {}", s.pod_ip, s.proto)
 }
 
 pub fn nft_snat_element(s: &SnatRule) -> String {
     format!(
-        "{} . {} comment \"{}\" : {}",
-        s.pod_ip, s.proto, s.owner, s.public_ip
+        "{} comment \"{}\" : {}",
+        nft_snat_key(s),
+        s.owner,
+        s.public_ip
     )
 }
 
+pub fn nft_forward_key(f: &ForwardRule) -> String {
+    format!("{} . {} . {}", f.pod_ip, f.proto, f.pod_port)
+}
+
 pub fn nft_forward_element(f: &ForwardRule) -> String {
-    format!(
-        "{} . {} . {} comment \"{}\"",
-        f.pod_ip, f.proto, f.pod_port, f.owner
-    )
+    format!("{} comment \"{}\"", nft_forward_key(f), f.owner)
 }
 
 fn nft_elements(out: &mut String, elements: &[String]) {

@@ -1,0 +1,289 @@
+//! The one applier, for every flavor: it owns the netlink socket, the
+//! ruleset generation, the cache of the last committed state, the retries
+//! when another writer commits between our read and our batch, the echoes
+//! that carry new rules' handles, and the report. A flavor (`Flavor`) only
+//! reads what it owns, plans a change against it and encodes that change;
+//! it never decides what should exist (the planner does) and never sends.
+
+use std::sync::Arc;
+
+use super::coexist::{self, OwnForward};
+use super::monitor::{Blocker, Interest, Tracker};
+use super::netlink::{Echo, FinalBatch, NetlinkError, NfSocket, NftBatch};
+use super::{canonical, ApplyReport, Backend, FirewallError, GenerationCache};
+use crate::model::{Mapping, RuleSet};
+
+/// How many times a batch is rebuilt when another writer committed between
+/// our read and our commit (the kernel refuses it with ERESTART).
+pub const MAX_RETRIES: u32 = 16;
+
+/// What a flavor's plan says about a kernel state.
+pub enum Planned<P> {
+    /// The kernel already holds the desired rules.
+    Nothing,
+    Change(P),
+    /// The plan would need what the state does not know (a rule handle the
+    /// kernel did not echo): read the kernel again.
+    NeedsRead,
+}
+
+/// What a change does, for the report and the UDP conntrack flush.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Effect {
+    /// The layout (tables, chains, sets) is created or rebuilt.
+    pub rebuilt: bool,
+    pub added_dnat: Vec<Mapping>,
+    pub removed_dnat: Vec<Mapping>,
+}
+
+/// One flavor's layout in the kernel. Everything but `read` and `teardown`
+/// is pure; those two only dump through the socket they are handed.
+pub trait Flavor: Send + 'static {
+    /// What the kernel holds of the agent's objects.
+    type State: Send;
+    /// One change, planned against one state.
+    type Plan;
+    /// What `encode` remembers for `after` (e.g. which message adds which rule).
+    type Sent;
+
+    fn name(&self) -> &'static str;
+    /// Reads back what the agent owns (scoped dumps only).
+    fn read(&self, sock: &mut NfSocket) -> Result<Self::State, NetlinkError>;
+    /// The state of a kernel that holds nothing of ours (dry run without
+    /// CAP_NET_ADMIN).
+    fn empty(&self) -> Self::State;
+    /// The agent's rules in `state`.
+    fn rules(&self, state: &Self::State) -> RuleSet;
+    fn plan(&self, state: &Self::State, desired: &RuleSet) -> Planned<Self::Plan>;
+    /// The plan as one batch (without begin/end).
+    fn encode(
+        &self,
+        state: &Self::State,
+        plan: &Self::Plan,
+        desired: &RuleSet,
+    ) -> (NftBatch, Self::Sent);
+    /// The state once the batch is committed (`echoes`: what the kernel
+    /// echoed for it).
+    fn after(
+        &self,
+        state: Self::State,
+        plan: Self::Plan,
+        desired: &RuleSet,
+        sent: Self::Sent,
+        echoes: &[Echo],
+    ) -> Self::State;
+    fn effect(&self, state: &Self::State, plan: &Self::Plan, desired: &RuleSet) -> Effect;
+    /// The plan in the rule view's syntax (the dry run).
+    fn render(&self, state: &Self::State, plan: &Self::Plan, desired: &RuleSet) -> String;
+    /// The batch that removes everything the agent owns; `None` if nothing.
+    fn teardown(
+        &self,
+        sock: &mut NfSocket,
+        state: &Self::State,
+    ) -> Result<Option<NftBatch>, NetlinkError>;
+    fn interest(&self) -> Interest;
+    /// The base chain holding the flavor's forward accept.
+    fn own_forward(&self) -> OwnForward<'_>;
+    fn view(&self, rules: &RuleSet) -> String;
+}
+
+/// A flavor with the applier's socket, generation and cache around it.
+pub struct Applier<F: Flavor> {
+    pub(crate) flavor: F,
+    sock: Option<NfSocket>,
+    cache: GenerationCache<F::State>,
+}
+
+impl<F: Flavor> Applier<F> {
+    pub fn with_flavor(flavor: F) -> Applier<F> {
+        Applier {
+            flavor,
+            sock: None,
+            cache: GenerationCache::default(),
+        }
+    }
+
+    fn sock(&mut self) -> Result<&mut NfSocket, NetlinkError> {
+        if self.sock.is_none() {
+            self.sock = Some(NfSocket::open()?);
+        }
+        Ok(self.sock.as_mut().expect("socket just opened"))
+    }
+
+    fn read_state(&mut self) -> Result<F::State, NetlinkError> {
+        let Applier { flavor, sock, .. } = self;
+        if sock.is_none() {
+            *sock = Some(NfSocket::open()?);
+        }
+        flavor.read(sock.as_mut().expect("socket just opened"))
+    }
+
+    /// The state to plan against at `generation` and its plan: the cache
+    /// when it is still valid and enough for the plan, else a fresh read.
+    fn state_for(
+        &mut self,
+        generation: u32,
+        desired: &RuleSet,
+        report: &mut ApplyReport,
+    ) -> Result<(F::State, Planned<F::Plan>), NetlinkError> {
+        if let Some(s) = self.cache.take(generation) {
+            match self.flavor.plan(&s, desired) {
+                Planned::NeedsRead => {}
+                p => {
+                    report.cache_hit = true;
+                    return Ok((s, p));
+                }
+            }
+        }
+        report.cache_hit = false;
+        let s = self.read_state()?;
+        let p = self.flavor.plan(&s, desired);
+        Ok((s, p))
+    }
+
+    /// Reads the kernel and encodes the batch `apply` would send, without
+    /// sending it (benchmarks time `send_prepared` alone: the kernel's floor).
+    pub fn prepare(&mut self, desired: &RuleSet) -> Result<Option<FinalBatch>, FirewallError> {
+        self.cache.clear();
+        let desired = canonical(desired);
+        let generation = self.sock()?.generation()?;
+        let state = self.read_state()?;
+        let Planned::Change(plan) = self.flavor.plan(&state, &desired) else {
+            return Ok(None);
+        };
+        let (batch, _) = self.flavor.encode(&state, &plan, &desired);
+        Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
+    }
+
+    pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
+        Ok(self.sock()?.send_batch(batch)?)
+    }
+}
+
+impl<F: Flavor> Backend for Applier<F> {
+    fn name(&self) -> &'static str {
+        self.flavor.name()
+    }
+
+    /// Also remembers what it read for the next apply.
+    fn read(&mut self) -> Result<RuleSet, FirewallError> {
+        let epoch = self.cache.epoch();
+        let generation = self.sock()?.generation()?;
+        let state = self.read_state()?;
+        let rules = self.flavor.rules(&state);
+        // Changed between the two reads: then the generation moved on and
+        // this entry is never used.
+        self.cache.set(generation, epoch, state);
+        Ok(rules)
+    }
+
+    fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError> {
+        let desired = canonical(desired);
+        let desired: &RuleSet = &desired;
+        let mut report = ApplyReport::default();
+        for attempt in 0..=MAX_RETRIES {
+            let epoch = self.cache.epoch();
+            let generation = self.sock()?.generation()?;
+            let (state, planned) = self.state_for(generation, desired, &mut report)?;
+            let plan = match planned {
+                Planned::Change(p) => p,
+                // NeedsRead after a fresh read cannot happen: the read
+                // knows every handle.
+                Planned::Nothing | Planned::NeedsRead => {
+                    self.cache.set(generation, epoch, state);
+                    return Ok(report);
+                }
+            };
+            let (batch, sent) = self.flavor.encode(&state, &plan, desired);
+            let effect = self.flavor.effect(&state, &plan, desired);
+            report.rebuilt = effect.rebuilt;
+            report.messages = batch.len();
+            report.bytes = batch.byte_len();
+            report.added_dnat = effect.added_dnat;
+            report.removed_dnat = effect.removed_dnat;
+            let own = self.cache.sending(generation);
+            match self
+                .sock()?
+                .send_batch_echo(batch.finalize(Some(generation)))
+            {
+                Ok(echoes) => {
+                    // The batch carried the generation it was built on, so
+                    // its commit is `own`, and the kernel state is known there.
+                    let after = self.flavor.after(state, plan, desired, sent, &echoes);
+                    self.cache.set(own, epoch, after);
+                    return Ok(report);
+                }
+                Err(NetlinkError::GenerationChanged { .. }) if attempt < MAX_RETRIES => {
+                    self.cache.refused(own);
+                    report.retries += 1;
+                    tracing::debug!(
+                        attempt,
+                        "ruleset changed under the batch; re-reading and retrying"
+                    );
+                }
+                Err(e) => {
+                    self.cache.refused(own);
+                    return Err(e.into());
+                }
+            }
+        }
+        Err(FirewallError::TooManyRetries(MAX_RETRIES))
+    }
+
+    fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError> {
+        let desired = canonical(desired);
+        let state = if assume_empty {
+            self.flavor.empty()
+        } else {
+            self.read_state()?
+        };
+        Ok(match self.flavor.plan(&state, &desired) {
+            Planned::Change(p) => self.flavor.render(&state, &p, &desired),
+            Planned::Nothing | Planned::NeedsRead => String::new(),
+        })
+    }
+
+    fn cleanup(&mut self) -> Result<bool, FirewallError> {
+        self.cache.clear();
+        for attempt in 0..=MAX_RETRIES {
+            let generation = self.sock()?.generation()?;
+            let state = self.read_state()?;
+            let Applier { flavor, sock, .. } = self;
+            let sock = sock.as_mut().expect("socket opened by read_state");
+            let Some(batch) = flavor.teardown(sock, &state)? else {
+                return Ok(false);
+            };
+            match sock.send_batch(batch.finalize(Some(generation))) {
+                Ok(()) => return Ok(true),
+                Err(NetlinkError::GenerationChanged { .. }) if attempt < MAX_RETRIES => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FirewallError::TooManyRetries(MAX_RETRIES))
+    }
+
+    fn view(&self, rules: &RuleSet) -> String {
+        self.flavor.view(&canonical(rules))
+    }
+
+    fn forget(&mut self) {
+        self.cache.clear();
+    }
+
+    fn interest(&self) -> Interest {
+        self.flavor.interest()
+    }
+
+    fn attach_tracker(&mut self, tracker: Arc<Tracker>) {
+        self.cache.attach(tracker);
+    }
+
+    fn forward_blockers(&mut self) -> Result<Vec<Blocker>, FirewallError> {
+        let Applier { flavor, sock, .. } = self;
+        if sock.is_none() {
+            *sock = Some(NfSocket::open()?);
+        }
+        let sock = sock.as_mut().expect("socket just opened");
+        Ok(coexist::forward_blockers(sock, flavor.own_forward())?)
+    }
+}
