@@ -10,6 +10,7 @@ pub mod names;
 pub mod netlink;
 
 pub mod iptables;
+pub mod memory;
 pub mod monitor;
 pub mod nftables;
 pub mod view;

@@ -1,0 +1,264 @@
+//! The reconcile loop itself, without root: the real `Reconciler` with the
+//! in-memory flavor (`firewall::memory`) as its kernel, a reflector store fed
+//! by the test as the pod watcher would feed it, a fixed public address and
+//! events that only log. What it proves is the loop's logic: the first full
+//! pod list gates the first apply, bursts coalesce, a failed apply keeps the
+//! last good state and is retried with backoff, the resync re-reads and
+//! repairs. The flavors themselves are proven against the kernel elsewhere.
+//! Waits poll with deadlines; nothing asserts on timing.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::watcher::Event;
+use podnat_controller::firewall::memory::{MemoryBackend, MemoryKernel};
+use podnat_controller::firewall::Names;
+use podnat_controller::kube::events::EventSink;
+use podnat_controller::kube::watch::{FeedState, PodFeed};
+use podnat_controller::plan::PlanConfig;
+use podnat_controller::reconcile::{
+    fixed_address, AgentStatus, BackendWorker, ReconcileConfig, Reconciler,
+};
+use tokio::sync::watch;
+
+const KEY: &str = "bln.space/podnat";
+
+fn pod(name: &str, ip: &str, ports: &[u16]) -> Pod {
+    let entries: Vec<String> = ports
+        .iter()
+        .map(|p| format!(r#"{{"srcPort":{p},"dstPort":{p}}}"#))
+        .collect();
+    serde_json::from_value(serde_json::json!({
+        "metadata": {
+            "name": name, "namespace": "mail", "uid": format!("uid-{name}"),
+            "creationTimestamp": "2026-01-01T00:00:00Z",
+            "annotations": { KEY: format!(r#"{{"entries":[{}]}}"#, entries.join(",")) }
+        },
+        "spec": { "nodeName": "node1", "containers": [] },
+        "status": { "phase": "Running", "podIP": ip,
+                    "conditions": [{ "type": "Ready", "status": "True" }] }
+    }))
+    .unwrap()
+}
+
+/// The loop on a runtime of its own, the store and feed the test drives,
+/// and the in-memory kernel.
+struct Harness {
+    rt: tokio::runtime::Runtime,
+    writer: Writer<Pod>,
+    store: reflector::Store<Pod>,
+    feed: watch::Sender<FeedState>,
+    kernel: Arc<Mutex<MemoryKernel>>,
+    status: Arc<AgentStatus>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Harness {
+    fn start(resync: Option<Duration>, debounce: Duration) -> Harness {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let (store, writer) = reflector::store::<Pod>();
+        let loop_store = store.clone();
+        let (feed_tx, feed_rx) = watch::channel(FeedState {
+            reachable: true,
+            ..FeedState::default()
+        });
+        let (backend, kernel) = MemoryBackend::new(Names::new("podnat"));
+        let status = Arc::new(AgentStatus::new(Arc::default()));
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let cfg = ReconcileConfig {
+            plan: PlanConfig {
+                node_id: "node1".into(),
+                restricted_ports: BTreeSet::from([22, 53, 6443]),
+            },
+            annotation_key: KEY.into(),
+            resync,
+            dry_run: false,
+            debounce,
+            max_delay: Duration::from_secs(2),
+        };
+        let st = Arc::clone(&status);
+        let task = rt.spawn(async move {
+            let (_fixed, address) = fixed_address("203.0.113.7".parse().unwrap());
+            let worker = BackendWorker::spawn(Box::new(backend)).unwrap();
+            let feed = PodFeed {
+                store: loop_store,
+                state: feed_rx,
+            };
+            let reconciler = Reconciler::new(cfg, feed, address, worker, EventSink::log_only(), st);
+            reconciler
+                .run(async {
+                    let _ = stop_rx.await;
+                })
+                .await
+                .unwrap();
+        });
+        Harness {
+            rt,
+            writer,
+            store,
+            feed: feed_tx,
+            kernel,
+            status,
+            stop: Some(stop_tx),
+            task: Some(task),
+        }
+    }
+
+    /// Pods into the store as the watcher puts them, then one revision bump
+    /// each (what the watcher announces per event).
+    fn upsert(&mut self, pods: &[Pod]) {
+        for p in pods {
+            self.writer.apply_watcher_event(&Event::Apply(p.clone()));
+            self.feed.send_modify(|s| s.revision += 1);
+        }
+    }
+
+    /// The watcher's first full list: what the store holds so far, relisted.
+    fn list_done(&mut self) {
+        let listed: Vec<Pod> = self.store.state().iter().map(|p| (**p).clone()).collect();
+        self.writer.apply_watcher_event(&Event::<Pod>::Init);
+        for p in listed {
+            self.writer.apply_watcher_event(&Event::InitApply(p));
+        }
+        self.writer.apply_watcher_event(&Event::<Pod>::InitDone);
+        self.feed.send_modify(|s| {
+            s.listed = true;
+            s.revision += 1;
+        });
+    }
+
+    fn kernel<T>(&self, f: impl FnOnce(&mut MemoryKernel) -> T) -> T {
+        f(&mut self.kernel.lock().unwrap())
+    }
+
+    fn dnat_ports(&self) -> BTreeSet<u16> {
+        self.kernel(|k| k.rules.dnat.iter().map(|m| m.key.public_port).collect())
+    }
+
+    fn wait(&self, what: &str, mut ok: impl FnMut(&Harness) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ok(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Lets the loop run for a while (to show that nothing more happens).
+    fn idle(&self, d: Duration) {
+        std::thread::sleep(d);
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let r = self.rt.block_on(t);
+            if !std::thread::panicking() {
+                r.unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn the_first_full_list_gates_the_first_apply() {
+    let mut h = Harness::start(None, Duration::from_millis(20));
+    h.upsert(&[pod("a", "10.1.0.5", &[25])]);
+    h.idle(Duration::from_millis(300));
+    assert_eq!(h.kernel(|k| k.applies), 0, "nothing before the full list");
+    assert!(!h.status.first_sync_applied());
+    h.upsert(&[pod("b", "10.1.0.6", &[587])]);
+    h.list_done();
+    h.wait("the first sync", |h| h.status.first_sync_applied());
+    assert_eq!(h.dnat_ports(), BTreeSet::from([25, 587]));
+    assert_eq!(h.kernel(|k| (k.applies, k.batches)), (1, 1));
+}
+
+#[test]
+fn a_burst_of_pod_changes_is_one_batch() {
+    let mut h = Harness::start(None, Duration::from_millis(300));
+    h.list_done();
+    h.wait("the first sync", |h| h.status.first_sync_applied());
+    let pods: Vec<Pod> = (0..20u16)
+        .map(|i| pod(&format!("p{i}"), &format!("10.1.0.{}", 10 + i), &[1000 + i]))
+        .collect();
+    h.upsert(&pods);
+    h.wait("all 20 mappings", |h| h.dnat_ports().len() == 20);
+    h.idle(Duration::from_millis(500));
+    let (applies, batches) = h.kernel(|k| (k.applies, k.batches));
+    assert_eq!(batches, 1, "one batch for the burst ({applies} applies)");
+    assert_eq!(
+        h.status
+            .counters
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
+
+#[test]
+fn a_failed_apply_keeps_the_last_good_state_and_is_retried_with_backoff() {
+    let mut h = Harness::start(None, Duration::from_millis(20));
+    h.upsert(&[pod("a", "10.1.0.5", &[25])]);
+    h.list_done();
+    h.wait("the first sync", |h| h.dnat_ports() == BTreeSet::from([25]));
+    h.kernel(|k| k.fail_next = 2);
+    h.upsert(&[pod("a", "10.1.0.5", &[25, 587])]);
+    h.wait("two failed applies", |h| h.kernel(|k| k.applies) >= 3);
+    assert_eq!(
+        h.dnat_ports(),
+        BTreeSet::from([25]),
+        "the kernel kept its rules"
+    );
+    assert!(h
+        .status
+        .last()
+        .error
+        .unwrap_or_default()
+        .contains("injected"));
+    h.wait("the retry that works", |h| {
+        h.dnat_ports() == BTreeSet::from([25, 587])
+    });
+    assert_eq!(
+        h.kernel(|k| k.applies),
+        4,
+        "first sync, two failures, one success"
+    );
+    assert!(h.status.last().error.is_none(), "cleared by the success");
+    let errors = h
+        .status
+        .counters
+        .apply_errors
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(errors, 2);
+}
+
+#[test]
+fn the_resync_reads_the_kernel_again_and_repairs_drift() {
+    let mut h = Harness::start(Some(Duration::from_millis(400)), Duration::from_millis(20));
+    h.upsert(&[pod("a", "10.1.0.5", &[25, 587])]);
+    h.list_done();
+    h.wait("the first sync", |h| h.dnat_ports().len() == 2);
+    // Someone deletes a mapping behind the agent's back; no notification
+    // (this kernel has none): only the resync can find it.
+    h.kernel(|k| {
+        k.rules.dnat.retain(|m| m.key.public_port != 25);
+    });
+    let forgets = h.kernel(|k| k.forgets);
+    h.wait("the resync's repair", |h| h.dnat_ports().len() == 2);
+    assert!(
+        h.kernel(|k| k.forgets) > forgets,
+        "the resync read the kernel again"
+    );
+}
