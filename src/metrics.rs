@@ -41,6 +41,19 @@ pub struct KindLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TriggerLabels {
+    /// What woke the loop: first_sync, pods, address, resync, retry,
+    /// reconnected or ruleset.
+    pub trigger: String,
+}
+
+/// 1 ms .. ~16 s: a small change takes milliseconds, a first sync of
+/// thousands of rules up to seconds.
+fn duration_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BlockerLabels {
     /// ip or inet.
     pub family: String,
@@ -59,7 +72,9 @@ pub struct AddressLabels {
 #[derive(Clone, Debug)]
 pub struct Metrics {
     pub reconciles: Counter,
-    pub reconcile_duration: Histogram,
+    pub reconcile_duration: Family<TriggerLabels, Histogram, fn() -> Histogram>,
+    /// A pod change seen by the watch → its batch committed.
+    pub network_programming_duration: Histogram,
     pub batch_messages: Histogram,
     pub batch_bytes: Histogram,
     pub apply_errors: Family<ErrorLabels, Counter>,
@@ -87,9 +102,8 @@ impl Default for Metrics {
         }
         Metrics {
             reconciles: Counter::default(),
-            // 1 ms .. ~16 s: a small change takes milliseconds, a first sync
-            // of thousands of rules up to seconds.
-            reconcile_duration: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            reconcile_duration: Family::new_with_constructor(duration_histogram),
+            network_programming_duration: duration_histogram(),
             // 1 .. 16384 netlink messages; 256 B .. 64 MiB per batch.
             batch_messages: Histogram::new(exponential_buckets(1.0, 2.0, 15)),
             batch_bytes: Histogram::new(exponential_buckets(256.0, 4.0, 10)),
@@ -115,9 +129,15 @@ impl Metrics {
         );
         registry.register_with_unit(
             "reconcile_duration",
-            "Duration of one reconcile: plan, diff, apply and events",
+            "Duration of one reconcile: plan, diff, apply and events, by what woke the loop",
             Unit::Seconds,
             self.reconcile_duration.clone(),
+        );
+        registry.register_with_unit(
+            "network_programming_duration",
+            "From a pod change seen by the watch to the nf_tables batch that programs it committed (kube-proxy's name for the same idea)",
+            Unit::Seconds,
+            self.network_programming_duration.clone(),
         );
         registry.register(
             "batch_messages",
@@ -167,12 +187,18 @@ impl Metrics {
         );
     }
 
-    /// Counts a reconcile and records its duration when dropped.
-    pub fn reconcile_timer(&self) -> ReconcileTimer {
+    /// Counts a reconcile and records its duration, under `trigger`, when
+    /// dropped.
+    pub fn reconcile_timer(&self, trigger: &str) -> ReconcileTimer {
         self.reconciles.inc();
         ReconcileTimer {
             start: Instant::now(),
-            histogram: self.reconcile_duration.clone(),
+            histogram: self
+                .reconcile_duration
+                .get_or_create(&TriggerLabels {
+                    trigger: trigger.to_string(),
+                })
+                .clone(),
         }
     }
 
@@ -388,7 +414,7 @@ mod tests {
     fn loop_metrics_and_status_counters_are_exposed() {
         let status = Arc::new(AgentStatus::new(Arc::new(EventStats::default())));
         let m = &status.metrics;
-        drop(m.reconcile_timer());
+        drop(m.reconcile_timer("pods"));
         m.observe_batch(&ApplyReport {
             messages: 7,
             bytes: 1200,
@@ -417,7 +443,10 @@ mod tests {
         let t = text(&status);
         assert_eq!(sample(&t, "podnat_reconciles_total"), Some(1.0), "{t}");
         assert_eq!(
-            sample(&t, "podnat_reconcile_duration_seconds_count"),
+            sample(
+                &t,
+                "podnat_reconcile_duration_seconds_count{trigger=\"pods\"}"
+            ),
             Some(1.0)
         );
         assert_eq!(sample(&t, "podnat_batch_messages_count"), Some(1.0));

@@ -529,6 +529,8 @@ pub struct Reconciler {
     blockers: Vec<Blocker>,
     seen_revision: u64,
     seen_reachable: bool,
+    /// When the oldest pod change not yet programmed was seen.
+    changed_since: Option<Instant>,
 }
 
 impl Reconciler {
@@ -560,6 +562,7 @@ impl Reconciler {
             blockers: Vec::new(),
             seen_revision: 0,
             seen_reachable: false,
+            changed_since: None,
         }
     }
 
@@ -677,7 +680,7 @@ impl Reconciler {
         });
 
         let mut due = Due::ALL;
-        let mut why = "first pod list";
+        let mut why = ("first pod list", "first_sync");
         loop {
             if due.reconcile {
                 self.reconcile(due.force, due.fresh, why).await?;
@@ -693,7 +696,7 @@ impl Reconciler {
             };
             // ...and for the burst it starts to end.
             due = self.due(first);
-            why = wake_name(first);
+            why = (wake_name(first), wake_label(first));
             let mut burst = Coalescer::new(Instant::now(), self.cfg.debounce, self.cfg.max_delay);
             loop {
                 tokio::select! {
@@ -733,6 +736,7 @@ impl Reconciler {
                     }
                     if state.revision != self.seen_revision {
                         self.seen_revision = state.revision;
+                        self.changed_since.get_or_insert_with(Instant::now);
                         return Ok(Wake::Pods);
                     }
                 }
@@ -762,9 +766,9 @@ impl Reconciler {
         &mut self,
         force: bool,
         fresh: bool,
-        why: &str,
+        (why, trigger): (&str, &str),
     ) -> Result<(), ReconcileError> {
-        let _timer = self.status.metrics.reconcile_timer();
+        let _timer = self.status.metrics.reconcile_timer(trigger);
         let pods = self.feed.store.state();
         let facts: Vec<_> = pods
             .iter()
@@ -816,6 +820,16 @@ impl Reconciler {
                     self.failures = 0;
                     self.retry_at = None;
                     log_apply(&report, &table, why);
+                    // Network programming: the oldest pod change this batch
+                    // carries, from when the watch announced it.
+                    if let Some(since) = self.changed_since.take() {
+                        if report.messages > 0 {
+                            self.status
+                                .metrics
+                                .network_programming_duration
+                                .observe(since.elapsed().as_secs_f64());
+                        }
+                    }
                     self.status.metrics.observe_batch(&report);
                     if report.messages > 0 {
                         counters.batches.fetch_add(1, Ordering::Relaxed);
@@ -908,6 +922,18 @@ fn log_apply(report: &ApplyReport, table: &NatTable, why: &str) {
         rebuilt = report.rebuilt,
         "applied one batch"
     );
+}
+
+/// The metric label of a wake.
+fn wake_label(w: Wake) -> &'static str {
+    match w {
+        Wake::Pods => "pods",
+        Wake::Address => "address",
+        Wake::Resync => "resync",
+        Wake::Retry => "retry",
+        Wake::Reconnected => "reconnected",
+        Wake::Ruleset => "ruleset",
+    }
 }
 
 fn wake_name(w: Wake) -> &'static str {

@@ -315,6 +315,7 @@ fn endpoints_of_a_running_agent() {
     for (family, kind) in [
         ("podnat_reconciles_total", "counter"),
         ("podnat_reconcile_duration_seconds", "histogram"),
+        ("podnat_network_programming_duration_seconds", "histogram"),
         ("podnat_batch_messages", "histogram"),
         ("podnat_batch_bytes", "histogram"),
         ("podnat_apply_errors_total", "counter"),
@@ -341,7 +342,20 @@ fn endpoints_of_a_running_agent() {
     }
     let v = |name, labels: &[(&str, &str)]| value(&samples, name, labels);
     assert!(v("podnat_reconciles_total", &[]).unwrap() >= 2.0);
-    assert!(v("podnat_reconcile_duration_seconds_count", &[]).unwrap() >= 2.0);
+    let by_trigger: f64 = samples
+        .iter()
+        .filter(|s| s.name == "podnat_reconcile_duration_seconds_count")
+        .map(|s| s.value)
+        .sum();
+    assert!(by_trigger >= 2.0, "reconciles by trigger: {text}");
+    assert_eq!(
+        v(
+            "podnat_reconcile_duration_seconds_count",
+            &[("trigger", "first_sync")]
+        ),
+        Some(1.0)
+    );
+    assert!(v("podnat_network_programming_duration_seconds_count", &[]).unwrap() >= 1.0);
     assert!(v("podnat_batch_messages_count", &[]).unwrap() >= 1.0);
     assert!(v("podnat_batch_bytes_sum", &[]).unwrap() > 0.0);
     assert_eq!(v("podnat_rules_owned", &[("kind", "dnat")]), Some(3.0));
