@@ -29,7 +29,7 @@ use crate::firewall::{coexist, Backend};
 use crate::model::{PodRef, Proto};
 use crate::net::address::Choice;
 use crate::plan::NatTable;
-use crate::reconcile::AgentStatus;
+use crate::status::AgentStatus;
 
 /// Errors at the HTTP boundary.
 #[derive(Debug, thiserror::Error)]
@@ -438,7 +438,7 @@ mod tests {
     fn context(flavor: Flavor) -> Arc<HttpContext> {
         let status = Arc::new(AgentStatus::new(Arc::new(EventStats::default())));
         Arc::new(HttpContext {
-            registry: crate::metrics::registry(&status),
+            registry: crate::status::registry(&status),
             status,
             flavor,
             view: Mutex::new(backend_for(flavor, Names::new("podnat"))),

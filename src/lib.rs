@@ -2,6 +2,7 @@
 //! pods, programmed natively through nf_tables netlink batches.
 
 pub mod annotation;
+pub mod coalesce;
 pub mod config;
 pub mod firewall;
 pub mod http;
@@ -12,3 +13,4 @@ pub mod net;
 pub mod plan;
 pub mod reconcile;
 pub mod state;
+pub mod status;

@@ -255,7 +255,9 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
             (None, rx)
         }
     };
-    let (feed, _watch_task) = watch::spawn_pod_watcher(
+    // Tasks beside the loop; if one ends, the agent stops (see `supervise`).
+    let mut tasks = Vec::new();
+    let (feed, watch_task) = watch::spawn_pod_watcher(
         client.clone(),
         PodWatchConfig {
             node: node_id.clone(),
@@ -263,20 +265,24 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
             annotation_key: config.annotation_key.clone(),
         },
     );
+    tasks.push(("pod watch", watch_task));
     let events = if config.dry_run {
         EventSink::log_only()
     } else {
-        EventSink::spawn(client, node_id.clone()).0
+        let (sink, task) = EventSink::spawn(client, node_id.clone());
+        tasks.push(("Kubernetes events", task));
+        sink
     };
     let status = Arc::new(AgentStatus::new(events.stats()));
     // The store runs on a task of its own: a slow or unreachable store never
     // delays NAT; its failures are logged and counted in the status.
     let recorder = state_store.map(|store| {
-        let (recorder, stats, _task) = state::spawn(store, RecorderOptions::default());
+        let (recorder, stats, task) = state::spawn(store, RecorderOptions::default());
         status.set_state_stats(stats);
+        tasks.push(("state store", task));
         recorder
     });
-    spawn_http(listener, &config, &node_id, &status);
+    tasks.push(("HTTP", spawn_http(listener, &config, &node_id, &status)));
     // Drift repair: foreign commits that touch what the agent owns wake the
     // loop; its own commits and everybody else's (kube-proxy's) do not, and
     // leave the backend's cache valid. Subscribed before the first read so
@@ -306,9 +312,46 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         status,
     )
     .with_state(recorder);
-    reconciler.with_drift(drift).run(shutdown_signal()).await?;
+    let monitor_gone = async {
+        match &watch {
+            Some((_, w)) => {
+                while !w.is_finished() {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        r = reconciler.with_drift(drift).run(shutdown_signal()) => r?,
+        e = supervise(tasks) => return Err(e),
+        () = monitor_gone => anyhow::bail!(
+            "the nf_tables monitor stopped (its error is logged above); stopping so that the agent is restarted"
+        ),
+    }
     drop(watch);
     Ok(())
+}
+
+/// Waits for the first of the long-lived tasks to end: none should while
+/// the agent runs, so one that does stops the agent with its name (the
+/// DaemonSet restarts it) instead of leaving it running half-deaf.
+async fn supervise(tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>) -> anyhow::Error {
+    if tasks.is_empty() {
+        return std::future::pending().await;
+    }
+    let ends = tasks
+        .into_iter()
+        .map(|(name, task)| Box::pin(async move { (name, task.await) }));
+    let ((name, result), _, _) = futures::future::select_all(ends).await;
+    match result {
+        Ok(()) => anyhow::anyhow!(
+            "the {name} task ended unexpectedly; stopping so that the agent is restarted"
+        ),
+        Err(e) => {
+            anyhow::anyhow!("the {name} task failed ({e}); stopping so that the agent is restarted")
+        }
+    }
 }
 
 /// Serves the HTTP endpoints on `listener` for as long as the runtime runs.
@@ -317,12 +360,12 @@ fn spawn_http(
     config: &Config,
     node_id: &str,
     status: &Arc<AgentStatus>,
-) {
+) -> tokio::task::JoinHandle<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving /healthz, /ready, /ping, /entries/list, /metrics");
     }
     let ctx = HttpContext {
-        registry: podnat_controller::metrics::registry(status),
+        registry: podnat_controller::status::registry(status),
         status: status.clone(),
         flavor: config.flavor,
         view: std::sync::Mutex::new(backend_with_jumps(
@@ -340,9 +383,9 @@ fn spawn_http(
     };
     tokio::spawn(async move {
         if let Err(e) = http::serve(listener, http::router(ctx)).await {
-            tracing::error!(error = %e, "the HTTP endpoints are down; NAT goes on");
+            tracing::error!(error = %e, "the HTTP endpoints are down");
         }
-    });
+    })
 }
 
 /// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT.

@@ -1,29 +1,25 @@
 //! Prometheus metrics (prometheus-client, in the style of kube-rs'
 //! controller-rs): the reconcile loop records what happens — reconciles and
 //! their duration, batch sizes, apply errors by kind, what the last plan
-//! holds — into [`Metrics`]; counters that other parts already keep (the pod
-//! watch, Kubernetes events, the state store, readiness) are read from
-//! [`AgentStatus`] at scrape time by [`StatusCollector`], so they are never
-//! kept twice.
+//! holds — into [`Metrics`]. Counters that other parts already keep (the pod
+//! watch, Kubernetes events, the state store, readiness) are read from the
+//! status at scrape time (`status::StatusCollector`), so they are never kept
+//! twice. This module depends on nothing of the agent's above it.
 
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
-use prometheus_client::metrics::counter::{ConstCounter, Counter};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::firewall::monitor::Blocker;
 use crate::firewall::ApplyReport;
 use crate::plan::NatTable;
-use crate::reconcile::AgentStatus;
 
 /// Prefix of every metric name.
 pub const PREFIX: &str = "podnat";
@@ -279,210 +275,5 @@ pub struct ReconcileTimer {
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
-    }
-}
-
-/// Reads, at each scrape, the counters the rest of the agent keeps in
-/// [`AgentStatus`]: the pod watch, Kubernetes events, the state store, readiness.
-#[derive(Debug)]
-pub struct StatusCollector(pub Arc<AgentStatus>);
-
-impl Collector for StatusCollector {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let status = &self.0;
-        let c = &status.counters;
-        let counter = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: u64| {
-            let m = ConstCounter::new(v);
-            m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)
-        };
-        let gauge = |encoder: &mut DescriptorEncoder, name: &str, help: &str, v: i64| {
-            let m = ConstGauge::new(v);
-            m.encode(encoder.encode_descriptor(name, help, None, m.metric_type())?)
-        };
-        counter(
-            &mut encoder,
-            "watch_events",
-            "Pod watch events that changed the agent's pod store (added, modified, deleted pods and completed lists).",
-            c.watch_events.load(Ordering::Relaxed),
-        )?;
-        counter(
-            &mut encoder,
-            "watch_errors",
-            "Pod watch requests that failed (the watch retries with backoff).",
-            c.watch_errors.load(Ordering::Relaxed),
-        )?;
-        gauge(
-            &mut encoder,
-            "apiserver_reachable",
-            "1 while the last request to the Kubernetes API server succeeded.",
-            status.apiserver_reachable().into(),
-        )?;
-        gauge(
-            &mut encoder,
-            "first_sync_applied",
-            "1 once the first full pod list was planned and applied.",
-            status.first_sync_applied().into(),
-        )?;
-        gauge(
-            &mut encoder,
-            "pods",
-            "Pods of this node in the agent's store at the last reconcile.",
-            c.pods.load(Ordering::Relaxed) as i64,
-        )?;
-        if let Some(state) = status.state_stats() {
-            let flavor = state.flavor();
-            labelled_counters(
-                &mut encoder,
-                "state_store_failures",
-                "Reads and writes of the state store that failed, each retry counted (NAT never waits for the store).",
-                &[
-                    ([("operation", "read"), ("flavor", flavor)], &state.read_errors),
-                    ([("operation", "write"), ("flavor", flavor)], &state.write_errors),
-                ],
-            )?;
-            counter(
-                &mut encoder,
-                "state_store_writes",
-                "State records written.",
-                state.writes.load(Ordering::Relaxed),
-            )?;
-            gauge(
-                &mut encoder,
-                "state_store_pending",
-                "1 while a changed table waits to be written (the store is failing or busy).",
-                state.pending().into(),
-            )?;
-        }
-        if let Some(events) = status.event_stats() {
-            labelled_counters(
-                &mut encoder,
-                "kube_events",
-                "Kubernetes events about pods, by outcome (published, failed, or dropped while the API server was slow or away).",
-                &[
-                    ([("result", "published")], &events.published),
-                    ([("result", "failed")], &events.failed),
-                    ([("result", "dropped")], &events.dropped),
-                ],
-            )?;
-        }
-        Ok(())
-    }
-}
-
-/// One counter family read from atomics: a series per label set.
-fn labelled_counters<const N: usize>(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    series: &[([(&str, &str); N], &AtomicU64)],
-) -> Result<(), std::fmt::Error> {
-    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, v) in series {
-        ConstCounter::new(v.load(Ordering::Relaxed)).encode(family.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-/// The agent's whole registry: [`Metrics`] plus the status collector, all
-/// under the `podnat_` prefix.
-pub fn registry(status: &Arc<AgentStatus>) -> Registry {
-    let mut registry = Registry::with_prefix(PREFIX);
-    status.metrics.register(&mut registry);
-    registry.register_collector(Box::new(StatusCollector(status.clone())));
-    registry
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::kube::events::EventStats;
-    use crate::model::{Mapping, NatKey, PodRef, Proto};
-
-    fn text(status: &Arc<AgentStatus>) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::prometheus_text::encode(&mut out, &registry(status))
-            .expect("encode");
-        out
-    }
-
-    fn sample(text: &str, series: &str) -> Option<f64> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-    }
-
-    #[test]
-    fn loop_metrics_and_status_counters_are_exposed() {
-        let status = Arc::new(AgentStatus::new(Arc::new(EventStats::default())));
-        let m = &status.metrics;
-        drop(m.reconcile_timer("pods"));
-        m.observe_batch(&ApplyReport {
-            messages: 7,
-            bytes: 1200,
-            ..ApplyReport::default()
-        });
-        m.observe_batch(&ApplyReport::default()); // nothing sent: not a batch
-        m.apply_failed("refused");
-        m.apply_failed("refused");
-        let mut table = NatTable {
-            public_address: Some(Ipv4Addr::new(203, 0, 113, 7)),
-            ..NatTable::default()
-        };
-        table.rules.dnat.push(Mapping {
-            key: NatKey {
-                public_ip: Ipv4Addr::new(203, 0, 113, 7),
-                public_port: 25,
-                proto: Proto::Tcp,
-            },
-            pod_ip: Ipv4Addr::new(10, 1, 0, 5),
-            pod_port: 25,
-            owner: PodRef::new("mail", "mx"),
-        });
-        m.observe_table(&table, true);
-        status.counters.watch_events.store(5, Ordering::Relaxed);
-
-        let t = text(&status);
-        assert_eq!(sample(&t, "podnat_reconciles_total"), Some(1.0), "{t}");
-        assert_eq!(
-            sample(
-                &t,
-                "podnat_reconcile_duration_seconds_count{trigger=\"pods\"}"
-            ),
-            Some(1.0)
-        );
-        assert_eq!(sample(&t, "podnat_batch_messages_count"), Some(1.0));
-        assert_eq!(sample(&t, "podnat_batch_messages_sum"), Some(7.0));
-        assert_eq!(sample(&t, "podnat_batch_bytes_sum"), Some(1200.0));
-        assert_eq!(
-            sample(&t, "podnat_apply_errors_total{error=\"refused\"}"),
-            Some(2.0)
-        );
-        assert_eq!(
-            sample(&t, "podnat_rules_owned{kind=\"dnat\"}"),
-            Some(1.0),
-            "{t}"
-        );
-        assert_eq!(
-            sample(&t, "podnat_public_address_info{address=\"203.0.113.7\"}"),
-            Some(1.0)
-        );
-        assert_eq!(sample(&t, "podnat_watch_events_total"), Some(5.0));
-        assert_eq!(
-            sample(&t, "podnat_kube_events_total{result=\"published\"}"),
-            Some(0.0),
-            "{t}"
-        );
-        assert_eq!(sample(&t, "podnat_first_sync_applied"), Some(0.0));
-
-        // A new address replaces the old series; none known: no series.
-        table.public_address = Some(Ipv4Addr::new(203, 0, 113, 8));
-        m.observe_table(&table, true);
-        let t = text(&status);
-        assert!(!t.contains("203.0.113.7"), "{t}");
-        assert!(t.contains("address=\"203.0.113.8\""));
-        table.public_address = None;
-        m.observe_table(&table, false);
-        let t = text(&status);
-        assert!(!t.contains("podnat_public_address_info{"), "{t}");
-        assert_eq!(sample(&t, "podnat_rules_owned{kind=\"dnat\"}"), Some(0.0));
     }
 }

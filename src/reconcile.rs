@@ -7,49 +7,60 @@
 //! Kernel rules are left alone until the first full pod list is in: an empty
 //! store at start must not read as "no pods" and flush working NAT.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::ObjectReference;
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+pub use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::firewall::monitor::{Blocker, Tracker};
-use crate::firewall::netlink::NetlinkError;
-use crate::firewall::{coexist, ApplyReport, Backend, FirewallError};
-use crate::kube::events::{self, EventSink, EventStats, PodEvent, Reason};
+pub use crate::firewall::worker::BackendWorker;
+use crate::firewall::worker::WorkerError;
+use crate::firewall::{coexist, ApplyReport, FirewallError};
+use crate::kube::events::{self, EventSink};
+use crate::kube::ledger::EventLedger;
 use crate::kube::pod;
-use crate::kube::watch::{FeedState, PodFeed};
-use crate::metrics::Metrics;
+use crate::kube::watch::PodFeed;
 use crate::model::{PodRef, RuleSet};
 use crate::net::address::Choice;
 use crate::plan::{self, NatTable, PlanConfig};
-use crate::state::{Recorder, StateStats};
+use crate::state::Recorder;
+use crate::status::lock;
+pub use crate::status::{AgentStatus, Counters, LastReconcile};
 
 /// Errors that stop the loop (everything else is retried).
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
-    #[error("cannot start the firewall thread: {0}")]
-    Spawn(#[source] std::io::Error),
-    #[error("the firewall thread is gone (it panicked); restart the agent")]
-    BackendGone,
+    #[error(transparent)]
+    Worker(WorkerError),
     #[error("the pod watcher stopped; restart the agent")]
     WatcherStopped,
     #[error(transparent)]
     Firewall(#[from] FirewallError),
 }
 
+impl From<WorkerError> for ReconcileError {
+    fn from(e: WorkerError) -> ReconcileError {
+        match e {
+            WorkerError::Firewall(f) => ReconcileError::Firewall(f),
+            e => ReconcileError::Worker(e),
+        }
+    }
+}
+
 impl ReconcileError {
     /// A short, stable label for metrics.
     pub fn metric_label(&self) -> &'static str {
         match self {
-            ReconcileError::Spawn(_) => "spawn",
-            ReconcileError::BackendGone => "backend_gone",
+            ReconcileError::Worker(WorkerError::Spawn(_)) => "spawn",
+            ReconcileError::Worker(WorkerError::Gone) => "backend_gone",
+            ReconcileError::Worker(WorkerError::Firewall(e)) => e.metric_label(),
             ReconcileError::WatcherStopped => "watcher_stopped",
             ReconcileError::Firewall(e) => e.metric_label(),
         }
@@ -85,350 +96,6 @@ impl ReconcileConfig {
             debounce: Duration::from_millis(20),
             max_delay: Duration::from_millis(200),
         }
-    }
-}
-
-/// What the last reconcile produced.
-#[derive(Clone, Debug, Default)]
-pub struct LastReconcile {
-    pub table: Option<NatTable>,
-    /// The last apply that reached the kernel (none in dry run).
-    pub report: Option<ApplyReport>,
-    /// The last apply error, cleared by the next success.
-    pub error: Option<String>,
-    pub at: Option<SystemTime>,
-    /// The public address choice the table was planned with (with the
-    /// addresses passed over and why).
-    pub address: Option<Choice>,
-}
-
-/// Counters since start.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub reconciles: AtomicU64,
-    /// Applies that sent a batch (something changed).
-    pub batches: AtomicU64,
-    pub apply_errors: AtomicU64,
-    pub watch_errors: AtomicU64,
-    /// Watch events that changed the pod store (the feed's revision).
-    pub watch_events: AtomicU64,
-    /// Pods in the store at the last reconcile.
-    pub pods: AtomicU64,
-}
-
-/// The agent's state for health, readiness and diagnostics (served over HTTP
-/// by a later issue). Shared: the loop writes, readers take snapshots.
-#[derive(Debug, Default)]
-pub struct AgentStatus {
-    first_sync_applied: AtomicBool,
-    apiserver_reachable: AtomicBool,
-    /// The state store's counters, once it runs (see `state_stats`).
-    state: std::sync::OnceLock<Arc<StateStats>>,
-    last: Mutex<LastReconcile>,
-    pub counters: Counters,
-    events: Mutex<Option<Arc<EventStats>>>,
-    /// Prometheus metrics the loop records (see `metrics`).
-    pub metrics: Metrics,
-    /// When the loop last showed it is alive (liveness).
-    heartbeat: Mutex<Option<std::time::Instant>>,
-    /// Foreign forward-hook chains that drop what the agent accepts.
-    forward_blocked: Mutex<Vec<Blocker>>,
-}
-
-impl AgentStatus {
-    pub fn new(events: Arc<EventStats>) -> AgentStatus {
-        AgentStatus {
-            events: Mutex::new(Some(events)),
-            ..AgentStatus::default()
-        }
-    }
-
-    /// The state store's counters: writes, failures (`failures()`, each
-    /// retry counts), last error, pending. `None` when no store runs (dry run).
-    pub fn state_stats(&self) -> Option<Arc<StateStats>> {
-        self.state.get().cloned()
-    }
-
-    /// Set once, by the wiring, when the state store starts.
-    pub fn set_state_stats(&self, stats: Arc<StateStats>) {
-        let _ = self.state.set(stats);
-    }
-
-    /// The first full pod list was planned and applied (ready).
-    pub fn first_sync_applied(&self) -> bool {
-        self.first_sync_applied.load(Ordering::Acquire)
-    }
-
-    pub fn apiserver_reachable(&self) -> bool {
-        self.apiserver_reachable.load(Ordering::Acquire)
-    }
-
-    pub fn last(&self) -> LastReconcile {
-        lock(&self.last).clone()
-    }
-
-    /// Foreign forward-hook base chains with policy drop, as last checked.
-    pub fn forward_blocked(&self) -> Vec<Blocker> {
-        lock(&self.forward_blocked).clone()
-    }
-
-    pub fn event_stats(&self) -> Option<Arc<EventStats>> {
-        lock(&self.events).clone()
-    }
-
-    /// Time since the loop last beat (`None`: it has not started). It beats
-    /// every `HEARTBEAT` while waiting and after each reconcile, so a large
-    /// age means it is stuck (e.g. in an apply that never returns).
-    pub fn heartbeat_age(&self) -> Option<Duration> {
-        lock(&self.heartbeat).map(|t| t.elapsed())
-    }
-
-    fn beat(&self) {
-        *lock(&self.heartbeat) = Some(std::time::Instant::now());
-    }
-
-    fn follow_feed(&self, feed: &FeedState) {
-        self.apiserver_reachable
-            .store(feed.reachable, Ordering::Release);
-        self.counters
-            .watch_errors
-            .store(feed.errors, Ordering::Relaxed);
-        self.counters
-            .watch_events
-            .store(feed.revision, Ordering::Relaxed);
-    }
-}
-
-/// A poisoned lock only means a reader panicked mid-clone; the data is whole.
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-enum Job {
-    /// `true`: read the kernel even if the remembered state looks valid.
-    Apply(
-        RuleSet,
-        bool,
-        oneshot::Sender<Result<ApplyReport, FirewallError>>,
-    ),
-    DryRun(RuleSet, oneshot::Sender<Result<String, FirewallError>>),
-    ForwardBlockers(oneshot::Sender<Result<Vec<Blocker>, FirewallError>>),
-}
-
-/// The backend on a dedicated thread: its netlink work blocks, and must not
-/// stall the runtime. The thread lives in the network namespace of the
-/// process, where the rules belong.
-pub struct BackendWorker {
-    jobs: std::sync::mpsc::Sender<Job>,
-    name: &'static str,
-}
-
-impl BackendWorker {
-    pub fn spawn(mut backend: Box<dyn Backend>) -> Result<BackendWorker, ReconcileError> {
-        let name = backend.name();
-        let (tx, rx) = std::sync::mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("podnat-firewall".into())
-            .spawn(move || {
-                // Ends when the worker is dropped; a reply nobody waits for
-                // any more is not an error.
-                for job in rx {
-                    match job {
-                        Job::Apply(rules, fresh, reply) => {
-                            if fresh {
-                                backend.forget();
-                            }
-                            let mut result = backend.apply(&rules);
-                            if let Ok(report) = &mut result {
-                                crate::firewall::flush_stale_udp(report);
-                            }
-                            let _ = reply.send(result);
-                        }
-                        Job::DryRun(rules, reply) => {
-                            let _ = reply.send(dry_run(backend.as_mut(), &rules));
-                        }
-                        Job::ForwardBlockers(reply) => {
-                            let _ = reply.send(backend.forward_blockers());
-                        }
-                    }
-                }
-            })
-            .map_err(ReconcileError::Spawn)?;
-        Ok(BackendWorker { jobs: tx, name })
-    }
-
-    pub fn name(&self) -> &'static str {
-        self.name
-    }
-
-    /// One batch of the difference between the kernel and `rules`;
-    /// `fresh`: against a new read of the kernel, not the remembered state.
-    pub async fn apply(&self, rules: RuleSet, fresh: bool) -> Result<ApplyReport, ReconcileError> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::Apply(rules, fresh, tx))
-            .map_err(|_| ReconcileError::BackendGone)?;
-        Ok(rx.await.map_err(|_| ReconcileError::BackendGone)??)
-    }
-
-    /// Foreign forward-hook chains with policy drop (read only).
-    pub async fn forward_blockers(&self) -> Result<Vec<Blocker>, ReconcileError> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::ForwardBlockers(tx))
-            .map_err(|_| ReconcileError::BackendGone)?;
-        Ok(rx.await.map_err(|_| ReconcileError::BackendGone)??)
-    }
-
-    /// The changes `apply` would make, as text; touches nothing.
-    pub async fn dry_run(&self, rules: RuleSet) -> Result<String, ReconcileError> {
-        let (tx, rx) = oneshot::channel();
-        self.jobs
-            .send(Job::DryRun(rules, tx))
-            .map_err(|_| ReconcileError::BackendGone)?;
-        Ok(rx.await.map_err(|_| ReconcileError::BackendGone)??)
-    }
-}
-
-/// The backend's dry run; without CAP_NET_ADMIN the kernel cannot be read,
-/// so the diff is against an empty kernel (said in the first line).
-pub fn dry_run(backend: &mut dyn Backend, rules: &RuleSet) -> Result<String, FirewallError> {
-    match backend.dry_run(rules, false) {
-        Err(FirewallError::Netlink(
-            NetlinkError::Refused { errno, .. } | NetlinkError::Socket(errno),
-        )) if errno == nix::errno::Errno::EPERM => {
-            let text = backend.dry_run(rules, true)?;
-            Ok(format!(
-                "# no CAP_NET_ADMIN: the kernel state cannot be read; assuming it is empty\n{text}"
-            ))
-        }
-        r => r,
-    }
-}
-
-/// When a burst of triggers is over: `debounce` after the last one, but never
-/// later than `max_delay` after the first, so constant churn cannot starve
-/// the loop.
-#[derive(Clone, Copy, Debug)]
-pub struct Coalescer {
-    debounce: Duration,
-    max_delay: Duration,
-    first: Instant,
-    last: Instant,
-}
-
-impl Coalescer {
-    pub fn new(now: Instant, debounce: Duration, max_delay: Duration) -> Coalescer {
-        Coalescer {
-            debounce,
-            max_delay,
-            first: now,
-            last: now,
-        }
-    }
-
-    pub fn poke(&mut self, now: Instant) {
-        self.last = now;
-    }
-
-    pub fn deadline(&self) -> Instant {
-        (self.last + self.debounce).min(self.first + self.max_delay)
-    }
-}
-
-/// What was last published about one pod, so that events go out on change
-/// only, never on every resync.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct Published {
-    applied: String,
-    conflict: String,
-    invalid: String,
-}
-
-impl Published {
-    fn is_empty(&self) -> bool {
-        self.applied.is_empty() && self.conflict.is_empty() && self.invalid.is_empty()
-    }
-}
-
-/// Per-pod memory of published events.
-#[derive(Debug, Default)]
-pub struct EventLedger {
-    pods: BTreeMap<PodRef, (Published, ObjectReference)>,
-}
-
-impl EventLedger {
-    /// The events that tell what changed for each pod since the last call.
-    /// `reference` finds a pod still in the store; a pod that is gone is
-    /// told about through the reference remembered for it.
-    pub fn observe(
-        &mut self,
-        table: &NatTable,
-        reference: impl Fn(&PodRef) -> Option<ObjectReference>,
-    ) -> Vec<PodEvent> {
-        let mut now: BTreeMap<PodRef, Published> = BTreeMap::new();
-        for m in &table.rules.dnat {
-            let text = &mut now.entry(m.owner.clone()).or_default().applied;
-            if !text.is_empty() {
-                text.push_str(", ");
-            }
-            text.push_str(&format!("{} → {}:{}", m.key, m.pod_ip, m.pod_port));
-        }
-        for c in &table.conflicts {
-            let text = &mut now.entry(c.loser.clone()).or_default().conflict;
-            if !text.is_empty() {
-                text.push_str("; ");
-            }
-            text.push_str(&format!(
-                "{} is taken by {} (a Ready pod beats a not-ready one, then the newer pod wins)",
-                c.key, c.winner
-            ));
-        }
-        for r in &table.rejected {
-            now.entry(r.pod.clone()).or_default().invalid =
-                format!("annotation rejected, no NAT for this pod: {}", r.error);
-        }
-
-        let mut pods: Vec<PodRef> = now.keys().cloned().collect();
-        pods.extend(self.pods.keys().filter(|p| !now.contains_key(p)).cloned());
-        let mut out = Vec::new();
-        for pod in pods {
-            let old = self.pods.remove(&pod);
-            let new = now.remove(&pod).unwrap_or_default();
-            let (old, regarding) = match (old, reference(&pod)) {
-                // The same name for a new pod (a StatefulSet's replacement):
-                // nothing was published about this one yet.
-                (Some((_, was)), Some(r)) if was.uid != r.uid => (Published::default(), r),
-                (Some((p, _)), Some(r)) => (p, r),
-                (Some((p, was)), None) => (p, was),
-                (None, Some(r)) => (Published::default(), r),
-                (None, None) => continue,
-            };
-            let mut emit = |reason, note: String| {
-                out.push(PodEvent {
-                    regarding: regarding.clone(),
-                    reason,
-                    note,
-                })
-            };
-            if new.applied != old.applied {
-                if new.applied.is_empty() {
-                    emit(Reason::NatRemoved, format!("removed {}", old.applied));
-                } else {
-                    emit(Reason::NatApplied, new.applied.clone());
-                }
-            }
-            if new.conflict != old.conflict && !new.conflict.is_empty() {
-                emit(Reason::NatConflict, new.conflict.clone());
-            }
-            if new.invalid != old.invalid && !new.invalid.is_empty() {
-                emit(Reason::InvalidAnnotation, new.invalid.clone());
-            }
-            if !new.is_empty() {
-                self.pods.insert(pod, (new, regarding));
-            }
-        }
-        out
     }
 }
 
@@ -762,12 +429,14 @@ impl Reconciler {
         }
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(trigger = cause.1, force, fresh))]
     async fn reconcile(
         &mut self,
         force: bool,
         fresh: bool,
-        (why, trigger): (&str, &str),
+        cause: (&str, &str),
     ) -> Result<(), ReconcileError> {
+        let (why, trigger) = cause;
         let _timer = self.status.metrics.reconcile_timer(trigger);
         let pods = self.feed.store.state();
         let facts: Vec<_> = pods
@@ -777,7 +446,6 @@ impl Reconciler {
         let choice = self.address.borrow().clone();
         let table = plan::plan(&facts, choice.chosen, &self.cfg.plan);
         let counters = &self.status.counters;
-        counters.reconciles.fetch_add(1, Ordering::Relaxed);
         counters.pods.store(pods.len() as u64, Ordering::Relaxed);
         tracing::debug!(
             why,
@@ -806,11 +474,11 @@ impl Reconciler {
                         self.last_dry_run = Some(text);
                     }
                 }
-                Err(ReconcileError::Firewall(e)) => {
+                Err(WorkerError::Firewall(e)) => {
                     self.apply_failed(&e);
                     return Ok(());
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
             None
         } else if force || self.applied.as_ref() != Some(&table.rules) {
@@ -836,11 +504,11 @@ impl Reconciler {
                     }
                     Some(report)
                 }
-                Err(ReconcileError::Firewall(e)) => {
+                Err(WorkerError::Firewall(e)) => {
                     self.apply_failed(&e);
                     return Ok(());
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.into()),
             }
         } else {
             None
@@ -975,136 +643,6 @@ pub fn fixed_address(address: Ipv4Addr) -> (watch::Sender<Choice>, watch::Receiv
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::annotation;
-    use crate::model::{Mapping, NatKey, Proto};
-    use crate::plan::{Conflict, Rejection};
-
-    fn mapping(owner: &PodRef, port: u16, pod_ip: [u8; 4]) -> Mapping {
-        Mapping {
-            key: NatKey {
-                public_ip: Ipv4Addr::new(203, 0, 113, 7),
-                public_port: port,
-                proto: Proto::Tcp,
-            },
-            pod_ip: pod_ip.into(),
-            pod_port: port,
-            owner: owner.clone(),
-        }
-    }
-
-    fn reference_of(p: &PodRef, uid: &str) -> ObjectReference {
-        ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(p.name.clone()),
-            namespace: Some(p.namespace.clone()),
-            uid: Some(uid.into()),
-            ..ObjectReference::default()
-        }
-    }
-
-    fn reasons(evs: &[PodEvent]) -> Vec<(String, Reason)> {
-        evs.iter()
-            .map(|e| (e.regarding.name.clone().unwrap_or_default(), e.reason))
-            .collect()
-    }
-
-    #[test]
-    fn events_go_out_on_change_only() {
-        let a = PodRef::new("mail", "a");
-        let b = PodRef::new("mail", "b");
-        let bad = PodRef::new("mail", "bad");
-        let mut ledger = EventLedger::default();
-        let in_store = |p: &PodRef| Some(reference_of(p, "u1"));
-
-        let mut t = NatTable::default();
-        t.rules.dnat.push(mapping(&a, 25, [10, 1, 0, 5]));
-        t.rejected.push(Rejection {
-            pod: bad.clone(),
-            error: annotation::parse("{", &Default::default()).unwrap_err(),
-        });
-        let evs = ledger.observe(&t, in_store);
-        assert_eq!(
-            reasons(&evs),
-            vec![
-                ("a".into(), Reason::NatApplied),
-                ("bad".into(), Reason::InvalidAnnotation)
-            ]
-        );
-        assert_eq!(evs[0].note, "203.0.113.7:25/tcp → 10.1.0.5:25");
-        assert!(
-            evs[1].note.contains("annotation rejected"),
-            "{}",
-            evs[1].note
-        );
-
-        // A resync with the same table says nothing.
-        assert!(ledger.observe(&t, in_store).is_empty());
-
-        // b wins port 25, a loses it: a's mapping is removed and a is told why.
-        let mut t2 = t.clone();
-        t2.rules.dnat = vec![mapping(&b, 25, [10, 1, 1, 5])];
-        t2.conflicts.push(Conflict {
-            key: t.rules.dnat[0].key,
-            loser: a.clone(),
-            winner: b.clone(),
-        });
-        let evs = ledger.observe(&t2, in_store);
-        assert_eq!(
-            reasons(&evs),
-            vec![
-                ("a".into(), Reason::NatRemoved),
-                ("a".into(), Reason::NatConflict),
-                ("b".into(), Reason::NatApplied),
-            ]
-        );
-        assert!(
-            evs[1].note.contains("is taken by mail:b"),
-            "{}",
-            evs[1].note
-        );
-        assert!(ledger.observe(&t2, in_store).is_empty());
-
-        // b is deleted (gone from the store): a takes over, b's removal is
-        // published with the reference remembered for it.
-        let evs = ledger.observe(&t, |p| (p != &b).then(|| reference_of(p, "u1")));
-        assert_eq!(
-            reasons(&evs),
-            vec![
-                ("a".into(), Reason::NatApplied),
-                ("b".into(), Reason::NatRemoved)
-            ]
-        );
-        assert_eq!(evs[1].regarding.uid.as_deref(), Some("u1"));
-    }
-
-    #[test]
-    fn a_replacement_pod_with_the_same_name_is_told_again() {
-        let a = PodRef::new("mail", "a");
-        let mut ledger = EventLedger::default();
-        let mut t = NatTable::default();
-        t.rules.dnat.push(mapping(&a, 25, [10, 1, 0, 5]));
-        assert_eq!(ledger.observe(&t, |p| Some(reference_of(p, "u1"))).len(), 1);
-        let evs = ledger.observe(&t, |p| Some(reference_of(p, "u2")));
-        assert_eq!(reasons(&evs), vec![("a".into(), Reason::NatApplied)]);
-        assert_eq!(evs[0].regarding.uid.as_deref(), Some("u2"));
-    }
-
-    #[test]
-    fn coalescer_waits_for_quiet_but_never_past_the_bound() {
-        let t0 = Instant::now();
-        let ms = Duration::from_millis;
-        let mut c = Coalescer::new(t0, ms(20), ms(200));
-        assert_eq!(c.deadline(), t0 + ms(20));
-        c.poke(t0 + ms(15));
-        assert_eq!(c.deadline(), t0 + ms(35));
-        // A trigger every 10 ms forever: the burst still ends at 200 ms.
-        for i in 0..100 {
-            c.poke(t0 + ms(10 * i));
-            assert!(c.deadline() <= t0 + ms(200));
-        }
-        assert_eq!(c.deadline(), t0 + ms(200));
-    }
 
     #[test]
     fn wakes_that_check_the_kernel() {

@@ -177,6 +177,7 @@ impl<F: Flavor> Backend for Applier<F> {
         Ok(rules)
     }
 
+    #[tracing::instrument(level = "debug", skip_all, fields(flavor = self.flavor.name()))]
     fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError> {
         let desired = canonical(desired);
         let desired: &RuleSet = &desired;

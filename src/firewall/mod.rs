@@ -14,6 +14,7 @@ pub mod memory;
 pub mod monitor;
 pub mod nftables;
 pub mod view;
+pub mod worker;
 
 pub use names::Names;
 

@@ -12,7 +12,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
@@ -20,11 +20,6 @@ use nix::sys::socket::{self, setsockopt, sockopt, MsgFlags};
 
 use super::netlink::{self, find_attr, sys, NetlinkError};
 
-/// A burst of wake-worthy commits becomes one signal once the socket has been
-/// quiet this long...
-pub const DEBOUNCE: Duration = Duration::from_millis(20);
-/// ...or at the latest this long after the burst began.
-pub const MAX_DELAY: Duration = Duration::from_millis(200);
 /// How often an idle watcher checks whether it should stop.
 const IDLE_WAKEUP: Duration = Duration::from_millis(200);
 /// Own commits remembered (normally one is in flight at a time).
@@ -208,6 +203,8 @@ pub struct Tracker {
     fd: OwnedFd,
     interest: Interest,
     state: Mutex<TrackerState>,
+    /// Rung whenever a reason is added (never blocks: it only wakes).
+    notify: Box<dyn Fn() + Send + Sync>,
 }
 
 /// Counters for tests and the status page.
@@ -220,7 +217,10 @@ pub struct TrackerStats {
 
 impl Tracker {
     /// Subscribes in the calling thread's network namespace.
-    pub fn subscribe(interest: Interest) -> Result<Tracker, NetlinkError> {
+    pub fn subscribe(
+        interest: Interest,
+        notify: Box<dyn Fn() + Send + Sync>,
+    ) -> Result<Tracker, NetlinkError> {
         let fd = netlink::open_netfilter_socket(1 << (sys::NFNLGRP_NFTABLES - 1))?;
         // Room for a large batch's notifications; an overrun is still seen
         // (ENOBUFS) and handled as "anything may have changed".
@@ -231,6 +231,7 @@ impl Tracker {
         Ok(Tracker {
             fd,
             interest,
+            notify,
             state: Mutex::new(TrackerState {
                 buf: vec![0u8; 256 * 1024],
                 ..TrackerState::default()
@@ -261,10 +262,13 @@ impl Tracker {
                     // Lost notifications: nothing cached can be trusted.
                     st.epoch += 1;
                     st.commit = Reasons::default();
-                    st.pending.merge(Reasons {
-                        ours: true,
-                        forward_hook: true,
-                    });
+                    self.add_reasons(
+                        st,
+                        Reasons {
+                            ours: true,
+                            forward_hook: true,
+                        },
+                    );
                     continue;
                 }
                 Err(e) => return Err(e),
@@ -299,7 +303,15 @@ impl Tracker {
         if commit.ours {
             st.epoch += 1;
         }
-        st.pending.merge(commit);
+        self.add_reasons(st, commit);
+    }
+
+    /// Adds reasons to what the loop will take, and rings for them.
+    fn add_reasons(&self, st: &mut TrackerState, r: Reasons) {
+        if r != Reasons::default() {
+            st.pending.merge(r);
+            (self.notify)();
+        }
     }
 
     /// Before sending a batch made against generation `generation`: the
@@ -323,7 +335,7 @@ impl Tracker {
                 if commit.ours {
                     st.epoch += 1;
                 }
-                st.pending.merge(commit);
+                self.add_reasons(&mut st, commit);
             }
         }
     }
@@ -380,13 +392,10 @@ impl Tracker {
         }
     }
 
-    /// Drains; true if this added a reason not pending yet (one ring per
-    /// reason until the loop takes it).
-    fn drain_pending(&self) -> Result<bool, Errno> {
+    /// Drains what is queued (rings for what it finds).
+    fn drain_now(&self) -> Result<(), Errno> {
         let mut st = self.lock();
-        let before = st.pending;
-        self.drain(&mut st)?;
-        Ok(st.pending != before)
+        self.drain(&mut st)
     }
 }
 
@@ -437,20 +446,20 @@ impl Drop for RulesetWatch {
 }
 
 /// Subscribes to nf_tables notifications in the calling thread's network
-/// namespace and calls `notify` (on the watcher's own thread, debounced)
-/// after a foreign commit that concerns `interest` or the forward hook.
+/// namespace and calls `notify` (on the watcher's own thread) after a
+/// foreign commit that concerns `interest` or the forward hook.
 /// `notify` should only wake the loop; the reasons are in
 /// `Tracker::take_reasons`.
 pub fn watch_ruleset(
     interest: Interest,
-    notify: impl Fn() + Send + 'static,
+    notify: impl Fn() + Send + Sync + 'static,
 ) -> Result<RulesetWatch, NetlinkError> {
-    let tracker = Arc::new(Tracker::subscribe(interest)?);
+    let tracker = Arc::new(Tracker::subscribe(interest, Box::new(notify))?);
     let stop = Arc::new(AtomicBool::new(false));
     let (stop2, tracker2) = (Arc::clone(&stop), Arc::clone(&tracker));
     let thread = std::thread::Builder::new()
         .name("ruleset-watch".into())
-        .spawn(move || run(&tracker2, &stop2, notify))
+        .spawn(move || run(&tracker2, &stop2))
         .map_err(|e| NetlinkError::Socket(Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
     Ok(RulesetWatch {
         stop,
@@ -459,34 +468,21 @@ pub fn watch_ruleset(
     })
 }
 
-fn run(tracker: &Tracker, stop: &AtomicBool, notify: impl Fn()) {
-    let fail = |e: Errno| tracing::error!("ruleset watcher stopped: netlink receive failed: {e}");
+/// Reads notifications as they come; the tracker rings for what concerns
+/// the agent. Bursts are the loop's to coalesce (`coalesce::Coalescer`).
+fn run(tracker: &Tracker, stop: &AtomicBool) {
     while !stop.load(Ordering::Relaxed) {
-        match tracker.readable(IDLE_WAKEUP).and_then(|r| {
-            if r {
-                tracker.drain_pending()
+        let r = tracker.readable(IDLE_WAKEUP).and_then(|readable| {
+            if readable {
+                tracker.drain_now()
             } else {
-                Ok(false)
+                Ok(())
             }
-        }) {
-            Ok(false) => continue,
-            Ok(true) => {}
-            Err(e) => return fail(e),
+        });
+        if let Err(e) = r {
+            tracing::error!("ruleset watcher stopped: netlink receive failed: {e}");
+            return;
         }
-        // Something concerns us: let the burst end, then ring once.
-        let burst = Instant::now();
-        while burst.elapsed() < MAX_DELAY {
-            match tracker.readable(DEBOUNCE) {
-                Ok(true) => {
-                    if let Err(e) = tracker.drain_pending() {
-                        return fail(e);
-                    }
-                }
-                Ok(false) => break,
-                Err(e) => return fail(e),
-            }
-        }
-        notify();
     }
 }
 

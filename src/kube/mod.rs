@@ -2,6 +2,7 @@
 //! store), events out. Everything that talks to the apiserver lives here.
 
 pub mod events;
+pub mod ledger;
 pub mod pod;
 pub mod watch;
 

@@ -37,7 +37,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt, TryStreamExt};
+use futures::{StreamExt, TryStreamExt};
 use ipnet::Ipv4Net;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, State};
@@ -45,6 +45,8 @@ use netlink_packet_route::AddressFamily;
 use rtnetlink::{Handle, MulticastGroup};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::coalesce::Coalescer;
 
 /// Networks filtered unless `-exclfilternet` allows them again: loopback,
 /// RFC 1918 private, link-local and carrier-grade NAT (RFC 6598). None of
@@ -62,6 +64,8 @@ pub const DEFAULT_FILTERED: [Ipv4Net; 6] = [
 /// one `ip addr replace` or a link flap sends several messages, and one
 /// re-read covers them all.
 const DEBOUNCE: Duration = Duration::from_millis(20);
+/// ...but no longer than this under a constant stream of events.
+const MAX_DELAY: Duration = Duration::from_millis(200);
 
 /// Back-off bounds for re-reading after a failed dump.
 const RETRY_MIN: Duration = Duration::from_millis(100);
@@ -485,10 +489,18 @@ async fn follow(
                 return Err(AddressError::ConnectionClosed);
             },
         }
-        tokio::time::sleep(DEBOUNCE).await;
-        // Drain what queued up meanwhile; a closed stream shows on the next
-        // turn of the loop.
-        while let Some(Some(_)) = events.next().now_or_never() {}
+        // Let the burst end (one re-read covers it); a closed stream shows on
+        // the next turn of the loop.
+        let mut burst = Coalescer::new(tokio::time::Instant::now(), DEBOUNCE, MAX_DELAY);
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(burst.deadline()) => break,
+                event = events.next() => match event {
+                    Some(_) => burst.poke(tokio::time::Instant::now()),
+                    None => break,
+                },
+            }
+        }
 
         let mut delay = RETRY_MIN;
         let choice = loop {
