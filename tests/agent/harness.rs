@@ -428,14 +428,7 @@ pub fn dnat_elements(node: &Netns) -> BTreeSet<String> {
 /// the echo server behind the NAT to return it.
 pub fn roundtrip(client: &Netns, port: u16) -> bool {
     let addr: SocketAddr = format!("{PUBLIC_IP}:{port}").parse().unwrap();
-    client.run(|| {
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut b = [0u8; 1];
-        s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && b == *b"x"
-    })
+    crate::support::traffic::echo_roundtrip(client, addr)
 }
 
 /// A TCP echo server inside a pod namespace; stops when dropped.
