@@ -33,7 +33,8 @@ const CHURN: Duration = Duration::from_secs(20);
 const CHURN_RATE: u32 = 5;
 /// "A handful": reconciles the agent may run while kube-proxy churns.
 const MAX_RECONCILES: f64 = 5.0;
-const MAIL: &str = r#"{"entries":[{"srcPort":25,"dstPort":2525},{"srcPort":5353,"dstPort":5300,"proto":"udp"}]}"#;
+const MAIL: &str =
+    r#"{"entries":[{"srcPort":25,"dstPort":2525},{"srcPort":5353,"dstPort":5300,"proto":"udp"}]}"#;
 
 #[test]
 fn beside_kube_proxy_in_nftables_mode() {

@@ -206,7 +206,10 @@ impl<'a> KubeProxy<'a> {
 
     pub fn running(&self) -> bool {
         std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))
-            .map(|s| s.rsplit_once(") ").is_some_and(|(_, r)| !r.starts_with('Z')))
+            .map(|s| {
+                s.rsplit_once(") ")
+                    .is_some_and(|(_, r)| !r.starts_with('Z'))
+            })
             .unwrap_or(false)
     }
 

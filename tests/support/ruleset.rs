@@ -56,7 +56,10 @@ pub fn nft_table(node: &Netns, family: &str, name: &str, skip_empty_chains: bool
             "chain" => {
                 let hooked = body.get("hook").is_some();
                 let entry = chains.entry(chain_name(&body, "name")).or_default();
-                entry.0 = Some(format!("chain {body}{}", if hooked { " (base)" } else { "" }));
+                entry.0 = Some(format!(
+                    "chain {body}{}",
+                    if hooked { " (base)" } else { "" }
+                ));
             }
             "rule" => chains
                 .entry(chain_name(&body, "chain"))

@@ -115,10 +115,9 @@ impl Services {
     /// Creates the namespace and `count` Services with their slices
     /// (32 requests in flight).
     pub fn create(rt: &Runtime, admin: &Client, count: usize) -> Services {
-        let ns: Namespace = serde_json::from_value(
-            serde_json::json!({"metadata": {"name": SERVICE_NAMESPACE}}),
-        )
-        .expect("namespace object");
+        let ns: Namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": SERVICE_NAMESPACE}}))
+                .expect("namespace object");
         rt.block_on(Api::<Namespace>::all(admin.clone()).create(&PostParams::default(), &ns))
             .expect("create the services' namespace");
         let s = Services {
@@ -126,9 +125,7 @@ impl Services {
             slices: Api::namespaced(admin.clone(), SERVICE_NAMESPACE),
             count,
         };
-        rt.block_on(
-            futures::stream::iter(0..count).for_each_concurrent(32, |i| s.create_one(i)),
-        );
+        rt.block_on(futures::stream::iter(0..count).for_each_concurrent(32, |i| s.create_one(i)));
         s
     }
 
@@ -137,7 +134,11 @@ impl Services {
         // retry the create while the address is still taken.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            match self.services.create(&PostParams::default(), &service(i)).await {
+            match self
+                .services
+                .create(&PostParams::default(), &service(i))
+                .await
+            {
                 Ok(_) => break,
                 Err(e) if Instant::now() < deadline => {
                     eprintln!("create svc-{i}: {e}; retrying");
