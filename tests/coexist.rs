@@ -19,10 +19,11 @@ mod support;
 
 use std::time::Duration;
 
-use harness::{wait_for, Agent, EchoServer, World, NODE, WAIT};
-use support::kube_proxy::{http_get, sample, KubeProxy, ProxyMode};
+use harness::{wait_for, EchoServer, World, NODE, WAIT};
+use support::agent_view::{self, mappings, Counters};
+use support::kube_proxy::{KubeProxy, ProxyMode};
 use support::netns::{Netns, POD_A_IP, PUBLIC_IP};
-use support::ruleset::{self, diff};
+use support::ruleset::diff;
 use support::services::{self, service_address, Services, TARGET_PORT};
 use support::traffic::{check_mail_traffic, echo_roundtrip};
 
@@ -50,9 +51,7 @@ fn beside_kube_proxy_in_iptables_mode() {
 struct Observed {
     flavor: &'static str,
     changes: usize,
-    reconciles: f64,
-    batches: f64,
-    messages: f64,
+    during: Counters,
 }
 
 fn crowded_node(tag: &str, mode: ProxyMode) {
@@ -89,18 +88,17 @@ fn crowded_node(tag: &str, mode: ProxyMode) {
         });
         check_mail_traffic(&w.sandbox);
         check_cluster_ips(&w.sandbox.pod_a);
-        let ours = agent_rules(&w.sandbox.node, flavor);
-        let before = counters(&w.sandbox.node, &agent);
+        let ours = agent_view::rules(&w.sandbox.node, flavor);
+        let before = Counters::read(&w.sandbox.node);
 
         let changes = svcs.churn(&w.rt, CHURN, CHURN_RATE);
         kp.quiesce();
-        let after = counters(&w.sandbox.node, &agent);
+        assert!(agent.running(), "the agent exited:\n{}", agent.log());
+        let during = Counters::read(&w.sandbox.node).since(before);
         observed.push(Observed {
             flavor,
             changes,
-            reconciles: after.0 - before.0,
-            batches: after.1 - before.1,
-            messages: after.2 - before.2,
+            during,
         });
 
         let beside = kp.rules();
@@ -110,7 +108,7 @@ fn crowded_node(tag: &str, mode: ProxyMode) {
             mode.name(),
             diff(&alone, &beside)
         );
-        let now = agent_rules(&w.sandbox.node, flavor);
+        let now = agent_view::rules(&w.sandbox.node, flavor);
         assert!(
             now == ours,
             "the agent's rules ({flavor}) changed over the churn: {}",
@@ -149,9 +147,9 @@ fn crowded_node(tag: &str, mode: ProxyMode) {
                 mode.name(),
                 o.flavor,
                 o.changes,
-                o.reconciles,
-                o.batches,
-                o.messages
+                o.during.reconciles,
+                o.during.batches,
+                o.during.messages
             )
         })
         .collect();
@@ -160,7 +158,7 @@ fn crowded_node(tag: &str, mode: ProxyMode) {
     assert!(
         observed
             .iter()
-            .all(|o| o.batches == 0.0 && o.reconciles <= MAX_RECONCILES),
+            .all(|o| o.during.batches == 0.0 && o.during.reconciles <= MAX_RECONCILES),
         "the agent must send no batch and reconcile at most {MAX_RECONCILES} times \
          while kube-proxy churns:\n{table}"
     );
@@ -188,38 +186,4 @@ fn check_cluster_ips(from: &Netns) {
             echo_roundtrip(from, addr)
         });
     }
-}
-
-/// DNAT mappings the agent holds in the kernel, per flavor.
-fn mappings(node: &Netns, flavor: &str) -> usize {
-    match flavor {
-        "nftables" => harness::dnat_elements(node).len(),
-        _ => ruleset::iptables_lines(node, |l| {
-            l.starts_with("-A PODNAT") && l.contains("-j DNAT")
-        })
-        .len(),
-    }
-}
-
-/// The agent's rules in the kernel: its table (nftables flavor), or its
-/// chains and its jumps in the parent chains, in order (iptables flavor).
-fn agent_rules(node: &Netns, flavor: &str) -> Vec<String> {
-    match flavor {
-        "nftables" => ruleset::nft_table(node, "ip", "podnat", false),
-        _ => ruleset::iptables_lines(node, |l| l.contains("PODNAT") || l.contains("podnat")),
-    }
-}
-
-/// The agent's (reconciles, batches, messages) from its /metrics.
-fn counters(node: &Netns, agent: &Agent) -> (f64, f64, f64) {
-    assert!(agent.running(), "the agent exited:\n{}", agent.log());
-    let text = http_get(node, 8484, "/metrics").expect("the agent's /metrics");
-    let get = |series: &str| {
-        sample(&text, series).unwrap_or_else(|| panic!("{series} missing in:\n{text}"))
-    };
-    (
-        get("podnat_reconciles_total"),
-        get("podnat_batch_messages_count"),
-        get("podnat_batch_messages_sum"),
-    )
 }
