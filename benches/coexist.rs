@@ -214,12 +214,7 @@ fn measure(
     });
     if let (Some(agent), Some(f)) = (agent, flavor) {
         drop(agent);
-        let out = node
-            .command(env!("CARGO_BIN_EXE_podnat-controller"))
-            .args(["cleanup", &format!("-firewallflavor={f}")])
-            .output()
-            .expect("run the agent's cleanup");
-        assert!(out.status.success(), "cleanup failed");
+        agent_view::cleanup(node, f);
     }
     Row {
         mode: kp.mode,

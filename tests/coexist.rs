@@ -118,18 +118,7 @@ fn crowded_node(tag: &str, mode: ProxyMode) {
         check_cluster_ips(&w.sandbox.pod_a);
 
         drop(agent);
-        let out = w
-            .sandbox
-            .node
-            .command(env!("CARGO_BIN_EXE_podnat-controller"))
-            .args(["cleanup", &format!("-firewallflavor={flavor}")])
-            .output()
-            .expect("run the agent's cleanup");
-        assert!(
-            out.status.success(),
-            "cleanup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        agent_view::cleanup(&w.sandbox.node, flavor);
         assert_eq!(mappings(&w.sandbox.node, flavor), 0, "cleanup left rules");
         let cleaned = kp.rules();
         assert!(

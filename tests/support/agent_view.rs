@@ -82,3 +82,18 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks / hz
 }
+
+/// `podnat-controller cleanup` of `flavor` in `node`: everything the agent
+/// owns removed, nothing else.
+pub fn cleanup(node: &Netns, flavor: &str) {
+    let out = node
+        .command(env!("CARGO_BIN_EXE_podnat-controller"))
+        .args(["cleanup", &format!("-firewallflavor={flavor}")])
+        .output()
+        .expect("run the agent's cleanup");
+    assert!(
+        out.status.success(),
+        "cleanup ({flavor} flavor): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
