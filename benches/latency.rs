@@ -17,10 +17,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use harness::{annotation, wait_for, Agent, World, ANNOTATION, NODE};
-use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Patch, PatchParams, PostParams};
+use harness::{annotation, wait_for, Agent, World, NODE};
 use podnat_controller::firewall::nftables::NftablesBackend;
 use podnat_controller::firewall::{Backend, Names};
 use support::netns::Netns;
@@ -114,33 +111,19 @@ fn bulk() {
         .collect();
 
     let t0 = Instant::now();
-    let api = w.pods();
-    w.rt.block_on(
-        futures::stream::iter(0..BULK_PODS).for_each_concurrent(32, |i| {
-            let api = api.clone();
-            async move {
+    w.create_running_pods(
+        (0..BULK_PODS)
+            .map(|i| {
                 let entries: Vec<(u16, u16)> = (0..PORTS_PER_POD)
                     .map(|k| ((20000 + i * PORTS_PER_POD + k) as u16, 8000 + k as u16))
                     .collect();
-                let name = format!("bulk-{i}");
-                let pod: Pod = serde_json::from_value(serde_json::json!({
-                    "metadata": {"name": name, "annotations": {ANNOTATION: annotation(&entries)}},
-                    "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "example.invalid/c"}]}
-                }))
-                .expect("pod");
-                api.create(&PostParams::default(), &pod)
-                    .await
-                    .expect("create pod");
-                let ip = pod_ip(i).to_string();
-                let status = serde_json::json!({"status": {
-                    "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                    "conditions": [{"type": "Ready", "status": "True"}]
-                }});
-                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                    .await
-                    .expect("pod status");
-            }
-        }),
+                (
+                    format!("bulk-{i}"),
+                    annotation(&entries),
+                    pod_ip(i).to_string(),
+                )
+            })
+            .collect(),
     );
     let created = t0.elapsed();
     wait_for("all bulk ports in the kernel", LONG, || {

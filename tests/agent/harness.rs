@@ -196,6 +196,37 @@ impl World {
             .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
     }
 
+    /// Many running pods at once (32 requests in flight), each
+    /// `(name, annotation, pod IP)`, bound to `NODE`, as `create_pod` and
+    /// `set_running` make them one by one.
+    pub fn create_running_pods(&self, pods: Vec<(String, String, String)>) {
+        use futures::StreamExt;
+        let api = self.pods();
+        self.rt.block_on(futures::stream::iter(pods).for_each_concurrent(
+            32,
+            |(name, value, ip)| {
+                let api = api.clone();
+                async move {
+                    let pod: Pod = serde_json::from_value(serde_json::json!({
+                        "metadata": {"name": name, "annotations": {ANNOTATION: value}},
+                        "spec": {"nodeName": NODE, "containers": [{"name": "c", "image": "example.invalid/c"}]}
+                    }))
+                    .expect("pod");
+                    api.create(&PostParams::default(), &pod)
+                        .await
+                        .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
+                    let status = serde_json::json!({"status": {
+                        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                        "conditions": [{"type": "Ready", "status": "True"}]
+                    }});
+                    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
+                        .await
+                        .unwrap_or_else(|e| panic!("status of pod {name}: {e}"));
+                }
+            },
+        ));
+    }
+
     /// What a kubelet writes once the pod runs: phase, IP, Ready.
     pub fn set_running(&self, name: &str, ip: &str) {
         let status = serde_json::json!({"status": {
@@ -428,14 +459,7 @@ pub fn dnat_elements(node: &Netns) -> BTreeSet<String> {
 /// the echo server behind the NAT to return it.
 pub fn roundtrip(client: &Netns, port: u16) -> bool {
     let addr: SocketAddr = format!("{PUBLIC_IP}:{port}").parse().unwrap();
-    client.run(|| {
-        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
-            return false;
-        };
-        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
-        let mut b = [0u8; 1];
-        s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && b == *b"x"
-    })
+    crate::support::traffic::echo_roundtrip(client, addr)
 }
 
 /// A TCP echo server inside a pod namespace; stops when dropped.

@@ -6,7 +6,20 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
 
-use super::netns::{Sandbox, CLIENT_IP, POD_A_IP, POD_B_IP, PUBLIC_IP};
+use super::netns::{Netns, Sandbox, CLIENT_IP, POD_A_IP, POD_B_IP, PUBLIC_IP};
+
+/// Connects from `ns` to `addr`, sends a byte and expects an echo server
+/// to return it.
+pub fn echo_roundtrip(ns: &Netns, addr: SocketAddr) -> bool {
+    ns.run(|| {
+        let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+            return false;
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let mut b = [0u8; 1];
+        s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && b == *b"x"
+    })
+}
 
 fn connect(to: &str) -> std::io::Result<TcpStream> {
     TcpStream::connect_timeout(&to.parse().unwrap(), Duration::from_secs(3))
