@@ -13,14 +13,14 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
-use std::ops::Range;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::{on_node, Conflict, NatTable, Pending, PlanConfig, PodFacts, Rejection};
+use super::{on_node, NatTable, Pending, PlanConfig, PodFacts, Rejection};
 use crate::annotation::{self, AnnotationError};
 use crate::firewall::Changes;
-use crate::model::{ForwardRule, Mapping, NatKey, PodRef, PortMapping, Proto, SnatRule};
+use crate::model::{NatKey, PodRef, PortMapping, Proto};
+use replan::range_of;
 
 /// What one event changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -144,9 +144,8 @@ impl IncrementalPlan {
         &self.table
     }
 
-    /// Rebuilds from a full pod list (first sync, resync); `pods` are unique
-    /// by `PodRef`, as in a store. Annotations whose text did not change are
-    /// not parsed again.
+    /// Rebuilds from a full pod list (first sync, resync). Annotations whose
+    /// text did not change are not parsed again.
     pub(crate) fn reset(&mut self, pods: &[PodFacts]) -> &NatTable {
         let mut old = std::mem::take(&mut self.pods);
         let states = pods
@@ -250,7 +249,11 @@ impl IncrementalPlan {
     /// Replaces the whole state. Pods go in in `PodRef` order and keys, slots
     /// are re-planned in sorted order, so every sorted insert is an append.
     fn rebuild(&mut self, mut states: Vec<PodState>) {
+        // A store holds one pod per name; should a list repeat one, the
+        // later copy is kept (reversed, then a stable sort and dedup).
+        states.reverse();
         states.sort_by(|a, b| a.facts.pod.cmp(&b.facts.pod));
+        states.dedup_by(|a, b| a.facts.pod == b.facts.pod);
         self.pods.clear();
         self.claims.clear();
         self.by_ip.clear();
@@ -370,166 +373,9 @@ impl IncrementalPlan {
             dirty.pods.insert(pod.clone());
         }
     }
-
-    /// Re-plans the dirty keys (winner, conflicts), then the SNAT and FORWARD
-    /// slots of every pod whose winning entries may have moved.
-    fn replan(&mut self, mut dirty: Dirty) -> TableChange {
-        let mut rules = Changes::default();
-        for key in std::mem::take(&mut dirty.keys) {
-            let claims = self.claims.get(&key);
-            let winner = claims.and_then(|c| c.last());
-            let mapping = winner.and_then(|w| {
-                let s = self.pods.get(&w.pod)?;
-                Some(Mapping {
-                    key,
-                    pod_ip: s.facts.ip?,
-                    pod_port: s.entries().get(w.entry)?.dst_port,
-                    owner: w.pod.clone(),
-                })
-            });
-            let mut conflicts: Vec<Conflict> = winner
-                .into_iter()
-                .flat_map(|w| {
-                    claims
-                        .into_iter()
-                        .flatten()
-                        .filter(move |c| c.pod != w.pod)
-                        .map(move |c| Conflict {
-                            key,
-                            loser: c.pod.clone(),
-                            winner: w.pod.clone(),
-                        })
-                })
-                .collect();
-            conflicts.sort();
-            let list = &mut self.table.conflicts;
-            let range = range_of(list, |c| c.key.cmp(&key));
-            if list[range.clone()] != conflicts[..] {
-                dirty
-                    .pods
-                    .extend(list[range.clone()].iter().map(|c| c.loser.clone()));
-                dirty.pods.extend(conflicts.iter().map(|c| c.loser.clone()));
-                list.splice(range, conflicts);
-            }
-            let dnat = &mut self.table.rules.dnat;
-            let at = dnat.binary_search_by(|m| m.key.cmp(&key));
-            let old = at.ok().map(|i| &dnat[i]);
-            if old == mapping.as_ref() {
-                continue;
-            }
-            // The winning entries of both owners moved: their SNAT and
-            // FORWARD slots are re-planned below.
-            for owner in old.into_iter().chain(&mapping).map(|m| &m.owner) {
-                if let Some(s) = self.pods.get(owner) {
-                    dirty.slots_of(s);
-                }
-                dirty.pods.insert(owner.clone());
-            }
-            swap_rule(dnat, at, mapping, &mut rules.add.dnat, &mut rules.del.dnat);
-        }
-
-        for (pod_ip, proto) in std::mem::take(&mut dirty.snat) {
-            // Each candidate's first winning entry of `proto` (annotation
-            // order); the highest-ranked candidate owns the slot.
-            let want = self
-                .candidates_at(pod_ip)
-                .filter_map(|s| {
-                    let pod = &s.facts.pod;
-                    let e = s
-                        .entries()
-                        .iter()
-                        .find(|e| e.proto == proto && self.wins(pod, e))?;
-                    Some((s.rank(), self.key_of(e)?.public_ip))
-                })
-                .max_by(|a, b| a.0.cmp(&b.0))
-                .map(|((_, _, owner), public_ip)| SnatRule {
-                    pod_ip,
-                    proto,
-                    public_ip,
-                    owner: owner.clone(),
-                });
-            let list = &mut self.table.rules.snat;
-            let at = list.binary_search_by(|r| (r.pod_ip, r.proto).cmp(&(pod_ip, proto)));
-            swap_rule(list, at, want, &mut rules.add.snat, &mut rules.del.snat);
-        }
-
-        for (pod_ip, proto, pod_port) in std::mem::take(&mut dirty.forward) {
-            let want = self
-                .candidates_at(pod_ip)
-                .filter(|s| {
-                    s.entries().iter().any(|e| {
-                        e.proto == proto && e.dst_port == pod_port && self.wins(&s.facts.pod, e)
-                    })
-                })
-                .max_by(|a, b| a.rank().cmp(&b.rank()))
-                .map(|s| ForwardRule {
-                    pod_ip,
-                    proto,
-                    pod_port,
-                    owner: s.facts.pod.clone(),
-                });
-            let list = &mut self.table.rules.forward;
-            let at = list.binary_search_by(|r| {
-                (r.pod_ip, r.proto, r.pod_port).cmp(&(pod_ip, proto, pod_port))
-            });
-            swap_rule(
-                list,
-                at,
-                want,
-                &mut rules.add.forward,
-                &mut rules.del.forward,
-            );
-        }
-
-        for r in [&rules.add, &rules.del] {
-            dirty.pods.extend(r.snat.iter().map(|s| s.owner.clone()));
-            dirty.pods.extend(r.forward.iter().map(|f| f.owner.clone()));
-        }
-        TableChange {
-            rules,
-            pods: dirty.pods,
-        }
-    }
-
-    fn candidates_at(&self, ip: Ipv4Addr) -> impl Iterator<Item = &PodState> + '_ {
-        self.by_ip
-            .get(&ip)
-            .into_iter()
-            .flatten()
-            .filter_map(|p| self.pods.get(p))
-    }
 }
 
-/// The range of a sorted list whose items compare `Equal` under `cmp`.
-fn range_of<T>(list: &[T], cmp: impl Fn(&T) -> std::cmp::Ordering) -> Range<usize> {
-    let start = list.partition_point(|x| cmp(x).is_lt());
-    let end = start + list[start..].partition_point(|x| cmp(x).is_eq());
-    start..end
-}
-
-/// Puts `want` in the slot found at `at` of a sorted list, recording the rule
-/// it adds and the one it deletes.
-fn swap_rule<T: Clone + PartialEq>(
-    list: &mut Vec<T>,
-    at: Result<usize, usize>,
-    want: Option<T>,
-    add: &mut Vec<T>,
-    del: &mut Vec<T>,
-) {
-    match (at, want) {
-        (Ok(i), Some(w)) if list[i] == w => {}
-        (Ok(i), Some(w)) => {
-            del.push(std::mem::replace(&mut list[i], w.clone()));
-            add.push(w);
-        }
-        (Ok(i), None) => del.push(list.remove(i)),
-        (Err(i), Some(w)) => {
-            list.insert(i, w.clone());
-            add.push(w);
-        }
-        (Err(_), None) => {}
-    }
-}
+mod replan;
 
 #[cfg(test)]
 mod tests;
