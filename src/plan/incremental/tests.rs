@@ -186,6 +186,8 @@ const ADDRESSES: [Option<Ipv4Addr>; 3] = [None, Some(PUB), Some(Ipv4Addr::new(20
 #[derive(Clone, Debug)]
 enum Event {
     Upsert(PodFacts),
+    /// One field of a pod already there changes, as in a status update.
+    Tweak(PodRef, u8),
     Remove(PodRef),
     Address(Option<Ipv4Addr>),
     Resync,
@@ -223,11 +225,35 @@ fn arb_facts() -> impl Strategy<Value = PodFacts> {
 
 fn arb_event() -> impl Strategy<Value = Event> {
     prop_oneof![
-        8 => arb_facts().prop_map(Event::Upsert),
+        5 => arb_facts().prop_map(Event::Upsert),
+        5 => (arb_ref(), 0u8..6).prop_map(|(r, t)| Event::Tweak(r, t)),
         3 => arb_ref().prop_map(Event::Remove),
         1 => (0..ADDRESSES.len()).prop_map(|i| Event::Address(ADDRESSES[i])),
         1 => Just(Event::Resync),
     ]
+}
+
+fn tweak(p: &mut PodFacts, what: u8) {
+    match what {
+        0 => p.ready = !p.ready,
+        1 => {
+            let next = p.ip.map_or(1, |ip| ip.octets()[3] % 3 + 1);
+            p.ip = Some(Ipv4Addr::new(10, 1, 0, next));
+        }
+        2 => p.terminating = !p.terminating,
+        3 => p.finished = !p.finished,
+        4 => {
+            let i = ANNOTATIONS
+                .iter()
+                .position(|a| Some(*a) == p.annotation.as_deref());
+            p.annotation = Some(ANNOTATIONS[i.map_or(0, |i| (i + 1) % ANNOTATIONS.len())].into());
+        }
+        _ => {
+            p.created = p
+                .created
+                .map(|t| t + k8s_openapi::jiff::SignedDuration::from_secs(1))
+        }
+    }
 }
 
 /// Everything the table says about one pod (what its events are made of).
@@ -269,6 +295,11 @@ proptest! {
                 Event::Upsert(p) => {
                     pods.insert(p.pod.clone(), p.clone());
                     inc.upsert(p)
+                }
+                Event::Tweak(r, what) => {
+                    let Some(p) = pods.get_mut(&r) else { continue };
+                    tweak(p, what);
+                    inc.upsert(p.clone())
                 }
                 Event::Remove(r) => {
                     pods.remove(&r);
