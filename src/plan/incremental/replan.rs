@@ -44,10 +44,9 @@ impl IncrementalPlan {
             let list = &mut self.table.conflicts;
             let range = range_of(list, |c| c.key.cmp(&key));
             if list[range.clone()] != conflicts[..] {
-                dirty
-                    .pods
-                    .extend(list[range.clone()].iter().map(|c| c.loser.clone()));
-                dirty.pods.extend(conflicts.iter().map(|c| c.loser.clone()));
+                for c in list[range.clone()].iter().chain(&conflicts) {
+                    dirty.touch(&c.loser);
+                }
                 list.splice(range, conflicts);
             }
             let dnat = &mut self.table.rules.dnat;
@@ -57,12 +56,14 @@ impl IncrementalPlan {
                 continue;
             }
             // The winning entries of both owners moved: their SNAT and
-            // FORWARD slots are re-planned below.
-            for owner in old.into_iter().chain(&mapping).map(|m| &m.owner) {
+            // FORWARD slots are re-planned below (a rebuild has all of them).
+            let rebuild = dirty.rebuild;
+            let owners = old.into_iter().chain(&mapping).map(|m| &m.owner);
+            for owner in owners.filter(|_| !rebuild) {
                 if let Some(s) = self.pods.get(owner) {
                     dirty.slots_of(s);
                 }
-                dirty.pods.insert(owner.clone());
+                dirty.touch(owner);
             }
             swap_rule(dnat, at, mapping, &mut rules.add.dnat, &mut rules.del.dnat);
         }
@@ -121,8 +122,10 @@ impl IncrementalPlan {
         }
 
         for r in [&rules.add, &rules.del] {
-            dirty.pods.extend(r.snat.iter().map(|s| s.owner.clone()));
-            dirty.pods.extend(r.forward.iter().map(|f| f.owner.clone()));
+            let owners = r.snat.iter().map(|s| &s.owner);
+            for owner in owners.chain(r.forward.iter().map(|f| &f.owner)) {
+                dirty.touch(owner);
+            }
         }
         TableChange {
             rules,

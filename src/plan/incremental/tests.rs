@@ -343,8 +343,9 @@ proptest! {
 }
 
 /// 1000 pods x 5 ports: one upsert that adds (or drops) a port against one
-/// full `plan()` (+ the full diff the loop makes today). Figures, no assertion
-/// on time: `cargo test --release --lib plan::incremental -- --ignored --nocapture`.
+/// full `plan()` (+ the full diff the loop makes today). Figures are medians
+/// (the machine is shared), no assertion on time:
+/// `cargo test --release --lib plan::incremental -- --ignored --nocapture`.
 #[test]
 #[ignore = "benchmark, run in release with --ignored --nocapture"]
 fn bench_one_port_vs_full_plan() {
@@ -363,6 +364,19 @@ fn bench_one_port_vs_full_plan() {
             .collect();
         format!(r#"{{"entries":[{}]}}"#, entries.join(","))
     }
+    fn time<T>(f: impl FnOnce() -> T) -> Duration {
+        let t = Instant::now();
+        black_box(f());
+        t.elapsed()
+    }
+    let row = |what: &str, mut samples: Vec<Duration>| {
+        samples.sort();
+        let median = samples[samples.len() / 2].as_secs_f64() * 1e6;
+        println!(
+            "  {what:<42} {median:9.1} us  (median of {})",
+            samples.len()
+        );
+    };
     let pods: Vec<PodFacts> = (0..1000u16)
         .map(|i| {
             let ip = format!("10.1.{}.{}", i / 250, i % 250 + 1);
@@ -378,55 +392,62 @@ fn bench_one_port_vs_full_plan() {
     let five = pods[500].clone();
     let mut six = five.clone();
     six.annotation = Some(annotation(500, 6));
+    let mut not_ready = five.clone();
+    not_ready.ready = false;
 
     let mut inc = IncrementalPlan::new(cfg(), Some(PUB));
-    let t = Instant::now();
     inc.reset(&pods);
-    let reset = t.elapsed();
-    assert_eq!(inc.table().rules.len(), 1000 * 5 * 2 + 1000);
-
-    let rounds = 2000u32;
-    let (mut add, mut drop) = (Duration::ZERO, Duration::ZERO);
-    for _ in 0..rounds {
-        let t = Instant::now();
-        black_box(inc.upsert(six.clone()));
-        add += t.elapsed();
-        let t = Instant::now();
-        black_box(inc.upsert(five.clone()));
-        drop += t.elapsed();
+    println!("1000 pods x 5 ports ({} rules)", inc.table().rules.len());
+    let resets = (0..20)
+        .map(|_| {
+            let mut fresh = IncrementalPlan::new(cfg(), Some(PUB));
+            time(|| fresh.reset(&pods).rules.len())
+        })
+        .collect();
+    let (mut add, mut drop, mut flip) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..2000 {
+        add.push(time(|| inc.upsert(six.clone())));
+        drop.push(time(|| inc.upsert(five.clone())));
+        // A status update that moves no rule (pod 500 has no rival).
+        flip.push(time(|| inc.upsert(not_ready.clone())));
+        flip.push(time(|| inc.upsert(five.clone())));
     }
+    assert_eq!(inc.table(), &plan(&pods, Some(PUB), &cfg()));
+    // Parts of an upsert: parsing the annotation, and the memmove of a
+    // sorted Vec insert + remove in the middle of the DNAT list.
+    let text = six.annotation.clone().unwrap_or_default();
+    let parse = (0..2000)
+        .map(|_| time(|| crate::annotation::parse(&text, &cfg().restricted_ports).ok()))
+        .collect();
+    let mut dnat = inc.table().rules.dnat.clone();
+    let shift = (0..2000)
+        .map(|_| {
+            time(|| {
+                let m = dnat.remove(2500);
+                dnat.insert(2500, black_box(m));
+            })
+        })
+        .collect();
     let mut with_six = pods.clone();
     with_six[500] = six;
-    let full_rounds = 50u32;
-    let (mut full, mut full_diff) = (Duration::ZERO, Duration::ZERO);
     let before = plan(&pods, Some(PUB), &cfg());
-    for _ in 0..full_rounds {
-        let t = Instant::now();
-        let table = black_box(plan(&with_six, Some(PUB), &cfg()));
-        full += t.elapsed();
-        black_box(Changes::between(&before.rules, &table.rules));
-        full_diff += t.elapsed();
-    }
-    let us = |d: Duration, n: u32| d.as_secs_f64() * 1e6 / f64::from(n);
-    println!("1000 pods x 5 ports ({} rules)", inc.table().rules.len());
-    println!(
-        "  incremental upsert adding 1 port:    {:9.1} us",
-        us(add, rounds)
-    );
-    println!(
-        "  incremental upsert dropping 1 port:  {:9.1} us",
-        us(drop, rounds)
-    );
-    println!(
-        "  full plan():                         {:9.1} us",
-        us(full, full_rounds)
-    );
-    println!(
-        "  full plan() + Changes::between:      {:9.1} us",
-        us(full_diff, full_rounds)
-    );
-    println!(
-        "  reset (first sync):                  {:9.1} us",
-        us(reset, 1)
-    );
+    let full = (0..50)
+        .map(|_| time(|| plan(&with_six, Some(PUB), &cfg())))
+        .collect();
+    let full_diff = (0..50)
+        .map(|_| {
+            time(|| {
+                let t = plan(&with_six, Some(PUB), &cfg());
+                Changes::between(&before.rules, &t.rules)
+            })
+        })
+        .collect();
+    row("incremental upsert adding 1 port", add);
+    row("incremental upsert dropping 1 port", drop);
+    row("upsert flipping Ready, no rule moves", flip);
+    row("  of an upsert: parse 6 entries", parse);
+    row("  of an upsert: DNAT Vec remove + insert", shift);
+    row("full plan()", full);
+    row("full plan() + Changes::between", full_diff);
+    row("reset (first sync)", resets);
 }
