@@ -37,6 +37,32 @@ impl TableChange {
     pub(crate) fn is_empty(&self) -> bool {
         self.rules.is_empty() && self.pods.is_empty()
     }
+
+    /// Folds a later change into this one, so that a burst of events makes
+    /// one changeset: a rule added then deleted, or deleted then added back,
+    /// drops out. Costs the size of the two changes, not of the table.
+    pub(crate) fn absorb(&mut self, later: TableChange) {
+        let (a, d) = (&mut self.rules.add, &mut self.rules.del);
+        let (a2, d2) = (later.rules.add, later.rules.del);
+        fold(&mut a.dnat, &mut d.dnat, a2.dnat, d2.dnat);
+        fold(&mut a.snat, &mut d.snat, a2.snat, d2.snat);
+        fold(&mut a.forward, &mut d.forward, a2.forward, d2.forward);
+        self.pods.extend(later.pods);
+    }
+}
+
+/// Two successive changes of one sorted list as one: with S1 = S0 - d1 + a1
+/// and S2 = S1 - d2 + a2, S2 - S0 = (a1 - d2) + (a2 - d1) and S0 - S2 =
+/// (d1 - a2) + (d2 - a1), each a union of disjoint parts.
+fn fold<T: Ord + Clone>(add: &mut Vec<T>, del: &mut Vec<T>, add2: Vec<T>, del2: Vec<T>) {
+    fn minus<'a, T: Ord>(x: &'a [T], y: &'a [T]) -> impl Iterator<Item = &'a T> {
+        x.iter().filter(|e| y.binary_search(e).is_err())
+    }
+    let (a1, d1) = (std::mem::take(add), std::mem::take(del));
+    add.extend(minus(&a1, &del2).chain(minus(&add2, &d1)).cloned());
+    add.sort();
+    del.extend(minus(&d1, &add2).chain(minus(&del2, &a1)).cloned());
+    del.sort();
 }
 
 /// One pod's claim on a public key. The derived order is `plan()`'s rank

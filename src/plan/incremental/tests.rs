@@ -164,6 +164,18 @@ fn an_address_found_later_turns_pending_entries_into_rules() {
     assert_eq!(inc.table(), &plan(&[p], Some(PUB), &cfg()));
 }
 
+#[test]
+fn a_pod_that_comes_and_goes_within_one_burst_programs_nothing() {
+    let stays = pod("a", "stays", "10.1.0.1", 1, P25);
+    let mut inc = planner(std::slice::from_ref(&stays));
+    let brief = pod("a", "brief", "10.1.0.2", 2, P25);
+    let mut burst = inc.upsert(brief.clone());
+    burst.absorb(inc.remove(&brief.pod));
+    assert!(burst.rules.is_empty(), "{burst:?}");
+    // Both pods are told about: the one that stays lost its port meanwhile.
+    assert_eq!(burst.pods, [stays.pod, brief.pod].into_iter().collect());
+}
+
 /// Annotations that meet: the same port (TCP and UDP, auto and manual
 /// address), shared pod ports, SNAT across addresses, rejected ones.
 const ANNOTATIONS: &[&str] = &[
@@ -289,6 +301,7 @@ proptest! {
         let mut pods: BTreeMap<PodRef, PodFacts> = BTreeMap::new();
         let mut address = Some(PUB);
         let mut inc = IncrementalPlan::new(cfg(), address);
+        let mut burst = TableChange::default();
         for event in events {
             let before = inc.table().clone();
             let change = match event {
@@ -327,6 +340,7 @@ proptest! {
             let mut rules = before.rules.clone();
             change.rules.apply_to(&mut rules);
             prop_assert_eq!(&rules, &want.rules);
+            burst.absorb(change.clone());
             // Every pod whose own view changed is reported.
             for (ns, name) in (0..2).flat_map(|ns| (0..3).map(move |n| (ns, n))) {
                 let p = &PodRef::new(format!("ns{ns}"), format!("p{name}"));
@@ -335,6 +349,8 @@ proptest! {
                 }
             }
         }
+        // The whole sequence folded into one change is the net difference.
+        prop_assert_eq!(&burst.rules, &Changes::between(&RuleSet::default(), &inc.table().rules));
         // A fresh planner reset from the final pods agrees too.
         let all: Vec<PodFacts> = pods.values().cloned().collect();
         let mut fresh = IncrementalPlan::new(cfg(), address);
