@@ -17,14 +17,9 @@ impl IncrementalPlan {
         for key in std::mem::take(&mut dirty.keys) {
             let claims = self.claims.get(&key);
             let winner = claims.and_then(|c| c.last());
-            let mapping = winner.and_then(|w| {
+            let want = winner.and_then(|w| {
                 let s = self.pods.get(&w.pod)?;
-                Some(Mapping {
-                    key,
-                    pod_ip: s.facts.ip?,
-                    pod_port: s.entries().get(w.entry)?.dst_port,
-                    owner: w.pod.clone(),
-                })
+                Some((s.facts.ip?, s.entries().get(w.entry)?.dst_port, &w.pod))
             });
             let mut conflicts: Vec<Conflict> = winner
                 .into_iter()
@@ -49,22 +44,32 @@ impl IncrementalPlan {
                 }
                 list.splice(range, conflicts);
             }
-            let dnat = &mut self.table.rules.dnat;
+            // Compared before it is built: most re-planned keys keep their
+            // mapping, and building one allocates its owner.
+            let dnat = &self.table.rules.dnat;
             let at = dnat.binary_search_by(|m| m.key.cmp(&key));
             let old = at.ok().map(|i| &dnat[i]);
-            if old == mapping.as_ref() {
+            if old.map(|m| (m.pod_ip, m.pod_port, &m.owner)) == want {
                 continue;
             }
+            let mapping = want.map(|(pod_ip, pod_port, owner)| Mapping {
+                key,
+                pod_ip,
+                pod_port,
+                owner: owner.clone(),
+            });
+            let old = old.map(|m| m.owner.clone());
             // The winning entries of both owners moved: their SNAT and
             // FORWARD slots are re-planned below (a rebuild has all of them).
             let rebuild = dirty.rebuild;
-            let owners = old.into_iter().chain(&mapping).map(|m| &m.owner);
+            let owners = old.iter().chain(mapping.as_ref().map(|m| &m.owner));
             for owner in owners.filter(|_| !rebuild) {
                 if let Some(s) = self.pods.get(owner) {
                     dirty.slots_of(s);
                 }
                 dirty.touch(owner);
             }
+            let dnat = &mut self.table.rules.dnat;
             swap_rule(dnat, at, mapping, &mut rules.add.dnat, &mut rules.del.dnat);
         }
 
@@ -82,14 +87,19 @@ impl IncrementalPlan {
                     Some((s.rank(), self.key_of(e)?.public_ip))
                 })
                 .max_by(|a, b| a.0.cmp(&b.0))
-                .map(|((_, _, owner), public_ip)| SnatRule {
-                    pod_ip,
-                    proto,
-                    public_ip,
-                    owner: owner.clone(),
-                });
-            let list = &mut self.table.rules.snat;
+                .map(|((_, _, owner), public_ip)| (public_ip, owner));
+            let list = &self.table.rules.snat;
             let at = list.binary_search_by(|r| (r.pod_ip, r.proto).cmp(&(pod_ip, proto)));
+            if at.ok().map(|i| (list[i].public_ip, &list[i].owner)) == want {
+                continue;
+            }
+            let want = want.map(|(public_ip, owner)| SnatRule {
+                pod_ip,
+                proto,
+                public_ip,
+                owner: owner.clone(),
+            });
+            let list = &mut self.table.rules.snat;
             swap_rule(list, at, want, &mut rules.add.snat, &mut rules.del.snat);
         }
 
@@ -102,16 +112,21 @@ impl IncrementalPlan {
                     })
                 })
                 .max_by(|a, b| a.rank().cmp(&b.rank()))
-                .map(|s| ForwardRule {
-                    pod_ip,
-                    proto,
-                    pod_port,
-                    owner: s.facts.pod.clone(),
-                });
-            let list = &mut self.table.rules.forward;
+                .map(|s| &s.facts.pod);
+            let list = &self.table.rules.forward;
             let at = list.binary_search_by(|r| {
                 (r.pod_ip, r.proto, r.pod_port).cmp(&(pod_ip, proto, pod_port))
             });
+            if at.ok().map(|i| &list[i].owner) == want {
+                continue;
+            }
+            let want = want.map(|owner| ForwardRule {
+                pod_ip,
+                proto,
+                pod_port,
+                owner: owner.clone(),
+            });
+            let list = &mut self.table.rules.forward;
             swap_rule(
                 list,
                 at,
