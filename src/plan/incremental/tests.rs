@@ -1,0 +1,469 @@
+//! The incremental planner against the full one: spec-named cases for the
+//! winner moves, and random event sequences checked against `plan()` after
+//! every step.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+use crate::model::RuleSet;
+use crate::plan::plan;
+use crate::plan::tests::{cfg, pod, P25, PUB};
+
+fn planner(pods: &[PodFacts]) -> IncrementalPlan {
+    let mut inc = IncrementalPlan::new(cfg(), Some(PUB));
+    for p in pods {
+        inc.upsert(p.clone());
+    }
+    inc
+}
+
+fn owners<T>(rules: &[T], owner: impl Fn(&T) -> &PodRef) -> Vec<String> {
+    rules.iter().map(|r| owner(r).to_string()).collect()
+}
+
+#[test]
+fn winner_leaves_and_the_loser_takes_over() {
+    let old = pod("a", "old", "10.1.0.1", 100, P25);
+    let new = pod("a", "new", "10.1.0.2", 200, P25);
+    let mut inc = planner(std::slice::from_ref(&old));
+    let ch = inc.upsert(new.clone());
+    assert_eq!(owners(&ch.rules.add.dnat, |m| &m.owner), vec!["a:new"]);
+    assert_eq!(owners(&ch.rules.del.dnat, |m| &m.owner), vec!["a:old"]);
+    assert_eq!(owners(&ch.rules.del.snat, |s| &s.owner), vec!["a:old"]);
+    assert!(ch.pods.contains(&old.pod), "the old pod became a loser");
+    assert_eq!(inc.table().conflicts.len(), 1);
+
+    let ch = inc.remove(&new.pod);
+    assert_eq!(owners(&ch.rules.add.dnat, |m| &m.owner), vec!["a:old"]);
+    assert_eq!(owners(&ch.rules.add.snat, |s| &s.owner), vec!["a:old"]);
+    assert_eq!(owners(&ch.rules.add.forward, |f| &f.owner), vec!["a:old"]);
+    assert_eq!(owners(&ch.rules.del.forward, |f| &f.owner), vec!["a:new"]);
+    assert_eq!(ch.pods, [old.pod.clone(), new.pod].into_iter().collect());
+    assert!(inc.table().conflicts.is_empty());
+    assert_eq!(inc.table(), &plan(&[old], Some(PUB), &cfg()));
+}
+
+#[test]
+fn snat_moves_to_the_next_entry_when_the_first_loses() {
+    let a = pod(
+        "a",
+        "a",
+        "10.1.0.1",
+        1,
+        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25},{"srcIP":"198.51.100.2","srcPort":26,"dstPort":26}]}"#,
+    );
+    let b = pod(
+        "a",
+        "b",
+        "10.1.0.2",
+        2,
+        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25}]}"#,
+    );
+    let mut inc = planner(std::slice::from_ref(&a));
+    assert_eq!(
+        inc.table().rules.snat[0].public_ip,
+        Ipv4Addr::new(198, 51, 100, 1)
+    );
+    let ch = inc.upsert(b.clone());
+    let a_snat = |r: &RuleSet| {
+        r.snat
+            .iter()
+            .find(|s| s.owner == a.pod)
+            .map(|s| s.public_ip)
+    };
+    assert_eq!(a_snat(&ch.rules.del), Some(Ipv4Addr::new(198, 51, 100, 1)));
+    assert_eq!(a_snat(&ch.rules.add), Some(Ipv4Addr::new(198, 51, 100, 2)));
+    assert_eq!(
+        inc.table(),
+        &plan(&[a.clone(), b.clone()], Some(PUB), &cfg())
+    );
+
+    let ch = inc.remove(&b.pod);
+    assert_eq!(a_snat(&ch.rules.add), Some(Ipv4Addr::new(198, 51, 100, 1)));
+    assert_eq!(inc.table(), &plan(&[a], Some(PUB), &cfg()));
+}
+
+#[test]
+fn a_new_pod_on_an_old_pods_ip_owns_the_shared_snat_and_forward() {
+    // The old pod still holds its IP while the new one already has it.
+    let mut old = pod("a", "old", "10.1.0.1", 100, P25);
+    let new = pod(
+        "a",
+        "new",
+        "10.1.0.1",
+        200,
+        r#"{"entries":[{"srcPort":26,"dstPort":25}]}"#,
+    );
+    let mut inc = planner(&[old.clone(), new.clone()]);
+    let t = inc.table();
+    assert_eq!(owners(&t.rules.dnat, |m| &m.owner), vec!["a:old", "a:new"]);
+    assert_eq!(owners(&t.rules.snat, |s| &s.owner), vec!["a:new"]);
+    assert_eq!(owners(&t.rules.forward, |f| &f.owner), vec!["a:new"]);
+
+    old.terminating = true;
+    let ch = inc.upsert(old.clone());
+    assert_eq!(owners(&ch.rules.del.dnat, |m| &m.owner), vec!["a:old"]);
+    assert!(ch.rules.add.is_empty() && ch.rules.del.snat.is_empty());
+    assert_eq!(
+        inc.table(),
+        &plan(&[old.clone(), new.clone()], Some(PUB), &cfg())
+    );
+
+    // The new pod goes first instead: the old one gets the shared slots back.
+    old.terminating = false;
+    inc.upsert(old.clone());
+    let ch = inc.remove(&new.pod);
+    assert_eq!(owners(&ch.rules.add.snat, |s| &s.owner), vec!["a:old"]);
+    assert_eq!(owners(&ch.rules.add.forward, |f| &f.owner), vec!["a:old"]);
+    assert_eq!(inc.table(), &plan(&[old], Some(PUB), &cfg()));
+}
+
+#[test]
+fn a_pod_seen_again_unchanged_costs_nothing() {
+    let p = pod("a", "p", "10.1.0.1", 1, P25);
+    let mut inc = planner(std::slice::from_ref(&p));
+    assert!(inc.upsert(p.clone()).is_empty());
+    assert!(inc.remove(&PodRef::new("a", "never-seen")).is_empty());
+    let mut other_node = pod("a", "q", "10.1.0.2", 2, P25);
+    other_node.node = Some("node2".into());
+    assert!(inc.upsert(other_node).is_empty());
+}
+
+#[test]
+fn a_rejected_annotation_is_reported_then_cleared_when_fixed() {
+    let mut p = pod(
+        "a",
+        "p",
+        "10.1.0.1",
+        1,
+        r#"{"entries":[{"srcPort":22,"dstPort":22}]}"#,
+    );
+    let mut inc = planner(&[]);
+    let ch = inc.upsert(p.clone());
+    assert!(ch.rules.is_empty());
+    assert_eq!(ch.pods, [p.pod.clone()].into_iter().collect());
+    assert_eq!(inc.table().rejected.len(), 1);
+    p.annotation = Some(P25.into());
+    let ch = inc.upsert(p.clone());
+    assert_eq!(ch.rules.add.len(), 3);
+    assert!(inc.table().rejected.is_empty());
+}
+
+#[test]
+fn an_address_found_later_turns_pending_entries_into_rules() {
+    let p = pod("a", "p", "10.1.0.1", 1, P25);
+    let mut inc = IncrementalPlan::new(cfg(), None);
+    let ch = inc.upsert(p.clone());
+    assert!(ch.rules.is_empty() && ch.pods.contains(&p.pod));
+    assert_eq!(inc.table().pending.len(), 1);
+    let ch = inc.set_public_address(Some(PUB));
+    assert_eq!(ch.rules.add.len(), 3);
+    assert!(ch.pods.contains(&p.pod));
+    assert_eq!(inc.table(), &plan(&[p], Some(PUB), &cfg()));
+}
+
+#[test]
+fn a_pod_that_comes_and_goes_within_one_burst_programs_nothing() {
+    let stays = pod("a", "stays", "10.1.0.1", 1, P25);
+    let mut inc = planner(std::slice::from_ref(&stays));
+    let brief = pod("a", "brief", "10.1.0.2", 2, P25);
+    let mut burst = inc.upsert(brief.clone());
+    burst.absorb(inc.remove(&brief.pod));
+    assert!(burst.rules.is_empty(), "{burst:?}");
+    // Both pods are told about: the one that stays lost its port meanwhile.
+    assert_eq!(burst.pods, [stays.pod, brief.pod].into_iter().collect());
+}
+
+/// Annotations that meet: the same port (TCP and UDP, auto and manual
+/// address), shared pod ports, SNAT across addresses, rejected ones.
+const ANNOTATIONS: &[&str] = &[
+    P25,
+    r#"{"entries":[{"srcPort":25,"dstPort":2525},{"srcPort":143,"dstPort":143}]}"#,
+    r#"{"entries":[{"srcPort":500,"dstPort":500,"proto":"udp"},{"srcPort":500,"dstPort":500}]}"#,
+    r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25},{"srcPort":26,"dstPort":25}]}"#,
+    r#"{"entries":[{"srcIP":"203.0.113.7","srcPort":143,"dstPort":143},{"srcPort":26,"dstPort":26,"proto":"udp"}]}"#,
+    r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25}]}"#,
+    r#"{"entries":[{"srcPort":26,"dstPort":25,"proto":"udp"},{"srcPort":25,"dstPort":25}]}"#,
+    r#"{"entries":[{"srcPort":25,"dstPort":0}]}"#,
+    r#"{"entries":[{"srcPort":22,"dstPort":22}]}"#,
+    r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":25,"dstPort":26}]}"#,
+    "not json",
+    r#"{"entries":[]}"#,
+];
+
+const ADDRESSES: [Option<Ipv4Addr>; 3] = [None, Some(PUB), Some(Ipv4Addr::new(203, 0, 113, 8))];
+
+#[derive(Clone, Debug)]
+enum Event {
+    Upsert(PodFacts),
+    /// One field of a pod already there changes, as in a status update.
+    Tweak(PodRef, u8),
+    Remove(PodRef),
+    Address(Option<Ipv4Addr>),
+    Resync,
+}
+
+fn arb_ref() -> impl Strategy<Value = PodRef> {
+    (0u8..2, 0u8..3).prop_map(|(ns, name)| PodRef::new(format!("ns{ns}"), format!("p{name}")))
+}
+
+fn arb_facts() -> impl Strategy<Value = PodFacts> {
+    (
+        arb_ref(),
+        (0u8..4, 0i64..3, any::<bool>()),
+        (0u8..8, 0u8..8, 0u8..4),
+        0..ANNOTATIONS.len() + 1,
+    )
+        .prop_map(|(r, (ip, created, ready), (term, fin, node), ann)| {
+            let mut p = pod(&r.namespace, &r.name, &format!("10.1.0.{ip}"), created, P25);
+            p.ready = ready;
+            p.terminating = term == 0;
+            p.finished = fin == 0;
+            if ip == 0 {
+                p.ip = None;
+            }
+            p.node = match node {
+                0 => Some("node1".into()),
+                1 => Some("node2.example.org".into()),
+                2 => None,
+                _ => p.node,
+            };
+            p.annotation = ANNOTATIONS.get(ann).map(|a| a.to_string());
+            p
+        })
+}
+
+fn arb_event() -> impl Strategy<Value = Event> {
+    prop_oneof![
+        5 => arb_facts().prop_map(Event::Upsert),
+        5 => (arb_ref(), 0u8..6).prop_map(|(r, t)| Event::Tweak(r, t)),
+        3 => arb_ref().prop_map(Event::Remove),
+        1 => (0..ADDRESSES.len()).prop_map(|i| Event::Address(ADDRESSES[i])),
+        1 => Just(Event::Resync),
+    ]
+}
+
+fn tweak(p: &mut PodFacts, what: u8) {
+    match what {
+        0 => p.ready = !p.ready,
+        1 => {
+            let next = p.ip.map_or(1, |ip| ip.octets()[3] % 3 + 1);
+            p.ip = Some(Ipv4Addr::new(10, 1, 0, next));
+        }
+        2 => p.terminating = !p.terminating,
+        3 => p.finished = !p.finished,
+        4 => {
+            let i = ANNOTATIONS
+                .iter()
+                .position(|a| Some(*a) == p.annotation.as_deref());
+            p.annotation = Some(ANNOTATIONS[i.map_or(0, |i| (i + 1) % ANNOTATIONS.len())].into());
+        }
+        _ => {
+            p.created = p
+                .created
+                .map(|t| t + k8s_openapi::jiff::SignedDuration::from_secs(1))
+        }
+    }
+}
+
+/// Everything the table says about one pod (what its events are made of).
+fn view_of(t: &NatTable, pod: &PodRef) -> String {
+    let mut out = String::new();
+    for m in t.rules.dnat.iter().filter(|m| &m.owner == pod) {
+        out += &format!("{m:?}");
+    }
+    for s in t.rules.snat.iter().filter(|s| &s.owner == pod) {
+        out += &format!("{s:?}");
+    }
+    for f in t.rules.forward.iter().filter(|f| &f.owner == pod) {
+        out += &format!("{f:?}");
+    }
+    for c in t.conflicts.iter().filter(|c| &c.loser == pod) {
+        out += &format!("{c:?}");
+    }
+    for r in t.rejected.iter().filter(|r| &r.pod == pod) {
+        out += &format!("{r:?}");
+    }
+    for p in t.pending.iter().filter(|p| &p.pod == pod) {
+        out += &format!("{p:?}");
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    #[test]
+    fn incremental_table_equals_the_full_plan_after_every_event(
+        events in proptest::collection::vec(arb_event(), 1..40),
+    ) {
+        let mut pods: BTreeMap<PodRef, PodFacts> = BTreeMap::new();
+        let mut address = Some(PUB);
+        let mut inc = IncrementalPlan::new(cfg(), address);
+        let mut burst = TableChange::default();
+        for event in events {
+            let before = inc.table().clone();
+            let change = match event {
+                Event::Upsert(p) => {
+                    pods.insert(p.pod.clone(), p.clone());
+                    inc.upsert(p)
+                }
+                Event::Tweak(r, what) => {
+                    let Some(p) = pods.get_mut(&r) else { continue };
+                    tweak(p, what);
+                    inc.upsert(p.clone())
+                }
+                Event::Remove(r) => {
+                    pods.remove(&r);
+                    inc.remove(&r)
+                }
+                Event::Address(a) => {
+                    address = a;
+                    inc.set_public_address(a)
+                }
+                Event::Resync => {
+                    let all: Vec<PodFacts> = pods.values().cloned().collect();
+                    inc.reset(&all);
+                    // Nothing may change: the state was already up to date.
+                    TableChange {
+                        rules: Changes::between(&before.rules, &inc.table().rules),
+                        pods: BTreeSet::new(),
+                    }
+                }
+            };
+            let all: Vec<PodFacts> = pods.values().cloned().collect();
+            let want = plan(&all, address, &cfg());
+            prop_assert_eq!(inc.table(), &want);
+            // The change is exactly the difference, and applying it gives the new rules.
+            prop_assert_eq!(&change.rules, &Changes::between(&before.rules, &want.rules));
+            let mut rules = before.rules.clone();
+            change.rules.apply_to(&mut rules);
+            prop_assert_eq!(&rules, &want.rules);
+            burst.absorb(change.clone());
+            // Every pod whose own view changed is reported.
+            for (ns, name) in (0..2).flat_map(|ns| (0..3).map(move |n| (ns, n))) {
+                let p = &PodRef::new(format!("ns{ns}"), format!("p{name}"));
+                if view_of(&before, p) != view_of(&want, p) {
+                    prop_assert!(change.pods.contains(p), "{} changed but is not reported", p);
+                }
+            }
+        }
+        // The whole sequence folded into one change is the net difference.
+        prop_assert_eq!(&burst.rules, &Changes::between(&RuleSet::default(), &inc.table().rules));
+        // A fresh planner reset from the final pods agrees too.
+        let all: Vec<PodFacts> = pods.values().cloned().collect();
+        let mut fresh = IncrementalPlan::new(cfg(), address);
+        prop_assert_eq!(fresh.reset(&all), &plan(&all, address, &cfg()));
+    }
+}
+
+/// 1000 pods x 5 ports: one upsert that adds (or drops) a port against one
+/// full `plan()` (+ the full diff the loop makes today). Figures are medians
+/// (the machine is shared), no assertion on time:
+/// `cargo test --release --lib plan::incremental -- --ignored --nocapture`.
+#[test]
+#[ignore = "benchmark, run in release with --ignored --nocapture"]
+fn bench_one_port_vs_full_plan() {
+    use std::hint::black_box;
+    use std::time::{Duration, Instant};
+
+    fn annotation(i: u16, ports: u16) -> String {
+        let entries: Vec<String> = (0..ports)
+            .map(|k| {
+                format!(
+                    r#"{{"srcPort":{},"dstPort":{}}}"#,
+                    10000 + i * 10 + k,
+                    8000 + k
+                )
+            })
+            .collect();
+        format!(r#"{{"entries":[{}]}}"#, entries.join(","))
+    }
+    fn time<T>(f: impl FnOnce() -> T) -> Duration {
+        let t = Instant::now();
+        black_box(f());
+        t.elapsed()
+    }
+    let row = |what: &str, mut samples: Vec<Duration>| {
+        samples.sort();
+        let median = samples[samples.len() / 2].as_secs_f64() * 1e6;
+        println!(
+            "  {what:<42} {median:9.1} us  (median of {})",
+            samples.len()
+        );
+    };
+    let pods: Vec<PodFacts> = (0..1000u16)
+        .map(|i| {
+            let ip = format!("10.1.{}.{}", i / 250, i % 250 + 1);
+            pod(
+                "bench",
+                &format!("p{i}"),
+                &ip,
+                i64::from(i),
+                &annotation(i, 5),
+            )
+        })
+        .collect();
+    let five = pods[500].clone();
+    let mut six = five.clone();
+    six.annotation = Some(annotation(500, 6));
+    let mut not_ready = five.clone();
+    not_ready.ready = false;
+
+    let mut inc = IncrementalPlan::new(cfg(), Some(PUB));
+    inc.reset(&pods);
+    println!("1000 pods x 5 ports ({} rules)", inc.table().rules.len());
+    let resets = (0..20)
+        .map(|_| {
+            let mut fresh = IncrementalPlan::new(cfg(), Some(PUB));
+            time(|| fresh.reset(&pods).rules.len())
+        })
+        .collect();
+    let (mut add, mut drop, mut flip) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..2000 {
+        add.push(time(|| inc.upsert(six.clone())));
+        drop.push(time(|| inc.upsert(five.clone())));
+        // A status update that moves no rule (pod 500 has no rival).
+        flip.push(time(|| inc.upsert(not_ready.clone())));
+        flip.push(time(|| inc.upsert(five.clone())));
+    }
+    assert_eq!(inc.table(), &plan(&pods, Some(PUB), &cfg()));
+    // Parts of an upsert: parsing the annotation, and the memmove of a
+    // sorted Vec insert + remove in the middle of the DNAT list.
+    let text = six.annotation.clone().unwrap_or_default();
+    let parse = (0..2000)
+        .map(|_| time(|| crate::annotation::parse(&text, &cfg().restricted_ports).ok()))
+        .collect();
+    let mut dnat = inc.table().rules.dnat.clone();
+    let shift = (0..2000)
+        .map(|_| {
+            time(|| {
+                let m = dnat.remove(2500);
+                dnat.insert(2500, black_box(m));
+            })
+        })
+        .collect();
+    let mut with_six = pods.clone();
+    with_six[500] = six;
+    let before = plan(&pods, Some(PUB), &cfg());
+    let full = (0..50)
+        .map(|_| time(|| plan(&with_six, Some(PUB), &cfg())))
+        .collect();
+    let full_diff = (0..50)
+        .map(|_| {
+            time(|| {
+                let t = plan(&with_six, Some(PUB), &cfg());
+                Changes::between(&before.rules, &t.rules)
+            })
+        })
+        .collect();
+    row("incremental upsert adding 1 port", add);
+    row("incremental upsert dropping 1 port", drop);
+    row("upsert flipping Ready, no rule moves", flip);
+    row("  of an upsert: parse 6 entries", parse);
+    row("  of an upsert: DNAT Vec remove + insert", shift);
+    row("full plan()", full);
+    row("full plan() + Changes::between", full_diff);
+    row("reset (first sync)", resets);
+}

@@ -1,0 +1,239 @@
+//! The pure planner: (pods, public address, config) → the NAT table that
+//! should exist. No I/O, no clock: every rule of the SPEC is a unit test here.
+//!
+//! Winner rule for one public address:port/proto: Ready pods beat not-ready
+//! ones, then the later `creationTimestamp` wins, then the greater
+//! `namespace/name` (so the result never depends on the order pods arrive in).
+//!
+//! `plan()` is the full planner (first sync, resync) and the oracle of
+//! `incremental`, which re-plans one pod event at a time.
+
+pub(crate) mod incremental;
+
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use k8s_openapi::jiff::Timestamp;
+use serde::Serialize;
+
+use crate::annotation::{self, AnnotationError};
+use crate::config::short_node_name;
+use crate::model::{ForwardRule, Mapping, NatKey, PodRef, PortMapping, Proto, RuleSet, SnatRule};
+
+/// What the planner needs to know about one pod (built from the Kubernetes
+/// object at the edge, see `kube::pod`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodFacts {
+    pub pod: PodRef,
+    pub node: Option<String>,
+    pub ip: Option<Ipv4Addr>,
+    pub created: Option<Timestamp>,
+    pub ready: bool,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+    /// Phase Succeeded or Failed.
+    pub finished: bool,
+    /// The value of the podnat annotation, if the pod carries it.
+    pub annotation: Option<String>,
+}
+
+/// Planner settings (a slice of `Config`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlanConfig {
+    pub node_id: String,
+    pub restricted_ports: BTreeSet<u16>,
+}
+
+/// A pod that claimed a port another pod won.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Conflict {
+    pub key: NatKey,
+    pub loser: PodRef,
+    pub winner: PodRef,
+}
+
+/// A pod whose annotation was rejected: it gets no NAT at all.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejection {
+    pub pod: PodRef,
+    pub error: AnnotationError,
+}
+
+/// An auto-address entry waiting for a public address to be detected.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Pending {
+    pub pod: PodRef,
+    pub entry: usize,
+    pub public_port: u16,
+    pub proto: Proto,
+    pub pod_port: u16,
+}
+
+/// The planner's answer: the rules to program plus what to tell users.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NatTable {
+    pub public_address: Option<Ipv4Addr>,
+    pub rules: RuleSet,
+    pub conflicts: Vec<Conflict>,
+    pub rejected: Vec<Rejection>,
+    pub pending: Vec<Pending>,
+}
+
+impl NatTable {
+    /// Winning mappings of one pod, in public-key order.
+    pub fn mappings_of<'a>(&'a self, pod: &'a PodRef) -> impl Iterator<Item = &'a Mapping> + 'a {
+        self.rules.dnat.iter().filter(move |m| &m.owner == pod)
+    }
+}
+
+/// Does this pod run on the node we serve? Both sides cut at the first dot,
+/// as the Go version matched them.
+pub fn on_node(pod_node: Option<&str>, node_id: &str) -> bool {
+    pod_node.is_some_and(|n| short_node_name(n) == short_node_name(node_id))
+}
+
+/// Ordering of candidates for one key: the greatest wins.
+fn rank(p: &PodFacts) -> (bool, Option<Timestamp>, &str, &str) {
+    (p.ready, p.created, &p.pod.namespace, &p.pod.name)
+}
+
+fn outranks(a: &PodFacts, b: &PodFacts) -> bool {
+    rank(a).cmp(&rank(b)) == Ordering::Greater
+}
+
+/// Plans the NAT table for `pods` on `cfg.node_id`.
+pub fn plan(pods: &[PodFacts], public_address: Option<Ipv4Addr>, cfg: &PlanConfig) -> NatTable {
+    let mut table = NatTable {
+        public_address,
+        ..NatTable::default()
+    };
+    // Pods on this node with an annotation, parsed once.
+    let mut parsed: Vec<(&PodFacts, Vec<PortMapping>)> = Vec::new();
+    for p in pods {
+        let Some(text) = p.annotation.as_deref() else {
+            continue;
+        };
+        if !on_node(p.node.as_deref(), &cfg.node_id) {
+            continue;
+        }
+        match annotation::parse(text, &cfg.restricted_ports) {
+            Ok(entries) => parsed.push((p, entries)),
+            Err(error) => table.rejected.push(Rejection {
+                pod: p.pod.clone(),
+                error,
+            }),
+        }
+    }
+    table.rejected.sort_by(|a, b| a.pod.cmp(&b.pod));
+    table.rejected.dedup_by(|a, b| a.pod == b.pod);
+
+    // Candidates claim keys.
+    let mut claims: BTreeMap<NatKey, Vec<(usize, usize)>> = BTreeMap::new();
+    for (pi, (p, entries)) in parsed.iter().enumerate() {
+        if p.ip.is_none() || p.terminating || p.finished {
+            continue;
+        }
+        for (ei, e) in entries.iter().enumerate() {
+            let Some(public_ip) = e.src_ip.or(public_address) else {
+                table.pending.push(Pending {
+                    pod: p.pod.clone(),
+                    entry: ei,
+                    public_port: e.src_port,
+                    proto: e.proto,
+                    pod_port: e.dst_port,
+                });
+                continue;
+            };
+            let key = NatKey {
+                public_ip,
+                public_port: e.src_port,
+                proto: e.proto,
+            };
+            claims.entry(key).or_default().push((pi, ei));
+        }
+    }
+
+    // Winner per key; remember which entries won, per pod.
+    let mut won: BTreeSet<(usize, usize)> = BTreeSet::new();
+    for (key, claimants) in &claims {
+        let Some(&(wp, we)) = claimants.iter().reduce(|a, b| {
+            if outranks(parsed[b.0].0, parsed[a.0].0) {
+                b
+            } else {
+                a
+            }
+        }) else {
+            continue;
+        };
+        won.insert((wp, we));
+        let winner = parsed[wp].0;
+        let Some(pod_ip) = winner.ip else { continue };
+        table.rules.dnat.push(Mapping {
+            key: *key,
+            pod_ip,
+            pod_port: parsed[wp].1[we].dst_port,
+            owner: winner.pod.clone(),
+        });
+        for &(lp, _) in claimants {
+            if lp != wp {
+                table.conflicts.push(Conflict {
+                    key: *key,
+                    loser: parsed[lp].0.pod.clone(),
+                    winner: winner.pod.clone(),
+                });
+            }
+        }
+    }
+
+    // SNAT per (pod IP, proto): the first winning entry in annotation order;
+    // FORWARD per (pod IP, proto, pod port). When two pods share a key there
+    // (an IP reused before the old pod is gone), the higher-ranked pod owns it.
+    let mut snat: BTreeMap<(Ipv4Addr, Proto), (usize, Ipv4Addr)> = BTreeMap::new();
+    let mut forward: BTreeMap<(Ipv4Addr, Proto, u16), usize> = BTreeMap::new();
+    for &(pi, ei) in &won {
+        let (p, entries) = &parsed[pi];
+        let (Some(ip), e) = (p.ip, &entries[ei]) else {
+            continue;
+        };
+        let Some(public_ip) = e.src_ip.or(public_address) else {
+            continue;
+        };
+        let first_won = (0..=ei).find(|i| won.contains(&(pi, *i)) && entries[*i].proto == e.proto);
+        if first_won == Some(ei) {
+            let slot = snat.entry((ip, e.proto)).or_insert((pi, public_ip));
+            if outranks(p, parsed[slot.0].0) {
+                *slot = (pi, public_ip);
+            }
+        }
+        let slot = forward.entry((ip, e.proto, e.dst_port)).or_insert(pi);
+        if outranks(p, parsed[*slot].0) {
+            *slot = pi;
+        }
+    }
+    table.rules.snat = snat
+        .into_iter()
+        .map(|((pod_ip, proto), (pi, public_ip))| SnatRule {
+            pod_ip,
+            proto,
+            public_ip,
+            owner: parsed[pi].0.pod.clone(),
+        })
+        .collect();
+    table.rules.forward = forward
+        .into_iter()
+        .map(|((pod_ip, proto, pod_port), pi)| ForwardRule {
+            pod_ip,
+            proto,
+            pod_port,
+            owner: parsed[pi].0.pod.clone(),
+        })
+        .collect();
+    table.rules.normalize();
+    table.conflicts.sort();
+    table.pending.sort();
+    table
+}
+
+#[cfg(test)]
+mod tests;

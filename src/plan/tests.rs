@@ -1,0 +1,318 @@
+//! Tests of the full planner, named after the SPEC rules they check.
+
+use super::*;
+use proptest::prelude::*;
+
+pub(crate) fn ts(secs: i64) -> Option<Timestamp> {
+    Some(Timestamp::from_second(secs).unwrap())
+}
+
+pub(super) fn pod(ns: &str, name: &str, ip: &str, created: i64, ann: &str) -> PodFacts {
+    PodFacts {
+        pod: PodRef::new(ns, name),
+        node: Some("node1.example.org".into()),
+        ip: Some(ip.parse().unwrap()),
+        created: ts(created),
+        ready: true,
+        terminating: false,
+        finished: false,
+        annotation: Some(ann.into()),
+    }
+}
+
+pub(super) fn cfg() -> PlanConfig {
+    PlanConfig {
+        node_id: "node1".into(),
+        restricted_ports: [22, 53, 6443].into_iter().collect(),
+    }
+}
+
+pub(super) const PUB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
+pub(super) const P25: &str = r#"{"entries":[{"srcPort":25,"dstPort":25}]}"#;
+
+fn owners(t: &NatTable) -> Vec<String> {
+    t.rules.dnat.iter().map(|m| m.owner.to_string()).collect()
+}
+
+#[test]
+fn mail_server_gets_dnat_snat_forward() {
+    let p = pod(
+        "mail",
+        "mx-0",
+        "10.1.0.5",
+        100,
+        r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":143,"dstPort":143},{"srcPort":587,"dstPort":587}]}"#,
+    );
+    let t = plan(&[p], Some(PUB), &cfg());
+    assert_eq!(t.rules.dnat.len(), 3);
+    assert!(t
+        .rules
+        .dnat
+        .iter()
+        .all(|m| m.key.public_ip == PUB && m.pod_ip == Ipv4Addr::new(10, 1, 0, 5)));
+    assert_eq!(
+        t.rules.snat,
+        vec![SnatRule {
+            pod_ip: Ipv4Addr::new(10, 1, 0, 5),
+            proto: Proto::Tcp,
+            public_ip: PUB,
+            owner: PodRef::new("mail", "mx-0")
+        }]
+    );
+    assert_eq!(
+        t.rules
+            .forward
+            .iter()
+            .map(|f| f.pod_port)
+            .collect::<Vec<_>>(),
+        vec![25, 143, 587]
+    );
+    assert!(t.conflicts.is_empty() && t.rejected.is_empty() && t.pending.is_empty());
+}
+
+#[test]
+fn newer_pod_wins_and_older_is_listed_as_loser() {
+    let old = pod("a", "old", "10.1.0.1", 100, P25);
+    let new = pod("a", "new", "10.1.0.2", 200, P25);
+    let t = plan(&[old, new], Some(PUB), &cfg());
+    assert_eq!(owners(&t), vec!["a:new"]);
+    assert_eq!(t.conflicts.len(), 1);
+    assert_eq!(t.conflicts[0].loser, PodRef::new("a", "old"));
+    assert_eq!(t.conflicts[0].winner, PodRef::new("a", "new"));
+    // The loser gets no SNAT / FORWARD either.
+    assert!(t.rules.snat.iter().all(|s| s.owner.name == "new"));
+    assert!(t.rules.forward.iter().all(|s| s.owner.name == "new"));
+}
+
+#[test]
+fn ready_beats_newer() {
+    let old = pod("a", "old", "10.1.0.1", 100, P25);
+    let mut new = pod("a", "new", "10.1.0.2", 200, P25);
+    new.ready = false;
+    let t = plan(&[new, old], Some(PUB), &cfg());
+    assert_eq!(owners(&t), vec!["a:old"]);
+}
+
+#[test]
+fn ties_go_by_namespace_then_name() {
+    let t = plan(
+        &[
+            pod("b", "x", "10.1.0.1", 100, P25),
+            pod("a", "z", "10.1.0.2", 100, P25),
+        ],
+        Some(PUB),
+        &cfg(),
+    );
+    assert_eq!(owners(&t), vec!["b:x"]);
+    let t = plan(
+        &[
+            pod("a", "y", "10.1.0.1", 100, P25),
+            pod("a", "z", "10.1.0.2", 100, P25),
+        ],
+        Some(PUB),
+        &cfg(),
+    );
+    assert_eq!(owners(&t), vec!["a:z"]);
+}
+
+#[test]
+fn non_candidates_are_excluded() {
+    let mut terminating = pod("a", "t", "10.1.0.1", 300, P25);
+    terminating.terminating = true;
+    let mut finished = pod("a", "f", "10.1.0.2", 300, P25);
+    finished.finished = true;
+    let mut no_ip = pod("a", "n", "10.1.0.3", 300, P25);
+    no_ip.ip = None;
+    let mut elsewhere = pod("a", "e", "10.1.0.4", 300, P25);
+    elsewhere.node = Some("node2.example.org".into());
+    let mut unscheduled = pod("a", "u", "10.1.0.6", 300, P25);
+    unscheduled.node = None;
+    let ok = pod("a", "ok", "10.1.0.5", 100, P25);
+    let t = plan(
+        &[terminating, finished, no_ip, elsewhere, unscheduled, ok],
+        Some(PUB),
+        &cfg(),
+    );
+    assert_eq!(owners(&t), vec!["a:ok"]);
+    assert!(t.conflicts.is_empty());
+}
+
+#[test]
+fn short_node_name_matches() {
+    let mut p = pod("a", "p", "10.1.0.1", 1, P25);
+    p.node = Some("node1".into());
+    let c = PlanConfig {
+        node_id: "node1.example.org".into(),
+        ..cfg()
+    };
+    assert_eq!(plan(&[p], Some(PUB), &c).rules.dnat.len(), 1);
+}
+
+#[test]
+fn manual_address_vs_auto_and_pending() {
+    let p = pod(
+        "a",
+        "p",
+        "10.1.0.1",
+        1,
+        r#"{"entries":[{"srcPort":80,"dstPort":8080},{"srcIP":"198.51.100.9","srcPort":443,"dstPort":8443}]}"#,
+    );
+    let t = plan(std::slice::from_ref(&p), Some(PUB), &cfg());
+    let keys: Vec<String> = t.rules.dnat.iter().map(|m| m.key.to_string()).collect();
+    assert_eq!(keys, vec!["198.51.100.9:443/tcp", "203.0.113.7:80/tcp"]);
+    // SNAT goes to the first entry's address (annotation order).
+    assert_eq!(t.rules.snat.len(), 1);
+    assert_eq!(t.rules.snat[0].public_ip, PUB);
+
+    let t = plan(&[p], None, &cfg());
+    assert_eq!(keys_of(&t), vec!["198.51.100.9:443/tcp"]);
+    assert_eq!(
+        t.pending,
+        vec![Pending {
+            pod: PodRef::new("a", "p"),
+            entry: 0,
+            public_port: 80,
+            proto: Proto::Tcp,
+            pod_port: 8080
+        }]
+    );
+    assert_eq!(t.rules.snat[0].public_ip, Ipv4Addr::new(198, 51, 100, 9));
+}
+
+fn keys_of(t: &NatTable) -> Vec<String> {
+    t.rules.dnat.iter().map(|m| m.key.to_string()).collect()
+}
+
+#[test]
+fn tcp_and_udp_on_the_same_port_are_different_keys() {
+    let a = pod(
+        "a",
+        "tcp",
+        "10.1.0.1",
+        1,
+        r#"{"entries":[{"srcPort":500,"dstPort":500}]}"#,
+    );
+    let b = pod(
+        "a",
+        "udp",
+        "10.1.0.2",
+        2,
+        r#"{"entries":[{"srcPort":500,"dstPort":500,"proto":"udp"}]}"#,
+    );
+    let t = plan(&[a, b], Some(PUB), &cfg());
+    assert_eq!(
+        keys_of(&t),
+        vec!["203.0.113.7:500/tcp", "203.0.113.7:500/udp"]
+    );
+    assert!(t.conflicts.is_empty());
+    assert_eq!(t.rules.snat.len(), 2);
+}
+
+#[test]
+fn rejected_pod_gets_nothing_and_others_keep_working() {
+    let bad = pod(
+        "a",
+        "bad",
+        "10.1.0.1",
+        500,
+        r#"{"entries":[{"srcPort":25,"dstPort":0}]}"#,
+    );
+    let good = pod("a", "good", "10.1.0.2", 1, P25);
+    let t = plan(&[bad, good], Some(PUB), &cfg());
+    assert_eq!(owners(&t), vec!["a:good"]);
+    assert_eq!(t.rejected.len(), 1);
+    assert_eq!(t.rejected[0].pod, PodRef::new("a", "bad"));
+    assert_eq!(
+        t.rejected[0].error.to_string(),
+        "entries[0].dstPort: port 0 is reserved"
+    );
+}
+
+#[test]
+fn snat_follows_first_winning_entry_per_protocol() {
+    // Entry 0 (public A) is lost to a newer pod; entry 1 (public B) is won.
+    let a = pod(
+        "a",
+        "a",
+        "10.1.0.1",
+        1,
+        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25},{"srcIP":"198.51.100.2","srcPort":26,"dstPort":26}]}"#,
+    );
+    let b = pod(
+        "a",
+        "b",
+        "10.1.0.2",
+        2,
+        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25}]}"#,
+    );
+    let t = plan(&[a, b], Some(PUB), &cfg());
+    let a_snat = t.rules.snat.iter().find(|s| s.owner.name == "a").unwrap();
+    assert_eq!(a_snat.public_ip, Ipv4Addr::new(198, 51, 100, 2));
+}
+
+fn arb_pod() -> impl Strategy<Value = PodFacts> {
+    (
+        0u8..3,
+        0u8..6,
+        1u8..4,
+        0i64..4,
+        any::<bool>(),
+        any::<bool>(),
+        proptest::collection::vec((0u8..4, 0u8..2, 1u16..4, any::<bool>()), 0..4),
+    )
+        .prop_map(|(ns, name, ip, created, ready, term, entries)| {
+            let items: Vec<String> = entries
+                .iter()
+                .map(|(sp, proto, dp, manual)| {
+                    let ip = if *manual {
+                        r#""srcIP":"198.51.100.1","#
+                    } else {
+                        ""
+                    };
+                    let proto = if *proto == 0 { "tcp" } else { "udp" };
+                    format!(
+                        r#"{{{ip}"srcPort":{},"dstPort":{},"proto":"{proto}"}}"#,
+                        1000 + *sp as u16,
+                        2000 + dp
+                    )
+                })
+                .collect();
+            let mut p = pod(
+                &format!("ns{ns}"),
+                &format!("p{name}"),
+                &format!("10.1.0.{ip}"),
+                created,
+                &format!(r#"{{"entries":[{}]}}"#, items.join(",")),
+            );
+            p.ready = ready;
+            p.terminating = term && name == 0;
+            p
+        })
+}
+
+proptest! {
+    #[test]
+    fn result_is_independent_of_input_order(
+        pods in proptest::collection::vec(arb_pod(), 0..8),
+        seed in any::<u64>(),
+    ) {
+        // Distinct pod identities, as in a real cluster.
+        let mut seen = BTreeSet::new();
+        let pods: Vec<PodFacts> = pods.into_iter().filter(|p| seen.insert(p.pod.clone())).collect();
+        let mut shuffled = pods.clone();
+        let mut s = seed;
+        for i in (1..shuffled.len()).rev() {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            shuffled.swap(i, (s >> 33) as usize % (i + 1));
+        }
+        let a = plan(&pods, Some(PUB), &cfg());
+        let b = plan(&shuffled, Some(PUB), &cfg());
+        prop_assert_eq!(&a, &b);
+        // Every key has exactly one winner; every loser is a real claimant.
+        let keys: BTreeSet<NatKey> = a.rules.dnat.iter().map(|m| m.key).collect();
+        prop_assert_eq!(keys.len(), a.rules.dnat.len());
+        for c in &a.conflicts {
+            prop_assert!(a.rules.dnat.iter().any(|m| m.key == c.key && m.owner == c.winner));
+        }
+    }
+}
