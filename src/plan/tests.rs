@@ -30,6 +30,26 @@ pub(super) fn cfg() -> PlanConfig {
 pub(super) const PUB: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 pub(super) const P25: &str = r#"{"entries":[{"srcPort":25,"dstPort":25}]}"#;
 
+/// Pod a publishes 25 on public A and 26 on public B; the newer pod b takes
+/// 25 on A, so a's SNAT must follow its first *winning* entry (B).
+pub(super) fn snat_contest() -> (PodFacts, PodFacts) {
+    let a = pod(
+        "a",
+        "a",
+        "10.1.0.1",
+        1,
+        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25},{"srcIP":"198.51.100.2","srcPort":26,"dstPort":26}]}"#,
+    );
+    let b = pod(
+        "a",
+        "b",
+        "10.1.0.2",
+        2,
+        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25}]}"#,
+    );
+    (a, b)
+}
+
 fn owners(t: &NatTable) -> Vec<String> {
     t.rules.dnat.iter().map(|m| m.owner.to_string()).collect()
 }
@@ -231,20 +251,7 @@ fn rejected_pod_gets_nothing_and_others_keep_working() {
 #[test]
 fn snat_follows_first_winning_entry_per_protocol() {
     // Entry 0 (public A) is lost to a newer pod; entry 1 (public B) is won.
-    let a = pod(
-        "a",
-        "a",
-        "10.1.0.1",
-        1,
-        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25},{"srcIP":"198.51.100.2","srcPort":26,"dstPort":26}]}"#,
-    );
-    let b = pod(
-        "a",
-        "b",
-        "10.1.0.2",
-        2,
-        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25}]}"#,
-    );
+    let (a, b) = snat_contest();
     let t = plan(&[a, b], Some(PUB), &cfg());
     let a_snat = t.rules.snat.iter().find(|s| s.owner.name == "a").unwrap();
     assert_eq!(a_snat.public_ip, Ipv4Addr::new(198, 51, 100, 2));

@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::model::RuleSet;
 use crate::plan::plan;
-use crate::plan::tests::{cfg, pod, P25, PUB};
+use crate::plan::tests::{cfg, pod, snat_contest, P25, PUB};
 
 fn planner(pods: &[PodFacts]) -> IncrementalPlan {
     let mut inc = IncrementalPlan::new(cfg(), Some(PUB));
@@ -47,20 +47,7 @@ fn winner_leaves_and_the_loser_takes_over() {
 
 #[test]
 fn snat_moves_to_the_next_entry_when_the_first_loses() {
-    let a = pod(
-        "a",
-        "a",
-        "10.1.0.1",
-        1,
-        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25},{"srcIP":"198.51.100.2","srcPort":26,"dstPort":26}]}"#,
-    );
-    let b = pod(
-        "a",
-        "b",
-        "10.1.0.2",
-        2,
-        r#"{"entries":[{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25}]}"#,
-    );
+    let (a, b) = snat_contest();
     let mut inc = planner(std::slice::from_ref(&a));
     assert_eq!(
         inc.table().rules.snat[0].public_ip,
