@@ -499,9 +499,6 @@ impl Reconciler {
                         }
                     }
                     self.status.metrics.observe_batch(&report);
-                    if report.messages > 0 {
-                        counters.batches.fetch_add(1, Ordering::Relaxed);
-                    }
                     Some(report)
                 }
                 Err(WorkerError::Firewall(e)) => {
@@ -564,10 +561,6 @@ impl Reconciler {
             .saturating_mul(1u32 << self.failures.min(6).saturating_sub(1))
             .min(RETRY_MAX);
         self.retry_at = Some(Instant::now() + delay);
-        self.status
-            .counters
-            .apply_errors
-            .fetch_add(1, Ordering::Relaxed);
         self.status.metrics.apply_failed(e.metric_label());
         lock(&self.status.last).error = Some(e.to_string());
         tracing::error!(error = %e, retry_in = ?delay, "cannot program the NAT table; the kernel keeps its previous rules");

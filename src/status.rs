@@ -39,9 +39,6 @@ pub struct LastReconcile {
 /// Counters since start.
 #[derive(Debug, Default)]
 pub struct Counters {
-    /// Applies that sent a batch (something changed).
-    pub batches: AtomicU64,
-    pub apply_errors: AtomicU64,
     pub watch_errors: AtomicU64,
     /// Watch events that changed the pod store (the feed's revision).
     pub watch_events: AtomicU64,

@@ -151,6 +151,19 @@ impl Harness {
         }
     }
 
+    /// One series of the agent's /metrics, as Prometheus text has it.
+    fn metric(&self, series: &str) -> f64 {
+        let mut text = String::new();
+        prometheus_client::encoding::prometheus_text::encode(
+            &mut text,
+            &podnat_controller::status::registry(&self.status),
+        )
+        .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+    }
+
     /// Lets the loop run for a while (to show that nothing more happens).
     fn idle(&self, d: Duration) {
         std::thread::sleep(d);
@@ -198,13 +211,7 @@ fn a_burst_of_pod_changes_is_one_batch() {
     h.idle(Duration::from_millis(500));
     let (applies, batches) = h.kernel(|k| (k.applies, k.batches));
     assert_eq!(batches, 1, "one batch for the burst ({applies} applies)");
-    assert_eq!(
-        h.status
-            .counters
-            .batches
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
+    assert_eq!(h.metric("podnat_batch_messages_count"), 1.0);
 }
 
 #[test]
@@ -236,12 +243,10 @@ fn a_failed_apply_keeps_the_last_good_state_and_is_retried_with_backoff() {
         "first sync, two failures, one success"
     );
     assert!(h.status.last().error.is_none(), "cleared by the success");
-    let errors = h
-        .status
-        .counters
-        .apply_errors
-        .load(std::sync::atomic::Ordering::Relaxed);
-    assert_eq!(errors, 2);
+    assert_eq!(
+        h.metric(r#"podnat_apply_errors_total{error="refused"}"#),
+        2.0
+    );
 }
 
 #[test]
