@@ -9,6 +9,8 @@
 //! ours. The floor is the kernel's own time for our batch: encoded once,
 //! only send + answers timed.
 
+#[path = "churn_loop.rs"]
+mod churn_loop;
 #[path = "../tests/support/netns.rs"]
 mod netns;
 
@@ -21,7 +23,7 @@ use netns::Netns;
 use podnat_controller::config::JumpPositions;
 use podnat_controller::firewall::iptables::IptablesBackend;
 use podnat_controller::firewall::nftables::NftablesBackend;
-use podnat_controller::firewall::{view, Backend, Names};
+use podnat_controller::firewall::{view, Backend, Changes, Names};
 use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
 
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
@@ -217,6 +219,9 @@ struct Row {
     b: Option<Duration>,
     c: Option<Duration>,
     m: Option<Duration>,
+    /// The same work through the reconcile loop (churn_loop.rs).
+    loop_nft: Option<Duration>,
+    loop_ipt: Option<Duration>,
     note: String,
 }
 
@@ -241,13 +246,17 @@ macro_rules! measure_ours {
             install_floor.push(t.elapsed());
         }
         be.apply(base).unwrap(); // warm the generation cache
+                                 // As the agent does: one pod's changes, never the whole table.
+        let (grow, shrink) = (Changes::between(base, plus), Changes::between(plus, base));
         for _ in 0..REPS {
             let t = Instant::now();
-            be.apply(plus).unwrap();
+            let r = be.apply_changes(&grow).unwrap();
             add.push(t.elapsed());
+            assert!(r.is_some(), "the change applies on top of the last commit");
             let t = Instant::now();
-            be.apply(base).unwrap();
+            let r = be.apply_changes(&shrink).unwrap();
             del.push(t.elapsed());
+            assert!(r.is_some(), "the change applies on top of the last commit");
             let batch = be.prepare(plus).unwrap().unwrap();
             let t = Instant::now();
             be.send_prepared(batch).unwrap();
@@ -490,13 +499,17 @@ fn main() {
         .unwrap_or_else(|| vec![100, 1000, 5000]);
     println!("churn benchmark: medians of {REPS} runs, milliseconds (wall); one machine, compare within this run only");
     println!(
-        "| work | ours nftables | its floor | ours iptables | its floor | A iptables per rule | B restore | C nft rules | M nft maps | nft/floor | ipt/floor | ipt/B | nft/M | notes |"
+        "| work | ours nftables | its floor | loop nftables | ours iptables | its floor | loop iptables | A iptables per rule | B restore | C nft rules | M nft maps | nft/floor | ipt/floor | ipt/B | nft/M | loop/apply nft | loop/apply ipt | notes |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // CHURN_OURS_ONLY=1 skips the peers (a quick look at our own figures).
     let peers = std::env::var("CHURN_OURS_ONLY").is_err();
     for n in sizes {
         let mut rows = ours(n);
+        for (r, (nft, ipt)) in rows.iter_mut().zip(churn_loop::loop_rows(n)) {
+            r.loop_nft = Some(nft);
+            r.loop_ipt = Some(ipt);
+        }
         if peers {
             peer_a(n, &mut rows);
             peer_b(n, &mut rows);
@@ -510,11 +523,13 @@ fn main() {
                 format!("{label} port at {n}")
             };
             println!(
-                "| {work} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{} |",
+                "| {work} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{} |",
                 ms(r.ours),
                 ms(r.floor),
+                ms(r.loop_nft),
                 ms(r.ours_ipt),
                 ms(r.floor_ipt),
+                ms(r.loop_ipt),
                 ms(r.a),
                 ms(r.b),
                 ms(r.c),
@@ -523,6 +538,8 @@ fn main() {
                 ratio(r.ours_ipt, r.floor_ipt),
                 ratio(r.ours_ipt, r.b),
                 ratio(r.ours, r.m),
+                ratio(r.loop_nft, r.ours),
+                ratio(r.loop_ipt, r.ours_ipt),
                 r.note
             );
         }

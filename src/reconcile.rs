@@ -7,7 +7,6 @@
 //! Kernel rules are left alone until the first full pod list is in: an empty
 //! store at start must not read as "no pods" and flush working NAT.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
@@ -26,10 +25,11 @@ use crate::firewall::{coexist, ApplyReport, FirewallError};
 use crate::kube::events::{self, EventSink};
 use crate::kube::ledger::EventLedger;
 use crate::kube::pod;
-use crate::kube::watch::PodFeed;
-use crate::model::{PodRef, RuleSet};
+use crate::kube::watch::{store_key, PodFeed};
+use crate::model::PodRef;
 use crate::net::address::Choice;
-use crate::plan::{self, NatTable, PlanConfig};
+use crate::plan::incremental::{follow, IncrementalPlan};
+use crate::plan::{NatTable, PlanConfig};
 use crate::state::Recorder;
 use crate::status::lock;
 pub use crate::status::{AgentStatus, Counters, LastReconcile};
@@ -184,8 +184,16 @@ pub struct Reconciler {
     heartbeat: Option<Interval>,
     retry_at: Option<Instant>,
     failures: u32,
-    /// The rules the kernel holds since our last successful apply.
-    applied: Option<RuleSet>,
+    /// The planner's state between events (`None` until the first sync).
+    inc: Option<IncrementalPlan>,
+    /// The kernel holds `inc`'s table (the last apply succeeded): the next
+    /// event's changes alone can be applied.
+    synced: bool,
+    /// The state store holds a whole table to apply changes to.
+    recorded: bool,
+    /// The status and the event ledger hold the table of the last
+    /// successful reconcile (so a change alone brings them up to date).
+    shown: bool,
     last_dry_run: Option<String>,
     /// Hands each table the kernel holds to the state store (never waits).
     state: Option<Recorder>,
@@ -222,7 +230,10 @@ impl Reconciler {
             heartbeat: None,
             retry_at: None,
             failures: 0,
-            applied: None,
+            inc: None,
+            synced: false,
+            recorded: false,
+            shown: false,
             last_dry_run: None,
             state: None,
             drift: None,
@@ -438,19 +449,48 @@ impl Reconciler {
     ) -> Result<(), ReconcileError> {
         let (why, trigger) = cause;
         let _timer = self.status.metrics.reconcile_timer(trigger);
-        let pods = self.feed.store.state();
-        let facts: Vec<_> = pods
-            .iter()
-            .map(|p| pod::facts(p, &self.cfg.annotation_key))
-            .collect();
         let choice = self.address.borrow().clone();
-        let table = plan::plan(&facts, choice.chosen, &self.cfg.plan);
-        let counters = &self.status.counters;
-        counters.pods.store(pods.len() as u64, Ordering::Relaxed);
+        let changed = self.feed.changes.take();
+        let store_len = self.feed.store.len();
+        self.status
+            .counters
+            .pods
+            .store(store_len as u64, Ordering::Relaxed);
+
+        // Plan: the whole store at the first sync, after a relist and at the
+        // resync (the safety net); otherwise only the pods that changed.
+        let replan = fresh || changed.relisted || self.inc.is_none();
+        let change = if replan {
+            let pods = self.feed.store.state();
+            let facts: Vec<_> = pods
+                .iter()
+                .map(|p| pod::facts(p, &self.cfg.annotation_key))
+                .collect();
+            let inc = self
+                .inc
+                .get_or_insert_with(|| IncrementalPlan::new(self.cfg.plan.clone(), choice.chosen));
+            inc.reset_at(&facts, choice.chosen);
+            None
+        } else {
+            let inc = self.inc.as_mut().expect("planned before");
+            let mut ch = inc.set_public_address(choice.chosen);
+            for r in &changed.pods {
+                let next = match self.feed.store.get(&store_key(r)) {
+                    Some(p) => inc.upsert(pod::facts(&p, &self.cfg.annotation_key)),
+                    None => inc.remove(r),
+                };
+                ch.absorb(next);
+            }
+            Some(ch)
+        };
+        let inc = self.inc.as_ref().expect("planned above");
+        let table = inc.table();
         tracing::debug!(
             why,
             force,
-            pods = pods.len(),
+            pods = store_len,
+            changed = changed.pods.len(),
+            replan,
             mappings = table.rules.dnat.len(),
             "reconcile"
         );
@@ -461,9 +501,12 @@ impl Reconciler {
             );
         }
 
+        // Apply: the changes alone when the kernel holds the last table,
+        // else (first sync, relist, resync, drift, after a failure) the
+        // whole table, diffed against the kernel by the applier.
+        let whole = force || change.is_none() || !self.synced;
         let report = if self.cfg.dry_run {
-            let text = self.backend.dry_run(table.rules.clone()).await;
-            match text {
+            match self.backend.dry_run(table.rules.clone()).await {
                 Ok(text) => {
                     if self.last_dry_run.as_deref() != Some(&text) {
                         if text.is_empty() {
@@ -481,25 +524,46 @@ impl Reconciler {
                 Err(e) => return Err(e.into()),
             }
             None
-        } else if force || self.applied.as_ref() != Some(&table.rules) {
-            match self.backend.apply(table.rules.clone(), fresh).await {
+        } else {
+            let result = match &change {
+                Some(ch) if !whole && ch.rules.is_empty() => Ok(None),
+                Some(ch) if !whole => match self.backend.apply_changes(ch.rules.clone()).await {
+                    Ok(Some(report)) => Ok(Some(report)),
+                    // The applier cannot (its state is gone, another
+                    // writer came first): the whole table then.
+                    Ok(None) => self
+                        .backend
+                        .apply(table.rules.clone(), false)
+                        .await
+                        .map(Some),
+                    Err(e) => Err(e),
+                },
+                _ => self
+                    .backend
+                    .apply(table.rules.clone(), fresh)
+                    .await
+                    .map(Some),
+            };
+            match result {
                 Ok(report) => {
-                    self.applied = Some(table.rules.clone());
+                    self.synced = true;
                     self.failures = 0;
                     self.retry_at = None;
-                    log_apply(&report, &table, why);
+                    if let Some(report) = &report {
+                        log_apply(report, table, why);
+                        self.status.metrics.observe_batch(report);
+                    }
                     // Network programming: the oldest pod change this batch
                     // carries, from when the watch announced it.
                     if let Some(since) = self.changed_since.take() {
-                        if report.messages > 0 {
+                        if report.as_ref().is_some_and(|r| r.messages > 0) {
                             self.status
                                 .metrics
                                 .network_programming_duration
                                 .observe(since.elapsed().as_secs_f64());
                         }
                     }
-                    self.status.metrics.observe_batch(&report);
-                    Some(report)
+                    report
                 }
                 Err(WorkerError::Firewall(e)) => {
                     self.apply_failed(&e);
@@ -507,14 +571,12 @@ impl Reconciler {
                 }
                 Err(e) => return Err(e.into()),
             }
-        } else {
-            None
         };
 
         if !self.status.first_sync_applied.swap(true, Ordering::AcqRel) {
             tracing::info!(
                 mappings = table.rules.dnat.len(),
-                pods = pods.len(),
+                pods = store_len,
                 "first sync applied"
             );
         }
@@ -522,40 +584,60 @@ impl Reconciler {
         // The kernel holds this table now: hand it to the state store, whose
         // task writes it if it changed, without holding this loop up.
         if let Some(recorder) = self.state.as_ref().filter(|_| !self.cfg.dry_run) {
-            recorder.record(&table.rules.dnat);
+            match (&change, self.recorded) {
+                (Some(ch), true) => recorder.record_changes(&ch.rules.add.dnat, &ch.rules.del.dnat),
+                _ => recorder.record(&table.rules.dnat),
+            }
+            self.recorded = true;
         }
 
-        // Events only once the kernel holds what they describe.
-        let index: HashMap<PodRef, usize> = facts
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (f.pod.clone(), i))
-            .collect();
-        let notes = self.ledger.observe(&table, |p| {
-            index.get(p).map(|&i| events::reference(&pods[i]))
-        });
+        // Events only once the kernel holds what they describe: about the
+        // pods whose part changed, or every pod after a whole re-plan.
+        let store = &self.feed.store;
+        let reference = |p: &PodRef| store.get(&store_key(p)).map(|p| events::reference(&p));
+        let notes = match (&change, self.shown) {
+            (Some(ch), true) => {
+                self.ledger
+                    .observe_pods(table, &ch.pods, |p| inc.mappings_of(p), reference)
+            }
+            _ => self.ledger.observe(table, reference),
+        };
         for ev in notes {
             self.events.publish(ev);
         }
 
-        self.status.metrics.observe_table(&table, !self.cfg.dry_run);
+        self.status.metrics.observe_table(table, !self.cfg.dry_run);
         let mut last = lock(&self.status.last);
         if report.is_some() {
             last.report = report;
         }
         last.error = None;
-        last.table = Some(table);
+        // The status keeps a copy of the table, brought up to date by the
+        // change alone when it holds the one before.
+        match (&change, last.table.as_mut()) {
+            (Some(ch), Some(shown)) if self.shown => follow(shown, table, ch),
+            _ => last.table = Some(table.clone()),
+        }
+        self.shown = true;
         last.address = Some(choice);
         last.at = Some(SystemTime::now());
         drop(last);
+        self.status
+            .counters
+            .reconciled
+            .fetch_add(1, Ordering::Release);
         self.status.beat();
         Ok(())
     }
 
     fn apply_failed(&mut self, e: &FirewallError) {
-        // What the kernel holds is unknown now: the next plan is applied
-        // even if it equals the last one.
-        self.applied = None;
+        // What the kernel holds is unknown now: the next apply sends the
+        // whole table, even if it equals the last one.
+        self.synced = false;
+        // The planner moved on without them: the next success brings the
+        // state store, the events and the status up to date in full.
+        self.recorded = false;
+        self.shown = false;
         self.failures = self.failures.saturating_add(1);
         let delay = RETRY_MIN
             .saturating_mul(1u32 << self.failures.min(6).saturating_sub(1))

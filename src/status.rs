@@ -44,6 +44,9 @@ pub struct Counters {
     pub watch_events: AtomicU64,
     /// Pods in the store at the last reconcile.
     pub pods: AtomicU64,
+    /// Reconciles finished with the kernel holding their table (a failed
+    /// apply does not count): what a benchmark or test waits for.
+    pub reconciled: AtomicU64,
 }
 
 /// The agent's state for health, readiness and diagnostics (served over HTTP

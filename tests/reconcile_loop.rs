@@ -17,7 +17,7 @@ use kube::runtime::watcher::Event;
 use podnat_controller::firewall::memory::{MemoryBackend, MemoryKernel};
 use podnat_controller::firewall::Names;
 use podnat_controller::kube::events::EventSink;
-use podnat_controller::kube::watch::{FeedState, PodFeed};
+use podnat_controller::kube::watch::{ChangeLog, FeedState, PodFeed};
 use podnat_controller::plan::PlanConfig;
 use podnat_controller::reconcile::{
     fixed_address, AgentStatus, BackendWorker, ReconcileConfig, Reconciler,
@@ -51,6 +51,7 @@ struct Harness {
     writer: Writer<Pod>,
     store: reflector::Store<Pod>,
     feed: watch::Sender<FeedState>,
+    changes: ChangeLog,
     kernel: Arc<Mutex<MemoryKernel>>,
     status: Arc<AgentStatus>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -71,6 +72,8 @@ impl Harness {
             ..FeedState::default()
         });
         let (backend, kernel) = MemoryBackend::new(Names::new("podnat"));
+        let changes = ChangeLog::default();
+        let log = changes.clone();
         let status = Arc::new(AgentStatus::new(Arc::default()));
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let cfg = ReconcileConfig {
@@ -91,6 +94,7 @@ impl Harness {
             let feed = PodFeed {
                 store: loop_store,
                 state: feed_rx,
+                changes: log,
             };
             let reconciler = Reconciler::new(cfg, feed, address, worker, EventSink::log_only(), st);
             reconciler
@@ -105,6 +109,7 @@ impl Harness {
             writer,
             store,
             feed: feed_tx,
+            changes,
             kernel,
             status,
             stop: Some(stop_tx),
@@ -116,7 +121,18 @@ impl Harness {
     /// each (what the watcher announces per event).
     fn upsert(&mut self, pods: &[Pod]) {
         for p in pods {
-            self.writer.apply_watcher_event(&Event::Apply(p.clone()));
+            let event = Event::Apply(p.clone());
+            self.writer.apply_watcher_event(&event);
+            self.changes.record(&event);
+            self.feed.send_modify(|s| s.revision += 1);
+        }
+    }
+
+    fn delete(&mut self, pods: &[Pod]) {
+        for p in pods {
+            let event = Event::Delete(p.clone());
+            self.writer.apply_watcher_event(&event);
+            self.changes.record(&event);
             self.feed.send_modify(|s| s.revision += 1);
         }
     }
@@ -129,6 +145,7 @@ impl Harness {
             self.writer.apply_watcher_event(&Event::InitApply(p));
         }
         self.writer.apply_watcher_event(&Event::<Pod>::InitDone);
+        self.changes.record(&Event::<Pod>::InitDone);
         self.feed.send_modify(|s| {
             s.listed = true;
             s.revision += 1;
@@ -242,7 +259,10 @@ fn a_failed_apply_keeps_the_last_good_state_and_is_retried_with_backoff() {
         4,
         "first sync, two failures, one success"
     );
-    assert!(h.status.last().error.is_none(), "cleared by the success");
+    // The kernel holds it before the loop has read the answer.
+    h.wait("the error cleared by the success", |h| {
+        h.status.last().error.is_none()
+    });
     assert_eq!(
         h.metric(r#"podnat_apply_errors_total{error="refused"}"#),
         2.0
@@ -266,4 +286,62 @@ fn the_resync_reads_the_kernel_again_and_repairs_drift() {
         h.kernel(|k| k.forgets) > forgets,
         "the resync read the kernel again"
     );
+}
+
+#[test]
+fn a_pod_event_applies_its_own_changes_and_nothing_of_the_rest() {
+    let mut h = Harness::start(None, Duration::from_millis(20));
+    let pods: Vec<Pod> = (0..50u16)
+        .map(|i| pod(&format!("p{i}"), &format!("10.1.0.{}", 10 + i), &[1000 + i]))
+        .collect();
+    h.upsert(&pods);
+    h.list_done();
+    h.wait("the first sync", |h| h.dnat_ports().len() == 50);
+    assert_eq!(h.kernel(|k| k.delta_applies), 0, "the first sync is whole");
+    let reads = h.kernel(|k| k.reads);
+    // One pod gains a port, another goes: each a change on top of the last.
+    h.upsert(&[pod("p3", "10.1.0.13", &[1003, 2003])]);
+    h.wait("p3's new port", |h| h.dnat_ports().contains(&2003));
+    h.delete(&[pods[7].clone()]);
+    h.wait("p7 gone", |h| !h.dnat_ports().contains(&1007));
+    assert_eq!(h.dnat_ports().len(), 50);
+    assert_eq!(
+        h.kernel(|k| k.delta_applies),
+        2,
+        "two changes, no whole table"
+    );
+    assert_eq!(h.kernel(|k| k.reads), reads, "nothing read back");
+    // The status follows: p3 shows both ports, p7 none.
+    let last = h.status.last();
+    let table = last.table.expect("a table");
+    let p3 = podnat_controller::model::PodRef::new("mail", "p3");
+    let p7 = podnat_controller::model::PodRef::new("mail", "p7");
+    assert_eq!(table.mappings_of(&p3).count(), 2);
+    assert_eq!(table.mappings_of(&p7).count(), 0);
+    assert_eq!(table.rules.dnat.len(), 50);
+    // An unchanged pod seen again (a resync of the watch) sends nothing.
+    let batches = h.kernel(|k| k.batches);
+    h.upsert(&[pods[1].clone()]);
+    h.idle(Duration::from_millis(200));
+    assert_eq!(h.kernel(|k| k.batches), batches);
+}
+
+#[test]
+fn a_relist_replans_the_whole_store() {
+    let mut h = Harness::start(None, Duration::from_millis(20));
+    h.upsert(&[pod("a", "10.1.0.5", &[25])]);
+    h.list_done();
+    h.wait("the first sync", |h| h.dnat_ports() == BTreeSet::from([25]));
+    // The watch comes back after an outage and lists again: what changed
+    // meanwhile (a new pod, a deleted one) arrives as one list.
+    h.writer.apply_watcher_event(&Event::<Pod>::Init);
+    h.writer
+        .apply_watcher_event(&Event::InitApply(pod("b", "10.1.0.6", &[587])));
+    h.writer.apply_watcher_event(&Event::<Pod>::InitDone);
+    h.changes.record(&Event::<Pod>::InitDone);
+    h.feed.send_modify(|s| s.revision += 1);
+    h.wait("the relisted table", |h| {
+        h.dnat_ports() == BTreeSet::from([587])
+    });
+    assert_eq!(h.kernel(|k| k.delta_applies), 0);
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use super::coexist::{self, OwnForward};
 use super::monitor::{Blocker, Interest, Tracker};
 use super::netlink::{Echo, FinalBatch, NetlinkError, NfSocket, NftBatch};
-use super::{canonical, ApplyReport, Backend, FirewallError, GenerationCache};
+use super::{canonical, ApplyReport, Backend, Changes, FirewallError, GenerationCache};
 use crate::model::{Mapping, RuleSet};
 
 /// How many times a batch is rebuilt when another writer committed between
@@ -54,27 +54,28 @@ pub trait Flavor: Send + 'static {
     fn empty(&self) -> Self::State;
     /// The agent's rules in `state`.
     fn rules(&self, state: &Self::State) -> RuleSet;
+    /// A plan carries what `encode`, `after`, `effect` and `render` need
+    /// (a rebuild: the whole desired table).
     fn plan(&self, state: &Self::State, desired: &RuleSet) -> Planned<Self::Plan>;
+    /// The plan for `changes` on top of `state`, when `state` is the table
+    /// they were computed against (the last commit) and the layout needs no
+    /// repair; `None` otherwise (the applier then wants the whole table).
+    /// O(change): never walks the whole state.
+    fn plan_changes(&self, state: &Self::State, changes: &Changes) -> Option<Planned<Self::Plan>>;
     /// The plan as one batch (without begin/end).
-    fn encode(
-        &self,
-        state: &Self::State,
-        plan: &Self::Plan,
-        desired: &RuleSet,
-    ) -> (NftBatch, Self::Sent);
+    fn encode(&self, state: &Self::State, plan: &Self::Plan) -> (NftBatch, Self::Sent);
     /// The state once the batch is committed (`echoes`: what the kernel
     /// echoed for it).
     fn after(
         &self,
         state: Self::State,
         plan: Self::Plan,
-        desired: &RuleSet,
         sent: Self::Sent,
         echoes: &[Echo],
     ) -> Self::State;
-    fn effect(&self, state: &Self::State, plan: &Self::Plan, desired: &RuleSet) -> Effect;
+    fn effect(&self, state: &Self::State, plan: &Self::Plan) -> Effect;
     /// The plan in the rule view's syntax (the dry run).
-    fn render(&self, state: &Self::State, plan: &Self::Plan, desired: &RuleSet) -> String;
+    fn render(&self, state: &Self::State, plan: &Self::Plan) -> String;
     /// The batch that removes everything the agent owns; `None` if nothing.
     fn teardown(
         &self,
@@ -151,8 +152,61 @@ impl<F: Flavor> Applier<F> {
         let Planned::Change(plan) = self.flavor.plan(&state, &desired) else {
             return Ok(None);
         };
-        let (batch, _) = self.flavor.encode(&state, &plan, &desired);
+        let (batch, _) = self.flavor.encode(&state, &plan);
         Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
+    }
+
+    /// Like `prepare`, for `changes` on top of what the kernel holds (the
+    /// batch `apply_changes` would send). `None`: they do not fit.
+    pub fn prepare_changes(
+        &mut self,
+        changes: &Changes,
+    ) -> Result<Option<FinalBatch>, FirewallError> {
+        self.cache.clear();
+        let changes = changes.canonical();
+        let generation = self.sock()?.generation()?;
+        let state = self.read_state()?;
+        let Some(Planned::Change(plan)) = self.flavor.plan_changes(&state, &changes) else {
+            return Ok(None);
+        };
+        let (batch, _) = self.flavor.encode(&state, &plan);
+        Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
+    }
+
+    /// Encodes, sends and reports one planned change against `state` at
+    /// `generation`; the cache holds the state after it on success.
+    fn send_plan(
+        &mut self,
+        generation: u32,
+        epoch: u64,
+        state: F::State,
+        plan: F::Plan,
+        report: &mut ApplyReport,
+    ) -> Result<(), NetlinkError> {
+        let (batch, sent) = self.flavor.encode(&state, &plan);
+        let effect = self.flavor.effect(&state, &plan);
+        report.rebuilt = effect.rebuilt;
+        report.messages = batch.len();
+        report.bytes = batch.byte_len();
+        report.added_dnat = effect.added_dnat;
+        report.removed_dnat = effect.removed_dnat;
+        let own = self.cache.sending(generation);
+        match self
+            .sock()?
+            .send_batch_echo(batch.finalize(Some(generation)))
+        {
+            Ok(echoes) => {
+                // The batch carried the generation it was built on, so its
+                // commit is `own`, and the kernel state is known there.
+                let after = self.flavor.after(state, plan, sent, &echoes);
+                self.cache.set(own, epoch, after);
+                Ok(())
+            }
+            Err(e) => {
+                self.cache.refused(own);
+                Err(e)
+            }
+        }
     }
 
     pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
@@ -195,40 +249,56 @@ impl<F: Flavor> Backend for Applier<F> {
                     return Ok(report);
                 }
             };
-            let (batch, sent) = self.flavor.encode(&state, &plan, desired);
-            let effect = self.flavor.effect(&state, &plan, desired);
-            report.rebuilt = effect.rebuilt;
-            report.messages = batch.len();
-            report.bytes = batch.byte_len();
-            report.added_dnat = effect.added_dnat;
-            report.removed_dnat = effect.removed_dnat;
-            let own = self.cache.sending(generation);
-            match self
-                .sock()?
-                .send_batch_echo(batch.finalize(Some(generation)))
-            {
-                Ok(echoes) => {
-                    // The batch carried the generation it was built on, so
-                    // its commit is `own`, and the kernel state is known there.
-                    let after = self.flavor.after(state, plan, desired, sent, &echoes);
-                    self.cache.set(own, epoch, after);
-                    return Ok(report);
-                }
+            match self.send_plan(generation, epoch, state, plan, &mut report) {
+                Ok(()) => return Ok(report),
                 Err(NetlinkError::GenerationChanged { .. }) if attempt < MAX_RETRIES => {
-                    self.cache.refused(own);
                     report.retries += 1;
                     tracing::debug!(
                         attempt,
                         "ruleset changed under the batch; re-reading and retrying"
                     );
                 }
-                Err(e) => {
-                    self.cache.refused(own);
-                    return Err(e.into());
-                }
+                Err(e) => return Err(e.into()),
             }
         }
         Err(FirewallError::TooManyRetries(MAX_RETRIES))
+    }
+
+    /// No generation query: the batch carries the generation the cached
+    /// state holds at (the last commit, or the newest one the tracker read
+    /// without anything of ours changing), and the kernel refuses it if
+    /// another commit came first — then nothing was changed and the caller
+    /// applies the whole table.
+    #[tracing::instrument(level = "debug", skip_all, fields(flavor = self.flavor.name()))]
+    fn apply_changes(&mut self, changes: &Changes) -> Result<Option<ApplyReport>, FirewallError> {
+        let changes = changes.canonical();
+        let epoch = self.cache.epoch();
+        let Some((generation, state)) = self.cache.take_current(epoch) else {
+            return Ok(None);
+        };
+        let mut report = ApplyReport {
+            cache_hit: true,
+            ..ApplyReport::default()
+        };
+        let plan = match self.flavor.plan_changes(&state, &changes) {
+            Some(Planned::Change(p)) => p,
+            Some(Planned::Nothing) => {
+                self.cache.set(generation, epoch, state);
+                return Ok(Some(report));
+            }
+            None | Some(Planned::NeedsRead) => {
+                self.cache.set(generation, epoch, state);
+                return Ok(None);
+            }
+        };
+        match self.send_plan(generation, epoch, state, plan, &mut report) {
+            Ok(()) => Ok(Some(report)),
+            Err(NetlinkError::GenerationChanged { .. }) => {
+                tracing::debug!("ruleset changed under the change batch; applying the whole table");
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError> {
@@ -239,7 +309,7 @@ impl<F: Flavor> Backend for Applier<F> {
             self.read_state()?
         };
         Ok(match self.flavor.plan(&state, &desired) {
-            Planned::Change(p) => self.flavor.render(&state, &p, &desired),
+            Planned::Change(p) => self.flavor.render(&state, &p),
             Planned::Nothing | Planned::NeedsRead => String::new(),
         })
     }

@@ -116,6 +116,10 @@ pub struct IptState {
     parents: [Vec<Slot<ParentRule>>; 3],
     /// The agent's chains: `None` for a rule that is not its encoding.
     own: [Vec<Slot<Option<AgentRule>>>; 3],
+    /// Everything exists, each of the agent's chains holds exactly its
+    /// rules in sorted order, and the jumps are where they are asked to be:
+    /// a change can then be planned by binary search (`Changes::delta`).
+    settled: bool,
 }
 
 impl IptState {
@@ -134,6 +138,25 @@ impl IptState {
                 .parents
                 .iter()
                 .any(|p| p.iter().any(|s| s.rule != ParentRule::Foreign))
+    }
+
+    /// Every table and chain exists and each own chain is exactly its
+    /// desired content in sorted order (what `delta` needs besides jumps).
+    fn own_sorted(&self) -> bool {
+        let exist = self.nat_exists
+            && self.filter_exists
+            && self.parent_exists.iter().all(|e| *e)
+            && self.own_exists.iter().all(|e| *e);
+        exist && {
+            let want = desired_chains(&self.rules());
+            (0..3).all(|i| {
+                self.own[i].len() == want[i].len()
+                    && self.own[i]
+                        .iter()
+                        .zip(&want[i])
+                        .all(|(s, w)| s.rule.as_ref() == Some(w))
+            })
+        }
     }
 
     /// The agent's rules decoded from its chains (each in its own chain).
@@ -209,6 +232,12 @@ pub struct Changes {
     create_own: [bool; 3],
     own: [ChainPlan<AgentRule>; 3],
     jumps: [ChainPlan<()>; 3],
+    /// Planned by `delta` on a settled state (which it keeps settled).
+    delta: bool,
+    /// DNAT mappings this plan adds and removes (for the report and the
+    /// UDP conntrack flush), not counting a rule that is only moved.
+    added_dnat: Vec<Mapping>,
+    removed_dnat: Vec<Mapping>,
 }
 
 impl Changes {
@@ -223,14 +252,76 @@ impl Changes {
             let current: Vec<ParentRule> = state.parents[i].iter().map(|s| s.rule).collect();
             plan_jump(&current, PLACES[i].requested(jumps))
         });
-        Changes {
+        let mut changes = Changes {
             create_nat: !state.nat_exists,
             create_filter: !state.filter_exists,
             create_parent: std::array::from_fn(|i| !state.parent_exists[i]),
             create_own: std::array::from_fn(|i| !state.own_exists[i]),
             own,
             jumps: jump_plans,
+            delta: false,
+            added_dnat: Vec::new(),
+            removed_dnat: Vec::new(),
+        };
+        (changes.added_dnat, changes.removed_dnat) = changes.dnat_changes(state, desired);
+        changes
+    }
+
+    /// The plan for `ch` on a settled state, by binary search in each chain:
+    /// deletes by position, each new rule before the first remaining rule
+    /// that sorts after it (so the chains stay sorted), jumps untouched.
+    /// `None` if the state is not settled or `ch` does not fit it.
+    fn delta(state: &IptState, ch: &super::Changes) -> Option<Changes> {
+        if !state.settled {
+            return None;
         }
+        fn rules(r: &RuleSet) -> [Vec<AgentRule>; 3] {
+            [
+                r.dnat.iter().cloned().map(AgentRule::Dnat).collect(),
+                r.snat.iter().cloned().map(AgentRule::Snat).collect(),
+                r.forward.iter().cloned().map(AgentRule::Forward).collect(),
+            ]
+        }
+        let (adds, dels) = (rules(&ch.add), rules(&ch.del));
+        let mut own: [ChainPlan<AgentRule>; 3] = std::array::from_fn(|_| ChainPlan {
+            delete: Vec::new(),
+            insert: Vec::new(),
+        });
+        for i in 0..3 {
+            let chain = &state.own[i];
+            let find = |r: &AgentRule| chain.binary_search_by(|s| s.rule.as_ref().cmp(&Some(r)));
+            let plan = &mut own[i];
+            for d in &dels[i] {
+                plan.delete.push(find(d).ok()?);
+            }
+            plan.delete.sort_unstable();
+            for a in &adds[i] {
+                let mut at = find(a).err()?;
+                while plan.delete.binary_search(&at).is_ok() {
+                    at += 1;
+                }
+                let anchor = if at < chain.len() {
+                    Anchor::Before(at)
+                } else {
+                    Anchor::Append
+                };
+                plan.insert.push((a.clone(), anchor));
+            }
+        }
+        Some(Changes {
+            create_nat: false,
+            create_filter: false,
+            create_parent: [false; 3],
+            create_own: [false; 3],
+            own,
+            jumps: std::array::from_fn(|_| ChainPlan {
+                delete: Vec::new(),
+                insert: Vec::new(),
+            }),
+            delta: true,
+            added_dnat: ch.add.dnat.clone(),
+            removed_dnat: ch.del.dnat.clone(),
+        })
     }
 
     fn creates(&self) -> bool {
@@ -270,7 +361,7 @@ impl Changes {
         let IptState { parents, own, .. } = state;
         let mut parents = parents.into_iter();
         let mut own = own.into_iter();
-        IptState {
+        let mut after = IptState {
             nat_exists: true,
             filter_exists: true,
             parent_exists: [true; 3],
@@ -291,7 +382,12 @@ impl Changes {
                     rule: Some(r.clone()),
                 })
             }),
-        }
+            settled: false,
+        };
+        // A delta keeps the chains sorted; after a full plan they are in
+        // rank order, maybe not sorted (rules of one rank are kept as read).
+        after.settled = self.delta || after.own_sorted();
+        after
     }
 
     /// DNAT mappings this plan adds and removes (for the report and the
@@ -364,6 +460,8 @@ impl IptablesBackend {
     /// Changes the jump positions (the next apply moves the jumps).
     pub fn set_jump_positions(&mut self, jumps: JumpPositions) {
         self.flavor.jumps = jumps;
+        // The remembered state was settled for the old positions.
+        super::Backend::forget(self);
     }
 }
 
@@ -443,6 +541,11 @@ impl Iptables {
                     .collect();
             }
         }
+        st.settled = st.own_sorted()
+            && (0..3).all(|i| {
+                let current: Vec<ParentRule> = st.parents[i].iter().map(|s| s.rule).collect();
+                plan_jump(&current, PLACES[i].requested(&self.jumps)).is_empty()
+            });
         Ok(st)
     }
 
@@ -706,12 +809,18 @@ impl Flavor for Iptables {
         }
     }
 
-    fn encode(
-        &self,
-        state: &IptState,
-        plan: &Changes,
-        _desired: &RuleSet,
-    ) -> (NftBatch, Vec<(u32, Inserted)>) {
+    fn plan_changes(&self, state: &IptState, changes: &super::Changes) -> Option<Planned<Changes>> {
+        let plan = Changes::delta(state, changes)?;
+        Some(if plan.is_empty() {
+            Planned::Nothing
+        } else if !plan.handles_known(state) {
+            Planned::NeedsRead
+        } else {
+            Planned::Change(plan)
+        })
+    }
+
+    fn encode(&self, state: &IptState, plan: &Changes) -> (NftBatch, Vec<(u32, Inserted)>) {
         self.build(state, plan)
     }
 
@@ -719,23 +828,21 @@ impl Flavor for Iptables {
         &self,
         state: IptState,
         plan: Changes,
-        _desired: &RuleSet,
         sent: Vec<(u32, Inserted)>,
         echoes: &[Echo],
     ) -> IptState {
         plan.after(state, &echoed_handles(&sent, echoes))
     }
 
-    fn effect(&self, state: &IptState, plan: &Changes, desired: &RuleSet) -> Effect {
-        let (added_dnat, removed_dnat) = plan.dnat_changes(state, desired);
+    fn effect(&self, _state: &IptState, plan: &Changes) -> Effect {
         Effect {
             rebuilt: plan.creates(),
-            added_dnat,
-            removed_dnat,
+            added_dnat: plan.added_dnat.clone(),
+            removed_dnat: plan.removed_dnat.clone(),
         }
     }
 
-    fn render(&self, state: &IptState, plan: &Changes, _desired: &RuleSet) -> String {
+    fn render(&self, state: &IptState, plan: &Changes) -> String {
         self.render_changes(state, plan)
     }
 
@@ -888,7 +995,7 @@ mod tests {
         };
         let state = flavor.empty();
         let changes = Changes::plan(&state, &mail(), &flavor.jumps);
-        let got = flavor.render(&state, &changes, &mail());
+        let got = flavor.render(&state, &changes);
         let want = r#"*nat
 -N PODNAT_PRE
 -N PODNAT_POST

@@ -24,6 +24,8 @@ pub struct MemoryKernel {
     pub batches: u64,
     pub reads: u64,
     pub forgets: u64,
+    /// Of `applies`, those made from the changes alone (no whole table).
+    pub delta_applies: u64,
     /// The next this many applies fail as a refused batch would.
     pub fail_next: u32,
 }
@@ -81,6 +83,22 @@ impl MemoryBackend {
     }
 }
 
+/// One "batch": the changes into the kernel, and their report.
+fn commit(k: &mut MemoryKernel, changes: &Changes, cache_hit: bool) -> ApplyReport {
+    let mut report = ApplyReport {
+        cache_hit,
+        ..ApplyReport::default()
+    };
+    if !changes.is_empty() {
+        k.batches += 1;
+        report.messages = changes.add.len() + changes.del.len();
+        report.added_dnat = changes.add.dnat.clone();
+        report.removed_dnat = changes.del.dnat.clone();
+        changes.apply_to(&mut k.rules);
+    }
+    report
+}
+
 impl Backend for MemoryBackend {
     fn name(&self) -> &'static str {
         "memory"
@@ -118,20 +136,35 @@ impl Backend for MemoryBackend {
                 k.rules.clone()
             }
         };
-        let changes = Changes::between(&current, &desired);
-        let mut report = ApplyReport {
-            cache_hit,
-            ..ApplyReport::default()
-        };
-        if !changes.is_empty() {
-            k.batches += 1;
-            report.messages = changes.add.len() + changes.del.len();
-            report.added_dnat = changes.add.dnat.clone();
-            report.removed_dnat = changes.del.dnat.clone();
-            changes.apply_to(&mut k.rules);
-        }
+        let report = commit(&mut k, &Changes::between(&current, &desired), cache_hit);
         self.known = Some(k.rules.clone());
         Ok(report)
+    }
+
+    fn apply_changes(&mut self, changes: &Changes) -> Result<Option<ApplyReport>, FirewallError> {
+        let changes = changes.canonical();
+        let kernel = Arc::clone(&self.kernel);
+        let mut k = kernel.lock().unwrap_or_else(|e| e.into_inner());
+        // Like the applier: only on top of the last commit it knows.
+        let Some(mut known) = self.known.take() else {
+            return Ok(None);
+        };
+        if !changes.fits(&known) {
+            return Ok(None);
+        }
+        k.applies += 1;
+        k.delta_applies += 1;
+        if k.fail_next > 0 {
+            k.fail_next -= 1;
+            return Err(FirewallError::Netlink(NetlinkError::Refused {
+                what: "the batch (injected failure)".into(),
+                errno: Errno::EIO,
+            }));
+        }
+        let report = commit(&mut k, &changes, true);
+        changes.apply_to(&mut known);
+        self.known = Some(known);
+        Ok(Some(report))
     }
 
     fn dry_run(&mut self, desired: &RuleSet, _assume_empty: bool) -> Result<String, FirewallError> {

@@ -88,6 +88,13 @@ pub trait Backend: Send {
     /// Makes the kernel hold exactly `desired` with one batch of the
     /// difference (none when nothing differs).
     fn apply(&mut self, desired: &RuleSet) -> Result<ApplyReport, FirewallError>;
+    /// Applies `changes` (the difference between the last `desired` this
+    /// backend applied and the next) without looking at the whole table:
+    /// O(change). `Ok(None)`: not possible now (no trusted state of the last
+    /// commit, the layout needs repair, the changes do not fit what the
+    /// kernel holds, or another writer committed first): nothing was sent;
+    /// call `apply` with the whole desired table.
+    fn apply_changes(&mut self, changes: &Changes) -> Result<Option<ApplyReport>, FirewallError>;
     /// The changes `apply` would make, in the view's syntax; touches nothing.
     /// `assume_empty`: do not read the kernel (no CAP_NET_ADMIN).
     fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError>;
@@ -177,6 +184,29 @@ impl Changes {
 
     pub fn is_empty(&self) -> bool {
         self.add.is_empty() && self.del.is_empty()
+    }
+
+    /// Whether these changes can be made to `current` as they are: every
+    /// deleted item is there, no added one is (binary searches: O(change)).
+    pub fn fits(&self, current: &RuleSet) -> bool {
+        fn has<T: Ord>(v: &[T], x: &T) -> bool {
+            v.binary_search(x).is_ok()
+        }
+        let (a, d, c) = (&self.add, &self.del, current);
+        d.dnat.iter().all(|x| has(&c.dnat, x))
+            && d.snat.iter().all(|x| has(&c.snat, x))
+            && d.forward.iter().all(|x| has(&c.forward, x))
+            && !a.dnat.iter().any(|x| has(&c.dnat, x))
+            && !a.snat.iter().any(|x| has(&c.snat, x))
+            && !a.forward.iter().any(|x| has(&c.forward, x))
+    }
+
+    /// Owners as they read back from the kernel (see `canonical`).
+    pub fn canonical(&self) -> Changes {
+        Changes {
+            add: canonical(&self.add).into_owned(),
+            del: canonical(&self.del).into_owned(),
+        }
     }
 
     /// Applies the changes to a sorted rule set in place (no re-read, no
@@ -299,6 +329,20 @@ impl<T> GenerationCache<T> {
                 .as_ref()
                 .is_some_and(|t| t.still_valid(epoch, generation));
         valid.then_some(value)
+    }
+
+    /// Moves the entry out with the generation it holds at now, as far as
+    /// the agent knows without asking the kernel: its own generation, or —
+    /// with a tracker whose epoch has not moved since (`epoch`: from
+    /// `epoch()` just before) — the newest commit the tracker read. A batch
+    /// built on a wrong guess is refused by the kernel (ERESTART).
+    pub fn take_current(&mut self, epoch: u64) -> Option<(u32, T)> {
+        let (g, e, value) = self.entry.take()?;
+        match &self.tracker {
+            None => Some((g, value)),
+            Some(t) if e == epoch => Some((t.seen().unwrap_or(g), value)),
+            Some(_) => None,
+        }
     }
 
     pub fn set(&mut self, generation: u32, epoch: u64, value: T) {

@@ -362,6 +362,11 @@ impl Tracker {
         st.epoch == epoch && st.seen == Some(generation)
     }
 
+    /// The generation of the newest commit read (call `catch_up` first).
+    pub fn seen(&self) -> Option<u32> {
+        self.lock().seen
+    }
+
     /// The reasons rung since the last call.
     pub fn take_reasons(&self) -> Reasons {
         std::mem::take(&mut self.lock().pending)

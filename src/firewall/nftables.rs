@@ -332,7 +332,7 @@ impl NftablesBackend {
 pub enum NftPlan {
     /// The layout is missing or drifted: (delete it and) create it with
     /// every desired element, in the same batch.
-    Rebuild,
+    Rebuild(RuleSet),
     /// Element deletes and adds only.
     Elements(Changes),
 }
@@ -647,7 +647,7 @@ impl Flavor for Nftables {
 
     fn plan(&self, state: &NativeState, desired: &RuleSet) -> Planned<NftPlan> {
         if !state.structure_ok {
-            return Planned::Change(NftPlan::Rebuild);
+            return Planned::Change(NftPlan::Rebuild(desired.clone()));
         }
         let changes = Changes::between(&state.rules, desired);
         if changes.is_empty() {
@@ -657,10 +657,21 @@ impl Flavor for Nftables {
         }
     }
 
-    fn encode(&self, state: &NativeState, plan: &NftPlan, desired: &RuleSet) -> (NftBatch, ()) {
+    fn plan_changes(&self, state: &NativeState, changes: &Changes) -> Option<Planned<NftPlan>> {
+        if !state.structure_ok || !changes.fits(&state.rules) {
+            return None;
+        }
+        Some(if changes.is_empty() {
+            Planned::Nothing
+        } else {
+            Planned::Change(NftPlan::Elements(changes.clone()))
+        })
+    }
+
+    fn encode(&self, state: &NativeState, plan: &NftPlan) -> (NftBatch, ()) {
         let mut batch = NftBatch::new();
         match plan {
-            NftPlan::Rebuild => self.encode_rebuild(&mut batch, state, desired),
+            NftPlan::Rebuild(desired) => self.encode_rebuild(&mut batch, state, desired),
             NftPlan::Elements(ch) => encode_changes(&mut batch, self.names.table(), ch),
         }
         (batch, ())
@@ -670,15 +681,14 @@ impl Flavor for Nftables {
         &self,
         mut state: NativeState,
         plan: NftPlan,
-        desired: &RuleSet,
         _sent: (),
         _echoes: &[Echo],
     ) -> NativeState {
         match plan {
-            NftPlan::Rebuild => NativeState {
+            NftPlan::Rebuild(desired) => NativeState {
                 table_exists: true,
                 structure_ok: true,
-                rules: desired.clone(),
+                rules: desired,
             },
             NftPlan::Elements(ch) => {
                 ch.apply_to(&mut state.rules);
@@ -687,9 +697,9 @@ impl Flavor for Nftables {
         }
     }
 
-    fn effect(&self, state: &NativeState, plan: &NftPlan, desired: &RuleSet) -> Effect {
+    fn effect(&self, state: &NativeState, plan: &NftPlan) -> Effect {
         match plan {
-            NftPlan::Rebuild => {
+            NftPlan::Rebuild(desired) => {
                 let ch = Changes::between(&state.rules, desired);
                 Effect {
                     rebuilt: true,
@@ -705,10 +715,10 @@ impl Flavor for Nftables {
         }
     }
 
-    fn render(&self, state: &NativeState, plan: &NftPlan, desired: &RuleSet) -> String {
+    fn render(&self, state: &NativeState, plan: &NftPlan) -> String {
         let t = self.names.table();
         let ch = match plan {
-            NftPlan::Rebuild => {
+            NftPlan::Rebuild(desired) => {
                 let mut out = String::new();
                 if state.table_exists {
                     out.push_str(&format!("delete table ip {t}\n"));

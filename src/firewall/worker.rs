@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::monitor::Blocker;
 use super::netlink::NetlinkError;
-use super::{flush_stale_udp, ApplyReport, Backend, FirewallError};
+use super::{flush_stale_udp, ApplyReport, Backend, Changes, FirewallError};
 use crate::model::RuleSet;
 
 /// The thread could not start, or is gone.
@@ -27,6 +27,11 @@ enum Job {
         RuleSet,
         bool,
         oneshot::Sender<Result<ApplyReport, FirewallError>>,
+    ),
+    /// The changes on top of the last apply (`None` back: send the table).
+    ApplyChanges(
+        Changes,
+        oneshot::Sender<Result<Option<ApplyReport>, FirewallError>>,
     ),
     DryRun(RuleSet, oneshot::Sender<Result<String, FirewallError>>),
     ForwardBlockers(oneshot::Sender<Result<Vec<Blocker>, FirewallError>>),
@@ -61,6 +66,13 @@ impl BackendWorker {
                             }
                             let _ = reply.send(result);
                         }
+                        Job::ApplyChanges(changes, reply) => {
+                            let mut result = backend.apply_changes(&changes);
+                            if let Ok(Some(report)) = &mut result {
+                                flush_stale_udp(report);
+                            }
+                            let _ = reply.send(result);
+                        }
                         Job::DryRun(rules, reply) => {
                             let _ = reply.send(dry_run(backend.as_mut(), &rules));
                         }
@@ -84,6 +96,19 @@ impl BackendWorker {
         let (tx, rx) = oneshot::channel();
         self.jobs
             .send(Job::Apply(rules, fresh, tx))
+            .map_err(|_| WorkerError::Gone)?;
+        Ok(rx.await.map_err(|_| WorkerError::Gone)??)
+    }
+
+    /// One batch of `changes` on top of the last apply, if the backend can
+    /// (see `Backend::apply_changes`); `None`: nothing sent, apply the table.
+    pub async fn apply_changes(
+        &self,
+        changes: Changes,
+    ) -> Result<Option<ApplyReport>, WorkerError> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs
+            .send(Job::ApplyChanges(changes, tx))
             .map_err(|_| WorkerError::Gone)?;
         Ok(rx.await.map_err(|_| WorkerError::Gone)??)
     }

@@ -42,33 +42,60 @@ impl EventLedger {
     ) -> Vec<PodEvent> {
         let mut now: BTreeMap<PodRef, Published> = BTreeMap::new();
         for m in &table.rules.dnat {
-            let text = &mut now.entry(m.owner.clone()).or_default().applied;
-            if !text.is_empty() {
-                text.push_str(", ");
-            }
-            text.push_str(&format!("{} → {}:{}", m.key, m.pod_ip, m.pod_port));
+            add_mapping(&mut now.entry(m.owner.clone()).or_default().applied, m);
         }
         for c in &table.conflicts {
-            let text = &mut now.entry(c.loser.clone()).or_default().conflict;
-            if !text.is_empty() {
-                text.push_str("; ");
-            }
-            text.push_str(&format!(
-                "{} is taken by {} (a Ready pod beats a not-ready one, then the newer pod wins)",
-                c.key, c.winner
-            ));
+            add_conflict(&mut now.entry(c.loser.clone()).or_default().conflict, c);
         }
         for r in &table.rejected {
-            now.entry(r.pod.clone()).or_default().invalid =
-                format!("annotation rejected, no NAT for this pod: {}", r.error);
+            now.entry(r.pod.clone()).or_default().invalid = invalid(r);
         }
-
         let mut pods: Vec<PodRef> = now.keys().cloned().collect();
         pods.extend(self.pods.keys().filter(|p| !now.contains_key(p)).cloned());
+        self.compare(pods, |p| now.remove(p).unwrap_or_default(), reference)
+    }
+
+    /// Like `observe`, for the pods whose part of `table` may have changed
+    /// (an incremental plan's `TableChange::pods`); the others are not
+    /// looked at. `mappings_of` gives a pod's winning mappings in key order.
+    pub fn observe_pods<'a, M>(
+        &mut self,
+        table: &NatTable,
+        pods: impl IntoIterator<Item = &'a PodRef>,
+        mappings_of: impl Fn(&PodRef) -> M,
+        reference: impl Fn(&PodRef) -> Option<ObjectReference>,
+    ) -> Vec<PodEvent>
+    where
+        M: IntoIterator<Item = &'a crate::model::Mapping>,
+    {
+        let published = |pod: &PodRef| {
+            let mut p = Published::default();
+            for m in mappings_of(pod) {
+                add_mapping(&mut p.applied, m);
+            }
+            for c in table.conflicts.iter().filter(|c| &c.loser == pod) {
+                add_conflict(&mut p.conflict, c);
+            }
+            if let Some(r) = table.rejected.iter().find(|r| &r.pod == pod) {
+                p.invalid = invalid(r);
+            }
+            p
+        };
+        self.compare(pods.into_iter().cloned().collect(), published, reference)
+    }
+
+    /// Events for `pods`, comparing what `now` says of each with what was
+    /// published before.
+    fn compare(
+        &mut self,
+        pods: Vec<PodRef>,
+        mut now: impl FnMut(&PodRef) -> Published,
+        reference: impl Fn(&PodRef) -> Option<ObjectReference>,
+    ) -> Vec<PodEvent> {
         let mut out = Vec::new();
         for pod in pods {
             let old = self.pods.remove(&pod);
-            let new = now.remove(&pod).unwrap_or_default();
+            let new = now(&pod);
             let (old, regarding) = match (old, reference(&pod)) {
                 // The same name for a new pod (a StatefulSet's replacement):
                 // nothing was published about this one yet.
@@ -104,6 +131,30 @@ impl EventLedger {
         }
         out
     }
+}
+
+fn add_mapping(text: &mut String, m: &crate::model::Mapping) {
+    use std::fmt::Write as _;
+    if !text.is_empty() {
+        text.push_str(", ");
+    }
+    let _ = write!(text, "{} → {}:{}", m.key, m.pod_ip, m.pod_port);
+}
+
+fn add_conflict(text: &mut String, c: &crate::plan::Conflict) {
+    use std::fmt::Write as _;
+    if !text.is_empty() {
+        text.push_str("; ");
+    }
+    let _ = write!(
+        text,
+        "{} is taken by {} (a Ready pod beats a not-ready one, then the newer pod wins)",
+        c.key, c.winner
+    );
+}
+
+fn invalid(r: &crate::plan::Rejection) -> String {
+    format!("annotation rejected, no NAT for this pod: {}", r.error)
 }
 
 #[cfg(test)]

@@ -6,7 +6,6 @@ use std::path::Path;
 
 use k8s_openapi::api::core::v1::Pod;
 
-use crate::model::PodRef;
 use crate::plan::PodFacts;
 
 /// Extracts what the planner needs from a pod. `annotation_key` selects the
@@ -32,10 +31,7 @@ pub fn facts(pod: &Pod, annotation_key: &str) -> PodFacts {
         .flatten()
         .any(|c| c.type_ == "Ready" && c.status == "True");
     PodFacts {
-        pod: PodRef::new(
-            meta.namespace.clone().unwrap_or_else(|| "default".into()),
-            meta.name.clone().unwrap_or_default(),
-        ),
+        pod: super::watch::pod_ref(pod),
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         ip,
         created: meta.creation_timestamp.as_ref().map(|t| t.0),
@@ -113,6 +109,7 @@ fn parse_pod_list(text: &str) -> Result<Vec<Pod>, ListError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::PodRef;
 
     #[test]
     fn facts_from_a_kubectl_pod_list() {

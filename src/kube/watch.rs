@@ -4,16 +4,20 @@
 //! says when the store changed, whether the first full list is in, and
 //! whether the apiserver answers.
 
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+use crate::model::PodRef;
 
 /// The field selector for the pods of `node`. The selector matches the node
 /// name exactly; the Go version's short-name matching (`node1` for
@@ -45,6 +49,60 @@ pub struct FeedState {
 pub struct PodFeed {
     pub store: Store<Pod>,
     pub state: watch::Receiver<FeedState>,
+    /// Which pods changed since the loop last looked.
+    pub changes: ChangeLog,
+}
+
+/// What changed in the store since the loop last took it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changed {
+    /// Pods added, changed or deleted (look them up in the store).
+    pub pods: BTreeSet<PodRef>,
+    /// The whole store was listed again: look at every pod.
+    pub relisted: bool,
+}
+
+/// The watcher's record of changed pods, shared with the loop, so that one
+/// pod event costs one pod's re-planning, not the whole store's. Recorded
+/// after the store applied the event and before the feed announces it.
+#[derive(Clone, Debug, Default)]
+pub struct ChangeLog(Arc<Mutex<Changed>>);
+
+impl ChangeLog {
+    pub fn record(&self, event: &watcher::Event<Pod>) {
+        let mut c = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Apply(p) | watcher::Event::Delete(p) => {
+                c.pods.insert(pod_ref(p));
+            }
+            watcher::Event::InitDone => {
+                c.relisted = true;
+                c.pods.clear();
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+
+    /// Everything recorded so far; the log is empty afterwards.
+    pub fn take(&self) -> Changed {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// The pod's name as the planner knows it (see `kube::pod::facts`).
+pub fn pod_ref(p: &Pod) -> PodRef {
+    PodRef::new(
+        p.metadata
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        p.metadata.name.clone().unwrap_or_default(),
+    )
+}
+
+/// The store's key for a pod.
+pub fn store_key(p: &PodRef) -> ObjectRef<Pod> {
+    ObjectRef::new(&p.name).within(&p.namespace)
 }
 
 /// Settings of the pod watcher.
@@ -84,6 +142,8 @@ pub fn spawn_pod_watcher(client: Client, cfg: PodWatchConfig) -> (PodFeed, JoinH
     let api: Api<Pod> = Api::all(client.clone());
     let (reader, writer) = reflector::store::<Pod>();
     let (tx, rx) = watch::channel(FeedState::default());
+    let changes = ChangeLog::default();
+    let log = changes.clone();
     let key = cfg.annotation_key;
     let stream = watcher(api, watcher::Config::default().fields(&selector))
         .backoff(WatchBackoff::default())
@@ -98,7 +158,10 @@ pub fn spawn_pod_watcher(client: Client, cfg: PodWatchConfig) -> (PodFeed, JoinH
             tokio::select! {
                 () = tx.closed() => return,
                 item = stream.next() => match item {
-                    Some(Ok(event)) => on_event(&tx, &event),
+                    Some(Ok(event)) => {
+                        log.record(&event);
+                        on_event(&tx, &event);
+                    }
                     Some(Err(e)) => on_error(&tx, &e),
                     None => {
                         tracing::error!("the pod watch stream ended");
@@ -118,6 +181,7 @@ pub fn spawn_pod_watcher(client: Client, cfg: PodWatchConfig) -> (PodFeed, JoinH
         PodFeed {
             store: reader,
             state: rx,
+            changes,
         },
         task,
     )

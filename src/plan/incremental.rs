@@ -4,13 +4,6 @@
 //! `plan()` stays the oracle: after every event `table()` equals `plan()` of
 //! the same pods, and the returned changes turn the old rules into the new.
 
-// The reconcile loop adopts this planner in its own change (issue 14); until
-// then only the tests use it.
-#![cfg_attr(
-    not(test),
-    expect(dead_code, reason = "the reconcile loop does not use it yet")
-)]
-
 use std::collections::{BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
@@ -19,7 +12,7 @@ use k8s_openapi::jiff::Timestamp;
 use super::{on_node, NatTable, Pending, PlanConfig, PodFacts, Rejection};
 use crate::annotation::{self, AnnotationError};
 use crate::firewall::Changes;
-use crate::model::{NatKey, PodRef, PortMapping, Proto};
+use crate::model::{Mapping, NatKey, PodRef, PortMapping, Proto};
 use replan::range_of;
 
 /// What one event changed.
@@ -34,6 +27,7 @@ pub(crate) struct TableChange {
 }
 
 impl TableChange {
+    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.rules.is_empty() && self.pods.is_empty()
     }
@@ -49,6 +43,37 @@ impl TableChange {
         fold(&mut a.forward, &mut d.forward, a2.forward, d2.forward);
         self.pods.extend(later.pods);
     }
+}
+
+/// Brings `dst`, a copy of an earlier `src` table, up to `src` after
+/// `change` (what turned the one into the other): the rules by the change,
+/// the conflicts, rejection and pending entries of the pods it names.
+/// O(change), but for a pass over the conflicts per named pod.
+pub(crate) fn follow(dst: &mut NatTable, src: &NatTable, change: &TableChange) {
+    change.rules.apply_to(&mut dst.rules);
+    dst.public_address = src.public_address;
+    if change.pods.is_empty() {
+        return;
+    }
+    dst.conflicts.retain(|c| !change.pods.contains(&c.loser));
+    for pod in &change.pods {
+        let theirs = src.conflicts.iter().filter(|c| &c.loser == pod).cloned();
+        dst.conflicts.extend(theirs);
+        let at = dst.rejected.binary_search_by(|r| r.pod.cmp(pod));
+        let now = src.rejected.binary_search_by(|r| r.pod.cmp(pod)).ok();
+        match (at, now) {
+            (Ok(i), Some(j)) => dst.rejected[i] = src.rejected[j].clone(),
+            (Ok(i), None) => {
+                dst.rejected.remove(i);
+            }
+            (Err(i), Some(j)) => dst.rejected.insert(i, src.rejected[j].clone()),
+            (Err(_), None) => {}
+        }
+        let range = range_of(&dst.pending, |p| p.pod.cmp(pod));
+        let now = range_of(&src.pending, |p| p.pod.cmp(pod));
+        dst.pending.splice(range, src.pending[now].iter().cloned());
+    }
+    dst.conflicts.sort();
 }
 
 /// Two successive changes of one sorted list as one: with S1 = S0 - d1 + a1
@@ -232,6 +257,32 @@ impl IncrementalPlan {
             Some(old) => self.replace(pod, Some(old), None),
             None => TableChange::default(),
         }
+    }
+
+    /// Like `reset`, planned for `address` (the public address changed too).
+    pub(crate) fn reset_at(&mut self, pods: &[PodFacts], address: Option<Ipv4Addr>) -> &NatTable {
+        self.table.public_address = address;
+        self.reset(pods)
+    }
+
+    /// The winning mappings of one pod, in key order: looked up by its own
+    /// entries, not by a walk of the table.
+    pub(crate) fn mappings_of(&self, pod: &PodRef) -> Vec<&Mapping> {
+        let Some(s) = self.pods.get(pod) else {
+            return Vec::new();
+        };
+        let dnat = &self.table.rules.dnat;
+        let mut out: Vec<&Mapping> = s
+            .entries()
+            .iter()
+            .filter_map(|e| self.key_of(e))
+            .filter_map(|key| dnat.binary_search_by(|m| m.key.cmp(&key)).ok())
+            .map(|i| &dnat[i])
+            .filter(|m| &m.owner == pod)
+            .collect();
+        out.sort_unstable_by_key(|m| m.key);
+        out.dedup_by_key(|m| m.key);
+        out
     }
 
     /// The public address changed: every auto entry moves, so this re-plans

@@ -280,6 +280,30 @@ impl Recorder {
             true
         });
     }
+
+    /// The kernel's DNAT mappings changed by these (after a `record` of the
+    /// whole table): O(change), nothing is copied but the changes.
+    pub fn record_changes(&self, added: &[Mapping], removed: &[Mapping]) {
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        self.tx.send_if_modified(|current| {
+            let Some(v) = current.as_mut() else {
+                return false;
+            };
+            for m in removed {
+                if let Ok(i) = v.binary_search(m) {
+                    v.remove(i);
+                }
+            }
+            for m in added {
+                if let Err(i) = v.binary_search(m) {
+                    v.insert(i, m.clone());
+                }
+            }
+            true
+        });
+    }
 }
 
 /// Starts the recorder task for `store`: it reads the record once (and logs

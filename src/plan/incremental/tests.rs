@@ -289,6 +289,7 @@ proptest! {
         let mut address = Some(PUB);
         let mut inc = IncrementalPlan::new(cfg(), address);
         let mut burst = TableChange::default();
+        let mut shadow = inc.table().clone();
         for event in events {
             let before = inc.table().clone();
             let change = match event {
@@ -327,10 +328,15 @@ proptest! {
             let mut rules = before.rules.clone();
             change.rules.apply_to(&mut rules);
             prop_assert_eq!(&rules, &want.rules);
+            // A copy kept up to date by the change alone (the status page's).
+            follow(&mut shadow, inc.table(), &change);
+            prop_assert_eq!(&shadow, &want);
             burst.absorb(change.clone());
             // Every pod whose own view changed is reported.
             for (ns, name) in (0..2).flat_map(|ns| (0..3).map(move |n| (ns, n))) {
                 let p = &PodRef::new(format!("ns{ns}"), format!("p{name}"));
+                let mine: Vec<&Mapping> = want.mappings_of(p).collect();
+                prop_assert_eq!(inc.mappings_of(p), mine);
                 if view_of(&before, p) != view_of(&want, p) {
                     prop_assert!(change.pods.contains(p), "{} changed but is not reported", p);
                 }
