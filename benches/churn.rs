@@ -9,7 +9,7 @@
 //! ours. The floor is the kernel's own time for our batch: encoded once,
 //! only send + answers timed.
 
-#[path = "churn_loop.rs"]
+#[path = "churn/loop_rows.rs"]
 mod churn_loop;
 #[path = "../tests/support/netns.rs"]
 mod netns;
@@ -219,7 +219,7 @@ struct Row {
     b: Option<Duration>,
     c: Option<Duration>,
     m: Option<Duration>,
-    /// The same work through the reconcile loop (churn_loop.rs).
+    /// The same work through the reconcile loop (churn/loop_rows.rs).
     loop_nft: Option<Duration>,
     loop_ipt: Option<Duration>,
     note: String,

@@ -16,6 +16,8 @@ use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
 use tokio::time::{Instant, Interval, MissedTickBehavior};
 
+mod pass;
+
 pub use crate::coalesce::Coalescer;
 use crate::config::Config;
 use crate::firewall::monitor::{Blocker, Tracker};
@@ -93,7 +95,13 @@ impl ReconcileConfig {
             resync: (config.informer_resync_secs > 0)
                 .then(|| Duration::from_secs(config.informer_resync_secs)),
             dry_run: config.dry_run,
-            debounce: Duration::from_millis(20),
+            // One pod's change costs the loop well under a millisecond
+            // now (benches/churn, loop rows), so the quiet time only needs
+            // to catch the watch events of one API change (a pod's status
+            // and its IP come as a few updates within milliseconds); longer
+            // bursts are bounded by `max_delay`. benches/latency measures
+            // the event → kernel time with it.
+            debounce: Duration::from_millis(5),
             max_delay: Duration::from_millis(200),
         }
     }
@@ -440,196 +448,6 @@ impl Reconciler {
         }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(trigger = cause.1, force, fresh))]
-    async fn reconcile(
-        &mut self,
-        force: bool,
-        fresh: bool,
-        cause: (&str, &str),
-    ) -> Result<(), ReconcileError> {
-        let (why, trigger) = cause;
-        let _timer = self.status.metrics.reconcile_timer(trigger);
-        let choice = self.address.borrow().clone();
-        let changed = self.feed.changes.take();
-        let store_len = self.feed.store.len();
-        self.status
-            .counters
-            .pods
-            .store(store_len as u64, Ordering::Relaxed);
-
-        // Plan: the whole store at the first sync, after a relist and at the
-        // resync (the safety net); otherwise only the pods that changed.
-        let replan = fresh || changed.relisted || self.inc.is_none();
-        let change = if replan {
-            let pods = self.feed.store.state();
-            let facts: Vec<_> = pods
-                .iter()
-                .map(|p| pod::facts(p, &self.cfg.annotation_key))
-                .collect();
-            let inc = self
-                .inc
-                .get_or_insert_with(|| IncrementalPlan::new(self.cfg.plan.clone(), choice.chosen));
-            inc.reset_at(&facts, choice.chosen);
-            None
-        } else {
-            let inc = self.inc.as_mut().expect("planned before");
-            let mut ch = inc.set_public_address(choice.chosen);
-            for r in &changed.pods {
-                let next = match self.feed.store.get(&store_key(r)) {
-                    Some(p) => inc.upsert(pod::facts(&p, &self.cfg.annotation_key)),
-                    None => inc.remove(r),
-                };
-                ch.absorb(next);
-            }
-            Some(ch)
-        };
-        let inc = self.inc.as_ref().expect("planned above");
-        let table = inc.table();
-        tracing::debug!(
-            why,
-            force,
-            pods = store_len,
-            changed = changed.pods.len(),
-            replan,
-            mappings = table.rules.dnat.len(),
-            "reconcile"
-        );
-        if !table.pending.is_empty() {
-            tracing::debug!(
-                entries = table.pending.len(),
-                "no public address known; auto-address entries wait"
-            );
-        }
-
-        // Apply: the changes alone when the kernel holds the last table,
-        // else (first sync, relist, resync, drift, after a failure) the
-        // whole table, diffed against the kernel by the applier.
-        let whole = force || change.is_none() || !self.synced;
-        let report = if self.cfg.dry_run {
-            match self.backend.dry_run(table.rules.clone()).await {
-                Ok(text) => {
-                    if self.last_dry_run.as_deref() != Some(&text) {
-                        if text.is_empty() {
-                            println!("# no changes: the kernel already holds this NAT table");
-                        } else {
-                            print!("{text}");
-                        }
-                        self.last_dry_run = Some(text);
-                    }
-                }
-                Err(WorkerError::Firewall(e)) => {
-                    self.apply_failed(&e);
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            }
-            None
-        } else {
-            let result = match &change {
-                Some(ch) if !whole && ch.rules.is_empty() => Ok(None),
-                Some(ch) if !whole => match self.backend.apply_changes(ch.rules.clone()).await {
-                    Ok(Some(report)) => Ok(Some(report)),
-                    // The applier cannot (its state is gone, another
-                    // writer came first): the whole table then.
-                    Ok(None) => self
-                        .backend
-                        .apply(table.rules.clone(), false)
-                        .await
-                        .map(Some),
-                    Err(e) => Err(e),
-                },
-                _ => self
-                    .backend
-                    .apply(table.rules.clone(), fresh)
-                    .await
-                    .map(Some),
-            };
-            match result {
-                Ok(report) => {
-                    self.synced = true;
-                    self.failures = 0;
-                    self.retry_at = None;
-                    if let Some(report) = &report {
-                        log_apply(report, table, why);
-                        self.status.metrics.observe_batch(report);
-                    }
-                    // Network programming: the oldest pod change this batch
-                    // carries, from when the watch announced it.
-                    if let Some(since) = self.changed_since.take() {
-                        if report.as_ref().is_some_and(|r| r.messages > 0) {
-                            self.status
-                                .metrics
-                                .network_programming_duration
-                                .observe(since.elapsed().as_secs_f64());
-                        }
-                    }
-                    report
-                }
-                Err(WorkerError::Firewall(e)) => {
-                    self.apply_failed(&e);
-                    return Ok(());
-                }
-                Err(e) => return Err(e.into()),
-            }
-        };
-
-        if !self.status.first_sync_applied.swap(true, Ordering::AcqRel) {
-            tracing::info!(
-                mappings = table.rules.dnat.len(),
-                pods = store_len,
-                "first sync applied"
-            );
-        }
-
-        // The kernel holds this table now: hand it to the state store, whose
-        // task writes it if it changed, without holding this loop up.
-        if let Some(recorder) = self.state.as_ref().filter(|_| !self.cfg.dry_run) {
-            match (&change, self.recorded) {
-                (Some(ch), true) => recorder.record_changes(&ch.rules.add.dnat, &ch.rules.del.dnat),
-                _ => recorder.record(&table.rules.dnat),
-            }
-            self.recorded = true;
-        }
-
-        // Events only once the kernel holds what they describe: about the
-        // pods whose part changed, or every pod after a whole re-plan.
-        let store = &self.feed.store;
-        let reference = |p: &PodRef| store.get(&store_key(p)).map(|p| events::reference(&p));
-        let notes = match (&change, self.shown) {
-            (Some(ch), true) => {
-                self.ledger
-                    .observe_pods(table, &ch.pods, |p| inc.mappings_of(p), reference)
-            }
-            _ => self.ledger.observe(table, reference),
-        };
-        for ev in notes {
-            self.events.publish(ev);
-        }
-
-        self.status.metrics.observe_table(table, !self.cfg.dry_run);
-        let mut last = lock(&self.status.last);
-        if report.is_some() {
-            last.report = report;
-        }
-        last.error = None;
-        // The status keeps a copy of the table, brought up to date by the
-        // change alone when it holds the one before.
-        match (&change, last.table.as_mut()) {
-            (Some(ch), Some(shown)) if self.shown => follow(shown, table, ch),
-            _ => last.table = Some(table.clone()),
-        }
-        self.shown = true;
-        last.address = Some(choice);
-        last.at = Some(SystemTime::now());
-        drop(last);
-        self.status
-            .counters
-            .reconciled
-            .fetch_add(1, Ordering::Release);
-        self.status.beat();
-        Ok(())
-    }
-
     fn apply_failed(&mut self, e: &FirewallError) {
         // What the kernel holds is unknown now: the next apply sends the
         // whole table, even if it equals the last one.
@@ -647,24 +465,6 @@ impl Reconciler {
         lock(&self.status.last).error = Some(e.to_string());
         tracing::error!(error = %e, retry_in = ?delay, "cannot program the NAT table; the kernel keeps its previous rules");
     }
-}
-
-fn log_apply(report: &ApplyReport, table: &NatTable, why: &str) {
-    if report.messages == 0 {
-        tracing::debug!(why, "kernel already up to date");
-        return;
-    }
-    tracing::info!(
-        why,
-        added = report.added_dnat.len(),
-        removed = report.removed_dnat.len(),
-        mappings = table.rules.dnat.len(),
-        messages = report.messages,
-        bytes = report.bytes,
-        retries = report.retries,
-        rebuilt = report.rebuilt,
-        "applied one batch"
-    );
 }
 
 /// The metric label of a wake.

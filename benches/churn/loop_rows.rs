@@ -48,7 +48,7 @@ fn pod(i: u32) -> Pod {
 
 /// The loop on a runtime of its own; the test side feeds the store.
 struct Loop {
-    rt: tokio::runtime::Runtime,
+    rt: Option<tokio::runtime::Runtime>,
     writer: Writer<Pod>,
     feed: watch::Sender<FeedState>,
     changes: ChangeLog,
@@ -99,7 +99,7 @@ impl Loop {
                 .unwrap();
         });
         Loop {
-            rt,
+            rt: Some(rt),
             writer,
             feed: feed_tx,
             changes,
@@ -159,7 +159,9 @@ impl Drop for Loop {
         if let Some(s) = self.stop.take() {
             let _ = s.send(());
         }
-        self.rt.shutdown_timeout(Duration::from_secs(5));
+        if let Some(rt) = self.rt.take() {
+            rt.shutdown_timeout(Duration::from_secs(5));
+        }
     }
 }
 

@@ -1,0 +1,256 @@
+//! The iptables flavor's plans: what each of the agent's chains must hold,
+//! the minimal deletes and inserts against a read of the kernel (or, on a
+//! settled state, against one change), and the state after a commit.
+
+use super::*;
+
+/// The content each of the agent's chains must have, in order.
+pub(super) fn desired_chains(desired: &RuleSet) -> [Vec<AgentRule>; 3] {
+    let pre = desired.dnat.iter().cloned().map(AgentRule::Dnat).collect();
+    let post = (0..GO_INTERNAL_NETWORKS.len())
+        .map(AgentRule::Return)
+        .chain(desired.snat.iter().cloned().map(AgentRule::Snat))
+        .collect();
+    let fwd = desired
+        .forward
+        .iter()
+        .cloned()
+        .map(AgentRule::Forward)
+        .collect();
+    let mut chains: [Vec<AgentRule>; 3] = [pre, post, fwd];
+    for c in &mut chains {
+        c.sort();
+        c.dedup();
+    }
+    chains
+}
+
+/// Up to this many new rules per batch ask the kernel for an echo, whose
+/// handles keep the cache complete (the next change needs no re-read);
+/// beyond it (a rebuild) the echoes would only fill the socket buffer.
+pub(super) const MAX_ECHOED_RULES: usize = 4096;
+
+/// A rule a batch inserts: (chain index, index in that chain's plan).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Inserted {
+    Own(usize, usize),
+    Jump(usize, usize),
+}
+
+/// The handles the kernel echoed for the inserted rules, by sequence number.
+/// (The commit's NEWGEN is echoed too, with a sequence number of its own.)
+pub(super) fn echoed_handles(
+    inserted: &[(u32, Inserted)],
+    echoes: &[Echo],
+) -> HashMap<Inserted, u64> {
+    let by_seq: HashMap<u32, Inserted> = inserted.iter().copied().collect();
+    echoes
+        .iter()
+        .filter(|e| e.msg_type == sys::NFT_MSG_NEWRULE)
+        .filter_map(|e| {
+            let which = by_seq.get(&e.seq)?;
+            Some((*which, attr_be64(&e.attrs, sys::NFTA_RULE_HANDLE)?))
+        })
+        .collect()
+}
+
+/// Everything one apply changes, planned against one read of the kernel.
+pub struct Changes {
+    pub(super) create_nat: bool,
+    pub(super) create_filter: bool,
+    pub(super) create_parent: [bool; 3],
+    pub(super) create_own: [bool; 3],
+    pub(super) own: [ChainPlan<AgentRule>; 3],
+    pub(super) jumps: [ChainPlan<()>; 3],
+    /// Planned by `delta` on a settled state (which it keeps settled).
+    pub(super) delta: bool,
+    /// DNAT mappings this plan adds and removes (for the report and the
+    /// UDP conntrack flush), not counting a rule that is only moved.
+    pub(super) added_dnat: Vec<Mapping>,
+    pub(super) removed_dnat: Vec<Mapping>,
+}
+
+impl Changes {
+    pub(super) fn plan(state: &IptState, desired: &RuleSet, jumps: &JumpPositions) -> Changes {
+        let want = desired_chains(desired);
+        let own = std::array::from_fn(|i| {
+            let current: Vec<Option<&AgentRule>> =
+                state.own[i].iter().map(|s| s.rule.as_ref()).collect();
+            plan_chain(&current, &want[i], AgentRule::rank)
+        });
+        let jump_plans = std::array::from_fn(|i| {
+            let current: Vec<ParentRule> = state.parents[i].iter().map(|s| s.rule).collect();
+            plan_jump(&current, PLACES[i].requested(jumps))
+        });
+        let mut changes = Changes {
+            create_nat: !state.nat_exists,
+            create_filter: !state.filter_exists,
+            create_parent: std::array::from_fn(|i| !state.parent_exists[i]),
+            create_own: std::array::from_fn(|i| !state.own_exists[i]),
+            own,
+            jumps: jump_plans,
+            delta: false,
+            added_dnat: Vec::new(),
+            removed_dnat: Vec::new(),
+        };
+        (changes.added_dnat, changes.removed_dnat) = changes.dnat_changes(state, desired);
+        changes
+    }
+
+    /// The plan for `ch` on a settled state, by binary search in each chain:
+    /// deletes by position, each new rule before the first remaining rule
+    /// that sorts after it (so the chains stay sorted), jumps untouched.
+    /// `None` if the state is not settled or `ch` does not fit it.
+    pub(super) fn delta(state: &IptState, ch: &crate::firewall::Changes) -> Option<Changes> {
+        if !state.settled {
+            return None;
+        }
+        fn rules(r: &RuleSet) -> [Vec<AgentRule>; 3] {
+            [
+                r.dnat.iter().cloned().map(AgentRule::Dnat).collect(),
+                r.snat.iter().cloned().map(AgentRule::Snat).collect(),
+                r.forward.iter().cloned().map(AgentRule::Forward).collect(),
+            ]
+        }
+        let (adds, dels) = (rules(&ch.add), rules(&ch.del));
+        let mut own: [ChainPlan<AgentRule>; 3] = std::array::from_fn(|_| ChainPlan {
+            delete: Vec::new(),
+            insert: Vec::new(),
+        });
+        for i in 0..3 {
+            let chain = &state.own[i];
+            let find = |r: &AgentRule| chain.binary_search_by(|s| s.rule.as_ref().cmp(&Some(r)));
+            let plan = &mut own[i];
+            for d in &dels[i] {
+                plan.delete.push(find(d).ok()?);
+            }
+            plan.delete.sort_unstable();
+            for a in &adds[i] {
+                let mut at = find(a).err()?;
+                while plan.delete.binary_search(&at).is_ok() {
+                    at += 1;
+                }
+                let anchor = if at < chain.len() {
+                    Anchor::Before(at)
+                } else {
+                    Anchor::Append
+                };
+                plan.insert.push((a.clone(), anchor));
+            }
+        }
+        Some(Changes {
+            create_nat: false,
+            create_filter: false,
+            create_parent: [false; 3],
+            create_own: [false; 3],
+            own,
+            jumps: std::array::from_fn(|_| ChainPlan {
+                delete: Vec::new(),
+                insert: Vec::new(),
+            }),
+            delta: true,
+            added_dnat: ch.add.dnat.clone(),
+            removed_dnat: ch.del.dnat.clone(),
+        })
+    }
+
+    pub(super) fn creates(&self) -> bool {
+        self.create_nat
+            || self.create_filter
+            || self.create_parent.iter().any(|c| *c)
+            || self.create_own.iter().any(|c| *c)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        !self.creates()
+            && self.own.iter().all(ChainPlan::is_empty)
+            && self.jumps.iter().all(ChainPlan::is_empty)
+    }
+
+    /// Every handle the plan refers to is known (see `Slot`).
+    pub(super) fn handles_known(&self, state: &IptState) -> bool {
+        (0..3).all(|i| {
+            self.own[i]
+                .referenced()
+                .all(|j| state.own[i][j].handle.is_some())
+                && self.jumps[i]
+                    .referenced()
+                    .all(|j| state.parents[i][j].handle.is_some())
+        })
+    }
+
+    /// Rules the plan adds.
+    pub(super) fn inserts(&self) -> usize {
+        let own: usize = self.own.iter().map(|p| p.insert.len()).sum();
+        own + self.jumps.iter().map(|p| p.insert.len()).sum::<usize>()
+    }
+
+    /// The state after this plan commits; a new rule's handle is known if
+    /// the kernel echoed it.
+    pub(super) fn after(&self, state: IptState, handles: &HashMap<Inserted, u64>) -> IptState {
+        let IptState { parents, own, .. } = state;
+        let mut parents = parents.into_iter();
+        let mut own = own.into_iter();
+        let mut after = IptState {
+            nat_exists: true,
+            filter_exists: true,
+            parent_exists: [true; 3],
+            own_exists: [true; 3],
+            parents: std::array::from_fn(|i| {
+                apply_plan(
+                    parents.next().unwrap_or_default(),
+                    &self.jumps[i],
+                    |k, _| Slot {
+                        handle: handles.get(&Inserted::Jump(i, k)).copied(),
+                        rule: ParentRule::Jump { exact: true },
+                    },
+                )
+            }),
+            own: std::array::from_fn(|i| {
+                apply_plan(own.next().unwrap_or_default(), &self.own[i], |k, r| Slot {
+                    handle: handles.get(&Inserted::Own(i, k)).copied(),
+                    rule: Some(r.clone()),
+                })
+            }),
+            settled: false,
+        };
+        // A delta keeps the chains sorted; after a full plan they are in
+        // rank order, maybe not sorted (rules of one rank are kept as read).
+        after.settled = self.delta || after.own_sorted();
+        after
+    }
+
+    /// DNAT mappings this plan adds and removes (for the report and the
+    /// UDP conntrack flush): as a diff of the decoded rules, not counting
+    /// a rule that is only moved.
+    pub(super) fn dnat_changes(
+        &self,
+        state: &IptState,
+        desired: &RuleSet,
+    ) -> (Vec<Mapping>, Vec<Mapping>) {
+        let pre = Place::Pre.index();
+        let mut current: Vec<&Mapping> = state.own[pre]
+            .iter()
+            .filter_map(|s| match &s.rule {
+                Some(AgentRule::Dnat(m)) => Some(m),
+                _ => None,
+            })
+            .collect();
+        current.sort_unstable();
+        current.dedup();
+        let added = self.own[pre]
+            .insert
+            .iter()
+            .filter_map(|(r, _)| match r {
+                AgentRule::Dnat(m) if current.binary_search(&m).is_err() => Some(m.clone()),
+                _ => None,
+            })
+            .collect();
+        let removed = current
+            .into_iter()
+            .filter(|m| desired.dnat.binary_search(m).is_err())
+            .cloned()
+            .collect();
+        (added, removed)
+    }
+}

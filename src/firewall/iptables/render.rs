@@ -1,0 +1,135 @@
+//! The iptables flavor's dry run: a plan as `iptables-restore --noflush`
+//! input, with the rule positions iptables-nft would number.
+
+use super::*;
+
+/// The rule's `-A ...` line in the view's syntax.
+pub(super) fn line(rule: &AgentRule, place: Place, n: &Names) -> String {
+    match rule {
+        AgentRule::Return(i) => {
+            let (net, len) = GO_INTERNAL_NETWORKS[*i];
+            view::ipt_internal_return(n, net, len)
+        }
+        AgentRule::Snat(s) => view::ipt_snat(n, s),
+        AgentRule::Dnat(m) => view::ipt_dnat(n, m),
+        AgentRule::Forward(f) => view::ipt_forward(n, f),
+        AgentRule::Jump(target) => view::ipt_jump(n, place.parent(), target),
+    }
+}
+
+/// `-A CHAIN spec` → `<head> spec` (e.g. `-D CHAIN spec`, `-I CHAIN 3 spec`).
+pub(super) fn respec(line: &str, head: &str) -> String {
+    let spec = line.splitn(3, ' ').nth(2).unwrap_or("");
+    format!("{head} {spec}")
+}
+
+impl Iptables {
+    /// `-D` lines for a plan's deletes, last rule first so that rule numbers
+    /// stay valid; by rule number where the spec would be ambiguous (an
+    /// identical rule earlier in the chain) or is not the agent's encoding.
+    /// `specs`: each current rule's `-A` line, if it is the agent's.
+    pub(super) fn delete_lines<T>(
+        out: &mut String,
+        chain: &str,
+        plan: &ChainPlan<T>,
+        specs: &[Option<String>],
+    ) {
+        let mut first = std::collections::HashMap::new();
+        for (k, s) in specs.iter().enumerate() {
+            if let Some(s) = s {
+                first.entry(s.as_str()).or_insert(k);
+            }
+        }
+        let mut del = plan.delete.clone();
+        del.sort_unstable();
+        for &j in del.iter().rev() {
+            match &specs[j] {
+                Some(s) if first.get(s.as_str()) == Some(&j) => {
+                    let _ = writeln!(out, "{}", respec(s, &format!("-D {chain}")));
+                }
+                _ => {
+                    let _ = writeln!(out, "-D {chain} {}", j + 1);
+                }
+            }
+        }
+    }
+
+    /// The changes as iptables-restore input (`--noflush`): per table,
+    /// `-N` for missing chains, `-D` for deletes, `-I`/`-A` for inserts.
+    pub(super) fn render_changes(&self, state: &IptState, changes: &Changes) -> String {
+        let n = &self.names;
+        let mut out = String::new();
+        for table in [NAT, FILTER] {
+            let mut t = String::new();
+            for place in PLACES.iter().filter(|p| p.table() == table) {
+                if changes.create_own[place.index()] {
+                    let _ = writeln!(t, "-N {}", place.own(n));
+                }
+            }
+            for place in PLACES.iter().copied().filter(|p| p.table() == table) {
+                let i = place.index();
+                let own = place.own(n);
+                let plan = &changes.own[i];
+                let specs: Vec<Option<String>> = state.own[i]
+                    .iter()
+                    .map(|s| s.rule.as_ref().map(|r| line(r, place, n)))
+                    .collect();
+                Self::delete_lines(&mut t, own, plan, &specs);
+                // Inserted in order, each new rule lands at its final
+                // position (the rules before it are all in place by then).
+                let mut at = vec![0; plan.insert.len()];
+                let after = apply_plan(vec![None; state.own[i].len()], plan, |k, _| Some(k));
+                for (p, k) in after.iter().enumerate() {
+                    if let Some(k) = k {
+                        at[*k] = p + 1;
+                    }
+                }
+                for (k, (rule, anchor)) in plan.insert.iter().enumerate() {
+                    let l = line(rule, place, n);
+                    match anchor {
+                        Anchor::Append => {
+                            let _ = writeln!(t, "{l}");
+                        }
+                        Anchor::Before(_) => {
+                            let head = format!("-I {own} {}", at[k]);
+                            let _ = writeln!(t, "{}", respec(&l, &head));
+                        }
+                    }
+                }
+            }
+            for place in PLACES.iter().copied().filter(|p| p.table() == table) {
+                let i = place.index();
+                let plan = &changes.jumps[i];
+                let jump = AgentRule::Jump(place.own(n).to_string());
+                let jump_line = line(&jump, place, n);
+                let specs: Vec<Option<String>> = state.parents[i]
+                    .iter()
+                    .map(|s| {
+                        (s.rule == ParentRule::Jump { exact: true }).then(|| jump_line.clone())
+                    })
+                    .collect();
+                Self::delete_lines(&mut t, place.parent(), plan, &specs);
+                for (_, anchor) in &plan.insert {
+                    match anchor {
+                        Anchor::Append => {
+                            let _ = writeln!(t, "{jump_line}");
+                        }
+                        Anchor::Before(_) => {
+                            let others = state.parents[i]
+                                .iter()
+                                .filter(|s| s.rule == ParentRule::Foreign)
+                                .count();
+                            let p = position::jump_position(place.requested(&self.jumps), others);
+                            let head = format!("-I {} {p}", place.parent());
+                            let _ = writeln!(t, "{}", respec(&jump_line, &head));
+                        }
+                    }
+                }
+            }
+            if !t.is_empty() {
+                let _ = write!(out, "*{table}\n{t}COMMIT\n");
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,285 @@
+//! Tests of the iptables-nft rule encoding and decoding.
+
+use super::*;
+use crate::firewall::iptables::xt::tests::observed;
+use proptest::prelude::*;
+
+fn owner(s: &str) -> PodRef {
+    PodRef::from_comment(s).unwrap()
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+/// The rules of the captured iptables-nft commands, as the agent names them.
+fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
+    let dnat = |public_port, proto, pod: &str, pod_port, o: &str| {
+        AgentRule::Dnat(Mapping {
+            key: NatKey {
+                public_ip: ip("203.0.113.7"),
+                public_port,
+                proto,
+            },
+            pod_ip: ip(pod),
+            pod_port,
+            owner: owner(o),
+        })
+    };
+    vec![
+        (
+            "jump_pre",
+            "nat",
+            "PREROUTING",
+            AgentRule::Jump("PODNAT_PRE".into()),
+        ),
+        (
+            "jump_fwd",
+            "filter",
+            "FORWARD",
+            AgentRule::Jump("PODNAT_FORWARD".into()),
+        ),
+        (
+            "dnat_tcp",
+            "nat",
+            "PODNAT_PRE",
+            dnat(25, Proto::Tcp, "10.1.0.5", 25, "mail:mx-0"),
+        ),
+        (
+            "dnat_udp",
+            "nat",
+            "PODNAT_PRE",
+            dnat(5353, Proto::Udp, "10.1.1.5", 53, "dns:resolver-1"),
+        ),
+        (
+            "snat_tcp",
+            "nat",
+            "PODNAT_POST",
+            AgentRule::Snat(SnatRule {
+                pod_ip: ip("10.1.0.5"),
+                proto: Proto::Tcp,
+                public_ip: ip("203.0.113.7"),
+                owner: owner("mail:mx-0"),
+            }),
+        ),
+        (
+            "snat_udp",
+            "nat",
+            "PODNAT_POST",
+            AgentRule::Snat(SnatRule {
+                pod_ip: ip("10.1.1.5"),
+                proto: Proto::Udp,
+                public_ip: ip("198.51.100.9"),
+                owner: owner("dns:resolver-1"),
+            }),
+        ),
+        (
+            "fwd_tcp",
+            "filter",
+            "PODNAT_FORWARD",
+            AgentRule::Forward(ForwardRule {
+                pod_ip: ip("10.1.0.5"),
+                proto: Proto::Tcp,
+                pod_port: 25,
+                owner: owner("mail:mx-0"),
+            }),
+        ),
+        (
+            "fwd_udp",
+            "filter",
+            "PODNAT_FORWARD",
+            AgentRule::Forward(ForwardRule {
+                pod_ip: ip("10.1.1.5"),
+                proto: Proto::Udp,
+                pod_port: 53,
+                owner: owner("dns:resolver-1"),
+            }),
+        ),
+        ("ret_172", "nat", "PODNAT_POST", AgentRule::Return(0)),
+        ("ret_192", "nat", "PODNAT_POST", AgentRule::Return(1)),
+        ("ret_10", "nat", "PODNAT_POST", AgentRule::Return(2)),
+        ("ret_127", "nat", "PODNAT_POST", AgentRule::Return(3)),
+    ]
+}
+
+#[test]
+fn every_rule_is_byte_identical_to_iptables_nft() {
+    let names = Names::new("podnat");
+    let observed = observed();
+    for (name, table, chain, rule) in agent_rules() {
+        let (_, flags, bytes) = observed.iter().find(|(n, _, _)| n == name).unwrap();
+        // -A: NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND.
+        assert_eq!(*flags, 0xc01, "{name}");
+        let got = rule_attrs(table, chain, None, &rule, &names);
+        assert_eq!(
+            got.as_bytes(),
+            bytes.as_slice(),
+            "{name}: encoding differs from iptables-nft"
+        );
+    }
+}
+
+#[test]
+fn every_observed_rule_decodes_back() {
+    let names = Names::new("podnat");
+    let observed = observed();
+    for (name, _, _, rule) in agent_rules() {
+        let (_, _, bytes) = observed.iter().find(|(n, _, _)| n == name).unwrap();
+        let exprs = parse_exprs(find_attr(bytes, sys::NFTA_RULE_EXPRESSIONS).unwrap());
+        assert_eq!(decode(&exprs, &names), Some(rule), "{name}");
+    }
+}
+
+#[test]
+fn near_misses_are_not_the_agents() {
+    let names = Names::new("podnat");
+    let m = AgentRule::Dnat(Mapping {
+        key: NatKey {
+            public_ip: ip("203.0.113.7"),
+            public_port: 25,
+            proto: Proto::Tcp,
+        },
+        pod_ip: ip("10.1.0.5"),
+        pod_port: 25,
+        owner: owner("mail:mx-0"),
+    });
+    let exprs = parse_exprs(encode(&m, &names).exprs.attrs().as_bytes());
+    assert_eq!(decode(&exprs, &names), Some(m));
+    // Without the counter.
+    let no_counter: Vec<Expr> = exprs
+        .iter()
+        .filter(|e| **e != Expr::Counter)
+        .cloned()
+        .collect();
+    assert_eq!(decode(&no_counter, &names), None);
+    // With an extra expression.
+    let mut extra = exprs.clone();
+    extra.insert(0, Expr::Other("ct".into()));
+    assert_eq!(decode(&extra, &names), None);
+    // A jump with another comment is not the agent's canonical jump.
+    let other = Names::new("other");
+    let j = parse_exprs(
+        encode(&AgentRule::Jump("PODNAT_PRE".into()), &other)
+            .exprs
+            .attrs()
+            .as_bytes(),
+    );
+    assert_eq!(decode(&j, &names), None);
+    assert_eq!(jump_target(&j), Some("PODNAT_PRE"));
+    // An ownerless comment does not decode.
+    let mut bad = exprs;
+    for e in &mut bad {
+        if let Expr::Xt { name, info, .. } = e {
+            if name == "comment" {
+                *info = xt::comment_info("no-colon");
+            }
+        }
+    }
+    assert_eq!(decode(&bad, &names), None);
+}
+
+fn arb_owner() -> impl Strategy<Value = PodRef> {
+    ("[a-z][a-z0-9-]{0,20}", "[a-z][a-z0-9.-]{0,150}").prop_map(|(ns, n)| PodRef::new(ns, n))
+}
+
+fn arb_rule() -> impl Strategy<Value = AgentRule> {
+    let ip = any::<u32>().prop_map(Ipv4Addr::from);
+    let proto = prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)];
+    prop_oneof![
+        (0..GO_INTERNAL_NETWORKS.len()).prop_map(AgentRule::Return),
+        (ip.clone(), proto.clone(), ip.clone(), arb_owner()).prop_map(
+            |(pod_ip, proto, public_ip, owner)| AgentRule::Snat(SnatRule {
+                pod_ip,
+                proto,
+                public_ip,
+                owner
+            })
+        ),
+        (
+            ip.clone(),
+            any::<u16>(),
+            proto.clone(),
+            ip.clone(),
+            any::<u16>(),
+            arb_owner()
+        )
+            .prop_map(|(public_ip, public_port, proto, pod_ip, pod_port, owner)| {
+                AgentRule::Dnat(Mapping {
+                    key: NatKey {
+                        public_ip,
+                        public_port,
+                        proto,
+                    },
+                    pod_ip,
+                    pod_port,
+                    owner,
+                })
+            }),
+        (ip, proto, any::<u16>(), arb_owner()).prop_map(|(pod_ip, proto, pod_port, owner)| {
+            AgentRule::Forward(ForwardRule {
+                pod_ip,
+                proto,
+                pod_port,
+                owner,
+            })
+        }),
+        "[A-Z_]{1,28}".prop_map(AgentRule::Jump),
+    ]
+}
+
+/// A long owner reads back as its cut comment (what `canonical` makes).
+fn as_read_back(r: AgentRule) -> AgentRule {
+    let cut = |o: &PodRef| PodRef::from_comment(&comment_for(o)).unwrap();
+    match r {
+        AgentRule::Snat(s) => AgentRule::Snat(SnatRule {
+            owner: cut(&s.owner),
+            ..s
+        }),
+        AgentRule::Dnat(m) => AgentRule::Dnat(Mapping {
+            owner: cut(&m.owner),
+            ..m
+        }),
+        AgentRule::Forward(f) => AgentRule::Forward(ForwardRule {
+            owner: cut(&f.owner),
+            ..f
+        }),
+        other => other,
+    }
+}
+
+proptest! {
+    #[test]
+    fn any_rule_round_trips(rule in arb_rule()) {
+        let names = Names::new("podnat");
+        let wire = encode(&rule, &names);
+        // The wire form parses back to the description...
+        let parsed = parse_exprs(wire.exprs.attrs().as_bytes());
+        prop_assert_eq!(&parsed, &exprs_of(&rule, &names));
+        // ...which decodes to the rule (owners as their comments say).
+        prop_assert_eq!(decode(&parsed, &names), Some(as_read_back(rule)));
+    }
+}
+
+#[test]
+fn go_internal_networks_are_the_models_in_go_order() {
+    let mut go = GO_INTERNAL_NETWORKS.to_vec();
+    let mut model = crate::model::INTERNAL_NETWORKS.to_vec();
+    go.sort();
+    model.sort();
+    assert_eq!(go, model);
+    assert_eq!(GO_INTERNAL_NETWORKS[0], (ip("172.16.0.0"), 12));
+    assert_eq!(GO_INTERNAL_NETWORKS[3], (ip("127.0.0.0"), 8));
+}
+
+#[test]
+fn chain_order_puts_returns_first() {
+    let s = AgentRule::Snat(SnatRule {
+        pod_ip: ip("10.0.0.1"),
+        proto: Proto::Tcp,
+        public_ip: ip("203.0.113.7"),
+        owner: owner("a:b"),
+    });
+    let mut v = vec![s.clone(), AgentRule::Return(3), AgentRule::Return(0)];
+    v.sort();
+    assert_eq!(v, vec![AgentRule::Return(0), AgentRule::Return(3), s]);
+}
