@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::monitor::{watch_ruleset, Blocker};
-use podnat_controller::firewall::{backend_with_jumps, Backend, Names};
+use podnat_controller::firewall::{backend_with_jumps, Backend, Changes, Names};
 use podnat_controller::model::Proto;
 use support::crowd::{crowd, foreign_part, ruleset};
 use support::netns::{Netns, Sandbox, POD_A_IP, PUBLIC_IP};
@@ -143,8 +143,14 @@ fn the_monitor_wakes_only_for_foreign_changes_to_what_the_agent_owns() {
                 POD_A_IP,
                 993,
             );
-            let add = be.apply(&more).unwrap();
+            // Nor does the change alone (the agent's way): no generation
+            // query, the batch carries the generation the tracker read last.
+            let add = be
+                .apply_changes(&Changes::between(&mail(), &more))
+                .unwrap()
+                .expect("the change fits the cached state");
             assert!(add.messages > 0 && add.cache_hit, "{flavor:?}: {add:?}");
+            assert_eq!(be.read().unwrap(), more, "{flavor:?}");
             quiet();
             assert_eq!(rings.load(Ordering::SeqCst), 0);
 
@@ -288,4 +294,55 @@ fn foreign_rules_in_our_chains_go_and_foreign_jumps_to_them_stay() {
         ours
     );
     assert!(save.contains("-A CILIUM_PRE_nat -j PODNAT_PRE"), "{save}");
+}
+
+#[test]
+fn a_change_alone_is_refused_whole_when_another_commit_came_first() {
+    for flavor in FLAVORS {
+        let ns = Netns::new("delta");
+        crowd(&ns);
+        ns.run(move || {
+            let listing = || {
+                let out = Command::new("nft").args(["-a", "list", "ruleset"]).output();
+                String::from_utf8(out.unwrap().stdout).unwrap()
+            };
+            // No tracker: the cached state holds only at its own generation.
+            let mut be = backend(flavor);
+            be.apply(&mail()).unwrap();
+            let mut more = mail();
+            publish(
+                &mut more,
+                "mail:mx-0",
+                PUBLIC_IP,
+                993,
+                Proto::Tcp,
+                POD_A_IP,
+                993,
+            );
+            let grow = Changes::between(&mail(), &more);
+            let before = listing();
+            // kube-proxy commits elsewhere: the kernel refuses the batch
+            // built on the old generation, nothing changes, the caller is
+            // told to send the whole table.
+            run("nft add element ip kube-proxy cluster-ips '{ 10.96.0.13 }'");
+            let moved = listing();
+            assert_ne!(before, moved);
+            assert!(be.apply_changes(&grow).unwrap().is_none(), "{flavor:?}");
+            assert_eq!(listing(), moved, "{flavor:?}: nothing sent");
+            let whole = be.apply(&more).unwrap();
+            assert!(whole.messages > 0, "{flavor:?}");
+            // Changes that do not fit what the kernel holds (a delete of a
+            // rule that is not there) are not sent either.
+            let stale = Changes::between(&more, &mail());
+            let mut wrong = stale.clone();
+            wrong.del.dnat[0].pod_port += 1;
+            let after = listing();
+            assert!(be.apply_changes(&wrong).unwrap().is_none(), "{flavor:?}");
+            assert_eq!(listing(), after);
+            // And on top of the last commit they apply, in one batch.
+            let back = be.apply_changes(&stale).unwrap().expect("fits");
+            assert!(back.messages > 0 && back.cache_hit);
+            assert_eq!(be.read().unwrap(), mail(), "{flavor:?}");
+        });
+    }
 }
