@@ -384,7 +384,9 @@ impl Reconciler {
             due = self.due(first);
             why = (wake_name(first), wake_label(first));
             let mut burst = Coalescer::new(Instant::now(), self.cfg.debounce, self.cfg.max_delay);
-            loop {
+            // No debounce: no timer either (tokio's would round up to its
+            // next millisecond tick).
+            while !self.cfg.debounce.is_zero() {
                 tokio::select! {
                     biased;
                     () = &mut shutdown => return self.stopped(),

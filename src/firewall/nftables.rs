@@ -246,10 +246,27 @@ impl Nftables {
                 );
             }
         }
-        encode_changes(
+        // Every element, straight from the desired lists (no copy of them).
+        add_elements(
             batch,
             tname,
-            &Changes::between(&RuleSet::default(), desired),
+            names::NFT_DNAT_MAP,
+            dnat_elements(&desired.dnat),
+            false,
+        );
+        add_elements(
+            batch,
+            tname,
+            names::NFT_SNAT_MAP,
+            snat_elements(&desired.snat),
+            false,
+        );
+        add_elements(
+            batch,
+            tname,
+            names::NFT_FORWARD_SET,
+            forward_elements(&desired.forward),
+            false,
         );
     }
 }
@@ -330,11 +347,13 @@ impl Flavor for Nftables {
     fn effect(&self, state: &NativeState, plan: &NftPlan) -> Effect {
         match plan {
             NftPlan::Rebuild(desired) => {
-                let ch = Changes::between(&state.rules, desired);
+                // Only the DNAT mappings are reported (SNAT and FORWARD
+                // follow from them).
+                let (added_dnat, removed_dnat) = super::diff(&state.rules.dnat, &desired.dnat);
                 Effect {
                     rebuilt: true,
-                    added_dnat: ch.add.dnat,
-                    removed_dnat: ch.del.dnat,
+                    added_dnat,
+                    removed_dnat,
                 }
             }
             NftPlan::Elements(ch) => Effect {
