@@ -20,7 +20,7 @@ use super::netlink::{
     attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, Echo, NetlinkError, NfSocket,
     NftBatch, NftMsg, Scope,
 };
-use super::{comment_for, view, Changes};
+use super::{view, Changes};
 use crate::model::{
     ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule, INTERNAL_NETWORKS,
 };

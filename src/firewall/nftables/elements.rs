@@ -3,6 +3,8 @@
 //! their decoding from a dump.
 
 use super::*;
+#[cfg(test)]
+use crate::firewall::comment_for;
 use crate::firewall::MAX_COMMENT;
 
 // Element encodings: every concatenated field padded to 4 bytes.
