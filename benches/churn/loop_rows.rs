@@ -168,6 +168,7 @@ impl Drop for Loop {
 /// Install n, add 1, delete 1 through the loop, for one backend; medians.
 fn rows(make: impl Fn() -> Box<dyn Backend>, n: u32) -> [Duration; 3] {
     let (mut install, mut add, mut del) = (vec![], vec![], vec![]);
+    let mut last_add = None;
     for _ in 0..REPS {
         let mut be = make();
         be.cleanup().unwrap();
@@ -178,8 +179,16 @@ fn rows(make: impl Fn() -> Box<dyn Backend>, n: u32) -> [Duration; 3] {
         l.timed(Event::Delete(pod(n)));
         for _ in 0..REPS {
             add.push(l.timed(Event::Apply(pod(n))));
+            last_add = l.status.last().report;
             del.push(l.timed(Event::Delete(pod(n))));
         }
+    }
+    // What the last add sent: one batch of its own rules, from the cache.
+    if let Some(r) = last_add {
+        eprintln!(
+            "loop add 1 at {n}: {} messages, {} bytes, cache hit {}, retries {}",
+            r.messages, r.bytes, r.cache_hit, r.retries
+        );
     }
     [median(install), median(add), median(del)]
 }
