@@ -7,7 +7,6 @@
 mod support;
 
 use std::io::Write;
-use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
@@ -17,52 +16,12 @@ use podnat_controller::config::JumpPositions;
 use podnat_controller::firewall::iptables::position::jump_position;
 use podnat_controller::firewall::iptables::IptablesBackend;
 use podnat_controller::firewall::monitor::watch_ruleset;
-use podnat_controller::firewall::{view, ApplyReport, Backend, Names};
-use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
-use support::netns::{Netns, Sandbox, POD_A_IP, POD_B_IP, PUBLIC_IP};
-use support::rules::publish;
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
-
-fn names() -> Names {
-    Names::new("podnat")
-}
+use podnat_controller::firewall::{view, ApplyReport, Backend};
+use podnat_controller::model::{Proto, RuleSet};
+use support::netns::{Netns, Sandbox, POD_B_IP, PUBLIC_IP};
+use support::rules::{bulk, mail, names, publish};
 
 const JUMP: &str = "\"podnat[jump_to_chain]\"";
-
-fn mail_rules() -> RuleSet {
-    let mut r = RuleSet::default();
-    publish(
-        &mut r,
-        "mail:mx-0",
-        PUBLIC_IP,
-        25,
-        Proto::Tcp,
-        POD_A_IP,
-        2525,
-    );
-    publish(
-        &mut r,
-        "mail:mx-0",
-        PUBLIC_IP,
-        587,
-        Proto::Tcp,
-        POD_A_IP,
-        587,
-    );
-    publish(
-        &mut r,
-        "mail:mx-0",
-        PUBLIC_IP,
-        5353,
-        Proto::Udp,
-        POD_A_IP,
-        5300,
-    );
-    r
-}
 
 fn jumps(forward: i32, prerouting: i32, postrouting: i32) -> JumpPositions {
     JumpPositions {
@@ -174,7 +133,7 @@ fn chain_decls(ns: &Netns) -> Vec<String> {
 #[test]
 fn iptables_nft_reads_the_rules_as_its_own() {
     let ns = Netns::new("ipt-oracle");
-    let rules = mail_rules();
+    let rules = mail();
     let first = apply(&ns, &rules);
     assert!(first.messages > 0 && first.rebuilt);
     assert_kernel_holds(&ns, &rules);
@@ -248,7 +207,7 @@ fn iptables_nft_reads_the_rules_as_its_own() {
 #[test]
 fn tcp_udp_snat_and_internal_traffic() {
     let sb = Sandbox::new("ipt-traf");
-    apply(&sb.node, &mail_rules());
+    apply(&sb.node, &mail());
 
     support::traffic::check_mail_traffic(&sb);
 
@@ -355,7 +314,7 @@ fn foreign_listing(ns: &Netns) -> [Vec<String>; 3] {
 
 #[test]
 fn jumps_land_at_their_position_beside_foreign_rules() {
-    let rules = mail_rules();
+    let rules = mail();
     for n in 0..=4 {
         let ns = Netns::new(&format!("ipt-pos{n}"));
         add_foreign(&ns, n);
@@ -394,7 +353,7 @@ fn duplicate_and_misplaced_jumps_are_repaired() {
     let ns = Netns::new("ipt-dup");
     add_foreign(&ns, 3);
     let foreign = foreign_listing(&ns);
-    let rules = mail_rules();
+    let rules = mail();
     let j = JumpPositions::default();
     apply_with(&ns, &rules, j);
     // A second jump (as an older agent might have left), a jump without the
@@ -414,7 +373,7 @@ fn duplicate_and_misplaced_jumps_are_repaired() {
 #[test]
 fn foreign_and_stale_rules_in_the_agents_chains_are_replaced() {
     let ns = Netns::new("ipt-stale");
-    let rules = mail_rules();
+    let rules = mail();
     apply(&ns, &rules);
     let handles_before = ns.sh("nft -a list chain ip nat PODNAT_POST");
     ns.sh("iptables-nft -t nat -A PODNAT_PRE -j ACCEPT && \
@@ -441,7 +400,7 @@ fn second_apply_sends_nothing_and_changes_touch_only_themselves() {
     let ns = Netns::new("ipt-idem");
     add_foreign(&ns, 2);
     let save_before = ns.sh("iptables-nft-save | grep -v '^#'");
-    let rules = mail_rules();
+    let rules = mail();
     apply(&ns, &rules);
     // A fresh backend (no cache) and a warm one both send nothing.
     assert_eq!(apply(&ns, &rules).messages, 0);
@@ -503,7 +462,7 @@ fn second_apply_sends_nothing_and_changes_touch_only_themselves() {
 fn dry_run_is_iptables_restore_input_for_the_same_change() {
     // Two namespaces in the same state; one gets the agent's apply, the other
     // the dry run's lines through iptables-nft-restore: same result.
-    let mut before = mail_rules();
+    let mut before = mail();
     publish(
         &mut before,
         "old:gone",
@@ -513,7 +472,7 @@ fn dry_run_is_iptables_restore_input_for_the_same_change() {
         "10.1.2.9",
         7,
     );
-    let mut after = mail_rules();
+    let mut after = mail();
     publish(
         &mut after,
         "web:w-1",
@@ -678,7 +637,7 @@ fn drift_is_repaired_within_a_second_and_settles() {
     let ns = Netns::new("ipt-drift");
     add_foreign(&ns, 2);
     let foreign = foreign_listing(&ns);
-    let rules = mail_rules();
+    let rules = mail();
     let j = JumpPositions::default();
     let lp = RepairLoop::start(&ns, rules.clone(), j);
     assert_kernel_holds(&ns, &rules);
@@ -743,7 +702,7 @@ fn a_concurrent_iptables_writer_never_breaks_an_apply() {
             .output()
             .unwrap()
     });
-    let rules = mail_rules();
+    let rules = mail();
     let r2 = rules.clone();
     let (retries, applies, last_j) = ns.run(move || {
         let mut be = IptablesBackend::new(names(), JumpPositions::default());
@@ -777,42 +736,10 @@ fn a_concurrent_iptables_writer_never_breaks_an_apply() {
     eprintln!("{applies} applies racing iptables-nft: {retries} generation retries");
 }
 
-fn big_table(ports: u16) -> RuleSet {
-    let mut r = RuleSet::default();
-    for i in 0..ports {
-        let pod = Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1);
-        let owner = PodRef::new("bulk", format!("p-{i}"));
-        r.dnat.push(Mapping {
-            key: NatKey {
-                public_ip: ip(PUBLIC_IP),
-                public_port: 10000 + i,
-                proto: Proto::Tcp,
-            },
-            pod_ip: pod,
-            pod_port: 80,
-            owner: owner.clone(),
-        });
-        r.snat.push(SnatRule {
-            pod_ip: pod,
-            proto: Proto::Tcp,
-            public_ip: ip(PUBLIC_IP),
-            owner: owner.clone(),
-        });
-        r.forward.push(ForwardRule {
-            pod_ip: pod,
-            proto: Proto::Tcp,
-            pod_port: 80,
-            owner,
-        });
-    }
-    r.normalize();
-    r
-}
-
 #[test]
 fn five_thousand_ports_in_one_batch() {
     let ns = Netns::new("ipt-big");
-    let rules = big_table(5000);
+    let rules = bulk(5000);
     assert_eq!(rules.len(), 15000);
     let mut one_more = rules.clone();
     publish(

@@ -5,24 +5,16 @@
 mod support;
 
 use std::collections::BTreeSet;
-use std::net::{Ipv4Addr, UdpSocket};
+use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
 use podnat_controller::firewall::netlink::{sys, Attrs, NetlinkError, NfSocket, NftBatch, NftMsg};
 use podnat_controller::firewall::nftables::NftablesBackend;
-use podnat_controller::firewall::{view, Backend, FirewallError, Names};
-use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
+use podnat_controller::firewall::{view, Backend, FirewallError};
+use podnat_controller::model::{Proto, RuleSet};
 use proptest::prelude::*;
 use support::netns::{Netns, Sandbox, POD_A_IP, POD_B_IP, PUBLIC_IP};
-use support::rules::publish;
-
-fn ip(s: &str) -> Ipv4Addr {
-    s.parse().unwrap()
-}
-
-fn names() -> Names {
-    Names::new("podnat")
-}
+use support::rules::{bulk, names, publish};
 
 /// An apply as the agent's firewall thread makes it: the batch, then the
 /// conntrack flush of moved UDP mappings.
@@ -367,42 +359,10 @@ fn udp_mapping_moves_to_another_pod_within_a_second() {
     assert_eq!(at_a_after, 0, "nothing reaches A after the move");
 }
 
-fn big_table(ports: u16) -> RuleSet {
-    let mut r = RuleSet::default();
-    for i in 0..ports {
-        let pod = Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1);
-        let owner = PodRef::new("bulk", format!("p-{i}"));
-        r.dnat.push(Mapping {
-            key: NatKey {
-                public_ip: ip(PUBLIC_IP),
-                public_port: 10000 + i,
-                proto: Proto::Tcp,
-            },
-            pod_ip: pod,
-            pod_port: 80,
-            owner: owner.clone(),
-        });
-        r.snat.push(SnatRule {
-            pod_ip: pod,
-            proto: Proto::Tcp,
-            public_ip: ip(PUBLIC_IP),
-            owner: owner.clone(),
-        });
-        r.forward.push(ForwardRule {
-            pod_ip: pod,
-            proto: Proto::Tcp,
-            pod_port: 80,
-            owner,
-        });
-    }
-    r.normalize();
-    r
-}
-
 #[test]
 fn five_thousand_ports_in_one_batch() {
     let ns = Netns::new("big");
-    let rules = big_table(5000);
+    let rules = bulk(5000);
     let rep = apply(&ns, &rules);
     assert_eq!(rules.len(), 15000);
     eprintln!(

@@ -59,8 +59,11 @@ fn reloads(flavor: Flavor) -> Vec<(&'static str, &'static str)> {
         Flavor::Nftables => ("nft delete table ip podnat", "nft delete table ip podnat"),
         Flavor::Iptables => (
             "the agent's chain deleted",
-            "iptables-nft -t nat -D PREROUTING -m comment --comment 'podnat[jump_to_chain]' -j PODNAT_PRE && \
-             iptables-nft -t nat -F PODNAT_PRE && iptables-nft -t nat -X PODNAT_PRE",
+            // One transaction, as a reload is: three separate commands race the
+            // agent, which may put the jump back before the chain is deleted.
+            "printf '%s\\n' '*nat' \
+               \"-D PREROUTING -m comment --comment podnat[jump_to_chain] -j PODNAT_PRE\" \
+               '-F PODNAT_PRE' '-X PODNAT_PRE' COMMIT | iptables-nft-restore --noflush",
         ),
     };
     vec![

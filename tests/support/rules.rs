@@ -2,12 +2,18 @@
 
 use std::net::Ipv4Addr;
 
+use podnat_controller::firewall::Names;
 use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
 
 use super::netns::{POD_A_IP, PUBLIC_IP};
 
-fn ip(s: &str) -> Ipv4Addr {
+pub fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap()
+}
+
+/// The agent's names with the default prefix.
+pub fn names() -> Names {
+    Names::new("podnat")
 }
 
 /// Adds a mapping public:port/proto → pod:pod_port owned by `owner`
@@ -73,5 +79,39 @@ pub fn mail() -> RuleSet {
             pod_port,
         );
     }
+    r
+}
+
+/// `ports` TCP ports 10000.. on the public address, one pod each
+/// (10.2.x.y:80, owner bulk:p-i): 3 × `ports` rules.
+pub fn bulk(ports: u16) -> RuleSet {
+    let mut r = RuleSet::default();
+    for i in 0..ports {
+        let pod = Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1);
+        let owner = PodRef::new("bulk", format!("p-{i}"));
+        r.dnat.push(Mapping {
+            key: NatKey {
+                public_ip: ip(PUBLIC_IP),
+                public_port: 10000 + i,
+                proto: Proto::Tcp,
+            },
+            pod_ip: pod,
+            pod_port: 80,
+            owner: owner.clone(),
+        });
+        r.snat.push(SnatRule {
+            pod_ip: pod,
+            proto: Proto::Tcp,
+            public_ip: ip(PUBLIC_IP),
+            owner: owner.clone(),
+        });
+        r.forward.push(ForwardRule {
+            pod_ip: pod,
+            proto: Proto::Tcp,
+            pod_port: 80,
+            owner,
+        });
+    }
+    r.normalize();
     r
 }

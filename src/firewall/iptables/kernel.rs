@@ -1,0 +1,210 @@
+//! Reading what the agent owns in iptables-nft's tables, and building the
+//! batch of a change: the flavor's two ends at the kernel.
+
+use super::*;
+
+impl Iptables {
+    fn exists(sock: &mut NfSocket, msg: u32, attrs: &Attrs) -> Result<bool, NetlinkError> {
+        Ok(sock.get(msg, AF_INET, attrs)?.is_some())
+    }
+
+    fn chain_exists(sock: &mut NfSocket, table: &str, chain: &str) -> Result<bool, NetlinkError> {
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_CHAIN_TABLE, table)
+            .str(sys::NFTA_CHAIN_NAME, chain);
+        Self::exists(sock, sys::NFT_MSG_GETCHAIN, &a)
+    }
+
+    /// The rules of one chain, in order: (handle, expressions).
+    fn dump_chain(
+        sock: &mut NfSocket,
+        table: &str,
+        chain: &str,
+    ) -> Result<Vec<(u64, Vec<rules::Expr>)>, NetlinkError> {
+        let msgs = sock.dump_scoped(sys::NFT_MSG_GETRULE, &Scope::object(AF_INET, table, chain))?;
+        let mut out = Vec::with_capacity(msgs.len());
+        for m in msgs {
+            let handle = attr_be64(&m, sys::NFTA_RULE_HANDLE).ok_or_else(|| {
+                NetlinkError::Malformed(format!("rule in {chain} without handle"))
+            })?;
+            let exprs = parse_exprs(find_attr(&m, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]));
+            out.push((handle, exprs));
+        }
+        Ok(out)
+    }
+
+    /// Reads the agent's chains and the parent chains back from the kernel.
+    pub(super) fn read_state(&self, sock: &mut NfSocket) -> Result<IptState, NetlinkError> {
+        let mut st = IptState::default();
+        for (table, exists) in [(NAT, &mut st.nat_exists), (FILTER, &mut st.filter_exists)] {
+            let mut a = Attrs::new();
+            a.str(sys::NFTA_TABLE_NAME, table);
+            *exists = Self::exists(sock, sys::NFT_MSG_GETTABLE, &a)?;
+        }
+        let names = self.names.clone();
+        for place in PLACES {
+            let i = place.index();
+            if !st.table_exists(place.table()) {
+                continue;
+            }
+            let own = place.own(&names);
+            st.parent_exists[i] = Self::chain_exists(sock, place.table(), place.parent())?;
+            st.own_exists[i] = Self::chain_exists(sock, place.table(), own)?;
+            if st.parent_exists[i] {
+                st.parents[i] = Self::dump_chain(sock, place.table(), place.parent())?
+                    .into_iter()
+                    .map(|(handle, exprs)| {
+                        let rule = if jump_target(&exprs) == Some(own) {
+                            ParentRule::Jump {
+                                exact: decode(&exprs, &names)
+                                    == Some(AgentRule::Jump(own.to_string())),
+                            }
+                        } else {
+                            ParentRule::Foreign
+                        };
+                        Slot {
+                            handle: Some(handle),
+                            rule,
+                        }
+                    })
+                    .collect();
+            }
+            if st.own_exists[i] {
+                st.own[i] = Self::dump_chain(sock, place.table(), own)?
+                    .into_iter()
+                    .map(|(handle, exprs)| Slot {
+                        handle: Some(handle),
+                        rule: decode(&exprs, &names),
+                    })
+                    .collect();
+            }
+        }
+        st.settled = st.own_sorted()
+            && (0..3).all(|i| {
+                let current: Vec<ParentRule> = st.parents[i].iter().map(|s| s.rule).collect();
+                plan_jump(&current, PLACES[i].requested(&self.jumps)).is_empty()
+            });
+        Ok(st)
+    }
+
+    /// Adds a NEWRULE; returns its sequence number in the batch.
+    fn add_rule(
+        &self,
+        batch: &mut NftBatch,
+        place: Place,
+        chain: &str,
+        rule: &AgentRule,
+        anchor: Option<u64>,
+        echo: bool,
+    ) -> u32 {
+        let mut flags = if anchor.is_some() {
+            libc::NLM_F_CREATE
+        } else {
+            libc::NLM_F_CREATE | libc::NLM_F_APPEND
+        };
+        if echo {
+            flags |= libc::NLM_F_ECHO;
+        }
+        let a = rule_attrs(place.table(), chain, anchor, rule, &self.names);
+        // Sequence numbers count the messages; the batch begin is 0.
+        let seq = batch.len() as u32 + 1;
+        batch.add(
+            NftMsg::new(sys::NFT_MSG_NEWRULE, flags as u32, a),
+            format!("add rule {}", line(rule, place, &self.names)),
+        );
+        seq
+    }
+
+    fn delete_rule(&self, batch: &mut NftBatch, place: Place, chain: &str, handle: u64) {
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_RULE_TABLE, place.table())
+            .str(sys::NFTA_RULE_CHAIN, chain)
+            .be64(sys::NFTA_RULE_HANDLE, handle);
+        batch.add(
+            NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
+            format!(
+                "delete rule handle {handle} in chain {chain} of table ip {}",
+                place.table()
+            ),
+        );
+    }
+
+    /// Encodes `changes` (whose handles are all known) into one batch:
+    /// tables and chains first, then each chain's deletes and inserts, the
+    /// jumps last (they need the agent's chains). New rules ask for an echo
+    /// (which carries their handles) unless there are too many of them; the
+    /// sequence number of each is returned by the insert it belongs to.
+    pub(super) fn build(
+        &self,
+        state: &IptState,
+        changes: &Changes,
+    ) -> (NftBatch, Vec<(u32, Inserted)>) {
+        let mut batch = NftBatch::new();
+        let mut inserted = Vec::new();
+        let echo = changes.inserts() <= MAX_ECHOED_RULES;
+        let nat = Table::new(ProtocolFamily::Ipv4).with_name(NAT);
+        let filter = Table::new(ProtocolFamily::Ipv4).with_name(FILTER);
+        for (create, table, name) in [
+            (changes.create_nat, &nat, NAT),
+            (changes.create_filter, &filter, FILTER),
+        ] {
+            if create {
+                batch.add_table(table, MsgType::Add, format!("add table ip {name}"));
+            }
+        }
+        for place in PLACES {
+            let i = place.index();
+            let table = if place.table() == NAT { &nat } else { &filter };
+            if changes.create_parent[i] {
+                batch.add_chain(
+                    &place.base_chain(table),
+                    MsgType::Add,
+                    format!("add chain {} to table ip {}", place.parent(), place.table()),
+                );
+            }
+            let own = place.own(&self.names);
+            if changes.create_own[i] {
+                batch.add_chain(
+                    &Chain::new(table).with_name(own),
+                    MsgType::Add,
+                    format!("add chain {own} to table ip {}", place.table()),
+                );
+            }
+        }
+        for place in PLACES {
+            let i = place.index();
+            let own = place.own(&self.names);
+            let plan = &changes.own[i];
+            let handle = |j: usize| state.own[i][j].handle.expect("handles checked");
+            for &j in &plan.delete {
+                self.delete_rule(&mut batch, place, own, handle(j));
+            }
+            for (k, (rule, anchor)) in plan.insert.iter().enumerate() {
+                let pos = match anchor {
+                    Anchor::Before(j) => Some(handle(*j)),
+                    Anchor::Append => None,
+                };
+                let seq = self.add_rule(&mut batch, place, own, rule, pos, echo);
+                inserted.push((seq, Inserted::Own(i, k)));
+            }
+        }
+        for place in PLACES {
+            let i = place.index();
+            let plan = &changes.jumps[i];
+            let handle = |j: usize| state.parents[i][j].handle.expect("handles checked");
+            for &j in &plan.delete {
+                self.delete_rule(&mut batch, place, place.parent(), handle(j));
+            }
+            let jump = AgentRule::Jump(place.own(&self.names).to_string());
+            for (k, (_, anchor)) in plan.insert.iter().enumerate() {
+                let pos = match anchor {
+                    Anchor::Before(j) => Some(handle(*j)),
+                    Anchor::Append => None,
+                };
+                let seq = self.add_rule(&mut batch, place, place.parent(), &jump, pos, echo);
+                inserted.push((seq, Inserted::Jump(i, k)));
+            }
+        }
+        (batch, inserted)
+    }
+}

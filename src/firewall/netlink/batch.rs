@@ -1,0 +1,190 @@
+//! One nf_tables batch: messages, their descriptions, and the BEGIN/END
+//! frame carrying the generation id.
+
+use std::fmt;
+
+use rustables::{Batch, MsgType, ProtocolFamily};
+
+use super::attrs::{align4, parse_msg};
+use super::Attrs;
+
+/// One nf_tables message (NFT_MSG_*), ready for a rustables `Batch`.
+#[derive(Clone)]
+pub struct NftMsg {
+    pub msg_type: u16,
+    pub family: ProtocolFamily,
+    pub flags: u16,
+    pub attrs: Vec<u8>,
+}
+
+impl fmt::Debug for NftMsg {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "NftMsg(type {}, {} bytes)",
+            self.msg_type,
+            self.attrs.len()
+        )
+    }
+}
+
+impl NftMsg {
+    pub fn new(msg_type: u32, flags: u32, attrs: Attrs) -> NftMsg {
+        NftMsg {
+            msg_type: msg_type as u16,
+            family: ProtocolFamily::Ipv4,
+            flags: flags as u16,
+            attrs: attrs.into_bytes(),
+        }
+    }
+}
+
+pub(super) fn nlmsg_header(
+    buf: &mut Vec<u8>,
+    msg_type: u16,
+    flags: u16,
+    seq: u32,
+    family: u8,
+    res_id: u16,
+) {
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
+    buf.extend_from_slice(&msg_type.to_ne_bytes());
+    buf.extend_from_slice(&(flags | libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.push(family);
+    buf.push(0); // NFNETLINK_V0
+    buf.extend_from_slice(&res_id.to_be_bytes());
+}
+
+pub(super) fn patch_len(buf: &mut [u8], start: usize) {
+    let len = (buf.len() - start) as u32;
+    buf[start..start + 4].copy_from_slice(&len.to_ne_bytes());
+}
+
+/// A batch under construction, with a description of every message so a
+/// refusal can name the object the kernel refused.
+pub struct NftBatch {
+    body: Vec<u8>,
+    what: Vec<String>,
+}
+
+impl Default for NftBatch {
+    fn default() -> Self {
+        NftBatch::new()
+    }
+}
+
+impl NftBatch {
+    pub fn new() -> NftBatch {
+        NftBatch {
+            body: Vec::new(),
+            // seq 0 is the begin message.
+            what: vec!["the batch (generation check)".to_string()],
+        }
+    }
+
+    fn seq(&self) -> u32 {
+        self.what.len() as u32
+    }
+
+    pub fn add(&mut self, msg: NftMsg, what: impl Into<String>) {
+        let seq = self.seq();
+        let start = self.body.len();
+        let ty = ((libc::NFNL_SUBSYS_NFTABLES as u16) << 8) | msg.msg_type;
+        nlmsg_header(&mut self.body, ty, msg.flags, seq, msg.family as u8, 0);
+        self.body.extend_from_slice(&msg.attrs);
+        patch_len(&mut self.body, start);
+        self.what.push(what.into());
+    }
+
+    /// Splices the object messages of a finalized rustables batch (between
+    /// its begin and end) into this batch, renumbering them.
+    fn splice(&mut self, raw: Vec<u8>, what: String) {
+        let mut off = 0;
+        let mut msgs = Vec::new();
+        while let Some(m) = parse_msg(&raw[off..]) {
+            msgs.push((off, m.total_len, m.msg_type));
+            off += align4(m.total_len);
+        }
+        for (off, len, ty) in msgs {
+            if ty == libc::NFNL_MSG_BATCH_BEGIN as u16 || ty == libc::NFNL_MSG_BATCH_END as u16 {
+                continue;
+            }
+            let start = self.body.len();
+            self.body.extend_from_slice(&raw[off..off + len]);
+            let seq = self.seq();
+            self.body[start + 8..start + 12].copy_from_slice(&seq.to_ne_bytes());
+            self.body.resize(start + align4(len), 0);
+            self.what.push(what.clone());
+        }
+    }
+
+    pub fn add_table(&mut self, table: &rustables::Table, op: MsgType, what: impl Into<String>) {
+        let mut b = Batch::new();
+        b.add(table, op);
+        self.splice(b.finalize(), what.into());
+    }
+
+    pub fn add_chain(&mut self, chain: &rustables::Chain, op: MsgType, what: impl Into<String>) {
+        let mut b = Batch::new();
+        b.add(chain, op);
+        self.splice(b.finalize(), what.into());
+    }
+
+    /// Number of object messages (without begin/end).
+    pub fn len(&self) -> usize {
+        self.what.len() - 1
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Size of the messages so far, in bytes.
+    pub fn byte_len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// The wire bytes: begin (with `genid` when given), messages, end.
+    pub fn finalize(self, genid: Option<u32>) -> FinalBatch {
+        let mut bytes = Vec::with_capacity(self.body.len() + 64);
+        nlmsg_header(
+            &mut bytes,
+            libc::NFNL_MSG_BATCH_BEGIN as u16,
+            0,
+            0,
+            libc::AF_UNSPEC as u8,
+            libc::NFNL_SUBSYS_NFTABLES as u16,
+        );
+        if let Some(g) = genid {
+            let mut a = Attrs::new();
+            a.be32(libc::NFNL_BATCH_GENID as u16, g);
+            bytes.extend_from_slice(a.as_bytes());
+        }
+        patch_len(&mut bytes, 0);
+        bytes.extend_from_slice(&self.body);
+        let end = bytes.len();
+        nlmsg_header(
+            &mut bytes,
+            libc::NFNL_MSG_BATCH_END as u16,
+            0,
+            self.what.len() as u32,
+            libc::AF_UNSPEC as u8,
+            libc::NFNL_SUBSYS_NFTABLES as u16,
+        );
+        patch_len(&mut bytes, end);
+        FinalBatch {
+            bytes,
+            what: self.what,
+            genid,
+        }
+    }
+}
+
+/// Bytes ready to send, with the description of each sequence number.
+pub struct FinalBatch {
+    pub bytes: Vec<u8>,
+    pub what: Vec<String>,
+    pub genid: Option<u32>,
+}

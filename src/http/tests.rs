@@ -1,0 +1,135 @@
+use super::*;
+use crate::firewall::{backend_for, Names};
+use crate::kube::events::EventStats;
+use crate::plan::{self, PlanConfig, PodFacts};
+
+fn context(flavor: Flavor) -> Arc<HttpContext> {
+    let status = Arc::new(AgentStatus::new(Arc::new(EventStats::default())));
+    Arc::new(HttpContext {
+        registry: crate::status::registry(&status),
+        status,
+        flavor,
+        view: Mutex::new(backend_for(flavor, Names::new("podnat"))),
+        node: "node1".into(),
+        dry_run: false,
+        address_source: AddressSource::Detected,
+    })
+}
+
+fn query(format: &str) -> Query<EntriesQuery> {
+    Query(EntriesQuery {
+        format: Some(format.into()),
+    })
+}
+
+/// Handlers called directly (the running agent's answers are tested in
+/// tests/http.rs): the states a test agent cannot be put in on demand.
+#[tokio::test]
+async fn answers_before_the_loop_runs() {
+    let ctx = context(Flavor::Nftables);
+    assert_eq!(
+        healthz(State(ctx.clone())).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    assert_eq!(
+        ready(State(ctx.clone())).await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    // No table yet: an empty list, and the empty table's rule view.
+    let r = entries(State(ctx.clone()), Query(EntriesQuery { format: None })).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = entries(State(ctx.clone()), query("nft")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = entries(State(ctx.clone()), query("iptables")).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let r = entries(State(ctx), query("xml")).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let ctx = context(Flavor::Iptables);
+    let r = entries(State(ctx.clone()), query("iptables")).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = metrics(State(ctx), HeaderMap::new()).await;
+    assert_eq!(r.status(), StatusCode::OK);
+}
+
+fn pod(name: &str, ip: [u8; 4], created: i64, annotation: &str) -> PodFacts {
+    PodFacts {
+        pod: PodRef::new("mail", name),
+        node: Some("node1".into()),
+        ip: Some(ip.into()),
+        created: Some(k8s_openapi::jiff::Timestamp::from_second(created).unwrap()),
+        ready: true,
+        terminating: false,
+        finished: false,
+        annotation: Some(annotation.into()),
+    }
+}
+
+#[test]
+fn rows_cover_every_state() {
+    let pods = [
+        pod(
+            "old",
+            [10, 1, 0, 5],
+            1,
+            r#"{"entries":[{"srcPort":25,"dstPort":25}]}"#,
+        ),
+        pod(
+            "new",
+            [10, 1, 1, 5],
+            2,
+            r#"{"entries":[{"srcPort":25,"dstPort":2525}]}"#,
+        ),
+        pod(
+            "bad",
+            [10, 1, 2, 5],
+            3,
+            r#"{"entries":[{"srcPort":0,"dstPort":25}]}"#,
+        ),
+    ];
+    let cfg = PlanConfig {
+        node_id: "node1".into(),
+        restricted_ports: [22].into(),
+    };
+    let table = plan::plan(&pods, Some(Ipv4Addr::new(203, 0, 113, 7)), &cfg);
+    let rows = entry_rows(&table, false);
+    let states: Vec<_> = rows.iter().map(|r| (r.pod.as_str(), r.state)).collect();
+    assert_eq!(
+        states,
+        vec![
+            ("bad", EntryState::Invalid),
+            ("new", EntryState::Applied),
+            ("old", EntryState::ConflictLost),
+        ]
+    );
+    assert_eq!(rows[1].pod_port, Some(2525));
+    assert_eq!(rows[2].winner.as_deref(), Some("mail:new"));
+    assert!(rows[0].message.as_deref().unwrap().contains("srcPort"));
+
+    let pending = plan::plan(&pods[..1], None, &cfg);
+    let rows = entry_rows(&pending, true);
+    assert_eq!(rows[0].state, EntryState::Pending);
+    assert_eq!(rows[0].public_address, None);
+    let planned = entry_rows(&table, true);
+    assert_eq!(planned[1].state, EntryState::Planned);
+}
+
+#[test]
+fn json_keys_are_stable() {
+    let e = Entry {
+        namespace: "mail".into(),
+        pod: "mx".into(),
+        public_address: Some(Ipv4Addr::new(203, 0, 113, 7)),
+        public_port: Some(25),
+        pod_address: Some(Ipv4Addr::new(10, 1, 0, 5)),
+        pod_port: Some(25),
+        proto: Some(Proto::Tcp),
+        state: EntryState::ConflictLost,
+        message: None,
+        winner: None,
+    };
+    let v = serde_json::to_value(&e).unwrap();
+    assert_eq!(v["state"], "conflict-lost");
+    assert_eq!(v["proto"], "tcp");
+    assert_eq!(v["public_address"], "203.0.113.7");
+    assert!(v["message"].is_null());
+}
