@@ -29,6 +29,23 @@ use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, Rule
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const REPS: usize = 5;
 
+/// A commit that deleted rules leaves their destructors to a kernel work item
+/// that runs after an RCU grace period, and the next rule with an xt-compat
+/// match or target (every rule of the iptables flavor and of iptables-nft)
+/// waits for that work first (nft_compat.c, `nft_compat_wait_for_destructors`):
+/// 5–20 ms here. Every timed operation starts on a settled kernel, so a
+/// figure is that operation's own cost, not its predecessor's grace period.
+/// The wait spins rather than sleeps: a CPU woken from idle would add its
+/// wake-up and cold caches to a figure of a few microseconds.
+const SETTLE: Duration = Duration::from_millis(50);
+
+pub fn settle() {
+    let t = Instant::now();
+    while t.elapsed() < SETTLE {
+        std::hint::spin_loop();
+    }
+}
+
 fn pod_ip(i: u32) -> Ipv4Addr {
     Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1)
 }
@@ -70,7 +87,9 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
+/// One peer process on a settled kernel, timed from spawn to exit.
 fn timed(ns: &Netns, mut cmd: Command) -> Duration {
+    settle();
     ns.run(move || {
         let t = Instant::now();
         let out = cmd.output().expect("spawn peer");
@@ -236,11 +255,13 @@ macro_rules! measure_ours {
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for _ in 0..REPS {
             be.cleanup().unwrap();
+            settle();
             let t = Instant::now();
             be.apply(base).unwrap();
             install.push(t.elapsed());
             be.cleanup().unwrap();
             let batch = be.prepare(base).unwrap().unwrap();
+            settle();
             let t = Instant::now();
             be.send_prepared(batch).unwrap();
             install_floor.push(t.elapsed());
@@ -249,19 +270,23 @@ macro_rules! measure_ours {
                                  // As the agent does: one pod's changes, never the whole table.
         let (grow, shrink) = (Changes::between(base, plus), Changes::between(plus, base));
         for _ in 0..REPS {
+            settle();
             let t = Instant::now();
             let r = be.apply_changes(&grow).unwrap();
             add.push(t.elapsed());
             assert!(r.is_some(), "the change applies on top of the last commit");
+            settle();
             let t = Instant::now();
             let r = be.apply_changes(&shrink).unwrap();
             del.push(t.elapsed());
             assert!(r.is_some(), "the change applies on top of the last commit");
             let batch = be.prepare(plus).unwrap().unwrap();
+            settle();
             let t = Instant::now();
             be.send_prepared(batch).unwrap();
             add_floor.push(t.elapsed());
             let batch = be.prepare(base).unwrap().unwrap();
+            settle();
             let t = Instant::now();
             be.send_prepared(batch).unwrap();
             del_floor.push(t.elapsed());
@@ -355,7 +380,9 @@ fn peer_a(n: u32, rows: &mut [Row; 3]) {
     let extra = ipt_lines(n, n + 1);
     let (mut add, mut del) = (vec![], vec![]);
     for _ in 0..REPS {
+        settle();
         add.push(extra.iter().map(|(t, l)| run_one(t, l)).sum());
+        settle();
         let t0: Duration = extra
             .iter()
             .map(|(t, l)| {

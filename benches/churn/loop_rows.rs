@@ -27,7 +27,7 @@ use podnat_controller::reconcile::{
 use tokio::sync::watch;
 
 use crate::netns::Netns;
-use crate::{median, pod_ip, PUBLIC, REPS};
+use crate::{median, pod_ip, settle, PUBLIC, REPS};
 
 const KEY: &str = "bln.space/podnat";
 
@@ -173,13 +173,16 @@ fn rows(make: impl Fn() -> Box<dyn Backend>, n: u32) -> [Duration; 3] {
         let mut be = make();
         be.cleanup().unwrap();
         let mut l = Loop::start(be);
+        settle();
         install.push(l.list((0..n).map(pod).collect()));
         // Warm-up pair, then the measured ones.
         l.timed(Event::Apply(pod(n)));
         l.timed(Event::Delete(pod(n)));
         for _ in 0..REPS {
+            settle();
             add.push(l.timed(Event::Apply(pod(n))));
             last_add = l.status.last().report;
+            settle();
             del.push(l.timed(Event::Delete(pod(n))));
         }
     }
