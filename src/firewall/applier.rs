@@ -64,6 +64,11 @@ pub trait Flavor: Send + 'static {
     fn plan_changes(&self, state: &Self::State, changes: &Changes) -> Option<Planned<Self::Plan>>;
     /// The plan as one batch (without begin/end).
     fn encode(&self, state: &Self::State, plan: &Self::Plan) -> (NftBatch, Self::Sent);
+    /// What message `seq` of the batch `encode` built does, for one the
+    /// kernel refused that was added without a description.
+    fn describe(&self, _plan: &Self::Plan, _sent: &Self::Sent, _seq: u32) -> Option<String> {
+        None
+    }
     /// The state once the batch is committed (`echoes`: what the kernel
     /// echoed for it).
     fn after(
@@ -201,6 +206,14 @@ impl<F: Flavor> Applier<F> {
                 let after = self.flavor.after(state, plan, sent, &echoes);
                 self.cache.set(own, epoch, after);
                 Ok(())
+            }
+            Err(NetlinkError::Undescribed { seq, errno }) => {
+                self.cache.refused(own);
+                let what = self
+                    .flavor
+                    .describe(&plan, &sent, seq)
+                    .unwrap_or_else(|| format!("message {seq} of the batch"));
+                Err(NetlinkError::Refused { what, errno })
             }
             Err(e) => {
                 self.cache.refused(own);

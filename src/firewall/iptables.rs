@@ -258,6 +258,18 @@ impl Flavor for Iptables {
         self.build(state, plan)
     }
 
+    fn describe(&self, plan: &Changes, sent: &Vec<(u32, Inserted)>, seq: u32) -> Option<String> {
+        let at = sent.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
+        let (rule, place) = match sent[at].1 {
+            Inserted::Own(i, k) => (plan.own[i].insert[k].0.clone(), PLACES[i]),
+            Inserted::Jump(i, _) => (
+                AgentRule::Jump(PLACES[i].own(&self.names).to_string()),
+                PLACES[i],
+            ),
+        };
+        Some(format!("add rule {}", line(&rule, place, &self.names)))
+    }
+
     fn after(
         &self,
         state: IptState,

@@ -41,6 +41,11 @@ pub enum NetlinkError {
     Recv(#[source] Errno),
     #[error("the kernel refused {what}: {errno}")]
     Refused { what: String, errno: Errno },
+    /// A refused message added without a description
+    /// ([`NftBatch::add_undescribed`]); the applier turns it into
+    /// `Refused` with the flavor's description of message `seq`.
+    #[error("the kernel refused message {seq} of the batch: {errno}")]
+    Undescribed { seq: u32, errno: Errno },
     #[error("the ruleset changed while the batch was built (generation {genid} is stale)")]
     GenerationChanged { genid: u32 },
     #[error("malformed netlink message from the kernel: {0}")]
@@ -210,12 +215,18 @@ impl NfSocket {
                         genid: batch.genid.unwrap_or(0),
                     }
                 } else {
-                    let what = batch
-                        .what
-                        .get(orig_seq as usize)
-                        .cloned()
-                        .unwrap_or_else(|| format!("message {orig_seq}"));
-                    NetlinkError::Refused { what, errno }
+                    match batch.what.get(orig_seq as usize) {
+                        Some(what) if what.is_empty() => NetlinkError::Undescribed {
+                            seq: orig_seq,
+                            errno,
+                        },
+                        what => NetlinkError::Refused {
+                            what: what
+                                .cloned()
+                                .unwrap_or_else(|| format!("message {orig_seq}")),
+                            errno,
+                        },
+                    }
                 };
                 if first_error.is_none() {
                     first_error = Some(err);

@@ -235,7 +235,7 @@ impl Nftables {
                 let mut a = Attrs::new();
                 a.str(sys::NFTA_RULE_TABLE, tname)
                     .str(sys::NFTA_RULE_CHAIN, shape.name)
-                    .nest(sys::NFTA_RULE_EXPRESSIONS, |e| *e = rule.attrs().clone());
+                    .nest_attrs(sys::NFTA_RULE_EXPRESSIONS, rule.attrs());
                 batch.add(
                     NftMsg::new(
                         sys::NFT_MSG_NEWRULE,

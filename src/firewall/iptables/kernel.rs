@@ -108,10 +108,9 @@ impl Iptables {
         let a = rule_attrs(place.table(), chain, anchor, rule, &self.names);
         // Sequence numbers count the messages; the batch begin is 0.
         let seq = batch.len() as u32 + 1;
-        batch.add(
-            NftMsg::new(sys::NFT_MSG_NEWRULE, flags as u32, a),
-            format!("add rule {}", line(rule, place, &self.names)),
-        );
+        // Described only if refused (`Flavor::describe`): the text of every
+        // rule would cost more than its encoding.
+        batch.add_undescribed(NftMsg::new(sys::NFT_MSG_NEWRULE, flags as u32, a));
         seq
     }
 

@@ -268,19 +268,17 @@ pub fn rule_attrs(
     names: &Names,
 ) -> Attrs {
     let enc = encode(rule, names);
-    let mut a = Attrs::new();
+    let mut a = Attrs::with_capacity(enc.exprs.attrs().len() + 96);
     a.str(sys::NFTA_RULE_TABLE, table)
         .str(sys::NFTA_RULE_CHAIN, chain);
     if let Some(h) = position {
         a.be64(sys::NFTA_RULE_POSITION, h);
     }
-    a.nest(sys::NFTA_RULE_EXPRESSIONS, |l| {
-        *l = enc.exprs.attrs().clone()
-    })
-    .nest(sys::NFTA_RULE_COMPAT, |c| {
-        c.be32(sys::NFTA_RULE_COMPAT_PROTO, enc.compat_proto)
-            .be32(sys::NFTA_RULE_COMPAT_FLAGS, 0);
-    });
+    a.nest_attrs(sys::NFTA_RULE_EXPRESSIONS, enc.exprs.attrs())
+        .nest(sys::NFTA_RULE_COMPAT, |c| {
+            c.be32(sys::NFTA_RULE_COMPAT_PROTO, enc.compat_proto)
+                .be32(sys::NFTA_RULE_COMPAT_FLAGS, 0);
+        });
     a
 }
 

@@ -85,3 +85,30 @@ fn the_state_after_a_plan_plans_nothing() {
     let c = Changes::plan(&after, &less, &jumps);
     assert!(!c.handles_known(&after));
 }
+
+/// Rule messages go without a description (it costs more than the
+/// encoding); a refused one is described from the plan, as the dry run
+/// writes it.
+#[test]
+fn a_refused_rule_is_described_as_the_dry_run_writes_it() {
+    let flavor = Iptables {
+        names: Names::new("podnat"),
+        jumps: JumpPositions::default(),
+    };
+    let state = flavor.empty();
+    let changes = Changes::plan(&state, &mail(), &flavor.jumps);
+    let (batch, sent) = flavor.encode(&state, &changes);
+    assert_eq!(sent.len(), 12, "9 own rules and 3 jumps");
+    let dry_run = flavor.render(&state, &changes);
+    let final_batch = batch.finalize(None);
+    for (seq, _) in &sent {
+        assert_eq!(final_batch.what[*seq as usize], "", "undescribed");
+        let what = flavor.describe(&changes, &sent, *seq).unwrap();
+        let line = what.strip_prefix("add rule ").unwrap();
+        assert!(dry_run.lines().any(|l| l == line), "{what}");
+    }
+    // A message that is not a rule insert (the tables and chains carry their
+    // description in the batch).
+    assert_eq!(flavor.describe(&changes, &sent, 1), None);
+    assert!(final_batch.what[1].starts_with("add table"));
+}

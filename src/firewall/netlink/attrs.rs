@@ -43,10 +43,28 @@ impl Attrs {
         self.bytes(ty, &v.to_be_bytes())
     }
 
+    /// A nested attribute whose content `f` writes, in place: no buffer of
+    /// its own per level (a rule nests four deep, per expression).
     pub fn nest(&mut self, ty: u16, f: impl FnOnce(&mut Attrs)) -> &mut Self {
-        let mut inner = Attrs::new();
-        f(&mut inner);
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        f(self);
+        // Every attribute written is padded, so the content is aligned.
+        let len = (self.buf.len() - start) as u16;
+        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        self.buf[start + 2..start + 4].copy_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self
+    }
+
+    /// A nested attribute holding the attributes of `inner`.
+    pub fn nest_attrs(&mut self, ty: u16, inner: &Attrs) -> &mut Self {
         self.bytes(ty | NLA_F_NESTED, &inner.buf)
+    }
+
+    pub fn with_capacity(bytes: usize) -> Attrs {
+        Attrs {
+            buf: Vec::with_capacity(bytes),
+        }
     }
 
     pub fn len(&self) -> usize {

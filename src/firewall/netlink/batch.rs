@@ -88,6 +88,16 @@ impl NftBatch {
         self.what.len() as u32
     }
 
+    /// Adds a message without a description: building the text of every
+    /// message of a big batch costs more than encoding it, so a flavor may
+    /// leave it to [`NetlinkError::Undescribed`] and describe the one the
+    /// kernel refuses, if it does.
+    ///
+    /// [`NetlinkError::Undescribed`]: super::NetlinkError::Undescribed
+    pub fn add_undescribed(&mut self, msg: NftMsg) {
+        self.add(msg, String::new());
+    }
+
     pub fn add(&mut self, msg: NftMsg, what: impl Into<String>) {
         let seq = self.seq();
         let start = self.body.len();

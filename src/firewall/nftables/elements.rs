@@ -150,9 +150,7 @@ pub(super) fn add_elements<'a>(
         let mut m = Attrs::new();
         m.str(sys::NFTA_SET_ELEM_LIST_TABLE, table)
             .str(sys::NFTA_SET_ELEM_LIST_SET, set)
-            .nest(sys::NFTA_SET_ELEM_LIST_ELEMENTS, |n| {
-                *n = list;
-            });
+            .nest_attrs(sys::NFTA_SET_ELEM_LIST_ELEMENTS, &list);
         let (ty, flags, verb) = if delete {
             (sys::NFT_MSG_DELSETELEM, 0, "delete")
         } else {
