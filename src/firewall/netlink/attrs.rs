@@ -18,21 +18,32 @@ impl Attrs {
         Attrs::default()
     }
 
-    pub fn bytes(&mut self, ty: u16, data: &[u8]) -> &mut Self {
-        let len = 4 + data.len();
-        self.buf.extend_from_slice(&(len as u16).to_ne_bytes());
-        self.buf.extend_from_slice(&ty.to_ne_bytes());
-        self.buf.extend_from_slice(data);
+    /// Writes the header of the attribute that starts at `start` and ends
+    /// at the end of the buffer, then pads the buffer to 4 bytes.
+    fn close(&mut self, start: usize, ty: u16) {
+        let len = u16::try_from(self.buf.len() - start)
+            .expect("a netlink attribute is at most 65535 bytes");
+        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
+        self.buf[start + 2..start + 4].copy_from_slice(&ty.to_ne_bytes());
         self.buf.resize(align4(self.buf.len()), 0);
+    }
+
+    pub fn bytes(&mut self, ty: u16, data: &[u8]) -> &mut Self {
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        self.buf.extend_from_slice(data);
+        self.close(start, ty);
         self
     }
 
     /// A NUL-terminated string, as nf_tables expects names.
     pub fn str(&mut self, ty: u16, s: &str) -> &mut Self {
-        let mut v = Vec::with_capacity(s.len() + 1);
-        v.extend_from_slice(s.as_bytes());
-        v.push(0);
-        self.bytes(ty, &v)
+        let start = self.buf.len();
+        self.buf.extend_from_slice(&[0; 4]);
+        self.buf.extend_from_slice(s.as_bytes());
+        self.buf.push(0);
+        self.close(start, ty);
+        self
     }
 
     pub fn be32(&mut self, ty: u16, v: u32) -> &mut Self {
@@ -49,10 +60,7 @@ impl Attrs {
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0; 4]);
         f(self);
-        // Every attribute written is padded, so the content is aligned.
-        let len = (self.buf.len() - start) as u16;
-        self.buf[start..start + 2].copy_from_slice(&len.to_ne_bytes());
-        self.buf[start + 2..start + 4].copy_from_slice(&(ty | NLA_F_NESTED).to_ne_bytes());
+        self.close(start, ty | NLA_F_NESTED);
         self
     }
 
