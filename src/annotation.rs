@@ -3,11 +3,11 @@
 //! to fix. Unknown keys are ignored (forward compatibility with the Go version).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use serde_json::{Map, Value};
 
-use crate::model::{PortMapping, Proto};
+use crate::model::{Families, Family, PortMapping, Proto};
 
 /// Why an annotation was rejected. Display gives the user-facing message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -49,8 +49,14 @@ fn kind(v: &Value) -> &'static str {
 }
 
 /// Parses and validates an annotation value. `restricted` ports may be neither
-/// source nor destination of any entry.
-pub fn parse(text: &str, restricted: &BTreeSet<u16>) -> Result<Vec<PortMapping>, AnnotationError> {
+/// source nor destination of any entry. An auto entry becomes one mapping per
+/// enabled family (IPv4 first); an entry with `srcIP` one of that address's
+/// family, which must be enabled.
+pub fn parse(
+    text: &str,
+    restricted: &BTreeSet<u16>,
+    families: Families,
+) -> Result<Vec<PortMapping>, AnnotationError> {
     let doc: Value =
         serde_json::from_str(text).map_err(|e| AnnotationError::Json(e.to_string()))?;
     let obj = match &doc {
@@ -63,9 +69,10 @@ pub fn parse(text: &str, restricted: &BTreeSet<u16>) -> Result<Vec<PortMapping>,
         Some(other) => return Err(AnnotationError::EntriesNotAList(kind(other))),
     };
     let mut out = Vec::with_capacity(entries.len());
-    // (srcPort, proto) → first entry index; the public address is not part of
-    // the key, as in the Go version: one pod never publishes a port twice.
-    let mut seen: BTreeMap<(u16, Proto), usize> = BTreeMap::new();
+    // (srcPort, proto, family) → first entry index; the public address is not
+    // part of the key, as in the Go version: one pod never publishes a port
+    // twice on one family.
+    let mut seen: BTreeMap<(u16, Proto, Family), usize> = BTreeMap::new();
     for (index, entry) in entries.iter().enumerate() {
         let fields = match entry {
             Value::Object(o) => o,
@@ -76,17 +83,27 @@ pub fn parse(text: &str, restricted: &BTreeSet<u16>) -> Result<Vec<PortMapping>,
                 })
             }
         };
-        let mapping = parse_entry(index, fields, restricted)?;
-        if let Some(&first) = seen.get(&(mapping.src_port, mapping.proto)) {
-            return Err(AnnotationError::Duplicate {
-                index,
-                first,
-                port: mapping.src_port,
-                proto: mapping.proto,
+        let mapping = parse_entry(index, fields, restricted, families)?;
+        let serves: Vec<Family> = match mapping.src_ip {
+            Some(ip) => vec![Family::of(ip)],
+            None => families.iter().collect(),
+        };
+        for family in serves {
+            let key = (mapping.src_port, mapping.proto, family);
+            if let Some(&first) = seen.get(&key) {
+                return Err(AnnotationError::Duplicate {
+                    index,
+                    first,
+                    port: mapping.src_port,
+                    proto: mapping.proto,
+                });
+            }
+            seen.insert(key, index);
+            out.push(PortMapping {
+                family,
+                ..mapping.clone()
             });
         }
-        seen.insert((mapping.src_port, mapping.proto), index);
-        out.push(mapping);
     }
     Ok(out)
 }
@@ -103,6 +120,7 @@ fn parse_entry(
     index: usize,
     fields: &Map<String, Value>,
     restricted: &BTreeSet<u16>,
+    families: Families,
 ) -> Result<PortMapping, AnnotationError> {
     let iface_auto = match fields.get("ifaceAuto") {
         None | Some(Value::Null) => None,
@@ -118,12 +136,12 @@ fn parse_entry(
     let src_ip = match fields.get("srcIP") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) if s.is_empty() => None,
-        Some(Value::String(s)) => Some(parse_ipv4(index, s)?),
+        Some(Value::String(s)) => Some(parse_ip(index, s, families)?),
         Some(other) => {
             return Err(field_err(
                 index,
                 "srcIP",
-                format!("expected an IPv4 address as a string, got {}", kind(other)),
+                format!("expected an IP address as a string, got {}", kind(other)),
             ))
         }
     };
@@ -172,33 +190,53 @@ fn parse_entry(
         src_port,
         dst_port,
         proto,
+        family: src_ip.map_or(Family::Ipv4, Family::of),
+        entry: index,
     })
 }
 
-fn parse_ipv4(index: usize, s: &str) -> Result<Ipv4Addr, AnnotationError> {
-    match s.trim().parse::<IpAddr>() {
-        Ok(IpAddr::V4(ip)) => {
-            if ip.is_unspecified() || ip.is_broadcast() || ip.is_multicast() {
-                Err(field_err(
-                    index,
-                    "srcIP",
-                    format!("{ip} cannot be a public address of a node"),
-                ))
-            } else {
-                Ok(ip)
-            }
+/// A public address in `srcIP`: one a node can publish on, of an enabled
+/// family.
+fn parse_ip(index: usize, s: &str, families: Families) -> Result<IpAddr, AnnotationError> {
+    let bad = |problem: String| Err(field_err(index, "srcIP", problem));
+    let text = s.trim();
+    let ip = match text.parse::<IpAddr>() {
+        Ok(ip) => ip,
+        Err(_) if text.contains('%') => {
+            return bad(format!(
+                "{s:?} carries a zone id; a public address is global, give it without %zone"
+            ))
         }
-        Ok(IpAddr::V6(_)) => Err(field_err(
-            index,
-            "srcIP",
-            format!("{s:?} is an IPv6 address; only IPv4 is supported"),
-        )),
-        Err(_) => Err(field_err(
-            index,
-            "srcIP",
-            format!("{s:?} is not a valid IPv4 address"),
-        )),
+        Err(_) if text.contains(':') => return bad(format!("{s:?} is not a valid IPv6 address")),
+        Err(_) => return bad(format!("{s:?} is not a valid IPv4 address")),
+    };
+    let family = Family::of(ip);
+    match ip {
+        IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
+            return bad(format!("{ip} cannot be a public address of a node"))
+        }
+        IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
+            return bad(format!(
+                "{s:?} is an IPv4-mapped IPv6 address; write the IPv4 address itself"
+            ))
+        }
+        IpAddr::V6(v6) if (v6.segments()[0] & 0xffc0) == 0xfe80 => {
+            return bad(format!(
+                "{ip} is link-local (fe80::/10); it cannot be a public address"
+            ))
+        }
+        IpAddr::V6(v6) if v6.is_unspecified() || v6.is_loopback() || v6.is_multicast() => {
+            return bad(format!("{ip} cannot be a public address of a node"))
+        }
+        _ => {}
     }
+    if !families.contains(family) {
+        return bad(format!(
+            "{ip} is an {} address, and {family} is not enabled on this node (ipfamilies={families})",
+            if family == Family::Ipv4 { "IPv4" } else { "IPv6" }
+        ));
+    }
+    Ok(ip)
 }
 
 fn parse_port(
@@ -267,7 +305,7 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        parse(text, &restricted()).unwrap_err().to_string()
+        parse(text, &restricted(), Families::default()).unwrap_err().to_string()
     }
 
     #[test]
@@ -275,15 +313,19 @@ mod tests {
         let m = parse(
             r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":143,"dstPort":143},{"srcPort":587,"dstPort":587}]}"#,
             &restricted(),
+            Families::default(),
         )
         .unwrap();
         let expect: Vec<PortMapping> = [25, 143, 587]
             .iter()
-            .map(|&p| PortMapping {
+            .enumerate()
+            .map(|(i, &p)| PortMapping {
                 src_ip: None,
                 src_port: p,
                 dst_port: p,
                 proto: Proto::Tcp,
+                family: Family::Ipv4,
+                entry: i,
             })
             .collect();
         assert_eq!(m, expect);
@@ -294,15 +336,18 @@ mod tests {
         let m = parse(
             r#"{"entries":[{"ifaceAuto":false,"srcIP":"192.168.2.94","srcPort":25,"dstPort":25}]}"#,
             &restricted(),
+            Families::default(),
         )
         .unwrap();
         assert_eq!(
             m,
             vec![PortMapping {
-                src_ip: Some(Ipv4Addr::new(192, 168, 2, 94)),
+                src_ip: Some(IpAddr::from([192, 168, 2, 94])),
                 src_port: 25,
                 dst_port: 25,
-                proto: Proto::Tcp
+                proto: Proto::Tcp,
+                family: Family::Ipv4,
+                entry: 0,
             }]
         );
     }
@@ -312,9 +357,10 @@ mod tests {
         let m = parse(
             r#"{"x":1,"entries":[{"srcIP":"203.0.113.9","srcPort":5000,"dstPort":50,"proto":"UDP","note":"hi"}]}"#,
             &restricted(),
+            Families::default(),
         )
         .unwrap();
-        assert_eq!(m[0].src_ip, Some(Ipv4Addr::new(203, 0, 113, 9)));
+        assert_eq!(m[0].src_ip, Some(IpAddr::from([203, 0, 113, 9])));
         assert_eq!(m[0].proto, Proto::Udp);
         assert_eq!(m[0].dst_port, 50);
     }
@@ -324,6 +370,7 @@ mod tests {
         let m = parse(
             r#"{"entries":[{"srcPort":500,"dstPort":500},{"srcPort":500,"dstPort":500,"proto":"udp"}]}"#,
             &restricted(),
+            Families::default(),
         )
         .unwrap();
         assert_eq!(m.len(), 2);
@@ -393,7 +440,7 @@ mod tests {
         );
         assert_eq!(
             err(r#"{"entries":[{"srcIP":"2001:db8::1","srcPort":80,"dstPort":80}]}"#),
-            "entries[0].srcIP: \"2001:db8::1\" is an IPv6 address; only IPv4 is supported"
+            "entries[0].srcIP: 2001:db8::1 is an IPv6 address, and ipv6 is not enabled on this node (ipfamilies=ipv4)"
         );
         assert_eq!(
             err(r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":80,"dstPort":81}]}"#),
@@ -413,16 +460,108 @@ mod tests {
         );
     }
 
+    fn dual(text: &str) -> Result<Vec<PortMapping>, AnnotationError> {
+        parse(text, &restricted(), Families::DUAL)
+    }
+
+    #[test]
+    fn an_auto_entry_serves_every_enabled_family_and_src_ip_its_own() {
+        let m = dual(
+            r#"{"entries":[{"srcPort":25,"dstPort":2525},{"srcIP":"2001:db8::7","srcPort":587,"dstPort":587}]}"#,
+        )
+        .unwrap();
+        let got: Vec<(usize, Family, Option<IpAddr>)> =
+            m.iter().map(|e| (e.entry, e.family, e.src_ip)).collect();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        assert_eq!(
+            got,
+            vec![
+                (0, Family::Ipv4, None),
+                (0, Family::Ipv6, None),
+                (1, Family::Ipv6, Some(v6))
+            ]
+        );
+        // IPv6 alone: the auto entry is IPv6 only, an IPv4 srcIP is refused.
+        let v6only = Families {
+            ipv4: false,
+            ipv6: true,
+        };
+        let m = parse(r#"{"entries":[{"srcPort":25,"dstPort":25}]}"#, &restricted(), v6only);
+        assert_eq!(m.unwrap()[0].family, Family::Ipv6);
+        let e = parse(
+            r#"{"entries":[{"srcIP":"203.0.113.9","srcPort":25,"dstPort":25}]}"#,
+            &restricted(),
+            v6only,
+        );
+        assert_eq!(
+            e.unwrap_err().to_string(),
+            "entries[0].srcIP: 203.0.113.9 is an IPv4 address, and ipv4 is not enabled on this node (ipfamilies=ipv6)"
+        );
+    }
+
+    #[test]
+    fn duplicates_are_per_family() {
+        // The same port on an IPv4 and an IPv6 srcIP: two families, fine.
+        assert!(dual(
+            r#"{"entries":[{"srcIP":"203.0.113.9","srcPort":25,"dstPort":25},{"srcIP":"2001:db8::9","srcPort":25,"dstPort":25}]}"#
+        )
+        .is_ok());
+        // An auto entry already serves IPv6 port 25.
+        assert_eq!(
+            dual(
+                r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcIP":"2001:db8::9","srcPort":25,"dstPort":26}]}"#
+            )
+            .unwrap_err()
+            .to_string(),
+            "entries[1].srcPort: 25/tcp is already used by entries[0]"
+        );
+    }
+
+    #[test]
+    fn bad_ipv6_src_ips_are_named() {
+        let e = |ip: &str| {
+            dual(&format!(
+                r#"{{"entries":[{{"srcIP":"{ip}","srcPort":80,"dstPort":80}}]}}"#
+            ))
+            .unwrap_err()
+            .to_string()
+        };
+        assert_eq!(
+            e("::ffff:1.2.3.4"),
+            "entries[0].srcIP: \"::ffff:1.2.3.4\" is an IPv4-mapped IPv6 address; write the IPv4 address itself"
+        );
+        assert_eq!(
+            e("fe80::1%eth0"),
+            "entries[0].srcIP: \"fe80::1%eth0\" carries a zone id; a public address is global, give it without %zone"
+        );
+        assert_eq!(
+            e("fe80::1"),
+            "entries[0].srcIP: fe80::1 is link-local (fe80::/10); it cannot be a public address"
+        );
+        assert_eq!(
+            e("::1"),
+            "entries[0].srcIP: ::1 cannot be a public address of a node"
+        );
+        assert_eq!(
+            e("ff02::1"),
+            "entries[0].srcIP: ff02::1 cannot be a public address of a node"
+        );
+        assert_eq!(
+            e("2001:db8::zz"),
+            "entries[0].srcIP: \"2001:db8::zz\" is not a valid IPv6 address"
+        );
+    }
+
     #[test]
     fn restricted_list_comes_from_config() {
         let none = BTreeSet::new();
-        assert!(parse(r#"{"entries":[{"srcPort":22,"dstPort":22}]}"#, &none).is_ok());
+        assert!(parse(r#"{"entries":[{"srcPort":22,"dstPort":22}]}"#, &none, Families::default()).is_ok());
     }
 
     proptest::proptest! {
         #[test]
         fn arbitrary_text_never_panics(s in ".*") {
-            let _ = parse(&s, &restricted());
+            let _ = parse(&s, &restricted(), Families::default());
         }
 
         #[test]
@@ -442,7 +581,7 @@ mod tests {
                 format!("{{{}}}", f.join(","))
             }).collect();
             let text = format!("{{\"entries\":[{}]}}", items.join(","));
-            if let Ok(m) = parse(&text, &restricted()) {
+            if let Ok(m) = parse(&text, &restricted(), Families::default()) {
                 for e in m {
                     proptest::prop_assert!(e.src_port != 0 && e.dst_port != 0);
                     proptest::prop_assert!(!restricted().contains(&e.src_port));

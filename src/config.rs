@@ -4,11 +4,13 @@
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
+
+use crate::model::{DualStack, Families, Family};
 
 /// Which rule layout the agent programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -80,16 +82,49 @@ fn parse_ports(s: &str) -> Result<BTreeSet<u16>, String> {
     Ok(out)
 }
 
-fn parse_nets(s: &str) -> Result<Vec<Ipv4Net>, String> {
+fn parse_nets(s: &str) -> Result<Vec<IpNet>, String> {
     let mut out = Vec::new();
     for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let net: Ipv4Net = p
+        let net: IpNet = p
             .parse()
-            .or_else(|_| p.parse::<Ipv4Addr>().map(Ipv4Net::from))
-            .map_err(|_| format!("{p:?} is not an IPv4 network (a.b.c.d/n)"))?;
+            .or_else(|_| p.parse::<IpAddr>().map(IpNet::from))
+            .map_err(|_| format!("{p:?} is not an IPv4 or IPv6 network (a.b.c.d/n, x:y::/n)"))?;
         out.push(net.trunc());
     }
     Ok(out)
+}
+
+fn parse_families(s: &str) -> Result<Families, String> {
+    let mut f = Families {
+        ipv4: false,
+        ipv6: false,
+    };
+    for p in s.split(',').map(str::trim) {
+        match p.to_ascii_lowercase().as_str() {
+            "ipv4" => f.ipv4 = true,
+            "ipv6" => f.ipv6 = true,
+            _ => return Err(format!("{p:?} is not a family; use ipv4, ipv6 or ipv4,ipv6")),
+        }
+    }
+    Ok(f)
+}
+
+/// `--public-address`: one address per family, comma-separated.
+fn parse_public(s: &str) -> Result<DualStack, String> {
+    let mut d = DualStack::default();
+    for p in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let ip: IpAddr = p
+            .parse()
+            .map_err(|_| format!("{p:?} is not an IPv4 or IPv6 address"))?;
+        if d.get(Family::of(ip)).is_some() {
+            return Err(format!("two {} addresses; give one per family", Family::of(ip)));
+        }
+        d.add(ip);
+    }
+    if d.is_empty() {
+        return Err("expected an address".into());
+    }
+    Ok(d)
 }
 
 fn parse_prefix(s: &str) -> Result<String, String> {
@@ -187,10 +222,13 @@ pub struct Flags {
     pub iptables_jump: JumpPositions,
     /// Extra networks ignored by public address detection (comma-separated CIDRs) [Go: -inclfilternet]
     #[arg(long = "incl-filter-net", global = true, value_name = "CIDRS", value_parser = parse_nets, action = clap::ArgAction::Append)]
-    pub incl_filter_net: Vec<Vec<Ipv4Net>>,
+    pub incl_filter_net: Vec<Vec<IpNet>>,
     /// Default-filtered networks to allow again (comma-separated CIDRs) [Go: -exclfilternet, -excludefilternetworks]
     #[arg(long = "excl-filter-net", global = true, value_name = "CIDRS", value_parser = parse_nets, action = clap::ArgAction::Append)]
-    pub excl_filter_net: Vec<Vec<Ipv4Net>>,
+    pub excl_filter_net: Vec<Vec<IpNet>>,
+    /// Address families to publish on: ipv4, ipv6 or ipv4,ipv6 [SPEC: -ipfamilies]
+    #[arg(long = "ip-families", global = true, value_name = "FAMILIES", default_value = "ipv4", value_parser = parse_families)]
+    pub ip_families: Families,
     /// Prefix of chains, table and comments [Go: -resourceprefix]
     #[arg(long = "resource-prefix", global = true, value_name = "PREFIX", default_value = "podnat", value_parser = parse_prefix)]
     pub resource_prefix: String,
@@ -214,9 +252,9 @@ pub struct Flags {
     /// Run one reconcile for this JSON pod list (as `kubectl get pods -o json` prints) and exit
     #[arg(long = "pods-file", global = true, value_name = "FILE")]
     pub pods_file: Option<PathBuf>,
-    /// Use this public IPv4 address instead of auto detection
-    #[arg(long = "public-address", global = true, value_name = "IPV4")]
-    pub public_address: Option<Ipv4Addr>,
+    /// Use these public addresses (one per family, comma-separated) instead of auto detection
+    #[arg(long = "public-address", global = true, value_name = "IP[,IP]", value_parser = parse_public)]
+    pub public_address: Option<DualStack>,
     /// Kubeconfig file (default: in-cluster config, else KUBECONFIG, else ~/.kube/config)
     #[arg(long = "kubeconfig", global = true, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
@@ -238,6 +276,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("stateflavor", "state-flavor"),
     ("stateuri", "state-uri"),
     ("nodeid", "node-id"),
+    ("ipfamilies", "ip-families"),
     ("podsfile", "pods-file"),
     ("publicaddress", "public-address"),
 ];
@@ -333,8 +372,9 @@ pub struct Config {
     pub http_port: u16,
     pub flavor: Flavor,
     pub jump: JumpPositions,
-    pub incl_filter_net: Vec<Ipv4Net>,
-    pub excl_filter_net: Vec<Ipv4Net>,
+    pub incl_filter_net: Vec<IpNet>,
+    pub excl_filter_net: Vec<IpNet>,
+    pub families: Families,
     pub resource_prefix: String,
     pub state_flavor: StateFlavor,
     pub state_uri: String,
@@ -347,7 +387,7 @@ pub struct Config {
     pub node_id_exact: bool,
     pub verbosity: u8,
     pub pods_file: Option<PathBuf>,
-    pub public_address: Option<Ipv4Addr>,
+    pub public_address: Option<DualStack>,
     pub kubeconfig: Option<PathBuf>,
     pub command: Option<Command>,
     /// klog flags that were accepted without effect.
@@ -391,6 +431,7 @@ impl Config {
             jump: f.iptables_jump,
             incl_filter_net: f.incl_filter_net.into_iter().flatten().collect(),
             excl_filter_net: f.excl_filter_net.into_iter().flatten().collect(),
+            families: f.ip_families,
             resource_prefix: f.resource_prefix,
             state_flavor: f.state_flavor,
             state_uri: f.state_uri,

@@ -10,7 +10,7 @@
 //! | `/entries/list` | the NAT entries as JSON; `?format=iptables` / `?format=nft`: the rule view |
 //! | `/metrics` | Prometheus text (OpenMetrics when the scraper asks for it) |
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -26,7 +26,7 @@ use tokio::net::TcpListener;
 use crate::config::Flavor;
 use crate::firewall::monitor::Blocker;
 use crate::firewall::{coexist, Backend};
-use crate::model::{PodRef, Proto};
+use crate::model::{Families, Family, PodRef, Proto};
 use crate::net::address::Choice;
 use crate::plan::NatTable;
 use crate::status::AgentStatus;
@@ -70,6 +70,8 @@ pub struct HttpContext {
     pub node: String,
     pub dry_run: bool,
     pub address_source: AddressSource,
+    /// `-ipfamilies`.
+    pub families: Families,
 }
 
 /// The router over `ctx`.
@@ -199,9 +201,11 @@ pub enum EntryState {
 pub struct Entry {
     pub namespace: String,
     pub pod: String,
-    pub public_address: Option<Ipv4Addr>,
+    /// ipv4 or ipv6 (`null` for an invalid annotation).
+    pub family: Option<Family>,
+    pub public_address: Option<IpAddr>,
     pub public_port: Option<u16>,
-    pub pod_address: Option<Ipv4Addr>,
+    pub pod_address: Option<IpAddr>,
     pub pod_port: Option<u16>,
     pub proto: Option<Proto>,
     pub state: EntryState,
@@ -213,15 +217,25 @@ pub struct Entry {
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SkippedAddress {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
+    pub family: Family,
     pub reason: String,
 }
 
+/// The node's public addresses: `chosen` is the IPv4 one (as before dual
+/// stack), `families` each enabled family's choice.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PublicAddress {
-    pub chosen: Option<Ipv4Addr>,
+    pub chosen: Option<IpAddr>,
     pub source: AddressSource,
     pub skipped: Vec<SkippedAddress>,
+    pub families: Vec<FamilyAddress>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FamilyAddress {
+    pub family: Family,
+    pub chosen: Option<IpAddr>,
 }
 
 /// The JSON document of `/entries/list`.
@@ -313,7 +327,7 @@ async fn entries(State(ctx): Ctx, Query(q): Query<EntriesQuery>) -> Response {
         apiserver_reachable: ctx.status.apiserver_reachable(),
         last_reconcile: last.at.and_then(rfc3339),
         last_error: last.error,
-        public_address: public_address(last.address.as_ref(), ctx.address_source),
+        public_address: public_address(last.address.as_ref(), ctx.address_source, ctx.families),
         warnings: warnings(ctx.flavor, &ctx.status.forward_blocked()),
         entries: last
             .table
@@ -337,9 +351,13 @@ fn rfc3339(t: SystemTime) -> Option<String> {
         .map(|t| t.to_string())
 }
 
-fn public_address(choice: Option<&Choice>, source: AddressSource) -> PublicAddress {
+fn public_address(
+    choice: Option<&Choice>,
+    source: AddressSource,
+    families: Families,
+) -> PublicAddress {
     PublicAddress {
-        chosen: choice.and_then(|c| c.chosen),
+        chosen: choice.and_then(|c| c.chosen.get(Family::Ipv4)),
         source,
         skipped: choice
             .map(|c| {
@@ -347,11 +365,19 @@ fn public_address(choice: Option<&Choice>, source: AddressSource) -> PublicAddre
                     .iter()
                     .map(|(address, why)| SkippedAddress {
                         address: *address,
+                        family: Family::of(*address),
                         reason: why.to_string(),
                     })
                     .collect()
             })
             .unwrap_or_default(),
+        families: families
+            .iter()
+            .map(|family| FamilyAddress {
+                family,
+                chosen: choice.and_then(|c| c.chosen.get(family)),
+            })
+            .collect(),
     }
 }
 
@@ -361,6 +387,7 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
     let row = |pod: &PodRef, state| Entry {
         namespace: pod.namespace.clone(),
         pod: pod.name.clone(),
+        family: None,
         public_address: None,
         public_port: None,
         pod_address: None,
@@ -378,6 +405,7 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
             EntryState::Applied
         };
         rows.push(Entry {
+            family: Some(m.key.family()),
             public_address: Some(m.key.public_ip),
             public_port: Some(m.key.public_port),
             pod_address: Some(m.pod_ip),
@@ -388,6 +416,7 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
     }
     for c in &table.conflicts {
         rows.push(Entry {
+            family: Some(c.key.family()),
             public_address: Some(c.key.public_ip),
             public_port: Some(c.key.public_port),
             proto: Some(c.key.proto),
@@ -401,12 +430,13 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
     }
     for p in &table.pending {
         rows.push(Entry {
+            family: Some(p.family),
             public_port: Some(p.public_port),
             pod_port: Some(p.pod_port),
             proto: Some(p.proto),
             message: Some(format!(
-                "entries[{}] uses the node's public address, and none is detected yet",
-                p.entry
+                "entries[{}] uses the node's public {} address, and none is detected yet",
+                p.entry, p.family
             )),
             ..row(&p.pod, EntryState::Pending)
         });

@@ -10,13 +10,14 @@ use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config};
 use podnat_controller::firewall::netlink::NetlinkError;
 use podnat_controller::firewall::{
-    backend_with_jumps, coexist, monitor, Backend, FirewallError, Names,
+    backend_with, coexist, monitor, Backend, FirewallError, Names,
 };
 use podnat_controller::http::{self, AddressSource, HttpContext};
 use podnat_controller::kube::events::EventSink;
 use podnat_controller::kube::watch::{self, PodWatchConfig};
 use podnat_controller::kube::{self, pod};
 use podnat_controller::net::address::{self, AddressFilter};
+use podnat_controller::model::DualStack;
 use podnat_controller::plan::{self, PlanConfig};
 use podnat_controller::reconcile::{
     self, AgentStatus, BackendWorker, Drift, ReconcileConfig, Reconciler,
@@ -98,7 +99,7 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let names = Names::new(&config.resource_prefix);
-    let mut backend = backend_with_jumps(config.flavor, names.clone(), config.jump);
+    let mut backend = backend_with(config.flavor, names.clone(), config.jump, config.families);
     if let Some(Command::Cleanup) = config.command {
         if config.dry_run {
             println!(
@@ -124,7 +125,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         .map(|p| pod::facts(p, &config.annotation_key))
         .collect();
     let public_address = match config.public_address {
-        Some(a) => Some(a),
+        Some(a) => a,
         None => detect_public_address(&config)?,
     };
     let table = plan::plan(
@@ -133,6 +134,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         &PlanConfig {
             node_id,
             restricted_ports: config.restricted_ports.clone(),
+            families: config.families,
         },
     );
     for r in &table.rejected {
@@ -142,7 +144,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         tracing::warn!(pod = %c.loser, "{} is taken by {}", c.key, c.winner);
     }
     for p in &table.pending {
-        tracing::warn!(pod = %p.pod, entry = p.entry, "no public address known yet; entry pending");
+        tracing::warn!(pod = %p.pod, entry = p.entry, family = %p.family, "no public address known yet; entry pending");
     }
     warn_forward_blockers(backend.as_mut());
     if config.dry_run {
@@ -201,8 +203,9 @@ fn warn_forward_blockers(backend: &mut dyn Backend) {
 /// The one-shot mode's public address without `--public-address`: one
 /// rtnetlink dump, chosen by the agent's own detection (same filters, same
 /// skip reasons, logged whatever the outcome).
-fn detect_public_address(config: &Config) -> anyhow::Result<Option<std::net::Ipv4Addr>> {
-    let filter = AddressFilter::new(&config.incl_filter_net, &config.excl_filter_net);
+fn detect_public_address(config: &Config) -> anyhow::Result<DualStack> {
+    let filter = AddressFilter::new(&config.incl_filter_net, &config.excl_filter_net)
+        .with_families(config.families);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -210,12 +213,15 @@ fn detect_public_address(config: &Config) -> anyhow::Result<Option<std::net::Ipv
     let choice = runtime
         .block_on(address::detect_once(&filter))
         .context("detecting the public address")?;
-    match choice.chosen {
-        Some(_) => tracing::info!(public_address = %choice, "public address detected"),
-        None => tracing::warn!(
-            public_address = %choice,
-            "no public address qualifies; auto entries stay pending"
-        ),
+    for family in config.families.iter() {
+        match choice.chosen.get(family) {
+            Some(_) => tracing::info!(%family, public_address = %choice, "public address detected"),
+            None => tracing::warn!(
+                %family,
+                public_address = %choice,
+                "no public address of this family qualifies; its auto entries stay pending"
+            ),
+        }
     }
     Ok(choice.chosen)
 }
@@ -262,7 +268,8 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
             (Some(tx), rx)
         }
         None => {
-            let filter = AddressFilter::new(&config.incl_filter_net, &config.excl_filter_net);
+            let filter = AddressFilter::new(&config.incl_filter_net, &config.excl_filter_net)
+                .with_families(config.families);
             let (rx, _task) = address::spawn_watcher(filter)
                 .await
                 .context("detecting the public address")?;
@@ -382,13 +389,15 @@ fn spawn_http(
         registry: podnat_controller::status::registry(status),
         status: status.clone(),
         flavor: config.flavor,
-        view: std::sync::Mutex::new(backend_with_jumps(
+        view: std::sync::Mutex::new(backend_with(
             config.flavor,
             Names::new(&config.resource_prefix),
             config.jump,
+            config.families,
         )),
         node: node_id.to_string(),
         dry_run: config.dry_run,
+        families: config.families,
         address_source: if config.public_address.is_some() {
             AddressSource::Flag
         } else {

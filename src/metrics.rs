@@ -6,7 +6,6 @@
 //! status at scrape time (`status::StatusCollector`), so they are never kept
 //! twice. This module depends on nothing of the agent's above it.
 
-use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -32,6 +31,8 @@ pub struct ErrorLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabels {
+    /// ipv4 or ipv6.
+    pub family: String,
     /// dnat, snat or forward.
     pub kind: String,
 }
@@ -60,6 +61,7 @@ pub struct BlockerLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AddressLabels {
     pub address: String,
+    pub family: String,
 }
 
 /// What the loop records. Cloning shares the metrics (prometheus-client
@@ -81,7 +83,7 @@ pub struct Metrics {
     pub public_address: Family<AddressLabels, Gauge>,
     pub forward_blocked: Family<BlockerLabels, Gauge>,
     /// The address `public_address` shows.
-    shown_address: Arc<Mutex<Option<Ipv4Addr>>>,
+    shown_address: Arc<Mutex<crate::model::DualStack>>,
 }
 
 /// `FirewallError::metric_label` values, exposed at 0 from the start so
@@ -234,14 +236,33 @@ impl Metrics {
 
     pub fn observe_table(&self, table: &NatTable, in_kernel: bool) {
         let rules = &table.rules;
-        for (kind, n) in [
-            ("dnat", rules.dnat.len()),
-            ("snat", rules.snat.len()),
-            ("forward", rules.forward.len()),
-        ] {
+        // Sorted lists hold IPv4 first: a split per family, no walk.
+        let v4 = |ips: &mut dyn Iterator<Item = std::net::IpAddr>, len: usize| {
+            let n = ips.take_while(|ip| ip.is_ipv4()).count();
+            [("ipv4", n), ("ipv6", len - n)]
+        };
+        for (kind, counts) in [
+            (
+                "dnat",
+                v4(&mut rules.dnat.iter().map(|m| m.key.public_ip), rules.dnat.len()),
+            ),
+            (
+                "snat",
+                v4(&mut rules.snat.iter().map(|s| s.pod_ip), rules.snat.len()),
+            ),
+            (
+                "forward",
+                v4(&mut rules.forward.iter().map(|f| f.pod_ip), rules.forward.len()),
+            ),
+        ]
+        .into_iter()
+        .flat_map(|(k, c)| c.map(|(f, n)| (k, (f, n))))
+        {
+            let (family, n) = counts;
             let n = if in_kernel { n as i64 } else { 0 };
             self.rules_owned
                 .get_or_create(&KindLabels {
+                    family: family.to_string(),
                     kind: kind.to_string(),
                 })
                 .set(n);
@@ -253,10 +274,11 @@ impl Metrics {
         let mut shown = self.shown_address.lock().unwrap_or_else(|e| e.into_inner());
         if *shown != table.public_address {
             self.public_address.clear();
-            if let Some(a) = table.public_address {
+            for a in table.public_address.iter() {
                 self.public_address
                     .get_or_create(&AddressLabels {
                         address: a.to_string(),
+                        family: crate::model::Family::of(a).name().to_string(),
                     })
                     .set(1);
             }

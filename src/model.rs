@@ -2,7 +2,7 @@
 //! edges (kube, state store, HTTP). Pure data: no I/O here.
 
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use serde::{Deserialize, Serialize};
 
@@ -77,27 +77,228 @@ impl fmt::Display for PodRef {
     }
 }
 
-/// One entry of a pod's annotation, validated.
+/// An IP address family. `Ipv4` sorts first, as `IpAddr` does, so a sorted
+/// rule list holds its IPv4 rules ahead of its IPv6 ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+/// IPv4, the family the agent serves unless told otherwise.
+impl Default for Family {
+    fn default() -> Self {
+        Family::Ipv4
+    }
+}
+
+impl Family {
+    pub const ALL: [Family; 2] = [Family::Ipv4, Family::Ipv6];
+
+    pub fn of(ip: IpAddr) -> Family {
+        match ip {
+            IpAddr::V4(_) => Family::Ipv4,
+            IpAddr::V6(_) => Family::Ipv6,
+        }
+    }
+
+    /// As `-ipfamilies` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Ipv4 => "ipv4",
+            Family::Ipv6 => "ipv6",
+        }
+    }
+
+    /// The nf_tables family of the tables holding this family's rules
+    /// (NFPROTO_IPV4 / NFPROTO_IPV6, equal to AF_INET / AF_INET6).
+    pub fn nfproto(self) -> u8 {
+        match self {
+            Family::Ipv4 => libc::NFPROTO_IPV4 as u8,
+            Family::Ipv6 => libc::NFPROTO_IPV6 as u8,
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The families the agent serves (`-ipfamilies`); IPv4 alone by default, so
+/// nothing opens on IPv6 by surprise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Families {
+    pub ipv4: bool,
+    pub ipv6: bool,
+}
+
+impl Default for Families {
+    fn default() -> Self {
+        Families {
+            ipv4: true,
+            ipv6: false,
+        }
+    }
+}
+
+impl Families {
+    pub const DUAL: Families = Families {
+        ipv4: true,
+        ipv6: true,
+    };
+
+    pub fn contains(self, f: Family) -> bool {
+        match f {
+            Family::Ipv4 => self.ipv4,
+            Family::Ipv6 => self.ipv6,
+        }
+    }
+
+    /// The enabled families, IPv4 first.
+    pub fn iter(self) -> impl Iterator<Item = Family> {
+        Family::ALL.into_iter().filter(move |f| self.contains(*f))
+    }
+}
+
+impl fmt::Display for Families {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let names: Vec<&str> = self.iter().map(Family::name).collect();
+        f.write_str(&names.join(","))
+    }
+}
+
+/// At most one address per family: a pod's IPs (`status.podIPs`) or the
+/// node's public addresses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct DualStack {
+    pub v4: Option<Ipv4Addr>,
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl DualStack {
+    pub fn v4(ip: Ipv4Addr) -> DualStack {
+        DualStack {
+            v4: Some(ip),
+            v6: None,
+        }
+    }
+
+    pub fn get(&self, f: Family) -> Option<IpAddr> {
+        match f {
+            Family::Ipv4 => self.v4.map(IpAddr::V4),
+            Family::Ipv6 => self.v6.map(IpAddr::V6),
+        }
+    }
+
+    /// Sets the address of `ip`'s family; a second one of the same family is
+    /// ignored (the first counts, as in `status.podIPs`).
+    pub fn add(&mut self, ip: IpAddr) {
+        match ip {
+            IpAddr::V4(a) => {
+                self.v4.get_or_insert(a);
+            }
+            IpAddr::V6(a) => {
+                self.v6.get_or_insert(a);
+            }
+        }
+    }
+
+    pub fn set(&mut self, f: Family, ip: Option<IpAddr>) {
+        match f {
+            Family::Ipv4 => {
+                self.v4 = match ip {
+                    Some(IpAddr::V4(a)) => Some(a),
+                    _ => None,
+                }
+            }
+            Family::Ipv6 => {
+                self.v6 = match ip {
+                    Some(IpAddr::V6(a)) => Some(a),
+                    _ => None,
+                }
+            }
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+
+    /// The addresses there are, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+    }
+}
+
+impl FromIterator<IpAddr> for DualStack {
+    fn from_iter<I: IntoIterator<Item = IpAddr>>(iter: I) -> Self {
+        let mut d = DualStack::default();
+        for ip in iter {
+            d.add(ip);
+        }
+        d
+    }
+}
+
+impl fmt::Display for DualStack {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let all: Vec<String> = self.iter().map(|ip| ip.to_string()).collect();
+        if all.is_empty() {
+            f.write_str("none")
+        } else {
+            f.write_str(&all.join(","))
+        }
+    }
+}
+
+/// `address:port`, with IPv6 addresses in brackets (`[2001:db8::7]:25`).
+pub fn host_port(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+/// One entry of a pod's annotation, validated, for one address family: an
+/// auto entry (`ifaceAuto`) serving two families is two mappings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PortMapping {
     /// `None`: use the node's auto-detected public address (ifaceAuto).
-    pub src_ip: Option<Ipv4Addr>,
+    pub src_ip: Option<IpAddr>,
     pub src_port: u16,
     pub dst_port: u16,
     pub proto: Proto,
+    /// The family of `src_ip`, or the one this auto entry is published on.
+    pub family: Family,
+    /// The entry's index in the annotation's `entries`.
+    pub entry: usize,
 }
 
 /// The identity of a published port: what two pods can fight over.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct NatKey {
-    pub public_ip: Ipv4Addr,
+    pub public_ip: IpAddr,
     pub public_port: u16,
     pub proto: Proto,
 }
 
 impl fmt::Display for NatKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}/{}", self.public_ip, self.public_port, self.proto)
+        write!(
+            f,
+            "{}/{}",
+            host_port(self.public_ip, self.public_port),
+            self.proto
+        )
+    }
+}
+
+impl NatKey {
+    pub fn family(&self) -> Family {
+        Family::of(self.public_ip)
     }
 }
 
@@ -105,7 +306,7 @@ impl fmt::Display for NatKey {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Mapping {
     pub key: NatKey,
-    pub pod_ip: Ipv4Addr,
+    pub pod_ip: IpAddr,
     pub pod_port: u16,
     pub owner: PodRef,
 }
@@ -113,16 +314,16 @@ pub struct Mapping {
 /// Outbound traffic of `pod_ip` with `proto` leaves with source `public_ip`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SnatRule {
-    pub pod_ip: Ipv4Addr,
+    pub pod_ip: IpAddr,
     pub proto: Proto,
-    pub public_ip: Ipv4Addr,
+    pub public_ip: IpAddr,
     pub owner: PodRef,
 }
 
 /// New connections to `pod_ip:pod_port/proto` are accepted in FORWARD.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ForwardRule {
-    pub pod_ip: Ipv4Addr,
+    pub pod_ip: IpAddr,
     pub proto: Proto,
     pub pod_port: u16,
     pub owner: PodRef,
@@ -134,6 +335,14 @@ pub const INTERNAL_NETWORKS: [(Ipv4Addr, u8); 4] = [
     (Ipv4Addr::new(10, 0, 0, 0), 8),
     (Ipv4Addr::new(172, 16, 0, 0), 12),
     (Ipv4Addr::new(192, 168, 0, 0), 16),
+];
+
+/// The IPv6 destinations never SNATed: unique local (fc00::/7, where pods
+/// live), link-local and loopback.
+pub const INTERNAL_NETWORKS_V6: [(Ipv6Addr, u8); 3] = [
+    (Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),
+    (Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+    (Ipv6Addr::LOCALHOST, 128),
 ];
 
 /// The rules that should exist in the kernel: what a backend encodes and what
@@ -154,6 +363,23 @@ impl RuleSet {
     /// Number of per-mapping rules (or elements) this set programs.
     pub fn len(&self) -> usize {
         self.dnat.len() + self.snat.len() + self.forward.len()
+    }
+
+    /// The rules of one family (a sorted list holds IPv4 first: a split,
+    /// no walk).
+    pub fn of_family(&self, f: Family) -> RuleSet {
+        fn part<T: Clone>(v: &[T], ip: impl Fn(&T) -> IpAddr, f: Family) -> Vec<T> {
+            let cut = v.partition_point(|x| ip(x).is_ipv4());
+            match f {
+                Family::Ipv4 => v[..cut].to_vec(),
+                Family::Ipv6 => v[cut..].to_vec(),
+            }
+        }
+        RuleSet {
+            dnat: part(&self.dnat, |m| m.key.public_ip, f),
+            snat: part(&self.snat, |s| s.pod_ip, f),
+            forward: part(&self.forward, |r| r.pod_ip, f),
+        }
     }
 
     /// Sorts and deduplicates every list (after building or reading back).

@@ -8,7 +8,6 @@
 //! store at start must not read as "no pods" and flush working NAT.
 
 use std::future::Future;
-use std::net::Ipv4Addr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,7 +27,7 @@ use crate::kube::events::{self, EventSink};
 use crate::kube::ledger::EventLedger;
 use crate::kube::pod;
 use crate::kube::watch::{store_key, PodFeed};
-use crate::model::PodRef;
+use crate::model::{DualStack, PodRef};
 use crate::net::address::Choice;
 use crate::plan::incremental::{follow, IncrementalPlan};
 use crate::plan::{NatTable, PlanConfig};
@@ -90,6 +89,7 @@ impl ReconcileConfig {
             plan: PlanConfig {
                 node_id: node_id.to_string(),
                 restricted_ports: config.restricted_ports.clone(),
+                families: config.families,
             },
             annotation_key: config.annotation_key.clone(),
             resync: (config.informer_resync_secs > 0)
@@ -510,9 +510,9 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// The public address from `--public-address`: a channel that never changes.
 /// Keep the sender for as long as the receiver is used.
-pub fn fixed_address(address: Ipv4Addr) -> (watch::Sender<Choice>, watch::Receiver<Choice>) {
+pub fn fixed_address(address: DualStack) -> (watch::Sender<Choice>, watch::Receiver<Choice>) {
     watch::channel(Choice {
-        chosen: Some(address),
+        chosen: address,
         skipped: Vec::new(),
     })
 }

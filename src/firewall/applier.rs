@@ -62,8 +62,9 @@ pub trait Flavor: Send + 'static {
     /// repair; `None` otherwise (the applier then wants the whole table).
     /// O(change): never walks the whole state.
     fn plan_changes(&self, state: &Self::State, changes: &Changes) -> Option<Planned<Self::Plan>>;
-    /// The plan as one batch (without begin/end).
-    fn encode(&self, state: &Self::State, plan: &Self::Plan) -> (NftBatch, Self::Sent);
+    /// Appends the plan's messages to `batch` (begin/end are the applier's;
+    /// a dual-stack change puts both families' messages in one batch).
+    fn encode(&self, batch: &mut NftBatch, state: &Self::State, plan: &Self::Plan) -> Self::Sent;
     /// What message `seq` of the batch `encode` built does, for one the
     /// kernel refused that was added without a description.
     fn describe(&self, _plan: &Self::Plan, _sent: &Self::Sent, _seq: u32) -> Option<String> {
@@ -81,15 +82,17 @@ pub trait Flavor: Send + 'static {
     fn effect(&self, state: &Self::State, plan: &Self::Plan) -> Effect;
     /// The plan in the rule view's syntax (the dry run).
     fn render(&self, state: &Self::State, plan: &Self::Plan) -> String;
-    /// The batch that removes everything the agent owns; `None` if nothing.
+    /// Appends the messages that remove everything the agent owns (none if
+    /// there is nothing).
     fn teardown(
         &self,
         sock: &mut NfSocket,
         state: &Self::State,
-    ) -> Result<Option<NftBatch>, NetlinkError>;
+        batch: &mut NftBatch,
+    ) -> Result<(), NetlinkError>;
     fn interest(&self) -> Interest;
-    /// The base chain holding the flavor's forward accept.
-    fn own_forward(&self) -> OwnForward<'_>;
+    /// The base chains holding the flavor's forward accepts.
+    fn own_forward(&self) -> Vec<OwnForward<'_>>;
     fn view(&self, rules: &RuleSet) -> String;
 }
 
@@ -157,7 +160,8 @@ impl<F: Flavor> Applier<F> {
         let Planned::Change(plan) = self.flavor.plan(&state, &desired) else {
             return Ok(None);
         };
-        let (batch, _) = self.flavor.encode(&state, &plan);
+        let mut batch = NftBatch::new();
+        self.flavor.encode(&mut batch, &state, &plan);
         Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
     }
 
@@ -174,7 +178,8 @@ impl<F: Flavor> Applier<F> {
         let Some(Planned::Change(plan)) = self.flavor.plan_changes(&state, &changes) else {
             return Ok(None);
         };
-        let (batch, _) = self.flavor.encode(&state, &plan);
+        let mut batch = NftBatch::new();
+        self.flavor.encode(&mut batch, &state, &plan);
         Ok((!batch.is_empty()).then(|| batch.finalize(Some(generation))))
     }
 
@@ -188,7 +193,8 @@ impl<F: Flavor> Applier<F> {
         plan: F::Plan,
         report: &mut ApplyReport,
     ) -> Result<(), NetlinkError> {
-        let (batch, sent) = self.flavor.encode(&state, &plan);
+        let mut batch = NftBatch::new();
+        let sent = self.flavor.encode(&mut batch, &state, &plan);
         let effect = self.flavor.effect(&state, &plan);
         report.rebuilt = effect.rebuilt;
         report.messages = batch.len();
@@ -334,9 +340,11 @@ impl<F: Flavor> Backend for Applier<F> {
             let state = self.read_state()?;
             let Applier { flavor, sock, .. } = self;
             let sock = sock.as_mut().expect("socket opened by read_state");
-            let Some(batch) = flavor.teardown(sock, &state)? else {
+            let mut batch = NftBatch::new();
+            flavor.teardown(sock, &state, &mut batch)?;
+            if batch.is_empty() {
                 return Ok(false);
-            };
+            }
             match sock.send_batch(batch.finalize(Some(generation))) {
                 Ok(()) => return Ok(true),
                 Err(NetlinkError::GenerationChanged { .. }) if attempt < MAX_RETRIES => continue,
@@ -368,6 +376,6 @@ impl<F: Flavor> Backend for Applier<F> {
             *sock = Some(NfSocket::open()?);
         }
         let sock = sock.as_mut().expect("socket just opened");
-        Ok(coexist::forward_blockers(sock, flavor.own_forward())?)
+        Ok(coexist::forward_blockers(sock, &flavor.own_forward())?)
     }
 }

@@ -21,13 +21,18 @@ pub struct OwnForward<'a> {
 /// families that see the agent's traffic; sorted.
 pub fn forward_blockers(
     sock: &mut NfSocket,
-    own: OwnForward<'_>,
+    own: &[OwnForward<'_>],
 ) -> Result<Vec<Blocker>, NetlinkError> {
     let chains = sock.dump_families(sys::NFT_MSG_GETCHAIN, libc::AF_UNSPEC as u8, &Attrs::new())?;
+    let served = || own.iter().map(|o| o.family);
     let mut out: Vec<Blocker> = chains
         .iter()
+        .filter(|(family, _)| forwarding_family(*family, served()))
         .filter_map(|(family, c)| blocker(*family, c))
-        .filter(|b| !(b.family == own.family && b.table == own.table && b.chain == own.chain))
+        .filter(|b| {
+            !own.iter()
+                .any(|o| b.family == o.family && b.table == o.table && b.chain == o.chain)
+        })
         .collect();
     out.sort();
     Ok(out)
@@ -46,9 +51,6 @@ pub fn advice(flavor: &str, b: &Blocker) -> String {
 }
 
 fn blocker(family: u8, chain: &[u8]) -> Option<Blocker> {
-    if !forwarding_family(family) {
-        return None;
-    }
     let hook = find_attr(chain, sys::NFTA_CHAIN_HOOK)?;
     if attr_be32(hook, sys::NFTA_HOOK_HOOKNUM)? != libc::NF_INET_FORWARD as u32 {
         return None;
@@ -100,11 +102,11 @@ mod tests {
             &chain("filter", "INPUT", libc::NF_INET_LOCAL_IN as u32, drop)
         )
         .is_none());
-        assert!(blocker(
-            libc::NFPROTO_IPV6 as u8,
-            &chain("filter", "FORWARD", fwd, drop)
-        )
-        .is_none());
+        // ip6 counts only while the agent serves IPv6.
+        let ip6 = libc::NFPROTO_IPV6 as u8;
+        assert!(!forwarding_family(ip6, [ip].into_iter()));
+        assert!(forwarding_family(ip6, [ip, ip6].into_iter()));
+        assert!(forwarding_family(inet, [ip6].into_iter()));
         // A regular chain has no hook.
         let mut a = Attrs::new();
         a.str(sys::NFTA_CHAIN_TABLE, "filter")

@@ -5,7 +5,7 @@
 //! does on endpoint changes.
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
@@ -46,8 +46,8 @@ fn request(msg: ConntrackMessage, flags: u16, seq: u32) -> Vec<u8> {
     buf
 }
 
-/// The original-direction destination of an entry, if it is UDP/IPv4.
-fn udp_destination(tuple: &[Tuple]) -> Option<(Ipv4Addr, u16)> {
+/// The original-direction destination of an entry, if it is UDP.
+fn udp_destination(tuple: &[Tuple]) -> Option<(IpAddr, u16)> {
     let mut dst = None;
     let mut port = None;
     let mut udp = false;
@@ -55,7 +55,7 @@ fn udp_destination(tuple: &[Tuple]) -> Option<(Ipv4Addr, u16)> {
         match t {
             Tuple::Ip(ips) => {
                 for ip in ips {
-                    if let IPTuple::DestinationAddress(IpAddr::V4(a)) = ip {
+                    if let IPTuple::DestinationAddress(a) = ip {
                         dst = Some(*a);
                     }
                 }
@@ -82,7 +82,7 @@ fn udp_destination(tuple: &[Tuple]) -> Option<(Ipv4Addr, u16)> {
 /// Deletes every UDP conntrack entry whose original destination is one of
 /// `targets` (public address, public port). Returns how many were deleted.
 /// Runs in the calling thread's network namespace.
-pub fn flush_udp(targets: &BTreeSet<(Ipv4Addr, u16)>) -> Result<usize, ConntrackError> {
+pub fn flush_udp(targets: &BTreeSet<(IpAddr, u16)>) -> Result<usize, ConntrackError> {
     if targets.is_empty() {
         return Ok(0);
     }

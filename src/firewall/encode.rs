@@ -1,7 +1,9 @@
 //! nf_tables expression encoding shared by both flavors: the few native
 //! expressions the agent's rules use, each as one `Attrs` list element.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
+
+use crate::model::Family;
 
 use super::netlink::{sys, Attrs};
 
@@ -19,6 +21,83 @@ pub const BASE_TRANSPORT: u32 = sys::NFT_PAYLOAD_TRANSPORT_HEADER;
 pub const IP_SADDR: u32 = 12;
 pub const IP_DADDR: u32 = 16;
 pub const TH_DPORT: u32 = 2;
+/// Offsets in the IPv6 header.
+pub const IP6_SADDR: u32 = 8;
+pub const IP6_DADDR: u32 = 24;
+
+/// Where a family's network header keeps its addresses, and how long they are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub addr_len: u32,
+}
+
+pub fn header(f: Family) -> Header {
+    match f {
+        Family::Ipv4 => Header {
+            saddr: IP_SADDR,
+            daddr: IP_DADDR,
+            addr_len: 4,
+        },
+        Family::Ipv6 => Header {
+            saddr: IP6_SADDR,
+            daddr: IP6_DADDR,
+            addr_len: 16,
+        },
+    }
+}
+
+/// An address's bytes in network order (4 or 16), without allocating.
+#[derive(Clone, Copy)]
+pub struct Octets {
+    bytes: [u8; 16],
+    len: usize,
+}
+
+impl std::ops::Deref for Octets {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+pub fn octets(ip: &IpAddr) -> Octets {
+    let mut bytes = [0u8; 16];
+    match ip {
+        IpAddr::V4(a) => {
+            bytes[..4].copy_from_slice(&a.octets());
+            Octets { bytes, len: 4 }
+        }
+        IpAddr::V6(a) => Octets {
+            bytes: a.octets(),
+            len: 16,
+        },
+    }
+}
+
+/// The address of `f` in `b` at `at`.
+pub fn ip_at(b: &[u8], at: usize, f: Family) -> Option<IpAddr> {
+    Some(match f {
+        Family::Ipv4 => {
+            let o: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
+            IpAddr::from(o)
+        }
+        Family::Ipv6 => {
+            let o: [u8; 16] = b.get(at..at + 16)?.try_into().ok()?;
+            IpAddr::from(o)
+        }
+    })
+}
+
+/// The mask of a `len`-bit prefix of an address of `bytes` bytes.
+pub fn prefix_mask(len: u8, bytes: usize) -> Vec<u8> {
+    let bits = bytes * 8;
+    let m = u128::MAX
+        .checked_shl((128 - u32::from(len)).min(128))
+        .unwrap_or(0);
+    m.to_be_bytes()[..bits / 8].to_vec()
+}
 
 /// A list of expressions for NFTA_RULE_EXPRESSIONS.
 #[derive(Default)]
@@ -104,19 +183,16 @@ impl Exprs {
     /// Loads the address at `offset` and matches `net/len`, as nft and
     /// iptables-nft do: byte-aligned prefixes load only their bytes; others
     /// load the whole address and mask it.
-    pub fn ip_prefix(&mut self, offset: u32, net: Ipv4Addr, len: u8) -> &mut Self {
-        let octets = net.octets();
+    pub fn ip_prefix(&mut self, offset: u32, net: IpAddr, len: u8) -> &mut Self {
+        let octets = octets(&net);
         if len % 8 == 0 {
             let n = (len / 8) as usize;
             self.payload(REG_1, BASE_NETWORK, offset, n as u32);
             self.cmp_eq(REG_1, &octets[..n])
         } else {
-            let mask = u32::MAX
-                .checked_shl(32 - len as u32)
-                .unwrap_or(0)
-                .to_be_bytes();
-            self.payload(REG_1, BASE_NETWORK, offset, 4);
-            self.bitwise(REG_1, &mask, &[0; 4]);
+            let mask = prefix_mask(len, octets.len());
+            self.payload(REG_1, BASE_NETWORK, offset, octets.len() as u32);
+            self.bitwise(REG_1, &mask, &vec![0; octets.len()]);
             self.cmp_eq(REG_1, &octets)
         }
     }
@@ -132,7 +208,13 @@ impl Exprs {
     }
 
     /// Native NAT from registers (the address and, for DNAT, the port).
-    pub fn nat(&mut self, dnat: bool, addr_reg: u32, proto_reg: Option<u32>) -> &mut Self {
+    pub fn nat(
+        &mut self,
+        family: Family,
+        dnat: bool,
+        addr_reg: u32,
+        proto_reg: Option<u32>,
+    ) -> &mut Self {
         self.push("nat", |d| {
             d.be32(
                 sys::NFTA_NAT_TYPE,
@@ -142,7 +224,7 @@ impl Exprs {
                     sys::NFT_NAT_SNAT
                 },
             )
-            .be32(sys::NFTA_NAT_FAMILY, libc::NFPROTO_IPV4 as u32)
+            .be32(sys::NFTA_NAT_FAMILY, u32::from(family.nfproto()))
             .be32(sys::NFTA_NAT_REG_ADDR_MIN, addr_reg);
             if let Some(r) = proto_reg {
                 d.be32(sys::NFTA_NAT_REG_PROTO_MIN, r);

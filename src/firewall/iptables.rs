@@ -25,7 +25,7 @@ use self::changes::*;
 pub use self::changes::{Changes, Inserted};
 use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
 use self::render::line;
-use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule, GO_INTERNAL_NETWORKS};
+use self::rules::{decode, internal_returns, jump_target, parse_exprs, rule_attrs, AgentRule};
 use super::applier::{Applier, Effect, Flavor, Planned};
 use super::coexist::OwnForward;
 use super::monitor::{Interest, TableInterest};
@@ -35,10 +35,9 @@ use super::netlink::{
     Scope,
 };
 use super::view;
+use super::families::PerFamily;
 use crate::config::JumpPositions;
-use crate::model::{Mapping, RuleSet};
-
-const AF_INET: u8 = libc::AF_INET as u8;
+use crate::model::{Families, Family, Mapping, RuleSet};
 const NAT: &str = "nat";
 const FILTER: &str = "filter";
 
@@ -117,6 +116,8 @@ struct Slot<T> {
 /// What the kernel holds of the agent's part of `ip nat` and `ip filter`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IptState {
+    /// Whose tables these are: `ip` (iptables-nft) or `ip6` (ip6tables-nft).
+    family: Family,
     nat_exists: bool,
     filter_exists: bool,
     parent_exists: [bool; 3],
@@ -157,7 +158,7 @@ impl IptState {
             && self.parent_exists.iter().all(|e| *e)
             && self.own_exists.iter().all(|e| *e);
         exist && {
-            let want = desired_chains(&self.rules());
+            let want = desired_chains(&self.rules(), self.family);
             (0..3).all(|i| {
                 self.own[i].len() == want[i].len()
                     && self.own[i]
@@ -192,19 +193,31 @@ impl IptState {
 pub struct Iptables {
     names: Names,
     jumps: JumpPositions,
+    family: Family,
 }
 
-/// The iptables flavor with the applier around it.
-pub type IptablesBackend = Applier<Iptables>;
+/// The iptables flavor, in iptables-nft's tables and (with IPv6 enabled)
+/// ip6tables-nft's, with the applier around it.
+pub type IptablesBackend = Applier<PerFamily<Iptables>>;
 
 impl IptablesBackend {
     pub fn new(names: Names, jumps: JumpPositions) -> IptablesBackend {
-        Applier::with_flavor(Iptables { names, jumps })
+        Self::for_families(names, jumps, Families::default())
+    }
+
+    pub fn for_families(names: Names, jumps: JumpPositions, families: Families) -> IptablesBackend {
+        Applier::with_flavor(PerFamily::new(families, |family| Iptables {
+            names: names.clone(),
+            jumps,
+            family,
+        }))
     }
 
     /// Changes the jump positions (the next apply moves the jumps).
     pub fn set_jump_positions(&mut self, jumps: JumpPositions) {
-        self.flavor.jumps = jumps;
+        for (_, part) in self.flavor.parts_mut() {
+            part.jumps = jumps;
+        }
         // The remembered state was settled for the old positions.
         super::Backend::forget(self);
     }
@@ -225,7 +238,10 @@ impl Flavor for Iptables {
     }
 
     fn empty(&self) -> IptState {
-        IptState::default()
+        IptState {
+            family: self.family,
+            ..IptState::default()
+        }
     }
 
     fn rules(&self, state: &IptState) -> RuleSet {
@@ -254,8 +270,8 @@ impl Flavor for Iptables {
         })
     }
 
-    fn encode(&self, state: &IptState, plan: &Changes) -> (NftBatch, Vec<(u32, Inserted)>) {
-        self.build(state, plan)
+    fn encode(&self, batch: &mut NftBatch, state: &IptState, plan: &Changes) -> Vec<(u32, Inserted)> {
+        self.build(batch, state, plan)
     }
 
     fn describe(&self, plan: &Changes, sent: &Vec<(u32, Inserted)>, seq: u32) -> Option<String> {
@@ -267,7 +283,10 @@ impl Flavor for Iptables {
                 PLACES[i],
             ),
         };
-        Some(format!("add rule {}", line(&rule, place, &self.names)))
+        Some(format!(
+            "add rule {}",
+            line(&rule, place, &self.names, self.family)
+        ))
     }
 
     fn after(
@@ -298,12 +317,13 @@ impl Flavor for Iptables {
         &self,
         sock: &mut NfSocket,
         state: &IptState,
-    ) -> Result<Option<NftBatch>, NetlinkError> {
+        batch: &mut NftBatch,
+    ) -> Result<(), NetlinkError> {
         if !state.anything() {
-            return Ok(None);
+            return Ok(());
         }
         let names = &self.names;
-        let mut batch = NftBatch::new();
+        let (af, fam) = (self.family.nfproto(), view::nft_family(self.family));
         for table in [NAT, FILTER] {
             if !state.table_exists(table) {
                 continue;
@@ -313,7 +333,7 @@ impl Flavor for Iptables {
                 .filter(|p| p.table() == table)
                 .map(|p| p.own(names))
                 .collect();
-            let scope = Scope::table(AF_INET, table);
+            let scope = Scope::table(af, table);
             for m in sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)? {
                 let chain = attr_str(&m, sys::NFTA_RULE_CHAIN).unwrap_or_default();
                 let exprs = parse_exprs(find_attr(&m, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]));
@@ -328,8 +348,8 @@ impl Flavor for Iptables {
                         .str(sys::NFTA_RULE_CHAIN, &chain)
                         .be64(sys::NFTA_RULE_HANDLE, handle);
                     batch.add(
-                        NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
-                        format!("delete the jump to {target} in chain {chain}"),
+                        NftMsg::new(sys::NFT_MSG_DELRULE, 0, a).in_family(self.family),
+                        format!("delete the jump to {target} in chain {chain} of table {fam} {table}"),
                     );
                 }
             }
@@ -343,18 +363,18 @@ impl Flavor for Iptables {
             a.str(sys::NFTA_RULE_TABLE, place.table())
                 .str(sys::NFTA_RULE_CHAIN, own);
             batch.add(
-                NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
-                format!("flush chain {own} in table ip {}", place.table()),
+                NftMsg::new(sys::NFT_MSG_DELRULE, 0, a).in_family(self.family),
+                format!("flush chain {own} in table {fam} {}", place.table()),
             );
             let mut a = Attrs::new();
             a.str(sys::NFTA_CHAIN_TABLE, place.table())
                 .str(sys::NFTA_CHAIN_NAME, own);
             batch.add(
-                NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a),
-                format!("delete chain {own} in table ip {}", place.table()),
+                NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a).in_family(self.family),
+                format!("delete chain {own} in table {fam} {}", place.table()),
             );
         }
-        Ok(Some(batch))
+        Ok(())
     }
 
     fn interest(&self) -> Interest {
@@ -363,6 +383,7 @@ impl Flavor for Iptables {
             .map(|table| {
                 let here = PLACES.iter().filter(|p| p.table() == table);
                 TableInterest {
+                    family: self.family.nfproto(),
                     table: table.to_string(),
                     whole: false,
                     chains: here
@@ -373,22 +394,19 @@ impl Flavor for Iptables {
                 }
             })
             .collect();
-        Interest {
-            family: AF_INET,
-            tables,
-        }
+        Interest { tables }
     }
 
     /// The accept is a rule of iptables-nft's FORWARD, ahead of its policy.
-    fn own_forward(&self) -> OwnForward<'_> {
-        OwnForward {
-            family: AF_INET,
+    fn own_forward(&self) -> Vec<OwnForward<'_>> {
+        vec![OwnForward {
+            family: self.family.nfproto(),
             table: FILTER,
             chain: Place::Forward.parent(),
-        }
+        }]
     }
 
     fn view(&self, rules: &RuleSet) -> String {
-        view::iptables_save(rules, &self.names)
+        view::iptables_save(rules, &self.names, self.family)
     }
 }

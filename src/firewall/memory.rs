@@ -185,7 +185,7 @@ impl Backend for MemoryBackend {
     }
 
     fn view(&self, rules: &RuleSet) -> String {
-        view::nft(&canonical(rules), &self.names)
+        view::nft(&canonical(rules), &self.names, crate::model::Family::Ipv4)
     }
 
     fn forget(&mut self) {
@@ -194,10 +194,7 @@ impl Backend for MemoryBackend {
     }
 
     fn interest(&self) -> Interest {
-        Interest {
-            family: libc::NFPROTO_IPV4 as u8,
-            tables: Vec::new(),
-        }
+        Interest { tables: Vec::new() }
     }
 
     fn attach_tracker(&mut self, _tracker: Arc<Tracker>) {}

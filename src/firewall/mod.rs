@@ -6,6 +6,7 @@ pub mod applier;
 pub mod coexist;
 pub mod conntrack;
 pub mod encode;
+pub mod families;
 pub mod names;
 pub mod netlink;
 
@@ -21,7 +22,7 @@ pub use names::Names;
 use std::sync::Arc;
 
 use crate::config::{Flavor, JumpPositions};
-use crate::model::{Mapping, PodRef, RuleSet};
+use crate::model::{Families, Mapping, PodRef, RuleSet};
 use monitor::Tracker;
 use netlink::NetlinkError;
 
@@ -68,7 +69,7 @@ pub struct ApplyReport {
 /// conntrack entries, so the next datagram follows the new rules. A failure
 /// is logged, not returned: the rules themselves are in place.
 pub fn flush_stale_udp(report: &mut ApplyReport) {
-    let targets: std::collections::BTreeSet<_> = report
+    let targets: std::collections::BTreeSet<(std::net::IpAddr, u16)> = report
         .removed_dnat
         .iter()
         .filter(|m| m.key.proto == crate::model::Proto::Udp)
@@ -121,11 +122,24 @@ pub fn backend_for(flavor: Flavor, names: Names) -> Box<dyn Backend> {
 }
 
 /// Builds the backend for a flavor; `jumps` (`-iptablesJump`) places the
-/// iptables flavor's jump rules.
+/// iptables flavor's jump rules. IPv4 only.
 pub fn backend_with_jumps(flavor: Flavor, names: Names, jumps: JumpPositions) -> Box<dyn Backend> {
+    backend_with(flavor, names, jumps, Families::default())
+}
+
+/// Builds the backend for a flavor serving `families` (one part each, in
+/// one batch per change).
+pub fn backend_with(
+    flavor: Flavor,
+    names: Names,
+    jumps: JumpPositions,
+    families: Families,
+) -> Box<dyn Backend> {
     match flavor {
-        Flavor::Nftables => Box::new(nftables::NftablesBackend::new(names)),
-        Flavor::Iptables => Box::new(iptables::IptablesBackend::new(names, jumps)),
+        Flavor::Nftables => Box::new(nftables::NftablesBackend::for_families(names, families)),
+        Flavor::Iptables => Box::new(iptables::IptablesBackend::for_families(
+            names, jumps, families,
+        )),
     }
 }
 

@@ -26,15 +26,16 @@ const IDLE_WAKEUP: Duration = Duration::from_millis(200);
 const OWN_MEMORY: usize = 32;
 
 /// Where the agent lives in nf_tables, as notifications name it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Interest {
-    pub family: u8,
     pub tables: Vec<TableInterest>,
 }
 
 /// One table the agent writes into.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TableInterest {
+    /// NFPROTO_IPV4 or NFPROTO_IPV6.
+    pub family: u8,
     pub table: String,
     /// The whole table is the agent's (nftables flavor).
     pub whole: bool,
@@ -64,6 +65,12 @@ impl Reasons {
 }
 
 impl Interest {
+    /// Whether `family`'s forward hook sees the traffic the agent forwards:
+    /// that of a family it writes rules for, or inet (both).
+    pub fn forwards(&self, family: u8) -> bool {
+        forwarding_family(family, self.tables.iter().map(|t| t.family))
+    }
+
     /// What one notification means for the agent.
     fn classify(&self, msg_type: u16, family: u8, attrs: &[u8], blockers: &[Blocker]) -> Reasons {
         let mut r = Reasons::default();
@@ -86,7 +93,7 @@ impl Interest {
             r.forward_hook = if msg_type == sys::NFT_MSG_DELCHAIN as u16 {
                 known
             } else {
-                at_forward && forwarding_family(family) && drops != known
+                at_forward && self.forwards(family) && drops != known
             };
         }
         if msg_type == sys::NFT_MSG_DELTABLE as u16 {
@@ -94,13 +101,10 @@ impl Interest {
                 .iter()
                 .any(|b| b.family == family && Some(b.table.as_bytes()) == table);
         }
-        if family != self.family {
-            return r;
-        }
         let Some(t) = self
             .tables
             .iter()
-            .find(|t| Some(t.table.as_bytes()) == table)
+            .find(|t| t.family == family && Some(t.table.as_bytes()) == table)
         else {
             return r;
         };
@@ -132,9 +136,10 @@ fn is_chain(t: u16) -> bool {
 fn is_rule(t: u16) -> bool {
     t == sys::NFT_MSG_NEWRULE as u16 || t == sys::NFT_MSG_DELRULE as u16
 }
-/// Families whose forward hook sees the IPv4 traffic the agent forwards.
-pub fn forwarding_family(family: u8) -> bool {
-    family == libc::NFPROTO_IPV4 as u8 || family == libc::NFPROTO_INET as u8
+/// Whether `family`'s forward hook sees the traffic of the families the
+/// agent serves (`served`: NFPROTO_IPV4 / NFPROTO_IPV6): one of them, or inet.
+pub fn forwarding_family(family: u8, mut served: impl Iterator<Item = u8>) -> bool {
+    family == libc::NFPROTO_INET as u8 || served.any(|f| f == family)
 }
 
 /// A NUL-terminated name attribute's bytes.

@@ -4,15 +4,14 @@
 //! and a change is element adds/deletes, so its cost does not grow with the
 //! table.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
 
 use super::applier::{Applier, Effect, Flavor, Planned};
 use super::coexist::OwnForward;
 use super::encode::{
-    self, Exprs, BASE_NETWORK, BASE_TRANSPORT, IP_DADDR, IP_SADDR, REG32_01, REG32_02, REG_1,
-    TH_DPORT,
+    self, octets, Exprs, BASE_NETWORK, BASE_TRANSPORT, REG32_01, REG32_02, REG_1, TH_DPORT,
 };
 use super::monitor::{Interest, TableInterest};
 use super::names::{self, Names};
@@ -20,18 +19,20 @@ use super::netlink::{
     attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, Echo, NetlinkError, NfSocket,
     NftBatch, NftMsg, Scope,
 };
+use super::families::PerFamily;
 use super::{view, Changes};
+use crate::model::Families;
 use crate::model::{
-    ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule, INTERNAL_NETWORKS,
+    Family, ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule, INTERNAL_NETWORKS,
+    INTERNAL_NETWORKS_V6,
 };
-
-const AF_INET: u8 = libc::AF_INET as u8;
 
 mod elements;
 mod layout;
 
 use self::elements::*;
 use self::layout::*;
+pub(crate) use self::layout::internal_networks;
 
 /// What the kernel holds of the agent's table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -42,19 +43,28 @@ pub struct NativeState {
     pub rules: RuleSet,
 }
 
-/// The native flavor: the layout of the table `ip <prefix>` and its
-/// elements. Pure but for `read`/`teardown`, which dump through the
-/// applier's socket.
+/// The native flavor for one family: the layout of the table `ip <prefix>`
+/// (or `ip6 <prefix>`) and its elements. Pure but for `read`/`teardown`,
+/// which dump through the applier's socket.
 pub struct Nftables {
     names: Names,
+    family: Family,
 }
 
-/// The native flavor with the applier around it.
-pub type NftablesBackend = Applier<Nftables>;
+/// The native flavor, one table per enabled family, with the applier
+/// around it.
+pub type NftablesBackend = Applier<PerFamily<Nftables>>;
 
 impl NftablesBackend {
     pub fn new(names: Names) -> NftablesBackend {
-        Applier::with_flavor(Nftables { names })
+        Self::for_families(names, Families::default())
+    }
+
+    pub fn for_families(names: Names, families: Families) -> NftablesBackend {
+        Applier::with_flavor(PerFamily::new(families, |family| Nftables {
+            names: names.clone(),
+            family,
+        }))
     }
 }
 
@@ -69,7 +79,16 @@ pub enum NftPlan {
 
 impl Nftables {
     fn table(&self) -> Table {
-        Table::new(ProtocolFamily::Ipv4).with_name(self.names.table())
+        let pf = match self.family {
+            Family::Ipv4 => ProtocolFamily::Ipv4,
+            Family::Ipv6 => ProtocolFamily::Ipv6,
+        };
+        Table::new(pf).with_name(self.names.table())
+    }
+
+    /// `ip` or `ip6`, as nft names the table's family.
+    fn fam(&self) -> &'static str {
+        view::nft_family(self.family)
     }
 
     /// Reads the table back from the kernel.
@@ -77,17 +96,19 @@ impl Nftables {
         let tname = self.names.table().to_string();
         let mut a = Attrs::new();
         a.str(sys::NFTA_TABLE_NAME, &tname);
-        if sock.get(sys::NFT_MSG_GETTABLE, AF_INET, &a)?.is_none() {
+        let af = self.family.nfproto();
+        if sock.get(sys::NFT_MSG_GETTABLE, af, &a)?.is_none() {
             return Ok(NativeState::default());
         }
         let mut ok = true;
 
         // Only what is in our table: chains of every table come back from the
         // kernel's chain dump, and a crowded node has many.
-        let scope = Scope::table(AF_INET, &tname);
+        let scope = Scope::table(af, &tname);
         let sets = sock.dump_scoped(sys::NFT_MSG_GETSET, &scope)?;
-        ok &= sets.len() == SETS.len();
-        for shape in &SETS {
+        let shapes = sets_of(self.family);
+        ok &= sets.len() == shapes.len();
+        for shape in &shapes {
             let found = sets
                 .iter()
                 .find(|s| attr_str(s, sys::NFTA_SET_NAME).as_deref() == Some(shape.name));
@@ -121,7 +142,7 @@ impl Nftables {
 
         let rules = sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?;
         for shape in &CHAINS {
-            let want: Vec<Vec<&str>> = chain_rules(shape.name)
+            let want: Vec<Vec<&str>> = chain_rules(shape.name, self.family)
                 .iter()
                 .map(|e| e.names().to_vec())
                 .collect();
@@ -137,7 +158,7 @@ impl Nftables {
         ok &= rules.len()
             == CHAINS
                 .iter()
-                .map(|c| chain_rules(c.name).len())
+                .map(|c| chain_rules(c.name, self.family).len())
                 .sum::<usize>();
 
         let mut state = NativeState {
@@ -148,8 +169,8 @@ impl Nftables {
         if !ok {
             return Ok(state);
         }
-        for shape in &SETS {
-            let scope = Scope::object(AF_INET, &tname, shape.name);
+        for shape in &shapes {
+            let scope = Scope::object(af, &tname, shape.name);
             for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
                 let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
                     continue;
@@ -167,7 +188,8 @@ impl Nftables {
                     // as written; it is kept as "ownerless" so the diff
                     // replaces it.
                     let owner = owner.unwrap_or_else(|| PodRef::new("", ""));
-                    if !decode_element(shape.name, key, data, owner, &mut state.rules) {
+                    let rules = &mut state.rules;
+                    if !decode_element(self.family, shape.name, key, data, owner, rules) {
                         state.structure_ok = false;
                     }
                 }
@@ -182,15 +204,16 @@ impl Nftables {
     fn encode_rebuild(&self, batch: &mut NftBatch, state: &NativeState, desired: &RuleSet) {
         let tname = self.names.table();
         let table = self.table();
+        let fam = self.fam();
         if state.table_exists {
             batch.add_table(
                 &table,
                 MsgType::Del,
-                format!("delete table ip {tname} (layout drifted)"),
+                format!("delete table {fam} {tname} (layout drifted)"),
             );
         }
-        batch.add_table(&table, MsgType::Add, format!("add table ip {tname}"));
-        for (i, shape) in SETS.iter().enumerate() {
+        batch.add_table(&table, MsgType::Add, format!("add table {fam} {tname}"));
+        for (i, shape) in sets_of(self.family).iter().enumerate() {
             let mut a = Attrs::new();
             a.str(sys::NFTA_SET_TABLE, tname)
                 .str(sys::NFTA_SET_NAME, shape.name)
@@ -210,8 +233,9 @@ impl Nftables {
             }
             a.be32(sys::NFTA_SET_ID, i as u32 + 1);
             batch.add(
-                NftMsg::new(sys::NFT_MSG_NEWSET, libc::NLM_F_CREATE as u32, a),
-                format!("add set {} to table ip {tname}", shape.name),
+                NftMsg::new(sys::NFT_MSG_NEWSET, libc::NLM_F_CREATE as u32, a)
+                    .in_family(self.family),
+                format!("add set {} to table {fam} {tname}", shape.name),
             );
         }
         for shape in &CHAINS {
@@ -227,11 +251,11 @@ impl Nftables {
             batch.add_chain(
                 &chain,
                 MsgType::Add,
-                format!("add chain {} to table ip {tname}", shape.name),
+                format!("add chain {} to table {fam} {tname}", shape.name),
             );
         }
         for shape in &CHAINS {
-            for (i, rule) in chain_rules(shape.name).iter().enumerate() {
+            for (i, rule) in chain_rules(shape.name, self.family).iter().enumerate() {
                 let mut a = Attrs::new();
                 a.str(sys::NFTA_RULE_TABLE, tname)
                     .str(sys::NFTA_RULE_CHAIN, shape.name)
@@ -241,7 +265,8 @@ impl Nftables {
                         sys::NFT_MSG_NEWRULE,
                         libc::NLM_F_CREATE as u32 | libc::NLM_F_APPEND as u32,
                         a,
-                    ),
+                    )
+                    .in_family(self.family),
                     format!("add rule {} to chain {}", i + 1, shape.name),
                 );
             }
@@ -249,6 +274,7 @@ impl Nftables {
         // Every element, straight from the desired lists (no copy of them).
         add_elements(
             batch,
+            self.family,
             tname,
             names::NFT_DNAT_MAP,
             dnat_elements(&desired.dnat),
@@ -256,6 +282,7 @@ impl Nftables {
         );
         add_elements(
             batch,
+            self.family,
             tname,
             names::NFT_SNAT_MAP,
             snat_elements(&desired.snat),
@@ -263,6 +290,7 @@ impl Nftables {
         );
         add_elements(
             batch,
+            self.family,
             tname,
             names::NFT_FORWARD_SET,
             forward_elements(&desired.forward),
@@ -279,6 +307,7 @@ impl Flavor for Nftables {
     fn name(&self) -> &'static str {
         "nftables"
     }
+
 
     fn read(&self, sock: &mut NfSocket) -> Result<NativeState, NetlinkError> {
         self.read_state(sock)
@@ -315,13 +344,11 @@ impl Flavor for Nftables {
         })
     }
 
-    fn encode(&self, state: &NativeState, plan: &NftPlan) -> (NftBatch, ()) {
-        let mut batch = NftBatch::new();
+    fn encode(&self, batch: &mut NftBatch, state: &NativeState, plan: &NftPlan) {
         match plan {
-            NftPlan::Rebuild(desired) => self.encode_rebuild(&mut batch, state, desired),
-            NftPlan::Elements(ch) => encode_changes(&mut batch, self.names.table(), ch),
+            NftPlan::Rebuild(desired) => self.encode_rebuild(batch, state, desired),
+            NftPlan::Elements(ch) => encode_changes(batch, self.family, self.names.table(), ch),
         }
-        (batch, ())
     }
 
     fn after(
@@ -370,16 +397,17 @@ impl Flavor for Nftables {
             NftPlan::Rebuild(desired) => {
                 let mut out = String::new();
                 if state.table_exists {
-                    out.push_str(&format!("delete table ip {t}\n"));
+                    out.push_str(&format!("delete table {} {t}\n", self.fam()));
                 }
-                out.push_str(&view::nft(desired, &self.names));
+                out.push_str(&view::nft(desired, &self.names, self.family));
                 return out;
             }
             NftPlan::Elements(ch) => ch,
         };
         let mut out = String::new();
+        let fam = self.fam();
         let mut line = |verb: &str, set: &str, element: String| {
-            out.push_str(&format!("{verb} element ip {t} {set} {{ {element} }}\n"));
+            out.push_str(&format!("{verb} element {fam} {t} {set} {{ {element} }}\n"));
         };
         for m in &ch.del.dnat {
             line("delete", names::NFT_DNAT_MAP, view::nft_dnat_key(m));
@@ -406,23 +434,22 @@ impl Flavor for Nftables {
         &self,
         _sock: &mut NfSocket,
         state: &NativeState,
-    ) -> Result<Option<NftBatch>, NetlinkError> {
-        if !state.table_exists {
-            return Ok(None);
+        batch: &mut NftBatch,
+    ) -> Result<(), NetlinkError> {
+        if state.table_exists {
+            batch.add_table(
+                &self.table(),
+                MsgType::Del,
+                format!("delete table {} {}", self.fam(), self.names.table()),
+            );
         }
-        let mut batch = NftBatch::new();
-        batch.add_table(
-            &self.table(),
-            MsgType::Del,
-            format!("delete table ip {}", self.names.table()),
-        );
-        Ok(Some(batch))
+        Ok(())
     }
 
     fn interest(&self) -> Interest {
         Interest {
-            family: AF_INET,
             tables: vec![TableInterest {
+                family: self.family.nfproto(),
                 table: self.names.table().to_string(),
                 whole: true,
                 chains: Vec::new(),
@@ -431,15 +458,15 @@ impl Flavor for Nftables {
         }
     }
 
-    fn own_forward(&self) -> OwnForward<'_> {
-        OwnForward {
-            family: AF_INET,
+    fn own_forward(&self) -> Vec<OwnForward<'_>> {
+        vec![OwnForward {
+            family: self.family.nfproto(),
             table: self.names.table(),
             chain: names::NFT_FORWARD_CHAIN,
-        }
+        }]
     }
 
     fn view(&self, rules: &RuleSet) -> String {
-        view::nft(rules, &self.names)
+        view::nft(rules, &self.names, self.family)
     }
 }

@@ -4,37 +4,61 @@
 //! integration tests compare it with the tools' own output.
 
 use std::fmt::Write;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
-use crate::firewall::iptables::rules::GO_INTERNAL_NETWORKS;
+use crate::firewall::iptables::rules::internal_returns;
 use crate::firewall::names::{self, Names};
-use crate::model::{ForwardRule, Mapping, RuleSet, SnatRule, INTERNAL_NETWORKS};
+use crate::model::{host_port, Family, ForwardRule, Mapping, RuleSet, SnatRule};
+
+/// nft's name of a family's tables: `ip` or `ip6`.
+pub fn nft_family(f: Family) -> &'static str {
+    match f {
+        Family::Ipv4 => "ip",
+        Family::Ipv6 => "ip6",
+    }
+}
+
+/// `A/32` or `A/128`, as iptables-save prints a host.
+fn host(ip: IpAddr) -> String {
+    format!("{ip}/{}", if ip.is_ipv4() { 32 } else { 128 })
+}
 
 /// `-A <PREFIX>_PRE ...` for one mapping, exactly as iptables-nft-save prints it.
 pub fn ipt_dnat(n: &Names, m: &Mapping) -> String {
     let p = m.key.proto;
     format!(
-        "-A {} -d {}/32 -p {p} -m {p} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {}:{}",
-        n.pre, m.key.public_ip, m.key.public_port, m.owner, m.pod_ip, m.pod_port
+        "-A {} -d {} -p {p} -m {p} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {}",
+        n.pre,
+        host(m.key.public_ip),
+        m.key.public_port,
+        m.owner,
+        host_port(m.pod_ip, m.pod_port)
     )
 }
 
 pub fn ipt_snat(n: &Names, s: &SnatRule) -> String {
     format!(
-        "-A {} -s {}/32 -p {} -m comment --comment \"{}\" -j SNAT --to-source {}",
-        n.post, s.pod_ip, s.proto, s.owner, s.public_ip
+        "-A {} -s {} -p {} -m comment --comment \"{}\" -j SNAT --to-source {}",
+        n.post,
+        host(s.pod_ip),
+        s.proto,
+        s.owner,
+        s.public_ip
     )
 }
 
 pub fn ipt_forward(n: &Names, f: &ForwardRule) -> String {
     let p = f.proto;
     format!(
-        "-A {} -d {}/32 -p {p} -m conntrack --ctstate NEW -m {p} --dport {} -m comment --comment \"{}\" -j ACCEPT",
-        n.forward, f.pod_ip, f.pod_port, f.owner
+        "-A {} -d {} -p {p} -m conntrack --ctstate NEW -m {p} --dport {} -m comment --comment \"{}\" -j ACCEPT",
+        n.forward,
+        host(f.pod_ip),
+        f.pod_port,
+        f.owner
     )
 }
 
-pub fn ipt_internal_return(n: &Names, net: Ipv4Addr, len: u8) -> String {
+pub fn ipt_internal_return(n: &Names, net: IpAddr, len: u8) -> String {
     format!(
         "-A {} -d {net}/{len} -m comment --comment \"{}\" -j RETURN",
         n.post, n.internal_comment
@@ -48,9 +72,10 @@ pub fn ipt_jump(n: &Names, parent: &str, target: &str) -> String {
     )
 }
 
-/// The agent's part of `iptables-nft-save`: its chains, its jump rules and its
-/// rules, table by table, in the order iptables-nft-save prints them.
-pub fn iptables_save(rules: &RuleSet, n: &Names) -> String {
+/// The agent's part of `iptables-nft-save` (`ip6tables-nft-save` for IPv6):
+/// its chains, its jump rules and its rules, table by table, in the order
+/// iptables-nft-save prints them.
+pub fn iptables_save(rules: &RuleSet, n: &Names, family: Family) -> String {
     let mut out = String::new();
     let mut user_chains = [n.post.as_str(), n.pre.as_str()];
     user_chains.sort_unstable();
@@ -62,7 +87,7 @@ pub fn iptables_save(rules: &RuleSet, n: &Names) -> String {
     let _ = writeln!(out, "{}", ipt_jump(n, "POSTROUTING", &n.post));
     for c in user_chains {
         if c == n.post {
-            for (net, len) in GO_INTERNAL_NETWORKS {
+            for (net, len) in internal_returns(family) {
                 let _ = writeln!(out, "{}", ipt_internal_return(n, net, len));
             }
             for s in &rules.snat {
@@ -151,27 +176,35 @@ fn nft_priority(base: &str, offset: i32) -> String {
     }
 }
 
-/// The native table as `nft list table ip <prefix>` prints it (elements in
-/// key order; the kernel's hash order may differ, see `canonical_nft`).
-pub fn nft(rules: &RuleSet, n: &Names) -> String {
+/// The native table as `nft list table ip <prefix>` (or `ip6 <prefix>`)
+/// prints it (elements in key order; the kernel's hash order may differ, see
+/// `canonical_nft`).
+pub fn nft(rules: &RuleSet, n: &Names, family: Family) -> String {
+    let (fam, addr) = match family {
+        Family::Ipv4 => ("ip", "ipv4_addr"),
+        Family::Ipv6 => ("ip6", "ipv6_addr"),
+    };
     let mut out = String::new();
-    let _ = writeln!(out, "table ip {} {{", n.table());
+    let _ = writeln!(out, "table {fam} {} {{", n.table());
     let _ = writeln!(out, "\tmap {} {{", names::NFT_DNAT_MAP);
-    out.push_str("\t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service\n");
+    let _ = writeln!(
+        out,
+        "\t\ttype {addr} . inet_proto . inet_service : {addr} . inet_service"
+    );
     nft_elements(
         &mut out,
         &rules.dnat.iter().map(nft_dnat_element).collect::<Vec<_>>(),
     );
     out.push_str("\t}\n\n");
     let _ = writeln!(out, "\tmap {} {{", names::NFT_SNAT_MAP);
-    out.push_str("\t\ttype ipv4_addr . inet_proto : ipv4_addr\n");
+    let _ = writeln!(out, "\t\ttype {addr} . inet_proto : {addr}");
     nft_elements(
         &mut out,
         &rules.snat.iter().map(nft_snat_element).collect::<Vec<_>>(),
     );
     out.push_str("\t}\n\n");
     let _ = writeln!(out, "\tset {} {{", names::NFT_FORWARD_SET);
-    out.push_str("\t\ttype ipv4_addr . inet_proto . inet_service\n");
+    let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
     nft_elements(
         &mut out,
         &rules
@@ -189,7 +222,7 @@ pub fn nft(rules: &RuleSet, n: &Names) -> String {
     );
     let _ = writeln!(
         out,
-        "\t\tdnat ip to ip daddr . meta l4proto . th dport map @{}",
+        "\t\tdnat {fam} to {fam} daddr . meta l4proto . th dport map @{}",
         names::NFT_DNAT_MAP
     );
     out.push_str("\t}\n\n");
@@ -199,12 +232,17 @@ pub fn nft(rules: &RuleSet, n: &Names) -> String {
         "\t\ttype nat hook postrouting priority {}; policy accept;",
         nft_priority("srcnat", names::NFT_POST_PRIORITY - 100)
     );
-    for (net, len) in INTERNAL_NETWORKS {
-        let _ = writeln!(out, "\t\tip daddr {net}/{len} return");
+    for (net, len) in crate::firewall::nftables::internal_networks(family) {
+        // nft prints a host prefix as the bare address.
+        if len == 128 {
+            let _ = writeln!(out, "\t\t{fam} daddr {net} return");
+        } else {
+            let _ = writeln!(out, "\t\t{fam} daddr {net}/{len} return");
+        }
     }
     let _ = writeln!(
         out,
-        "\t\tsnat to ip saddr . meta l4proto map @{}",
+        "\t\tsnat to {fam} saddr . meta l4proto map @{}",
         names::NFT_SNAT_MAP
     );
     out.push_str("\t}\n\n");
@@ -216,7 +254,7 @@ pub fn nft(rules: &RuleSet, n: &Names) -> String {
     );
     let _ = writeln!(
         out,
-        "\t\tct state new ip daddr . meta l4proto . th dport @{} accept",
+        "\t\tct state new {fam} daddr . meta l4proto . th dport @{} accept",
         names::NFT_FORWARD_SET
     );
     out.push_str("\t}\n}\n");

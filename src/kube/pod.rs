@@ -1,11 +1,12 @@
 //! Kubernetes Pod objects → the planner's `PodFacts`. Pure, shared by the pod
 //! watcher and the cluster-less `--pods-file` mode.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::Pod;
 
+use crate::model::DualStack;
 use crate::plan::PodFacts;
 
 /// Extracts what the planner needs from a pod. `annotation_key` selects the
@@ -13,17 +14,20 @@ use crate::plan::PodFacts;
 pub fn facts(pod: &Pod, annotation_key: &str) -> PodFacts {
     let meta = &pod.metadata;
     let status = pod.status.as_ref();
-    let ip = status
+    // `podIP` first, then `podIPs` (a dual-stack pod lists both families
+    // there); the first address of each family counts.
+    let ips: DualStack = status
         .and_then(|s| s.pod_ip.as_deref())
-        .and_then(|s| s.parse::<Ipv4Addr>().ok())
-        .or_else(|| {
-            // Dual-stack pods list their IPv4 in podIPs.
+        .into_iter()
+        .chain(
             status
                 .and_then(|s| s.pod_ips.as_ref())
                 .into_iter()
                 .flatten()
-                .find_map(|p| p.ip.parse::<Ipv4Addr>().ok())
-        });
+                .map(|p| p.ip.as_str()),
+        )
+        .filter_map(|s| s.parse::<IpAddr>().ok())
+        .collect();
     let phase = status.and_then(|s| s.phase.as_deref());
     let ready = status
         .and_then(|s| s.conditions.as_ref())
@@ -33,7 +37,7 @@ pub fn facts(pod: &Pod, annotation_key: &str) -> PodFacts {
     PodFacts {
         pod: super::watch::pod_ref(pod),
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
-        ip,
+        ips,
         created: meta.creation_timestamp.as_ref().map(|t| t.0),
         ready,
         terminating: meta.deletion_timestamp.is_some(),

@@ -1,4 +1,4 @@
-//! Public IPv4 detection: links and addresses are dumped over rtnetlink
+//! Public address detection (IPv4, and IPv6 when enabled): links and addresses are dumped over rtnetlink
 //! (never by running `ip`), one address is chosen by the pure [`choose`], and
 //! [`spawn_watcher`] re-chooses on every link or address event so that an
 //! address change on the node re-targets the rules. With `--public-address`
@@ -6,7 +6,7 @@
 //!
 //! # Which address is chosen
 //!
-//! The first IPv4 address, in this order, that is not skipped:
+//! Per enabled family, the first address, in this order, that is not skipped:
 //! 1. links by ascending interface index;
 //! 2. within one link, addresses in the order the kernel dumps them. The
 //!    kernel keeps primaries before secondaries, by scope and then by age,
@@ -27,6 +27,9 @@
 //!   not even when its primary is filtered;
 //! - it is tentative, deprecated or failed duplicate detection: not, or no
 //!   longer, valid as a source address;
+//! - (IPv6) it is a temporary privacy address (`IFA_F_TEMPORARY`, the same
+//!   bit as IPv4's secondary): it changes by design, so nothing can be
+//!   published on it;
 //! - it is filtered, see [`AddressFilter`].
 //!
 //! [`Choice::skipped`] lists every address that was not chosen and why,
@@ -34,12 +37,14 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkMessage, State};
 use netlink_packet_route::AddressFamily;
+
+use crate::model::{DualStack, Families, Family};
 
 /// Networks filtered unless `-exclfilternet` allows them again: loopback,
 /// RFC 1918 private, link-local and carrier-grade NAT (RFC 6598). None of
@@ -51,6 +56,18 @@ pub const DEFAULT_FILTERED: [Ipv4Net; 6] = [
     Ipv4Net::new_assert(Ipv4Addr::new(192, 168, 0, 0), 16),
     Ipv4Net::new_assert(Ipv4Addr::new(169, 254, 0, 0), 16),
     Ipv4Net::new_assert(Ipv4Addr::new(100, 64, 0, 0), 10),
+];
+
+/// IPv6 networks filtered by default: only global unicast can be public.
+/// Loopback, link-local, unique local, multicast, IPv4-mapped and the
+/// NAT64 well-known prefix.
+pub const DEFAULT_FILTERED_V6: [Ipv6Net; 6] = [
+    Ipv6Net::new_assert(Ipv6Addr::LOCALHOST, 128),
+    Ipv6Net::new_assert(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 0), 10),
+    Ipv6Net::new_assert(Ipv6Addr::new(0xfc00, 0, 0, 0, 0, 0, 0, 0), 7),
+    Ipv6Net::new_assert(Ipv6Addr::new(0xff00, 0, 0, 0, 0, 0, 0, 0), 8),
+    Ipv6Net::new_assert(Ipv6Addr::new(0, 0, 0, 0, 0, 0xffff, 0, 0), 96),
+    Ipv6Net::new_assert(Ipv6Addr::new(0x64, 0xff9b, 0, 0, 0, 0, 0, 0), 96),
 ];
 
 /// Failures at the rtnetlink boundary.
@@ -99,8 +116,10 @@ pub enum FilterRule {
 /// defaults, minus `-exclfilternet`, plus `-inclfilternet`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddressFilter {
-    incl: Vec<Ipv4Net>,
-    excl: Vec<Ipv4Net>,
+    incl: Vec<IpNet>,
+    excl: Vec<IpNet>,
+    /// The families to detect an address of.
+    families: Families,
 }
 
 impl Default for AddressFilter {
@@ -115,26 +134,43 @@ impl AddressFilter {
     /// only: it can allow part of a default network (192.168.5.0/24 out of
     /// 192.168.0.0/16) but never an address that `incl` filters, because
     /// listing a network to filter is the more deliberate statement.
-    pub fn new(incl: &[Ipv4Net], excl: &[Ipv4Net]) -> Self {
+    pub fn new(incl: &[IpNet], excl: &[IpNet]) -> Self {
         AddressFilter {
-            incl: incl.iter().map(Ipv4Net::trunc).collect(),
-            excl: excl.iter().map(Ipv4Net::trunc).collect(),
+            incl: incl.iter().map(IpNet::trunc).collect(),
+            excl: excl.iter().map(IpNet::trunc).collect(),
+            families: Families::default(),
         }
+    }
+
+    /// Detects addresses of `families` (IPv4 alone by default).
+    pub fn with_families(mut self, families: Families) -> Self {
+        self.families = families;
+        self
+    }
+
+    pub fn families(&self) -> Families {
+        self.families
     }
 
     /// The network and rule that filter `addr`, or `None` when it may be
     /// chosen.
-    pub fn filtered_by(&self, addr: Ipv4Addr) -> Option<(Ipv4Net, FilterRule)> {
+    pub fn filtered_by(&self, addr: IpAddr) -> Option<(IpNet, FilterRule)> {
         if let Some(net) = self.incl.iter().find(|n| n.contains(&addr)) {
             return Some((*net, FilterRule::Included));
         }
         if self.excl.iter().any(|n| n.contains(&addr)) {
             return None;
         }
-        DEFAULT_FILTERED
-            .iter()
-            .find(|n| n.contains(&addr))
-            .map(|net| (*net, FilterRule::Default))
+        match addr {
+            IpAddr::V4(a) => DEFAULT_FILTERED
+                .iter()
+                .find(|n| n.contains(&a))
+                .map(|net| (IpNet::V4(*net), FilterRule::Default)),
+            IpAddr::V6(a) => DEFAULT_FILTERED_V6
+                .iter()
+                .find(|n| n.contains(&a))
+                .map(|net| (IpNet::V6(*net), FilterRule::Default)),
+        }
     }
 }
 
@@ -186,22 +222,24 @@ impl LinkFacts {
     }
 }
 
-/// What [`choose`] needs to know about one IPv4 address.
+/// What [`choose`] needs to know about one address.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AddrFacts {
     /// Interface index of the link the address is on.
     pub index: u32,
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub prefix_len: u8,
     pub flags: AddressFlags,
 }
 
 impl AddrFacts {
-    /// `None` for anything but an IPv4 address.
+    /// `None` for anything but an IPv4 or IPv6 address.
     pub fn from_message(msg: &AddressMessage) -> Option<AddrFacts> {
-        if msg.header.family != AddressFamily::Inet {
-            return None;
-        }
+        let v6 = match msg.header.family {
+            AddressFamily::Inet => false,
+            AddressFamily::Inet6 => true,
+            _ => return None,
+        };
         // IFA_LOCAL is the node's own address; IFA_ADDRESS is the peer's on
         // point-to-point links and equals IFA_LOCAL elsewhere.
         let mut local = None;
@@ -210,8 +248,8 @@ impl AddrFacts {
         let mut flags = AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits()));
         for attr in &msg.attributes {
             match attr {
-                AddressAttribute::Local(IpAddr::V4(a)) => local = Some(*a),
-                AddressAttribute::Address(IpAddr::V4(a)) => address = Some(*a),
+                AddressAttribute::Local(a) if a.is_ipv6() == v6 => local = Some(*a),
+                AddressAttribute::Address(a) if a.is_ipv6() == v6 => address = Some(*a),
                 AddressAttribute::Flags(f) => flags = *f,
                 _ => {}
             }
@@ -239,12 +277,14 @@ pub enum SkipReason {
     LinkMissing { index: u32 },
     /// `IFA_F_SECONDARY`: an alias inside a primary's subnet.
     Secondary { link: String },
+    /// `IFA_F_TEMPORARY` (IPv6 privacy extensions): it changes by design.
+    Temporary { link: String },
     /// Tentative, deprecated or failed duplicate detection.
     NotValid { link: String, flag: &'static str },
     /// In a filtered network.
-    Filtered { net: Ipv4Net, rule: FilterRule },
+    Filtered { net: IpNet, rule: FilterRule },
     /// Usable, but `chosen` came first in the order.
-    NotFirst { chosen: Ipv4Addr },
+    NotFirst { chosen: IpAddr },
 }
 
 impl fmt::Display for SkipReason {
@@ -261,6 +301,10 @@ impl fmt::Display for SkipReason {
             SkipReason::Secondary { link } => {
                 write!(f, "secondary address on {link}; only primaries are chosen")
             }
+            SkipReason::Temporary { link } => write!(
+                f,
+                "temporary (privacy) address on {link}; it changes by design"
+            ),
             SkipReason::NotValid { link, flag } => write!(f, "{flag} on {link}"),
             SkipReason::Filtered {
                 net,
@@ -283,20 +327,25 @@ impl fmt::Display for SkipReason {
     }
 }
 
-/// The outcome of [`choose`]: the public address, if any, and every other
-/// IPv4 address with the reason it was passed over, in the order considered.
+/// The outcome of [`choose`]: the public address of each enabled family,
+/// if any, and every other address of those families with the reason it was
+/// passed over, in the order considered.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Choice {
-    pub chosen: Option<Ipv4Addr>,
-    pub skipped: Vec<(Ipv4Addr, SkipReason)>,
+    pub chosen: DualStack,
+    pub skipped: Vec<(IpAddr, SkipReason)>,
+}
+
+impl Choice {
+    /// The skipped addresses of one family.
+    pub fn skipped_of(&self, f: Family) -> impl Iterator<Item = &(IpAddr, SkipReason)> {
+        self.skipped.iter().filter(move |(a, _)| Family::of(*a) == f)
+    }
 }
 
 impl fmt::Display for Choice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.chosen {
-            Some(a) => write!(f, "{a}")?,
-            None => write!(f, "none")?,
-        }
+        write!(f, "{}", self.chosen)?;
         for (i, (addr, why)) in self.skipped.iter().enumerate() {
             let sep = if i == 0 { " (skipped: " } else { "; " };
             write!(f, "{sep}{addr}: {why}")?;
@@ -318,15 +367,19 @@ pub fn choose(links: &[LinkFacts], addrs: &[AddrFacts], filter: &AddressFilter) 
 
     let mut choice = Choice::default();
     for addr in ordered {
+        let family = Family::of(addr.address);
+        if !filter.families.contains(family) {
+            continue;
+        }
         match (
             skip_reason(links.get(&addr.index).copied(), addr, filter),
-            choice.chosen,
+            choice.chosen.get(family),
         ) {
             (Some(why), _) => choice.skipped.push((addr.address, why)),
             (None, Some(chosen)) => choice
                 .skipped
                 .push((addr.address, SkipReason::NotFirst { chosen })),
-            (None, None) => choice.chosen = Some(addr.address),
+            (None, None) => choice.chosen.add(addr.address),
         }
     }
     choice
@@ -347,9 +400,13 @@ fn skip_reason(
             because,
         });
     }
+    // IFA_F_TEMPORARY is IFA_F_SECONDARY's bit: IPv6 has no secondaries.
     if addr.flags.contains(AddressFlags::Secondary) {
-        return Some(SkipReason::Secondary {
-            link: link.name.clone(),
+        let link = link.name.clone();
+        return Some(if addr.address.is_ipv6() {
+            SkipReason::Temporary { link }
+        } else {
+            SkipReason::Secondary { link }
         });
     }
     for (flag, name) in [

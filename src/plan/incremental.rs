@@ -5,14 +5,14 @@
 //! the same pods, and the returned changes turn the old rules into the new.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
 
 use super::{on_node, NatTable, Pending, PlanConfig, PodFacts, Rejection};
 use crate::annotation::{self, AnnotationError};
 use crate::firewall::Changes;
-use crate::model::{Mapping, NatKey, PodRef, PortMapping, Proto};
+use crate::model::{DualStack, Family, Mapping, NatKey, PodRef, PortMapping, Proto};
 use replan::range_of;
 
 /// What one event changed.
@@ -128,13 +128,21 @@ impl PodState {
         self.parsed.as_deref().unwrap_or(&[])
     }
 
-    /// The pod IP while the pod is a candidate with a valid annotation.
-    fn candidate_ip(&self) -> Option<Ipv4Addr> {
+    /// Whether the pod is a candidate: a valid annotation, not terminating,
+    /// not finished.
+    fn candidate(&self) -> bool {
         let f = &self.facts;
-        match (&self.parsed, f.terminating || f.finished) {
-            (Ok(_), false) => f.ip,
-            _ => None,
-        }
+        self.parsed.is_ok() && !(f.terminating || f.finished)
+    }
+
+    /// The pod's IP of `family` while the pod is a candidate.
+    fn candidate_ip(&self, family: Family) -> Option<IpAddr> {
+        self.facts.ips.get(family).filter(|_| self.candidate())
+    }
+
+    /// Every IP of a candidate pod.
+    fn candidate_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.facts.ips.iter().filter(|_| self.candidate())
     }
 }
 
@@ -142,8 +150,8 @@ impl PodState {
 #[derive(Default)]
 struct Dirty {
     keys: BTreeSet<NatKey>,
-    snat: BTreeSet<(Ipv4Addr, Proto)>,
-    forward: BTreeSet<(Ipv4Addr, Proto, u16)>,
+    snat: BTreeSet<(IpAddr, Proto)>,
+    forward: BTreeSet<(IpAddr, Proto, u16)>,
     pods: BTreeSet<PodRef>,
     /// A rebuild: every slot is dirty already and nobody asks which pods
     /// changed, so neither is tracked (a third of a rebuild's time).
@@ -159,8 +167,10 @@ impl Dirty {
 
     /// The SNAT and FORWARD slots a pod's winning entries can hold.
     fn slots_of(&mut self, s: &PodState) {
-        let Some(ip) = s.candidate_ip() else { return };
         for e in s.entries() {
+            let Some(ip) = s.candidate_ip(e.family) else {
+                continue;
+            };
             self.snat.insert((ip, e.proto));
             self.forward.insert((ip, e.proto, e.dst_port));
         }
@@ -188,12 +198,12 @@ pub(crate) struct IncrementalPlan {
     claims: HashMap<NatKey, BTreeSet<Claim>>,
     /// Candidate pods per pod IP: who competes for SNAT and FORWARD there
     /// (two pods share an IP while an old one is not gone yet).
-    by_ip: HashMap<Ipv4Addr, BTreeSet<PodRef>>,
+    by_ip: HashMap<IpAddr, BTreeSet<PodRef>>,
     table: NatTable,
 }
 
 impl IncrementalPlan {
-    pub(crate) fn new(cfg: PlanConfig, public_address: Option<Ipv4Addr>) -> IncrementalPlan {
+    pub(crate) fn new(cfg: PlanConfig, public_address: DualStack) -> IncrementalPlan {
         IncrementalPlan {
             cfg,
             pods: HashMap::new(),
@@ -260,7 +270,7 @@ impl IncrementalPlan {
     }
 
     /// Like `reset`, planned for `address` (the public address changed too).
-    pub(crate) fn reset_at(&mut self, pods: &[PodFacts], address: Option<Ipv4Addr>) -> &NatTable {
+    pub(crate) fn reset_at(&mut self, pods: &[PodFacts], address: DualStack) -> &NatTable {
         self.table.public_address = address;
         self.reset(pods)
     }
@@ -287,7 +297,7 @@ impl IncrementalPlan {
 
     /// The public address changed: every auto entry moves, so this re-plans
     /// everything (annotations are not parsed again) and diffs the tables.
-    pub(crate) fn set_public_address(&mut self, address: Option<Ipv4Addr>) -> TableChange {
+    pub(crate) fn set_public_address(&mut self, address: DualStack) -> TableChange {
         if address == self.table.public_address {
             return TableChange::default();
         }
@@ -318,12 +328,13 @@ impl IncrementalPlan {
         annotation::parse(
             f.annotation.as_deref().unwrap_or_default(),
             &self.cfg.restricted_ports,
+            self.cfg.families,
         )
     }
 
     fn key_of(&self, e: &PortMapping) -> Option<NatKey> {
         Some(NatKey {
-            public_ip: e.src_ip.or(self.table.public_address)?,
+            public_ip: e.src_ip.or(self.table.public_address.get(e.family))?,
             public_port: e.src_port,
             proto: e.proto,
         })
@@ -395,39 +406,47 @@ impl IncrementalPlan {
         let pod = &s.facts.pod;
         self.set_rejected(pod, s.parsed.as_ref().err(), dirty);
         let mut pending = Vec::new();
-        if let Some(ip) = s.candidate_ip() {
+        for ip in s.candidate_ips() {
             self.by_ip.entry(ip).or_default().insert(pod.clone());
-            for (entry, e) in s.entries().iter().enumerate() {
-                match self.key_of(e) {
-                    Some(key) => {
-                        self.claims.entry(key).or_default().insert(s.claim(entry));
-                        dirty.keys.insert(key);
-                    }
-                    None => pending.push(Pending {
-                        pod: pod.clone(),
-                        entry,
-                        public_port: e.src_port,
-                        proto: e.proto,
-                        pod_port: e.dst_port,
-                    }),
-                }
-            }
-            dirty.slots_of(s);
         }
+        for (entry, e) in s.entries().iter().enumerate() {
+            if s.candidate_ip(e.family).is_none() {
+                continue;
+            }
+            match self.key_of(e) {
+                Some(key) => {
+                    self.claims.entry(key).or_default().insert(s.claim(entry));
+                    dirty.keys.insert(key);
+                }
+                None => pending.push(Pending {
+                    pod: pod.clone(),
+                    entry: e.entry,
+                    family: e.family,
+                    public_port: e.src_port,
+                    proto: e.proto,
+                    pod_port: e.dst_port,
+                }),
+            }
+        }
+        dirty.slots_of(s);
         self.set_pending(pod, pending, dirty);
     }
 
     /// Takes a pod's claims out of the indexes (its rejection and pending
     /// entries are replaced by `enter` or cleared by `replace`).
     fn leave(&mut self, s: &PodState, dirty: &mut Dirty) {
-        let Some(ip) = s.candidate_ip() else { return };
-        if let Some(set) = self.by_ip.get_mut(&ip) {
-            set.remove(&s.facts.pod);
-            if set.is_empty() {
-                self.by_ip.remove(&ip);
+        for ip in s.candidate_ips() {
+            if let Some(set) = self.by_ip.get_mut(&ip) {
+                set.remove(&s.facts.pod);
+                if set.is_empty() {
+                    self.by_ip.remove(&ip);
+                }
             }
         }
         for (entry, e) in s.entries().iter().enumerate() {
+            if s.candidate_ip(e.family).is_none() {
+                continue;
+            }
             let Some(key) = self.key_of(e) else { continue };
             if let Some(set) = self.claims.get_mut(&key) {
                 set.remove(&s.claim(entry));

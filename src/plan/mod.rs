@@ -12,14 +12,17 @@ pub(crate) mod incremental;
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
 use crate::annotation::{self, AnnotationError};
 use crate::config::short_node_name;
-use crate::model::{ForwardRule, Mapping, NatKey, PodRef, PortMapping, Proto, RuleSet, SnatRule};
+use crate::model::{
+    DualStack, Families, Family, ForwardRule, Mapping, NatKey, PodRef, PortMapping, Proto, RuleSet,
+    SnatRule,
+};
 
 /// What the planner needs to know about one pod (built from the Kubernetes
 /// object at the edge, see `kube::pod`).
@@ -27,7 +30,8 @@ use crate::model::{ForwardRule, Mapping, NatKey, PodRef, PortMapping, Proto, Rul
 pub struct PodFacts {
     pub pod: PodRef,
     pub node: Option<String>,
-    pub ip: Option<Ipv4Addr>,
+    /// `status.podIPs`: at most one address per family.
+    pub ips: DualStack,
     pub created: Option<Timestamp>,
     pub ready: bool,
     /// `metadata.deletionTimestamp` is set.
@@ -43,6 +47,7 @@ pub struct PodFacts {
 pub struct PlanConfig {
     pub node_id: String,
     pub restricted_ports: BTreeSet<u16>,
+    pub families: Families,
 }
 
 /// A pod that claimed a port another pod won.
@@ -65,6 +70,7 @@ pub struct Rejection {
 pub struct Pending {
     pub pod: PodRef,
     pub entry: usize,
+    pub family: Family,
     pub public_port: u16,
     pub proto: Proto,
     pub pod_port: u16,
@@ -73,7 +79,8 @@ pub struct Pending {
 /// The planner's answer: the rules to program plus what to tell users.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NatTable {
-    pub public_address: Option<Ipv4Addr>,
+    /// The node's public address per family (auto entries use them).
+    pub public_address: DualStack,
     pub rules: RuleSet,
     pub conflicts: Vec<Conflict>,
     pub rejected: Vec<Rejection>,
@@ -103,7 +110,7 @@ fn outranks(a: &PodFacts, b: &PodFacts) -> bool {
 }
 
 /// Plans the NAT table for `pods` on `cfg.node_id`.
-pub fn plan(pods: &[PodFacts], public_address: Option<Ipv4Addr>, cfg: &PlanConfig) -> NatTable {
+pub fn plan(pods: &[PodFacts], public_address: DualStack, cfg: &PlanConfig) -> NatTable {
     let mut table = NatTable {
         public_address,
         ..NatTable::default()
@@ -117,7 +124,7 @@ pub fn plan(pods: &[PodFacts], public_address: Option<Ipv4Addr>, cfg: &PlanConfi
         if !on_node(p.node.as_deref(), &cfg.node_id) {
             continue;
         }
-        match annotation::parse(text, &cfg.restricted_ports) {
+        match annotation::parse(text, &cfg.restricted_ports, cfg.families) {
             Ok(entries) => parsed.push((p, entries)),
             Err(error) => table.rejected.push(Rejection {
                 pod: p.pod.clone(),
@@ -131,14 +138,19 @@ pub fn plan(pods: &[PodFacts], public_address: Option<Ipv4Addr>, cfg: &PlanConfi
     // Candidates claim keys.
     let mut claims: BTreeMap<NatKey, Vec<(usize, usize)>> = BTreeMap::new();
     for (pi, (p, entries)) in parsed.iter().enumerate() {
-        if p.ip.is_none() || p.terminating || p.finished {
+        if p.terminating || p.finished {
             continue;
         }
         for (ei, e) in entries.iter().enumerate() {
-            let Some(public_ip) = e.src_ip.or(public_address) else {
+            // An entry of a family the pod has no IP of claims nothing.
+            if p.ips.get(e.family).is_none() {
+                continue;
+            }
+            let Some(public_ip) = e.src_ip.or(public_address.get(e.family)) else {
                 table.pending.push(Pending {
                     pod: p.pod.clone(),
-                    entry: ei,
+                    entry: e.entry,
+                    family: e.family,
                     public_port: e.src_port,
                     proto: e.proto,
                     pod_port: e.dst_port,
@@ -168,7 +180,9 @@ pub fn plan(pods: &[PodFacts], public_address: Option<Ipv4Addr>, cfg: &PlanConfi
         };
         won.insert((wp, we));
         let winner = parsed[wp].0;
-        let Some(pod_ip) = winner.ip else { continue };
+        let Some(pod_ip) = winner.ips.get(key.family()) else {
+            continue;
+        };
         table.rules.dnat.push(Mapping {
             key: *key,
             pod_ip,
@@ -189,17 +203,22 @@ pub fn plan(pods: &[PodFacts], public_address: Option<Ipv4Addr>, cfg: &PlanConfi
     // SNAT per (pod IP, proto): the first winning entry in annotation order;
     // FORWARD per (pod IP, proto, pod port). When two pods share a key there
     // (an IP reused before the old pod is gone), the higher-ranked pod owns it.
-    let mut snat: BTreeMap<(Ipv4Addr, Proto), (usize, Ipv4Addr)> = BTreeMap::new();
-    let mut forward: BTreeMap<(Ipv4Addr, Proto, u16), usize> = BTreeMap::new();
+    // Per family: an IPv6 pod address is SNATed to an IPv6 public address.
+    let mut snat: BTreeMap<(IpAddr, Proto), (usize, IpAddr)> = BTreeMap::new();
+    let mut forward: BTreeMap<(IpAddr, Proto, u16), usize> = BTreeMap::new();
     for &(pi, ei) in &won {
         let (p, entries) = &parsed[pi];
-        let (Some(ip), e) = (p.ip, &entries[ei]) else {
+        let e = &entries[ei];
+        let Some(ip) = p.ips.get(e.family) else {
             continue;
         };
-        let Some(public_ip) = e.src_ip.or(public_address) else {
+        let Some(public_ip) = e.src_ip.or(public_address.get(e.family)) else {
             continue;
         };
-        let first_won = (0..=ei).find(|i| won.contains(&(pi, *i)) && entries[*i].proto == e.proto);
+        let first_won = (0..=ei).find(|i| {
+            let x = &entries[*i];
+            won.contains(&(pi, *i)) && x.proto == e.proto && x.family == e.family
+        });
         if first_won == Some(ei) {
             let slot = snat.entry((ip, e.proto)).or_insert((pi, public_ip));
             if outranks(p, parsed[slot.0].0) {

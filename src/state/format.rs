@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
@@ -22,11 +22,11 @@ pub struct NatRecord {
     #[serde(rename = "Protocol")]
     pub protocol: Proto,
     #[serde(rename = "SourceIP", with = "go_ip")]
-    pub source_ip: Ipv4Addr,
+    pub source_ip: IpAddr,
     #[serde(rename = "SourcePort")]
     pub source_port: u16,
     #[serde(rename = "DestinationIP", with = "go_ip")]
-    pub destination_ip: Ipv4Addr,
+    pub destination_ip: IpAddr,
     #[serde(rename = "DestinationPort")]
     pub destination_port: u16,
     /// When the agent last wrote the record with this rule in it.
@@ -46,9 +46,9 @@ pub struct NatRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RecordId {
     pub protocol: Proto,
-    pub source_ip: Ipv4Addr,
+    pub source_ip: IpAddr,
     pub source_port: u16,
-    pub destination_ip: Ipv4Addr,
+    pub destination_ip: IpAddr,
     pub destination_port: u16,
     pub comment: String,
 }
@@ -90,9 +90,10 @@ pub struct StateFile {
     pub entries: BTreeMap<String, Vec<NatRecord>>,
 }
 
-/// The Go version's key of a rule.
-pub fn record_key(public_ip: Ipv4Addr, public_port: u16) -> String {
-    format!("{public_ip}:{public_port}")
+/// The Go version's key of a rule; an IPv6 address in brackets
+/// (`[2001:db8::7]:25`).
+pub fn record_key(public_ip: IpAddr, public_port: u16) -> String {
+    crate::model::host_port(public_ip, public_port)
 }
 
 impl StateFile {
@@ -218,43 +219,43 @@ mod go_ip {
     use serde::de::{self, MapAccess, Visitor};
     use serde::ser::SerializeStruct;
 
-    pub fn serialize<S: serde::Serializer>(ip: &Ipv4Addr, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(ip: &IpAddr, s: S) -> Result<S::Ok, S::Error> {
         let mut st = s.serialize_struct("IPAddr", 2)?;
         st.serialize_field("IP", &ip.to_string())?;
         st.serialize_field("Zone", "")?;
         st.end()
     }
 
-    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Ipv4Addr, D::Error> {
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<IpAddr, D::Error> {
         d.deserialize_any(AddressVisitor)
     }
 
     /// Go writes IPv4 as dotted quads, but an address held in 16-byte form
     /// may come as `::ffff:a.b.c.d`; both are the same IPv4 address.
-    fn ipv4(text: &str) -> Result<Ipv4Addr, String> {
+    fn ip(text: &str) -> Result<IpAddr, String> {
         match text.parse::<IpAddr>() {
-            Ok(IpAddr::V4(a)) => Ok(a),
-            Ok(IpAddr::V6(a)) => a
+            Ok(IpAddr::V6(a)) => Ok(a
                 .to_ipv4_mapped()
-                .ok_or_else(|| format!("{text:?} is an IPv6 address; only IPv4 is supported")),
-            Err(_) => Err(format!("{text:?} is not an IPv4 address")),
+                .map_or(IpAddr::V6(a), IpAddr::V4)),
+            Ok(a) => Ok(a),
+            Err(_) => Err(format!("{text:?} is not an IP address")),
         }
     }
 
     struct AddressVisitor;
 
     impl<'de> Visitor<'de> for AddressVisitor {
-        type Value = Ipv4Addr;
+        type Value = IpAddr;
 
         fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str(r#"an IPv4 address: "a.b.c.d" or {"IP":"a.b.c.d","Zone":""}"#)
+            f.write_str(r#"an IP address: "a.b.c.d" or {"IP":"a.b.c.d","Zone":""}"#)
         }
 
-        fn visit_str<E: de::Error>(self, v: &str) -> Result<Ipv4Addr, E> {
-            ipv4(v).map_err(E::custom)
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<IpAddr, E> {
+            ip(v).map_err(E::custom)
         }
 
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Ipv4Addr, A::Error> {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<IpAddr, A::Error> {
             let mut ip: Option<String> = None;
             while let Some(key) = map.next_key::<String>()? {
                 if key == "IP" {
@@ -265,7 +266,7 @@ mod go_ip {
                 }
             }
             let ip = ip.ok_or_else(|| de::Error::missing_field("IP"))?;
-            ipv4(&ip).map_err(de::Error::custom)
+            self::ip(&ip).map_err(de::Error::custom)
         }
     }
 }
@@ -291,12 +292,10 @@ impl fmt::Display for RecordId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "{}:{}/{} → {}:{} ({})",
-            self.source_ip,
-            self.source_port,
+            "{}/{} → {} ({})",
+            crate::model::host_port(self.source_ip, self.source_port),
             self.protocol,
-            self.destination_ip,
-            self.destination_port,
+            crate::model::host_port(self.destination_ip, self.destination_port),
             self.comment
         )
     }

@@ -5,9 +5,9 @@
 use super::*;
 
 /// The content each of the agent's chains must have, in order.
-pub(super) fn desired_chains(desired: &RuleSet) -> [Vec<AgentRule>; 3] {
+pub(super) fn desired_chains(desired: &RuleSet, family: Family) -> [Vec<AgentRule>; 3] {
     let pre = desired.dnat.iter().cloned().map(AgentRule::Dnat).collect();
-    let post = (0..GO_INTERNAL_NETWORKS.len())
+    let post = (0..internal_returns(family).len())
         .map(AgentRule::Return)
         .chain(desired.snat.iter().cloned().map(AgentRule::Snat))
         .collect();
@@ -72,7 +72,7 @@ pub struct Changes {
 
 impl Changes {
     pub(super) fn plan(state: &IptState, desired: &RuleSet, jumps: &JumpPositions) -> Changes {
-        let want = desired_chains(desired);
+        let want = desired_chains(desired, state.family);
         let own = std::array::from_fn(|i| {
             let current: Vec<Option<&AgentRule>> =
                 state.own[i].iter().map(|s| s.rule.as_ref()).collect();
@@ -188,10 +188,16 @@ impl Changes {
     /// The state after this plan commits; a new rule's handle is known if
     /// the kernel echoed it.
     pub(super) fn after(&self, state: IptState, handles: &HashMap<Inserted, u64>) -> IptState {
-        let IptState { parents, own, .. } = state;
+        let IptState {
+            parents,
+            own,
+            family,
+            ..
+        } = state;
         let mut parents = parents.into_iter();
         let mut own = own.into_iter();
         let mut after = IptState {
+            family,
             nat_exists: true,
             filter_exists: true,
             parent_exists: [true; 3],

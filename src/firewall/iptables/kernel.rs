@@ -4,24 +4,31 @@
 use super::*;
 
 impl Iptables {
-    fn exists(sock: &mut NfSocket, msg: u32, attrs: &Attrs) -> Result<bool, NetlinkError> {
-        Ok(sock.get(msg, AF_INET, attrs)?.is_some())
+    fn exists(&self, sock: &mut NfSocket, msg: u32, attrs: &Attrs) -> Result<bool, NetlinkError> {
+        Ok(sock.get(msg, self.family.nfproto(), attrs)?.is_some())
     }
 
-    fn chain_exists(sock: &mut NfSocket, table: &str, chain: &str) -> Result<bool, NetlinkError> {
+    fn chain_exists(
+        &self,
+        sock: &mut NfSocket,
+        table: &str,
+        chain: &str,
+    ) -> Result<bool, NetlinkError> {
         let mut a = Attrs::new();
         a.str(sys::NFTA_CHAIN_TABLE, table)
             .str(sys::NFTA_CHAIN_NAME, chain);
-        Self::exists(sock, sys::NFT_MSG_GETCHAIN, &a)
+        self.exists(sock, sys::NFT_MSG_GETCHAIN, &a)
     }
 
     /// The rules of one chain, in order: (handle, expressions).
     fn dump_chain(
+        &self,
         sock: &mut NfSocket,
         table: &str,
         chain: &str,
     ) -> Result<Vec<(u64, Vec<rules::Expr>)>, NetlinkError> {
-        let msgs = sock.dump_scoped(sys::NFT_MSG_GETRULE, &Scope::object(AF_INET, table, chain))?;
+        let scope = Scope::object(self.family.nfproto(), table, chain);
+        let msgs = sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?;
         let mut out = Vec::with_capacity(msgs.len());
         for m in msgs {
             let handle = attr_be64(&m, sys::NFTA_RULE_HANDLE).ok_or_else(|| {
@@ -35,28 +42,30 @@ impl Iptables {
 
     /// Reads the agent's chains and the parent chains back from the kernel.
     pub(super) fn read_state(&self, sock: &mut NfSocket) -> Result<IptState, NetlinkError> {
-        let mut st = IptState::default();
+        let mut st = self.empty_state();
         for (table, exists) in [(NAT, &mut st.nat_exists), (FILTER, &mut st.filter_exists)] {
             let mut a = Attrs::new();
             a.str(sys::NFTA_TABLE_NAME, table);
-            *exists = Self::exists(sock, sys::NFT_MSG_GETTABLE, &a)?;
+            *exists = self.exists(sock, sys::NFT_MSG_GETTABLE, &a)?;
         }
         let names = self.names.clone();
+        let family = self.family;
         for place in PLACES {
             let i = place.index();
             if !st.table_exists(place.table()) {
                 continue;
             }
             let own = place.own(&names);
-            st.parent_exists[i] = Self::chain_exists(sock, place.table(), place.parent())?;
-            st.own_exists[i] = Self::chain_exists(sock, place.table(), own)?;
+            st.parent_exists[i] = self.chain_exists(sock, place.table(), place.parent())?;
+            st.own_exists[i] = self.chain_exists(sock, place.table(), own)?;
             if st.parent_exists[i] {
-                st.parents[i] = Self::dump_chain(sock, place.table(), place.parent())?
+                st.parents[i] = self
+                    .dump_chain(sock, place.table(), place.parent())?
                     .into_iter()
                     .map(|(handle, exprs)| {
                         let rule = if jump_target(&exprs) == Some(own) {
                             ParentRule::Jump {
-                                exact: decode(&exprs, &names)
+                                exact: decode(&exprs, &names, family)
                                     == Some(AgentRule::Jump(own.to_string())),
                             }
                         } else {
@@ -70,11 +79,12 @@ impl Iptables {
                     .collect();
             }
             if st.own_exists[i] {
-                st.own[i] = Self::dump_chain(sock, place.table(), own)?
+                st.own[i] = self
+                    .dump_chain(sock, place.table(), own)?
                     .into_iter()
                     .map(|(handle, exprs)| Slot {
                         handle: Some(handle),
-                        rule: decode(&exprs, &names),
+                        rule: decode(&exprs, &names, family),
                     })
                     .collect();
             }
@@ -105,12 +115,14 @@ impl Iptables {
         if echo {
             flags |= libc::NLM_F_ECHO;
         }
-        let a = rule_attrs(place.table(), chain, anchor, rule, &self.names);
+        let a = rule_attrs(place.table(), chain, anchor, rule, &self.names, self.family);
         // Sequence numbers count the messages; the batch begin is 0.
         let seq = batch.len() as u32 + 1;
         // Described only if refused (`Flavor::describe`): the text of every
         // rule would cost more than its encoding.
-        batch.add_undescribed(NftMsg::new(sys::NFT_MSG_NEWRULE, flags as u32, a));
+        batch.add_undescribed(
+            NftMsg::new(sys::NFT_MSG_NEWRULE, flags as u32, a).in_family(self.family),
+        );
         seq
     }
 
@@ -120,9 +132,10 @@ impl Iptables {
             .str(sys::NFTA_RULE_CHAIN, chain)
             .be64(sys::NFTA_RULE_HANDLE, handle);
         batch.add(
-            NftMsg::new(sys::NFT_MSG_DELRULE, 0, a),
+            NftMsg::new(sys::NFT_MSG_DELRULE, 0, a).in_family(self.family),
             format!(
-                "delete rule handle {handle} in chain {chain} of table ip {}",
+                "delete rule handle {handle} in chain {chain} of table {} {}",
+                view::nft_family(self.family),
                 place.table()
             ),
         );
@@ -135,20 +148,25 @@ impl Iptables {
     /// sequence number of each is returned by the insert it belongs to.
     pub(super) fn build(
         &self,
+        batch: &mut NftBatch,
         state: &IptState,
         changes: &Changes,
-    ) -> (NftBatch, Vec<(u32, Inserted)>) {
-        let mut batch = NftBatch::new();
+    ) -> Vec<(u32, Inserted)> {
         let mut inserted = Vec::new();
         let echo = changes.inserts() <= MAX_ECHOED_RULES;
-        let nat = Table::new(ProtocolFamily::Ipv4).with_name(NAT);
-        let filter = Table::new(ProtocolFamily::Ipv4).with_name(FILTER);
+        let pf = match self.family {
+            Family::Ipv4 => ProtocolFamily::Ipv4,
+            Family::Ipv6 => ProtocolFamily::Ipv6,
+        };
+        let fam = view::nft_family(self.family);
+        let nat = Table::new(pf).with_name(NAT);
+        let filter = Table::new(pf).with_name(FILTER);
         for (create, table, name) in [
             (changes.create_nat, &nat, NAT),
             (changes.create_filter, &filter, FILTER),
         ] {
             if create {
-                batch.add_table(table, MsgType::Add, format!("add table ip {name}"));
+                batch.add_table(table, MsgType::Add, format!("add table {fam} {name}"));
             }
         }
         for place in PLACES {
@@ -158,7 +176,7 @@ impl Iptables {
                 batch.add_chain(
                     &place.base_chain(table),
                     MsgType::Add,
-                    format!("add chain {} to table ip {}", place.parent(), place.table()),
+                    format!("add chain {} to table {fam} {}", place.parent(), place.table()),
                 );
             }
             let own = place.own(&self.names);
@@ -166,7 +184,7 @@ impl Iptables {
                 batch.add_chain(
                     &Chain::new(table).with_name(own),
                     MsgType::Add,
-                    format!("add chain {own} to table ip {}", place.table()),
+                    format!("add chain {own} to table {fam} {}", place.table()),
                 );
             }
         }
@@ -176,14 +194,14 @@ impl Iptables {
             let plan = &changes.own[i];
             let handle = |j: usize| state.own[i][j].handle.expect("handles checked");
             for &j in &plan.delete {
-                self.delete_rule(&mut batch, place, own, handle(j));
+                self.delete_rule(batch, place, own, handle(j));
             }
             for (k, (rule, anchor)) in plan.insert.iter().enumerate() {
                 let pos = match anchor {
                     Anchor::Before(j) => Some(handle(*j)),
                     Anchor::Append => None,
                 };
-                let seq = self.add_rule(&mut batch, place, own, rule, pos, echo);
+                let seq = self.add_rule(batch, place, own, rule, pos, echo);
                 inserted.push((seq, Inserted::Own(i, k)));
             }
         }
@@ -192,7 +210,7 @@ impl Iptables {
             let plan = &changes.jumps[i];
             let handle = |j: usize| state.parents[i][j].handle.expect("handles checked");
             for &j in &plan.delete {
-                self.delete_rule(&mut batch, place, place.parent(), handle(j));
+                self.delete_rule(batch, place, place.parent(), handle(j));
             }
             let jump = AgentRule::Jump(place.own(&self.names).to_string());
             for (k, (_, anchor)) in plan.insert.iter().enumerate() {
@@ -200,10 +218,17 @@ impl Iptables {
                     Anchor::Before(j) => Some(handle(*j)),
                     Anchor::Append => None,
                 };
-                let seq = self.add_rule(&mut batch, place, place.parent(), &jump, pos, echo);
+                let seq = self.add_rule(batch, place, place.parent(), &jump, pos, echo);
                 inserted.push((seq, Inserted::Jump(i, k)));
             }
         }
-        (batch, inserted)
+        inserted
+    }
+
+    fn empty_state(&self) -> IptState {
+        IptState {
+            family: self.family,
+            ..IptState::default()
+        }
     }
 }

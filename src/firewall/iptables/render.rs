@@ -4,10 +4,10 @@
 use super::*;
 
 /// The rule's `-A ...` line in the view's syntax.
-pub(super) fn line(rule: &AgentRule, place: Place, n: &Names) -> String {
+pub(super) fn line(rule: &AgentRule, place: Place, n: &Names, family: Family) -> String {
     match rule {
         AgentRule::Return(i) => {
-            let (net, len) = GO_INTERNAL_NETWORKS[*i];
+            let (net, len) = internal_returns(family)[*i];
             view::ipt_internal_return(n, net, len)
         }
         AgentRule::Snat(s) => view::ipt_snat(n, s),
@@ -72,7 +72,7 @@ impl Iptables {
                 let plan = &changes.own[i];
                 let specs: Vec<Option<String>> = state.own[i]
                     .iter()
-                    .map(|s| s.rule.as_ref().map(|r| line(r, place, n)))
+                    .map(|s| s.rule.as_ref().map(|r| line(r, place, n, self.family)))
                     .collect();
                 Self::delete_lines(&mut t, own, plan, &specs);
                 // Inserted in order, each new rule lands at its final
@@ -85,7 +85,7 @@ impl Iptables {
                     }
                 }
                 for (k, (rule, anchor)) in plan.insert.iter().enumerate() {
-                    let l = line(rule, place, n);
+                    let l = line(rule, place, n, self.family);
                     match anchor {
                         Anchor::Append => {
                             let _ = writeln!(t, "{l}");
@@ -101,7 +101,7 @@ impl Iptables {
                 let i = place.index();
                 let plan = &changes.jumps[i];
                 let jump = AgentRule::Jump(place.own(n).to_string());
-                let jump_line = line(&jump, place, n);
+                let jump_line = line(&jump, place, n, self.family);
                 let specs: Vec<Option<String>> = state.parents[i]
                     .iter()
                     .map(|s| {

@@ -4,17 +4,17 @@
 //! from the kernel is the agent's only if what it decodes to has the very
 //! same expressions.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use super::xt;
-use crate::firewall::encode::{
-    Exprs, BASE_NETWORK, BASE_TRANSPORT, IP_DADDR, IP_SADDR, REG_1, TH_DPORT,
-};
+use crate::firewall::encode::{self, octets, Exprs, BASE_NETWORK, BASE_TRANSPORT, REG_1, TH_DPORT};
 // `Exprs` (encode.rs) writes the wire form; the reduced `Expr` list below is
 // what both directions agree on.
 use crate::firewall::netlink::{attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs};
 use crate::firewall::{comment_for, Names};
-use crate::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule};
+use crate::model::{
+    Family, ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule, INTERNAL_NETWORKS_V6,
+};
 
 /// The networks `<PREFIX>_POST` returns un-NATed, in the order the Go version
 /// puts them at the head of its chain (its `internalNetworks`, inserted at
@@ -27,6 +27,22 @@ pub const GO_INTERNAL_NETWORKS: [(Ipv4Addr, u8); 4] = [
     (Ipv4Addr::new(10, 0, 0, 0), 8),
     (Ipv4Addr::new(127, 0, 0, 0), 8),
 ];
+
+/// The networks `<PREFIX>_POST` returns un-NATed in `f`'s table, in chain
+/// order: IPv4 as the Go version; IPv6 (which it never had) fc00::/7,
+/// fe80::/10, ::1/128.
+pub fn internal_returns(f: Family) -> Vec<(IpAddr, u8)> {
+    match f {
+        Family::Ipv4 => GO_INTERNAL_NETWORKS
+            .iter()
+            .map(|(n, l)| (IpAddr::V4(*n), *l))
+            .collect(),
+        Family::Ipv6 => INTERNAL_NETWORKS_V6
+            .iter()
+            .map(|(n, l)| (IpAddr::V6(*n), *l))
+            .collect(),
+    }
+}
 
 /// One rule the agent writes. The variant order is the order inside a chain:
 /// in `<PREFIX>_POST` the internal-network returns come before the SNATs.
@@ -94,28 +110,46 @@ fn proto(e: &mut Vec<Expr>, p: Proto) {
     e.push(cmp_eq(&[p.number()]));
 }
 
-fn host(e: &mut Vec<Expr>, offset: u32, ip: Ipv4Addr) {
-    e.push(load(BASE_NETWORK, offset, 4));
-    e.push(cmp_eq(&ip.octets()));
+/// Which address: the source or the destination.
+#[derive(Clone, Copy)]
+enum Side {
+    Src,
+    Dst,
+}
+
+fn offset(side: Side, f: Family) -> u32 {
+    let h = encode::header(f);
+    match side {
+        Side::Src => h.saddr,
+        Side::Dst => h.daddr,
+    }
+}
+
+/// `-s A/32` / `-d A/128`.
+fn host(e: &mut Vec<Expr>, side: Side, ip: IpAddr) {
+    let o = octets(&ip);
+    e.push(load(BASE_NETWORK, offset(side, Family::of(ip)), o.len() as u32));
+    e.push(cmp_eq(&o));
 }
 
 /// `-d net/len`: byte-aligned prefixes load only their bytes; others load
-/// the address and mask it (as iptables-nft and nft do).
-fn prefix(e: &mut Vec<Expr>, offset: u32, net: Ipv4Addr, len: u8) {
-    let octets = net.octets();
+/// the address and mask it (as iptables-nft and ip6tables-nft do).
+fn prefix(e: &mut Vec<Expr>, side: Side, net: IpAddr, len: u8) {
+    let octets = octets(&net);
+    let at = offset(side, Family::of(net));
     if len % 8 == 0 {
         let n = usize::from(len / 8);
-        e.push(load(BASE_NETWORK, offset, n as u32));
+        e.push(load(BASE_NETWORK, at, n as u32));
         e.push(cmp_eq(&octets[..n]));
     } else {
-        let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
-        e.push(load(BASE_NETWORK, offset, 4));
+        let n = octets.len();
+        e.push(load(BASE_NETWORK, at, n as u32));
         e.push(Expr::Bitwise {
             sreg: REG_1,
             dreg: REG_1,
-            len: 4,
-            mask: mask.to_be_bytes().to_vec(),
-            xor: vec![0; 4],
+            len: n as u32,
+            mask: encode::prefix_mask(len, n),
+            xor: vec![0; n],
             op: 0,
         });
         e.push(cmp_eq(&octets));
@@ -139,31 +173,29 @@ fn verdict(code: i32) -> Expr {
 /// then the matches as the view lists them, counter, verdict or target.
 /// The one description of the encoding: `encode` serializes it, `decode`
 /// compares what the kernel reports with it.
-pub fn exprs_of(rule: &AgentRule, names: &Names) -> Vec<Expr> {
+pub fn exprs_of(rule: &AgentRule, names: &Names, family: Family) -> Vec<Expr> {
     let mut e = Vec::with_capacity(10);
     match rule {
         AgentRule::Return(i) => {
-            let (net, len) = GO_INTERNAL_NETWORKS[*i];
-            prefix(&mut e, IP_DADDR, net, len);
+            let (net, len) = internal_returns(family)[*i];
+            prefix(&mut e, Side::Dst, net, len);
             comment(&mut e, &names.internal_comment);
             e.push(Expr::Counter);
             e.push(verdict(sys::NFT_RETURN));
         }
         AgentRule::Snat(s) => {
             proto(&mut e, s.proto);
-            host(&mut e, IP_SADDR, s.pod_ip);
+            host(&mut e, Side::Src, s.pod_ip);
             comment(&mut e, &comment_for(&s.owner));
             e.push(Expr::Counter);
-            e.push(xt(
-                "target",
-                "SNAT",
-                xt::SNAT_REV,
-                xt::snat_compat(s.public_ip),
-            ));
+            e.push(match s.public_ip {
+                IpAddr::V4(ip) => xt("target", "SNAT", xt::SNAT_REV, xt::snat_compat(ip)),
+                IpAddr::V6(ip) => xt("target", "SNAT", xt::SNAT6_REV, xt::snat_range(ip)),
+            });
         }
         AgentRule::Dnat(m) => {
             proto(&mut e, m.key.proto);
-            host(&mut e, IP_DADDR, m.key.public_ip);
+            host(&mut e, Side::Dst, m.key.public_ip);
             dport(&mut e, m.key.public_port);
             comment(&mut e, &comment_for(&m.owner));
             e.push(Expr::Counter);
@@ -174,7 +206,7 @@ pub fn exprs_of(rule: &AgentRule, names: &Names) -> Vec<Expr> {
             // The Go version's order: `-m conntrack --ctstate NEW` before
             // `-m tcp --dport N` (its `getRule`).
             proto(&mut e, f.proto);
-            host(&mut e, IP_DADDR, f.pod_ip);
+            host(&mut e, Side::Dst, f.pod_ip);
             let ct = xt::conntrack_state_new();
             e.push(xt("match", "conntrack", xt::CONNTRACK_REV, ct));
             dport(&mut e, f.pod_port);
@@ -249,10 +281,10 @@ fn serialize(list: &[Expr]) -> Exprs {
     e
 }
 
-/// Encodes `rule` as iptables-nft does.
-pub fn encode(rule: &AgentRule, names: &Names) -> Encoded {
+/// Encodes `rule` as iptables-nft (or ip6tables-nft, for `family` IPv6) does.
+pub fn encode(rule: &AgentRule, names: &Names, family: Family) -> Encoded {
     Encoded {
-        exprs: serialize(&exprs_of(rule, names)),
+        exprs: serialize(&exprs_of(rule, names, family)),
         compat_proto: compat_proto(rule),
     }
 }
@@ -266,8 +298,9 @@ pub fn rule_attrs(
     position: Option<u64>,
     rule: &AgentRule,
     names: &Names,
+    family: Family,
 ) -> Attrs {
-    let enc = encode(rule, names);
+    let enc = encode(rule, names, family);
     let mut a = Attrs::with_capacity(enc.exprs.attrs().len() + 96);
     a.str(sys::NFTA_RULE_TABLE, table)
         .str(sys::NFTA_RULE_CHAIN, chain);
@@ -403,17 +436,18 @@ pub fn jump_target(exprs: &[Expr]) -> Option<&str> {
 #[derive(Default)]
 struct Fields {
     proto: Option<Proto>,
-    saddr: Option<Ipv4Addr>,
-    daddr: Option<Ipv4Addr>,
+    saddr: Option<IpAddr>,
+    daddr: Option<IpAddr>,
     dport: Option<u16>,
     comment: Option<String>,
-    dnat: Option<(Ipv4Addr, u16)>,
-    snat: Option<Ipv4Addr>,
+    dnat: Option<(IpAddr, u16)>,
+    snat: Option<IpAddr>,
     verdict: Option<(i32, Option<String>)>,
 }
 
-fn collect(exprs: &[Expr]) -> Fields {
+fn collect(exprs: &[Expr], family: Family) -> Fields {
     let mut f = Fields::default();
+    let h = encode::header(family);
     let mut last_load: Option<&Expr> = None;
     for e in exprs {
         match e {
@@ -424,17 +458,12 @@ fn collect(exprs: &[Expr]) -> Fields {
                         f.proto = data.first().and_then(|&n| Proto::from_number(n));
                     }
                     Some(Expr::Payload {
-                        base,
-                        offset,
-                        len: 4,
-                        ..
-                    }) if *base == BASE_NETWORK => {
-                        let ip = <[u8; 4]>::try_from(data.as_slice())
-                            .ok()
-                            .map(Ipv4Addr::from);
-                        if *offset == IP_SADDR {
+                        base, offset, len, ..
+                    }) if *base == BASE_NETWORK && *len == h.addr_len => {
+                        let ip = encode::ip_at(data, 0, family);
+                        if *offset == h.saddr {
                             f.saddr = ip;
-                        } else if *offset == IP_DADDR {
+                        } else if *offset == h.daddr {
                             f.daddr = ip;
                         }
                     }
@@ -456,8 +485,13 @@ fn collect(exprs: &[Expr]) -> Fields {
                 kind, name, info, ..
             } => match (kind.as_str(), name.as_str()) {
                 ("match", "comment") => f.comment = xt::parse_comment_info(info),
-                ("target", "DNAT") => f.dnat = xt::parse_dnat_range2(info),
-                ("target", "SNAT") => f.snat = xt::parse_snat_compat(info),
+                ("target", "DNAT") => {
+                    f.dnat = xt::parse_dnat_range2(info, family == Family::Ipv6)
+                }
+                ("target", "SNAT") if family == Family::Ipv4 => {
+                    f.snat = xt::parse_snat_compat(info).map(IpAddr::V4)
+                }
+                ("target", "SNAT") => f.snat = xt::parse_snat_range(info),
                 _ => {}
             },
             Expr::Verdict { code, chain } => f.verdict = Some((*code, chain.clone())),
@@ -469,8 +503,8 @@ fn collect(exprs: &[Expr]) -> Fields {
 
 /// Decodes a rule of the agent's; `None` for anything that is not exactly
 /// one of its encodings (such a rule in its chains is deleted).
-pub fn decode(exprs: &[Expr], names: &Names) -> Option<AgentRule> {
-    let f = collect(exprs);
+pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule> {
+    let f = collect(exprs, family);
     let owner = || f.comment.as_deref().and_then(PodRef::from_comment);
     let candidates: Vec<AgentRule> = match (&f.dnat, &f.snat, &f.verdict) {
         (Some((pod_ip, pod_port)), None, None) => vec![AgentRule::Dnat(Mapping {
@@ -497,16 +531,19 @@ pub fn decode(exprs: &[Expr], names: &Names) -> Option<AgentRule> {
                 owner: owner()?,
             })]
         }
-        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => (0..GO_INTERNAL_NETWORKS
-            .len())
-            .map(AgentRule::Return)
-            .collect(),
+        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => {
+            (0..internal_returns(family).len())
+                .map(AgentRule::Return)
+                .collect()
+        }
         (None, None, Some((code, Some(chain)))) if *code == sys::NFT_JUMP => {
             vec![AgentRule::Jump(chain.clone())]
         }
         _ => return None,
     };
-    candidates.into_iter().find(|r| exprs_of(r, names) == exprs)
+    candidates
+        .into_iter()
+        .find(|r| exprs_of(r, names, family) == exprs)
 }
 
 #[cfg(test)]

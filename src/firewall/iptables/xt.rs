@@ -9,7 +9,7 @@
 //! (`testdata/iptables-nft-1.8.9-newrule.txt`, captured with strace by
 //! `testdata/capture-newrule.sh`).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// NFTA_MATCH_* / NFTA_TARGET_* (linux/netfilter/nf_tables_compat.h); the
 /// two expressions number their attributes alike.
@@ -85,11 +85,14 @@ const R2_MAX_PROTO: usize = 38;
 
 /// `-j DNAT --to-destination ip:port` (target revision 2): one address and
 /// one port, as min = max.
-pub fn dnat_range2(ip: Ipv4Addr, port: u16) -> Vec<u8> {
+/// An IPv4 address sits in the first 4 of the 16 bytes of `nf_inet_addr`,
+/// an IPv6 one fills them (ip6tables-nft, revision 2 as for IPv4).
+pub fn dnat_range2(ip: IpAddr, port: u16) -> Vec<u8> {
     let mut info = vec![0u8; DNAT_INFO_LEN];
     info[..4].copy_from_slice(&(NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED).to_ne_bytes());
+    let bytes = ip_bytes(&ip);
     for at in [R2_MIN_ADDR, R2_MAX_ADDR] {
-        info[at..at + 4].copy_from_slice(&ip.octets());
+        info[at..at + bytes.len()].copy_from_slice(&bytes);
     }
     for at in [R2_MIN_PROTO, R2_MAX_PROTO] {
         info[at..at + 2].copy_from_slice(&port.to_be_bytes());
@@ -99,13 +102,55 @@ pub fn dnat_range2(ip: Ipv4Addr, port: u16) -> Vec<u8> {
 
 /// The address and port of a `dnat_range2` payload (min side; whether it is
 /// exactly the agent's encoding is checked by re-encoding).
-pub fn parse_dnat_range2(info: &[u8]) -> Option<(Ipv4Addr, u16)> {
+/// `ipv6`: read the address as the 16 bytes ip6tables-nft writes.
+pub fn parse_dnat_range2(info: &[u8], ipv6: bool) -> Option<(IpAddr, u16)> {
     if info.len() != DNAT_INFO_LEN {
         return None;
     }
-    let ip: [u8; 4] = info[R2_MIN_ADDR..R2_MIN_ADDR + 4].try_into().ok()?;
+    let ip = addr_at(info, R2_MIN_ADDR, ipv6)?;
     let port = u16::from_be_bytes([info[R2_MIN_PROTO], info[R2_MIN_PROTO + 1]]);
-    Some((Ipv4Addr::from(ip), port))
+    Some((ip, port))
+}
+
+fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+fn addr_at(info: &[u8], at: usize, ipv6: bool) -> Option<IpAddr> {
+    Some(if ipv6 {
+        let b: [u8; 16] = info.get(at..at + 16)?.try_into().ok()?;
+        IpAddr::V6(Ipv6Addr::from(b))
+    } else {
+        let b: [u8; 4] = info.get(at..at + 4)?.try_into().ok()?;
+        IpAddr::V4(Ipv4Addr::from(b))
+    })
+}
+
+/// ip6tables-nft's `-j SNAT --to-source ip` is target revision 1 with
+/// `struct nf_nat_range` (flags, min/max address, min/max port: 40 bytes,
+/// no base_proto), not IPv4's revision-0 multi-range struct.
+pub const SNAT6_REV: u32 = 1;
+pub const SNAT6_INFO_LEN: usize = xt_align(40);
+const R1_MIN_ADDR: usize = 4;
+const R1_MAX_ADDR: usize = 20;
+
+pub fn snat_range(ip: Ipv6Addr) -> Vec<u8> {
+    let mut info = vec![0u8; SNAT6_INFO_LEN];
+    info[..4].copy_from_slice(&NF_NAT_RANGE_MAP_IPS.to_ne_bytes());
+    for at in [R1_MIN_ADDR, R1_MAX_ADDR] {
+        info[at..at + 16].copy_from_slice(&ip.octets());
+    }
+    info
+}
+
+pub fn parse_snat_range(info: &[u8]) -> Option<IpAddr> {
+    if info.len() != SNAT6_INFO_LEN {
+        return None;
+    }
+    addr_at(info, R1_MIN_ADDR, true)
 }
 
 /// sizeof(struct nf_nat_ipv4_multi_range_compat) = 4 + (4 + 4 + 4 + 2 + 2) = 20 → 24.
@@ -203,16 +248,16 @@ pub(crate) mod tests {
 
     #[test]
     fn dnat_matches_iptables_nft() {
-        let got = dnat_range2(Ipv4Addr::new(10, 1, 0, 5), 25);
+        let got = dnat_range2(Ipv4Addr::new(10, 1, 0, 5).into(), 25);
         assert_eq!(got.len(), 48);
         assert_eq!(got, observed_info("dnat_tcp", "target", "DNAT"));
         assert_eq!(
-            dnat_range2(Ipv4Addr::new(10, 1, 1, 5), 53),
+            dnat_range2(Ipv4Addr::new(10, 1, 1, 5).into(), 53),
             observed_info("dnat_udp", "target", "DNAT")
         );
         assert_eq!(
-            parse_dnat_range2(&got),
-            Some((Ipv4Addr::new(10, 1, 0, 5), 25))
+            parse_dnat_range2(&got, false),
+            Some((Ipv4Addr::new(10, 1, 0, 5).into(), 25))
         );
     }
 

@@ -37,6 +37,15 @@ impl NftMsg {
             attrs: attrs.into_bytes(),
         }
     }
+
+    /// The message for a table of `family` (IPv4 unless said).
+    pub fn in_family(mut self, family: crate::model::Family) -> NftMsg {
+        self.family = match family {
+            crate::model::Family::Ipv4 => ProtocolFamily::Ipv4,
+            crate::model::Family::Ipv6 => ProtocolFamily::Ipv6,
+        };
+        self
+    }
 }
 
 pub(super) fn nlmsg_header(

@@ -17,10 +17,6 @@ pub(super) fn port_field(port: u16) -> [u8; 4] {
     [b[0], b[1], 0, 0]
 }
 
-pub(super) fn ip_at(b: &[u8], at: usize) -> Option<Ipv4Addr> {
-    let o: [u8; 4] = b.get(at..at + 4)?.try_into().ok()?;
-    Some(Ipv4Addr::from(o))
-}
 
 pub(super) fn port_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
@@ -56,18 +52,18 @@ pub(super) fn parse_comment_udata(u: &[u8]) -> Option<PodRef> {
 }
 
 /// A key or data value: concatenated fields, each padded to 4 bytes (at
-/// most three of them). Fixed size: encoding 15,000 elements allocates
-/// nothing per element.
+/// most three of them, an IPv6 address the longest). Fixed size: encoding
+/// 15,000 elements allocates nothing per element.
 #[derive(Clone, Copy)]
 pub(super) struct Value {
-    bytes: [u8; 12],
+    bytes: [u8; 24],
     len: usize,
 }
 
 impl Value {
     fn of(fields: &[&[u8]]) -> Value {
         let mut v = Value {
-            bytes: [0; 12],
+            bytes: [0; 24],
             len: 0,
         };
         for f in fields {
@@ -116,6 +112,7 @@ fn comment_udata_into(buf: &mut Vec<u8>, owner: &PodRef) {
 /// of one netlink attribute.
 pub(super) fn add_elements<'a>(
     batch: &mut NftBatch,
+    family: Family,
     table: &str,
     set: &str,
     elems: impl IntoIterator<Item = Element<'a>>,
@@ -161,8 +158,11 @@ pub(super) fn add_elements<'a>(
             )
         };
         batch.add(
-            NftMsg::new(ty, flags, m),
-            format!("{verb} {count} element(s) of {set} in table ip {table}"),
+            NftMsg::new(ty, flags, m).in_family(family),
+            format!(
+                "{verb} {count} element(s) of {set} in table {} {table}",
+                view::nft_family(family)
+            ),
         );
     }
 }
@@ -170,19 +170,19 @@ pub(super) fn add_elements<'a>(
 pub(super) fn dnat_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> {
     v.iter().map(|m| Element {
         key: Value::of(&[
-            &m.key.public_ip.octets(),
+            &octets(&m.key.public_ip),
             &proto_field(m.key.proto),
             &port_field(m.key.public_port),
         ]),
-        data: Some(Value::of(&[&m.pod_ip.octets(), &port_field(m.pod_port)])),
+        data: Some(Value::of(&[&octets(&m.pod_ip), &port_field(m.pod_port)])),
         owner: Some(&m.owner),
     })
 }
 
 pub(super) fn snat_elements(v: &[SnatRule]) -> impl Iterator<Item = Element<'_>> {
     v.iter().map(|s| Element {
-        key: Value::of(&[&s.pod_ip.octets(), &proto_field(s.proto)]),
-        data: Some(Value::of(&[&s.public_ip.octets()])),
+        key: Value::of(&[&octets(&s.pod_ip), &proto_field(s.proto)]),
+        data: Some(Value::of(&[&octets(&s.public_ip)])),
         owner: Some(&s.owner),
     })
 }
@@ -190,7 +190,7 @@ pub(super) fn snat_elements(v: &[SnatRule]) -> impl Iterator<Item = Element<'_>>
 pub(super) fn forward_elements(v: &[ForwardRule]) -> impl Iterator<Item = Element<'_>> {
     v.iter().map(|f| Element {
         key: Value::of(&[
-            &f.pod_ip.octets(),
+            &octets(&f.pod_ip),
             &proto_field(f.proto),
             &port_field(f.pod_port),
         ]),
@@ -201,9 +201,10 @@ pub(super) fn forward_elements(v: &[ForwardRule]) -> impl Iterator<Item = Elemen
 
 /// Element deletes first, then adds: a retargeted key is deleted and re-added
 /// with its new data in the same batch.
-pub(super) fn encode_changes(batch: &mut NftBatch, table: &str, ch: &Changes) {
+pub(super) fn encode_changes(batch: &mut NftBatch, family: Family, table: &str, ch: &Changes) {
     add_elements(
         batch,
+        family,
         table,
         names::NFT_DNAT_MAP,
         dnat_elements(&ch.del.dnat),
@@ -211,6 +212,7 @@ pub(super) fn encode_changes(batch: &mut NftBatch, table: &str, ch: &Changes) {
     );
     add_elements(
         batch,
+        family,
         table,
         names::NFT_SNAT_MAP,
         snat_elements(&ch.del.snat),
@@ -218,6 +220,7 @@ pub(super) fn encode_changes(batch: &mut NftBatch, table: &str, ch: &Changes) {
     );
     add_elements(
         batch,
+        family,
         table,
         names::NFT_FORWARD_SET,
         forward_elements(&ch.del.forward),
@@ -225,6 +228,7 @@ pub(super) fn encode_changes(batch: &mut NftBatch, table: &str, ch: &Changes) {
     );
     add_elements(
         batch,
+        family,
         table,
         names::NFT_DNAT_MAP,
         dnat_elements(&ch.add.dnat),
@@ -232,6 +236,7 @@ pub(super) fn encode_changes(batch: &mut NftBatch, table: &str, ch: &Changes) {
     );
     add_elements(
         batch,
+        family,
         table,
         names::NFT_SNAT_MAP,
         snat_elements(&ch.add.snat),
@@ -239,6 +244,7 @@ pub(super) fn encode_changes(batch: &mut NftBatch, table: &str, ch: &Changes) {
     );
     add_elements(
         batch,
+        family,
         table,
         names::NFT_FORWARD_SET,
         forward_elements(&ch.add.forward),
@@ -247,20 +253,24 @@ pub(super) fn encode_changes(batch: &mut NftBatch, table: &str, ch: &Changes) {
 }
 
 pub(super) fn decode_element(
+    f: Family,
     set: &str,
     key: &[u8],
     data: &[u8],
     owner: PodRef,
     out: &mut RuleSet,
 ) -> bool {
+    // The fields after the address start at its length.
+    let n = encode::header(f).addr_len as usize;
+    let ip_at = |b: &[u8], at: usize| encode::ip_at(b, at, f);
     match set {
         names::NFT_DNAT_MAP => {
             let (Some(public_ip), Some(proto), Some(public_port), Some(pod_ip), Some(pod_port)) = (
                 ip_at(key, 0),
-                proto_at(key, 4),
-                port_at(key, 8),
+                proto_at(key, n),
+                port_at(key, n + 4),
                 ip_at(data, 0),
-                port_at(data, 4),
+                port_at(data, n),
             ) else {
                 return false;
             };
@@ -277,7 +287,7 @@ pub(super) fn decode_element(
         }
         names::NFT_SNAT_MAP => {
             let (Some(pod_ip), Some(proto), Some(public_ip)) =
-                (ip_at(key, 0), proto_at(key, 4), ip_at(data, 0))
+                (ip_at(key, 0), proto_at(key, n), ip_at(data, 0))
             else {
                 return false;
             };
@@ -290,7 +300,7 @@ pub(super) fn decode_element(
         }
         _ => {
             let (Some(pod_ip), Some(proto), Some(pod_port)) =
-                (ip_at(key, 0), proto_at(key, 4), port_at(key, 8))
+                (ip_at(key, 0), proto_at(key, n), port_at(key, n + 4))
             else {
                 return false;
             };

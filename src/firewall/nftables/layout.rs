@@ -6,6 +6,7 @@ use super::*;
 // nft datatype ids (nftables' enum datatypes) and the concatenation encoding
 // (each field shifts the type by 6 bits), as nft writes NFTA_SET_KEY_TYPE.
 pub(super) const TYPE_IPADDR: u32 = 7;
+pub(super) const TYPE_IP6ADDR: u32 = 8;
 pub(super) const TYPE_INET_PROTOCOL: u32 = 12;
 pub(super) const TYPE_INET_SERVICE: u32 = 13;
 pub(super) const fn concat(types: &[u32]) -> u32 {
@@ -26,26 +27,34 @@ pub(super) struct SetShape {
     pub(super) data: Option<(u32, u32)>,
 }
 
-pub(super) const SETS: [SetShape; 3] = [
-    SetShape {
-        name: names::NFT_DNAT_MAP,
-        key_type: concat(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
-        key_len: 12,
-        data: Some((concat(&[TYPE_IPADDR, TYPE_INET_SERVICE]), 8)),
-    },
-    SetShape {
-        name: names::NFT_SNAT_MAP,
-        key_type: concat(&[TYPE_IPADDR, TYPE_INET_PROTOCOL]),
-        key_len: 8,
-        data: Some((TYPE_IPADDR, 4)),
-    },
-    SetShape {
-        name: names::NFT_FORWARD_SET,
-        key_type: concat(&[TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
-        key_len: 12,
-        data: None,
-    },
-];
+/// The sets of a family's table: the same three, keyed by that family's
+/// addresses (4 or 16 bytes; the other fields padded to 4).
+pub(super) fn sets_of(f: Family) -> [SetShape; 3] {
+    let (addr, len) = match f {
+        Family::Ipv4 => (TYPE_IPADDR, 4),
+        Family::Ipv6 => (TYPE_IP6ADDR, 16),
+    };
+    [
+        SetShape {
+            name: names::NFT_DNAT_MAP,
+            key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+            key_len: len + 8,
+            data: Some((concat(&[addr, TYPE_INET_SERVICE]), len + 4)),
+        },
+        SetShape {
+            name: names::NFT_SNAT_MAP,
+            key_type: concat(&[addr, TYPE_INET_PROTOCOL]),
+            key_len: len + 4,
+            data: Some((addr, len)),
+        },
+        SetShape {
+            name: names::NFT_FORWARD_SET,
+            key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+            key_len: len + 8,
+            data: None,
+        },
+    ]
+}
 
 pub(super) struct ChainShape {
     pub(super) name: &'static str,
@@ -75,41 +84,62 @@ pub(super) const CHAINS: [ChainShape; 3] = [
     },
 ];
 
-/// The fixed rules of each chain, in order.
-pub(super) fn chain_rules(chain: &str) -> Vec<Exprs> {
+/// The networks a family's POSTROUTING returns un-NATed, in order.
+pub(crate) fn internal_networks(f: Family) -> Vec<(IpAddr, u8)> {
+    match f {
+        Family::Ipv4 => INTERNAL_NETWORKS
+            .iter()
+            .map(|(n, l)| (IpAddr::V4(*n), *l))
+            .collect(),
+        Family::Ipv6 => INTERNAL_NETWORKS_V6
+            .iter()
+            .map(|(n, l)| (IpAddr::V6(*n), *l))
+            .collect(),
+    }
+}
+
+/// The fixed rules of each chain, in order. A concatenation's address goes
+/// to register 1 (4 or 16 bytes), the next fields to the 32-bit registers
+/// after it, as nft allocates them.
+pub(super) fn chain_rules(chain: &str, f: Family) -> Vec<Exprs> {
+    let h = encode::header(f);
+    let (next, after) = match f {
+        Family::Ipv4 => (REG32_01, REG32_02),
+        Family::Ipv6 => (sys::NFT_REG32_04, sys::NFT_REG32_05),
+    };
     match chain {
         names::NFT_PRE_CHAIN => {
             let mut e = Exprs::new();
-            e.payload(REG_1, BASE_NETWORK, IP_DADDR, 4)
-                .meta_l4proto(REG32_01)
-                .payload(REG32_02, BASE_TRANSPORT, TH_DPORT, 2)
+            e.payload(REG_1, BASE_NETWORK, h.daddr, h.addr_len)
+                .meta_l4proto(next)
+                .payload(after, BASE_TRANSPORT, TH_DPORT, 2)
                 .lookup(names::NFT_DNAT_MAP, REG_1, Some(REG_1))
-                .nat(true, REG_1, Some(REG32_01));
+                .nat(f, true, REG_1, Some(next));
             vec![e]
         }
         names::NFT_POST_CHAIN => {
-            let mut rules: Vec<Exprs> = INTERNAL_NETWORKS
-                .iter()
+            let mut rules: Vec<Exprs> = internal_networks(f)
+                .into_iter()
                 .map(|(net, len)| {
                     let mut e = Exprs::new();
-                    e.ip_prefix(IP_DADDR, *net, *len).ret();
+                    e.ip_prefix(h.daddr, net, len).ret();
                     e
                 })
                 .collect();
             let mut e = Exprs::new();
-            e.payload(REG_1, BASE_NETWORK, IP_SADDR, 4)
-                .meta_l4proto(REG32_01)
+            e.payload(REG_1, BASE_NETWORK, h.saddr, h.addr_len)
+                .meta_l4proto(next)
                 .lookup(names::NFT_SNAT_MAP, REG_1, Some(REG_1))
-                .nat(false, REG_1, None);
+                .nat(f, false, REG_1, None);
             rules.push(e);
             rules
         }
         _ => {
             let mut e = Exprs::new();
             e.ct_state_new()
-                .payload(REG_1, BASE_NETWORK, IP_DADDR, 4)
-                .meta_l4proto(REG32_01)
-                .payload(REG32_02, BASE_TRANSPORT, TH_DPORT, 2)
+                .payload(REG_1, BASE_NETWORK, h.daddr, h.addr_len)
+                .meta_l4proto(next)
+                .payload(after, BASE_TRANSPORT, TH_DPORT, 2)
                 .lookup(names::NFT_FORWARD_SET, REG_1, None)
                 .accept();
             vec![e]

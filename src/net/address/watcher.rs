@@ -46,8 +46,14 @@ async fn read_choice(handle: &Handle, filter: &AddressFilter) -> Result<Choice, 
         .await
         .map_err(|source| AddressError::DumpLinks { source })?;
     let mut request = handle.address().get();
-    // Ask the kernel for IPv4 only instead of dumping every family.
-    request.message_mut().header.family = AddressFamily::Inet;
+    // Ask the kernel for IPv4 only when IPv6 is not served, instead of
+    // dumping every family.
+    let families = filter.families();
+    request.message_mut().header.family = match (families.ipv4, families.ipv6) {
+        (true, false) => AddressFamily::Inet,
+        (false, true) => AddressFamily::Inet6,
+        _ => AddressFamily::Unspec,
+    };
     let addrs: Vec<AddrFacts> = request
         .execute()
         .try_filter_map(|m| futures::future::ready(Ok(AddrFacts::from_message(&m))))
@@ -73,9 +79,15 @@ async fn read_choice(handle: &Handle, filter: &AddressFilter) -> Result<Choice, 
 pub async fn spawn_watcher(
     filter: AddressFilter,
 ) -> Result<(watch::Receiver<Choice>, WatcherTask), AddressError> {
-    let (conn, handle, events) =
-        rtnetlink::new_multicast_connection(&[MulticastGroup::Link, MulticastGroup::Ipv4Ifaddr])
-            .map_err(|source| AddressError::Subscribe { source })?;
+    let mut groups = vec![MulticastGroup::Link];
+    if filter.families().ipv4 {
+        groups.push(MulticastGroup::Ipv4Ifaddr);
+    }
+    if filter.families().ipv6 {
+        groups.push(MulticastGroup::Ipv6Ifaddr);
+    }
+    let (conn, handle, events) = rtnetlink::new_multicast_connection(&groups)
+        .map_err(|source| AddressError::Subscribe { source })?;
     let conn = tokio::spawn(conn);
     // Subscribed before the first read: a change racing with it still sends
     // an event, so it cannot be missed.
@@ -160,7 +172,7 @@ fn publish(tx: &watch::Sender<Choice>, choice: Choice) {
     let previous = tx.borrow().chosen;
     if previous != choice.chosen {
         tracing::info!(
-            previous = %previous.map_or("none".to_string(), |a| a.to_string()),
+            previous = %previous,
             public_address = %choice,
             "public address changed"
         );

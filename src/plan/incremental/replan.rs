@@ -1,12 +1,12 @@
 //! Re-planning what one event dirtied: the winner and conflicts of each key,
 //! then the SNAT and FORWARD slots, each compared with the table in place.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::ops::Range;
 
 use super::{Dirty, IncrementalPlan, PodState, TableChange};
 use crate::firewall::Changes;
-use crate::model::{ForwardRule, Mapping, SnatRule};
+use crate::model::{Family, ForwardRule, Mapping, SnatRule};
 use crate::plan::Conflict;
 
 impl IncrementalPlan {
@@ -19,7 +19,8 @@ impl IncrementalPlan {
             let winner = claims.and_then(|c| c.last());
             let want = winner.and_then(|w| {
                 let s = self.pods.get(&w.pod)?;
-                Some((s.facts.ip?, s.entries().get(w.entry)?.dst_port, &w.pod))
+                let ip = s.facts.ips.get(key.family())?;
+                Some((ip, s.entries().get(w.entry)?.dst_port, &w.pod))
             });
             let mut conflicts: Vec<Conflict> = winner
                 .into_iter()
@@ -80,10 +81,10 @@ impl IncrementalPlan {
                 .candidates_at(pod_ip)
                 .filter_map(|s| {
                     let pod = &s.facts.pod;
-                    let e = s
-                        .entries()
-                        .iter()
-                        .find(|e| e.proto == proto && self.wins(pod, e))?;
+                    let family = Family::of(pod_ip);
+                    let e = s.entries().iter().find(|e| {
+                        e.proto == proto && e.family == family && self.wins(pod, e)
+                    })?;
                     Some((s.rank(), self.key_of(e)?.public_ip))
                 })
                 .max_by(|a, b| a.0.cmp(&b.0))
@@ -108,7 +109,10 @@ impl IncrementalPlan {
                 .candidates_at(pod_ip)
                 .filter(|s| {
                     s.entries().iter().any(|e| {
-                        e.proto == proto && e.dst_port == pod_port && self.wins(&s.facts.pod, e)
+                        e.proto == proto
+                            && e.dst_port == pod_port
+                            && e.family == Family::of(pod_ip)
+                            && self.wins(&s.facts.pod, e)
                     })
                 })
                 .max_by(|a, b| a.rank().cmp(&b.rank()))
@@ -148,7 +152,7 @@ impl IncrementalPlan {
         }
     }
 
-    fn candidates_at(&self, ip: Ipv4Addr) -> impl Iterator<Item = &PodState> + '_ {
+    fn candidates_at(&self, ip: IpAddr) -> impl Iterator<Item = &PodState> + '_ {
         self.by_ip
             .get(&ip)
             .into_iter()
