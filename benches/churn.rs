@@ -57,22 +57,22 @@ fn table(n: u32) -> RuleSet {
         let owner = PodRef::new("bench", format!("p-{i}"));
         r.dnat.push(Mapping {
             key: NatKey {
-                public_ip: PUBLIC,
+                public_ip: PUBLIC.into(),
                 public_port: 10000 + i as u16,
                 proto: Proto::Tcp,
             },
-            pod_ip: pod_ip(i),
+            pod_ip: pod_ip(i).into(),
             pod_port: 80,
             owner: owner.clone(),
         });
         r.snat.push(SnatRule {
-            pod_ip: pod_ip(i),
+            pod_ip: pod_ip(i).into(),
             proto: Proto::Tcp,
-            public_ip: PUBLIC,
+            public_ip: PUBLIC.into(),
             owner: owner.clone(),
         });
         r.forward.push(ForwardRule {
-            pod_ip: pod_ip(i),
+            pod_ip: pod_ip(i).into(),
             proto: Proto::Tcp,
             pod_port: 80,
             owner,
@@ -479,7 +479,14 @@ fn peer_c(n: u32, rows: &mut [Row; 3]) {
 
 fn peer_m(n: u32, rows: &mut [Row; 3]) {
     let ns = Netns::new("bm");
-    let full = tmpfile("m-full", &view::nft(&table(n), &Names::new("podnat")));
+    let full = tmpfile(
+        "m-full",
+        &view::nft(
+            &table(n),
+            &Names::new("podnat"),
+            podnat_controller::model::Family::Ipv4,
+        ),
+    );
     let add1 = tmpfile("m-add", &m_elements("add", n));
     let del1 = tmpfile("m-del", &m_elements("delete", n));
     let nft = |f: &str| {

@@ -305,7 +305,9 @@ mod tests {
     }
 
     fn err(text: &str) -> String {
-        parse(text, &restricted(), Families::default()).unwrap_err().to_string()
+        parse(text, &restricted(), Families::default())
+            .unwrap_err()
+            .to_string()
     }
 
     #[test]
@@ -486,7 +488,11 @@ mod tests {
             ipv4: false,
             ipv6: true,
         };
-        let m = parse(r#"{"entries":[{"srcPort":25,"dstPort":25}]}"#, &restricted(), v6only);
+        let m = parse(
+            r#"{"entries":[{"srcPort":25,"dstPort":25}]}"#,
+            &restricted(),
+            v6only,
+        );
         assert_eq!(m.unwrap()[0].family, Family::Ipv6);
         let e = parse(
             r#"{"entries":[{"srcIP":"203.0.113.9","srcPort":25,"dstPort":25}]}"#,
@@ -555,7 +561,12 @@ mod tests {
     #[test]
     fn restricted_list_comes_from_config() {
         let none = BTreeSet::new();
-        assert!(parse(r#"{"entries":[{"srcPort":22,"dstPort":22}]}"#, &none, Families::default()).is_ok());
+        assert!(parse(
+            r#"{"entries":[{"srcPort":22,"dstPort":22}]}"#,
+            &none,
+            Families::default()
+        )
+        .is_ok());
     }
 
     proptest::proptest! {

@@ -103,7 +103,11 @@ fn parse_families(s: &str) -> Result<Families, String> {
         match p.to_ascii_lowercase().as_str() {
             "ipv4" => f.ipv4 = true,
             "ipv6" => f.ipv6 = true,
-            _ => return Err(format!("{p:?} is not a family; use ipv4, ipv6 or ipv4,ipv6")),
+            _ => {
+                return Err(format!(
+                    "{p:?} is not a family; use ipv4, ipv6 or ipv4,ipv6"
+                ))
+            }
         }
     }
     Ok(f)
@@ -117,7 +121,10 @@ fn parse_public(s: &str) -> Result<DualStack, String> {
             .parse()
             .map_err(|_| format!("{p:?} is not an IPv4 or IPv6 address"))?;
         if d.get(Family::of(ip)).is_some() {
-            return Err(format!("two {} addresses; give one per family", Family::of(ip)));
+            return Err(format!(
+                "two {} addresses; give one per family",
+                Family::of(ip)
+            ));
         }
         d.add(ip);
     }

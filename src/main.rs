@@ -9,15 +9,13 @@ use anyhow::Context;
 use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config};
 use podnat_controller::firewall::netlink::NetlinkError;
-use podnat_controller::firewall::{
-    backend_with, coexist, monitor, Backend, FirewallError, Names,
-};
+use podnat_controller::firewall::{backend_with, coexist, monitor, Backend, FirewallError, Names};
 use podnat_controller::http::{self, AddressSource, HttpContext};
 use podnat_controller::kube::events::EventSink;
 use podnat_controller::kube::watch::{self, PodWatchConfig};
 use podnat_controller::kube::{self, pod};
-use podnat_controller::net::address::{self, AddressFilter};
 use podnat_controller::model::DualStack;
+use podnat_controller::net::address::{self, AddressFilter};
 use podnat_controller::plan::{self, PlanConfig};
 use podnat_controller::reconcile::{
     self, AgentStatus, BackendWorker, Drift, ReconcileConfig, Reconciler,

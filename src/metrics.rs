@@ -244,7 +244,10 @@ impl Metrics {
         for (kind, counts) in [
             (
                 "dnat",
-                v4(&mut rules.dnat.iter().map(|m| m.key.public_ip), rules.dnat.len()),
+                v4(
+                    &mut rules.dnat.iter().map(|m| m.key.public_ip),
+                    rules.dnat.len(),
+                ),
             ),
             (
                 "snat",
@@ -252,7 +255,10 @@ impl Metrics {
             ),
             (
                 "forward",
-                v4(&mut rules.forward.iter().map(|f| f.pod_ip), rules.forward.len()),
+                v4(
+                    &mut rules.forward.iter().map(|f| f.pod_ip),
+                    rules.forward.len(),
+                ),
             ),
         ]
         .into_iter()

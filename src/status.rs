@@ -250,6 +250,7 @@ pub fn registry(status: &Arc<AgentStatus>) -> Registry {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::DualStack;
     use crate::model::{Mapping, NatKey, PodRef, Proto};
     use std::net::Ipv4Addr;
 
@@ -279,16 +280,16 @@ mod tests {
         m.apply_failed("refused");
         m.apply_failed("refused");
         let mut table = NatTable {
-            public_address: Some(Ipv4Addr::new(203, 0, 113, 7)),
+            public_address: DualStack::v4(Ipv4Addr::new(203, 0, 113, 7)),
             ..NatTable::default()
         };
         table.rules.dnat.push(Mapping {
             key: NatKey {
-                public_ip: Ipv4Addr::new(203, 0, 113, 7),
+                public_ip: Ipv4Addr::new(203, 0, 113, 7).into(),
                 public_port: 25,
                 proto: Proto::Tcp,
             },
-            pod_ip: Ipv4Addr::new(10, 1, 0, 5),
+            pod_ip: Ipv4Addr::new(10, 1, 0, 5).into(),
             pod_port: 25,
             owner: PodRef::new("mail", "mx"),
         });
@@ -312,12 +313,20 @@ mod tests {
             Some(2.0)
         );
         assert_eq!(
-            sample(&t, "podnat_rules_owned{kind=\"dnat\"}"),
+            sample(&t, "podnat_rules_owned{family=\"ipv4\",kind=\"dnat\"}"),
             Some(1.0),
             "{t}"
         );
         assert_eq!(
-            sample(&t, "podnat_public_address_info{address=\"203.0.113.7\"}"),
+            sample(&t, "podnat_rules_owned{family=\"ipv6\",kind=\"dnat\"}"),
+            Some(0.0),
+            "{t}"
+        );
+        assert_eq!(
+            sample(
+                &t,
+                "podnat_public_address_info{address=\"203.0.113.7\",family=\"ipv4\"}"
+            ),
             Some(1.0)
         );
         assert_eq!(sample(&t, "podnat_watch_events_total"), Some(5.0));
@@ -329,15 +338,18 @@ mod tests {
         assert_eq!(sample(&t, "podnat_first_sync_applied"), Some(0.0));
 
         // A new address replaces the old series; none known: no series.
-        table.public_address = Some(Ipv4Addr::new(203, 0, 113, 8));
+        table.public_address = DualStack::v4(Ipv4Addr::new(203, 0, 113, 8));
         m.observe_table(&table, true);
         let t = text(&status);
         assert!(!t.contains("203.0.113.7"), "{t}");
         assert!(t.contains("address=\"203.0.113.8\""));
-        table.public_address = None;
+        table.public_address = DualStack::default();
         m.observe_table(&table, false);
         let t = text(&status);
         assert!(!t.contains("podnat_public_address_info{"), "{t}");
-        assert_eq!(sample(&t, "podnat_rules_owned{kind=\"dnat\"}"), Some(0.0));
+        assert_eq!(
+            sample(&t, "podnat_rules_owned{family=\"ipv4\",kind=\"dnat\"}"),
+            Some(0.0)
+        );
     }
 }

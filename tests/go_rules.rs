@@ -20,7 +20,7 @@ use podnat_controller::config::JumpPositions;
 use podnat_controller::firewall::iptables::IptablesBackend;
 use podnat_controller::firewall::{view, Backend, Names};
 use podnat_controller::kube::pod;
-use podnat_controller::model::RuleSet;
+use podnat_controller::model::{DualStack, Families, Family, RuleSet};
 use podnat_controller::plan::{self, PlanConfig};
 use support::netns::Netns;
 
@@ -317,10 +317,11 @@ fn agent_rules() -> RuleSet {
         .collect();
     let table = plan::plan(
         &facts,
-        Some(AUTO_IP.parse::<Ipv4Addr>().unwrap()),
+        DualStack::v4(AUTO_IP.parse::<Ipv4Addr>().unwrap()),
         &PlanConfig {
             node_id: "node1".into(),
             restricted_ports: [22, 53, 6443].into(),
+            families: Families::default(),
         },
     );
     assert!(table.rejected.is_empty() && table.conflicts.is_empty() && table.pending.is_empty());
@@ -400,7 +401,7 @@ fn after_the_agent_a_go_version_finds_every_rule_of_its_own() {
     assert_eq!(ours_saved, go_saved, "iptables-nft-save differs");
     assert_eq!(
         support::save::agent_iptables_save(&ours),
-        view::iptables_save(&rules, &names()),
+        view::iptables_save(&rules, &names(), Family::Ipv4),
         "the rule view differs from iptables-nft-save"
     );
     // The Go version started on the agent's node: nothing changes.

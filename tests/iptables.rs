@@ -17,7 +17,7 @@ use podnat_controller::firewall::iptables::position::jump_position;
 use podnat_controller::firewall::iptables::IptablesBackend;
 use podnat_controller::firewall::monitor::watch_ruleset;
 use podnat_controller::firewall::{view, ApplyReport, Backend};
-use podnat_controller::model::{Proto, RuleSet};
+use podnat_controller::model::{Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox, POD_B_IP, PUBLIC_IP};
 use support::rules::{bulk, mail, names, publish};
 
@@ -59,7 +59,10 @@ fn agent_save(ns: &Netns) -> String {
 }
 
 fn assert_kernel_holds(ns: &Netns, rules: &RuleSet) {
-    assert_eq!(agent_save(ns), view::iptables_save(rules, &names()));
+    assert_eq!(
+        agent_save(ns),
+        view::iptables_save(rules, &names(), Family::Ipv4)
+    );
 }
 
 /// `iptables-nft -S` of one chain, without the policy line.
@@ -154,7 +157,7 @@ fn iptables_nft_reads_the_rules_as_its_own() {
     }
 
     // `-C` finds every rule of the view, jumps included.
-    let view = view::iptables_save(&rules, &names());
+    let view = view::iptables_save(&rules, &names(), Family::Ipv4);
     let mut table = "nat";
     let mut checked = 0;
     for l in view.lines() {
@@ -645,7 +648,7 @@ fn drift_is_repaired_within_a_second_and_settles() {
 
     ns.sh("iptables-nft -t nat -F PODNAT_PRE");
     let t_flush = within(second, "flushed PODNAT_PRE", || {
-        agent_save(&ns) == view::iptables_save(&rules, &names())
+        agent_save(&ns) == view::iptables_save(&rules, &names(), Family::Ipv4)
     });
 
     // Moved to the end in one transaction (one commit, one repair).
@@ -662,7 +665,7 @@ fn drift_is_repaired_within_a_second_and_settles() {
 
     ns.sh("iptables-nft -t filter -D PODNAT_FORWARD 1");
     let t_del = within(second, "deleted rule", || {
-        agent_save(&ns) == view::iptables_save(&rules, &names())
+        agent_save(&ns) == view::iptables_save(&rules, &names(), Family::Ipv4)
     });
     eprintln!("repaired: flush {t_flush:?}, moved jump {t_move:?}, deleted rule {t_del:?}");
 
@@ -813,7 +816,7 @@ fn five_thousand_ports_in_one_batch() {
     // them as its own and has nothing to change.
     let twin = Netns::new("ipt-big-twin");
     let file = std::env::temp_dir().join(format!("{}.rules", twin.name));
-    std::fs::write(&file, view::iptables_save(&rules, &names())).unwrap();
+    std::fs::write(&file, view::iptables_save(&rules, &names(), Family::Ipv4)).unwrap();
     let start = Instant::now();
     twin.sh(&format!(
         "iptables-nft-restore --noflush < {}",

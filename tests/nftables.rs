@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use podnat_controller::firewall::netlink::{sys, Attrs, NetlinkError, NfSocket, NftBatch, NftMsg};
 use podnat_controller::firewall::nftables::NftablesBackend;
 use podnat_controller::firewall::{view, Backend, FirewallError};
-use podnat_controller::model::{Proto, RuleSet};
+use podnat_controller::model::{Family, Proto, RuleSet};
 use proptest::prelude::*;
 use support::netns::{Netns, Sandbox, POD_A_IP, POD_B_IP, PUBLIC_IP};
 use support::rules::{bulk, names, publish};
@@ -35,7 +35,7 @@ fn kernel_view(ns: &Netns) -> String {
 fn assert_kernel_holds(ns: &Netns, rules: &RuleSet) {
     assert_eq!(
         kernel_view(ns),
-        view::canonical_nft(&view::nft(rules, &names()))
+        view::canonical_nft(&view::nft(rules, &names(), Family::Ipv4))
     );
 }
 
@@ -468,6 +468,6 @@ proptest! {
         let last = steps.last().unwrap().clone();
         apply(&fresh, &last);
         prop_assert_eq!(kernel_view(&churned), kernel_view(&fresh));
-        prop_assert_eq!(kernel_view(&churned), view::canonical_nft(&view::nft(&last, &names())));
+        prop_assert_eq!(kernel_view(&churned), view::canonical_nft(&view::nft(&last, &names(), Family::Ipv4)));
     }
 }

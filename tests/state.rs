@@ -37,7 +37,7 @@ const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/state
 fn mapping(port: u16, pod_ip: [u8; 4], owner: &str) -> Mapping {
     Mapping {
         key: NatKey {
-            public_ip: Ipv4Addr::new(203, 0, 113, 7),
+            public_ip: Ipv4Addr::new(203, 0, 113, 7).into(),
             public_port: port,
             proto: Proto::Tcp,
         },
@@ -159,11 +159,11 @@ fn go_fixture_round_trip_keeps_created() {
     assert_eq!(mappings.len(), 10);
     assert!(mappings.contains(&Mapping {
         key: NatKey {
-            public_ip: Ipv4Addr::new(198, 51, 100, 20),
+            public_ip: Ipv4Addr::new(198, 51, 100, 20).into(),
             public_port: 25,
             proto: Proto::Tcp
         },
-        pod_ip: Ipv4Addr::new(10, 42, 1, 31),
+        pod_ip: Ipv4Addr::new(10, 42, 1, 31).into(),
         pod_port: 2525,
         owner: PodRef::new("mail", "mx-backup-0"),
     }));

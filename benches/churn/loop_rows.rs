@@ -75,6 +75,7 @@ impl Loop {
             plan: PlanConfig {
                 node_id: "node1".into(),
                 restricted_ports: BTreeSet::new(),
+                families: Default::default(),
             },
             annotation_key: KEY.into(),
             resync: None,
@@ -84,7 +85,7 @@ impl Loop {
         };
         let (st, log) = (Arc::clone(&status), changes.clone());
         rt.spawn(async move {
-            let (_fixed, address) = fixed_address(PUBLIC);
+            let (_fixed, address) = fixed_address(podnat_controller::model::DualStack::v4(PUBLIC));
             let worker = BackendWorker::spawn(backend).unwrap();
             let feed = PodFeed {
                 store,

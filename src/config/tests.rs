@@ -143,7 +143,7 @@ fn lists_append_and_split() {
     assert_eq!(
         c.incl_filter_net,
         vec![
-            "203.0.113.0/24".parse::<Ipv4Net>().unwrap(),
+            "203.0.113.0/24".parse::<IpNet>().unwrap(),
             "198.51.100.7/32".parse().unwrap(),
             "100.64.0.0/10".parse().unwrap()
         ]

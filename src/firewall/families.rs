@@ -204,7 +204,10 @@ impl<F: Flavor> Flavor for PerFamily<F> {
     }
 
     fn own_forward(&self) -> Vec<OwnForward<'_>> {
-        self.parts.iter().flat_map(|(_, p)| p.own_forward()).collect()
+        self.parts
+            .iter()
+            .flat_map(|(_, p)| p.own_forward())
+            .collect()
     }
 
     /// Each family's view of its own rules, IPv4 first.

@@ -28,6 +28,7 @@ use self::render::line;
 use self::rules::{decode, internal_returns, jump_target, parse_exprs, rule_attrs, AgentRule};
 use super::applier::{Applier, Effect, Flavor, Planned};
 use super::coexist::OwnForward;
+use super::families::PerFamily;
 use super::monitor::{Interest, TableInterest};
 use super::names::Names;
 use super::netlink::{
@@ -35,7 +36,6 @@ use super::netlink::{
     Scope,
 };
 use super::view;
-use super::families::PerFamily;
 use crate::config::JumpPositions;
 use crate::model::{Families, Family, Mapping, RuleSet};
 const NAT: &str = "nat";
@@ -270,7 +270,12 @@ impl Flavor for Iptables {
         })
     }
 
-    fn encode(&self, batch: &mut NftBatch, state: &IptState, plan: &Changes) -> Vec<(u32, Inserted)> {
+    fn encode(
+        &self,
+        batch: &mut NftBatch,
+        state: &IptState,
+        plan: &Changes,
+    ) -> Vec<(u32, Inserted)> {
         self.build(batch, state, plan)
     }
 
@@ -349,7 +354,9 @@ impl Flavor for Iptables {
                         .be64(sys::NFTA_RULE_HANDLE, handle);
                     batch.add(
                         NftMsg::new(sys::NFT_MSG_DELRULE, 0, a).in_family(self.family),
-                        format!("delete the jump to {target} in chain {chain} of table {fam} {table}"),
+                        format!(
+                            "delete the jump to {target} in chain {chain} of table {fam} {table}"
+                        ),
                     );
                 }
             }

@@ -402,11 +402,11 @@ mod tests {
         use crate::model::{NatKey, Proto};
         let m = |port: u16, pod: u8| Mapping {
             key: NatKey {
-                public_ip: std::net::Ipv4Addr::new(203, 0, 113, 7),
+                public_ip: std::net::Ipv4Addr::new(203, 0, 113, 7).into(),
                 public_port: port,
                 proto: Proto::Tcp,
             },
-            pod_ip: std::net::Ipv4Addr::new(10, 0, 0, pod),
+            pod_ip: std::net::Ipv4Addr::new(10, 0, 0, pod).into(),
             pod_port: 80,
             owner: PodRef::new("a", "b"),
         };

@@ -13,13 +13,13 @@ use super::coexist::OwnForward;
 use super::encode::{
     self, octets, Exprs, BASE_NETWORK, BASE_TRANSPORT, REG32_01, REG32_02, REG_1, TH_DPORT,
 };
+use super::families::PerFamily;
 use super::monitor::{Interest, TableInterest};
 use super::names::{self, Names};
 use super::netlink::{
     attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, Echo, NetlinkError, NfSocket,
     NftBatch, NftMsg, Scope,
 };
-use super::families::PerFamily;
 use super::{view, Changes};
 use crate::model::Families;
 use crate::model::{
@@ -31,8 +31,8 @@ mod elements;
 mod layout;
 
 use self::elements::*;
-use self::layout::*;
 pub(crate) use self::layout::internal_networks;
+use self::layout::*;
 
 /// What the kernel holds of the agent's table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -307,7 +307,6 @@ impl Flavor for Nftables {
     fn name(&self) -> &'static str {
         "nftables"
     }
-
 
     fn read(&self, sock: &mut NfSocket) -> Result<NativeState, NetlinkError> {
         self.read_state(sock)

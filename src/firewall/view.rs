@@ -312,12 +312,13 @@ fn sort_key(e: &str) -> Vec<(u64, String)> {
 mod tests {
     use super::*;
     use crate::model::{NatKey, PodRef, Proto};
+    use std::net::{IpAddr, Ipv4Addr};
 
     /// The SPEC's 3-port mail server pod, plus a UDP entry and an SNAT.
     fn mail() -> RuleSet {
         let owner = PodRef::new("mail", "mx-0");
-        let public_ip = Ipv4Addr::new(203, 0, 113, 7);
-        let pod_ip = Ipv4Addr::new(10, 1, 0, 5);
+        let public_ip: IpAddr = Ipv4Addr::new(203, 0, 113, 7).into();
+        let pod_ip: IpAddr = Ipv4Addr::new(10, 1, 0, 5).into();
         let mut rules = RuleSet::default();
         for port in [25, 143, 587] {
             rules.dnat.push(Mapping {
@@ -349,7 +350,7 @@ mod tests {
 
     #[test]
     fn iptables_golden_mail_server() {
-        let got = iptables_save(&mail(), &Names::new("podnat"));
+        let got = iptables_save(&mail(), &Names::new("podnat"), Family::Ipv4);
         let want = r#"*nat
 :PODNAT_POST - [0:0]
 :PODNAT_PRE - [0:0]
@@ -377,7 +378,7 @@ COMMIT
 
     #[test]
     fn nft_golden_mail_server() {
-        let got = nft(&mail(), &Names::new("podnat"));
+        let got = nft(&mail(), &Names::new("podnat"), Family::Ipv4);
         let want = "table ip podnat {
 \tmap dnat_to_pod {
 \t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service
@@ -423,7 +424,7 @@ COMMIT
 
     #[test]
     fn empty_sets_have_no_elements_line() {
-        let got = nft(&RuleSet::default(), &Names::new("pn"));
+        let got = nft(&RuleSet::default(), &Names::new("pn"), Family::Ipv4);
         assert!(got.starts_with("table ip pn {\n"));
         assert!(!got.contains("elements"));
     }

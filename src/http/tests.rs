@@ -2,6 +2,7 @@ use super::*;
 use crate::firewall::{backend_for, Names};
 use crate::kube::events::EventStats;
 use crate::plan::{self, PlanConfig, PodFacts};
+use std::net::Ipv4Addr;
 
 fn context(flavor: Flavor) -> Arc<HttpContext> {
     let status = Arc::new(AgentStatus::new(Arc::new(EventStats::default())));
@@ -12,6 +13,7 @@ fn context(flavor: Flavor) -> Arc<HttpContext> {
         view: Mutex::new(backend_for(flavor, Names::new("podnat"))),
         node: "node1".into(),
         dry_run: false,
+        families: Families::default(),
         address_source: AddressSource::Detected,
     })
 }
@@ -55,7 +57,7 @@ fn pod(name: &str, ip: [u8; 4], created: i64, annotation: &str) -> PodFacts {
     PodFacts {
         pod: PodRef::new("mail", name),
         node: Some("node1".into()),
-        ip: Some(ip.into()),
+        ips: crate::model::DualStack::v4(ip.into()),
         created: Some(k8s_openapi::jiff::Timestamp::from_second(created).unwrap()),
         ready: true,
         terminating: false,
@@ -89,8 +91,13 @@ fn rows_cover_every_state() {
     let cfg = PlanConfig {
         node_id: "node1".into(),
         restricted_ports: [22].into(),
+        families: Families::default(),
     };
-    let table = plan::plan(&pods, Some(Ipv4Addr::new(203, 0, 113, 7)), &cfg);
+    let table = plan::plan(
+        &pods,
+        crate::model::DualStack::v4(Ipv4Addr::new(203, 0, 113, 7)),
+        &cfg,
+    );
     let rows = entry_rows(&table, false);
     let states: Vec<_> = rows.iter().map(|r| (r.pod.as_str(), r.state)).collect();
     assert_eq!(
@@ -105,7 +112,7 @@ fn rows_cover_every_state() {
     assert_eq!(rows[2].winner.as_deref(), Some("mail:new"));
     assert!(rows[0].message.as_deref().unwrap().contains("srcPort"));
 
-    let pending = plan::plan(&pods[..1], None, &cfg);
+    let pending = plan::plan(&pods[..1], crate::model::DualStack::default(), &cfg);
     let rows = entry_rows(&pending, true);
     assert_eq!(rows[0].state, EntryState::Pending);
     assert_eq!(rows[0].public_address, None);
@@ -116,11 +123,12 @@ fn rows_cover_every_state() {
 #[test]
 fn json_keys_are_stable() {
     let e = Entry {
+        family: Some(Family::Ipv4),
         namespace: "mail".into(),
         pod: "mx".into(),
-        public_address: Some(Ipv4Addr::new(203, 0, 113, 7)),
+        public_address: Some(Ipv4Addr::new(203, 0, 113, 7).into()),
         public_port: Some(25),
-        pod_address: Some(Ipv4Addr::new(10, 1, 0, 5)),
+        pod_address: Some(Ipv4Addr::new(10, 1, 0, 5).into()),
         pod_port: Some(25),
         proto: Some(Proto::Tcp),
         state: EntryState::ConflictLost,

@@ -169,7 +169,7 @@ mod tests {
     fn mapping(owner: &PodRef, port: u16, pod_ip: [u8; 4]) -> Mapping {
         Mapping {
             key: NatKey {
-                public_ip: Ipv4Addr::new(203, 0, 113, 7),
+                public_ip: Ipv4Addr::new(203, 0, 113, 7).into(),
                 public_port: port,
                 proto: Proto::Tcp,
             },
@@ -208,7 +208,7 @@ mod tests {
         t.rules.dnat.push(mapping(&a, 25, [10, 1, 0, 5]));
         t.rejected.push(Rejection {
             pod: bad.clone(),
-            error: annotation::parse("{", &Default::default()).unwrap_err(),
+            error: annotation::parse("{", &Default::default(), Default::default()).unwrap_err(),
         });
         let evs = ledger.observe(&t, in_store);
         assert_eq!(

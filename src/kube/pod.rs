@@ -114,6 +114,7 @@ fn parse_pod_list(text: &str) -> Result<Vec<Pod>, ListError> {
 mod tests {
     use super::*;
     use crate::model::PodRef;
+    use std::net::Ipv4Addr;
 
     #[test]
     fn facts_from_a_kubectl_pod_list() {
@@ -133,13 +134,15 @@ mod tests {
         let a = facts(&pods[0], "bln.space/podnat");
         assert_eq!(a.pod, PodRef::new("mail", "mx-0"));
         assert_eq!(a.node.as_deref(), Some("node1"));
-        assert_eq!(a.ip, Some(Ipv4Addr::new(10, 1, 0, 5)));
+        assert_eq!(a.ips.v4, Some(Ipv4Addr::new(10, 1, 0, 5)));
         assert!(a.ready && !a.terminating && !a.finished);
         assert_eq!(a.annotation.as_deref(), Some("{\"entries\":[]}"));
         assert_eq!(a.created.unwrap().as_second(), 1767323045);
         let b = facts(&pods[1], "bln.space/podnat");
         assert!(b.terminating && b.finished && !b.ready);
-        assert_eq!(b.ip, Some(Ipv4Addr::new(10, 1, 0, 9)));
+        // Dual-stack: the IPv6 address listed first in podIPs counts too.
+        assert_eq!(b.ips.v4, Some(Ipv4Addr::new(10, 1, 0, 9)));
+        assert_eq!(b.ips.v6, Some("fd00::1".parse().unwrap()));
         assert_eq!(b.annotation, None);
         assert!(facts(&pods[0], "other/key").annotation.is_none());
     }

@@ -339,7 +339,9 @@ pub struct Choice {
 impl Choice {
     /// The skipped addresses of one family.
     pub fn skipped_of(&self, f: Family) -> impl Iterator<Item = &(IpAddr, SkipReason)> {
-        self.skipped.iter().filter(move |(a, _)| Family::of(*a) == f)
+        self.skipped
+            .iter()
+            .filter(move |(a, _)| Family::of(*a) == f)
     }
 }
 
@@ -409,13 +411,15 @@ fn skip_reason(
             SkipReason::Secondary { link }
         });
     }
+    // Dadfailed first: the kernel keeps a (permanent) address whose
+    // detection failed tentative as well, and it will never become valid.
     for (flag, name) in [
-        (AddressFlags::Tentative, "tentative"),
-        (AddressFlags::Deprecated, "deprecated"),
         (
             AddressFlags::Dadfailed,
             "duplicate address detection failed",
         ),
+        (AddressFlags::Tentative, "tentative"),
+        (AddressFlags::Deprecated, "deprecated"),
     ] {
         if addr.flags.contains(flag) {
             return Some(SkipReason::NotValid {

@@ -2,6 +2,7 @@
 
 use super::*;
 use proptest::prelude::*;
+use std::net::Ipv4Addr;
 
 pub(crate) fn ts(secs: i64) -> Option<Timestamp> {
     Some(Timestamp::from_second(secs).unwrap())
@@ -11,7 +12,7 @@ pub(super) fn pod(ns: &str, name: &str, ip: &str, created: i64, ann: &str) -> Po
     PodFacts {
         pod: PodRef::new(ns, name),
         node: Some("node1.example.org".into()),
-        ip: Some(ip.parse().unwrap()),
+        ips: DualStack::from_iter([ip.parse::<IpAddr>().unwrap()]),
         created: ts(created),
         ready: true,
         terminating: false,
@@ -24,6 +25,7 @@ pub(super) fn cfg() -> PlanConfig {
     PlanConfig {
         node_id: "node1".into(),
         restricted_ports: [22, 53, 6443].into_iter().collect(),
+        families: Families::default(),
     }
 }
 
@@ -63,7 +65,7 @@ fn mail_server_gets_dnat_snat_forward() {
         100,
         r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":143,"dstPort":143},{"srcPort":587,"dstPort":587}]}"#,
     );
-    let t = plan(&[p], Some(PUB), &cfg());
+    let t = plan(&[p], DualStack::v4(PUB), &cfg());
     assert_eq!(t.rules.dnat.len(), 3);
     assert!(t
         .rules
@@ -73,9 +75,9 @@ fn mail_server_gets_dnat_snat_forward() {
     assert_eq!(
         t.rules.snat,
         vec![SnatRule {
-            pod_ip: Ipv4Addr::new(10, 1, 0, 5),
+            pod_ip: Ipv4Addr::new(10, 1, 0, 5).into(),
             proto: Proto::Tcp,
-            public_ip: PUB,
+            public_ip: PUB.into(),
             owner: PodRef::new("mail", "mx-0")
         }]
     );
@@ -94,7 +96,7 @@ fn mail_server_gets_dnat_snat_forward() {
 fn newer_pod_wins_and_older_is_listed_as_loser() {
     let old = pod("a", "old", "10.1.0.1", 100, P25);
     let new = pod("a", "new", "10.1.0.2", 200, P25);
-    let t = plan(&[old, new], Some(PUB), &cfg());
+    let t = plan(&[old, new], DualStack::v4(PUB), &cfg());
     assert_eq!(owners(&t), vec!["a:new"]);
     assert_eq!(t.conflicts.len(), 1);
     assert_eq!(t.conflicts[0].loser, PodRef::new("a", "old"));
@@ -109,7 +111,7 @@ fn ready_beats_newer() {
     let old = pod("a", "old", "10.1.0.1", 100, P25);
     let mut new = pod("a", "new", "10.1.0.2", 200, P25);
     new.ready = false;
-    let t = plan(&[new, old], Some(PUB), &cfg());
+    let t = plan(&[new, old], DualStack::v4(PUB), &cfg());
     assert_eq!(owners(&t), vec!["a:old"]);
 }
 
@@ -120,7 +122,7 @@ fn ties_go_by_namespace_then_name() {
             pod("b", "x", "10.1.0.1", 100, P25),
             pod("a", "z", "10.1.0.2", 100, P25),
         ],
-        Some(PUB),
+        DualStack::v4(PUB),
         &cfg(),
     );
     assert_eq!(owners(&t), vec!["b:x"]);
@@ -129,7 +131,7 @@ fn ties_go_by_namespace_then_name() {
             pod("a", "y", "10.1.0.1", 100, P25),
             pod("a", "z", "10.1.0.2", 100, P25),
         ],
-        Some(PUB),
+        DualStack::v4(PUB),
         &cfg(),
     );
     assert_eq!(owners(&t), vec!["a:z"]);
@@ -142,7 +144,7 @@ fn non_candidates_are_excluded() {
     let mut finished = pod("a", "f", "10.1.0.2", 300, P25);
     finished.finished = true;
     let mut no_ip = pod("a", "n", "10.1.0.3", 300, P25);
-    no_ip.ip = None;
+    no_ip.ips = DualStack::default();
     let mut elsewhere = pod("a", "e", "10.1.0.4", 300, P25);
     elsewhere.node = Some("node2.example.org".into());
     let mut unscheduled = pod("a", "u", "10.1.0.6", 300, P25);
@@ -150,7 +152,7 @@ fn non_candidates_are_excluded() {
     let ok = pod("a", "ok", "10.1.0.5", 100, P25);
     let t = plan(
         &[terminating, finished, no_ip, elsewhere, unscheduled, ok],
-        Some(PUB),
+        DualStack::v4(PUB),
         &cfg(),
     );
     assert_eq!(owners(&t), vec!["a:ok"]);
@@ -165,7 +167,7 @@ fn short_node_name_matches() {
         node_id: "node1.example.org".into(),
         ..cfg()
     };
-    assert_eq!(plan(&[p], Some(PUB), &c).rules.dnat.len(), 1);
+    assert_eq!(plan(&[p], DualStack::v4(PUB), &c).rules.dnat.len(), 1);
 }
 
 #[test]
@@ -177,20 +179,21 @@ fn manual_address_vs_auto_and_pending() {
         1,
         r#"{"entries":[{"srcPort":80,"dstPort":8080},{"srcIP":"198.51.100.9","srcPort":443,"dstPort":8443}]}"#,
     );
-    let t = plan(std::slice::from_ref(&p), Some(PUB), &cfg());
+    let t = plan(std::slice::from_ref(&p), DualStack::v4(PUB), &cfg());
     let keys: Vec<String> = t.rules.dnat.iter().map(|m| m.key.to_string()).collect();
     assert_eq!(keys, vec!["198.51.100.9:443/tcp", "203.0.113.7:80/tcp"]);
     // SNAT goes to the first entry's address (annotation order).
     assert_eq!(t.rules.snat.len(), 1);
     assert_eq!(t.rules.snat[0].public_ip, PUB);
 
-    let t = plan(&[p], None, &cfg());
+    let t = plan(&[p], DualStack::default(), &cfg());
     assert_eq!(keys_of(&t), vec!["198.51.100.9:443/tcp"]);
     assert_eq!(
         t.pending,
         vec![Pending {
             pod: PodRef::new("a", "p"),
             entry: 0,
+            family: Family::Ipv4,
             public_port: 80,
             proto: Proto::Tcp,
             pod_port: 8080
@@ -219,7 +222,7 @@ fn tcp_and_udp_on_the_same_port_are_different_keys() {
         2,
         r#"{"entries":[{"srcPort":500,"dstPort":500,"proto":"udp"}]}"#,
     );
-    let t = plan(&[a, b], Some(PUB), &cfg());
+    let t = plan(&[a, b], DualStack::v4(PUB), &cfg());
     assert_eq!(
         keys_of(&t),
         vec!["203.0.113.7:500/tcp", "203.0.113.7:500/udp"]
@@ -238,7 +241,7 @@ fn rejected_pod_gets_nothing_and_others_keep_working() {
         r#"{"entries":[{"srcPort":25,"dstPort":0}]}"#,
     );
     let good = pod("a", "good", "10.1.0.2", 1, P25);
-    let t = plan(&[bad, good], Some(PUB), &cfg());
+    let t = plan(&[bad, good], DualStack::v4(PUB), &cfg());
     assert_eq!(owners(&t), vec!["a:good"]);
     assert_eq!(t.rejected.len(), 1);
     assert_eq!(t.rejected[0].pod, PodRef::new("a", "bad"));
@@ -252,7 +255,7 @@ fn rejected_pod_gets_nothing_and_others_keep_working() {
 fn snat_follows_first_winning_entry_per_protocol() {
     // Entry 0 (public A) is lost to a newer pod; entry 1 (public B) is won.
     let (a, b) = snat_contest();
-    let t = plan(&[a, b], Some(PUB), &cfg());
+    let t = plan(&[a, b], DualStack::v4(PUB), &cfg());
     let a_snat = t.rules.snat.iter().find(|s| s.owner.name == "a").unwrap();
     assert_eq!(a_snat.public_ip, Ipv4Addr::new(198, 51, 100, 2));
 }
@@ -312,8 +315,8 @@ proptest! {
             s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             shuffled.swap(i, (s >> 33) as usize % (i + 1));
         }
-        let a = plan(&pods, Some(PUB), &cfg());
-        let b = plan(&shuffled, Some(PUB), &cfg());
+        let a = plan(&pods, DualStack::v4(PUB), &cfg());
+        let b = plan(&shuffled, DualStack::v4(PUB), &cfg());
         prop_assert_eq!(&a, &b);
         // Every key has exactly one winner; every loser is a real claimant.
         let keys: BTreeSet<NatKey> = a.rules.dnat.iter().map(|m| m.key).collect();

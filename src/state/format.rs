@@ -234,9 +234,7 @@ mod go_ip {
     /// may come as `::ffff:a.b.c.d`; both are the same IPv4 address.
     fn ip(text: &str) -> Result<IpAddr, String> {
         match text.parse::<IpAddr>() {
-            Ok(IpAddr::V6(a)) => Ok(a
-                .to_ipv4_mapped()
-                .map_or(IpAddr::V6(a), IpAddr::V4)),
+            Ok(IpAddr::V6(a)) => Ok(a.to_ipv4_mapped().map_or(IpAddr::V6(a), IpAddr::V4)),
             Ok(a) => Ok(a),
             Err(_) => Err(format!("{text:?} is not an IP address")),
         }
@@ -304,6 +302,7 @@ impl fmt::Display for RecordId {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv4Addr;
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -312,7 +311,7 @@ mod tests {
     fn mapping(port: u16, proto: Proto, pod_ip: [u8; 4], owner: &str) -> Mapping {
         Mapping {
             key: NatKey {
-                public_ip: Ipv4Addr::new(203, 0, 113, 7),
+                public_ip: Ipv4Addr::new(203, 0, 113, 7).into(),
                 public_port: port,
                 proto,
             },
@@ -364,8 +363,8 @@ mod tests {
             ("[]", "expected a map"),
             (r#"{"k":[{"Protocol":"sctp"}]}"#, "sctp"),
             (
-                r#"{"k":[{"Protocol":"tcp","SourceIP":"fe80::1","SourcePort":1,"DestinationIP":"10.0.0.1","DestinationPort":1,"LastVerified":"2024-01-01T00:00:00Z","Created":"2024-01-01T00:00:00Z"}]}"#,
-                "IPv6",
+                r#"{"k":[{"Protocol":"tcp","SourceIP":"fe80::1::2","SourcePort":1,"DestinationIP":"10.0.0.1","DestinationPort":1,"LastVerified":"2024-01-01T00:00:00Z","Created":"2024-01-01T00:00:00Z"}]}"#,
+                "not an IP address",
             ),
             (
                 r#"{"k":[{"Protocol":"tcp","SourceIP":{"Zone":""},"SourcePort":1}]}"#,
@@ -392,7 +391,7 @@ mod tests {
 
         // a stays; b moves to a new pod IP; a UDP twin of b appears.
         let b_moved = Mapping {
-            pod_ip: Ipv4Addr::new(10, 42, 0, 10),
+            pod_ip: Ipv4Addr::new(10, 42, 0, 10).into(),
             ..b.clone()
         };
         let second = StateFile::from_mappings(&[a.clone(), b_moved, b_udp], &first, t1);

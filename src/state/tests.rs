@@ -54,11 +54,11 @@ impl MemoryStore {
 fn mapping(port: u16) -> Mapping {
     Mapping {
         key: NatKey {
-            public_ip: Ipv4Addr::new(203, 0, 113, 7),
+            public_ip: Ipv4Addr::new(203, 0, 113, 7).into(),
             public_port: port,
             proto: Proto::Tcp,
         },
-        pod_ip: Ipv4Addr::new(10, 1, 0, 5),
+        pod_ip: Ipv4Addr::new(10, 1, 0, 5).into(),
         pod_port: port,
         owner: PodRef::new("mail", "mx"),
     }

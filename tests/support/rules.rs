@@ -1,13 +1,13 @@
 //! Rule sets for kernel tests, built as the planner builds them.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use podnat_controller::firewall::Names;
 use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
 
 use super::netns::{POD_A_IP, PUBLIC_IP};
 
-pub fn ip(s: &str) -> Ipv4Addr {
+pub fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
 
@@ -87,7 +87,7 @@ pub fn mail() -> RuleSet {
 pub fn bulk(ports: u16) -> RuleSet {
     let mut r = RuleSet::default();
     for i in 0..ports {
-        let pod = Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1);
+        let pod = IpAddr::V4(Ipv4Addr::new(10, 2, (i / 250) as u8, (i % 250) as u8 + 1));
         let owner = PodRef::new("bulk", format!("p-{i}"));
         r.dnat.push(Mapping {
             key: NatKey {

@@ -176,7 +176,11 @@ impl Iptables {
                 batch.add_chain(
                     &place.base_chain(table),
                     MsgType::Add,
-                    format!("add chain {} to table {fam} {}", place.parent(), place.table()),
+                    format!(
+                        "add chain {} to table {fam} {}",
+                        place.parent(),
+                        place.table()
+                    ),
                 );
             }
             let own = place.own(&self.names);

@@ -128,7 +128,11 @@ fn offset(side: Side, f: Family) -> u32 {
 /// `-s A/32` / `-d A/128`.
 fn host(e: &mut Vec<Expr>, side: Side, ip: IpAddr) {
     let o = octets(&ip);
-    e.push(load(BASE_NETWORK, offset(side, Family::of(ip)), o.len() as u32));
+    e.push(load(
+        BASE_NETWORK,
+        offset(side, Family::of(ip)),
+        o.len() as u32,
+    ));
     e.push(cmp_eq(&o));
 }
 
@@ -485,9 +489,7 @@ fn collect(exprs: &[Expr], family: Family) -> Fields {
                 kind, name, info, ..
             } => match (kind.as_str(), name.as_str()) {
                 ("match", "comment") => f.comment = xt::parse_comment_info(info),
-                ("target", "DNAT") => {
-                    f.dnat = xt::parse_dnat_range2(info, family == Family::Ipv6)
-                }
+                ("target", "DNAT") => f.dnat = xt::parse_dnat_range2(info, family == Family::Ipv6),
                 ("target", "SNAT") if family == Family::Ipv4 => {
                     f.snat = xt::parse_snat_compat(info).map(IpAddr::V4)
                 }

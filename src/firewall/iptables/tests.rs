@@ -1,12 +1,12 @@
 //! Pure tests of the iptables flavor's plans and dry run.
 use super::*;
 use crate::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 fn mail() -> RuleSet {
     let owner = PodRef::new("mail", "mx-0");
-    let public_ip = Ipv4Addr::new(203, 0, 113, 7);
-    let pod_ip = Ipv4Addr::new(10, 1, 0, 5);
+    let public_ip: IpAddr = Ipv4Addr::new(203, 0, 113, 7).into();
+    let pod_ip: IpAddr = Ipv4Addr::new(10, 1, 0, 5).into();
     let mut r = RuleSet::default();
     for port in [25, 587] {
         r.dnat.push(Mapping {
@@ -42,6 +42,7 @@ fn dry_run_on_an_empty_kernel_creates_everything() {
     let flavor = Iptables {
         names,
         jumps: JumpPositions::default(),
+        family: Family::Ipv4,
     };
     let state = flavor.empty();
     let changes = Changes::plan(&state, &mail(), &flavor.jumps);
@@ -94,10 +95,12 @@ fn a_refused_rule_is_described_as_the_dry_run_writes_it() {
     let flavor = Iptables {
         names: Names::new("podnat"),
         jumps: JumpPositions::default(),
+        family: Family::Ipv4,
     };
     let state = flavor.empty();
     let changes = Changes::plan(&state, &mail(), &flavor.jumps);
-    let (batch, sent) = flavor.encode(&state, &changes);
+    let mut batch = NftBatch::new();
+    let sent = flavor.encode(&mut batch, &state, &changes);
     assert_eq!(sent.len(), 12, "9 own rules and 3 jumps");
     let dry_run = flavor.render(&state, &changes);
     let final_batch = batch.finalize(None);

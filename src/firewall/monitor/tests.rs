@@ -3,8 +3,8 @@ use crate::firewall::netlink::Attrs;
 
 fn iptables_interest() -> Interest {
     Interest {
-        family: libc::NFPROTO_IPV4 as u8,
         tables: vec![TableInterest {
+            family: libc::NFPROTO_IPV4 as u8,
             table: "nat".into(),
             whole: false,
             chains: vec!["PODNAT_PRE".into()],
@@ -81,8 +81,8 @@ fn only_our_chains_and_the_rules_of_our_parents_concern_us() {
 #[test]
 fn a_whole_table_interest_takes_every_object_of_it() {
     let i = Interest {
-        family: IP,
         tables: vec![TableInterest {
+            family: IP,
             table: "podnat".into(),
             whole: true,
             chains: vec![],

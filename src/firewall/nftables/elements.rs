@@ -17,7 +17,6 @@ pub(super) fn port_field(port: u16) -> [u8; 4] {
     [b[0], b[1], 0, 0]
 }
 
-
 pub(super) fn port_at(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes(b.get(at..at + 2)?.try_into().ok()?))
 }

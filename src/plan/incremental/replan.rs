@@ -77,18 +77,18 @@ impl IncrementalPlan {
         for (pod_ip, proto) in std::mem::take(&mut dirty.snat) {
             // Each candidate's first winning entry of `proto` (annotation
             // order); the highest-ranked candidate owns the slot.
-            let want = self
-                .candidates_at(pod_ip)
-                .filter_map(|s| {
-                    let pod = &s.facts.pod;
-                    let family = Family::of(pod_ip);
-                    let e = s.entries().iter().find(|e| {
-                        e.proto == proto && e.family == family && self.wins(pod, e)
-                    })?;
-                    Some((s.rank(), self.key_of(e)?.public_ip))
-                })
-                .max_by(|a, b| a.0.cmp(&b.0))
-                .map(|((_, _, owner), public_ip)| (public_ip, owner));
+            let want =
+                self.candidates_at(pod_ip)
+                    .filter_map(|s| {
+                        let pod = &s.facts.pod;
+                        let family = Family::of(pod_ip);
+                        let e = s.entries().iter().find(|e| {
+                            e.proto == proto && e.family == family && self.wins(pod, e)
+                        })?;
+                        Some((s.rank(), self.key_of(e)?.public_ip))
+                    })
+                    .max_by(|a, b| a.0.cmp(&b.0))
+                    .map(|((_, _, owner), public_ip)| (public_ip, owner));
             let list = &self.table.rules.snat;
             let at = list.binary_search_by(|r| (r.pod_ip, r.proto).cmp(&(pod_ip, proto)));
             if at.ok().map(|i| (list[i].public_ip, &list[i].owner)) == want {

@@ -6,13 +6,15 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
+use std::net::{Ipv4Addr, Ipv6Addr};
+
 use super::*;
-use crate::model::RuleSet;
+use crate::model::{Families, RuleSet};
 use crate::plan::plan;
 use crate::plan::tests::{cfg, pod, snat_contest, P25, PUB};
 
 fn planner(pods: &[PodFacts]) -> IncrementalPlan {
-    let mut inc = IncrementalPlan::new(cfg(), Some(PUB));
+    let mut inc = IncrementalPlan::new(cfg(), DualStack::v4(PUB));
     for p in pods {
         inc.upsert(p.clone());
     }
@@ -42,7 +44,7 @@ fn winner_leaves_and_the_loser_takes_over() {
     assert_eq!(owners(&ch.rules.del.forward, |f| &f.owner), vec!["a:new"]);
     assert_eq!(ch.pods, [old.pod.clone(), new.pod].into_iter().collect());
     assert!(inc.table().conflicts.is_empty());
-    assert_eq!(inc.table(), &plan(&[old], Some(PUB), &cfg()));
+    assert_eq!(inc.table(), &plan(&[old], DualStack::v4(PUB), &cfg()));
 }
 
 #[test]
@@ -60,16 +62,16 @@ fn snat_moves_to_the_next_entry_when_the_first_loses() {
             .find(|s| s.owner == a.pod)
             .map(|s| s.public_ip)
     };
-    assert_eq!(a_snat(&ch.rules.del), Some(Ipv4Addr::new(198, 51, 100, 1)));
-    assert_eq!(a_snat(&ch.rules.add), Some(Ipv4Addr::new(198, 51, 100, 2)));
+    assert_eq!(a_snat(&ch.rules.del), Some(IpAddr::from([198, 51, 100, 1])));
+    assert_eq!(a_snat(&ch.rules.add), Some(IpAddr::from([198, 51, 100, 2])));
     assert_eq!(
         inc.table(),
-        &plan(&[a.clone(), b.clone()], Some(PUB), &cfg())
+        &plan(&[a.clone(), b.clone()], DualStack::v4(PUB), &cfg())
     );
 
     let ch = inc.remove(&b.pod);
-    assert_eq!(a_snat(&ch.rules.add), Some(Ipv4Addr::new(198, 51, 100, 1)));
-    assert_eq!(inc.table(), &plan(&[a], Some(PUB), &cfg()));
+    assert_eq!(a_snat(&ch.rules.add), Some(IpAddr::from([198, 51, 100, 1])));
+    assert_eq!(inc.table(), &plan(&[a], DualStack::v4(PUB), &cfg()));
 }
 
 #[test]
@@ -95,7 +97,7 @@ fn a_new_pod_on_an_old_pods_ip_owns_the_shared_snat_and_forward() {
     assert!(ch.rules.add.is_empty() && ch.rules.del.snat.is_empty());
     assert_eq!(
         inc.table(),
-        &plan(&[old.clone(), new.clone()], Some(PUB), &cfg())
+        &plan(&[old.clone(), new.clone()], DualStack::v4(PUB), &cfg())
     );
 
     // The new pod goes first instead: the old one gets the shared slots back.
@@ -104,7 +106,7 @@ fn a_new_pod_on_an_old_pods_ip_owns_the_shared_snat_and_forward() {
     let ch = inc.remove(&new.pod);
     assert_eq!(owners(&ch.rules.add.snat, |s| &s.owner), vec!["a:old"]);
     assert_eq!(owners(&ch.rules.add.forward, |f| &f.owner), vec!["a:old"]);
-    assert_eq!(inc.table(), &plan(&[old], Some(PUB), &cfg()));
+    assert_eq!(inc.table(), &plan(&[old], DualStack::v4(PUB), &cfg()));
 }
 
 #[test]
@@ -141,14 +143,14 @@ fn a_rejected_annotation_is_reported_then_cleared_when_fixed() {
 #[test]
 fn an_address_found_later_turns_pending_entries_into_rules() {
     let p = pod("a", "p", "10.1.0.1", 1, P25);
-    let mut inc = IncrementalPlan::new(cfg(), None);
+    let mut inc = IncrementalPlan::new(cfg(), DualStack::default());
     let ch = inc.upsert(p.clone());
     assert!(ch.rules.is_empty() && ch.pods.contains(&p.pod));
     assert_eq!(inc.table().pending.len(), 1);
-    let ch = inc.set_public_address(Some(PUB));
+    let ch = inc.set_public_address(DualStack::v4(PUB));
     assert_eq!(ch.rules.add.len(), 3);
     assert!(ch.pods.contains(&p.pod));
-    assert_eq!(inc.table(), &plan(&[p], Some(PUB), &cfg()));
+    assert_eq!(inc.table(), &plan(&[p], DualStack::v4(PUB), &cfg()));
 }
 
 #[test]
@@ -166,6 +168,8 @@ fn a_pod_that_comes_and_goes_within_one_burst_programs_nothing() {
 /// Annotations that meet: the same port (TCP and UDP, auto and manual
 /// address), shared pod ports, SNAT across addresses, rejected ones.
 const ANNOTATIONS: &[&str] = &[
+    r#"{"entries":[{"srcIP":"2001:db8::1","srcPort":25,"dstPort":25},{"srcPort":26,"dstPort":25}]}"#,
+    r#"{"entries":[{"srcIP":"2001:db8::7","srcPort":25,"dstPort":2525,"proto":"udp"},{"srcIP":"198.51.100.1","srcPort":25,"dstPort":25}]}"#,
     P25,
     r#"{"entries":[{"srcPort":25,"dstPort":2525},{"srcPort":143,"dstPort":143}]}"#,
     r#"{"entries":[{"srcPort":500,"dstPort":500,"proto":"udp"},{"srcPort":500,"dstPort":500}]}"#,
@@ -180,7 +184,36 @@ const ANNOTATIONS: &[&str] = &[
     r#"{"entries":[]}"#,
 ];
 
-const ADDRESSES: [Option<Ipv4Addr>; 3] = [None, Some(PUB), Some(Ipv4Addr::new(203, 0, 113, 8))];
+/// Public addresses the node may have: none, IPv4 alone, both, IPv6 alone.
+const ADDRESSES: [DualStack; 5] = [
+    DualStack { v4: None, v6: None },
+    DualStack {
+        v4: Some(PUB),
+        v6: None,
+    },
+    DualStack {
+        v4: Some(Ipv4Addr::new(203, 0, 113, 8)),
+        v6: Some(V6),
+    },
+    DualStack {
+        v4: Some(PUB),
+        v6: Some(V6),
+    },
+    DualStack {
+        v4: None,
+        v6: Some(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 8)),
+    },
+];
+const V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
+
+/// The random sequences run dual-stack: both families, each planned on its
+/// own, must still equal the full plan.
+fn dual() -> PlanConfig {
+    PlanConfig {
+        families: Families::DUAL,
+        ..cfg()
+    }
+}
 
 #[derive(Clone, Debug)]
 enum Event {
@@ -188,7 +221,7 @@ enum Event {
     /// One field of a pod already there changes, as in a status update.
     Tweak(PodRef, u8),
     Remove(PodRef),
-    Address(Option<Ipv4Addr>),
+    Address(DualStack),
     Resync,
 }
 
@@ -199,17 +232,20 @@ fn arb_ref() -> impl Strategy<Value = PodRef> {
 fn arb_facts() -> impl Strategy<Value = PodFacts> {
     (
         arb_ref(),
-        (0u8..4, 0i64..3, any::<bool>()),
+        (0u8..4, 0u8..3, 0i64..3, any::<bool>()),
         (0u8..8, 0u8..8, 0u8..4),
         0..ANNOTATIONS.len() + 1,
     )
-        .prop_map(|(r, (ip, created, ready), (term, fin, node), ann)| {
+        .prop_map(|(r, (ip, ip6, created, ready), (term, fin, node), ann)| {
             let mut p = pod(&r.namespace, &r.name, &format!("10.1.0.{ip}"), created, P25);
             p.ready = ready;
             p.terminating = term == 0;
             p.finished = fin == 0;
             if ip == 0 {
-                p.ip = None;
+                p.ips.v4 = None;
+            }
+            if ip6 > 0 {
+                p.ips.v6 = Some(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, ip6.into()));
             }
             p.node = match node {
                 0 => Some("node1".into()),
@@ -236,8 +272,14 @@ fn tweak(p: &mut PodFacts, what: u8) {
     match what {
         0 => p.ready = !p.ready,
         1 => {
-            let next = p.ip.map_or(1, |ip| ip.octets()[3] % 3 + 1);
-            p.ip = Some(Ipv4Addr::new(10, 1, 0, next));
+            let next = p.ips.v4.map_or(1, |ip| ip.octets()[3] % 3 + 1);
+            p.ips.v4 = Some(Ipv4Addr::new(10, 1, 0, next));
+            // The IPv6 address comes, moves and goes in turn.
+            p.ips.v6 = match p.ips.v6.map(|a| a.segments()[7]) {
+                None => Some(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 1)),
+                Some(1) => Some(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, 2)),
+                Some(_) => None,
+            };
         }
         2 => p.terminating = !p.terminating,
         3 => p.finished = !p.finished,
@@ -286,8 +328,8 @@ proptest! {
         events in proptest::collection::vec(arb_event(), 1..40),
     ) {
         let mut pods: BTreeMap<PodRef, PodFacts> = BTreeMap::new();
-        let mut address = Some(PUB);
-        let mut inc = IncrementalPlan::new(cfg(), address);
+        let mut address = ADDRESSES[3];
+        let mut inc = IncrementalPlan::new(dual(), address);
         let mut burst = TableChange::default();
         let mut shadow = inc.table().clone();
         for event in events {
@@ -321,7 +363,7 @@ proptest! {
                 }
             };
             let all: Vec<PodFacts> = pods.values().cloned().collect();
-            let want = plan(&all, address, &cfg());
+            let want = plan(&all, address, &dual());
             prop_assert_eq!(inc.table(), &want);
             // The change is exactly the difference, and applying it gives the new rules.
             prop_assert_eq!(&change.rules, &Changes::between(&before.rules, &want.rules));
@@ -346,8 +388,8 @@ proptest! {
         prop_assert_eq!(&burst.rules, &Changes::between(&RuleSet::default(), &inc.table().rules));
         // A fresh planner reset from the final pods agrees too.
         let all: Vec<PodFacts> = pods.values().cloned().collect();
-        let mut fresh = IncrementalPlan::new(cfg(), address);
-        prop_assert_eq!(fresh.reset(&all), &plan(&all, address, &cfg()));
+        let mut fresh = IncrementalPlan::new(dual(), address);
+        prop_assert_eq!(fresh.reset(&all), &plan(&all, address, &dual()));
     }
 }
 
@@ -404,12 +446,12 @@ fn bench_one_port_vs_full_plan() {
     let mut not_ready = five.clone();
     not_ready.ready = false;
 
-    let mut inc = IncrementalPlan::new(cfg(), Some(PUB));
+    let mut inc = IncrementalPlan::new(cfg(), DualStack::v4(PUB));
     inc.reset(&pods);
     println!("1000 pods x 5 ports ({} rules)", inc.table().rules.len());
     let resets = (0..20)
         .map(|_| {
-            let mut fresh = IncrementalPlan::new(cfg(), Some(PUB));
+            let mut fresh = IncrementalPlan::new(cfg(), DualStack::v4(PUB));
             time(|| fresh.reset(&pods).rules.len())
         })
         .collect();
@@ -421,12 +463,16 @@ fn bench_one_port_vs_full_plan() {
         flip.push(time(|| inc.upsert(not_ready.clone())));
         flip.push(time(|| inc.upsert(five.clone())));
     }
-    assert_eq!(inc.table(), &plan(&pods, Some(PUB), &cfg()));
+    assert_eq!(inc.table(), &plan(&pods, DualStack::v4(PUB), &cfg()));
     // Parts of an upsert: parsing the annotation, and the memmove of a
     // sorted Vec insert + remove in the middle of the DNAT list.
     let text = six.annotation.clone().unwrap_or_default();
     let parse = (0..2000)
-        .map(|_| time(|| crate::annotation::parse(&text, &cfg().restricted_ports).ok()))
+        .map(|_| {
+            time(|| {
+                crate::annotation::parse(&text, &cfg().restricted_ports, Families::default()).ok()
+            })
+        })
         .collect();
     let mut dnat = inc.table().rules.dnat.clone();
     let shift = (0..2000)
@@ -439,14 +485,14 @@ fn bench_one_port_vs_full_plan() {
         .collect();
     let mut with_six = pods.clone();
     with_six[500] = six;
-    let before = plan(&pods, Some(PUB), &cfg());
+    let before = plan(&pods, DualStack::v4(PUB), &cfg());
     let full = (0..50)
-        .map(|_| time(|| plan(&with_six, Some(PUB), &cfg())))
+        .map(|_| time(|| plan(&with_six, DualStack::v4(PUB), &cfg())))
         .collect();
     let full_diff = (0..50)
         .map(|_| {
             time(|| {
-                let t = plan(&with_six, Some(PUB), &cfg());
+                let t = plan(&with_six, DualStack::v4(PUB), &cfg());
                 Changes::between(&before.rules, &t.rules)
             })
         })

@@ -8,9 +8,11 @@ fn owner(s: &str) -> PodRef {
     PodRef::from_comment(s).unwrap()
 }
 
-fn ip(s: &str) -> Ipv4Addr {
+fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
+
+const V4: Family = Family::Ipv4;
 
 /// The rules of the captured iptables-nft commands, as the agent names them.
 fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
@@ -110,7 +112,7 @@ fn every_rule_is_byte_identical_to_iptables_nft() {
         let (_, flags, bytes) = observed.iter().find(|(n, _, _)| n == name).unwrap();
         // -A: NLM_F_REQUEST | NLM_F_CREATE | NLM_F_APPEND.
         assert_eq!(*flags, 0xc01, "{name}");
-        let got = rule_attrs(table, chain, None, &rule, &names);
+        let got = rule_attrs(table, chain, None, &rule, &names, V4);
         assert_eq!(
             got.as_bytes(),
             bytes.as_slice(),
@@ -126,7 +128,7 @@ fn every_observed_rule_decodes_back() {
     for (name, _, _, rule) in agent_rules() {
         let (_, _, bytes) = observed.iter().find(|(n, _, _)| n == name).unwrap();
         let exprs = parse_exprs(find_attr(bytes, sys::NFTA_RULE_EXPRESSIONS).unwrap());
-        assert_eq!(decode(&exprs, &names), Some(rule), "{name}");
+        assert_eq!(decode(&exprs, &names, V4), Some(rule), "{name}");
     }
 }
 
@@ -143,28 +145,28 @@ fn near_misses_are_not_the_agents() {
         pod_port: 25,
         owner: owner("mail:mx-0"),
     });
-    let exprs = parse_exprs(encode(&m, &names).exprs.attrs().as_bytes());
-    assert_eq!(decode(&exprs, &names), Some(m));
+    let exprs = parse_exprs(encode(&m, &names, V4).exprs.attrs().as_bytes());
+    assert_eq!(decode(&exprs, &names, V4), Some(m));
     // Without the counter.
     let no_counter: Vec<Expr> = exprs
         .iter()
         .filter(|e| **e != Expr::Counter)
         .cloned()
         .collect();
-    assert_eq!(decode(&no_counter, &names), None);
+    assert_eq!(decode(&no_counter, &names, V4), None);
     // With an extra expression.
     let mut extra = exprs.clone();
     extra.insert(0, Expr::Other("ct".into()));
-    assert_eq!(decode(&extra, &names), None);
+    assert_eq!(decode(&extra, &names, V4), None);
     // A jump with another comment is not the agent's canonical jump.
     let other = Names::new("other");
     let j = parse_exprs(
-        encode(&AgentRule::Jump("PODNAT_PRE".into()), &other)
+        encode(&AgentRule::Jump("PODNAT_PRE".into()), &other, V4)
             .exprs
             .attrs()
             .as_bytes(),
     );
-    assert_eq!(decode(&j, &names), None);
+    assert_eq!(decode(&j, &names, V4), None);
     assert_eq!(jump_target(&j), Some("PODNAT_PRE"));
     // An ownerless comment does not decode.
     let mut bad = exprs;
@@ -175,7 +177,7 @@ fn near_misses_are_not_the_agents() {
             }
         }
     }
-    assert_eq!(decode(&bad, &names), None);
+    assert_eq!(decode(&bad, &names, V4), None);
 }
 
 fn arb_owner() -> impl Strategy<Value = PodRef> {
@@ -183,7 +185,7 @@ fn arb_owner() -> impl Strategy<Value = PodRef> {
 }
 
 fn arb_rule() -> impl Strategy<Value = AgentRule> {
-    let ip = any::<u32>().prop_map(Ipv4Addr::from);
+    let ip = any::<u32>().prop_map(|n| IpAddr::V4(Ipv4Addr::from(n)));
     let proto = prop_oneof![Just(Proto::Tcp), Just(Proto::Udp)];
     prop_oneof![
         (0..GO_INTERNAL_NETWORKS.len()).prop_map(AgentRule::Return),
@@ -251,12 +253,12 @@ proptest! {
     #[test]
     fn any_rule_round_trips(rule in arb_rule()) {
         let names = Names::new("podnat");
-        let wire = encode(&rule, &names);
+        let wire = encode(&rule, &names, V4);
         // The wire form parses back to the description...
         let parsed = parse_exprs(wire.exprs.attrs().as_bytes());
-        prop_assert_eq!(&parsed, &exprs_of(&rule, &names));
+        prop_assert_eq!(&parsed, &exprs_of(&rule, &names, V4));
         // ...which decodes to the rule (owners as their comments say).
-        prop_assert_eq!(decode(&parsed, &names), Some(as_read_back(rule)));
+        prop_assert_eq!(decode(&parsed, &names, V4), Some(as_read_back(rule)));
     }
 }
 
@@ -267,8 +269,9 @@ fn go_internal_networks_are_the_models_in_go_order() {
     go.sort();
     model.sort();
     assert_eq!(go, model);
-    assert_eq!(GO_INTERNAL_NETWORKS[0], (ip("172.16.0.0"), 12));
-    assert_eq!(GO_INTERNAL_NETWORKS[3], (ip("127.0.0.0"), 8));
+    let v4 = internal_returns(V4);
+    assert_eq!(v4[0], (ip("172.16.0.0"), 12));
+    assert_eq!(v4[3], (ip("127.0.0.0"), 8));
 }
 
 #[test]
