@@ -80,6 +80,7 @@ impl Harness {
             plan: PlanConfig {
                 node_id: "node1".into(),
                 restricted_ports: BTreeSet::from([22, 53, 6443]),
+                families: Default::default(),
             },
             annotation_key: KEY.into(),
             resync,
@@ -89,7 +90,9 @@ impl Harness {
         };
         let st = Arc::clone(&status);
         let task = rt.spawn(async move {
-            let (_fixed, address) = fixed_address("203.0.113.7".parse().unwrap());
+            let (_fixed, address) = fixed_address(podnat_controller::model::DualStack::v4(
+                "203.0.113.7".parse().unwrap(),
+            ));
             let worker = BackendWorker::spawn(Box::new(backend)).unwrap();
             let feed = PodFeed {
                 store: loop_store,

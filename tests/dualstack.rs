@@ -1,0 +1,291 @@
+//! Dual-stack against the real kernel, in namespaces each test creates: one
+//! rule set with IPv4 and IPv6 mappings goes in as one batch in either
+//! flavor; `ip6tables-nft-save` / `-C` and `nft list table ip6` are the
+//! oracles of the IPv6 part; real TCP/UDP over IPv6 through DNAT and SNAT
+//! while the same pod keeps answering on IPv4; cleanup removes both.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use podnat_controller::config::{Flavor, JumpPositions};
+use podnat_controller::firewall::{backend_with, view, ApplyReport, Backend};
+use podnat_controller::model::{Families, Family, Proto, RuleSet};
+use support::netns::{veth, Netns};
+use support::rules::{names, publish};
+
+const PUBLIC4: &str = "203.0.113.7";
+const PUBLIC6: &str = "2001:db8::7";
+const CLIENT6: &str = "2001:db8::1";
+const POD_A4: &str = "10.1.0.5";
+const POD_A6: &str = "fd00:1::5";
+const POD_B6: &str = "fd00:2::5";
+
+/// The standard sandbox with both families: node, client, two pods on their
+/// own veths; addresses without duplicate detection (no tentative wait).
+struct Dual {
+    node: Netns,
+    client: Netns,
+    pod_a: Netns,
+    pod_b: Netns,
+}
+
+fn sandbox(tag: &str) -> Dual {
+    let node = Netns::new(&format!("{tag}n"));
+    let client = Netns::new(&format!("{tag}c"));
+    let pod_a = Netns::new(&format!("{tag}a"));
+    let pod_b = Netns::new(&format!("{tag}b"));
+    veth(
+        &node,
+        "pub0",
+        "203.0.113.7/24",
+        &client,
+        "eth0",
+        "203.0.113.1/24",
+    );
+    veth(&node, "poda", "10.1.0.1/24", &pod_a, "eth0", "10.1.0.5/24");
+    veth(&node, "podb", "10.1.1.1/24", &pod_b, "eth0", "10.1.1.5/24");
+    node.sh("ip -6 addr add 2001:db8::7/64 dev pub0 nodad && \
+         ip -6 addr add fd00:1::1/64 dev poda nodad && \
+         ip -6 addr add fd00:2::1/64 dev podb nodad && \
+         sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
+    client.sh("ip -6 addr add 2001:db8::1/64 dev eth0 nodad");
+    pod_a.sh(
+        "ip -6 addr add fd00:1::5/64 dev eth0 nodad && ip route add default via 10.1.0.1 && \
+         ip -6 route add default via fd00:1::1",
+    );
+    pod_b.sh(
+        "ip -6 addr add fd00:2::5/64 dev eth0 nodad && ip route add default via 10.1.1.1 && \
+         ip -6 route add default via fd00:2::1",
+    );
+    Dual {
+        node,
+        client,
+        pod_a,
+        pod_b,
+    }
+}
+
+/// Pod A publishes 25/tcp → 2525 and 5353/udp → 5300 on both families.
+fn dual_rules() -> RuleSet {
+    let mut r = RuleSet::default();
+    for (public, pod) in [(PUBLIC4, POD_A4), (PUBLIC6, POD_A6)] {
+        publish(&mut r, "mail:mx-0", public, 25, Proto::Tcp, pod, 2525);
+        publish(&mut r, "mail:mx-0", public, 5353, Proto::Udp, pod, 5300);
+    }
+    r
+}
+
+fn backend(flavor: Flavor) -> Box<dyn Backend> {
+    backend_with(flavor, names(), JumpPositions::default(), Families::DUAL)
+}
+
+fn apply(ns: &Netns, flavor: Flavor, rules: &RuleSet) -> ApplyReport {
+    let rules = rules.clone();
+    ns.run(move || backend(flavor).apply(&rules))
+        .unwrap_or_else(|e| panic!("apply in {}: {e}", ns.name))
+}
+
+fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
+    TcpStream::connect_timeout(&to, Duration::from_secs(3))
+}
+
+/// TCP and UDP in through [public]:port, the reply from it, the pod's own
+/// connection out through it, and an internal destination un-NATed, all
+/// over IPv6; then the same pod over IPv4 at once.
+fn check_v6_traffic(sb: &Dual) {
+    let listener = sb.pod_a.run(|| TcpListener::bind("[::]:2525").unwrap());
+    let public: SocketAddr = format!("[{PUBLIC6}]:25").parse().unwrap();
+    let mut client = sb
+        .client
+        .run(|| connect(public).expect("TCP over IPv6 through the DNAT"));
+    let (mut conn, peer) = listener.accept().unwrap();
+    assert_eq!(
+        peer.ip().to_string(),
+        CLIENT6,
+        "DNAT keeps the client's address"
+    );
+    client.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    conn.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+
+    // The same pod answers on IPv4 at the same time (one listener on [::]
+    // takes both families).
+    let client4 = support::netns::Netns::run(&sb.client, || {
+        connect(format!("{PUBLIC4}:25").parse().unwrap())
+    });
+    let client4 = client4.expect("TCP over IPv4 through the DNAT beside IPv6");
+    let (_c4, peer4) = listener.accept().unwrap();
+    assert_eq!(peer4.ip().to_canonical().to_string(), "203.0.113.1");
+    drop(client4);
+
+    // UDP, and the reply comes back from the public address.
+    let pod_udp = sb.pod_a.run(|| UdpSocket::bind("[::]:5300").unwrap());
+    pod_udp
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let client_udp = sb.client.run(|| UdpSocket::bind("[::]:0").unwrap());
+    client_udp
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    client_udp
+        .send_to(b"hello", format!("[{PUBLIC6}]:5353"))
+        .unwrap();
+    let (n, from) = pod_udp
+        .recv_from(&mut buf[..])
+        .expect("UDP over IPv6 through the DNAT");
+    assert_eq!(n, 4);
+    assert_eq!(from.ip().to_string(), CLIENT6);
+    pod_udp.send_to(b"pong", from).unwrap();
+    let (_, reply_from) = client_udp.recv_from(&mut buf).expect("UDP reply over IPv6");
+    assert_eq!(
+        reply_from,
+        format!("[{PUBLIC6}]:5353").parse::<SocketAddr>().unwrap()
+    );
+
+    // SNAT: the pod's own IPv6 connection shows the public IPv6 address.
+    let client_listener = sb
+        .client
+        .run(|| TcpListener::bind(format!("[{CLIENT6}]:8080")).unwrap());
+    let _out = sb.pod_a.run(|| {
+        connect(format!("[{CLIENT6}]:8080").parse().unwrap()).expect("pod → client over IPv6")
+    });
+    let (_c, seen) = client_listener.accept().unwrap();
+    assert_eq!(
+        seen.ip().to_string(),
+        PUBLIC6,
+        "IPv6 leaves through the public address"
+    );
+
+    // fc00::/7 destinations keep the pod address.
+    let b_listener = sb
+        .pod_b
+        .run(|| TcpListener::bind(format!("[{POD_B6}]:9000")).unwrap());
+    let _in = sb.pod_a.run(|| {
+        connect(format!("[{POD_B6}]:9000").parse().unwrap()).expect("pod A → pod B over IPv6")
+    });
+    let (_c, seen) = b_listener.accept().unwrap();
+    assert_eq!(
+        seen.ip().to_string(),
+        POD_A6,
+        "ULA destinations are not SNATed"
+    );
+}
+
+/// The agent's part of `ip6tables-nft-save`, as the view renders it.
+fn agent_ip6tables_save(ns: &Netns) -> String {
+    let mut out = String::new();
+    for t in ["nat", "filter"] {
+        out.push_str(&format!("*{t}\n"));
+        for l in ns.sh(&format!("ip6tables-nft-save -t {t}")).lines() {
+            if l.starts_with(":PODNAT_")
+                || l.starts_with("-A PODNAT_")
+                || l.contains("\"podnat[jump_to_chain]\"")
+            {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out.push_str("COMMIT\n");
+    }
+    out
+}
+
+#[test]
+fn iptables_flavor_dual_stack_in_one_batch_with_ip6tables_as_oracle() {
+    let sb = sandbox("d6i");
+    let rules = dual_rules();
+    let report = apply(&sb.node, Flavor::Iptables, &rules);
+    assert!(report.messages > 0);
+    // ip6tables-nft-save prints the IPv6 view; iptables-nft-save the IPv4 one.
+    let v6 = rules.of_family(Family::Ipv6);
+    assert_eq!(
+        agent_ip6tables_save(&sb.node),
+        view::iptables_save(&v6, &names(), Family::Ipv6)
+    );
+    assert_eq!(
+        support::save::agent_iptables_save(&sb.node),
+        view::iptables_save(&rules.of_family(Family::Ipv4), &names(), Family::Ipv4)
+    );
+    // ip6tables-nft -C finds every rule of the view as its own.
+    let text = view::iptables_save(&v6, &names(), Family::Ipv6);
+    let mut table = "nat";
+    for line in text.lines() {
+        if let Some(t) = line.strip_prefix('*') {
+            table = t;
+        }
+        if let Some(spec) = line.strip_prefix("-A ") {
+            let out = sb
+                .node
+                .try_sh(&format!("ip6tables-nft -t {table} -C {spec}"));
+            assert!(out.status.success(), "ip6tables-nft -C {spec}: {out:?}");
+        }
+    }
+    // Unchanged: nothing is sent.
+    assert_eq!(apply(&sb.node, Flavor::Iptables, &rules).messages, 0);
+    check_v6_traffic(&sb);
+
+    // Cleanup removes both families' chains and jumps.
+    assert!(sb.node.run(|| backend(Flavor::Iptables).cleanup().unwrap()));
+    assert!(!agent_ip6tables_save(&sb.node).contains("PODNAT"));
+    assert!(!support::save::agent_iptables_save(&sb.node).contains("PODNAT"));
+}
+
+#[test]
+fn nftables_flavor_dual_stack_in_one_batch_with_nft_as_oracle() {
+    let sb = sandbox("d6n");
+    let rules = dual_rules();
+    let report = apply(&sb.node, Flavor::Nftables, &rules);
+    assert!(report.rebuilt && report.messages > 0);
+    let v6 = rules.of_family(Family::Ipv6);
+    assert_eq!(
+        view::canonical_nft(&sb.node.sh("nft list table ip6 podnat")),
+        view::canonical_nft(&view::nft(&v6, &names(), Family::Ipv6))
+    );
+    assert_eq!(
+        view::canonical_nft(&sb.node.sh("nft list table ip podnat")),
+        view::canonical_nft(&view::nft(
+            &rules.of_family(Family::Ipv4),
+            &names(),
+            Family::Ipv4
+        ))
+    );
+    assert_eq!(apply(&sb.node, Flavor::Nftables, &rules).messages, 0);
+    check_v6_traffic(&sb);
+
+    // A change of one family's element touches that family only.
+    let mut moved = rules.clone();
+    moved
+        .dnat
+        .retain(|m| !(m.key.public_ip.is_ipv6() && m.key.proto == Proto::Udp));
+    let r = apply(&sb.node, Flavor::Nftables, &moved);
+    assert!(!r.rebuilt && r.messages == 1, "{r:?}");
+
+    assert!(sb.node.run(|| backend(Flavor::Nftables).cleanup().unwrap()));
+    let left = sb.node.sh("nft list tables");
+    assert!(!left.contains("podnat"), "{left}");
+}
+
+#[test]
+fn ipv4_only_creates_no_ipv6_object() {
+    let ns = Netns::new("d6only4");
+    let rules = dual_rules().of_family(Family::Ipv4);
+    for flavor in [Flavor::Iptables, Flavor::Nftables] {
+        let r = rules.clone();
+        ns.run(move || {
+            podnat_controller::firewall::backend_with(
+                flavor,
+                names(),
+                JumpPositions::default(),
+                Families::default(),
+            )
+            .apply(&r)
+        })
+        .unwrap();
+    }
+    let ip6 = ns.sh("nft list tables ip6");
+    assert!(ip6.trim().is_empty(), "no ip6 table may exist: {ip6}");
+}
