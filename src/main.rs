@@ -213,11 +213,11 @@ fn detect_public_address(config: &Config) -> anyhow::Result<DualStack> {
         .context("detecting the public address")?;
     for family in config.families.iter() {
         match choice.chosen.get(family) {
-            Some(_) => tracing::info!(%family, public_address = %choice, "public address detected"),
+            Some(_) => tracing::info!(public_address = %choice, %family, "public address detected"),
             None => tracing::warn!(
-                %family,
                 public_address = %choice,
-                "no public address of this family qualifies; its auto entries stay pending"
+                %family,
+                "no public address qualifies; auto entries stay pending"
             ),
         }
     }

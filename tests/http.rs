@@ -165,7 +165,8 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
         .map(|s| s.value)
 }
 
-const ENTRY_KEYS: [&str; 10] = [
+const ENTRY_KEYS: [&str; 11] = [
+    "family",
     "message",
     "namespace",
     "pod",
@@ -240,7 +241,8 @@ fn endpoints_of_a_running_agent() {
     assert!(doc["last_error"].is_null());
     assert_eq!(
         doc["public_address"],
-        serde_json::json!({"chosen": "203.0.113.7", "source": "flag", "skipped": []})
+        serde_json::json!({"chosen": "203.0.113.7", "source": "flag", "skipped": [],
+            "families": [{"family": "ipv4", "chosen": "203.0.113.7"}]})
     );
     let rows = doc["entries"].as_array().unwrap();
     for r in rows {
