@@ -360,9 +360,27 @@ fn endpoints_of_a_running_agent() {
     assert!(v("podnat_network_programming_duration_seconds_count", &[]).unwrap() >= 1.0);
     assert!(v("podnat_batch_messages_count", &[]).unwrap() >= 1.0);
     assert!(v("podnat_batch_bytes_sum", &[]).unwrap() > 0.0);
-    assert_eq!(v("podnat_rules_owned", &[("kind", "dnat")]), Some(3.0));
-    assert_eq!(v("podnat_rules_owned", &[("kind", "snat")]), Some(2.0));
-    assert_eq!(v("podnat_rules_owned", &[("kind", "forward")]), Some(2.0));
+    assert_eq!(
+        v(
+            "podnat_rules_owned",
+            &[("family", "ipv4"), ("kind", "dnat")]
+        ),
+        Some(3.0)
+    );
+    assert_eq!(
+        v(
+            "podnat_rules_owned",
+            &[("family", "ipv4"), ("kind", "snat")]
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        v(
+            "podnat_rules_owned",
+            &[("family", "ipv4"), ("kind", "forward")]
+        ),
+        Some(2.0)
+    );
     assert_eq!(v("podnat_conflicts", &[]), Some(1.0));
     assert_eq!(v("podnat_invalid_annotations", &[]), Some(1.0));
     assert_eq!(v("podnat_pending_entries", &[]), Some(0.0));
@@ -462,7 +480,11 @@ fn dry_run_agent_lists_planned_entries_and_owns_no_rules() {
     assert_eq!(entries(node)["dry_run"], true);
     let (_, samples) = parse_prometheus(&body(node, "/metrics"));
     assert_eq!(
-        value(&samples, "podnat_rules_owned", &[("kind", "dnat")]),
+        value(
+            &samples,
+            "podnat_rules_owned",
+            &[("family", "ipv4"), ("kind", "dnat")]
+        ),
         Some(0.0)
     );
     assert!(node.try_sh("nft list table ip podnat").stdout.is_empty());
