@@ -13,59 +13,16 @@ use std::time::Duration;
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::{backend_with, view, ApplyReport, Backend};
 use podnat_controller::model::{Families, Family, Proto, RuleSet};
-use support::netns::{veth, Netns};
+use support::netns::{Netns, Sandbox};
 use support::rules::{names, publish};
 
-const PUBLIC4: &str = "203.0.113.7";
-const PUBLIC6: &str = "2001:db8::7";
-const CLIENT6: &str = "2001:db8::1";
-const POD_A4: &str = "10.1.0.5";
-const POD_A6: &str = "fd00:1::5";
-const POD_B6: &str = "fd00:2::5";
+use support::netns::{
+    CLIENT_IP6 as CLIENT6, POD_A_IP as POD_A4, POD_A_IP6 as POD_A6, POD_B_IP6 as POD_B6,
+    PUBLIC_IP as PUBLIC4, PUBLIC_IP6 as PUBLIC6,
+};
 
-/// The standard sandbox with both families: node, client, two pods on their
-/// own veths; addresses without duplicate detection (no tentative wait).
-struct Dual {
-    node: Netns,
-    client: Netns,
-    pod_a: Netns,
-    pod_b: Netns,
-}
-
-fn sandbox(tag: &str) -> Dual {
-    let node = Netns::new(&format!("{tag}n"));
-    let client = Netns::new(&format!("{tag}c"));
-    let pod_a = Netns::new(&format!("{tag}a"));
-    let pod_b = Netns::new(&format!("{tag}b"));
-    veth(
-        &node,
-        "pub0",
-        "203.0.113.7/24",
-        &client,
-        "eth0",
-        "203.0.113.1/24",
-    );
-    veth(&node, "poda", "10.1.0.1/24", &pod_a, "eth0", "10.1.0.5/24");
-    veth(&node, "podb", "10.1.1.1/24", &pod_b, "eth0", "10.1.1.5/24");
-    node.sh("ip -6 addr add 2001:db8::7/64 dev pub0 nodad && \
-         ip -6 addr add fd00:1::1/64 dev poda nodad && \
-         ip -6 addr add fd00:2::1/64 dev podb nodad && \
-         sysctl -qw net.ipv4.ip_forward=1 net.ipv6.conf.all.forwarding=1");
-    client.sh("ip -6 addr add 2001:db8::1/64 dev eth0 nodad");
-    pod_a.sh(
-        "ip -6 addr add fd00:1::5/64 dev eth0 nodad && ip route add default via 10.1.0.1 && \
-         ip -6 route add default via fd00:1::1",
-    );
-    pod_b.sh(
-        "ip -6 addr add fd00:2::5/64 dev eth0 nodad && ip route add default via 10.1.1.1 && \
-         ip -6 route add default via fd00:2::1",
-    );
-    Dual {
-        node,
-        client,
-        pod_a,
-        pod_b,
-    }
+fn sandbox(tag: &str) -> Sandbox {
+    Sandbox::new(tag).with_ipv6()
 }
 
 /// Pod A publishes 25/tcp → 2525 and 5353/udp → 5300 on both families.
@@ -95,7 +52,7 @@ fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
 /// TCP and UDP in through [public]:port, the reply from it, the pod's own
 /// connection out through it, and an internal destination un-NATed, all
 /// over IPv6; then the same pod over IPv4 at once.
-fn check_v6_traffic(sb: &Dual) {
+fn check_v6_traffic(sb: &Sandbox) {
     let listener = sb.pod_a.run(|| TcpListener::bind("[::]:2525").unwrap());
     let public: SocketAddr = format!("[{PUBLIC6}]:25").parse().unwrap();
     let mut client = sb

@@ -29,14 +29,14 @@ pub enum ConntrackError {
     Refused(i32),
 }
 
-fn request(msg: ConntrackMessage, flags: u16, seq: u32) -> Vec<u8> {
+fn request(msg: ConntrackMessage, family: NetfilterProtoFamily, flags: u16, seq: u32) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = NLM_F_REQUEST | flags;
     header.sequence_number = seq;
     let mut nl = NetlinkMessage::new(
         header,
         NetlinkPayload::from(NetfilterMessage::new(
-            NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+            NetfilterHeader::new(family, 0, 0),
             msg,
         )),
     );
@@ -89,7 +89,32 @@ pub fn flush_udp(targets: &BTreeSet<(IpAddr, u16)>) -> Result<usize, ConntrackEr
     let mut sock = Socket::new(NETLINK_NETFILTER)?;
     sock.bind_auto()?;
     sock.connect(&SocketAddr::new(0, 0))?;
-    sock.send(&request(ConntrackMessage::Get(vec![]), NLM_F_DUMP, 1), 0)?;
+    let mut seq = 0;
+    let mut deleted = 0;
+    // A dump answers for the family its header names, and a delete's tuple
+    // is read in the family of its header: one round per family.
+    for (v6, family) in [
+        (false, NetfilterProtoFamily::IPv4),
+        (true, NetfilterProtoFamily::IPv6),
+    ] {
+        if targets.iter().any(|(ip, _)| ip.is_ipv6() == v6) {
+            deleted += flush_family(&mut sock, family, targets, &mut seq)?;
+        }
+    }
+    Ok(deleted)
+}
+
+fn flush_family(
+    sock: &mut Socket,
+    family: NetfilterProtoFamily,
+    targets: &BTreeSet<(IpAddr, u16)>,
+    seq: &mut u32,
+) -> Result<usize, ConntrackError> {
+    *seq += 1;
+    sock.send(
+        &request(ConntrackMessage::Get(vec![]), family, NLM_F_DUMP, *seq),
+        0,
+    )?;
 
     let mut doomed: Vec<Vec<Tuple>> = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -126,13 +151,14 @@ pub fn flush_udp(targets: &BTreeSet<(IpAddr, u16)>) -> Result<usize, ConntrackEr
         }
     }
     let mut deleted = 0;
-    for (i, tuple) in doomed.into_iter().enumerate() {
-        let seq = 2 + i as u32;
+    for tuple in doomed {
+        *seq += 1;
         sock.send(
             &request(
                 ConntrackMessage::Delete(vec![ConntrackAttribute::CtaTupleOrig(tuple)]),
+                family,
                 NLM_F_ACK,
-                seq,
+                *seq,
             ),
             0,
         )?;

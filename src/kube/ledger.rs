@@ -138,7 +138,12 @@ fn add_mapping(text: &mut String, m: &crate::model::Mapping) {
     if !text.is_empty() {
         text.push_str(", ");
     }
-    let _ = write!(text, "{} → {}:{}", m.key, m.pod_ip, m.pod_port);
+    let _ = write!(
+        text,
+        "{} → {}",
+        m.key,
+        crate::model::host_port(m.pod_ip, m.pod_port)
+    );
 }
 
 fn add_conflict(text: &mut String, c: &crate::plan::Conflict) {

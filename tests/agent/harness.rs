@@ -36,7 +36,7 @@ use kube::{Api, Client};
 use tokio::runtime::Runtime;
 
 use crate::support::cluster::TestCluster;
-use crate::support::netns::{Netns, Sandbox, PUBLIC_IP};
+use crate::support::netns::{Netns, Sandbox, PUBLIC_IP, PUBLIC_IP6};
 
 pub const ANNOTATION: &str = "bln.space/podnat";
 pub const NODE: &str = "node1";
@@ -80,7 +80,7 @@ impl World {
     /// the namespaces `podnat-system` and `mail`; a sandbox; the relay.
     pub fn new(tag: &str) -> World {
         let cluster = TestCluster::up();
-        let sandbox = Sandbox::new(tag);
+        let sandbox = Sandbox::new(tag).with_ipv6();
         let proxy = ApiProxy::start(&sandbox.node, &cluster.server);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -229,8 +229,15 @@ impl World {
 
     /// What a kubelet writes once the pod runs: phase, IP, Ready.
     pub fn set_running(&self, name: &str, ip: &str) {
+        self.set_running_ips(name, &[ip]);
+    }
+
+    /// The same for a pod with several IPs (dual-stack: `podIP` is the
+    /// first, `podIPs` lists them all, as the kubelet writes them).
+    pub fn set_running_ips(&self, name: &str, ips: &[&str]) {
+        let pod_ips: Vec<_> = ips.iter().map(|ip| serde_json::json!({"ip": ip})).collect();
         let status = serde_json::json!({"status": {
-            "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+            "phase": "Running", "podIP": ips[0], "podIPs": pod_ips,
             "conditions": [{"type": "Ready", "status": "True"}]
         }});
         self.rt
@@ -337,6 +344,11 @@ impl World {
         dnat_elements(&self.sandbox.node)
     }
 
+    /// The IPv6 table's DNAT map: "2001:db8::7:25/tcp → fd00:1::5:2525".
+    pub fn dnat6(&self) -> BTreeSet<String> {
+        dnat_elements_of(&self.sandbox.node, "ip6")
+    }
+
     /// One TCP round trip from the client to the public address.
     pub fn roundtrip(&self, port: u16) -> bool {
         roundtrip(&self.sandbox.client, port)
@@ -419,7 +431,12 @@ impl Drop for Agent {
 /// Parses `nft -j list map ip podnat dnat_to_pod` (empty when the table or
 /// map does not exist).
 pub fn dnat_elements(node: &Netns) -> BTreeSet<String> {
-    let out = node.try_sh("nft -j list map ip podnat dnat_to_pod");
+    dnat_elements_of(node, "ip")
+}
+
+/// The same for the table of family `family` (`ip` or `ip6`).
+pub fn dnat_elements_of(node: &Netns, family: &str) -> BTreeSet<String> {
+    let out = node.try_sh(&format!("nft -j list map {family} podnat dnat_to_pod"));
     if !out.status.success() {
         return BTreeSet::new();
     }
@@ -462,6 +479,12 @@ pub fn roundtrip(client: &Netns, port: u16) -> bool {
     crate::support::traffic::echo_roundtrip(client, addr)
 }
 
+/// The same to the public IPv6 address.
+pub fn roundtrip6(client: &Netns, port: u16) -> bool {
+    let addr: SocketAddr = format!("[{PUBLIC_IP6}]:{port}").parse().unwrap();
+    crate::support::traffic::echo_roundtrip(client, addr)
+}
+
 /// A TCP echo server inside a pod namespace; stops when dropped.
 pub struct EchoServer {
     stop: Arc<AtomicBool>,
@@ -471,7 +494,8 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(pod: &Netns, port: u16) -> EchoServer {
-        let listener = pod.run(|| TcpListener::bind(("0.0.0.0", port)).expect("bind echo server"));
+        // `[::]` takes IPv4 too (bindv6only is off): one server for both.
+        let listener = pod.run(|| TcpListener::bind(("::", port)).expect("bind echo server"));
         listener.set_nonblocking(true).expect("nonblocking");
         let stop = Arc::new(AtomicBool::new(false));
         let accepted = Arc::new(AtomicU64::new(0));

@@ -128,6 +128,10 @@ pub const PUBLIC_IP: &str = "203.0.113.7";
 pub const CLIENT_IP: &str = "203.0.113.1";
 pub const POD_A_IP: &str = "10.1.0.5";
 pub const POD_B_IP: &str = "10.1.1.5";
+pub const PUBLIC_IP6: &str = "2001:db8::7";
+pub const CLIENT_IP6: &str = "2001:db8::1";
+pub const POD_A_IP6: &str = "fd00:1::5";
+pub const POD_B_IP6: &str = "fd00:2::5";
 
 impl Sandbox {
     pub fn new(tag: &str) -> Sandbox {
@@ -154,5 +158,25 @@ impl Sandbox {
             pod_a,
             pod_b,
         }
+    }
+
+    /// Adds the IPv6 side: public 2001:db8::7 towards the client
+    /// 2001:db8::1, pods fd00:1::5 and fd00:2::5 with default routes via the
+    /// node, IPv6 forwarding on; no duplicate detection (nothing tentative).
+    pub fn with_ipv6(self) -> Sandbox {
+        self.node
+            .sh("ip -6 addr add 2001:db8::7/64 dev pub0 nodad && \
+             ip -6 addr add fd00:1::1/64 dev poda nodad && \
+             ip -6 addr add fd00:2::1/64 dev podb nodad && \
+             sysctl -qw net.ipv6.conf.all.forwarding=1");
+        self.client
+            .sh("ip -6 addr add 2001:db8::1/64 dev eth0 nodad");
+        self.pod_a.sh(
+            "ip -6 addr add fd00:1::5/64 dev eth0 nodad && ip -6 route add default via fd00:1::1",
+        );
+        self.pod_b.sh(
+            "ip -6 addr add fd00:2::5/64 dev eth0 nodad && ip -6 route add default via fd00:2::1",
+        );
+        self
     }
 }
