@@ -15,6 +15,7 @@ use podnat_controller::firewall::{backend_with, view, ApplyReport, Backend};
 use podnat_controller::model::{Families, Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox};
 use support::rules::{names, publish};
+use support::save::{chain_decls, netlink_debug};
 
 use support::netns::{
     CLIENT_IP6 as CLIENT6, POD_A_IP as POD_A4, POD_A_IP6 as POD_A6, POD_B_IP6 as POD_B6,
@@ -181,6 +182,32 @@ fn iptables_flavor_dual_stack_in_one_batch_with_ip6tables_as_oracle() {
             assert!(out.status.success(), "ip6tables-nft -C {spec}: {out:?}");
         }
     }
+    // The same rules written by ip6tables-nft itself, line by line, give the
+    // same expressions, -save output and base chains.
+    let twin = Netns::new("d6twin");
+    let mut table = "nat";
+    for l in text.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            table = t;
+        } else if let Some(c) = l.strip_prefix(':') {
+            let chain = c.split_whitespace().next().unwrap();
+            twin.sh(&format!("ip6tables-nft -t {table} -N {chain}"));
+        } else if l.starts_with("-A ") {
+            twin.sh(&format!("ip6tables-nft -t {table} {l}"));
+        }
+    }
+    for t in ["nat", "filter"] {
+        let ours = netlink_debug(&sb.node, "ip6", t);
+        assert!(ours.contains("[ match name comment rev 0 ]"), "{ours}");
+        assert!(
+            ours.contains("[ target name SNAT rev 1 ]") || t == "filter",
+            "{ours}"
+        );
+        assert_eq!(ours, netlink_debug(&twin, "ip6", t), "table ip6 {t}");
+    }
+    assert_eq!(agent_ip6tables_save(&sb.node), agent_ip6tables_save(&twin));
+    assert_eq!(chain_decls(&sb.node, "ip6"), chain_decls(&twin, "ip6"));
+
     // Unchanged: nothing is sent.
     assert_eq!(apply(&sb.node, Flavor::Iptables, &rules).messages, 0);
     check_v6_traffic(&sb);

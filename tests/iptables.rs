@@ -20,6 +20,7 @@ use podnat_controller::firewall::{view, ApplyReport, Backend};
 use podnat_controller::model::{Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox, POD_B_IP, PUBLIC_IP};
 use support::rules::{bulk, mail, names, publish};
+use support::save::{chain_decls, netlink_debug};
 
 const JUMP: &str = "\"podnat[jump_to_chain]\"";
 
@@ -88,51 +89,6 @@ fn jump_positions(ns: &Netns, table: &str, chain: &str) -> (Vec<usize>, Vec<Stri
     (at, others)
 }
 
-/// `nft --debug=netlink list table ip <t>`: each chain's rules with their
-/// expressions, handles stripped, chains by name (the listing follows chain
-/// creation order, which differs between the two writers).
-fn netlink_debug(ns: &Netns, table: &str) -> String {
-    let out = ns.sh(&format!(
-        "nft --debug=netlink list table ip {table} 2>/dev/null"
-    ));
-    let mut chains: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    let mut current = None;
-    for l in out.lines() {
-        if let Some(rest) = l.strip_prefix(&format!("ip {table} ")) {
-            let chain = rest.split_whitespace().next().unwrap_or("").to_string();
-            chains.entry(chain.clone()).or_default().push("rule".into());
-            current = Some(chain);
-        } else if l.starts_with("  [") {
-            let chain = current.clone().expect("expression outside a rule");
-            chains.get_mut(&chain).unwrap().push(l.to_string());
-        }
-    }
-    chains
-        .into_iter()
-        .map(|(c, lines)| format!("chain {c}\n{}", lines.join("\n")))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
-/// The chains of the `ip nat` and `ip filter` tables as `nft list chains`
-/// declares them (type, hook, priority, policy), sorted by name.
-fn chain_decls(ns: &Netns) -> Vec<String> {
-    let out = ns.sh("nft list chains ip 2>/dev/null");
-    let mut decls: Vec<String> = out
-        .split("chain ")
-        .skip(1)
-        .map(|c| {
-            c.lines()
-                .take_while(|l| !l.trim().starts_with('}'))
-                .map(str::trim)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
-        .collect();
-    decls.sort();
-    decls
-}
-
 #[test]
 fn iptables_nft_reads_the_rules_as_its_own() {
     let ns = Netns::new("ipt-oracle");
@@ -186,15 +142,20 @@ fn iptables_nft_reads_the_rules_as_its_own() {
         }
     }
     for t in ["nat", "filter"] {
-        let ours = netlink_debug(&ns, t);
+        let ours = netlink_debug(&ns, "ip", t);
         assert!(ours.contains("[ match name comment rev 0 ]"), "{ours}");
-        assert_eq!(ours, netlink_debug(&twin, t), "table {t}");
+        assert_eq!(ours, netlink_debug(&twin, "ip", t), "table {t}");
     }
     assert_eq!(agent_save(&ns), agent_save(&twin));
     // Tables and base chains made as iptables-nft makes them: only the base
     // chains in use, with iptables-nft's hooks, priorities and policies.
-    assert_eq!(chain_decls(&ns), chain_decls(&twin));
-    assert_eq!(chain_decls(&ns).len(), 6, "{:?}", chain_decls(&ns));
+    assert_eq!(chain_decls(&ns, "ip"), chain_decls(&twin, "ip"));
+    assert_eq!(
+        chain_decls(&ns, "ip").len(),
+        6,
+        "{:?}",
+        chain_decls(&ns, "ip")
+    );
 
     // What the agent reads back from iptables-nft's rules is the rule set.
     let back = twin.run(|| {

@@ -1,5 +1,6 @@
 //! What `iptables-nft-save` shows of the agent in a namespace, in the form
-//! the iptables rule view renders it.
+//! the iptables rule view renders it, and what `nft --debug=netlink` shows
+//! of a table (to compare two writers expression by expression).
 
 use super::netns::Netns;
 
@@ -21,4 +22,49 @@ pub fn agent_iptables_save(ns: &Netns) -> String {
         out.push_str("COMMIT\n");
     }
     out
+}
+
+/// `nft --debug=netlink list table <family> <t>`: each chain's rules with
+/// their expressions, handles stripped, chains by name (the listing follows
+/// chain creation order, which differs between two writers).
+pub fn netlink_debug(ns: &Netns, family: &str, table: &str) -> String {
+    let out = ns.sh(&format!(
+        "nft --debug=netlink list table {family} {table} 2>/dev/null"
+    ));
+    let mut chains: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut current = None;
+    for l in out.lines() {
+        if let Some(rest) = l.strip_prefix(&format!("{family} {table} ")) {
+            let chain = rest.split_whitespace().next().unwrap_or("").to_string();
+            chains.entry(chain.clone()).or_default().push("rule".into());
+            current = Some(chain);
+        } else if l.starts_with("  [") {
+            let chain = current.clone().expect("expression outside a rule");
+            chains.get_mut(&chain).unwrap().push(l.to_string());
+        }
+    }
+    chains
+        .into_iter()
+        .map(|(c, lines)| format!("chain {c}\n{}", lines.join("\n")))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// The chains of a family's tables as `nft list chains` declares them
+/// (type, hook, priority, policy), sorted by name.
+pub fn chain_decls(ns: &Netns, family: &str) -> Vec<String> {
+    let out = ns.sh(&format!("nft list chains {family} 2>/dev/null"));
+    let mut decls: Vec<String> = out
+        .split("chain ")
+        .skip(1)
+        .map(|c| {
+            c.lines()
+                .take_while(|l| !l.trim().starts_with('}'))
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    decls.sort();
+    decls
 }
