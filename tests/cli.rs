@@ -43,6 +43,18 @@ fn bad_flag_values_stop_with_status_2_and_one_line() {
         (&["-iptablesJump=x,2,3"], "--iptables-jump", "x,2,3"),
         (&["-httpport=70000"], "--http-port", "70000"),
         (&["-stateuri=ftp://dav"], "--state-uri", "ftp://dav"),
+        (&["-ipfamilies=ipv5"], "--ip-families", "ipv5"),
+        (&["--ip-families", "ipv4,"], "--ip-families", "ipv4,"),
+        (
+            &["--public-address", "203.0.113.7,198.51.100.7"],
+            "--public-address",
+            "two ipv4 addresses",
+        ),
+        (
+            &["-inclfilternet=2001:db8::/129"],
+            "--incl-filter-net",
+            "2001:db8::/129",
+        ),
     ];
     for (args, flag, value) in cases {
         let out = run(args);
@@ -131,6 +143,79 @@ fn dry_run_prints_the_rule_view_for_a_pods_file() {
     assert!(out.status.success());
     assert!(stdout.starts_with("table ip podnat {\n"), "{stdout}");
     assert!(stdout.contains("203.0.113.7 . tcp . 587 comment \"mail:mx-0\" : 10.1.0.5 . 587"));
+}
+
+/// The mail pod of the fixture with an IPv6 address too, as a dual-stack
+/// kubelet reports it.
+fn dual_stack_pods_file() -> std::path::PathBuf {
+    let text = std::fs::read_to_string(fixture("mail-pods.json")).unwrap();
+    let mut doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for pod in doc["items"].as_array_mut().unwrap() {
+        if pod["metadata"]["name"] == "mx-0" {
+            pod["status"]["podIPs"] = serde_json::json!([{"ip": "10.1.0.5"}, {"ip": "fd00:1::5"}]);
+        }
+    }
+    let path = std::env::temp_dir().join(format!("podnat-dual-pods-{}.json", std::process::id()));
+    std::fs::write(&path, doc.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn dry_run_covers_both_families_when_ipv6_is_enabled() {
+    let path = dual_stack_pods_file();
+    let pods = path.to_str().unwrap();
+    let args = [
+        "-dryrun",
+        "-nodeid=node1",
+        "-ipfamilies=ipv4,ipv6",
+        "--pods-file",
+        pods,
+        "--public-address",
+        "203.0.113.7,2001:db8::7",
+    ];
+    let out = run(&args);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (v4, v6) = stdout.split_once("# ipv6\n").expect("an IPv6 part");
+    assert!(v4.starts_with("# ipv4\n"), "{stdout}");
+    assert!(
+        v4.contains("-d 203.0.113.7/32 -p tcp -m tcp --dport 25 "),
+        "{stdout}"
+    );
+    assert!(v6.contains(
+        "-A PODNAT_PRE -d 2001:db8::7/128 -p tcp -m tcp --dport 25 -m comment --comment \"mail:mx-0\" -j DNAT --to-destination [fd00:1::5]:25"
+    ), "{stdout}");
+    assert!(
+        v6.contains("-A PODNAT_POST -d fc00::/7 -m comment"),
+        "{stdout}"
+    );
+
+    let mut nft = args.to_vec();
+    nft.push("-firewallflavor=nftables");
+    let out = run(&nft);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("table ip podnat {") && stdout.contains("table ip6 podnat {"));
+    assert!(
+        stdout.contains("2001:db8::7 . tcp . 587 comment \"mail:mx-0\" : fd00:1::5 . 587"),
+        "{stdout}"
+    );
+
+    // The default ipv4 ignores the IPv6 address of the pod and the flag's.
+    let v4_only: Vec<&str> = args
+        .iter()
+        .copied()
+        .filter(|a| !a.starts_with("-ipfamilies"))
+        .collect();
+    let stdout = String::from_utf8_lossy(&run(&v4_only).stdout).into_owned();
+    assert!(
+        !stdout.contains("2001:db8") && !stdout.contains("fd00"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_file(&path);
 }
 
 #[test]

@@ -358,6 +358,29 @@ mod tests {
     }
 
     #[test]
+    fn ipv6_mappings_are_keyed_in_brackets_and_read_back() {
+        let m = Mapping {
+            key: NatKey {
+                public_ip: "2001:db8::7".parse().unwrap(),
+                public_port: 25,
+                proto: Proto::Tcp,
+            },
+            pod_ip: "fd00:1::5".parse().unwrap(),
+            pod_port: 2525,
+            owner: PodRef::new("mail", "mx-0"),
+        };
+        let now = ts("2025-01-02T03:04:05Z");
+        let file = StateFile::from_mappings(std::slice::from_ref(&m), &StateFile::default(), now);
+        let json = file.to_json();
+        assert!(json.starts_with(r#"{"[2001:db8::7]:25":[{"Protocol":"tcp","SourceIP":{"IP":"2001:db8::7","Zone":""}"#), "{json}");
+        assert!(
+            json.contains(r#""DestinationIP":{"IP":"fd00:1::5","Zone":""},"DestinationPort":2525"#),
+            "{json}"
+        );
+        assert_eq!(StateFile::parse(&json).unwrap().mappings(), vec![m]);
+    }
+
+    #[test]
     fn rejects_what_is_not_a_record() {
         for (text, needle) in [
             ("[]", "expected a map"),
