@@ -300,6 +300,9 @@ macro_rules! measure_ours {
     }};
 }
 
+#[path = "churn/v6.rs"]
+mod v6;
+
 fn ours(n: u32) -> [Row; 3] {
     let base = table(n);
     let plus = table(n + 1);
@@ -550,32 +553,45 @@ fn main() {
             peer_c(n, &mut rows);
             peer_m(n, &mut rows);
         }
-        for (label, r) in ["install", "add 1", "delete 1"].iter().zip(rows.iter()) {
-            let work = if *label == "install" {
-                format!("install {n} ports")
-            } else {
-                format!("{label} port at {n}")
-            };
-            println!(
-                "| {work} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{} |",
-                ms(r.ours),
-                ms(r.floor),
-                ms(r.loop_nft),
-                ms(r.ours_ipt),
-                ms(r.floor_ipt),
-                ms(r.loop_ipt),
-                ms(r.a),
-                ms(r.b),
-                ms(r.c),
-                ms(r.m),
-                ratio(r.ours, r.floor),
-                ratio(r.ours_ipt, r.floor_ipt),
-                ratio(r.ours_ipt, r.b),
-                ratio(r.ours, r.m),
-                ratio(r.loop_nft, r.ours),
-                ratio(r.loop_ipt, r.ours_ipt),
-                r.note
-            );
-        }
+        print_rows("", n, &rows);
+    }
+    // IPv6 (issue 15): the same work on ip6 tables, beside
+    // ip6tables-nft-restore (B) and nft -f with maps (M).
+    let sizes6: Vec<u32> = std::env::var("CHURN_SIZES6")
+        .ok()
+        .map(|s| s.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1000, 5000]);
+    for n in sizes6 {
+        print_rows("IPv6 ", n, &v6::rows6(n, peers));
+    }
+}
+
+fn print_rows(prefix: &str, n: u32, rows: &[Row; 3]) {
+    for (label, r) in ["install", "add 1", "delete 1"].iter().zip(rows.iter()) {
+        let work = if *label == "install" {
+            format!("{prefix}install {n} ports")
+        } else {
+            format!("{prefix}{label} port at {n}")
+        };
+        println!(
+            "| {work} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |{} |",
+            ms(r.ours),
+            ms(r.floor),
+            ms(r.loop_nft),
+            ms(r.ours_ipt),
+            ms(r.floor_ipt),
+            ms(r.loop_ipt),
+            ms(r.a),
+            ms(r.b),
+            ms(r.c),
+            ms(r.m),
+            ratio(r.ours, r.floor),
+            ratio(r.ours_ipt, r.floor_ipt),
+            ratio(r.ours_ipt, r.b),
+            ratio(r.ours, r.m),
+            ratio(r.loop_nft, r.ours),
+            ratio(r.loop_ipt, r.ours_ipt),
+            r.note
+        );
     }
 }
