@@ -29,12 +29,14 @@ pub enum StateFlavor {
     None,
 }
 
-/// Jump positions in FORWARD, PREROUTING, POSTROUTING (Go: `-iptablesJump`).
+/// Jump positions in FORWARD, PREROUTING, POSTROUTING (Go: `-iptablesJump`),
+/// and in nat OUTPUT (a fourth value, for `-localaccess`; -2 when not given).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct JumpPositions {
     pub forward: i32,
     pub prerouting: i32,
     pub postrouting: i32,
+    pub output: i32,
 }
 
 impl Default for JumpPositions {
@@ -43,19 +45,20 @@ impl Default for JumpPositions {
             forward: -2,
             prerouting: -2,
             postrouting: -2,
+            output: -2,
         }
     }
 }
 
 fn parse_jump(s: &str) -> Result<JumpPositions, String> {
     let parts: Vec<&str> = s.split(',').map(str::trim).collect();
-    if parts.len() != 3 {
+    if parts.len() != 3 && parts.len() != 4 {
         return Err(format!(
-            "expected three comma-separated positions (FORWARD,PREROUTING,POSTROUTING), got {}",
+            "expected three or four comma-separated positions (FORWARD,PREROUTING,POSTROUTING[,OUTPUT]), got {}",
             parts.len()
         ));
     }
-    let mut n = [0i32; 3];
+    let mut n = [-2i32; 4];
     for (i, p) in parts.iter().enumerate() {
         n[i] = p
             .parse()
@@ -65,6 +68,7 @@ fn parse_jump(s: &str) -> Result<JumpPositions, String> {
         forward: n[0],
         prerouting: n[1],
         postrouting: n[2],
+        output: n[3],
     })
 }
 
@@ -224,8 +228,8 @@ pub struct Flags {
         default_value = "iptables"
     )]
     pub firewall_flavor: Flavor,
-    /// Jump positions in FORWARD,PREROUTING,POSTROUTING; n>0 the n-th rule, n<0 from the end [Go: -iptablesJump]
-    #[arg(long = "iptables-jump", global = true, value_name = "F,P,Q", default_value = "-2,-2,-2", value_parser = parse_jump, allow_hyphen_values = true)]
+    /// Jump positions in FORWARD,PREROUTING,POSTROUTING[,OUTPUT]; n>0 the n-th rule, n<0 from the end [Go: -iptablesJump]
+    #[arg(long = "iptables-jump", global = true, value_name = "F,P,Q[,O]", default_value = "-2,-2,-2", value_parser = parse_jump, allow_hyphen_values = true)]
     pub iptables_jump: JumpPositions,
     /// Extra networks ignored by public address detection (comma-separated CIDRs) [Go: -inclfilternet]
     #[arg(long = "incl-filter-net", global = true, value_name = "CIDRS", value_parser = parse_nets, action = clap::ArgAction::Append)]
@@ -233,6 +237,10 @@ pub struct Flags {
     /// Default-filtered networks to allow again (comma-separated CIDRs) [Go: -exclfilternet, -excludefilternetworks]
     #[arg(long = "excl-filter-net", global = true, value_name = "CIDRS", value_parser = parse_nets, action = clap::ArgAction::Append)]
     pub excl_filter_net: Vec<Vec<IpNet>>,
+    /// DNAT for connections from the node itself and hairpin for its pods; false keeps the Go version's layout [SPEC: -localaccess]
+    #[arg(long = "local-access", global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
+    pub local_access: bool,
     /// Address families to publish on: ipv4, ipv6 or ipv4,ipv6 [SPEC: -ipfamilies]
     #[arg(long = "ip-families", global = true, value_name = "FAMILIES", default_value = "ipv4", value_parser = parse_families)]
     pub ip_families: Families,
@@ -284,6 +292,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("stateuri", "state-uri"),
     ("nodeid", "node-id"),
     ("ipfamilies", "ip-families"),
+    ("localaccess", "local-access"),
     ("podsfile", "pods-file"),
     ("publicaddress", "public-address"),
 ];
@@ -382,6 +391,7 @@ pub struct Config {
     pub incl_filter_net: Vec<IpNet>,
     pub excl_filter_net: Vec<IpNet>,
     pub families: Families,
+    pub local_access: bool,
     pub resource_prefix: String,
     pub state_flavor: StateFlavor,
     pub state_uri: String,
@@ -439,6 +449,7 @@ impl Config {
             incl_filter_net: f.incl_filter_net.into_iter().flatten().collect(),
             excl_filter_net: f.excl_filter_net.into_iter().flatten().collect(),
             families: f.ip_families,
+            local_access: f.local_access,
             resource_prefix: f.resource_prefix,
             state_flavor: f.state_flavor,
             state_uri: f.state_uri,

@@ -133,6 +133,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             node_id,
             restricted_ports: config.restricted_ports.clone(),
             families: config.families,
+            local_access: config.local_access,
         },
     );
     for r in &table.rejected {

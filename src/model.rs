@@ -329,6 +329,17 @@ pub struct ForwardRule {
     pub owner: PodRef,
 }
 
+/// A pod on this node, by address (`-localaccess`): its new connections to
+/// an address of the node are marked and masqueraded to the node (hairpin),
+/// so that the replies of a pod it reaches through a published port come back
+/// through the NAT. One per address; when two pods share one (an old pod not
+/// gone yet), the greater `namespace/name` owns it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LocalPod {
+    pub pod_ip: IpAddr,
+    pub owner: PodRef,
+}
+
 /// Destinations that are never SNATed, so in-cluster traffic keeps the pod IP.
 pub const INTERNAL_NETWORKS: [(Ipv4Addr, u8); 4] = [
     (Ipv4Addr::new(127, 0, 0, 0), 8),
@@ -353,16 +364,22 @@ pub struct RuleSet {
     pub dnat: Vec<Mapping>,
     pub snat: Vec<SnatRule>,
     pub forward: Vec<ForwardRule>,
+    /// Hairpin sources (empty with `-localaccess=false`).
+    #[serde(default)]
+    pub local: Vec<LocalPod>,
 }
 
 impl RuleSet {
     pub fn is_empty(&self) -> bool {
-        self.dnat.is_empty() && self.snat.is_empty() && self.forward.is_empty()
+        self.dnat.is_empty()
+            && self.snat.is_empty()
+            && self.forward.is_empty()
+            && self.local.is_empty()
     }
 
     /// Number of per-mapping rules (or elements) this set programs.
     pub fn len(&self) -> usize {
-        self.dnat.len() + self.snat.len() + self.forward.len()
+        self.dnat.len() + self.snat.len() + self.forward.len() + self.local.len()
     }
 
     /// The rules of one family (a sorted list holds IPv4 first: a split,
@@ -379,6 +396,7 @@ impl RuleSet {
             dnat: part(&self.dnat, |m| m.key.public_ip, f),
             snat: part(&self.snat, |s| s.pod_ip, f),
             forward: part(&self.forward, |r| r.pod_ip, f),
+            local: part(&self.local, |l| l.pod_ip, f),
         }
     }
 
@@ -390,5 +408,7 @@ impl RuleSet {
         self.snat.dedup();
         self.forward.sort();
         self.forward.dedup();
+        self.local.sort();
+        self.local.dedup_by(|a, b| a.pod_ip == b.pod_ip);
     }
 }

@@ -90,6 +90,7 @@ impl ReconcileConfig {
                 node_id: node_id.to_string(),
                 restricted_ports: config.restricted_ports.clone(),
                 families: config.families,
+                local_access: config.local_access,
             },
             annotation_key: config.annotation_key.clone(),
             resync: (config.informer_resync_secs > 0)

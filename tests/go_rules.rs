@@ -322,6 +322,7 @@ fn agent_rules() -> RuleSet {
             node_id: "node1".into(),
             restricted_ports: [22, 53, 6443].into(),
             families: Families::default(),
+            local_access: false,
         },
     );
     assert!(table.rejected.is_empty() && table.conflicts.is_empty() && table.pending.is_empty());

@@ -29,6 +29,7 @@ fn jumps(forward: i32, prerouting: i32, postrouting: i32) -> JumpPositions {
         forward,
         prerouting,
         postrouting,
+        ..JumpPositions::default()
     }
 }
 

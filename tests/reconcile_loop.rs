@@ -81,6 +81,7 @@ impl Harness {
                 node_id: "node1".into(),
                 restricted_ports: BTreeSet::from([22, 53, 6443]),
                 families: Default::default(),
+                local_access: false,
             },
             annotation_key: KEY.into(),
             resync,

@@ -76,6 +76,7 @@ impl Loop {
                 node_id: "node1".into(),
                 restricted_ports: BTreeSet::new(),
                 families: Default::default(),
+                local_access: false,
             },
             annotation_key: KEY.into(),
             resync: None,

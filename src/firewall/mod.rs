@@ -182,16 +182,19 @@ impl Changes {
         let (add_d, del_d) = diff(&current.dnat, &desired.dnat);
         let (add_s, del_s) = diff(&current.snat, &desired.snat);
         let (add_f, del_f) = diff(&current.forward, &desired.forward);
+        let (add_l, del_l) = diff(&current.local, &desired.local);
         Changes {
             add: RuleSet {
                 dnat: add_d,
                 snat: add_s,
                 forward: add_f,
+                local: add_l,
             },
             del: RuleSet {
                 dnat: del_d,
                 snat: del_s,
                 forward: del_f,
+                local: del_l,
             },
         }
     }
@@ -210,9 +213,11 @@ impl Changes {
         d.dnat.iter().all(|x| has(&c.dnat, x))
             && d.snat.iter().all(|x| has(&c.snat, x))
             && d.forward.iter().all(|x| has(&c.forward, x))
+            && d.local.iter().all(|x| has(&c.local, x))
             && !a.dnat.iter().any(|x| has(&c.dnat, x))
             && !a.snat.iter().any(|x| has(&c.snat, x))
             && !a.forward.iter().any(|x| has(&c.forward, x))
+            && !a.local.iter().any(|x| has(&c.local, x))
     }
 
     /// Owners as they read back from the kernel (see `canonical`).
@@ -241,6 +246,7 @@ impl Changes {
         one(&mut rules.dnat, &self.add.dnat, &self.del.dnat);
         one(&mut rules.snat, &self.add.snat, &self.del.snat);
         one(&mut rules.forward, &self.add.forward, &self.del.forward);
+        one(&mut rules.local, &self.add.local, &self.del.local);
     }
 }
 
@@ -269,6 +275,7 @@ pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
     if !rules.dnat.iter().any(|m| too_long(&m.owner))
         && !rules.snat.iter().any(|s| too_long(&s.owner))
         && !rules.forward.iter().any(|f| too_long(&f.owner))
+        && !rules.local.iter().any(|l| too_long(&l.owner))
     {
         return std::borrow::Cow::Borrowed(rules);
     }
@@ -296,6 +303,14 @@ pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
             .map(|f| crate::model::ForwardRule {
                 owner: fix(&f.owner),
                 ..f.clone()
+            })
+            .collect(),
+        local: rules
+            .local
+            .iter()
+            .map(|l| crate::model::LocalPod {
+                owner: fix(&l.owner),
+                ..l.clone()
             })
             .collect(),
     };

@@ -63,6 +63,7 @@ fn pod(name: &str, ip: [u8; 4], created: i64, annotation: &str) -> PodFacts {
         terminating: false,
         finished: false,
         annotation: Some(annotation.into()),
+        host_network: false,
     }
 }
 
@@ -92,6 +93,7 @@ fn rows_cover_every_state() {
         node_id: "node1".into(),
         restricted_ports: [22].into(),
         families: Families::default(),
+        local_access: false,
     };
     let table = plan::plan(
         &pods,

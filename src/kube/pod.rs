@@ -42,6 +42,11 @@ pub fn facts(pod: &Pod, annotation_key: &str) -> PodFacts {
         ready,
         terminating: meta.deletion_timestamp.is_some(),
         finished: matches!(phase, Some("Succeeded") | Some("Failed")),
+        host_network: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.host_network)
+            .unwrap_or(false),
         annotation: meta
             .annotations
             .as_ref()

@@ -246,7 +246,7 @@ fn set_reachable(tx: &watch::Sender<FeedState>, reachable: bool) {
 /// small store: managed fields, other annotations (kubectl's
 /// last-applied-configuration can be large), labels, the containers and their
 /// statuses. Kept: identity (for events), node, creation and deletion times,
-/// the podnat annotation, IPs, phase and conditions.
+/// the podnat annotation, IPs, hostNetwork, phase and conditions.
 pub fn slim(pod: &mut Pod, annotation_key: &str) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
@@ -261,6 +261,7 @@ pub fn slim(pod: &mut Pod, annotation_key: &str) {
     }
     pod.spec = pod.spec.take().map(|s| PodSpec {
         node_name: s.node_name,
+        host_network: s.host_network,
         ..PodSpec::default()
     });
     pod.status = pod.status.take().map(|s| PodStatus {

@@ -41,6 +41,7 @@ impl TableChange {
         fold(&mut a.dnat, &mut d.dnat, a2.dnat, d2.dnat);
         fold(&mut a.snat, &mut d.snat, a2.snat, d2.snat);
         fold(&mut a.forward, &mut d.forward, a2.forward, d2.forward);
+        fold(&mut a.local, &mut d.local, a2.local, d2.local);
         self.pods.extend(later.pods);
     }
 }
@@ -199,6 +200,8 @@ pub(crate) struct IncrementalPlan {
     /// Candidate pods per pod IP: who competes for SNAT and FORWARD there
     /// (two pods share an IP while an old one is not gone yet).
     by_ip: HashMap<IpAddr, BTreeSet<PodRef>>,
+    /// Hairpin sources: every pod on this node, annotated or not.
+    locals: local::Locals,
     table: NatTable,
 }
 
@@ -209,6 +212,7 @@ impl IncrementalPlan {
             pods: HashMap::new(),
             claims: HashMap::new(),
             by_ip: HashMap::new(),
+            locals: local::Locals::default(),
             table: NatTable {
                 public_address,
                 ..NatTable::default()
@@ -224,6 +228,7 @@ impl IncrementalPlan {
     /// Rebuilds from a full pod list (first sync, resync). Annotations whose
     /// text did not change are not parsed again.
     pub(crate) fn reset(&mut self, pods: &[PodFacts]) -> &NatTable {
+        self.reset_locals(pods);
         let mut old = std::mem::take(&mut self.pods);
         let states = pods
             .iter()
@@ -246,8 +251,17 @@ impl IncrementalPlan {
     /// A pod was added or changed (or is seen again unchanged: then nothing
     /// is done).
     pub(crate) fn upsert(&mut self, facts: PodFacts) -> TableChange {
+        let ips = crate::plan::local_ips(&facts, &self.cfg);
+        let local = self.set_local(&facts.pod, ips);
+        let mut change = self.upsert_nat(facts);
+        change.rules.add.local = local.add.local;
+        change.rules.del.local = local.del.local;
+        change
+    }
+
+    fn upsert_nat(&mut self, facts: PodFacts) -> TableChange {
         if !self.considers(&facts) {
-            return self.remove(&facts.pod);
+            return self.remove_nat(&facts.pod);
         }
         if self.pods.get(&facts.pod).is_some_and(|s| s.facts == facts) {
             return TableChange::default();
@@ -263,6 +277,14 @@ impl IncrementalPlan {
 
     /// A pod is gone.
     pub(crate) fn remove(&mut self, pod: &PodRef) -> TableChange {
+        let local = self.set_local(pod, Vec::new());
+        let mut change = self.remove_nat(pod);
+        change.rules.add.local = local.add.local;
+        change.rules.del.local = local.del.local;
+        change
+    }
+
+    fn remove_nat(&mut self, pod: &PodRef) -> TableChange {
         match self.pods.remove(pod) {
             Some(old) => self.replace(pod, Some(old), None),
             None => TableChange::default(),
@@ -303,6 +325,7 @@ impl IncrementalPlan {
         }
         let before = std::mem::take(&mut self.table);
         self.table.public_address = address;
+        self.table.rules.local = before.rules.local.clone();
         let states = std::mem::take(&mut self.pods).into_values().collect();
         self.rebuild(states);
         let rules = Changes::between(&before.rules, &self.table.rules);
@@ -361,10 +384,13 @@ impl IncrementalPlan {
         self.pods.clear();
         self.claims.clear();
         self.by_ip.clear();
+        // The hairpin sources do not depend on annotations: kept as they are.
+        let local = std::mem::take(&mut self.table.rules.local);
         self.table = NatTable {
             public_address: self.table.public_address,
             ..NatTable::default()
         };
+        self.table.rules.local = local;
         let mut dirty = Dirty {
             rebuild: true,
             ..Dirty::default()
@@ -490,6 +516,7 @@ impl IncrementalPlan {
     }
 }
 
+mod local;
 mod replan;
 
 #[cfg(test)]

@@ -20,8 +20,8 @@ use serde::Serialize;
 use crate::annotation::{self, AnnotationError};
 use crate::config::short_node_name;
 use crate::model::{
-    DualStack, Families, Family, ForwardRule, Mapping, NatKey, PodRef, PortMapping, Proto, RuleSet,
-    SnatRule,
+    DualStack, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, PortMapping,
+    Proto, RuleSet, SnatRule,
 };
 
 /// What the planner needs to know about one pod (built from the Kubernetes
@@ -40,6 +40,8 @@ pub struct PodFacts {
     pub finished: bool,
     /// The value of the podnat annotation, if the pod carries it.
     pub annotation: Option<String>,
+    /// `spec.hostNetwork`: its "pod IP" is the node's own address.
+    pub host_network: bool,
 }
 
 /// Planner settings (a slice of `Config`).
@@ -48,6 +50,8 @@ pub struct PlanConfig {
     pub node_id: String,
     pub restricted_ports: BTreeSet<u16>,
     pub families: Families,
+    /// `-localaccess`: plan the hairpin sources (every pod on this node).
+    pub local_access: bool,
 }
 
 /// A pod that claimed a port another pod won.
@@ -98,6 +102,42 @@ impl NatTable {
 /// as the Go version matched them.
 pub fn on_node(pod_node: Option<&str>, node_id: &str) -> bool {
     pod_node.is_some_and(|n| short_node_name(n) == short_node_name(node_id))
+}
+
+/// The addresses a pod on this node is a hairpin source with: every enabled
+/// family's IP of a running pod that has its own network (none with
+/// `-localaccess=false`). Annotated or not: the pod that reaches a published
+/// port is usually a plain client.
+pub(crate) fn local_ips(p: &PodFacts, cfg: &PlanConfig) -> Vec<IpAddr> {
+    if !cfg.local_access
+        || p.host_network
+        || p.terminating
+        || p.finished
+        || !on_node(p.node.as_deref(), &cfg.node_id)
+    {
+        return Vec::new();
+    }
+    cfg.families.iter().filter_map(|f| p.ips.get(f)).collect()
+}
+
+/// The hairpin sources of `pods`: one per address, the greater pod owning a
+/// shared one.
+fn local_pods(pods: &[PodFacts], cfg: &PlanConfig) -> Vec<LocalPod> {
+    let mut at: BTreeMap<IpAddr, &PodRef> = BTreeMap::new();
+    for p in pods {
+        for ip in local_ips(p, cfg) {
+            let slot = at.entry(ip).or_insert(&p.pod);
+            if p.pod > **slot {
+                *slot = &p.pod;
+            }
+        }
+    }
+    at.into_iter()
+        .map(|(pod_ip, owner)| LocalPod {
+            pod_ip,
+            owner: owner.clone(),
+        })
+        .collect()
 }
 
 /// Ordering of candidates for one key: the greatest wins.
@@ -248,6 +288,7 @@ pub fn plan(pods: &[PodFacts], public_address: DualStack, cfg: &PlanConfig) -> N
             owner: parsed[pi].0.pod.clone(),
         })
         .collect();
+    table.rules.local = local_pods(pods, cfg);
     table.rules.normalize();
     table.conflicts.sort();
     table.pending.sort();

@@ -18,6 +18,7 @@ pub(super) fn pod(ns: &str, name: &str, ip: &str, created: i64, ann: &str) -> Po
         terminating: false,
         finished: false,
         annotation: Some(ann.into()),
+        host_network: false,
     }
 }
 
@@ -26,6 +27,7 @@ pub(super) fn cfg() -> PlanConfig {
         node_id: "node1".into(),
         restricted_ports: [22, 53, 6443].into_iter().collect(),
         families: Families::default(),
+        local_access: false,
     }
 }
 

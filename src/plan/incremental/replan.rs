@@ -170,7 +170,7 @@ pub(super) fn range_of<T>(list: &[T], cmp: impl Fn(&T) -> std::cmp::Ordering) ->
 
 /// Puts `want` in the slot found at `at` of a sorted list, recording the rule
 /// it adds and the one it deletes.
-fn swap_rule<T: Clone + PartialEq>(
+pub(super) fn swap_rule<T: Clone + PartialEq>(
     list: &mut Vec<T>,
     at: Result<usize, usize>,
     want: Option<T>,

@@ -211,6 +211,7 @@ const V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 7);
 fn dual() -> PlanConfig {
     PlanConfig {
         families: Families::DUAL,
+        local_access: true,
         ..cfg()
     }
 }
