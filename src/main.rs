@@ -9,7 +9,9 @@ use anyhow::Context;
 use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config};
 use podnat_controller::firewall::netlink::NetlinkError;
-use podnat_controller::firewall::{backend_with, coexist, monitor, Backend, FirewallError, Names};
+use podnat_controller::firewall::{
+    backend_with_options, coexist, monitor, Backend, FirewallError, Names,
+};
 use podnat_controller::http::{self, AddressSource, HttpContext};
 use podnat_controller::kube::events::EventSink;
 use podnat_controller::kube::watch::{self, PodWatchConfig};
@@ -97,7 +99,13 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let names = Names::new(&config.resource_prefix);
-    let mut backend = backend_with(config.flavor, names.clone(), config.jump, config.families);
+    let mut backend = backend_with_options(
+        config.flavor,
+        names.clone(),
+        config.jump,
+        config.families,
+        config.local_access,
+    );
     if let Some(Command::Cleanup) = config.command {
         if config.dry_run {
             println!(
@@ -388,11 +396,12 @@ fn spawn_http(
         registry: podnat_controller::status::registry(status),
         status: status.clone(),
         flavor: config.flavor,
-        view: std::sync::Mutex::new(backend_with(
+        view: std::sync::Mutex::new(backend_with_options(
             config.flavor,
             Names::new(&config.resource_prefix),
             config.jump,
             config.families,
+            config.local_access,
         )),
         node: node_id.to_string(),
         dry_run: config.dry_run,

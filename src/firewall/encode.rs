@@ -141,6 +141,52 @@ impl Exprs {
         })
     }
 
+    /// `meta <key>` into `dreg` (e.g. NFT_META_MARK).
+    pub fn meta_load(&mut self, key: u32, dreg: u32) -> &mut Self {
+        self.push("meta", |d| {
+            d.be32(sys::NFTA_META_KEY, key)
+                .be32(sys::NFTA_META_DREG, dreg);
+        })
+    }
+
+    /// `meta <key> set` from `sreg`.
+    pub fn meta_set(&mut self, key: u32, sreg: u32) -> &mut Self {
+        self.push("meta", |d| {
+            d.be32(sys::NFTA_META_KEY, key)
+                .be32(sys::NFTA_META_SREG, sreg);
+        })
+    }
+
+    /// `fib daddr type` compared with `rtn_type` (RTN_LOCAL: the
+    /// destination is an address of this host).
+    pub fn fib_daddr_type(&mut self, rtn_type: u32) -> &mut Self {
+        self.push("fib", |d| {
+            d.be32(sys::NFTA_FIB_DREG, REG_1)
+                .be32(sys::NFTA_FIB_RESULT, sys::NFT_FIB_RESULT_ADDRTYPE)
+                .be32(sys::NFTA_FIB_FLAGS, sys::NFTA_FIB_F_DADDR);
+        });
+        self.cmp_eq(REG_1, &rtn_type.to_ne_bytes())
+    }
+
+    /// `meta mark set meta mark | bits` (host byte order, as the mark is).
+    pub fn mark_or(&mut self, bits: u32) -> &mut Self {
+        self.meta_load(sys::NFT_META_MARK, REG_1);
+        self.bitwise(REG_1, &(!bits).to_ne_bytes(), &bits.to_ne_bytes());
+        self.meta_set(sys::NFT_META_MARK, REG_1)
+    }
+
+    /// `meta mark & bits == bits`.
+    pub fn mark_has(&mut self, bits: u32) -> &mut Self {
+        self.meta_load(sys::NFT_META_MARK, REG_1);
+        self.bitwise(REG_1, &bits.to_ne_bytes(), &[0; 4]);
+        self.cmp_eq(REG_1, &bits.to_ne_bytes())
+    }
+
+    /// Masquerade to the address of the outgoing interface.
+    pub fn masquerade(&mut self) -> &mut Self {
+        self.push("masq", |_| {})
+    }
+
     pub fn cmp(&mut self, sreg: u32, op: u32, value: &[u8]) -> &mut Self {
         self.push("cmp", |d| {
             d.be32(sys::NFTA_CMP_SREG, sreg)

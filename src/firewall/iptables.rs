@@ -48,9 +48,23 @@ enum Place {
     Pre,
     Post,
     Forward,
+    /// nat OUTPUT → `<PREFIX>_OUTPUT` (`-localaccess`), which jumps to
+    /// `<PREFIX>_PRE`: the node's own connections get the same DNAT.
+    Output,
 }
 
-const PLACES: [Place; 3] = [Place::Pre, Place::Post, Place::Forward];
+/// Every place; the first three are the Go version's, the fourth is
+/// `-localaccess`'s.
+const PLACES: [Place; 4] = [Place::Pre, Place::Post, Place::Forward, Place::Output];
+
+/// The places the agent manages: `local` adds nat OUTPUT.
+fn places(local: bool) -> &'static [Place] {
+    if local {
+        &PLACES
+    } else {
+        &PLACES[..3]
+    }
+}
 
 impl Place {
     fn index(self) -> usize {
@@ -59,7 +73,7 @@ impl Place {
 
     fn table(self) -> &'static str {
         match self {
-            Place::Pre | Place::Post => NAT,
+            Place::Pre | Place::Post | Place::Output => NAT,
             Place::Forward => FILTER,
         }
     }
@@ -69,6 +83,7 @@ impl Place {
             Place::Pre => "PREROUTING",
             Place::Post => "POSTROUTING",
             Place::Forward => "FORWARD",
+            Place::Output => "OUTPUT",
         }
     }
 
@@ -79,6 +94,7 @@ impl Place {
             Place::Pre => (HookClass::PreRouting, -100, ChainType::Nat),
             Place::Post => (HookClass::PostRouting, 100, ChainType::Nat),
             Place::Forward => (HookClass::Forward, 0, ChainType::Filter),
+            Place::Output => (HookClass::Out, -100, ChainType::Nat),
         };
         Chain::new(table)
             .with_name(self.parent())
@@ -92,6 +108,7 @@ impl Place {
             Place::Pre => &n.pre,
             Place::Post => &n.post,
             Place::Forward => &n.forward,
+            Place::Output => &n.output,
         }
     }
 
@@ -100,6 +117,7 @@ impl Place {
             Place::Pre => j.prerouting,
             Place::Post => j.postrouting,
             Place::Forward => j.forward,
+            Place::Output => j.output,
         }
     }
 }
@@ -118,14 +136,20 @@ struct Slot<T> {
 pub struct IptState {
     /// Whose tables these are: `ip` (iptables-nft) or `ip6` (ip6tables-nft).
     family: Family,
+    /// `-localaccess`: the name of `<PREFIX>_PRE`, which `<PREFIX>_OUTPUT`
+    /// jumps to; `None`: the Go version's three places only.
+    local: Option<String>,
     nat_exists: bool,
     filter_exists: bool,
-    parent_exists: [bool; 3],
-    own_exists: [bool; 3],
+    /// Per place (`PLACES`); all four are read (so `cleanup` finds an
+    /// OUTPUT chain left from a run with local access), the managed ones
+    /// planned.
+    parent_exists: [bool; 4],
+    own_exists: [bool; 4],
     /// Parent chains: which rules jump to the agent's chain.
-    parents: [Vec<Slot<ParentRule>>; 3],
+    parents: [Vec<Slot<ParentRule>>; 4],
     /// The agent's chains: `None` for a rule that is not its encoding.
-    own: [Vec<Slot<Option<AgentRule>>>; 3],
+    own: [Vec<Slot<Option<AgentRule>>>; 4],
     /// Everything exists, each of the agent's chains holds exactly its
     /// rules in sorted order, and the jumps are where they are asked to be:
     /// a change can then be planned by binary search (`Changes::delta`).
@@ -150,16 +174,23 @@ impl IptState {
                 .any(|p| p.iter().any(|s| s.rule != ParentRule::Foreign))
     }
 
+    /// The places managed (see `places`).
+    fn places(&self) -> &'static [Place] {
+        places(self.local.is_some())
+    }
+
     /// Every table and chain exists and each own chain is exactly its
     /// desired content in sorted order (what `delta` needs besides jumps).
     fn own_sorted(&self) -> bool {
+        let managed = self.places().iter().map(|p| p.index());
         let exist = self.nat_exists
             && self.filter_exists
-            && self.parent_exists.iter().all(|e| *e)
-            && self.own_exists.iter().all(|e| *e);
+            && managed
+                .clone()
+                .all(|i| self.parent_exists[i] && self.own_exists[i]);
         exist && {
-            let want = desired_chains(&self.rules(), self.family);
-            (0..3).all(|i| {
+            let want = desired_chains(&self.rules(), self.family, self.local.as_deref());
+            managed.into_iter().all(|i| {
                 self.own[i].len() == want[i].len()
                     && self.own[i]
                         .iter()
@@ -176,6 +207,7 @@ impl IptState {
             for s in chain {
                 match (place, &s.rule) {
                     (Place::Pre, Some(AgentRule::Dnat(m))) => r.dnat.push(m.clone()),
+                    (Place::Pre, Some(AgentRule::Mark(l))) => r.local.push(l.clone()),
                     (Place::Post, Some(AgentRule::Snat(x))) => r.snat.push(x.clone()),
                     (Place::Forward, Some(AgentRule::Forward(f))) => r.forward.push(f.clone()),
                     _ => {}
@@ -194,6 +226,8 @@ pub struct Iptables {
     names: Names,
     jumps: JumpPositions,
     family: Family,
+    /// `-localaccess`: nat OUTPUT, the hairpin marks and masquerade.
+    local: bool,
 }
 
 /// The iptables flavor, in iptables-nft's tables and (with IPv6 enabled)
@@ -206,10 +240,21 @@ impl IptablesBackend {
     }
 
     pub fn for_families(names: Names, jumps: JumpPositions, families: Families) -> IptablesBackend {
+        Self::with_options(names, jumps, families, false)
+    }
+
+    /// `local`: `-localaccess` (node-local DNAT and hairpin).
+    pub fn with_options(
+        names: Names,
+        jumps: JumpPositions,
+        families: Families,
+        local: bool,
+    ) -> IptablesBackend {
         Applier::with_flavor(PerFamily::new(families, |family| Iptables {
             names: names.clone(),
             jumps,
             family,
+            local,
         }))
     }
 
@@ -238,10 +283,7 @@ impl Flavor for Iptables {
     }
 
     fn empty(&self) -> IptState {
-        IptState {
-            family: self.family,
-            ..IptState::default()
-        }
+        self.empty_state()
     }
 
     fn rules(&self, state: &IptState) -> RuleSet {
@@ -361,10 +403,13 @@ impl Flavor for Iptables {
                 }
             }
         }
-        for place in PLACES {
-            if !state.own_exists[place.index()] {
-                continue;
-            }
+        // Every chain flushed before any is deleted: `<PREFIX>_OUTPUT` jumps
+        // to `<PREFIX>_PRE`, and a referenced chain cannot be deleted.
+        let existing: Vec<Place> = PLACES
+            .into_iter()
+            .filter(|p| state.own_exists[p.index()])
+            .collect();
+        for place in &existing {
             let own = place.own(names);
             let mut a = Attrs::new();
             a.str(sys::NFTA_RULE_TABLE, place.table())
@@ -373,6 +418,9 @@ impl Flavor for Iptables {
                 NftMsg::new(sys::NFT_MSG_DELRULE, 0, a).in_family(self.family),
                 format!("flush chain {own} in table {fam} {}", place.table()),
             );
+        }
+        for place in &existing {
+            let own = place.own(names);
             let mut a = Attrs::new();
             a.str(sys::NFTA_CHAIN_TABLE, place.table())
                 .str(sys::NFTA_CHAIN_NAME, own);
@@ -388,7 +436,7 @@ impl Flavor for Iptables {
         let tables = [NAT, FILTER]
             .into_iter()
             .map(|table| {
-                let here = PLACES.iter().filter(|p| p.table() == table);
+                let here = places(self.local).iter().filter(|p| p.table() == table);
                 TableInterest {
                     family: self.family.nfproto(),
                     table: table.to_string(),
@@ -414,6 +462,6 @@ impl Flavor for Iptables {
     }
 
     fn view(&self, rules: &RuleSet) -> String {
-        view::iptables_save(rules, &self.names, self.family)
+        view::iptables_save_with(rules, &self.names, self.family, self.local)
     }
 }

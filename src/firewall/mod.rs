@@ -128,17 +128,30 @@ pub fn backend_with_jumps(flavor: Flavor, names: Names, jumps: JumpPositions) ->
 }
 
 /// Builds the backend for a flavor serving `families` (one part each, in
-/// one batch per change).
+/// one batch per change), without `-localaccess`'s objects.
 pub fn backend_with(
     flavor: Flavor,
     names: Names,
     jumps: JumpPositions,
     families: Families,
 ) -> Box<dyn Backend> {
+    backend_with_options(flavor, names, jumps, families, false)
+}
+
+/// As `backend_with`; `local`: `-localaccess` (node-local DNAT, hairpin).
+pub fn backend_with_options(
+    flavor: Flavor,
+    names: Names,
+    jumps: JumpPositions,
+    families: Families,
+    local: bool,
+) -> Box<dyn Backend> {
     match flavor {
-        Flavor::Nftables => Box::new(nftables::NftablesBackend::for_families(names, families)),
-        Flavor::Iptables => Box::new(iptables::IptablesBackend::for_families(
-            names, jumps, families,
+        Flavor::Nftables => Box::new(nftables::NftablesBackend::with_options(
+            names, families, local,
+        )),
+        Flavor::Iptables => Box::new(iptables::IptablesBackend::with_options(
+            names, jumps, families, local,
         )),
     }
 }

@@ -17,6 +17,10 @@ pub struct Names {
     /// Comment of the internal-network RETURNs in `<PREFIX>_POST`:
     /// `<prefix>[no_snat_for_internal]`, as the Go version's `ensureDefaults`.
     pub internal_comment: String,
+    /// `<PREFIX>_OUTPUT` in `ip nat` (`-localaccess`).
+    pub output: String,
+    /// Comment of the hairpin masquerade: `<prefix>[hairpin]`.
+    pub hairpin_comment: String,
 }
 
 /// Native flavor: map/set and chain names inside `table ip <prefix>`.
@@ -26,6 +30,15 @@ pub const NFT_FORWARD_SET: &str = "forward_allowed";
 pub const NFT_PRE_CHAIN: &str = "prerouting";
 pub const NFT_POST_CHAIN: &str = "postrouting";
 pub const NFT_FORWARD_CHAIN: &str = "forward";
+/// `-localaccess`: the node's own connections (nat output hook) and the
+/// hairpin sources (every pod on this node).
+pub const NFT_OUTPUT_CHAIN: &str = "output";
+pub const NFT_LOCAL_SET: &str = "local_pods";
+pub const NFT_OUTPUT_PRIORITY: i32 = -101;
+/// The mark bit of a hairpin connection (a pod of this node to a published
+/// address of the node): set in prerouting, masqueraded on in postrouting, as
+/// netavark does with the same bit; kube-proxy's bits are 0x4000 and 0x8000.
+pub const HAIRPIN_MARK: u32 = 0x2000;
 /// Base chain priorities: just before the standard dstnat (-100), srcnat
 /// (100) and filter (0) hooks, so the agent's NAT runs before kube-proxy's.
 pub const NFT_PRE_PRIORITY: i32 = -101;
@@ -42,6 +55,8 @@ impl Names {
             forward: format!("{up}_FORWARD"),
             jump_comment: format!("{prefix}[jump_to_chain]"),
             internal_comment: format!("{prefix}[no_snat_for_internal]"),
+            output: format!("{up}_OUTPUT"),
+            hairpin_comment: format!("{prefix}[hairpin]"),
         }
     }
 

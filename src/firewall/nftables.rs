@@ -23,8 +23,8 @@ use super::netlink::{
 use super::{view, Changes};
 use crate::model::Families;
 use crate::model::{
-    Family, ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule, INTERNAL_NETWORKS,
-    INTERNAL_NETWORKS_V6,
+    Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule,
+    INTERNAL_NETWORKS, INTERNAL_NETWORKS_V6,
 };
 
 mod elements;
@@ -49,6 +49,9 @@ pub struct NativeState {
 pub struct Nftables {
     names: Names,
     family: Family,
+    /// `-localaccess`: the output chain, the hairpin mark and masquerade,
+    /// the set of this node's pods.
+    local: bool,
 }
 
 /// The native flavor, one table per enabled family, with the applier
@@ -61,9 +64,15 @@ impl NftablesBackend {
     }
 
     pub fn for_families(names: Names, families: Families) -> NftablesBackend {
+        Self::with_options(names, families, false)
+    }
+
+    /// `local`: `-localaccess` (node-local DNAT and hairpin).
+    pub fn with_options(names: Names, families: Families, local: bool) -> NftablesBackend {
         Applier::with_flavor(PerFamily::new(families, |family| Nftables {
             names: names.clone(),
             family,
+            local,
         }))
     }
 }
@@ -106,7 +115,8 @@ impl Nftables {
         // kernel's chain dump, and a crowded node has many.
         let scope = Scope::table(af, &tname);
         let sets = sock.dump_scoped(sys::NFT_MSG_GETSET, &scope)?;
-        let shapes = sets_of(self.family);
+        let shapes = sets_of(self.family, self.local);
+        let chain_shapes = chains_of(self.local);
         ok &= sets.len() == shapes.len();
         for shape in &shapes {
             let found = sets
@@ -125,8 +135,8 @@ impl Nftables {
         }
 
         let chains = sock.dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?;
-        ok &= chains.len() == CHAINS.len();
-        for shape in &CHAINS {
+        ok &= chains.len() == chain_shapes.len();
+        for shape in chain_shapes {
             let found = chains
                 .iter()
                 .find(|c| attr_str(c, sys::NFTA_CHAIN_NAME).as_deref() == Some(shape.name));
@@ -141,8 +151,8 @@ impl Nftables {
         }
 
         let rules = sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?;
-        for shape in &CHAINS {
-            let want: Vec<Vec<&str>> = chain_rules(shape.name, self.family)
+        for shape in chain_shapes {
+            let want: Vec<Vec<&str>> = chain_rules(shape.name, self.family, self.local)
                 .iter()
                 .map(|e| e.names().to_vec())
                 .collect();
@@ -156,9 +166,9 @@ impl Nftables {
             ok &= want == got;
         }
         ok &= rules.len()
-            == CHAINS
+            == chain_shapes
                 .iter()
-                .map(|c| chain_rules(c.name, self.family).len())
+                .map(|c| chain_rules(c.name, self.family, self.local).len())
                 .sum::<usize>();
 
         let mut state = NativeState {
@@ -213,7 +223,7 @@ impl Nftables {
             );
         }
         batch.add_table(&table, MsgType::Add, format!("add table {fam} {tname}"));
-        for (i, shape) in sets_of(self.family).iter().enumerate() {
+        for (i, shape) in sets_of(self.family, self.local).iter().enumerate() {
             let mut a = Attrs::new();
             a.str(sys::NFTA_SET_TABLE, tname)
                 .str(sys::NFTA_SET_NAME, shape.name)
@@ -238,7 +248,7 @@ impl Nftables {
                 format!("add set {} to table {fam} {tname}", shape.name),
             );
         }
-        for shape in &CHAINS {
+        for shape in chains_of(self.local) {
             let chain = Chain::new(&table)
                 .with_name(shape.name)
                 .with_hook(Hook::new(shape.hook, shape.priority))
@@ -254,8 +264,9 @@ impl Nftables {
                 format!("add chain {} to table {fam} {tname}", shape.name),
             );
         }
-        for shape in &CHAINS {
-            for (i, rule) in chain_rules(shape.name, self.family).iter().enumerate() {
+        for shape in chains_of(self.local) {
+            let rules = chain_rules(shape.name, self.family, self.local);
+            for (i, rule) in rules.iter().enumerate() {
                 let mut a = Attrs::new();
                 a.str(sys::NFTA_RULE_TABLE, tname)
                     .str(sys::NFTA_RULE_CHAIN, shape.name)
@@ -296,6 +307,27 @@ impl Nftables {
             forward_elements(&desired.forward),
             false,
         );
+        add_elements(
+            batch,
+            self.family,
+            tname,
+            names::NFT_LOCAL_SET,
+            local_elements(&desired.local),
+            false,
+        );
+    }
+
+    /// `rules` without the hairpin sources when local access is off (the
+    /// planner lists them only when it is on; a mismatch must not churn).
+    fn scoped<'a>(&self, rules: &'a RuleSet) -> std::borrow::Cow<'a, RuleSet> {
+        if self.local || rules.local.is_empty() {
+            std::borrow::Cow::Borrowed(rules)
+        } else {
+            std::borrow::Cow::Owned(RuleSet {
+                local: Vec::new(),
+                ..rules.clone()
+            })
+        }
     }
 }
 
@@ -321,10 +353,11 @@ impl Flavor for Nftables {
     }
 
     fn plan(&self, state: &NativeState, desired: &RuleSet) -> Planned<NftPlan> {
+        let desired = self.scoped(desired);
         if !state.structure_ok {
-            return Planned::Change(NftPlan::Rebuild(desired.clone()));
+            return Planned::Change(NftPlan::Rebuild(desired.into_owned()));
         }
-        let changes = Changes::between(&state.rules, desired);
+        let changes = Changes::between(&state.rules, &desired);
         if changes.is_empty() {
             Planned::Nothing
         } else {
@@ -333,13 +366,17 @@ impl Flavor for Nftables {
     }
 
     fn plan_changes(&self, state: &NativeState, changes: &Changes) -> Option<Planned<NftPlan>> {
+        let changes = Changes {
+            add: self.scoped(&changes.add).into_owned(),
+            del: self.scoped(&changes.del).into_owned(),
+        };
         if !state.structure_ok || !changes.fits(&state.rules) {
             return None;
         }
         Some(if changes.is_empty() {
             Planned::Nothing
         } else {
-            Planned::Change(NftPlan::Elements(changes.clone()))
+            Planned::Change(NftPlan::Elements(changes))
         })
     }
 
@@ -398,7 +435,12 @@ impl Flavor for Nftables {
                 if state.table_exists {
                     out.push_str(&format!("delete table {} {t}\n", self.fam()));
                 }
-                out.push_str(&view::nft(desired, &self.names, self.family));
+                out.push_str(&view::nft_with(
+                    desired,
+                    &self.names,
+                    self.family,
+                    self.local,
+                ));
                 return out;
             }
             NftPlan::Elements(ch) => ch,
@@ -417,6 +459,9 @@ impl Flavor for Nftables {
         for f in &ch.del.forward {
             line("delete", names::NFT_FORWARD_SET, view::nft_forward_key(f));
         }
+        for l in &ch.del.local {
+            line("delete", names::NFT_LOCAL_SET, l.pod_ip.to_string());
+        }
         for m in &ch.add.dnat {
             line("add", names::NFT_DNAT_MAP, view::nft_dnat_element(m));
         }
@@ -425,6 +470,9 @@ impl Flavor for Nftables {
         }
         for f in &ch.add.forward {
             line("add", names::NFT_FORWARD_SET, view::nft_forward_element(f));
+        }
+        for l in &ch.add.local {
+            line("add", names::NFT_LOCAL_SET, view::nft_local_element(l));
         }
         out
     }
@@ -466,6 +514,6 @@ impl Flavor for Nftables {
     }
 
     fn view(&self, rules: &RuleSet) -> String {
-        view::nft(rules, &self.names, self.family)
+        view::nft_with(rules, &self.names, self.family, self.local)
     }
 }

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use crate::firewall::iptables::rules::internal_returns;
 use crate::firewall::names::{self, Names};
-use crate::model::{host_port, Family, ForwardRule, Mapping, RuleSet, SnatRule};
+use crate::model::{host_port, Family, ForwardRule, LocalPod, Mapping, RuleSet, SnatRule};
 
 /// nft's name of a family's tables: `ip` or `ip6`.
 pub fn nft_family(f: Family) -> &'static str {
@@ -72,21 +72,61 @@ pub fn ipt_jump(n: &Names, parent: &str, target: &str) -> String {
     )
 }
 
+/// `-A <PREFIX>_PRE -s P ... -j MARK` for a hairpin source.
+pub fn ipt_mark(n: &Names, l: &LocalPod) -> String {
+    format!(
+        "-A {} -s {} -m addrtype --dst-type LOCAL -m comment --comment \"{}\" -j MARK --set-xmark 0x{:x}/0x{:x}",
+        n.pre,
+        host(l.pod_ip),
+        l.owner,
+        names::HAIRPIN_MARK,
+        names::HAIRPIN_MARK
+    )
+}
+
+/// The hairpin masquerade at the head of `<PREFIX>_POST`.
+pub fn ipt_masquerade(n: &Names) -> String {
+    format!(
+        "-A {} -m mark --mark 0x{:x}/0x{:x} -m comment --comment \"{}\" -j MASQUERADE",
+        n.post,
+        names::HAIRPIN_MARK,
+        names::HAIRPIN_MARK,
+        n.hairpin_comment
+    )
+}
+
 /// The agent's part of `iptables-nft-save` (`ip6tables-nft-save` for IPv6):
 /// its chains, its jump rules and its rules, table by table, in the order
 /// iptables-nft-save prints them.
 pub fn iptables_save(rules: &RuleSet, n: &Names, family: Family) -> String {
+    iptables_save_with(rules, n, family, false)
+}
+
+/// `iptables_save` with `-localaccess`'s objects when `local`: the chain
+/// `<PREFIX>_OUTPUT` and its jump, the hairpin marks and masquerade.
+pub fn iptables_save_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> String {
     let mut out = String::new();
-    let mut user_chains = [n.post.as_str(), n.pre.as_str()];
+    let mut user_chains = vec![n.post.as_str(), n.pre.as_str()];
+    if local {
+        user_chains.push(n.output.as_str());
+    }
     user_chains.sort_unstable();
     out.push_str("*nat\n");
-    for c in user_chains {
+    for c in &user_chains {
         let _ = writeln!(out, ":{c} - [0:0]");
     }
     let _ = writeln!(out, "{}", ipt_jump(n, "PREROUTING", &n.pre));
+    if local {
+        let _ = writeln!(out, "{}", ipt_jump(n, "OUTPUT", &n.output));
+    }
     let _ = writeln!(out, "{}", ipt_jump(n, "POSTROUTING", &n.post));
     for c in user_chains {
-        if c == n.post {
+        if c == n.output {
+            let _ = writeln!(out, "{}", ipt_jump(n, &n.output, &n.pre));
+        } else if c == n.post {
+            if local {
+                let _ = writeln!(out, "{}", ipt_masquerade(n));
+            }
             for (net, len) in internal_returns(family) {
                 let _ = writeln!(out, "{}", ipt_internal_return(n, net, len));
             }
@@ -94,6 +134,11 @@ pub fn iptables_save(rules: &RuleSet, n: &Names, family: Family) -> String {
                 let _ = writeln!(out, "{}", ipt_snat(n, s));
             }
         } else {
+            if local {
+                for l in &rules.local {
+                    let _ = writeln!(out, "{}", ipt_mark(n, l));
+                }
+            }
             for m in &rules.dnat {
                 let _ = writeln!(out, "{}", ipt_dnat(n, m));
             }
@@ -180,6 +225,17 @@ fn nft_priority(base: &str, offset: i32) -> String {
 /// prints it (elements in key order; the kernel's hash order may differ, see
 /// `canonical_nft`).
 pub fn nft(rules: &RuleSet, n: &Names, family: Family) -> String {
+    nft_with(rules, n, family, false)
+}
+
+/// A hairpin source in the `local_pods` set.
+pub fn nft_local_element(l: &LocalPod) -> String {
+    format!("{} comment \"{}\"", l.pod_ip, l.owner)
+}
+
+/// `nft`, with `-localaccess`'s objects when `local`: the `local_pods` set,
+/// the hairpin mark and masquerade, the nat output chain.
+pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> String {
     let (fam, addr) = match family {
         Family::Ipv4 => ("ip", "ipv4_addr"),
         Family::Ipv6 => ("ip6", "ipv6_addr"),
@@ -214,17 +270,32 @@ pub fn nft(rules: &RuleSet, n: &Names, family: Family) -> String {
             .collect::<Vec<_>>(),
     );
     out.push_str("\t}\n\n");
+    if local {
+        let _ = writeln!(out, "\tset {} {{", names::NFT_LOCAL_SET);
+        let _ = writeln!(out, "\t\ttype {addr}");
+        let elements: Vec<String> = rules.local.iter().map(nft_local_element).collect();
+        nft_elements(&mut out, &elements);
+        out.push_str("\t}\n\n");
+    }
     let _ = writeln!(out, "\tchain {} {{", names::NFT_PRE_CHAIN);
     let _ = writeln!(
         out,
         "\t\ttype nat hook prerouting priority {}; policy accept;",
         nft_priority("dstnat", names::NFT_PRE_PRIORITY + 100)
     );
-    let _ = writeln!(
-        out,
+    if local {
+        let _ = writeln!(
+            out,
+            "\t\t{fam} saddr @{} fib daddr type local meta mark set meta mark | 0x{:08x}",
+            names::NFT_LOCAL_SET,
+            names::HAIRPIN_MARK
+        );
+    }
+    let dnat = format!(
         "\t\tdnat {fam} to {fam} daddr . meta l4proto . th dport map @{}",
         names::NFT_DNAT_MAP
     );
+    let _ = writeln!(out, "{dnat}");
     out.push_str("\t}\n\n");
     let _ = writeln!(out, "\tchain {} {{", names::NFT_POST_CHAIN);
     let _ = writeln!(
@@ -232,6 +303,13 @@ pub fn nft(rules: &RuleSet, n: &Names, family: Family) -> String {
         "\t\ttype nat hook postrouting priority {}; policy accept;",
         nft_priority("srcnat", names::NFT_POST_PRIORITY - 100)
     );
+    if local {
+        let _ = writeln!(
+            out,
+            "\t\tmeta mark & 0x{0:08x} == 0x{0:08x} masquerade",
+            names::HAIRPIN_MARK
+        );
+    }
     for (net, len) in crate::firewall::nftables::internal_networks(family) {
         // nft prints a host prefix as the bare address.
         if len == 128 {
@@ -257,7 +335,19 @@ pub fn nft(rules: &RuleSet, n: &Names, family: Family) -> String {
         "\t\tct state new {fam} daddr . meta l4proto . th dport @{} accept",
         names::NFT_FORWARD_SET
     );
-    out.push_str("\t}\n}\n");
+    out.push_str("\t}\n");
+    if local {
+        let _ = writeln!(out, "\n\tchain {} {{", names::NFT_OUTPUT_CHAIN);
+        // nft names no priority at the nat output hook: a plain number.
+        let _ = writeln!(
+            out,
+            "\t\ttype nat hook output priority {}; policy accept;",
+            names::NFT_OUTPUT_PRIORITY
+        );
+        let _ = writeln!(out, "{dnat}");
+        out.push_str("\t}\n");
+    }
+    out.push_str("}\n");
     out
 }
 

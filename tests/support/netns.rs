@@ -53,6 +53,19 @@ impl Netns {
             .expect("run ip netns exec")
     }
 
+    /// Waits (at most 10 s) until no IPv6 address here is tentative: the
+    /// link-local addresses go through duplicate detection, and until they
+    /// are done the first packets to a neighbour can be lost.
+    pub fn settle_ipv6(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if self.sh("ip -6 addr show tentative").trim().is_empty() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// A command to run inside the namespace (`ip netns exec NAME prog ...`).
     pub fn command(&self, program: &str) -> Command {
         let mut c = Command::new("ip");
@@ -177,6 +190,9 @@ impl Sandbox {
         self.pod_b.sh(
             "ip -6 addr add fd00:2::5/64 dev eth0 nodad && ip -6 route add default via fd00:2::1",
         );
+        for ns in [&self.node, &self.client, &self.pod_a, &self.pod_b] {
+            ns.settle_ipv6();
+        }
         self
     }
 }

@@ -5,10 +5,23 @@
 use super::*;
 
 /// The content each of the agent's chains must have, in order.
-pub(super) fn desired_chains(desired: &RuleSet, family: Family) -> [Vec<AgentRule>; 3] {
-    let pre = desired.dnat.iter().cloned().map(AgentRule::Dnat).collect();
-    let post = (0..internal_returns(family).len())
-        .map(AgentRule::Return)
+/// `local`: `-localaccess`, with the name of `<PREFIX>_PRE` (the OUTPUT
+/// chain's jump target).
+pub(super) fn desired_chains(
+    desired: &RuleSet,
+    family: Family,
+    local: Option<&str>,
+) -> [Vec<AgentRule>; 4] {
+    let marks = local.map(|_| desired.local.iter().cloned().map(AgentRule::Mark));
+    let pre = marks
+        .into_iter()
+        .flatten()
+        .chain(desired.dnat.iter().cloned().map(AgentRule::Dnat))
+        .collect();
+    let post = local
+        .map(|_| AgentRule::Masquerade)
+        .into_iter()
+        .chain((0..internal_returns(family).len()).map(AgentRule::Return))
         .chain(desired.snat.iter().cloned().map(AgentRule::Snat))
         .collect();
     let fwd = desired
@@ -17,7 +30,11 @@ pub(super) fn desired_chains(desired: &RuleSet, family: Family) -> [Vec<AgentRul
         .cloned()
         .map(AgentRule::Forward)
         .collect();
-    let mut chains: [Vec<AgentRule>; 3] = [pre, post, fwd];
+    let out = local
+        .map(|pre| AgentRule::Jump(pre.to_string()))
+        .into_iter()
+        .collect();
+    let mut chains: [Vec<AgentRule>; 4] = [pre, post, fwd, out];
     for c in &mut chains {
         c.sort();
         c.dedup();
@@ -58,10 +75,10 @@ pub(super) fn echoed_handles(
 pub struct Changes {
     pub(super) create_nat: bool,
     pub(super) create_filter: bool,
-    pub(super) create_parent: [bool; 3],
-    pub(super) create_own: [bool; 3],
-    pub(super) own: [ChainPlan<AgentRule>; 3],
-    pub(super) jumps: [ChainPlan<()>; 3],
+    pub(super) create_parent: [bool; 4],
+    pub(super) create_own: [bool; 4],
+    pub(super) own: [ChainPlan<AgentRule>; 4],
+    pub(super) jumps: [ChainPlan<()>; 4],
     /// Planned by `delta` on a settled state (which it keeps settled).
     pub(super) delta: bool,
     /// DNAT mappings this plan adds and removes (for the report and the
@@ -72,21 +89,28 @@ pub struct Changes {
 
 impl Changes {
     pub(super) fn plan(state: &IptState, desired: &RuleSet, jumps: &JumpPositions) -> Changes {
-        let want = desired_chains(desired, state.family);
+        let want = desired_chains(desired, state.family, state.local.as_deref());
+        let managed = |i: usize| state.places().iter().any(|p| p.index() == i);
         let own = std::array::from_fn(|i| {
+            if !managed(i) {
+                return ChainPlan::default();
+            }
             let current: Vec<Option<&AgentRule>> =
                 state.own[i].iter().map(|s| s.rule.as_ref()).collect();
             plan_chain(&current, &want[i], AgentRule::rank)
         });
         let jump_plans = std::array::from_fn(|i| {
+            if !managed(i) {
+                return ChainPlan::default();
+            }
             let current: Vec<ParentRule> = state.parents[i].iter().map(|s| s.rule).collect();
             plan_jump(&current, PLACES[i].requested(jumps))
         });
         let mut changes = Changes {
             create_nat: !state.nat_exists,
             create_filter: !state.filter_exists,
-            create_parent: std::array::from_fn(|i| !state.parent_exists[i]),
-            create_own: std::array::from_fn(|i| !state.own_exists[i]),
+            create_parent: std::array::from_fn(|i| managed(i) && !state.parent_exists[i]),
+            create_own: std::array::from_fn(|i| managed(i) && !state.own_exists[i]),
             own,
             jumps: jump_plans,
             delta: false,
@@ -105,19 +129,27 @@ impl Changes {
         if !state.settled {
             return None;
         }
-        fn rules(r: &RuleSet) -> [Vec<AgentRule>; 3] {
+        // The hairpin sources are rules only with local access.
+        let local = state.local.is_some();
+        let rules = |r: &RuleSet| -> [Vec<AgentRule>; 4] {
+            let marks = r
+                .local
+                .iter()
+                .filter(|_| local)
+                .cloned()
+                .map(AgentRule::Mark);
             [
-                r.dnat.iter().cloned().map(AgentRule::Dnat).collect(),
+                marks
+                    .chain(r.dnat.iter().cloned().map(AgentRule::Dnat))
+                    .collect(),
                 r.snat.iter().cloned().map(AgentRule::Snat).collect(),
                 r.forward.iter().cloned().map(AgentRule::Forward).collect(),
+                Vec::new(),
             ]
-        }
+        };
         let (adds, dels) = (rules(&ch.add), rules(&ch.del));
-        let mut own: [ChainPlan<AgentRule>; 3] = std::array::from_fn(|_| ChainPlan {
-            delete: Vec::new(),
-            insert: Vec::new(),
-        });
-        for i in 0..3 {
+        let mut own: [ChainPlan<AgentRule>; 4] = std::array::from_fn(|_| ChainPlan::default());
+        for i in 0..4 {
             let chain = &state.own[i];
             let find = |r: &AgentRule| chain.binary_search_by(|s| s.rule.as_ref().cmp(&Some(r)));
             let plan = &mut own[i];
@@ -141,13 +173,10 @@ impl Changes {
         Some(Changes {
             create_nat: false,
             create_filter: false,
-            create_parent: [false; 3],
-            create_own: [false; 3],
+            create_parent: [false; 4],
+            create_own: [false; 4],
             own,
-            jumps: std::array::from_fn(|_| ChainPlan {
-                delete: Vec::new(),
-                insert: Vec::new(),
-            }),
+            jumps: std::array::from_fn(|_| ChainPlan::default()),
             delta: true,
             added_dnat: ch.add.dnat.clone(),
             removed_dnat: ch.del.dnat.clone(),
@@ -169,7 +198,7 @@ impl Changes {
 
     /// Every handle the plan refers to is known (see `Slot`).
     pub(super) fn handles_known(&self, state: &IptState) -> bool {
-        (0..3).all(|i| {
+        (0..4).all(|i| {
             self.own[i]
                 .referenced()
                 .all(|j| state.own[i][j].handle.is_some())
@@ -188,20 +217,25 @@ impl Changes {
     /// The state after this plan commits; a new rule's handle is known if
     /// the kernel echoed it.
     pub(super) fn after(&self, state: IptState, handles: &HashMap<Inserted, u64>) -> IptState {
+        let managed: Vec<usize> = state.places().iter().map(|p| p.index()).collect();
         let IptState {
             parents,
             own,
             family,
+            local,
+            parent_exists,
+            own_exists,
             ..
         } = state;
         let mut parents = parents.into_iter();
         let mut own = own.into_iter();
         let mut after = IptState {
             family,
+            local,
             nat_exists: true,
             filter_exists: true,
-            parent_exists: [true; 3],
-            own_exists: [true; 3],
+            parent_exists: std::array::from_fn(|i| parent_exists[i] || managed.contains(&i)),
+            own_exists: std::array::from_fn(|i| own_exists[i] || managed.contains(&i)),
             parents: std::array::from_fn(|i| {
                 apply_plan(
                     parents.next().unwrap_or_default(),

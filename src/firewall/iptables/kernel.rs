@@ -90,9 +90,10 @@ impl Iptables {
             }
         }
         st.settled = st.own_sorted()
-            && (0..3).all(|i| {
+            && st.places().iter().all(|p| {
+                let i = p.index();
                 let current: Vec<ParentRule> = st.parents[i].iter().map(|s| s.rule).collect();
-                plan_jump(&current, PLACES[i].requested(&self.jumps)).is_empty()
+                plan_jump(&current, p.requested(&self.jumps)).is_empty()
             });
         Ok(st)
     }
@@ -229,9 +230,10 @@ impl Iptables {
         inserted
     }
 
-    fn empty_state(&self) -> IptState {
+    pub(super) fn empty_state(&self) -> IptState {
         IptState {
             family: self.family,
+            local: self.local.then(|| self.names.pre.clone()),
             ..IptState::default()
         }
     }

@@ -39,6 +39,15 @@ pub struct ChainPlan<T> {
     pub insert: Vec<(T, Anchor)>,
 }
 
+impl<T> Default for ChainPlan<T> {
+    fn default() -> Self {
+        ChainPlan {
+            delete: Vec::new(),
+            insert: Vec::new(),
+        }
+    }
+}
+
 impl<T> ChainPlan<T> {
     pub fn is_empty(&self) -> bool {
         self.delete.is_empty() && self.insert.is_empty()

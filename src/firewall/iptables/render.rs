@@ -10,6 +10,8 @@ pub(super) fn line(rule: &AgentRule, place: Place, n: &Names, family: Family) ->
             let (net, len) = internal_returns(family)[*i];
             view::ipt_internal_return(n, net, len)
         }
+        AgentRule::Masquerade => view::ipt_masquerade(n),
+        AgentRule::Mark(l) => view::ipt_mark(n, l),
         AgentRule::Snat(s) => view::ipt_snat(n, s),
         AgentRule::Dnat(m) => view::ipt_dnat(n, m),
         AgentRule::Forward(f) => view::ipt_forward(n, f),

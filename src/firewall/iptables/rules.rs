@@ -10,10 +10,11 @@ use super::xt;
 use crate::firewall::encode::{self, octets, Exprs, BASE_NETWORK, BASE_TRANSPORT, REG_1, TH_DPORT};
 // `Exprs` (encode.rs) writes the wire form; the reduced `Expr` list below is
 // what both directions agree on.
+use crate::firewall::names::HAIRPIN_MARK;
 use crate::firewall::netlink::{attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs};
 use crate::firewall::{comment_for, Names};
 use crate::model::{
-    Family, ForwardRule, Mapping, NatKey, PodRef, Proto, SnatRule, INTERNAL_NETWORKS_V6,
+    Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto, SnatRule, INTERNAL_NETWORKS_V6,
 };
 
 /// The networks `<PREFIX>_POST` returns un-NATed, in the order the Go version
@@ -45,12 +46,20 @@ pub fn internal_returns(f: Family) -> Vec<(IpAddr, u8)> {
 }
 
 /// One rule the agent writes. The variant order is the order inside a chain:
-/// in `<PREFIX>_POST` the internal-network returns come before the SNATs.
+/// in `<PREFIX>_POST` the hairpin masquerade, then the internal-network
+/// returns, then the SNATs; in `<PREFIX>_PRE` the hairpin marks before the
+/// DNATs.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum AgentRule {
+    /// `-m mark --mark 0x2000/0x2000 -m comment --comment "<prefix>[hairpin]"
+    /// -j MASQUERADE` (`-localaccess`).
+    Masquerade,
     /// `-d <GO_INTERNAL_NETWORKS[i]> -m comment --comment
     /// "<prefix>[no_snat_for_internal]" -j RETURN`.
     Return(usize),
+    /// `-s P -m addrtype --dst-type LOCAL -m comment --comment ns:pod -j MARK
+    /// --set-xmark 0x2000/0x2000` (`-localaccess`).
+    Mark(LocalPod),
     Snat(SnatRule),
     Dnat(Mapping),
     Forward(ForwardRule),
@@ -64,8 +73,9 @@ impl AgentRule {
     /// the verdict), so any order of them is the same chain.
     pub fn rank(&self) -> u8 {
         match self {
-            AgentRule::Return(_) => 0,
-            _ => 1,
+            AgentRule::Masquerade => 0,
+            AgentRule::Return(_) | AgentRule::Mark(_) => 1,
+            _ => 2,
         }
     }
 }
@@ -180,6 +190,36 @@ fn verdict(code: i32) -> Expr {
 pub fn exprs_of(rule: &AgentRule, names: &Names, family: Family) -> Vec<Expr> {
     let mut e = Vec::with_capacity(10);
     match rule {
+        AgentRule::Masquerade => {
+            // `-m mark` is native in iptables-nft: meta mark & mask == mark.
+            let bits = HAIRPIN_MARK.to_ne_bytes().to_vec();
+            e.push(Expr::Meta {
+                key: sys::NFT_META_MARK,
+                dreg: REG_1,
+            });
+            e.push(Expr::Bitwise {
+                sreg: REG_1,
+                dreg: REG_1,
+                len: 4,
+                mask: bits.clone(),
+                xor: vec![0; 4],
+                op: 0,
+            });
+            e.push(cmp_eq(&bits));
+            comment(&mut e, &names.hairpin_comment);
+            e.push(Expr::Counter);
+            let info = xt::masquerade_info(family);
+            e.push(xt("target", "MASQUERADE", xt::MASQUERADE_REV, info));
+        }
+        AgentRule::Mark(l) => {
+            host(&mut e, Side::Src, l.pod_ip);
+            let info = xt::addrtype_dst_local();
+            e.push(xt("match", "addrtype", xt::ADDRTYPE_REV, info));
+            comment(&mut e, &comment_for(&l.owner));
+            e.push(Expr::Counter);
+            let info = xt::mark_or(HAIRPIN_MARK);
+            e.push(xt("target", "MARK", xt::MARK_REV, info));
+        }
         AgentRule::Return(i) => {
             let (net, len) = internal_returns(family)[*i];
             prefix(&mut e, Side::Dst, net, len);
@@ -237,6 +277,7 @@ fn compat_proto(rule: &AgentRule) -> u32 {
         AgentRule::Dnat(m) => m.key.proto.number().into(),
         AgentRule::Forward(f) => f.proto.number().into(),
         AgentRule::Return(_) | AgentRule::Jump(_) => 0,
+        AgentRule::Masquerade | AgentRule::Mark(_) => 0,
     }
 }
 
@@ -245,10 +286,7 @@ fn serialize(list: &[Expr]) -> Exprs {
     let mut e = Exprs::new();
     for x in list {
         match x {
-            Expr::Meta { key, dreg } => {
-                debug_assert_eq!(*key, sys::NFT_META_L4PROTO);
-                e.meta_l4proto(*dreg)
-            }
+            Expr::Meta { key, dreg } => e.meta_load(*key, *dreg),
             Expr::Cmp { sreg, op, data } => e.cmp(*sreg, *op, data),
             Expr::Payload {
                 dreg,
@@ -446,6 +484,8 @@ struct Fields {
     comment: Option<String>,
     dnat: Option<(IpAddr, u16)>,
     snat: Option<IpAddr>,
+    /// The name of an xt target other than DNAT/SNAT (MARK, MASQUERADE).
+    target: Option<String>,
     verdict: Option<(i32, Option<String>)>,
 }
 
@@ -494,6 +534,7 @@ fn collect(exprs: &[Expr], family: Family) -> Fields {
                     f.snat = xt::parse_snat_compat(info).map(IpAddr::V4)
                 }
                 ("target", "SNAT") => f.snat = xt::parse_snat_range(info),
+                ("target", other) => f.target = Some(other.to_string()),
                 _ => {}
             },
             Expr::Verdict { code, chain } => f.verdict = Some((*code, chain.clone())),
@@ -509,6 +550,11 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
     let f = collect(exprs, family);
     let owner = || f.comment.as_deref().and_then(PodRef::from_comment);
     let candidates: Vec<AgentRule> = match (&f.dnat, &f.snat, &f.verdict) {
+        _ if f.target.as_deref() == Some("MASQUERADE") => vec![AgentRule::Masquerade],
+        _ if f.target.as_deref() == Some("MARK") => vec![AgentRule::Mark(LocalPod {
+            pod_ip: f.saddr?,
+            owner: owner()?,
+        })],
         (Some((pod_ip, pod_port)), None, None) => vec![AgentRule::Dnat(Mapping {
             key: NatKey {
                 public_ip: f.daddr?,

@@ -129,6 +129,44 @@ fn addr_at(info: &[u8], at: usize, ipv6: bool) -> Option<IpAddr> {
     })
 }
 
+/// `-m addrtype --dst-type LOCAL`: match revision 1, `struct
+/// xt_addrtype_info_v1` { u16 source; u16 dest; u32 flags } with dest =
+/// XT_ADDRTYPE_LOCAL (1 << RTN_LOCAL), host byte order; 8 bytes.
+pub const ADDRTYPE_REV: u32 = 1;
+
+pub fn addrtype_dst_local() -> Vec<u8> {
+    let mut info = vec![0u8; 8];
+    let local = 1u16 << libc::RTN_LOCAL;
+    info[2..4].copy_from_slice(&local.to_ne_bytes());
+    info
+}
+
+/// `-j MARK --set-xmark bits/bits` (`--or-mark bits` sends the same):
+/// target revision 2, `struct xt_mark_tginfo2` { u32 mark; u32 mask }.
+pub const MARK_REV: u32 = 2;
+
+pub fn mark_or(bits: u32) -> Vec<u8> {
+    let mut info = bits.to_ne_bytes().to_vec();
+    info.extend_from_slice(&bits.to_ne_bytes());
+    info
+}
+
+/// `-j MASQUERADE`: target revision 0; IPv4 `nf_nat_ipv4_multi_range_compat`
+/// with rangesize 1 and nothing else (24 bytes), IPv6 `nf_nat_range` all
+/// zero (40 bytes), as iptables-nft / ip6tables-nft 1.8.9 send them.
+pub const MASQUERADE_REV: u32 = 0;
+
+pub fn masquerade_info(family: crate::model::Family) -> Vec<u8> {
+    match family {
+        crate::model::Family::Ipv4 => {
+            let mut info = vec![0u8; SNAT_INFO_LEN];
+            info[..4].copy_from_slice(&1u32.to_ne_bytes());
+            info
+        }
+        crate::model::Family::Ipv6 => vec![0u8; SNAT6_INFO_LEN],
+    }
+}
+
 /// ip6tables-nft's `-j SNAT --to-source ip` is target revision 1 with
 /// `struct nf_nat_range` (flags, min/max address, min/max port: 40 bytes,
 /// no base_proto), not IPv4's revision-0 multi-range struct.

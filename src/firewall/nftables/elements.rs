@@ -198,6 +198,14 @@ pub(super) fn forward_elements(v: &[ForwardRule]) -> impl Iterator<Item = Elemen
     })
 }
 
+pub(super) fn local_elements(v: &[LocalPod]) -> impl Iterator<Item = Element<'_>> {
+    v.iter().map(|l| Element {
+        key: Value::of(&[&octets(&l.pod_ip)]),
+        data: None,
+        owner: Some(&l.owner),
+    })
+}
+
 /// Element deletes first, then adds: a retargeted key is deleted and re-added
 /// with its new data in the same batch.
 pub(super) fn encode_changes(batch: &mut NftBatch, family: Family, table: &str, ch: &Changes) {
@@ -229,6 +237,14 @@ pub(super) fn encode_changes(batch: &mut NftBatch, family: Family, table: &str, 
         batch,
         family,
         table,
+        names::NFT_LOCAL_SET,
+        local_elements(&ch.del.local),
+        true,
+    );
+    add_elements(
+        batch,
+        family,
+        table,
         names::NFT_DNAT_MAP,
         dnat_elements(&ch.add.dnat),
         false,
@@ -247,6 +263,14 @@ pub(super) fn encode_changes(batch: &mut NftBatch, family: Family, table: &str, 
         table,
         names::NFT_FORWARD_SET,
         forward_elements(&ch.add.forward),
+        false,
+    );
+    add_elements(
+        batch,
+        family,
+        table,
+        names::NFT_LOCAL_SET,
+        local_elements(&ch.add.local),
         false,
     );
 }
@@ -296,6 +320,12 @@ pub(super) fn decode_element(
                 public_ip,
                 owner,
             });
+        }
+        names::NFT_LOCAL_SET => {
+            let Some(pod_ip) = ip_at(key, 0) else {
+                return false;
+            };
+            out.local.push(LocalPod { pod_ip, owner });
         }
         _ => {
             let (Some(pod_ip), Some(proto), Some(pod_port)) =

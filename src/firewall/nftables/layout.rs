@@ -27,14 +27,15 @@ pub(super) struct SetShape {
     pub(super) data: Option<(u32, u32)>,
 }
 
-/// The sets of a family's table: the same three, keyed by that family's
-/// addresses (4 or 16 bytes; the other fields padded to 4).
-pub(super) fn sets_of(f: Family) -> [SetShape; 3] {
+/// The sets of a family's table: the same three (four with
+/// `-localaccess`), keyed by that family's addresses (4 or 16 bytes; the
+/// other fields padded to 4).
+pub(super) fn sets_of(f: Family, local: bool) -> Vec<SetShape> {
     let (addr, len) = match f {
         Family::Ipv4 => (TYPE_IPADDR, 4),
         Family::Ipv6 => (TYPE_IP6ADDR, 16),
     };
-    [
+    let mut sets = vec![
         SetShape {
             name: names::NFT_DNAT_MAP,
             key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
@@ -53,7 +54,16 @@ pub(super) fn sets_of(f: Family) -> [SetShape; 3] {
             key_len: len + 8,
             data: None,
         },
-    ]
+    ];
+    if local {
+        sets.push(SetShape {
+            name: names::NFT_LOCAL_SET,
+            key_type: addr,
+            key_len: len,
+            data: None,
+        });
+    }
+    sets
 }
 
 pub(super) struct ChainShape {
@@ -63,7 +73,16 @@ pub(super) struct ChainShape {
     pub(super) nat: bool,
 }
 
-pub(super) const CHAINS: [ChainShape; 3] = [
+/// The base chains (the nat output one too with `-localaccess`).
+pub(super) fn chains_of(local: bool) -> &'static [ChainShape] {
+    if local {
+        &CHAINS
+    } else {
+        &CHAINS[..3]
+    }
+}
+
+const CHAINS: [ChainShape; 4] = [
     ChainShape {
         name: names::NFT_PRE_CHAIN,
         hook: HookClass::PreRouting,
@@ -81,6 +100,12 @@ pub(super) const CHAINS: [ChainShape; 3] = [
         hook: HookClass::Forward,
         priority: names::NFT_FORWARD_PRIORITY,
         nat: false,
+    },
+    ChainShape {
+        name: names::NFT_OUTPUT_CHAIN,
+        hook: HookClass::Out,
+        priority: names::NFT_OUTPUT_PRIORITY,
+        nat: true,
     },
 ];
 
@@ -101,31 +126,46 @@ pub(crate) fn internal_networks(f: Family) -> Vec<(IpAddr, u8)> {
 /// The fixed rules of each chain, in order. A concatenation's address goes
 /// to register 1 (4 or 16 bytes), the next fields to the 32-bit registers
 /// after it, as nft allocates them.
-pub(super) fn chain_rules(chain: &str, f: Family) -> Vec<Exprs> {
+pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
     let h = encode::header(f);
     let (next, after) = match f {
         Family::Ipv4 => (REG32_01, REG32_02),
         Family::Ipv6 => (sys::NFT_REG32_04, sys::NFT_REG32_05),
     };
+    let dnat = || {
+        let mut e = Exprs::new();
+        e.payload(REG_1, BASE_NETWORK, h.daddr, h.addr_len)
+            .meta_l4proto(next)
+            .payload(after, BASE_TRANSPORT, TH_DPORT, 2)
+            .lookup(names::NFT_DNAT_MAP, REG_1, Some(REG_1))
+            .nat(f, true, REG_1, Some(next));
+        e
+    };
     match chain {
-        names::NFT_PRE_CHAIN => {
-            let mut e = Exprs::new();
-            e.payload(REG_1, BASE_NETWORK, h.daddr, h.addr_len)
-                .meta_l4proto(next)
-                .payload(after, BASE_TRANSPORT, TH_DPORT, 2)
-                .lookup(names::NFT_DNAT_MAP, REG_1, Some(REG_1))
-                .nat(f, true, REG_1, Some(next));
-            vec![e]
+        names::NFT_PRE_CHAIN if local => {
+            // A pod of this node to an address of the node: marked for the
+            // hairpin masquerade in postrouting (before the DNAT changes the
+            // destination).
+            let mut mark = Exprs::new();
+            mark.payload(REG_1, BASE_NETWORK, h.saddr, h.addr_len)
+                .lookup(names::NFT_LOCAL_SET, REG_1, None)
+                .fib_daddr_type(u32::from(libc::RTN_LOCAL))
+                .mark_or(names::HAIRPIN_MARK);
+            vec![mark, dnat()]
         }
+        names::NFT_PRE_CHAIN | names::NFT_OUTPUT_CHAIN => vec![dnat()],
         names::NFT_POST_CHAIN => {
-            let mut rules: Vec<Exprs> = internal_networks(f)
-                .into_iter()
-                .map(|(net, len)| {
-                    let mut e = Exprs::new();
-                    e.ip_prefix(h.daddr, net, len).ret();
-                    e
-                })
-                .collect();
+            let mut rules: Vec<Exprs> = Vec::new();
+            if local {
+                let mut masq = Exprs::new();
+                masq.mark_has(names::HAIRPIN_MARK).masquerade();
+                rules.push(masq);
+            }
+            rules.extend(internal_networks(f).into_iter().map(|(net, len)| {
+                let mut e = Exprs::new();
+                e.ip_prefix(h.daddr, net, len).ret();
+                e
+            }));
             let mut e = Exprs::new();
             e.payload(REG_1, BASE_NETWORK, h.saddr, h.addr_len)
                 .meta_l4proto(next)
