@@ -145,3 +145,64 @@ fn ipv4_only_agent_ignores_ipv6_pod_ips_and_addresses() {
         agent.log()
     );
 }
+
+/// `-localaccess` (the default) end to end: the planner lists the pods of
+/// the node, annotated or not, as hairpin sources; the node itself and the
+/// owner pod reach the published port; `-localaccess=false` does not.
+#[test]
+fn the_node_and_the_pod_itself_reach_its_published_port() {
+    let w = World::new("aglo");
+    let _echo = EchoServer::start(&w.sandbox.pod_a, 2525);
+    let agent = w.start_agent_with(&["-ipfamilies=ipv4,ipv6", "-firewallflavor=iptables"]);
+    agent.wait_first_sync();
+    w.create_pod("mx-a", NODE, Some(&annotation(&[(25, 2525)])));
+    w.set_running_ips("mx-a", &[POD_A_IP, POD_A_IP6]);
+    // A plain client pod (no annotation) of this node is a hairpin source too.
+    w.create_pod("client", NODE, None);
+    w.set_running_ips("client", &[POD_B_IP, POD_B_IP6]);
+    wait_for("the hairpin marks of both pods", WAIT, || {
+        let save = w
+            .sandbox
+            .node
+            .sh("iptables-nft-save -t nat; ip6tables-nft-save -t nat");
+        [POD_A_IP, POD_B_IP, POD_A_IP6, POD_B_IP6].iter().all(|ip| {
+            save.lines()
+                .any(|l| l.contains("-j MARK") && l.contains(&format!("-s {ip}/")))
+        })
+    });
+    for public in ["203.0.113.7", PUBLIC_IP6] {
+        let to = SocketAddr::new(public.parse().unwrap(), 25);
+        for (who, ns) in [
+            ("the node", &w.sandbox.node),
+            ("the pod itself", &w.sandbox.pod_a),
+            ("the client pod", &w.sandbox.pod_b),
+        ] {
+            wait_for(&format!("{who} → {to}"), WAIT, || {
+                support::traffic::echo_roundtrip(ns, to)
+            });
+        }
+    }
+    // The client pod goes: its marks go with it.
+    w.delete_pod("client");
+    wait_for("the client's marks removed", WAIT, || {
+        !w.sandbox
+            .node
+            .sh("iptables-nft-save -t nat")
+            .contains(&format!("-s {POD_B_IP}/32"))
+    });
+    drop(agent);
+
+    // -localaccess=false: the Go version's layout; the node's own connection
+    // to the published port finds no DNAT.
+    let mut off = w.start_agent_with(&[
+        "-ipfamilies=ipv4,ipv6",
+        "-firewallflavor=iptables",
+        "-localaccess=false",
+    ]);
+    off.wait_first_sync();
+    wait_for("the marks and the masquerade gone", WAIT, || {
+        let save = w.sandbox.node.sh("iptables-nft-save -t nat");
+        !save.contains("-j MARK") && !save.contains("MASQUERADE")
+    });
+    off.terminate();
+}

@@ -118,18 +118,24 @@ fn dry_run_prints_the_rule_view_for_a_pods_file() {
     assert!(out.status.success(), "{stderr}");
     let dnat: Vec<&str> = stdout
         .lines()
-        .filter(|l| l.starts_with("-A PODNAT_PRE "))
+        .filter(|l| l.starts_with("-A PODNAT_PRE ") && l.contains("-j DNAT"))
         .collect();
     assert_eq!(dnat.len(), 3, "{stdout}");
     assert!(stdout.contains(
         "-A PODNAT_POST -s 10.1.0.5/32 -p tcp -m comment --comment \"mail:mx-0\" -j SNAT --to-source 203.0.113.7"
     ));
+    // Local access (the default): every pod of node1 is a hairpin source,
+    // annotated or not, valid or not; the pod on node2 is not.
+    let marks: Vec<&str> = stdout.lines().filter(|l| l.contains("-j MARK")).collect();
+    assert_eq!(marks.len(), 2, "{stdout}");
+    assert!(marks[0].starts_with("-A PODNAT_PRE -s 10.1.0.5/32 -m addrtype --dst-type LOCAL"));
+    assert!(stdout.contains("-N PODNAT_OUTPUT\n"), "{stdout}");
     // The broken pod is reported and skipped; the pod on node2 is ignored.
     assert!(
         stderr.contains("web:broken") && stderr.contains("entries[0].dstPort: port 0 is reserved"),
         "{stderr}"
     );
-    assert!(!stdout.contains("10.1.0.6") && !stdout.contains("10.2.0.6"));
+    assert!(!stdout.contains("-j DNAT --to-destination 10.1.0.6") && !stdout.contains("10.2.0.6"));
 
     let out = run(&[
         "--dry-run",

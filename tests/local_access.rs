@@ -178,11 +178,20 @@ fn assert_views(ns: &Netns, flavor: Flavor, rules: &RuleSet, local: bool) {
     ] {
         let mine = rules.of_family(family);
         match flavor {
-            Flavor::Iptables => assert_eq!(
-                save(ns, tool),
-                view::iptables_save_with(&mine, &names(), family, local),
-                "{tool}"
-            ),
+            Flavor::Iptables => {
+                let text = view::iptables_save_with(&mine, &names(), family, local);
+                assert_eq!(save(ns, tool), text, "{tool}");
+                // -C finds every rule of the view as iptables-nft's own.
+                let cmd = tool.trim_end_matches("-save");
+                let mut table = "nat";
+                for l in text.lines() {
+                    if let Some(t) = l.strip_prefix('*') {
+                        table = t;
+                    } else if let Some(spec) = l.strip_prefix("-A ") {
+                        ns.sh(&format!("{cmd} -t {table} -C {spec}"));
+                    }
+                }
+            }
             Flavor::Nftables => assert_eq!(
                 view::canonical_nft(&ns.sh(&format!("nft list table {fam} podnat"))),
                 view::canonical_nft(&view::nft_with(&mine, &names(), family, local)),
@@ -334,5 +343,43 @@ fn local_access_off_is_exactly_the_go_layout() {
         let again = r.clone();
         let report = ns.run(move || backend(flavor, false).apply(&again).unwrap());
         assert_eq!(report.messages, 0);
+    }
+}
+
+#[test]
+fn the_output_jump_goes_where_the_fourth_position_says_beside_foreign_rules() {
+    let ns = Netns::new("lajump");
+    ns.sh(
+        "iptables-nft -t nat -N KUBE-SERVICES && for i in 1 2 3; do \
+         iptables-nft -t nat -A OUTPUT -m comment --comment foreign-$i -j KUBE-SERVICES; done",
+    );
+    let r = rules("10.1.0.5", "fd00:1::5", &[("10.1.0.5", "mail:mx-0")]).of_family(Family::Ipv4);
+    for (output, want) in [(1, 1), (-1, 4), (-2, 3), (2, 2)] {
+        let jumps = JumpPositions {
+            output,
+            ..JumpPositions::default()
+        };
+        let rr = r.clone();
+        ns.run(move || {
+            backend_with_options(Flavor::Iptables, names(), jumps, Families::default(), true)
+                .apply(&rr)
+        })
+        .unwrap();
+        let chain: Vec<String> = ns
+            .sh("iptables-nft -t nat -S OUTPUT")
+            .lines()
+            .filter(|l| l.starts_with("-A OUTPUT"))
+            .map(str::to_string)
+            .collect();
+        assert_eq!(chain.len(), 4, "{chain:?}");
+        let at = chain
+            .iter()
+            .position(|l| l.contains("PODNAT_OUTPUT"))
+            .unwrap()
+            + 1;
+        assert_eq!(at, want, "-iptablesJump=..,{output}: {chain:?}");
+        let foreign: Vec<&String> = chain.iter().filter(|l| l.contains("foreign-")).collect();
+        assert_eq!(foreign.len(), 3, "foreign rules untouched");
+        assert!(foreign.windows(2).all(|w| w[0] < w[1]), "in their order");
     }
 }

@@ -224,3 +224,50 @@ fn short_names() {
     assert_eq!(short_node_name("node1.example.org"), "node1");
     assert_eq!(short_node_name("node1"), "node1");
 }
+
+#[test]
+fn local_access_and_the_fourth_jump_position() {
+    let c = parse(&[]).unwrap();
+    assert!(c.local_access, "on by default");
+    assert_eq!(c.jump.output, -2);
+    for args in [
+        &["-localaccess=false"][..],
+        &["--local-access=false"],
+        &["-localAccess=0"],
+    ] {
+        assert!(!parse(args).unwrap().local_access, "{args:?}");
+    }
+    let c = parse(&["-iptablesJump=1,2,3,-4"]).unwrap();
+    assert_eq!(
+        c.jump,
+        JumpPositions {
+            forward: 1,
+            prerouting: 2,
+            postrouting: 3,
+            output: -4
+        }
+    );
+    // Three values as before: OUTPUT at its default.
+    assert_eq!(parse(&["-iptablesJump=1,2,3"]).unwrap().jump.output, -2);
+    assert!(parse(&["-iptablesJump=1,2,3,4,5"]).is_err());
+    assert!(parse(&["-localaccess=maybe"]).is_err());
+}
+
+#[test]
+fn ip_families_in_every_spelling() {
+    use crate::model::Families;
+    assert_eq!(parse(&[]).unwrap().families, Families::default());
+    for args in [
+        &["-ipfamilies=ipv4,ipv6"][..],
+        &["--ip-families", "ipv6,ipv4"],
+        &["-ipFamilies=IPv4,IPv6"],
+    ] {
+        assert_eq!(parse(args).unwrap().families, Families::DUAL, "{args:?}");
+    }
+    let v6 = parse(&["-ipfamilies=ipv6"]).unwrap().families;
+    assert!(v6.ipv6 && !v6.ipv4);
+    let c = parse(&["--public-address", "203.0.113.7,2001:db8::7"]).unwrap();
+    let p = c.public_address.unwrap();
+    assert_eq!(p.v4, Some("203.0.113.7".parse().unwrap()));
+    assert_eq!(p.v6, Some("2001:db8::7".parse().unwrap()));
+}

@@ -195,21 +195,29 @@ pub fn nft_forward_element(f: &ForwardRule) -> String {
 }
 
 fn nft_elements(out: &mut String, elements: &[String]) {
+    nft_elements_by(out, elements, 1);
+}
+
+/// `per_line` elements on a line: nft prints one concatenated (or IPv6)
+/// element per line, but eight IPv4 addresses (its `calculate_delim`);
+/// continuation lines indented by three tabs and five spaces.
+fn nft_elements_by(out: &mut String, elements: &[String], per_line: usize) {
     if elements.is_empty() {
         return;
     }
-    // nft prints one concatenated element per line, continuation lines
-    // indented by three tabs and five spaces.
     let mut sorted: Vec<&String> = elements.iter().collect();
     sorted.sort_by_key(|e| sort_key(e));
     out.push_str("\t\telements = { ");
-    out.push_str(
-        &sorted
-            .iter()
-            .map(|e| e.as_str())
-            .collect::<Vec<_>>()
-            .join(",\n\t\t\t     "),
-    );
+    for (i, e) in sorted.iter().enumerate() {
+        if i > 0 {
+            out.push_str(if i % per_line == 0 {
+                ",\n\t\t\t     "
+            } else {
+                ", "
+            });
+        }
+        out.push_str(e);
+    }
     out.push_str(" }\n");
 }
 
@@ -274,7 +282,8 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         let _ = writeln!(out, "\tset {} {{", names::NFT_LOCAL_SET);
         let _ = writeln!(out, "\t\ttype {addr}");
         let elements: Vec<String> = rules.local.iter().map(nft_local_element).collect();
-        nft_elements(&mut out, &elements);
+        let per_line = if family == Family::Ipv4 { 8 } else { 1 };
+        nft_elements_by(&mut out, &elements, per_line);
         out.push_str("\t}\n\n");
     }
     let _ = writeln!(out, "\tchain {} {{", names::NFT_PRE_CHAIN);
@@ -524,5 +533,29 @@ COMMIT
         let kernel = "\t\telements = { 203.0.113.7 . tcp . 587 comment \"a:b\" : 10.1.0.5 . 587,\n\t\t\t     203.0.113.7 . tcp . 25 comment \"a:b\" : 10.1.0.5 . 25 }\n";
         let want = "\t\telements = { 203.0.113.7 . tcp . 25 comment \"a:b\" : 10.1.0.5 . 25,\n\t\t\t     203.0.113.7 . tcp . 587 comment \"a:b\" : 10.1.0.5 . 587 }\n";
         assert_eq!(canonical_nft(kernel), want);
+    }
+
+    /// nft puts eight IPv4 addresses on a line of a plain address set, one
+    /// IPv6 address (or concatenation) per line.
+    #[test]
+    fn local_pods_elements_break_as_nft_prints_them() {
+        use crate::model::{LocalPod, PodRef};
+        let mut r = RuleSet::default();
+        for i in 1..=9u8 {
+            r.local.push(LocalPod {
+                pod_ip: std::net::IpAddr::from([10, 1, 0, i]),
+                owner: PodRef::new("ns", format!("p{i}")),
+            });
+        }
+        let text = nft_with(&r, &Names::new("podnat"), Family::Ipv4, true);
+        let line = text
+            .lines()
+            .find(|l| l.contains("10.1.0.1 comment"))
+            .unwrap();
+        assert_eq!(line.matches(" comment ").count(), 8, "{text}");
+        assert!(
+            text.contains(",\n\t\t\t     10.1.0.9 comment \"ns:p9\" }"),
+            "{text}"
+        );
     }
 }

@@ -43,6 +43,7 @@ fn dry_run_on_an_empty_kernel_creates_everything() {
         names,
         jumps: JumpPositions::default(),
         family: Family::Ipv4,
+        local: false,
     };
     let state = flavor.empty();
     let changes = Changes::plan(&state, &mail(), &flavor.jumps);
@@ -96,6 +97,7 @@ fn a_refused_rule_is_described_as_the_dry_run_writes_it() {
         names: Names::new("podnat"),
         jumps: JumpPositions::default(),
         family: Family::Ipv4,
+        local: false,
     };
     let state = flavor.empty();
     let changes = Changes::plan(&state, &mail(), &flavor.jumps);

@@ -286,3 +286,39 @@ fn chain_order_puts_returns_first() {
     v.sort();
     assert_eq!(v, vec![AgentRule::Return(0), AgentRule::Return(3), s]);
 }
+
+/// The hairpin rules (`-localaccess`) decode back to themselves in both
+/// families, and their xt payloads are laid out as iptables-nft 1.8.9 sends
+/// them (testdata/iptables-nft-1.8.9-hairpin-encoding.md).
+#[test]
+fn hairpin_rules_round_trip_with_iptables_nft_payloads() {
+    let names = Names::new("podnat");
+    for (family, pod) in [(Family::Ipv4, "10.1.0.5"), (Family::Ipv6, "fd00:1::5")] {
+        let mark = AgentRule::Mark(LocalPod {
+            pod_ip: ip(pod),
+            owner: owner("mail:mx-0"),
+        });
+        for rule in [mark, AgentRule::Masquerade] {
+            let exprs = parse_exprs(encode(&rule, &names, family).exprs.attrs().as_bytes());
+            assert_eq!(
+                decode(&exprs, &names, family),
+                Some(rule.clone()),
+                "{rule:?}"
+            );
+            // The other family's encoding is not this rule.
+            let other = if family == Family::Ipv4 {
+                Family::Ipv6
+            } else {
+                Family::Ipv4
+            };
+            assert_ne!(decode(&exprs, &names, other), Some(rule));
+        }
+    }
+    assert_eq!(xt::mark_or(0x2000), [0, 0x20, 0, 0, 0, 0x20, 0, 0]);
+    assert_eq!(xt::addrtype_dst_local(), [0, 0, 4, 0, 0, 0, 0, 0]);
+    let v4 = xt::masquerade_info(Family::Ipv4);
+    assert_eq!(v4.len(), 24);
+    assert_eq!(&v4[..4], &1u32.to_ne_bytes());
+    assert!(v4[4..].iter().all(|b| *b == 0));
+    assert_eq!(xt::masquerade_info(Family::Ipv6), vec![0u8; 40]);
+}
