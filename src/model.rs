@@ -356,6 +356,20 @@ pub const INTERNAL_NETWORKS_V6: [(Ipv6Addr, u8); 3] = [
     (Ipv6Addr::LOCALHOST, 128),
 ];
 
+/// The destinations a family's SNAT skips, in the model's order.
+pub fn internal_networks(f: Family) -> Vec<(IpAddr, u8)> {
+    match f {
+        Family::Ipv4 => INTERNAL_NETWORKS
+            .iter()
+            .map(|(n, l)| (IpAddr::V4(*n), *l))
+            .collect(),
+        Family::Ipv6 => INTERNAL_NETWORKS_V6
+            .iter()
+            .map(|(n, l)| (IpAddr::V6(*n), *l))
+            .collect(),
+    }
+}
+
 /// The rules that should exist in the kernel: what a backend encodes and what
 /// it reads back. Every list is sorted and free of duplicates, so two tables
 /// compare with `==` and diff element by element.

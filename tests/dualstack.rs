@@ -15,7 +15,7 @@ use podnat_controller::firewall::{backend_with, view, ApplyReport, Backend};
 use podnat_controller::model::{Families, Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox};
 use support::rules::{names, publish};
-use support::save::{chain_decls, netlink_debug};
+use support::save::{agent_ip6tables_save, chain_decls, netlink_debug};
 
 use support::netns::{
     CLIENT_IP6 as CLIENT6, POD_A_IP as POD_A4, POD_A_IP6 as POD_A6, POD_B_IP6 as POD_B6,
@@ -131,25 +131,6 @@ fn check_v6_traffic(sb: &Sandbox) {
         POD_A6,
         "ULA destinations are not SNATed"
     );
-}
-
-/// The agent's part of `ip6tables-nft-save`, as the view renders it.
-fn agent_ip6tables_save(ns: &Netns) -> String {
-    let mut out = String::new();
-    for t in ["nat", "filter"] {
-        out.push_str(&format!("*{t}\n"));
-        for l in ns.sh(&format!("ip6tables-nft-save -t {t}")).lines() {
-            if l.starts_with(":PODNAT_")
-                || l.starts_with("-A PODNAT_")
-                || l.contains("\"podnat[jump_to_chain]\"")
-            {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
-        out.push_str("COMMIT\n");
-    }
-    out
 }
 
 #[test]

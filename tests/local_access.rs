@@ -18,6 +18,7 @@ use podnat_controller::firewall::{backend_with_options, view, Backend};
 use podnat_controller::model::{Families, Family, LocalPod, PodRef, Proto, RuleSet};
 use support::netns::{veth, Netns, Sandbox, CLIENT_IP, CLIENT_IP6};
 use support::rules::{names, publish};
+use support::save::agent_save_by;
 
 const PUBLIC4: &str = "203.0.113.7";
 const PUBLIC6: &str = "2001:db8::7";
@@ -152,24 +153,6 @@ fn check_local_traffic(node: &Netns, client: &Netns, a: &Netns, b: &Netns, node_
     }
 }
 
-fn save(ns: &Netns, tool: &str) -> String {
-    let mut out = String::new();
-    for t in ["nat", "filter"] {
-        out.push_str(&format!("*{t}\n"));
-        for l in ns.sh(&format!("{tool} -t {t}")).lines() {
-            if l.starts_with(":PODNAT_")
-                || l.starts_with("-A PODNAT_")
-                || l.contains("\"podnat[jump_to_chain]\"")
-            {
-                out.push_str(l);
-                out.push('\n');
-            }
-        }
-        out.push_str("COMMIT\n");
-    }
-    out
-}
-
 /// The kernel holds exactly the views, with or without local access.
 fn assert_views(ns: &Netns, flavor: Flavor, rules: &RuleSet, local: bool) {
     for (family, tool, fam) in [
@@ -180,7 +163,7 @@ fn assert_views(ns: &Netns, flavor: Flavor, rules: &RuleSet, local: bool) {
         match flavor {
             Flavor::Iptables => {
                 let text = view::iptables_save_with(&mine, &names(), family, local);
-                assert_eq!(save(ns, tool), text, "{tool}");
+                assert_eq!(agent_save_by(ns, tool), text, "{tool}");
                 // -C finds every rule of the view as iptables-nft's own.
                 let cmd = tool.trim_end_matches("-save");
                 let mut table = "nat";
@@ -234,7 +217,7 @@ fn routed(flavor: Flavor, tag: &str) {
         .node
         .run(move || backend(flavor, true).cleanup().unwrap()));
     for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
-        assert!(!save(&sb.node, tool).contains("PODNAT"), "{tool}");
+        assert!(!agent_save_by(&sb.node, tool).contains("PODNAT"), "{tool}");
     }
     assert!(!sb.node.sh("nft list tables").contains("podnat"));
 }

@@ -61,9 +61,10 @@ fn reloads(flavor: Flavor) -> Vec<(&'static str, &'static str)> {
             "the agent's chain deleted",
             // One transaction, as a reload is: three separate commands race the
             // agent, which may put the jump back before the chain is deleted.
+            // With local access PODNAT_OUTPUT jumps to it too: flushed first.
             "printf '%s\\n' '*nat' \
                \"-D PREROUTING -m comment --comment podnat[jump_to_chain] -j PODNAT_PRE\" \
-               '-F PODNAT_PRE' '-X PODNAT_PRE' COMMIT | iptables-nft-restore --noflush",
+               '-F PODNAT_OUTPUT' '-F PODNAT_PRE' '-X PODNAT_PRE' COMMIT | iptables-nft-restore --noflush",
         ),
     };
     vec![

@@ -4,8 +4,6 @@
 //! and a change is element adds/deletes, so its cost does not grow with the
 //! table.
 
-use std::net::IpAddr;
-
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
 
 use super::applier::{Applier, Effect, Flavor, Planned};
@@ -21,17 +19,15 @@ use super::netlink::{
     NftBatch, NftMsg, Scope,
 };
 use super::{view, Changes};
-use crate::model::Families;
 use crate::model::{
-    Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule,
-    INTERNAL_NETWORKS, INTERNAL_NETWORKS_V6,
+    internal_networks, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto,
+    RuleSet, SnatRule,
 };
 
 mod elements;
 mod layout;
 
 use self::elements::*;
-pub(crate) use self::layout::internal_networks;
 use self::layout::*;
 
 /// What the kernel holds of the agent's table.

@@ -319,7 +319,7 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
             names::HAIRPIN_MARK
         );
     }
-    for (net, len) in crate::firewall::nftables::internal_networks(family) {
+    for (net, len) in crate::model::internal_networks(family) {
         // nft prints a host prefix as the bare address.
         if len == 128 {
             let _ = writeln!(out, "\t\t{fam} daddr {net} return");

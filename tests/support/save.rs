@@ -7,10 +7,21 @@ use super::netns::Netns;
 /// The agent's part of `iptables-nft-save` (its chains, its rules, its jump
 /// lines), table by table as the view renders them: what the view equals.
 pub fn agent_iptables_save(ns: &Netns) -> String {
+    agent_save_by(ns, "iptables-nft-save")
+}
+
+/// The same from `ip6tables-nft-save`.
+pub fn agent_ip6tables_save(ns: &Netns) -> String {
+    agent_save_by(ns, "ip6tables-nft-save")
+}
+
+/// The agent's part of what `tool` (`iptables-nft-save` or
+/// `ip6tables-nft-save`) prints.
+pub fn agent_save_by(ns: &Netns, tool: &str) -> String {
     let mut out = String::new();
     for t in ["nat", "filter"] {
         out.push_str(&format!("*{t}\n"));
-        for l in ns.sh(&format!("iptables-nft-save -t {t}")).lines() {
+        for l in ns.sh(&format!("{tool} -t {t}")).lines() {
             if l.starts_with(":PODNAT_")
                 || l.starts_with("-A PODNAT_")
                 || l.contains("\"podnat[jump_to_chain]\"")

@@ -13,9 +13,7 @@ use crate::firewall::encode::{self, octets, Exprs, BASE_NETWORK, BASE_TRANSPORT,
 use crate::firewall::names::HAIRPIN_MARK;
 use crate::firewall::netlink::{attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs};
 use crate::firewall::{comment_for, Names};
-use crate::model::{
-    Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto, SnatRule, INTERNAL_NETWORKS_V6,
-};
+use crate::model::{Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto, SnatRule};
 
 /// The networks `<PREFIX>_POST` returns un-NATed, in the order the Go version
 /// puts them at the head of its chain (its `internalNetworks`, inserted at
@@ -38,10 +36,7 @@ pub fn internal_returns(f: Family) -> Vec<(IpAddr, u8)> {
             .iter()
             .map(|(n, l)| (IpAddr::V4(*n), *l))
             .collect(),
-        Family::Ipv6 => INTERNAL_NETWORKS_V6
-            .iter()
-            .map(|(n, l)| (IpAddr::V6(*n), *l))
-            .collect(),
+        Family::Ipv6 => crate::model::internal_networks(f),
     }
 }
 

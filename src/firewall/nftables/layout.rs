@@ -109,20 +109,6 @@ const CHAINS: [ChainShape; 4] = [
     },
 ];
 
-/// The networks a family's POSTROUTING returns un-NATed, in order.
-pub(crate) fn internal_networks(f: Family) -> Vec<(IpAddr, u8)> {
-    match f {
-        Family::Ipv4 => INTERNAL_NETWORKS
-            .iter()
-            .map(|(n, l)| (IpAddr::V4(*n), *l))
-            .collect(),
-        Family::Ipv6 => INTERNAL_NETWORKS_V6
-            .iter()
-            .map(|(n, l)| (IpAddr::V6(*n), *l))
-            .collect(),
-    }
-}
-
 /// The fixed rules of each chain, in order. A concatenation's address goes
 /// to register 1 (4 or 16 bytes), the next fields to the 32-bit registers
 /// after it, as nft allocates them.
