@@ -206,23 +206,6 @@ impl DualStack {
         }
     }
 
-    pub fn set(&mut self, f: Family, ip: Option<IpAddr>) {
-        match f {
-            Family::Ipv4 => {
-                self.v4 = match ip {
-                    Some(IpAddr::V4(a)) => Some(a),
-                    _ => None,
-                }
-            }
-            Family::Ipv6 => {
-                self.v6 = match ip {
-                    Some(IpAddr::V6(a)) => Some(a),
-                    _ => None,
-                }
-            }
-        }
-    }
-
     pub fn is_empty(&self) -> bool {
         self.v4.is_none() && self.v6.is_none()
     }

@@ -23,10 +23,6 @@ impl<F> PerFamily<F> {
         }
     }
 
-    pub fn parts(&self) -> impl Iterator<Item = &(Family, F)> {
-        self.parts.iter()
-    }
-
     pub fn parts_mut(&mut self) -> impl Iterator<Item = &mut (Family, F)> {
         self.parts.iter_mut()
     }
