@@ -313,11 +313,45 @@ fn nftables_flavor_bridged_pods() {
 fn local_access_off_is_exactly_the_go_layout() {
     for (flavor, tag) in [(Flavor::Iptables, "loi"), (Flavor::Nftables, "lon")] {
         let ns = Netns::new(tag);
-        // The planner lists no hairpin source then; a stray one is ignored.
+        // Local access first, then switched off: the Go layout again, its
+        // chain and jumps retired. The planner lists no hairpin source then;
+        // a stray one is ignored.
         let mut r = rules("10.1.0.5", "fd00:1::5", &[("10.1.0.9", "x:y")]);
+        apply(&ns, flavor, true, &r);
+        assert_views(&ns, flavor, &r, true);
         apply(&ns, flavor, false, &r);
         r.local.clear();
         assert_views(&ns, flavor, &r, false);
+        for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+            let all = ns.sh(tool);
+            assert!(!all.contains("PODNAT_OUTPUT"), "{tool}: {all}");
+        }
+        if flavor == Flavor::Iptables {
+            // The dry run of the same switch, fed to iptables-nft-restore /
+            // ip6tables-nft-restore, leaves the same rules.
+            let twin = Netns::new(&format!("{tag}t"));
+            apply(&twin, flavor, true, &r);
+            let rr = r.clone();
+            let text = twin
+                .run(move || backend(flavor, false).dry_run(&rr, false))
+                .unwrap();
+            assert!(text.contains("-X PODNAT_OUTPUT"), "{text}");
+            let (v4, v6) = text.split_once("# ipv6\n").unwrap();
+            for (part, tool) in [(v4, "iptables-nft-restore"), (v6, "ip6tables-nft-restore")] {
+                let file =
+                    std::env::temp_dir().join(format!("{tag}-{tool}-{}", std::process::id()));
+                std::fs::write(&file, part).unwrap();
+                twin.sh(&format!("{tool} --noflush < {}", file.display()));
+                let _ = std::fs::remove_file(&file);
+            }
+            for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
+                assert_eq!(
+                    agent_save_by(&twin, tool),
+                    agent_save_by(&ns, tool),
+                    "{tool}"
+                );
+            }
+        }
         let nat = ns.sh("iptables-nft-save -t nat");
         assert!(
             !nat.contains("PODNAT_OUTPUT") && !nat.contains("MASQUERADE"),

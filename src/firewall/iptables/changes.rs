@@ -77,6 +77,10 @@ pub struct Changes {
     pub(super) create_filter: bool,
     pub(super) create_parent: [bool; 4],
     pub(super) create_own: [bool; 4],
+    /// An own chain of a place no longer managed (`<PREFIX>_OUTPUT` after
+    /// `-localaccess` was switched off): emptied by `own`, its jumps deleted
+    /// by `jumps`, then the chain itself goes.
+    pub(super) delete_own: [bool; 4],
     pub(super) own: [ChainPlan<AgentRule>; 4],
     pub(super) jumps: [ChainPlan<()>; 4],
     /// Planned by `delta` on a settled state (which it keeps settled).
@@ -91,9 +95,14 @@ impl Changes {
     pub(super) fn plan(state: &IptState, desired: &RuleSet, jumps: &JumpPositions) -> Changes {
         let want = desired_chains(desired, state.family, state.local.as_deref());
         let managed = |i: usize| state.places().iter().any(|p| p.index() == i);
+        // A place no longer managed is retired: its chain emptied and
+        // deleted, its jumps removed (the Go layout again).
         let own = std::array::from_fn(|i| {
             if !managed(i) {
-                return ChainPlan::default();
+                return ChainPlan {
+                    delete: (0..state.own[i].len()).collect(),
+                    insert: Vec::new(),
+                };
             }
             let current: Vec<Option<&AgentRule>> =
                 state.own[i].iter().map(|s| s.rule.as_ref()).collect();
@@ -101,7 +110,14 @@ impl Changes {
         });
         let jump_plans = std::array::from_fn(|i| {
             if !managed(i) {
-                return ChainPlan::default();
+                let jumps = state.parents[i].iter().enumerate();
+                return ChainPlan {
+                    delete: jumps
+                        .filter(|(_, s)| s.rule != ParentRule::Foreign)
+                        .map(|(j, _)| j)
+                        .collect(),
+                    insert: Vec::new(),
+                };
             }
             let current: Vec<ParentRule> = state.parents[i].iter().map(|s| s.rule).collect();
             plan_jump(&current, PLACES[i].requested(jumps))
@@ -111,6 +127,7 @@ impl Changes {
             create_filter: !state.filter_exists,
             create_parent: std::array::from_fn(|i| managed(i) && !state.parent_exists[i]),
             create_own: std::array::from_fn(|i| managed(i) && !state.own_exists[i]),
+            delete_own: std::array::from_fn(|i| !managed(i) && state.own_exists[i]),
             own,
             jumps: jump_plans,
             delta: false,
@@ -175,6 +192,7 @@ impl Changes {
             create_filter: false,
             create_parent: [false; 4],
             create_own: [false; 4],
+            delete_own: [false; 4],
             own,
             jumps: std::array::from_fn(|_| ChainPlan::default()),
             delta: true,
@@ -192,6 +210,7 @@ impl Changes {
 
     pub(super) fn is_empty(&self) -> bool {
         !self.creates()
+            && !self.delete_own.iter().any(|d| *d)
             && self.own.iter().all(ChainPlan::is_empty)
             && self.jumps.iter().all(ChainPlan::is_empty)
     }
@@ -235,7 +254,9 @@ impl Changes {
             nat_exists: true,
             filter_exists: true,
             parent_exists: std::array::from_fn(|i| parent_exists[i] || managed.contains(&i)),
-            own_exists: std::array::from_fn(|i| own_exists[i] || managed.contains(&i)),
+            own_exists: std::array::from_fn(|i| {
+                (own_exists[i] || managed.contains(&i)) && !self.delete_own[i]
+            }),
             parents: std::array::from_fn(|i| {
                 apply_plan(
                     parents.next().unwrap_or_default(),

@@ -227,6 +227,20 @@ impl Iptables {
                 inserted.push((seq, Inserted::Jump(i, k)));
             }
         }
+        // Chains retired last: their rules and every jump to them are gone.
+        for place in PLACES {
+            if !changes.delete_own[place.index()] {
+                continue;
+            }
+            let own = place.own(&self.names);
+            let mut a = Attrs::new();
+            a.str(sys::NFTA_CHAIN_TABLE, place.table())
+                .str(sys::NFTA_CHAIN_NAME, own);
+            batch.add(
+                NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a).in_family(self.family),
+                format!("delete chain {own} in table {fam} {}", place.table()),
+            );
+        }
         inserted
     }
 

@@ -128,6 +128,11 @@ impl Iptables {
                     }
                 }
             }
+            for place in PLACES.iter().filter(|p| p.table() == table) {
+                if changes.delete_own[place.index()] {
+                    let _ = writeln!(t, "-X {}", place.own(n));
+                }
+            }
             if !t.is_empty() {
                 let _ = write!(out, "*{table}\n{t}COMMIT\n");
             }
