@@ -70,6 +70,7 @@ fn make_demo_exits_0_and_leaves_nothing_behind() {
         "elements = { 203.0.113.7 . tcp . 80 comment \"demo:web\" : 10.1.0.5 . 8080 }",
         "hello from pod demo/web; I see you as 203.0.113.1:",
         "client 203.0.113.1 here; I see you as 203.0.113.7:",
+        "the node reached the pod through its own public address",
         "podnat_rules_owned{family=\"ipv4\",kind=\"dnat\"} 1",
         "namespaces, processes, the cluster and",
     ] {
