@@ -215,6 +215,11 @@ fn parse_ip(index: usize, s: &str, families: Families) -> Result<IpAddr, Annotat
         IpAddr::V4(v4) if v4.is_unspecified() || v4.is_broadcast() || v4.is_multicast() => {
             return bad(format!("{ip} cannot be a public address of a node"))
         }
+        IpAddr::V4(v4) if v4.is_loopback() => {
+            return bad(format!(
+                "{ip} is loopback (127.0.0.0/8); it cannot be a public address of a node"
+            ))
+        }
         IpAddr::V6(v6) if v6.to_ipv4_mapped().is_some() => {
             return bad(format!(
                 "{s:?} is an IPv4-mapped IPv6 address; write the IPv4 address itself"
@@ -520,6 +525,14 @@ mod tests {
             .unwrap_err()
             .to_string(),
             "entries[1].srcPort: 25/tcp is already used by entries[0]"
+        );
+    }
+
+    #[test]
+    fn loopback_src_ip_is_refused() {
+        assert_eq!(
+            err(r#"{"entries":[{"srcIP":"127.0.0.1","srcPort":80,"dstPort":80}]}"#),
+            "entries[0].srcIP: 127.0.0.1 is loopback (127.0.0.0/8); it cannot be a public address of a node"
         );
     }
 

@@ -419,7 +419,22 @@ impl Config {
     ) -> Result<Config, clap::Error> {
         let (args, ignored) = normalize_args(args);
         let cli = Cli::try_parse_from(args)?;
-        Ok(Config::from_cli(cli, ignored, env))
+        let config = Config::from_cli(cli, ignored, env);
+        // An address of a family the agent does not serve would be shown
+        // but never used: refused like any other bad value.
+        if let Some(p) = &config.public_address {
+            for ip in p.iter() {
+                let family = Family::of(ip);
+                if !config.families.contains(family) {
+                    let msg = format!(
+                        "invalid value '{ip}' for '--public-address <IP[,IP]>': {family} is not enabled (--ip-families={})",
+                        config.families
+                    );
+                    return Err(clap::Error::raw(clap::error::ErrorKind::ValueValidation, msg));
+                }
+            }
+        }
+        Ok(config)
     }
 
     fn from_cli(

@@ -405,7 +405,14 @@ impl RuleSet {
         self.snat.dedup();
         self.forward.sort();
         self.forward.dedup();
+        // One per address, the greater owner (as the planner decides).
         self.local.sort();
-        self.local.dedup_by(|a, b| a.pod_ip == b.pod_ip);
+        self.local.dedup_by(|later, kept| {
+            let same = later.pod_ip == kept.pod_ip;
+            if same {
+                std::mem::swap(later, kept);
+            }
+            same
+        });
     }
 }

@@ -51,6 +51,11 @@ fn bad_flag_values_stop_with_status_2_and_one_line() {
             "two ipv4 addresses",
         ),
         (
+            &["--public-address", "2001:db8::7"],
+            "--public-address",
+            "ipv6 is not enabled",
+        ),
+        (
             &["-inclfilternet=2001:db8::/129"],
             "--incl-filter-net",
             "2001:db8::/129",

@@ -120,6 +120,13 @@ impl Exprs {
         self
     }
 
+    /// Appends the expressions of `other` (one rule built in parts).
+    pub fn append(&mut self, other: Exprs) -> &mut Self {
+        self.list.extend_from(&other.list);
+        self.names.extend(other.names);
+        self
+    }
+
     /// Raw xt-compat or other expression data the caller encodes itself.
     pub fn raw(&mut self, name: &'static str, data: impl FnOnce(&mut Attrs)) -> &mut Self {
         self.push(name, data)

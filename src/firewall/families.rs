@@ -63,6 +63,7 @@ impl<F: Flavor> Flavor for PerFamily<F> {
             out.dnat.extend(r.dnat);
             out.snat.extend(r.snat);
             out.forward.extend(r.forward);
+            out.local.extend(r.local);
         }
         out
     }

@@ -72,6 +72,14 @@ pub fn ipt_jump(n: &Names, parent: &str, target: &str) -> String {
     )
 }
 
+/// `<PREFIX>_OUTPUT`'s jump to `<PREFIX>_PRE`, for the node's own addresses.
+pub fn ipt_local_jump(n: &Names, chain: &str, target: &str) -> String {
+    format!(
+        "-A {chain} -m addrtype --dst-type LOCAL -m comment --comment \"{}\" -j {target}",
+        n.jump_comment
+    )
+}
+
 /// `-A <PREFIX>_PRE -s P ... -j MARK` for a hairpin source.
 pub fn ipt_mark(n: &Names, l: &LocalPod) -> String {
     format!(
@@ -122,7 +130,7 @@ pub fn iptables_save_with(rules: &RuleSet, n: &Names, family: Family, local: boo
     let _ = writeln!(out, "{}", ipt_jump(n, "POSTROUTING", &n.post));
     for c in user_chains {
         if c == n.output {
-            let _ = writeln!(out, "{}", ipt_jump(n, &n.output, &n.pre));
+            let _ = writeln!(out, "{}", ipt_local_jump(n, &n.output, &n.pre));
         } else if c == n.post {
             if local {
                 let _ = writeln!(out, "{}", ipt_masquerade(n));
@@ -353,7 +361,7 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
             "\t\ttype nat hook output priority {}; policy accept;",
             names::NFT_OUTPUT_PRIORITY
         );
-        let _ = writeln!(out, "{dnat}");
+        let _ = writeln!(out, "\t\tfib daddr type local {}", dnat.trim_start());
         out.push_str("\t}\n");
     }
     out.push_str("}\n");

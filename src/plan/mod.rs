@@ -105,13 +105,13 @@ pub fn on_node(pod_node: Option<&str>, node_id: &str) -> bool {
 }
 
 /// The addresses a pod on this node is a hairpin source with: every enabled
-/// family's IP of a running pod that has its own network (none with
-/// `-localaccess=false`). Annotated or not: the pod that reaches a published
+/// family's IP of a pod that has its own network and has not finished (a
+/// terminating pod still talks during its grace period); none with
+/// `-localaccess=false`. Annotated or not: the pod that reaches a published
 /// port is usually a plain client.
 pub(crate) fn local_ips(p: &PodFacts, cfg: &PlanConfig) -> Vec<IpAddr> {
     if !cfg.local_access
         || p.host_network
-        || p.terminating
         || p.finished
         || !on_node(p.node.as_deref(), &cfg.node_id)
     {

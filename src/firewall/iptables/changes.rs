@@ -31,7 +31,7 @@ pub(super) fn desired_chains(
         .map(AgentRule::Forward)
         .collect();
     let out = local
-        .map(|pre| AgentRule::Jump(pre.to_string()))
+        .map(|pre| AgentRule::LocalJump(pre.to_string()))
         .into_iter()
         .collect();
     let mut chains: [Vec<AgentRule>; 4] = [pre, post, fwd, out];

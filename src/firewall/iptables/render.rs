@@ -16,6 +16,7 @@ pub(super) fn line(rule: &AgentRule, place: Place, n: &Names, family: Family) ->
         AgentRule::Dnat(m) => view::ipt_dnat(n, m),
         AgentRule::Forward(f) => view::ipt_forward(n, f),
         AgentRule::Jump(target) => view::ipt_jump(n, place.parent(), target),
+        AgentRule::LocalJump(target) => view::ipt_local_jump(n, place.own(n), target),
     }
 }
 

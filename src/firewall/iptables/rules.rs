@@ -60,6 +60,10 @@ pub enum AgentRule {
     Forward(ForwardRule),
     /// `-m comment --comment "<prefix>[jump_to_chain]" -j <chain>`.
     Jump(String),
+    /// `-m addrtype --dst-type LOCAL -m comment --comment
+    /// "<prefix>[jump_to_chain]" -j <chain>`: `<PREFIX>_OUTPUT` to
+    /// `<PREFIX>_PRE`, for connections to the node's own addresses only.
+    LocalJump(String),
 }
 
 impl AgentRule {
@@ -253,7 +257,11 @@ pub fn exprs_of(rule: &AgentRule, names: &Names, family: Family) -> Vec<Expr> {
             e.push(Expr::Counter);
             e.push(verdict(libc::NF_ACCEPT));
         }
-        AgentRule::Jump(chain) => {
+        AgentRule::Jump(chain) | AgentRule::LocalJump(chain) => {
+            if matches!(rule, AgentRule::LocalJump(_)) {
+                let info = xt::addrtype_dst_local();
+                e.push(xt("match", "addrtype", xt::ADDRTYPE_REV, info));
+            }
             comment(&mut e, &names.jump_comment);
             e.push(Expr::Counter);
             e.push(Expr::Verdict {
@@ -271,7 +279,7 @@ fn compat_proto(rule: &AgentRule) -> u32 {
         AgentRule::Snat(s) => s.proto.number().into(),
         AgentRule::Dnat(m) => m.key.proto.number().into(),
         AgentRule::Forward(f) => f.proto.number().into(),
-        AgentRule::Return(_) | AgentRule::Jump(_) => 0,
+        AgentRule::Return(_) | AgentRule::Jump(_) | AgentRule::LocalJump(_) => 0,
         AgentRule::Masquerade | AgentRule::Mark(_) => 0,
     }
 }
@@ -580,7 +588,10 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
                 .collect()
         }
         (None, None, Some((code, Some(chain)))) if *code == sys::NFT_JUMP => {
-            vec![AgentRule::Jump(chain.clone())]
+            vec![
+                AgentRule::Jump(chain.clone()),
+                AgentRule::LocalJump(chain.clone()),
+            ]
         }
         _ => return None,
     };

@@ -90,6 +90,11 @@ impl Attrs {
     pub fn as_bytes(&self) -> &[u8] {
         &self.buf
     }
+
+    /// Appends the attributes of `other` (already aligned).
+    pub fn extend_from(&mut self, other: &Attrs) {
+        self.buf.extend_from_slice(&other.buf);
+    }
 }
 
 /// Iterates over the attributes in `buf`: (type without flags, payload).

@@ -139,7 +139,14 @@ pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
                 .mark_or(names::HAIRPIN_MARK);
             vec![mark, dnat()]
         }
-        names::NFT_PRE_CHAIN | names::NFT_OUTPUT_CHAIN => vec![dnat()],
+        names::NFT_PRE_CHAIN => vec![dnat()],
+        names::NFT_OUTPUT_CHAIN => {
+            // The node's own connections to its own addresses only.
+            let mut e = Exprs::new();
+            e.fib_daddr_type(u32::from(libc::RTN_LOCAL));
+            e.append(dnat());
+            vec![e]
+        }
         names::NFT_POST_CHAIN => {
             let mut rules: Vec<Exprs> = Vec::new();
             if local {
