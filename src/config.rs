@@ -430,7 +430,10 @@ impl Config {
                         "invalid value '{ip}' for '--public-address <IP[,IP]>': {family} is not enabled (--ip-families={})",
                         config.families
                     );
-                    return Err(clap::Error::raw(clap::error::ErrorKind::ValueValidation, msg));
+                    return Err(clap::Error::raw(
+                        clap::error::ErrorKind::ValueValidation,
+                        msg,
+                    ));
                 }
             }
         }

@@ -303,8 +303,9 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
     if local {
         let _ = writeln!(
             out,
-            "\t\t{fam} saddr @{} fib daddr type local meta mark set meta mark | 0x{:08x}",
+            "\t\t{fam} saddr @{} {fam} daddr . meta l4proto . th dport @{} meta mark set meta mark | 0x{:08x}",
             names::NFT_LOCAL_SET,
+            names::NFT_DNAT_MAP,
             names::HAIRPIN_MARK
         );
     }

@@ -129,13 +129,17 @@ pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
     };
     match chain {
         names::NFT_PRE_CHAIN if local => {
-            // A pod of this node to an address of the node: marked for the
-            // hairpin masquerade in postrouting (before the DNAT changes the
-            // destination).
+            // A pod of this node to a published address:port: marked for
+            // the hairpin masquerade in postrouting (before the DNAT changes
+            // the destination). The map is looked up as a set (no data): a
+            // NodePort or another agent's DNAT to the node is not marked.
             let mut mark = Exprs::new();
             mark.payload(REG_1, BASE_NETWORK, h.saddr, h.addr_len)
                 .lookup(names::NFT_LOCAL_SET, REG_1, None)
-                .fib_daddr_type(u32::from(libc::RTN_LOCAL))
+                .payload(REG_1, BASE_NETWORK, h.daddr, h.addr_len)
+                .meta_l4proto(next)
+                .payload(after, BASE_TRANSPORT, TH_DPORT, 2)
+                .lookup(names::NFT_DNAT_MAP, REG_1, None)
                 .mark_or(names::HAIRPIN_MARK);
             vec![mark, dnat()]
         }
