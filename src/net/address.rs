@@ -8,12 +8,15 @@
 //!
 //! Per enabled family, the first address, in this order, that is not skipped:
 //! 1. links by ascending interface index;
-//! 2. within one link, addresses in the order the kernel dumps them. The
-//!    kernel keeps primaries before secondaries, by scope and then by age,
-//!    and uses the first one as its own source address.
+//! 2. within one link, IPv4 addresses in the order the kernel dumps them
+//!    (the kernel keeps primaries before secondaries, by scope and then by
+//!    age, and uses the first one as its own source address); IPv6
+//!    addresses in the reverse of it, oldest first (the kernel puts a new
+//!    one ahead of the older ones of its scope).
 //!
-//! That is the order `ip -4 addr show` prints, so an operator can read the
-//! choice off that output: the first address there that is not skipped.
+//! That is the order `ip -4 addr show` prints (and the reverse of `ip -6
+//! addr show`'s per link), so an operator can read the choice off that
+//! output.
 //!
 //! An address is skipped when
 //! - its link is down: no `IFF_UP` (administratively down), no
@@ -363,9 +366,26 @@ impl fmt::Display for Choice {
 /// Pure: `addrs` in the kernel's dump order is all it assumes.
 pub fn choose(links: &[LinkFacts], addrs: &[AddrFacts], filter: &AddressFilter) -> Choice {
     let links: BTreeMap<u32, &LinkFacts> = links.iter().map(|l| (l.index, l)).collect();
-    let mut ordered: Vec<&AddrFacts> = addrs.iter().collect();
-    // Stable, so the kernel's order within a link survives.
-    ordered.sort_by_key(|a| a.index);
+    // By link; within a link IPv4 in the kernel's order, IPv6 in the reverse
+    // of it: the kernel puts a new IPv6 address ahead of the older ones of
+    // its scope, so reversed the oldest comes first, and adding an address
+    // (a VIP, a renumbered prefix) does not move the published one.
+    let mut ordered: Vec<(i64, &AddrFacts)> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            (
+                if a.address.is_ipv6() {
+                    -(i as i64)
+                } else {
+                    i as i64
+                },
+                a,
+            )
+        })
+        .collect();
+    ordered.sort_by_key(|(pos, a)| (a.index, a.address.is_ipv6(), *pos));
+    let ordered: Vec<&AddrFacts> = ordered.into_iter().map(|(_, a)| a).collect();
 
     let mut choice = Choice::default();
     for addr in ordered {

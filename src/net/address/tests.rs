@@ -474,21 +474,22 @@ fn each_default_v6_network_is_skipped_with_its_reason() {
     assert_eq!(c.chosen, stack(&["2001:db8::7"]));
     assert_eq!(
         c.skipped,
+        // d0's IPv6 addresses oldest first: the reverse of the dump.
         vec![
             (ip("::1"), filtered("::1/128", FilterRule::Default)),
             (
-                ip("fe80::a8c4:60ff:fe10:b662"),
-                filtered("fe80::/10", FilterRule::Default)
+                ip("64:ff9b::cb00:7107"),
+                filtered("64:ff9b::/96", FilterRule::Default)
             ),
-            (ip("fd00::1"), filtered("fc00::/7", FilterRule::Default)),
-            (ip("ff02::1"), filtered("ff00::/8", FilterRule::Default)),
             (
                 ip("::ffff:203.0.113.7"),
                 filtered("::ffff:0:0/96", FilterRule::Default)
             ),
+            (ip("ff02::1"), filtered("ff00::/8", FilterRule::Default)),
+            (ip("fd00::1"), filtered("fc00::/7", FilterRule::Default)),
             (
-                ip("64:ff9b::cb00:7107"),
-                filtered("64:ff9b::/96", FilterRule::Default)
+                ip("fe80::a8c4:60ff:fe10:b662"),
+                filtered("fe80::/10", FilterRule::Default)
             ),
         ]
     );
@@ -507,33 +508,35 @@ fn reason_display(c: &Choice, a: &str) -> String {
 }
 
 #[test]
-fn global_v6_address_is_chosen_first_by_ifindex_then_dump_order() {
+fn global_v6_address_is_chosen_first_by_ifindex_then_oldest() {
     let links = [up(3, "d1"), up(2, "d0")];
+    // As the kernel dumps them: on d0, ::9 was added after ::7 (a new IPv6
+    // address goes ahead of the older ones of its scope).
     let addrs = [
         addr(3, "2001:db8::1"),
         addr(2, "2001:db8::9"),
         addr(2, "2001:db8::7"),
     ];
     let c = choose(&links, &addrs, &dual());
-    assert_eq!(c.chosen, stack(&["2001:db8::9"]));
+    assert_eq!(c.chosen, stack(&["2001:db8::7"]));
     assert_eq!(
         c.skipped,
         vec![
             (
-                ip("2001:db8::7"),
+                ip("2001:db8::9"),
                 SkipReason::NotFirst {
-                    chosen: ip("2001:db8::9")
+                    chosen: ip("2001:db8::7")
                 }
             ),
             (
                 ip("2001:db8::1"),
                 SkipReason::NotFirst {
-                    chosen: ip("2001:db8::9")
+                    chosen: ip("2001:db8::7")
                 }
             ),
         ]
     );
-    assert_eq!(c.to_string().split(' ').next(), Some("2001:db8::9"));
+    assert_eq!(c.to_string().split(' ').next(), Some("2001:db8::7"));
 }
 
 #[test]
@@ -781,17 +784,18 @@ fn families_are_chosen_independently() {
     assert_eq!(
         reasons,
         vec![
+            // Per link, IPv4 before IPv6.
             (ip("10.1.0.2"), filtered("10.0.0.0/8", FilterRule::Default)),
-            (
-                ip("2001:db8::9"),
-                SkipReason::NotFirst {
-                    chosen: ip("2001:db8::7")
-                }
-            ),
             (
                 ip("198.51.100.1"),
                 SkipReason::NotFirst {
                     chosen: ip("203.0.113.7")
+                }
+            ),
+            (
+                ip("2001:db8::9"),
+                SkipReason::NotFirst {
+                    chosen: ip("2001:db8::7")
                 }
             ),
         ]
