@@ -266,8 +266,12 @@ fn ip_families_in_every_spelling() {
     }
     let v6 = parse(&["-ipfamilies=ipv6"]).unwrap().families;
     assert!(v6.ipv6 && !v6.ipv4);
-    let c = parse(&["--public-address", "203.0.113.7,2001:db8::7"]).unwrap();
+    let both = ["--public-address", "203.0.113.7,2001:db8::7"];
+    let c = parse(&[&both[..], &["-ipfamilies=ipv4,ipv6"]].concat()).unwrap();
     let p = c.public_address.unwrap();
     assert_eq!(p.v4, Some("203.0.113.7".parse().unwrap()));
     assert_eq!(p.v6, Some("2001:db8::7".parse().unwrap()));
+    // An address of a family that is not enabled is refused, not ignored.
+    let e = parse(&both).unwrap_err().to_string();
+    assert!(e.contains("ipv6 is not enabled"), "{e}");
 }
