@@ -215,13 +215,27 @@ fn dry_run_covers_both_families_when_ipv6_is_enabled() {
         "{stdout}"
     );
 
-    // The default ipv4 ignores the IPv6 address of the pod and the flag's.
+    // The default ipv4 ignores the pod's IPv6 address.
     let v4_only: Vec<&str> = args
         .iter()
         .copied()
         .filter(|a| !a.starts_with("-ipfamilies"))
+        .map(|a| {
+            if a.contains("2001:db8") {
+                "203.0.113.7"
+            } else {
+                a
+            }
+        })
         .collect();
-    let stdout = String::from_utf8_lossy(&run(&v4_only).stdout).into_owned();
+    let out = run(&v4_only);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("-d 203.0.113.7/32"), "{stdout}");
     assert!(
         !stdout.contains("2001:db8") && !stdout.contains("fd00"),
         "{stdout}"
