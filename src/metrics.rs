@@ -236,35 +236,11 @@ impl Metrics {
 
     pub fn observe_table(&self, table: &NatTable, in_kernel: bool) {
         let rules = &table.rules;
-        // Sorted lists hold IPv4 first: a split per family, no walk.
-        let v4 = |ips: &mut dyn Iterator<Item = std::net::IpAddr>, len: usize| {
-            let n = ips.take_while(|ip| ip.is_ipv4()).count();
-            [("ipv4", n), ("ipv6", len - n)]
-        };
-        for (kind, counts) in [
-            (
-                "dnat",
-                v4(
-                    &mut rules.dnat.iter().map(|m| m.key.public_ip),
-                    rules.dnat.len(),
-                ),
-            ),
-            (
-                "snat",
-                v4(&mut rules.snat.iter().map(|s| s.pod_ip), rules.snat.len()),
-            ),
-            (
-                "forward",
-                v4(
-                    &mut rules.forward.iter().map(|f| f.pod_ip),
-                    rules.forward.len(),
-                ),
-            ),
-        ]
-        .into_iter()
-        .flat_map(|(k, c)| c.map(|(f, n)| (k, (f, n))))
-        {
-            let (family, n) = counts;
+        let per_family = rules
+            .counts()
+            .into_iter()
+            .flat_map(|(kind, [v4, v6])| [(kind, ("ipv4", v4)), (kind, ("ipv6", v6))]);
+        for (kind, (family, n)) in per_family {
             let n = if in_kernel { n as i64 } else { 0 };
             self.rules_owned
                 .get_or_create(&KindLabels {

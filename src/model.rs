@@ -339,6 +339,11 @@ pub const INTERNAL_NETWORKS_V6: [(Ipv6Addr, u8); 3] = [
     (Ipv6Addr::LOCALHOST, 128),
 ];
 
+/// How many items of a sorted rule list are IPv4 (they sort first).
+fn ipv4_len<T>(v: &[T], ip: impl Fn(&T) -> IpAddr) -> usize {
+    v.partition_point(|x| ip(x).is_ipv4())
+}
+
 /// The destinations a family's SNAT skips, in the model's order.
 pub fn internal_networks(f: Family) -> Vec<(IpAddr, u8)> {
     match f {
@@ -383,7 +388,7 @@ impl RuleSet {
     /// no walk).
     pub fn of_family(&self, f: Family) -> RuleSet {
         fn part<T: Clone>(v: &[T], ip: impl Fn(&T) -> IpAddr, f: Family) -> Vec<T> {
-            let cut = v.partition_point(|x| ip(x).is_ipv4());
+            let cut = ipv4_len(v, ip);
             match f {
                 Family::Ipv4 => v[..cut].to_vec(),
                 Family::Ipv6 => v[cut..].to_vec(),
@@ -395,6 +400,21 @@ impl RuleSet {
             forward: part(&self.forward, |r| r.pod_ip, f),
             local: part(&self.local, |l| l.pod_ip, f),
         }
+    }
+
+    /// Per list — `dnat`, `snat`, `forward`, `hairpin` (`local`) — how many
+    /// of its rules are IPv4 and how many IPv6 (a split, as `of_family`).
+    pub fn counts(&self) -> [(&'static str, [usize; 2]); 4] {
+        fn split<T>(v: &[T], ip: impl Fn(&T) -> IpAddr) -> [usize; 2] {
+            let v4 = ipv4_len(v, ip);
+            [v4, v.len() - v4]
+        }
+        [
+            ("dnat", split(&self.dnat, |m| m.key.public_ip)),
+            ("snat", split(&self.snat, |s| s.pod_ip)),
+            ("forward", split(&self.forward, |r| r.pod_ip)),
+            ("hairpin", split(&self.local, |l| l.pod_ip)),
+        ]
     }
 
     /// Sorts and deduplicates every list (after building or reading back).

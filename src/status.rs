@@ -322,6 +322,12 @@ mod tests {
             Some(0.0),
             "{t}"
         );
+        // The hairpin sources (`-localaccess`) are counted too.
+        assert_eq!(
+            sample(&t, "podnat_rules_owned{family=\"ipv4\",kind=\"hairpin\"}"),
+            Some(0.0),
+            "{t}"
+        );
         assert_eq!(
             sample(
                 &t,

@@ -19,7 +19,7 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
+use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Table};
 
 use self::changes::*;
 pub use self::changes::{Changes, Inserted};
@@ -32,8 +32,8 @@ use super::families::PerFamily;
 use super::monitor::{Interest, TableInterest};
 use super::names::Names;
 use super::netlink::{
-    attr_be64, attr_str, find_attr, sys, Attrs, Echo, NetlinkError, NfSocket, NftBatch, NftMsg,
-    Scope,
+    attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError, NfSocket,
+    NftBatch, NftMsg, Scope,
 };
 use super::view;
 use crate::config::JumpPositions;
@@ -179,10 +179,16 @@ impl IptState {
         places(self.local.is_some())
     }
 
+    /// Whether the place with index `i` is managed (the managed places are
+    /// the first ones of `PLACES`).
+    fn manages(&self, i: usize) -> bool {
+        i < self.places().len()
+    }
+
     /// Every table and chain exists and each own chain is exactly its
     /// desired content in sorted order (what `delta` needs besides jumps).
     fn own_sorted(&self) -> bool {
-        let managed = self.places().iter().map(|p| p.index());
+        let managed = 0..self.places().len();
         let exist = self.nat_exists
             && self.filter_exists
             && managed
@@ -410,24 +416,10 @@ impl Flavor for Iptables {
             .filter(|p| state.own_exists[p.index()])
             .collect();
         for place in &existing {
-            let own = place.own(names);
-            let mut a = Attrs::new();
-            a.str(sys::NFTA_RULE_TABLE, place.table())
-                .str(sys::NFTA_RULE_CHAIN, own);
-            batch.add(
-                NftMsg::new(sys::NFT_MSG_DELRULE, 0, a).in_family(self.family),
-                format!("flush chain {own} in table {fam} {}", place.table()),
-            );
+            self.flush_chain(batch, *place);
         }
         for place in &existing {
-            let own = place.own(names);
-            let mut a = Attrs::new();
-            a.str(sys::NFTA_CHAIN_TABLE, place.table())
-                .str(sys::NFTA_CHAIN_NAME, own);
-            batch.add(
-                NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a).in_family(self.family),
-                format!("delete chain {own} in table {fam} {}", place.table()),
-            );
+            self.delete_chain(batch, *place);
         }
         Ok(())
     }

@@ -62,7 +62,7 @@ pub use attrs::{
     attr_be32, attr_be64, attr_str, find_attr, parse_all, parse_attrs, AttrIter, Attrs, RawMsg,
 };
 use batch::{nlmsg_header, patch_len};
-pub use batch::{FinalBatch, NftBatch, NftMsg};
+pub use batch::{protocol_family, FinalBatch, NftBatch, NftMsg};
 
 /// An nf_tables message the kernel echoed back after a commit.
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@
 //! and a change is element adds/deletes, so its cost does not grow with the
 //! table.
 
-use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, ProtocolFamily, Table};
+use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Table};
 
 use super::applier::{Applier, Effect, Flavor, Planned};
 use super::coexist::OwnForward;
@@ -15,8 +15,8 @@ use super::families::PerFamily;
 use super::monitor::{Interest, TableInterest};
 use super::names::{self, Names};
 use super::netlink::{
-    attr_be32, attr_str, find_attr, parse_attrs, sys, Attrs, Echo, NetlinkError, NfSocket,
-    NftBatch, NftMsg, Scope,
+    attr_be32, attr_str, find_attr, parse_attrs, protocol_family, sys, Attrs, Echo, NetlinkError,
+    NfSocket, NftBatch, NftMsg, Scope,
 };
 use super::{view, Changes};
 use crate::model::{
@@ -84,11 +84,7 @@ pub enum NftPlan {
 
 impl Nftables {
     fn table(&self) -> Table {
-        let pf = match self.family {
-            Family::Ipv4 => ProtocolFamily::Ipv4,
-            Family::Ipv6 => ProtocolFamily::Ipv6,
-        };
-        Table::new(pf).with_name(self.names.table())
+        Table::new(protocol_family(self.family)).with_name(self.names.table())
     }
 
     /// `ip` or `ip6`, as nft names the table's family.

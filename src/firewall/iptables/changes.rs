@@ -94,7 +94,7 @@ pub struct Changes {
 impl Changes {
     pub(super) fn plan(state: &IptState, desired: &RuleSet, jumps: &JumpPositions) -> Changes {
         let want = desired_chains(desired, state.family, state.local.as_deref());
-        let managed = |i: usize| state.places().iter().any(|p| p.index() == i);
+        let managed = |i: usize| state.manages(i);
         // A place no longer managed is retired: its chain emptied and
         // deleted, its jumps removed (the Go layout again).
         let own = std::array::from_fn(|i| {
@@ -236,7 +236,7 @@ impl Changes {
     /// The state after this plan commits; a new rule's handle is known if
     /// the kernel echoed it.
     pub(super) fn after(&self, state: IptState, handles: &HashMap<Inserted, u64>) -> IptState {
-        let managed: Vec<usize> = state.places().iter().map(|p| p.index()).collect();
+        let managed: [bool; 4] = std::array::from_fn(|i| state.manages(i));
         let IptState {
             parents,
             own,
@@ -253,9 +253,9 @@ impl Changes {
             local,
             nat_exists: true,
             filter_exists: true,
-            parent_exists: std::array::from_fn(|i| parent_exists[i] || managed.contains(&i)),
+            parent_exists: std::array::from_fn(|i| parent_exists[i] || managed[i]),
             own_exists: std::array::from_fn(|i| {
-                (own_exists[i] || managed.contains(&i)) && !self.delete_own[i]
+                (own_exists[i] || managed[i]) && !self.delete_own[i]
             }),
             parents: std::array::from_fn(|i| {
                 apply_plan(

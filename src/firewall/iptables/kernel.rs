@@ -56,8 +56,13 @@ impl Iptables {
                 continue;
             }
             let own = place.own(&names);
-            st.parent_exists[i] = self.chain_exists(sock, place.table(), place.parent())?;
             st.own_exists[i] = self.chain_exists(sock, place.table(), own)?;
+            // A place not managed matters only while its chain is left over
+            // (to retire it): no chain, no jump to it, nothing more to read.
+            if !st.manages(i) && !st.own_exists[i] {
+                continue;
+            }
+            st.parent_exists[i] = self.chain_exists(sock, place.table(), place.parent())?;
             if st.parent_exists[i] {
                 st.parents[i] = self
                     .dump_chain(sock, place.table(), place.parent())?
@@ -155,10 +160,7 @@ impl Iptables {
     ) -> Vec<(u32, Inserted)> {
         let mut inserted = Vec::new();
         let echo = changes.inserts() <= MAX_ECHOED_RULES;
-        let pf = match self.family {
-            Family::Ipv4 => ProtocolFamily::Ipv4,
-            Family::Ipv6 => ProtocolFamily::Ipv6,
-        };
+        let pf = protocol_family(self.family);
         let fam = view::nft_family(self.family);
         let nat = Table::new(pf).with_name(NAT);
         let filter = Table::new(pf).with_name(FILTER);
@@ -229,19 +231,43 @@ impl Iptables {
         }
         // Chains retired last: their rules and every jump to them are gone.
         for place in PLACES {
-            if !changes.delete_own[place.index()] {
-                continue;
+            if changes.delete_own[place.index()] {
+                self.delete_chain(batch, place);
             }
-            let own = place.own(&self.names);
-            let mut a = Attrs::new();
-            a.str(sys::NFTA_CHAIN_TABLE, place.table())
-                .str(sys::NFTA_CHAIN_NAME, own);
-            batch.add(
-                NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a).in_family(self.family),
-                format!("delete chain {own} in table {fam} {}", place.table()),
-            );
         }
         inserted
+    }
+
+    /// Empties the agent's chain of `place` (one DELRULE without a handle).
+    pub(super) fn flush_chain(&self, batch: &mut NftBatch, place: Place) {
+        let own = place.own(&self.names);
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_RULE_TABLE, place.table())
+            .str(sys::NFTA_RULE_CHAIN, own);
+        batch.add(
+            NftMsg::new(sys::NFT_MSG_DELRULE, 0, a).in_family(self.family),
+            format!(
+                "flush chain {own} in table {} {}",
+                view::nft_family(self.family),
+                place.table()
+            ),
+        );
+    }
+
+    /// Deletes the agent's (empty, unreferenced) chain of `place`.
+    pub(super) fn delete_chain(&self, batch: &mut NftBatch, place: Place) {
+        let own = place.own(&self.names);
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_CHAIN_TABLE, place.table())
+            .str(sys::NFTA_CHAIN_NAME, own);
+        batch.add(
+            NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a).in_family(self.family),
+            format!(
+                "delete chain {own} in table {} {}",
+                view::nft_family(self.family),
+                place.table()
+            ),
+        );
     }
 
     pub(super) fn empty_state(&self) -> IptState {

@@ -40,11 +40,16 @@ impl NftMsg {
 
     /// The message for a table of `family` (IPv4 unless said).
     pub fn in_family(mut self, family: crate::model::Family) -> NftMsg {
-        self.family = match family {
-            crate::model::Family::Ipv4 => ProtocolFamily::Ipv4,
-            crate::model::Family::Ipv6 => ProtocolFamily::Ipv6,
-        };
+        self.family = protocol_family(family);
         self
+    }
+}
+
+/// rustables' name of the tables of `family` (`ip` or `ip6`).
+pub fn protocol_family(family: crate::model::Family) -> ProtocolFamily {
+    match family {
+        crate::model::Family::Ipv4 => ProtocolFamily::Ipv4,
+        crate::model::Family::Ipv6 => ProtocolFamily::Ipv6,
     }
 }
 
