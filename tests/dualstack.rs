@@ -6,20 +6,16 @@
 
 mod support;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::time::Duration;
-
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::{backend_with, view, ApplyReport, Backend};
 use podnat_controller::model::{Families, Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox};
 use support::rules::{names, publish};
 use support::save::{agent_ip6tables_save, chain_decls, netlink_debug};
+use support::traffic::{check_mail_traffic_of, V4, V6};
 
 use support::netns::{
-    CLIENT_IP6 as CLIENT6, POD_A_IP as POD_A4, POD_A_IP6 as POD_A6, POD_B_IP6 as POD_B6,
-    PUBLIC_IP as PUBLIC4, PUBLIC_IP6 as PUBLIC6,
+    POD_A_IP as POD_A4, POD_A_IP6 as POD_A6, PUBLIC_IP as PUBLIC4, PUBLIC_IP6 as PUBLIC6,
 };
 
 fn sandbox(tag: &str) -> Sandbox {
@@ -46,91 +42,13 @@ fn apply(ns: &Netns, flavor: Flavor, rules: &RuleSet) -> ApplyReport {
         .unwrap_or_else(|e| panic!("apply in {}: {e}", ns.name))
 }
 
-fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
-    TcpStream::connect_timeout(&to, Duration::from_secs(3))
-}
-
-/// TCP and UDP in through [public]:port, the reply from it, the pod's own
-/// connection out through it, and an internal destination un-NATed, all
-/// over IPv6; then the same pod over IPv4 at once.
+/// The same pod through the NAT on both families, each with its own
+/// rules in the same tables: TCP and UDP in (the client's own address, the
+/// UDP reply from the public address), the pod's own connection out through
+/// the public address, internal destinations (fc00::/7, 10/8) un-NATed.
 fn check_v6_traffic(sb: &Sandbox) {
-    let listener = sb.pod_a.run(|| TcpListener::bind("[::]:2525").unwrap());
-    let public: SocketAddr = format!("[{PUBLIC6}]:25").parse().unwrap();
-    let mut client = sb
-        .client
-        .run(|| connect(public).expect("TCP over IPv6 through the DNAT"));
-    let (mut conn, peer) = listener.accept().unwrap();
-    assert_eq!(
-        peer.ip().to_string(),
-        CLIENT6,
-        "DNAT keeps the client's address"
-    );
-    client.write_all(b"ping").unwrap();
-    let mut buf = [0u8; 4];
-    conn.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping");
-
-    // The same pod answers on IPv4 at the same time (one listener on [::]
-    // takes both families).
-    let client4 = support::netns::Netns::run(&sb.client, || {
-        connect(format!("{PUBLIC4}:25").parse().unwrap())
-    });
-    let client4 = client4.expect("TCP over IPv4 through the DNAT beside IPv6");
-    let (_c4, peer4) = listener.accept().unwrap();
-    assert_eq!(peer4.ip().to_canonical().to_string(), "203.0.113.1");
-    drop(client4);
-
-    // UDP, and the reply comes back from the public address.
-    let pod_udp = sb.pod_a.run(|| UdpSocket::bind("[::]:5300").unwrap());
-    pod_udp
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    let client_udp = sb.client.run(|| UdpSocket::bind("[::]:0").unwrap());
-    client_udp
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .unwrap();
-    client_udp
-        .send_to(b"hello", format!("[{PUBLIC6}]:5353"))
-        .unwrap();
-    let (n, from) = pod_udp
-        .recv_from(&mut buf[..])
-        .expect("UDP over IPv6 through the DNAT");
-    assert_eq!(n, 4);
-    assert_eq!(from.ip().to_string(), CLIENT6);
-    pod_udp.send_to(b"pong", from).unwrap();
-    let (_, reply_from) = client_udp.recv_from(&mut buf).expect("UDP reply over IPv6");
-    assert_eq!(
-        reply_from,
-        format!("[{PUBLIC6}]:5353").parse::<SocketAddr>().unwrap()
-    );
-
-    // SNAT: the pod's own IPv6 connection shows the public IPv6 address.
-    let client_listener = sb
-        .client
-        .run(|| TcpListener::bind(format!("[{CLIENT6}]:8080")).unwrap());
-    let _out = sb.pod_a.run(|| {
-        connect(format!("[{CLIENT6}]:8080").parse().unwrap()).expect("pod → client over IPv6")
-    });
-    let (_c, seen) = client_listener.accept().unwrap();
-    assert_eq!(
-        seen.ip().to_string(),
-        PUBLIC6,
-        "IPv6 leaves through the public address"
-    );
-
-    // fc00::/7 destinations keep the pod address.
-    let b_listener = sb
-        .pod_b
-        .run(|| TcpListener::bind(format!("[{POD_B6}]:9000")).unwrap());
-    let _in = sb.pod_a.run(|| {
-        connect(format!("[{POD_B6}]:9000").parse().unwrap()).expect("pod A → pod B over IPv6")
-    });
-    let (_c, seen) = b_listener.accept().unwrap();
-    assert_eq!(
-        seen.ip().to_string(),
-        POD_A6,
-        "ULA destinations are not SNATed"
-    );
+    check_mail_traffic_of(sb, &V6);
+    check_mail_traffic_of(sb, &V4);
 }
 
 #[test]
