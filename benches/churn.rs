@@ -15,7 +15,7 @@ mod churn_loop;
 mod netns;
 
 use std::fmt::Write as _;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,9 @@ use podnat_controller::config::JumpPositions;
 use podnat_controller::firewall::iptables::IptablesBackend;
 use podnat_controller::firewall::nftables::NftablesBackend;
 use podnat_controller::firewall::{view, Backend, Changes, Names};
-use podnat_controller::model::{ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule};
+use podnat_controller::model::{
+    Family, ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule,
+};
 
 const PUBLIC: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
 const REPS: usize = 5;
@@ -52,27 +54,32 @@ fn pod_ip(i: u32) -> Ipv4Addr {
 
 /// Ports 0..n, each its own pod: one DNAT, one SNAT, one FORWARD.
 fn table(n: u32) -> RuleSet {
+    table_of(n, PUBLIC.into(), |i| pod_ip(i).into())
+}
+
+/// `table` for a public address and pod addresses of any family.
+fn table_of(n: u32, public: IpAddr, pod: fn(u32) -> IpAddr) -> RuleSet {
     let mut r = RuleSet::default();
     for i in 0..n {
         let owner = PodRef::new("bench", format!("p-{i}"));
         r.dnat.push(Mapping {
             key: NatKey {
-                public_ip: PUBLIC.into(),
+                public_ip: public,
                 public_port: 10000 + i as u16,
                 proto: Proto::Tcp,
             },
-            pod_ip: pod_ip(i).into(),
+            pod_ip: pod(i),
             pod_port: 80,
             owner: owner.clone(),
         });
         r.snat.push(SnatRule {
-            pod_ip: pod_ip(i).into(),
+            pod_ip: pod(i),
             proto: Proto::Tcp,
-            public_ip: PUBLIC.into(),
+            public_ip: public,
             owner: owner.clone(),
         });
         r.forward.push(ForwardRule {
-            pod_ip: pod_ip(i).into(),
+            pod_ip: pod(i),
             proto: Proto::Tcp,
             pod_port: 80,
             owner,
@@ -117,32 +124,27 @@ fn tmpfile(name: &str, text: &str) -> String {
 
 // --- iptables text of N ports (peer A/B) ---
 fn ipt_lines(n_from: u32, n_to: u32) -> Vec<(String, String)> {
-    // (table, rule spec without "-A CHAIN")
+    ipt_lines_of(&table(n_to), n_from, n_to, |i| pod_ip(i).into())
+}
+
+/// (table, `-A ...` line) of ports n_from..n_to of `t`, as
+/// iptables-nft-save (ip6tables-nft-save) prints them.
+fn ipt_lines_of(
+    t: &RuleSet,
+    n_from: u32,
+    n_to: u32,
+    pod: fn(u32) -> IpAddr,
+) -> Vec<(String, String)> {
     let names = Names::new("podnat");
     let mut out = Vec::new();
-    let t = table(n_to);
     for i in n_from..n_to {
-        let idx = i as usize;
-        let d = view::ipt_dnat(&names, &t.dnat[idx]);
-        let s = view::ipt_snat(
-            &names,
-            &t.snat
-                .iter()
-                .find(|s| s.pod_ip == pod_ip(i))
-                .unwrap()
-                .clone(),
-        );
-        let f = view::ipt_forward(
-            &names,
-            &t.forward
-                .iter()
-                .find(|f| f.pod_ip == pod_ip(i))
-                .unwrap()
-                .clone(),
-        );
-        out.push(("nat".to_string(), d));
-        out.push(("nat".to_string(), s));
-        out.push(("filter".to_string(), f));
+        let ip = pod(i);
+        let d = t.dnat.iter().find(|m| m.pod_ip == ip).unwrap();
+        let s = t.snat.iter().find(|s| s.pod_ip == ip).unwrap();
+        let f = t.forward.iter().find(|f| f.pod_ip == ip).unwrap();
+        out.push(("nat".to_string(), view::ipt_dnat(&names, d)));
+        out.push(("nat".to_string(), view::ipt_snat(&names, s)));
+        out.push(("filter".to_string(), view::ipt_forward(&names, f)));
     }
     out
 }
@@ -211,19 +213,23 @@ fn c_rules(n_from: u32, n_to: u32) -> String {
 }
 
 fn m_elements(verb: &str, i: u32) -> String {
-    let ip = pod_ip(i);
+    m_elements_of(verb, "ip", PUBLIC.into(), pod_ip(i).into(), i)
+}
+
+/// Port `i`'s three elements in the table `fam podnat` (`ip` or `ip6`).
+fn m_elements_of(verb: &str, fam: &str, public: IpAddr, ip: IpAddr, i: u32) -> String {
     let p = 10000 + i;
     if verb == "add" {
         format!(
-            "add element ip podnat dnat_to_pod {{ {PUBLIC} . tcp . {p} comment \"bench:p-{i}\" : {ip} . 80 }}\n\
-             add element ip podnat snat_to_public {{ {ip} . tcp comment \"bench:p-{i}\" : {PUBLIC} }}\n\
-             add element ip podnat forward_allowed {{ {ip} . tcp . 80 comment \"bench:p-{i}\" }}\n"
+            "add element {fam} podnat dnat_to_pod {{ {public} . tcp . {p} comment \"bench:p-{i}\" : {ip} . 80 }}\n\
+             add element {fam} podnat snat_to_public {{ {ip} . tcp comment \"bench:p-{i}\" : {public} }}\n\
+             add element {fam} podnat forward_allowed {{ {ip} . tcp . 80 comment \"bench:p-{i}\" }}\n"
         )
     } else {
         format!(
-            "delete element ip podnat dnat_to_pod {{ {PUBLIC} . tcp . {p} }}\n\
-             delete element ip podnat snat_to_public {{ {ip} . tcp }}\n\
-             delete element ip podnat forward_allowed {{ {ip} . tcp . 80 }}\n"
+            "delete element {fam} podnat dnat_to_pod {{ {public} . tcp . {p} }}\n\
+             delete element {fam} podnat snat_to_public {{ {ip} . tcp }}\n\
+             delete element {fam} podnat forward_allowed {{ {ip} . tcp . 80 }}\n"
         )
     }
 }
@@ -405,28 +411,41 @@ fn peer_a(n: u32, rows: &mut [Row; 3]) {
 }
 
 fn peer_b(n: u32, rows: &mut [Row; 3]) {
-    let ns = Netns::new("bb");
-    let full = tmpfile("b-full", &restore_file(&ipt_lines(0, n), false, true));
-    let add1 = tmpfile("b-add", &restore_file(&ipt_lines(n, n + 1), false, false));
-    let del1 = tmpfile("b-del", &restore_file(&ipt_lines(n, n + 1), true, false));
+    restore_rows(
+        "bb",
+        "iptables-nft",
+        &ipt_lines(0, n),
+        &ipt_lines(n, n + 1),
+        rows,
+    );
+}
+
+/// Peer B's three workloads with `<tool>-restore --noflush` (`tool`:
+/// iptables-nft or ip6tables-nft): install `full`, add and delete `one`.
+fn restore_rows(
+    tag: &str,
+    tool: &str,
+    full: &[(String, String)],
+    one: &[(String, String)],
+    rows: &mut [Row; 3],
+) {
+    let ns = Netns::new(tag);
+    let full = tmpfile(&format!("{tag}-full"), &restore_file(full, false, true));
+    let add1 = tmpfile(&format!("{tag}-add"), &restore_file(one, false, false));
+    let del1 = tmpfile(&format!("{tag}-del"), &restore_file(one, true, false));
+    let restore = format!("{tool}-restore");
+    let cmd = |f: &str| stdin_cmd(&restore, &["--noflush"], f);
     let mut install = vec![];
     for _ in 0..REPS {
-        ns.sh("iptables-nft -t nat -F; iptables-nft -t nat -X; iptables-nft -t filter -F; iptables-nft -t filter -X; true");
-        install.push(timed(
-            &ns,
-            stdin_cmd("iptables-nft-restore", &["--noflush"], &full),
+        ns.sh(&format!(
+            "{tool} -t nat -F; {tool} -t nat -X; {tool} -t filter -F; {tool} -t filter -X; true"
         ));
+        install.push(timed(&ns, cmd(&full)));
     }
     let (mut add, mut del) = (vec![], vec![]);
     for _ in 0..REPS {
-        add.push(timed(
-            &ns,
-            stdin_cmd("iptables-nft-restore", &["--noflush"], &add1),
-        ));
-        del.push(timed(
-            &ns,
-            stdin_cmd("iptables-nft-restore", &["--noflush"], &del1),
-        ));
+        add.push(timed(&ns, cmd(&add1)));
+        del.push(timed(&ns, cmd(&del1)));
     }
     rows[0].b = Some(median(install));
     rows[1].b = Some(median(add));
@@ -481,17 +500,17 @@ fn peer_c(n: u32, rows: &mut [Row; 3]) {
 }
 
 fn peer_m(n: u32, rows: &mut [Row; 3]) {
-    let ns = Netns::new("bm");
-    let full = tmpfile(
-        "m-full",
-        &view::nft(
-            &table(n),
-            &Names::new("podnat"),
-            podnat_controller::model::Family::Ipv4,
-        ),
-    );
-    let add1 = tmpfile("m-add", &m_elements("add", n));
-    let del1 = tmpfile("m-del", &m_elements("delete", n));
+    let full = view::nft(&table(n), &Names::new("podnat"), Family::Ipv4);
+    let (add, del) = (m_elements("add", n), m_elements("delete", n));
+    nft_map_rows("bm", "ip", &full, &add, &del, rows);
+}
+
+/// Peer M's three workloads with `nft -f` on the table `fam podnat`.
+fn nft_map_rows(tag: &str, fam: &str, full: &str, add: &str, del: &str, rows: &mut [Row; 3]) {
+    let ns = Netns::new(tag);
+    let full = tmpfile(&format!("{tag}-full"), full);
+    let add1 = tmpfile(&format!("{tag}-add"), add);
+    let del1 = tmpfile(&format!("{tag}-del"), del);
     let nft = |f: &str| {
         let mut c = Command::new("nft");
         c.args(["-f", f]);
@@ -499,7 +518,7 @@ fn peer_m(n: u32, rows: &mut [Row; 3]) {
     };
     let mut install = vec![];
     for _ in 0..REPS {
-        ns.sh("nft delete table ip podnat 2>/dev/null; true");
+        ns.sh(&format!("nft delete table {fam} podnat 2>/dev/null; true"));
         install.push(timed(&ns, nft(&full)));
     }
     let (mut add, mut del) = (vec![], vec![]);

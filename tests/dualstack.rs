@@ -11,7 +11,7 @@ use podnat_controller::firewall::{backend_with, view, ApplyReport, Backend};
 use podnat_controller::model::{Families, Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox};
 use support::rules::{names, publish};
-use support::save::{agent_ip6tables_save, chain_decls, netlink_debug};
+use support::save::{agent_ip6tables_save, chain_decls, netlink_debug, write_with};
 use support::traffic::{check_mail_traffic_of, V4, V6};
 
 use support::netns::{
@@ -84,17 +84,7 @@ fn iptables_flavor_dual_stack_in_one_batch_with_ip6tables_as_oracle() {
     // The same rules written by ip6tables-nft itself, line by line, give the
     // same expressions, -save output and base chains.
     let twin = Netns::new("d6twin");
-    let mut table = "nat";
-    for l in text.lines() {
-        if let Some(t) = l.strip_prefix('*') {
-            table = t;
-        } else if let Some(c) = l.strip_prefix(':') {
-            let chain = c.split_whitespace().next().unwrap();
-            twin.sh(&format!("ip6tables-nft -t {table} -N {chain}"));
-        } else if l.starts_with("-A ") {
-            twin.sh(&format!("ip6tables-nft -t {table} {l}"));
-        }
-    }
+    write_with(&twin, "ip6tables-nft", &text);
     for t in ["nat", "filter"] {
         let ours = netlink_debug(&sb.node, "ip6", t);
         assert!(ours.contains("[ match name comment rev 0 ]"), "{ours}");

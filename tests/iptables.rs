@@ -20,7 +20,7 @@ use podnat_controller::firewall::{view, ApplyReport, Backend};
 use podnat_controller::model::{Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox, POD_B_IP, PUBLIC_IP};
 use support::rules::{bulk, mail, names, publish};
-use support::save::{chain_decls, netlink_debug};
+use support::save::{chain_decls, netlink_debug, write_with};
 
 const JUMP: &str = "\"podnat[jump_to_chain]\"";
 
@@ -131,17 +131,7 @@ fn iptables_nft_reads_the_rules_as_its_own() {
     // The same rules written by iptables-nft itself, line by line, give the
     // same expressions (and the same -save output).
     let twin = Netns::new("ipt-twin");
-    let mut table = "nat";
-    for l in view.lines() {
-        if let Some(t) = l.strip_prefix('*') {
-            table = if t == "nat" { "nat" } else { "filter" };
-        } else if let Some(c) = l.strip_prefix(':') {
-            let chain = c.split_whitespace().next().unwrap();
-            twin.sh(&format!("iptables-nft -t {table} -N {chain}"));
-        } else if l.starts_with("-A ") {
-            twin.sh(&format!("iptables-nft -t {table} {l}"));
-        }
-    }
+    write_with(&twin, "iptables-nft", &view);
     for t in ["nat", "filter"] {
         let ours = netlink_debug(&ns, "ip", t);
         assert!(ours.contains("[ match name comment rev 0 ]"), "{ours}");

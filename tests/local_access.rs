@@ -16,6 +16,7 @@ use std::time::Duration;
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::{backend_with_options, view, Backend};
 use podnat_controller::model::{Families, Family, LocalPod, PodRef, Proto, RuleSet};
+use support::crowd::{crowd_dual, ruleset, without_counters};
 use support::netns::{veth, Netns, Sandbox, CLIENT_IP, CLIENT_IP6};
 use support::rules::{names, publish};
 use support::save::agent_save_by;
@@ -186,6 +187,10 @@ fn assert_views(ns: &Netns, flavor: Flavor, rules: &RuleSet, local: bool) {
 
 fn routed(flavor: Flavor, tag: &str) {
     let sb = Sandbox::new(tag).with_ipv6();
+    // A crowded node: kube-proxy, Docker, Cilium, firewalld beside the agent,
+    // in both families.
+    crowd_dual(&sb.node);
+    let before = ruleset(&sb.node);
     let r = rules(
         "10.1.0.5",
         "fd00:1::5",
@@ -212,10 +217,16 @@ fn routed(flavor: Flavor, tag: &str) {
         ["10.1.0.1", "fd00:1::1"],
     );
 
-    // Cleanup removes the new objects too.
+    // Cleanup removes the new objects too, and every foreign object is as
+    // it was, handles included.
     assert!(sb
         .node
         .run(move || backend(flavor, true).cleanup().unwrap()));
+    assert_eq!(
+        without_counters(&ruleset(&sb.node)),
+        without_counters(&before),
+        "foreign objects untouched"
+    );
     for tool in ["iptables-nft-save", "ip6tables-nft-save"] {
         assert!(!agent_save_by(&sb.node, tool).contains("PODNAT"), "{tool}");
     }

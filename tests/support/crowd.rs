@@ -63,10 +63,64 @@ ip6tables-nft -t nat -A PREROUTING -j PODNAT_PRE
 ip6tables-nft -t nat -A PODNAT_PRE -p tcp --dport 25 -j ACCEPT
 ";
 
+/// A dual-stack crowd for an agent that serves IPv6 too (where `ip6 podnat`
+/// and ip6tables-nft's `PODNAT_*` are its own names): the native tables but
+/// the ip6 one named like the agent's, the iptables-nft users, and
+/// kube-proxy's iptables-mode hooks in both families, nat OUTPUT included.
+pub fn crowd_dual(ns: &Netns) {
+    let start = NATIVE
+        .find("table ip6 podnat {")
+        .expect("the ip6 podnat table");
+    let end = start + NATIVE[start..].find("\n}\n").expect("its end") + 3;
+    let native = format!("{}{}", &NATIVE[..start], &NATIVE[end..]);
+    ns.sh(&format!("nft -f - <<'EOF'\n{native}\nEOF"));
+    let v4: String = IPTABLES
+        .lines()
+        .filter(|l| !l.starts_with("ip6tables"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    ns.sh(&v4);
+    ns.sh(KUBE_PROXY_BOTH);
+}
+
+/// kube-proxy (iptables mode) hooks in nat OUTPUT (IPv4) and everywhere in
+/// ip6tables-nft's tables.
+const KUBE_PROXY_BOTH: &str = "set -e
+iptables-nft -t nat -A OUTPUT -m comment --comment 'kubernetes service portals' -j KUBE-SERVICES
+for t in ip6tables-nft; do
+  $t -t nat -N KUBE-SERVICES
+  $t -t nat -N KUBE-POSTROUTING
+  $t -t nat -A PREROUTING -m comment --comment 'kubernetes service portals' -j KUBE-SERVICES
+  $t -t nat -A OUTPUT -m comment --comment 'kubernetes service portals' -j KUBE-SERVICES
+  $t -t nat -A POSTROUTING -m comment --comment 'kubernetes postrouting rules' -j KUBE-POSTROUTING
+  $t -t filter -N KUBE-FORWARD
+  $t -t filter -A FORWARD -m comment --comment 'kubernetes forwarding rules' -j KUBE-FORWARD
+done
+";
+
 /// Fills `ns` with the crowd.
 pub fn crowd(ns: &Netns) {
     ns.sh(&format!("nft -f - <<'EOF'\n{NATIVE}\nEOF"));
     ns.sh(IPTABLES);
+}
+
+/// `ruleset` with every counter at zero: traffic through foreign rules
+/// moves their counters, which is not a change of the rules.
+pub fn without_counters(listing: &str) -> String {
+    let mut out = String::with_capacity(listing.len());
+    let mut rest = listing;
+    while let Some(at) = rest.find("counter packets ") {
+        out.push_str(&rest[..at]);
+        let tail = &rest[at..];
+        // "counter packets N bytes M": keep the words, drop the numbers.
+        let words: Vec<&str> = tail.splitn(6, ' ').collect();
+        out.push_str("counter packets 0 bytes 0");
+        rest = words
+            .get(5)
+            .map_or("", |w| &tail[tail.len() - w.len() - 1..]);
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The whole ruleset with handles (`nft -a list ruleset`).

@@ -79,3 +79,21 @@ pub fn chain_decls(ns: &Netns, family: &str) -> Vec<String> {
     decls.sort();
     decls
 }
+
+/// Writes the rules of a rule view (`iptables-save` syntax) with `tool`
+/// itself (iptables-nft or ip6tables-nft), one command per line: `-N` for
+/// each chain, `-A` for each rule. The twin the agent's encoding is compared
+/// with.
+pub fn write_with(ns: &Netns, tool: &str, view: &str) {
+    let mut table = "nat";
+    for l in view.lines() {
+        if let Some(t) = l.strip_prefix('*') {
+            table = t;
+        } else if let Some(c) = l.strip_prefix(':') {
+            let chain = c.split_whitespace().next().unwrap();
+            ns.sh(&format!("{tool} -t {table} -N {chain}"));
+        } else if l.starts_with("-A ") {
+            ns.sh(&format!("{tool} -t {table} {l}"));
+        }
+    }
+}
