@@ -2,7 +2,7 @@
 CARGO ?= cargo
 export CARGO_TERM_COLOR ?= never
 
-.PHONY: all build deps test lint unit integration cluster-build helm-build demo bench clean
+.PHONY: all build deps image test lint unit integration cluster-build helm-build demo bench clean
 
 all: build
 
@@ -11,6 +11,12 @@ deps:
 
 build: deps
 	$(CARGO) build --release --locked
+
+# The OCI image archive, target/image/podnat-controller-<version>.oci.tar
+# (image/build: release binary, root from pinned Debian packages, written by
+# umoci, reproducible); prints its digest and size.
+image: deps
+	image/build
 
 cluster-build:
 	tests/cluster/build
@@ -25,8 +31,9 @@ lint: deps
 	$(CARGO) clippy --locked --all-targets -- -D warnings
 
 # Unit tests, CLI tests and the kernel/cluster integration tests (each kernel
-# test runs in network namespaces of its own).
-test: deps cluster-build helm-build lint
+# test runs in network namespaces of its own); tests/image.rs reads, pushes
+# and runs the image `make image` built.
+test: deps cluster-build helm-build lint image
 	$(CARGO) test --locked --lib --bins --tests -- --test-threads=2
 
 bench: deps

@@ -174,9 +174,34 @@ fn daemonset_runs_on_the_host_network_with_net_admin_only() {
     assert_eq!(c["livenessProbe"]["httpGet"]["port"], "http");
     assert_eq!(c["ports"][0]["containerPort"], 8484);
     assert!(c["resources"]["requests"]["memory"].is_string());
-    assert_eq!(c["image"], "gutmensch/podnat-controller:0.1.0");
+    // This project's image as `make image` names it, tagged with the
+    // chart's appVersion, which is the crate's version.
+    assert_eq!(
+        c["image"],
+        format!("podnat-controller:{}", env!("CARGO_PKG_VERSION"))
+    );
     // The Go chart always passed -logtostderr.
     assert_eq!(args(&objects), vec!["-logtostderr"]);
+}
+
+#[test]
+fn image_digest_pins_the_image() {
+    let digest = format!("sha256:{}", "ab12".repeat(16));
+    let objects = template(&["--set", &format!("image.digest={digest}")]);
+    assert_eq!(
+        container(&objects)["image"],
+        format!("podnat-controller@{digest}")
+    );
+    let objects = template(&[
+        "--set",
+        "image.repository=registry.example.org/podnat-controller",
+        "--set",
+        "image.tag=9.9.9",
+    ]);
+    assert_eq!(
+        container(&objects)["image"],
+        "registry.example.org/podnat-controller:9.9.9"
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@ pub mod cluster;
 pub mod crowd;
 pub mod kube_proxy;
 pub mod netns;
-pub mod rootfs;
+pub mod oci;
 pub mod rules;
 pub mod ruleset;
 pub mod save;

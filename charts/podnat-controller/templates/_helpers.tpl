@@ -72,3 +72,16 @@ extra_args).
 {{- end }}
 {{- concat $args (uniq (append $extra "-logtostderr")) | toYaml }}
 {{- end }}
+
+{{/*
+The image: repository@digest when a digest pins it, else
+repository:tag with the chart's appVersion (the crate's version) as the
+default tag.
+*/}}
+{{- define "podnat-controller.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- end }}
+{{- end }}
