@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 
 use crate::model::{DualStack, Families, Family};
+pub use crate::plan::selector::NamespaceSelector;
 
 /// Which rule layout the agent programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -273,6 +274,17 @@ pub struct Flags {
     /// Kubeconfig file (default: in-cluster config, else KUBECONFIG, else ~/.kube/config)
     #[arg(long = "kubeconfig", global = true, value_name = "FILE")]
     pub kubeconfig: Option<PathBuf>,
+    /// Refuse a mapping onto a port the node itself serves (TCP listener, bound UDP socket) on its address or the wildcard [SPEC: -guardnodeports]
+    #[arg(long = "guard-node-ports", global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
+    pub guard_node_ports: bool,
+    /// Only pods in namespaces whose labels match this selector publish (Kubernetes label-selector syntax; empty: all) [SPEC: -namespaceselector]
+    #[arg(long = "namespace-selector", global = true, value_name = "SELECTOR", default_value = "", value_parser = parse_selector)]
+    pub namespace_selector: NamespaceSelector,
+}
+
+fn parse_selector(s: &str) -> Result<NamespaceSelector, String> {
+    NamespaceSelector::parse(s)
 }
 
 /// Go-version (and lowercase) flag names → the canonical long name.
@@ -295,6 +307,8 @@ const ALIASES: &[(&str, &str)] = &[
     ("localaccess", "local-access"),
     ("podsfile", "pods-file"),
     ("publicaddress", "public-address"),
+    ("guardnodeports", "guard-node-ports"),
+    ("namespaceselector", "namespace-selector"),
 ];
 
 /// klog flags the Go binary registered: accepted, without effect. The bool is
@@ -409,6 +423,10 @@ pub struct Config {
     pub command: Option<Command>,
     /// klog flags that were accepted without effect.
     pub ignored_flags: Vec<String>,
+    /// `-guardnodeports`.
+    pub guard_node_ports: bool,
+    /// `-namespaceselector` (`selects_all` when empty).
+    pub namespace_selector: NamespaceSelector,
 }
 
 impl Config {
@@ -479,6 +497,8 @@ impl Config {
             kubeconfig: f.kubeconfig,
             command: cli.command,
             ignored_flags,
+            guard_node_ports: f.guard_node_ports,
+            namespace_selector: f.namespace_selector,
         }
     }
 

@@ -192,6 +192,9 @@ pub enum EntryState {
     Pending,
     /// The pod's annotation was rejected (no NAT for the whole pod).
     Invalid,
+    /// Valid, but not published: the namespace may not publish it, or the
+    /// node itself serves the port (`reason` says which).
+    Refused,
 }
 
 /// One row of `/entries/list`. Every key is always present; what the agent
@@ -213,6 +216,9 @@ pub struct Entry {
     pub message: Option<String>,
     /// The pod that holds the port (`namespace:name`), for a lost conflict.
     pub winner: Option<String>,
+    /// Why a refused entry is refused, as `podnat_entries_refused_total`
+    /// labels it (`node_service`, `namespace_not_selected`, ...).
+    pub reason: Option<&'static str>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -396,6 +402,7 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
         state,
         message: None,
         winner: None,
+        reason: None,
     };
     let mut rows = Vec::new();
     for m in &table.rules.dnat {
@@ -445,6 +452,17 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
         rows.push(Entry {
             message: Some(r.error.to_string()),
             ..row(&r.pod, EntryState::Invalid)
+        });
+    }
+    for r in &table.refused {
+        rows.push(Entry {
+            family: Some(r.family),
+            public_address: r.public_ip,
+            public_port: Some(r.public_port),
+            proto: Some(r.proto),
+            message: Some(r.to_string()),
+            reason: Some(r.reason.metric_label()),
+            ..row(&r.pod, EntryState::Refused)
         });
     }
     rows.sort_by(|a, b| {

@@ -134,9 +134,16 @@ fn run(config: Config) -> anyhow::Result<()> {
         Some(a) => a,
         None => detect_public_address(&config)?,
     };
-    let table = plan::plan(
+    // The node's own services, as the agent reads them before each plan.
+    let services = if config.guard_node_ports {
+        podnat_controller::net::sockets::node_services(config.families)?
+    } else {
+        Default::default()
+    };
+    let table = plan::plan_with(
         &facts,
         public_address,
+        &services,
         &PlanConfig {
             node_id,
             restricted_ports: config.restricted_ports.clone(),
@@ -152,6 +159,9 @@ fn run(config: Config) -> anyhow::Result<()> {
     }
     for p in &table.pending {
         tracing::warn!(pod = %p.pod, entry = p.entry, family = %p.family, "no public address known yet; entry pending");
+    }
+    for r in &table.refused {
+        tracing::warn!(pod = %r.pod, entry = r.entry, reason = r.reason.metric_label(), "not published: {r}");
     }
     warn_forward_blockers(backend.as_mut());
     if config.dry_run {

@@ -59,6 +59,11 @@ pub struct BlockerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AddressLabels {
     pub address: String,
     pub family: String,
@@ -82,6 +87,13 @@ pub struct Metrics {
     pub pending_entries: Gauge,
     pub public_address: Family<AddressLabels, Gauge>,
     pub forward_blocked: Family<BlockerLabels, Gauge>,
+    /// Entries refused (namespace policy, node services), counted when a
+    /// refusal first appears.
+    pub entries_refused: Family<ReasonLabels, Counter>,
+    /// Entries refused in the last plan, by reason.
+    pub refused_entries: Family<ReasonLabels, Gauge>,
+    /// Mappings a node service started on after they were programmed.
+    pub node_service_shadowed: Gauge,
     /// The address `public_address` shows.
     shown_address: Arc<Mutex<crate::model::DualStack>>,
 }
@@ -98,7 +110,19 @@ impl Default for Metrics {
                 error: kind.to_string(),
             });
         }
+        let entries_refused = Family::<ReasonLabels, Counter>::default();
+        let refused_entries = Family::<ReasonLabels, Gauge>::default();
+        for reason in crate::plan::RefusalReason::LABELS {
+            let labels = ReasonLabels {
+                reason: reason.to_string(),
+            };
+            entries_refused.get_or_create_owned(&labels);
+            refused_entries.get_or_create_owned(&labels);
+        }
         Metrics {
+            entries_refused,
+            refused_entries,
+            node_service_shadowed: Gauge::default(),
             reconciles: Counter::default(),
             reconcile_duration: Family::new_with_constructor(duration_histogram),
             network_programming_duration: duration_histogram(),
@@ -179,6 +203,21 @@ impl Metrics {
             self.forward_blocked.clone(),
         );
         registry.register(
+            "entries_refused",
+            "Annotation entries refused (the namespace may not publish them, or the node itself serves the port), counted when the refusal first appears, by reason",
+            self.entries_refused.clone(),
+        );
+        registry.register(
+            "refused_entries",
+            "Annotation entries refused in the last plan, by reason",
+            self.refused_entries.clone(),
+        );
+        registry.register(
+            "node_service_shadowed",
+            "Mappings on a port a node service started to serve after the mapping was programmed (kept, see the pod's events)",
+            self.node_service_shadowed.clone(),
+        );
+        registry.register(
             "public_address_info",
             "The public IPv4 address in use (value 1; no series while none is known)",
             self.public_address.clone(),
@@ -218,6 +257,19 @@ impl Metrics {
             .inc();
     }
 
+    /// One entry refused for the first time (`RefusalReason::metric_label`).
+    pub fn entry_refused(&self, reason: &str) {
+        self.entries_refused
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    pub fn observe_shadowed(&self, n: usize) {
+        self.node_service_shadowed.set(n as i64);
+    }
+
     /// What the last plan says; `in_kernel`: its rules are what the kernel
     /// holds now (false in dry run, where the agent owns nothing).
     /// The forward-hook blockers found by the last check.
@@ -252,6 +304,18 @@ impl Metrics {
         self.conflicts.set(table.conflicts.len() as i64);
         self.invalid_annotations.set(table.rejected.len() as i64);
         self.pending_entries.set(table.pending.len() as i64);
+        for reason in crate::plan::RefusalReason::LABELS {
+            let n = table
+                .refused
+                .iter()
+                .filter(|r| r.reason.metric_label() == reason)
+                .count();
+            self.refused_entries
+                .get_or_create(&ReasonLabels {
+                    reason: reason.to_string(),
+                })
+                .set(n as i64);
+        }
         // Only on change: a scrape between clear and set would see no address.
         let mut shown = self.shown_address.lock().unwrap_or_else(|e| e.into_inner());
         if *shown != table.public_address {

@@ -81,6 +81,8 @@ pub struct ReconcileConfig {
     pub debounce: Duration,
     /// Longest a trigger waits under a constant stream of others.
     pub max_delay: Duration,
+    /// `-guardnodeports`: read the node's sockets before each plan.
+    pub guard_node_ports: bool,
 }
 
 impl ReconcileConfig {
@@ -104,6 +106,7 @@ impl ReconcileConfig {
             // the event → kernel time with it.
             debounce: Duration::from_millis(5),
             max_delay: Duration::from_millis(200),
+            guard_node_ports: config.guard_node_ports,
         }
     }
 }
@@ -215,6 +218,11 @@ pub struct Reconciler {
     seen_reachable: bool,
     /// When the oldest pod change not yet programmed was seen.
     changed_since: Option<Instant>,
+    /// Mappings a node service started on after they were programmed (kept,
+    /// reported once).
+    shadowed: std::collections::BTreeSet<crate::model::NatKey>,
+    /// The node's sockets could not be read last time (warned once).
+    sockets_failed: bool,
 }
 
 impl Reconciler {
@@ -250,6 +258,8 @@ impl Reconciler {
             seen_revision: 0,
             seen_reachable: false,
             changed_since: None,
+            shadowed: Default::default(),
+            sockets_failed: false,
         }
     }
 

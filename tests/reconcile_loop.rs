@@ -88,6 +88,8 @@ impl Harness {
             dry_run: false,
             debounce,
             max_delay: Duration::from_secs(2),
+            // The host's own sockets are not this in-memory node's.
+            guard_node_ports: false,
         };
         let st = Arc::clone(&status);
         let task = rt.spawn(async move {

@@ -83,6 +83,8 @@ impl Loop {
             dry_run: false,
             debounce: Duration::ZERO,
             max_delay: Duration::ZERO,
+            // As the agent runs: the node's sockets read before each plan.
+            guard_node_ports: true,
         };
         let (st, log) = (Arc::clone(&status), changes.clone());
         rt.spawn(async move {

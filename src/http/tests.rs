@@ -64,6 +64,7 @@ fn pod(name: &str, ip: [u8; 4], created: i64, annotation: &str) -> PodFacts {
         finished: false,
         annotation: Some(annotation.into()),
         host_network: false,
+        namespace_policy: Default::default(),
     }
 }
 
@@ -136,6 +137,7 @@ fn json_keys_are_stable() {
         state: EntryState::ConflictLost,
         message: None,
         winner: None,
+        reason: None,
     };
     let v = serde_json::to_value(&e).unwrap();
     assert_eq!(v["state"], "conflict-lost");

@@ -23,6 +23,11 @@ pub enum Reason {
     InvalidAnnotation,
     /// Normal: the pod's mappings were removed.
     NatRemoved,
+    /// Warning: entries the namespace may not publish, or on a port the
+    /// node itself serves, are not published.
+    NatRefused,
+    /// Warning: a node service started on a port this pod's mapping holds.
+    NodeServiceShadowed,
 }
 
 impl Reason {
@@ -32,13 +37,18 @@ impl Reason {
             Reason::NatConflict => "NATConflict",
             Reason::InvalidAnnotation => "InvalidAnnotation",
             Reason::NatRemoved => "NATRemoved",
+            Reason::NatRefused => "NATRefused",
+            Reason::NodeServiceShadowed => "NodeServiceShadowed",
         }
     }
 
     pub fn event_type(self) -> EventType {
         match self {
             Reason::NatApplied | Reason::NatRemoved => EventType::Normal,
-            Reason::NatConflict | Reason::InvalidAnnotation => EventType::Warning,
+            Reason::NatConflict
+            | Reason::InvalidAnnotation
+            | Reason::NatRefused
+            | Reason::NodeServiceShadowed => EventType::Warning,
         }
     }
 
@@ -47,6 +57,7 @@ impl Reason {
         match self {
             Reason::NatApplied | Reason::NatConflict => "ProgramNAT",
             Reason::InvalidAnnotation => "ParseAnnotation",
+            Reason::NatRefused | Reason::NodeServiceShadowed => "AdmitNAT",
             Reason::NatRemoved => "RemoveNAT",
         }
     }

@@ -2,7 +2,7 @@
 //! on change only — never again on every resync — and a pod that is gone is
 //! still told about (NATRemoved) through the reference remembered for it.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 
@@ -17,11 +17,16 @@ struct Published {
     applied: String,
     conflict: String,
     invalid: String,
+    /// Each refused entry: its metric label and its message.
+    refused: BTreeSet<(&'static str, String)>,
 }
 
 impl Published {
     fn is_empty(&self) -> bool {
-        self.applied.is_empty() && self.conflict.is_empty() && self.invalid.is_empty()
+        self.applied.is_empty()
+            && self.conflict.is_empty()
+            && self.invalid.is_empty()
+            && self.refused.is_empty()
     }
 }
 
@@ -29,6 +34,9 @@ impl Published {
 #[derive(Debug, Default)]
 pub struct EventLedger {
     pods: BTreeMap<PodRef, (Published, ObjectReference)>,
+    /// Reasons of refusals that appeared since `take_refusals` (one per
+    /// newly refused entry), for the refusal counter.
+    refusals: Vec<&'static str>,
 }
 
 impl EventLedger {
@@ -49,6 +57,12 @@ impl EventLedger {
         }
         for r in &table.rejected {
             now.entry(r.pod.clone()).or_default().invalid = invalid(r);
+        }
+        for r in &table.refused {
+            now.entry(r.pod.clone())
+                .or_default()
+                .refused
+                .insert(refused(r));
         }
         let mut pods: Vec<PodRef> = now.keys().cloned().collect();
         pods.extend(self.pods.keys().filter(|p| !now.contains_key(p)).cloned());
@@ -79,9 +93,18 @@ impl EventLedger {
             if let Some(r) = table.rejected.iter().find(|r| &r.pod == pod) {
                 p.invalid = invalid(r);
             }
+            let at = table.refused.partition_point(|r| &r.pod < pod);
+            for r in table.refused[at..].iter().take_while(|r| &r.pod == pod) {
+                p.refused.insert(refused(r));
+            }
             p
         };
         self.compare(pods.into_iter().cloned().collect(), published, reference)
+    }
+
+    /// The reasons of the refusals that appeared since the last call.
+    pub fn take_refusals(&mut self) -> Vec<&'static str> {
+        std::mem::take(&mut self.refusals)
     }
 
     /// Events for `pods`, comparing what `now` says of each with what was
@@ -125,6 +148,18 @@ impl EventLedger {
             if new.invalid != old.invalid && !new.invalid.is_empty() {
                 emit(Reason::InvalidAnnotation, new.invalid.clone());
             }
+            if new.refused != old.refused && !new.refused.is_empty() {
+                let texts: Vec<&str> = new.refused.iter().map(|(_, t)| t.as_str()).collect();
+                emit(
+                    Reason::NatRefused,
+                    format!("not published: {}", texts.join("; ")),
+                );
+                self.refusals.extend(
+                    new.refused
+                        .difference(&old.refused)
+                        .map(|(label, _)| *label),
+                );
+            }
             if !new.is_empty() {
                 self.pods.insert(pod, (new, regarding));
             }
@@ -156,6 +191,10 @@ fn add_conflict(text: &mut String, c: &crate::plan::Conflict) {
         "{} is taken by {} (a Ready pod beats a not-ready one, then the newer pod wins)",
         c.key, c.winner
     );
+}
+
+fn refused(r: &crate::plan::Refusal) -> (&'static str, String) {
+    (r.reason.metric_label(), r.to_string())
 }
 
 fn invalid(r: &crate::plan::Rejection) -> String {

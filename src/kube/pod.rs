@@ -52,6 +52,8 @@ pub fn facts(pod: &Pod, annotation_key: &str) -> PodFacts {
             .as_ref()
             .and_then(|a| a.get(annotation_key))
             .cloned(),
+        // The namespace watch fills it in (`kube::namespace`).
+        namespace_policy: Default::default(),
     }
 }
 

@@ -2,3 +2,4 @@
 //! which IPv4 address is the public one, and when that changes.
 
 pub mod address;
+pub mod sockets;

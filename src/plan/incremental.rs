@@ -9,7 +9,10 @@ use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::{on_node, NatTable, Pending, PlanConfig, PodFacts, Rejection};
+use super::admission::{namespace_refuses, node_refuses};
+use super::{
+    on_node, refusal, NatTable, NodeServices, Pending, PlanConfig, PodFacts, Refusal, Rejection,
+};
 use crate::annotation::{self, AnnotationError};
 use crate::firewall::Changes;
 use crate::model::{DualStack, Family, Mapping, NatKey, PodRef, PortMapping, Proto};
@@ -73,6 +76,9 @@ pub(crate) fn follow(dst: &mut NatTable, src: &NatTable, change: &TableChange) {
         let range = range_of(&dst.pending, |p| p.pod.cmp(pod));
         let now = range_of(&src.pending, |p| p.pod.cmp(pod));
         dst.pending.splice(range, src.pending[now].iter().cloned());
+        let range = range_of(&dst.refused, |r| r.pod.cmp(pod));
+        let now = range_of(&src.refused, |r| r.pod.cmp(pod));
+        dst.refused.splice(range, src.refused[now].iter().cloned());
     }
     dst.conflicts.sort();
 }
@@ -202,6 +208,8 @@ pub(crate) struct IncrementalPlan {
     by_ip: HashMap<IpAddr, BTreeSet<PodRef>>,
     /// Hairpin sources: every pod on this node, annotated or not.
     locals: local::Locals,
+    /// The node's own sockets: keys they serve are refused.
+    services: NodeServices,
     table: NatTable,
 }
 
@@ -213,6 +221,7 @@ impl IncrementalPlan {
             claims: HashMap::new(),
             by_ip: HashMap::new(),
             locals: local::Locals::default(),
+            services: NodeServices::default(),
             table: NatTable {
                 public_address,
                 ..NatTable::default()
@@ -323,8 +332,34 @@ impl IncrementalPlan {
         if address == self.table.public_address {
             return TableChange::default();
         }
+        self.replan_all(|s| s.table.public_address = address)
+    }
+
+    /// The node's own sockets changed (rare: a node service started or
+    /// stopped): re-plans everything, as an address change does.
+    pub(crate) fn set_node_services(&mut self, services: NodeServices) -> TableChange {
+        if services == self.services {
+            return TableChange::default();
+        }
+        self.replan_all(|s| s.services = services)
+    }
+
+    /// Sets the node's sockets for the next `reset` (which re-plans anyway).
+    pub(crate) fn replace_node_services(&mut self, services: NodeServices) {
+        self.services = services;
+    }
+
+    /// The node's sockets the plan follows.
+    pub(crate) fn node_services(&self) -> &NodeServices {
+        &self.services
+    }
+
+    /// Re-plans every pod after `set` changed an input all of them depend
+    /// on, and diffs the tables.
+    fn replan_all(&mut self, set: impl FnOnce(&mut Self)) -> TableChange {
         let before = std::mem::take(&mut self.table);
-        self.table.public_address = address;
+        self.table.public_address = before.public_address;
+        set(self);
         self.table.rules.local = before.rules.local.clone();
         let states = std::mem::take(&mut self.pods).into_values().collect();
         self.rebuild(states);
@@ -339,6 +374,8 @@ impl IncrementalPlan {
         pods.extend(add.into_iter().chain(del).map(|c| c.loser));
         let (add, del) = crate::firewall::diff(&before.pending, &self.table.pending);
         pods.extend(add.into_iter().chain(del).map(|p| p.pod));
+        let (add, del) = crate::firewall::diff(&before.refused, &self.table.refused);
+        pods.extend(add.into_iter().chain(del).map(|r| r.pod));
         TableChange { rules, pods }
     }
 
@@ -422,6 +459,7 @@ impl IncrementalPlan {
             None => {
                 self.set_rejected(pod, None, &mut dirty);
                 self.set_pending(pod, Vec::new(), &mut dirty);
+                self.set_refused(pod, Vec::new(), &mut dirty);
             }
         }
         self.replan(dirty)
@@ -432,6 +470,7 @@ impl IncrementalPlan {
         let pod = &s.facts.pod;
         self.set_rejected(pod, s.parsed.as_ref().err(), dirty);
         let mut pending = Vec::new();
+        let mut refused = Vec::new();
         for ip in s.candidate_ips() {
             self.by_ip.entry(ip).or_default().insert(pod.clone());
         }
@@ -439,8 +478,18 @@ impl IncrementalPlan {
             if s.candidate_ip(e.family).is_none() {
                 continue;
             }
+            let policy = &s.facts.namespace_policy;
+            if let Some(reason) = namespace_refuses(policy, e.src_port, e.proto) {
+                let ip = e.src_ip.or(self.table.public_address.get(e.family));
+                refused.push(refusal(pod, e, ip, reason));
+                continue;
+            }
             match self.key_of(e) {
                 Some(key) => {
+                    if let Some(reason) = node_refuses(&self.services, &key) {
+                        refused.push(refusal(pod, e, Some(key.public_ip), reason));
+                        continue;
+                    }
                     self.claims.entry(key).or_default().insert(s.claim(entry));
                     dirty.keys.insert(key);
                 }
@@ -456,6 +505,8 @@ impl IncrementalPlan {
         }
         dirty.slots_of(s);
         self.set_pending(pod, pending, dirty);
+        refused.sort();
+        self.set_refused(pod, refused, dirty);
     }
 
     /// Takes a pod's claims out of the indexes (its rejection and pending
@@ -504,6 +555,15 @@ impl IncrementalPlan {
             (Err(_), None) => return,
         }
         dirty.touch(pod);
+    }
+
+    fn set_refused(&mut self, pod: &PodRef, refused: Vec<Refusal>, dirty: &mut Dirty) {
+        let list = &mut self.table.refused;
+        let range = range_of(list, |r| r.pod.cmp(pod));
+        if list[range.clone()] != refused[..] {
+            list.splice(range, refused);
+            dirty.touch(pod);
+        }
     }
 
     fn set_pending(&mut self, pod: &PodRef, pending: Vec<Pending>, dirty: &mut Dirty) {

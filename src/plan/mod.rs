@@ -8,7 +8,9 @@
 //! `plan()` is the full planner (first sync, resync) and the oracle of
 //! `incremental`, which re-plans one pod event at a time.
 
+pub mod admission;
 pub(crate) mod incremental;
+pub mod selector;
 
 use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet};
@@ -17,6 +19,8 @@ use std::net::IpAddr;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
+use self::admission::{namespace_refuses, node_refuses};
+pub use self::admission::{NamespacePolicy, NodeServices, Refusal, RefusalReason};
 use crate::annotation::{self, AnnotationError};
 use crate::config::short_node_name;
 use crate::model::{
@@ -42,6 +46,9 @@ pub struct PodFacts {
     pub annotation: Option<String>,
     /// `spec.hostNetwork`: its "pod IP" is the node's own address.
     pub host_network: bool,
+    /// What the admin allows the pod's namespace (from the namespace watch;
+    /// `Open` where no policy applies).
+    pub namespace_policy: NamespacePolicy,
 }
 
 /// Planner settings (a slice of `Config`).
@@ -89,6 +96,9 @@ pub struct NatTable {
     pub conflicts: Vec<Conflict>,
     pub rejected: Vec<Rejection>,
     pub pending: Vec<Pending>,
+    /// Entries of valid annotations that may not be published (namespace
+    /// policy, node services), sorted by pod then entry.
+    pub refused: Vec<Refusal>,
 }
 
 impl NatTable {
@@ -149,8 +159,20 @@ fn outranks(a: &PodFacts, b: &PodFacts) -> bool {
     rank(a).cmp(&rank(b)) == Ordering::Greater
 }
 
-/// Plans the NAT table for `pods` on `cfg.node_id`.
+/// Plans the NAT table for `pods` on `cfg.node_id`, no node service in
+/// the way.
 pub fn plan(pods: &[PodFacts], public_address: DualStack, cfg: &PlanConfig) -> NatTable {
+    plan_with(pods, public_address, &NodeServices::default(), cfg)
+}
+
+/// Plans the NAT table for `pods` on `cfg.node_id`; an entry whose key a
+/// node service serves is refused (unless `services` keeps it).
+pub fn plan_with(
+    pods: &[PodFacts],
+    public_address: DualStack,
+    services: &NodeServices,
+    cfg: &PlanConfig,
+) -> NatTable {
     let mut table = NatTable {
         public_address,
         ..NatTable::default()
@@ -186,7 +208,12 @@ pub fn plan(pods: &[PodFacts], public_address: DualStack, cfg: &PlanConfig) -> N
             if p.ips.get(e.family).is_none() {
                 continue;
             }
-            let Some(public_ip) = e.src_ip.or(public_address.get(e.family)) else {
+            let known_ip = e.src_ip.or(public_address.get(e.family));
+            if let Some(reason) = namespace_refuses(&p.namespace_policy, e.src_port, e.proto) {
+                table.refused.push(refusal(&p.pod, e, known_ip, reason));
+                continue;
+            }
+            let Some(public_ip) = known_ip else {
                 table.pending.push(Pending {
                     pod: p.pod.clone(),
                     entry: e.entry,
@@ -202,6 +229,10 @@ pub fn plan(pods: &[PodFacts], public_address: DualStack, cfg: &PlanConfig) -> N
                 public_port: e.src_port,
                 proto: e.proto,
             };
+            if let Some(reason) = node_refuses(services, &key) {
+                table.refused.push(refusal(&p.pod, e, known_ip, reason));
+                continue;
+            }
             claims.entry(key).or_default().push((pi, ei));
         }
     }
@@ -292,7 +323,26 @@ pub fn plan(pods: &[PodFacts], public_address: DualStack, cfg: &PlanConfig) -> N
     table.rules.normalize();
     table.conflicts.sort();
     table.pending.sort();
+    table.refused.sort();
     table
+}
+
+/// The refusal of entry `e` of `pod`.
+pub(crate) fn refusal(
+    pod: &PodRef,
+    e: &PortMapping,
+    public_ip: Option<IpAddr>,
+    reason: RefusalReason,
+) -> Refusal {
+    Refusal {
+        pod: pod.clone(),
+        entry: e.entry,
+        family: e.family,
+        public_ip,
+        public_port: e.src_port,
+        proto: e.proto,
+        reason,
+    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ pub(super) fn pod(ns: &str, name: &str, ip: &str, created: i64, ann: &str) -> Po
         finished: false,
         annotation: Some(ann.into()),
         host_network: false,
+        namespace_policy: Default::default(),
     }
 }
 
@@ -327,4 +328,119 @@ proptest! {
             prop_assert!(a.rules.dnat.iter().any(|m| m.key == c.key && m.owner == c.winner));
         }
     }
+}
+
+/// SPEC "Safe on a public node": a port the node serves on the public
+/// address or the wildcard is refused by name; the pod's other entries go
+/// on; a key the agent held before the service appeared stays.
+#[test]
+fn a_port_the_node_serves_is_refused_and_the_rest_goes_on() {
+    use crate::plan::admission::Bound;
+    let p = pod(
+        "mail",
+        "mx",
+        "10.1.0.5",
+        1,
+        r#"{"entries":[{"srcPort":10250,"dstPort":10250},{"srcPort":25,"dstPort":25},{"srcPort":8472,"dstPort":8472,"proto":"udp"}]}"#,
+    );
+    let services = NodeServices::from_sockets([
+        (
+            Proto::Tcp,
+            10250,
+            Bound {
+                addr: "0.0.0.0".parse().unwrap(),
+                v6only: false,
+            },
+        ),
+        (
+            Proto::Udp,
+            8472,
+            Bound {
+                addr: PUB.into(),
+                v6only: false,
+            },
+        ),
+    ]);
+    let t = plan_with(
+        std::slice::from_ref(&p),
+        DualStack::v4(PUB),
+        &services,
+        &cfg(),
+    );
+    assert_eq!(owners(&t), ["mail:mx"]);
+    assert_eq!(t.rules.dnat[0].key.public_port, 25);
+    let msgs: Vec<String> = t.refused.iter().map(|r| r.to_string()).collect();
+    assert_eq!(
+        msgs,
+        [
+            "port 10250/tcp on 203.0.113.7 is served by the node itself (0.0.0.0:10250)",
+            "port 8472/udp on 203.0.113.7 is served by the node itself (203.0.113.7:8472)",
+        ]
+    );
+    assert!(t
+        .refused
+        .iter()
+        .all(|r| r.reason.metric_label() == "node_service"));
+    // Held before the listener came: kept.
+    let held = NatKey {
+        public_ip: PUB.into(),
+        public_port: 10250,
+        proto: Proto::Tcp,
+    };
+    let t = plan_with(
+        &[p],
+        DualStack::v4(PUB),
+        &services.keeping([held].into()),
+        &cfg(),
+    );
+    assert_eq!(t.rules.dnat.len(), 2);
+    assert_eq!(t.refused.len(), 1);
+}
+
+/// SPEC "Who may publish": a namespace the selector does not match
+/// publishes nothing; a ports annotation limits the public ports; a
+/// malformed one publishes nothing. Each refusal names entry and reason.
+#[test]
+fn namespace_policy_decides_per_entry() {
+    use crate::plan::admission::PortAllotment;
+    let ann = r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":2525,"dstPort":25},{"srcPort":500,"dstPort":500,"proto":"udp"}]}"#;
+    let mut open = pod("a", "open", "10.1.0.1", 1, ann);
+    open.namespace_policy = NamespacePolicy::Open;
+    let mut limited = pod("b", "limited", "10.1.0.2", 1, ann);
+    limited.namespace_policy =
+        NamespacePolicy::Ports(PortAllotment::parse("25,400-600/udp").unwrap());
+    let mut outside = pod("c", "outside", "10.1.0.3", 1, ann);
+    outside.namespace_policy = NamespacePolicy::NotSelected;
+    let mut broken = pod("d", "broken", "10.1.0.4", 1, ann);
+    broken.namespace_policy = NamespacePolicy::Invalid("\"25/sctp\": unknown protocol".into());
+    // Separate public addresses so nobody conflicts.
+    let t = plan(&[open], DualStack::v4(PUB), &cfg());
+    assert_eq!(t.rules.dnat.len(), 3);
+    assert!(t.refused.is_empty());
+    let t = plan(&[limited], DualStack::v4(PUB), &cfg());
+    let ports: Vec<u16> = t.rules.dnat.iter().map(|m| m.key.public_port).collect();
+    assert_eq!(ports, [25, 500]);
+    assert_eq!(t.refused.len(), 1);
+    assert_eq!(t.refused[0].entry, 1);
+    assert_eq!(
+        t.refused[0].to_string(),
+        "port 2525/tcp: namespace b may publish only 25,400-600/udp"
+    );
+    let t = plan(&[outside, broken], DualStack::v4(PUB), &cfg());
+    assert!(t.rules.dnat.is_empty() && t.rules.snat.is_empty() && t.rules.forward.is_empty());
+    let labels: Vec<&str> = t.refused.iter().map(|r| r.reason.metric_label()).collect();
+    assert_eq!(
+        labels,
+        [
+            "namespace_not_selected",
+            "namespace_not_selected",
+            "namespace_not_selected",
+            "namespace_policy_invalid",
+            "namespace_policy_invalid",
+            "namespace_policy_invalid",
+        ]
+    );
+    assert!(t.refused[0]
+        .to_string()
+        .contains("namespace c is not selected by -namespaceselector"));
 }

@@ -3,6 +3,8 @@
 //! store, the events and the status.
 
 use super::*;
+use crate::model::NatKey;
+use crate::plan::NodeServices;
 
 impl Reconciler {
     #[tracing::instrument(level = "debug", skip_all, fields(trigger = cause.1, force, fresh))]
@@ -22,6 +24,10 @@ impl Reconciler {
             .pods
             .store(store_len as u64, Ordering::Relaxed);
 
+        // The node's own services, asked of the kernel before each plan
+        // (a dump of its listeners: tens of microseconds, see benches).
+        let services = self.read_node_services();
+
         // Plan: the whole store at the first sync, after a relist and at the
         // resync (the safety net); otherwise only the pods that changed.
         let replan = fresh || changed.relisted || self.inc.is_none();
@@ -34,11 +40,19 @@ impl Reconciler {
             let inc = self
                 .inc
                 .get_or_insert_with(|| IncrementalPlan::new(self.cfg.plan.clone(), choice.chosen));
+            if let Some(s) = services {
+                let held = held_keys(inc.table(), &s);
+                inc.replace_node_services(s.keeping(held));
+            }
             inc.reset_at(&facts, choice.chosen);
             None
         } else {
             let inc = self.inc.as_mut().expect("planned before");
             let mut ch = inc.set_public_address(choice.chosen);
+            if let Some(s) = services.filter(|s| !s.same_sockets(inc.node_services())) {
+                let held = held_keys(inc.table(), &s);
+                ch.absorb(inc.set_node_services(s.keeping(held)));
+            }
             for r in &changed.pods {
                 let next = match self.feed.store.get(&store_key(r)) {
                     Some(p) => inc.upsert(pod::facts(&p, &self.cfg.annotation_key)),
@@ -170,6 +184,9 @@ impl Reconciler {
         for ev in notes {
             self.events.publish(ev);
         }
+        for reason in self.ledger.take_refusals() {
+            self.status.metrics.entry_refused(reason);
+        }
 
         self.status.metrics.observe_table(table, !self.cfg.dry_run);
         let mut last = lock(&self.status.last);
@@ -192,8 +209,90 @@ impl Reconciler {
             .reconciled
             .fetch_add(1, Ordering::Release);
         self.status.beat();
+        if !self.cfg.dry_run {
+            self.report_shadowed();
+        }
         Ok(())
     }
+}
+
+impl Reconciler {
+    /// The node's sockets, when the guard is on and the kernel answers;
+    /// otherwise the plan keeps the ones it has (a failed read never blocks
+    /// NAT, and is warned about once).
+    fn read_node_services(&mut self) -> Option<NodeServices> {
+        if !self.cfg.guard_node_ports {
+            return None;
+        }
+        match crate::net::sockets::node_services(self.cfg.plan.families) {
+            Ok(s) => {
+                if std::mem::take(&mut self.sockets_failed) {
+                    tracing::info!("the node's sockets can be read again");
+                }
+                Some(s)
+            }
+            Err(e) => {
+                if !std::mem::replace(&mut self.sockets_failed, true) {
+                    tracing::warn!(error = %e, "cannot read the node's own sockets; the guard keeps what it knew");
+                }
+                None
+            }
+        }
+    }
+
+    /// Says once, per mapping, that a node service started on a key the
+    /// agent already held: log, event on the owner, gauge. The mapping
+    /// stays (never flipped silently).
+    fn report_shadowed(&mut self) {
+        let Some(inc) = self.inc.as_ref() else {
+            return;
+        };
+        let table = inc.table();
+        let kept = inc.node_services().kept();
+        if *kept == self.shadowed {
+            return;
+        }
+        for key in kept.difference(&self.shadowed) {
+            let Ok(i) = table.rules.dnat.binary_search_by(|m| m.key.cmp(key)) else {
+                continue;
+            };
+            let m = &table.rules.dnat[i];
+            let socket = inc
+                .node_services()
+                .serving(key)
+                .map(|s| s.to_string())
+                .unwrap_or_default();
+            let note = format!(
+                "a node service ({socket}) started on {}:{}/{} after this mapping; the mapping stays and shadows it from outside (delete the pod or stop the service)",
+                key.public_ip, key.public_port, key.proto
+            );
+            tracing::warn!(pod = %m.owner, "{note}");
+            if let Some(p) = self.feed.store.get(&store_key(&m.owner)) {
+                self.events.publish(events::PodEvent {
+                    regarding: events::reference(&p),
+                    reason: events::Reason::NodeServiceShadowed,
+                    note,
+                });
+            }
+        }
+        self.shadowed = kept.clone();
+        self.status.metrics.observe_shadowed(self.shadowed.len());
+    }
+}
+
+/// The keys of `table` that a socket of `services` serves: the agent held
+/// them first, so they stay.
+fn held_keys(table: &NatTable, services: &NodeServices) -> std::collections::BTreeSet<NatKey> {
+    if services.is_empty() {
+        return Default::default();
+    }
+    table
+        .rules
+        .dnat
+        .iter()
+        .filter(|m| services.serving(&m.key).is_some())
+        .map(|m| m.key)
+        .collect()
 }
 
 fn log_apply(report: &ApplyReport, table: &NatTable, why: &str) {

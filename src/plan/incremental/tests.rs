@@ -10,8 +10,9 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use super::*;
 use crate::model::{Families, RuleSet};
-use crate::plan::plan;
+use crate::plan::admission::{Bound, PortAllotment};
 use crate::plan::tests::{cfg, pod, snat_contest, P25, PUB};
+use crate::plan::{plan, plan_with, NamespacePolicy};
 
 fn planner(pods: &[PodFacts]) -> IncrementalPlan {
     let mut inc = IncrementalPlan::new(cfg(), DualStack::v4(PUB));
@@ -223,7 +224,52 @@ enum Event {
     Tweak(PodRef, u8),
     Remove(PodRef),
     Address(DualStack),
+    /// The node's sockets change (the loop keeps the keys it held).
+    Services(usize),
     Resync,
+}
+
+/// Namespace policies a pod may be under.
+fn policy(i: u8) -> NamespacePolicy {
+    match i % 5 {
+        0 => NamespacePolicy::Open,
+        1 => NamespacePolicy::NotSelected,
+        2 => NamespacePolicy::Ports(PortAllotment::parse("25,500/udp").unwrap()),
+        3 => NamespacePolicy::Ports(PortAllotment::parse("26,143").unwrap()),
+        _ => NamespacePolicy::Invalid("bad".into()),
+    }
+}
+
+/// Node sockets: none; a wildcard on 25/tcp; 143 on the public address and
+/// an IPv6 wildcard (taking IPv4) on 26/udp; an IPv6-only 25/tcp.
+fn services(i: usize) -> NodeServices {
+    let b = |a: &str, v6only| Bound {
+        addr: a.parse().unwrap(),
+        v6only,
+    };
+    let socks = match i % 4 {
+        0 => vec![],
+        1 => vec![(Proto::Tcp, 25, b("0.0.0.0", false))],
+        2 => vec![
+            (Proto::Tcp, 143, b("203.0.113.7", false)),
+            (Proto::Udp, 26, b("::", false)),
+        ],
+        _ => vec![(Proto::Tcp, 25, b("::", true))],
+    };
+    NodeServices::from_sockets(socks)
+}
+
+/// What the loop does when the sockets change: the keys the table holds
+/// that a socket now serves stay.
+fn keeping(table: &NatTable, s: NodeServices) -> NodeServices {
+    let held = table
+        .rules
+        .dnat
+        .iter()
+        .filter(|m| s.serving(&m.key).is_some())
+        .map(|m| m.key)
+        .collect();
+    s.keeping(held)
 }
 
 fn arb_ref() -> impl Strategy<Value = PodRef> {
@@ -235,28 +281,32 @@ fn arb_facts() -> impl Strategy<Value = PodFacts> {
         arb_ref(),
         (0u8..4, 0u8..3, 0i64..3, any::<bool>()),
         (0u8..8, 0u8..8, 0u8..4),
-        0..ANNOTATIONS.len() + 1,
+        (0..ANNOTATIONS.len() + 1, 0u8..8),
     )
-        .prop_map(|(r, (ip, ip6, created, ready), (term, fin, node), ann)| {
-            let mut p = pod(&r.namespace, &r.name, &format!("10.1.0.{ip}"), created, P25);
-            p.ready = ready;
-            p.terminating = term == 0;
-            p.finished = fin == 0;
-            if ip == 0 {
-                p.ips.v4 = None;
-            }
-            if ip6 > 0 {
-                p.ips.v6 = Some(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, ip6.into()));
-            }
-            p.node = match node {
-                0 => Some("node1".into()),
-                1 => Some("node2.example.org".into()),
-                2 => None,
-                _ => p.node,
-            };
-            p.annotation = ANNOTATIONS.get(ann).map(|a| a.to_string());
-            p
-        })
+        .prop_map(
+            |(r, (ip, ip6, created, ready), (term, fin, node), (ann, ns))| {
+                let mut p = pod(&r.namespace, &r.name, &format!("10.1.0.{ip}"), created, P25);
+                p.ready = ready;
+                p.terminating = term == 0;
+                p.finished = fin == 0;
+                if ip == 0 {
+                    p.ips.v4 = None;
+                }
+                if ip6 > 0 {
+                    p.ips.v6 = Some(Ipv6Addr::new(0xfd00, 0, 0, 0, 0, 0, 0, ip6.into()));
+                }
+                p.node = match node {
+                    0 => Some("node1".into()),
+                    1 => Some("node2.example.org".into()),
+                    2 => None,
+                    _ => p.node,
+                };
+                p.annotation = ANNOTATIONS.get(ann).map(|a| a.to_string());
+                // Mostly open, as most namespaces are.
+                p.namespace_policy = policy(ns.saturating_sub(3));
+                p
+            },
+        )
 }
 
 fn arb_event() -> impl Strategy<Value = Event> {
@@ -265,6 +315,7 @@ fn arb_event() -> impl Strategy<Value = Event> {
         5 => (arb_ref(), 0u8..6).prop_map(|(r, t)| Event::Tweak(r, t)),
         3 => arb_ref().prop_map(Event::Remove),
         1 => (0..ADDRESSES.len()).prop_map(|i| Event::Address(ADDRESSES[i])),
+        1 => (0..4usize).prop_map(Event::Services),
         1 => Just(Event::Resync),
     ]
 }
@@ -289,6 +340,12 @@ fn tweak(p: &mut PodFacts, what: u8) {
                 .iter()
                 .position(|a| Some(*a) == p.annotation.as_deref());
             p.annotation = Some(ANNOTATIONS[i.map_or(0, |i| (i + 1) % ANNOTATIONS.len())].into());
+        }
+        5 => {
+            let i = (0..5)
+                .find(|i| policy(*i) == p.namespace_policy)
+                .unwrap_or(0);
+            p.namespace_policy = policy(i + 1);
         }
         _ => {
             p.created = p
@@ -318,6 +375,9 @@ fn view_of(t: &NatTable, pod: &PodRef) -> String {
     }
     for p in t.pending.iter().filter(|p| &p.pod == pod) {
         out += &format!("{p:?}");
+    }
+    for r in t.refused.iter().filter(|r| &r.pod == pod) {
+        out += &format!("{r:?}");
     }
     out
 }
@@ -353,6 +413,10 @@ proptest! {
                     address = a;
                     inc.set_public_address(a)
                 }
+                Event::Services(i) => {
+                    let s = keeping(inc.table(), services(i));
+                    inc.set_node_services(s)
+                }
                 Event::Resync => {
                     let all: Vec<PodFacts> = pods.values().cloned().collect();
                     inc.reset(&all);
@@ -364,7 +428,7 @@ proptest! {
                 }
             };
             let all: Vec<PodFacts> = pods.values().cloned().collect();
-            let want = plan(&all, address, &dual());
+            let want = plan_with(&all, address, inc.node_services(), &dual());
             prop_assert_eq!(inc.table(), &want);
             // The change is exactly the difference, and applying it gives the new rules.
             prop_assert_eq!(&change.rules, &Changes::between(&before.rules, &want.rules));
@@ -390,7 +454,8 @@ proptest! {
         // A fresh planner reset from the final pods agrees too.
         let all: Vec<PodFacts> = pods.values().cloned().collect();
         let mut fresh = IncrementalPlan::new(dual(), address);
-        prop_assert_eq!(fresh.reset(&all), &plan(&all, address, &dual()));
+        fresh.replace_node_services(inc.node_services().clone());
+        prop_assert_eq!(fresh.reset(&all), &plan_with(&all, address, inc.node_services(), &dual()));
     }
 }
 
