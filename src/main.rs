@@ -14,6 +14,7 @@ use podnat_controller::firewall::{
 };
 use podnat_controller::http::{self, AddressSource, HttpContext};
 use podnat_controller::kube::events::EventSink;
+use podnat_controller::kube::namespace::NamespaceRules;
 use podnat_controller::kube::watch::{self, PodWatchConfig};
 use podnat_controller::kube::{self, pod};
 use podnat_controller::model::DualStack;
@@ -126,6 +127,9 @@ fn run(config: Config) -> anyhow::Result<()> {
         return run_agent(config, node_id, backend);
     };
     let pods = pod::read_pods_file(&pods_file)?;
+    if !config.namespace_selector.selects_all() {
+        tracing::warn!("a pods file carries no namespaces: -namespaceselector and namespace ports annotations are not checked in this run");
+    }
     let facts: Vec<_> = pods
         .iter()
         .map(|p| pod::facts(p, &config.annotation_key))
@@ -186,7 +190,7 @@ fn run(config: Config) -> anyhow::Result<()> {
     let mut report = backend
         .apply(&table.rules)
         .context("applying the NAT table")?;
-    podnat_controller::firewall::flush_stale_udp(&mut report);
+    podnat_controller::firewall::flush_stale_connections(&mut report);
     tracing::info!(
         flavor = backend.name(),
         messages = report.messages,
@@ -304,6 +308,15 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         },
     );
     tasks.push(("pod watch", watch_task));
+    // Namespaces: the admin's selector and ports annotations.
+    if !config.namespace_selector.selects_all() {
+        tracing::info!(selector = %config.namespace_selector, "only pods in namespaces that match -namespaceselector publish");
+    }
+    let (namespaces, ns_task) = podnat_controller::kube::namespace::spawn_namespace_watcher(
+        client.clone(),
+        NamespaceRules::new(config.namespace_selector.clone(), &config.annotation_key),
+    );
+    tasks.push(("namespace watch", ns_task));
     let events = if config.dry_run {
         EventSink::log_only()
     } else {
@@ -349,7 +362,8 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         events,
         status,
     )
-    .with_state(recorder);
+    .with_state(recorder)
+    .with_namespaces(Some(namespaces));
     let monitor_gone = async {
         match &watch {
             Some((_, w)) => {

@@ -25,6 +25,7 @@ use crate::firewall::worker::WorkerError;
 use crate::firewall::{coexist, ApplyReport, FirewallError};
 use crate::kube::events::{self, EventSink};
 use crate::kube::ledger::EventLedger;
+use crate::kube::namespace::NamespaceFeed;
 use crate::kube::pod;
 use crate::kube::watch::{store_key, PodFeed};
 use crate::model::{DualStack, PodRef};
@@ -42,6 +43,8 @@ pub enum ReconcileError {
     Worker(WorkerError),
     #[error("the pod watcher stopped; restart the agent")]
     WatcherStopped,
+    #[error("the namespace watcher stopped; restart the agent")]
+    NamespaceWatcherStopped,
     #[error(transparent)]
     Firewall(#[from] FirewallError),
 }
@@ -63,6 +66,7 @@ impl ReconcileError {
             ReconcileError::Worker(WorkerError::Gone) => "backend_gone",
             ReconcileError::Worker(WorkerError::Firewall(e)) => e.metric_label(),
             ReconcileError::WatcherStopped => "watcher_stopped",
+            ReconcileError::NamespaceWatcherStopped => "namespace_watcher_stopped",
             ReconcileError::Firewall(e) => e.metric_label(),
         }
     }
@@ -223,6 +227,9 @@ pub struct Reconciler {
     shadowed: std::collections::BTreeSet<crate::model::NatKey>,
     /// The node's sockets could not be read last time (warned once).
     sockets_failed: bool,
+    /// The namespaces' policies (selector, ports annotation).
+    namespaces: Option<NamespaceFeed>,
+    seen_ns_revision: u64,
 }
 
 impl Reconciler {
@@ -260,6 +267,8 @@ impl Reconciler {
             changed_since: None,
             shadowed: Default::default(),
             sockets_failed: false,
+            namespaces: None,
+            seen_ns_revision: 0,
         }
     }
 
@@ -277,6 +286,19 @@ impl Reconciler {
     pub fn with_drift(mut self, drift: Option<Drift>) -> Reconciler {
         self.drift = drift;
         self
+    }
+
+    /// Plans with the namespaces' policies from `feed` (the watch of
+    /// namespace labels and ports annotations); without one every namespace
+    /// is open. The first sync waits for its list, like for the pods'.
+    pub fn with_namespaces(mut self, feed: Option<NamespaceFeed>) -> Reconciler {
+        self.namespaces = feed;
+        self
+    }
+
+    /// A pod's facts, with its namespace's policy.
+    fn facts(&self, p: &k8s_openapi::api::core::v1::Pod) -> crate::plan::PodFacts {
+        facts_with(p, &self.cfg.annotation_key, &self.namespaces)
     }
 
     /// What wake `w` asks for.
@@ -355,7 +377,15 @@ impl Reconciler {
         loop {
             let state = self.feed.state.borrow_and_update().clone();
             self.status.follow_feed(&state);
-            if state.listed {
+            let ns_settled = match self.namespaces.as_mut() {
+                Some(ns) => {
+                    let s = ns.state.borrow_and_update();
+                    self.seen_ns_revision = s.revision;
+                    s.settled()
+                }
+                None => true,
+            };
+            if state.listed && ns_settled {
                 self.seen_revision = state.revision;
                 self.seen_reachable = state.reachable;
                 break;
@@ -367,6 +397,7 @@ impl Reconciler {
                     return Ok(());
                 }
                 r = self.feed.state.changed() => r.map_err(|_| ReconcileError::WatcherStopped)?,
+                r = ns_changed(&mut self.namespaces) => r?,
                 () = tick(&mut self.heartbeat) => self.status.beat(),
             }
         }
@@ -450,6 +481,15 @@ impl Reconciler {
                     }
                     return Ok(Wake::Address);
                 }
+                r = ns_changed(&mut self.namespaces) => {
+                    r?;
+                    let revision = self.namespaces.as_mut().map_or(0, |ns| ns.state.borrow_and_update().revision);
+                    if revision != self.seen_ns_revision {
+                        self.seen_ns_revision = revision;
+                        self.changed_since.get_or_insert_with(Instant::now);
+                        return Ok(Wake::Pods);
+                    }
+                }
                 () = tick(&mut self.resync) => return Ok(Wake::Resync),
                 () = rung(&self.drift) => return Ok(Wake::Ruleset),
                 () = tick(&mut self.heartbeat) => self.status.beat(),
@@ -500,6 +540,31 @@ fn wake_name(w: Wake) -> &'static str {
         Wake::Retry => "retry after a failed apply",
         Wake::Reconnected => "apiserver reachable again",
         Wake::Ruleset => "ruleset changed in the kernel",
+    }
+}
+
+/// A pod's facts, with its namespace's policy from `namespaces`.
+fn facts_with(
+    p: &k8s_openapi::api::core::v1::Pod,
+    annotation_key: &str,
+    namespaces: &Option<NamespaceFeed>,
+) -> crate::plan::PodFacts {
+    let mut f = pod::facts(p, annotation_key);
+    if let Some(ns) = namespaces {
+        f.namespace_policy = ns.policy(&f.pod.namespace);
+    }
+    f
+}
+
+/// Resolves when the namespace feed changes; never without one.
+async fn ns_changed(feed: &mut Option<NamespaceFeed>) -> Result<(), ReconcileError> {
+    match feed {
+        Some(f) => f
+            .state
+            .changed()
+            .await
+            .map_err(|_| ReconcileError::NamespaceWatcherStopped),
+        None => std::future::pending().await,
     }
 }
 

@@ -185,6 +185,27 @@ fn daemonset_runs_on_the_host_network_with_net_admin_only() {
 }
 
 #[test]
+fn security_values_become_flags() {
+    let objects = template(&[
+        "--set",
+        "namespaceSelector=podnat.bln.space/publish in (true)",
+        "--set",
+        "guardNodePorts=false",
+    ]);
+    assert_eq!(
+        args(&objects),
+        vec![
+            "-namespaceselector=podnat.bln.space/publish in (true)",
+            "-guardnodeports=false",
+            "-logtostderr"
+        ]
+    );
+    // The defaults pass neither: the agent's own defaults (all namespaces,
+    // guard on) apply.
+    assert_eq!(args(&template(&[])), vec!["-logtostderr"]);
+}
+
+#[test]
 fn image_digest_pins_the_image() {
     let digest = format!("sha256:{}", "ab12".repeat(16));
     let objects = template(&["--set", &format!("image.digest={digest}")]);

@@ -22,7 +22,7 @@ fn apply(ns: &Netns, rules: &RuleSet) -> podnat_controller::firewall::ApplyRepor
     let rules = rules.clone();
     ns.run(move || {
         let mut report = NftablesBackend::new(names()).apply(&rules)?;
-        podnat_controller::firewall::flush_stale_udp(&mut report);
+        podnat_controller::firewall::flush_stale_connections(&mut report);
         Ok::<_, podnat_controller::firewall::FirewallError>(report)
     })
     .unwrap_or_else(|e| panic!("apply in {}: {e}", ns.name))

@@ -1,8 +1,9 @@
-//! UDP has no connection end: after a UDP mapping is removed or moves to
-//! another pod, conntrack would keep sending the peer's datagrams to the old
-//! pod. This deletes the entries whose original destination is the public
-//! address:port (ctnetlink, through netlink-packet-netfilter), as kube-proxy
-//! does on endpoint changes.
+//! A removed mapping's connections: conntrack would keep sending a UDP
+//! peer's datagrams, and an established TCP connection's segments, to the
+//! old pod after its mapping is removed or moves (a namespace that lost the
+//! port keeps its open connections otherwise). This deletes the entries whose
+//! original destination is the public address:port/proto (ctnetlink, through
+//! netlink-packet-netfilter), as kube-proxy does for UDP on endpoint changes.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -17,6 +18,8 @@ use netlink_packet_netfilter::{
     NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
 };
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
+
+use crate::model::Proto;
 
 /// Errors while flushing conntrack entries.
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +49,11 @@ fn request(msg: ConntrackMessage, family: NetfilterProtoFamily, flags: u16, seq:
     buf
 }
 
-/// The original-direction destination of an entry, if it is UDP.
-fn udp_destination(tuple: &[Tuple]) -> Option<(IpAddr, u16)> {
+/// The original-direction destination of an entry, if it is TCP or UDP.
+fn destination(tuple: &[Tuple]) -> Option<(Proto, IpAddr, u16)> {
     let mut dst = None;
     let mut port = None;
-    let mut udp = false;
+    let mut proto = None;
     for t in tuple {
         match t {
             Tuple::Ip(ips) => {
@@ -63,7 +66,8 @@ fn udp_destination(tuple: &[Tuple]) -> Option<(IpAddr, u16)> {
             Tuple::Proto(ps) => {
                 for p in ps {
                     match p {
-                        ProtoTuple::Protocol(Protocol::Udp) => udp = true,
+                        ProtoTuple::Protocol(Protocol::Udp) => proto = Some(Proto::Udp),
+                        ProtoTuple::Protocol(Protocol::Tcp) => proto = Some(Proto::Tcp),
                         ProtoTuple::DestinationPort(d) => port = Some(*d),
                         _ => {}
                     }
@@ -72,17 +76,13 @@ fn udp_destination(tuple: &[Tuple]) -> Option<(IpAddr, u16)> {
             _ => {}
         }
     }
-    if udp {
-        Some((dst?, port?))
-    } else {
-        None
-    }
+    Some((proto?, dst?, port?))
 }
 
-/// Deletes every UDP conntrack entry whose original destination is one of
-/// `targets` (public address, public port). Returns how many were deleted.
-/// Runs in the calling thread's network namespace.
-pub fn flush_udp(targets: &BTreeSet<(IpAddr, u16)>) -> Result<usize, ConntrackError> {
+/// Deletes every conntrack entry whose original destination is one of
+/// `targets` (protocol, public address, public port). Returns how many were
+/// deleted. Runs in the calling thread's network namespace.
+pub fn flush(targets: &BTreeSet<(Proto, IpAddr, u16)>) -> Result<usize, ConntrackError> {
     if targets.is_empty() {
         return Ok(0);
     }
@@ -97,7 +97,7 @@ pub fn flush_udp(targets: &BTreeSet<(IpAddr, u16)>) -> Result<usize, ConntrackEr
         (false, NetfilterProtoFamily::IPv4),
         (true, NetfilterProtoFamily::IPv6),
     ] {
-        if targets.iter().any(|(ip, _)| ip.is_ipv6() == v6) {
+        if targets.iter().any(|(_, ip, _)| ip.is_ipv6() == v6) {
             deleted += flush_family(&mut sock, family, targets, &mut seq)?;
         }
     }
@@ -107,7 +107,7 @@ pub fn flush_udp(targets: &BTreeSet<(IpAddr, u16)>) -> Result<usize, ConntrackEr
 fn flush_family(
     sock: &mut Socket,
     family: NetfilterProtoFamily,
-    targets: &BTreeSet<(IpAddr, u16)>,
+    targets: &BTreeSet<(Proto, IpAddr, u16)>,
     seq: &mut u32,
 ) -> Result<usize, ConntrackError> {
     *seq += 1;
@@ -140,7 +140,7 @@ fn flush_family(
                 }) => {
                     for a in attrs {
                         if let ConntrackAttribute::CtaTupleOrig(t) = a {
-                            if udp_destination(&t).is_some_and(|d| targets.contains(&d)) {
+                            if destination(&t).is_some_and(|d| targets.contains(&d)) {
                                 doomed.push(t);
                             }
                         }

@@ -61,23 +61,25 @@ pub struct ApplyReport {
     pub rebuilt: bool,
     pub added_dnat: Vec<Mapping>,
     pub removed_dnat: Vec<Mapping>,
-    /// UDP conntrack entries deleted after the commit.
+    /// Conntrack entries of removed or moved mappings deleted after the
+    /// commit.
     pub conntrack_flushed: usize,
 }
 
-/// After a commit: UDP mappings that were removed or moved lose their
-/// conntrack entries, so the next datagram follows the new rules. A failure
-/// is logged, not returned: the rules themselves are in place.
-pub fn flush_stale_udp(report: &mut ApplyReport) {
-    let targets: std::collections::BTreeSet<(std::net::IpAddr, u16)> = report
+/// After a commit: mappings that were removed or moved lose their conntrack
+/// entries, so the next datagram follows the new rules and an established
+/// TCP connection through a withdrawn mapping ends (a namespace that lost
+/// the port keeps nothing open). A failure is logged, not returned: the
+/// rules themselves are in place.
+pub fn flush_stale_connections(report: &mut ApplyReport) {
+    let targets: std::collections::BTreeSet<_> = report
         .removed_dnat
         .iter()
-        .filter(|m| m.key.proto == crate::model::Proto::Udp)
-        .map(|m| (m.key.public_ip, m.key.public_port))
+        .map(|m| (m.key.proto, m.key.public_ip, m.key.public_port))
         .collect();
-    match conntrack::flush_udp(&targets) {
+    match conntrack::flush(&targets) {
         Ok(n) => report.conntrack_flushed = n,
-        Err(e) => tracing::warn!("could not flush UDP conntrack entries of changed mappings: {e}"),
+        Err(e) => tracing::warn!("could not flush the conntrack entries of changed mappings: {e}"),
     }
 }
 

@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::monitor::Blocker;
 use super::netlink::NetlinkError;
-use super::{flush_stale_udp, ApplyReport, Backend, Changes, FirewallError};
+use super::{flush_stale_connections, ApplyReport, Backend, Changes, FirewallError};
 use crate::model::RuleSet;
 
 /// The thread could not start, or is gone.
@@ -62,14 +62,14 @@ impl BackendWorker {
                             }
                             let mut result = backend.apply(&rules);
                             if let Ok(report) = &mut result {
-                                flush_stale_udp(report);
+                                flush_stale_connections(report);
                             }
                             let _ = reply.send(result);
                         }
                         Job::ApplyChanges(changes, reply) => {
                             let mut result = backend.apply_changes(&changes);
                             if let Ok(Some(report)) = &mut result {
-                                flush_stale_udp(report);
+                                flush_stale_connections(report);
                             }
                             let _ = reply.send(result);
                         }

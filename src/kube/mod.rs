@@ -3,6 +3,7 @@
 
 pub mod events;
 pub mod ledger;
+pub mod namespace;
 pub mod pod;
 pub mod watch;
 

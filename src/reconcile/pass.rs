@@ -17,7 +17,21 @@ impl Reconciler {
         let (why, trigger) = cause;
         let _timer = self.status.metrics.reconcile_timer(trigger);
         let choice = self.address.borrow().clone();
-        let changed = self.feed.changes.take();
+        let mut changed = self.feed.changes.take();
+        // A namespace whose policy changed: its pods on this node again.
+        if let Some(ns) = &self.namespaces {
+            let moved = ns.take_changes();
+            if moved.all {
+                changed.relisted = true;
+            } else if !moved.names.is_empty() {
+                for p in self.feed.store.state() {
+                    let r = crate::kube::watch::pod_ref(&p);
+                    if moved.names.contains(&r.namespace) {
+                        changed.pods.insert(r);
+                    }
+                }
+            }
+        }
         let store_len = self.feed.store.len();
         self.status
             .counters
@@ -33,10 +47,7 @@ impl Reconciler {
         let replan = fresh || changed.relisted || self.inc.is_none();
         let change = if replan {
             let pods = self.feed.store.state();
-            let facts: Vec<_> = pods
-                .iter()
-                .map(|p| pod::facts(p, &self.cfg.annotation_key))
-                .collect();
+            let facts: Vec<_> = pods.iter().map(|p| self.facts(p)).collect();
             let inc = self
                 .inc
                 .get_or_insert_with(|| IncrementalPlan::new(self.cfg.plan.clone(), choice.chosen));
@@ -55,7 +66,9 @@ impl Reconciler {
             }
             for r in &changed.pods {
                 let next = match self.feed.store.get(&store_key(r)) {
-                    Some(p) => inc.upsert(pod::facts(&p, &self.cfg.annotation_key)),
+                    Some(p) => {
+                        inc.upsert(facts_with(&p, &self.cfg.annotation_key, &self.namespaces))
+                    }
                     None => inc.remove(r),
                 };
                 ch.absorb(next);

@@ -249,6 +249,16 @@ impl World {
             .unwrap_or_else(|e| panic!("status of pod {name}: {e}"));
     }
 
+    /// Merges `metadata` (labels, annotations; `null` removes a key) into
+    /// namespace `name`, as an admin's `kubectl label/annotate` does.
+    pub fn patch_namespace(&self, name: &str, metadata: serde_json::Value) {
+        let api: Api<Namespace> = Api::all(self.admin.clone());
+        let patch = serde_json::json!({ "metadata": metadata });
+        self.rt
+            .block_on(api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
+            .unwrap_or_else(|e| panic!("patch namespace {name}: {e}"));
+    }
+
     pub fn set_annotation(&self, name: &str, value: &str) {
         let patch = serde_json::json!({"metadata": {"annotations": { ANNOTATION: value }}});
         self.rt

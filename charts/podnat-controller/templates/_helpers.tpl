@@ -70,6 +70,12 @@ extra_args).
 {{- if and (ne (int .Values.httpPort) 8484) (not $portInExtra) }}
 {{- $args = append $args (printf "-httpport=%d" (int .Values.httpPort)) }}
 {{- end }}
+{{- with .Values.namespaceSelector }}
+{{- $args = append $args (printf "-namespaceselector=%s" .) }}
+{{- end }}
+{{- if eq (toString .Values.guardNodePorts) "false" }}
+{{- $args = append $args "-guardnodeports=false" }}
+{{- end }}
 {{- concat $args (uniq (append $extra "-logtostderr")) | toYaml }}
 {{- end }}
 
