@@ -380,3 +380,47 @@ fn namespaces_publish_what_the_admin_allows_and_changes_apply_both_ways() {
     assert!(!harness::roundtrip(client, 25));
     drop(agent);
 }
+
+/// Kernel tunnel sockets count: a VXLAN link's UDP socket (flannel's
+/// 8472) is a socket of the kernel that NETLINK_SOCK_DIAG lists like a
+/// user's, so a pod cannot take the overlay's port. (WireGuard's link type
+/// is not available on this kernel; its socket is a kernel UDP socket the
+/// same way.)
+#[test]
+fn a_vxlan_tunnel_port_is_served_by_the_node() {
+    let ns = Netns::new("guard-vxlan");
+    ns.sh("ip link add wan0 type veth peer name wan0p && ip link set wan0p up && ip link set wan0 up && ip addr add 203.0.113.5/24 dev wan0");
+    ns.sh("ip link add vx0 type vxlan id 7 dstport 8472 dev wan0 && ip link set vx0 up");
+    let dir = std::env::temp_dir().join(format!("podnat-vxlan-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pods = dir.join("pods.json");
+    let annotation = r#"{"entries":[{"srcPort":8472,"dstPort":8472,"proto":"udp"},{"srcPort":51821,"dstPort":51821,"proto":"udp"}]}"#;
+    std::fs::write(
+        &pods,
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [{
+            "metadata": {"name": "vpn", "namespace": "net", "creationTimestamp": "2026-01-02T03:04:05Z",
+                         "annotations": {"bln.space/podnat": annotation}},
+            "spec": {"nodeName": "node1", "containers": []},
+            "status": {"phase": "Running", "podIP": "10.1.0.9",
+                       "conditions": [{"type": "Ready", "status": "True"}]}
+        }]})
+        .to_string(),
+    )
+    .unwrap();
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_podnat-controller"))
+        .args(["-firewallflavor=nftables", "-nodeid=node1", "--pods-file"])
+        .arg(&pods)
+        .output()
+        .expect("run the agent once");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("port 8472/udp on 203.0.113.5 is served by the node itself (0.0.0.0:8472)"),
+        "{stderr}"
+    );
+    let map = ns.sh("nft list map ip podnat dnat_to_pod");
+    assert!(map.contains("udp . 51821"), "{map}");
+    assert!(!map.contains("8472"), "{map}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
