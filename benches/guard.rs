@@ -68,7 +68,9 @@ fn main() {
     if !std::env::args().any(|a| a == "--bench") {
         return;
     }
-    println!("| node sockets (TCP listeners + bound UDP) | one dump of both families (median of 200) |");
+    println!(
+        "| node sockets (TCP listeners + bound UDP) | one dump of both families (median of 200) |"
+    );
     println!("|---|---|");
     for sockets in [10usize, 200, 2000] {
         let ns = Netns::new("guard-bench");
@@ -121,7 +123,10 @@ fn main() {
         PODS * PORTS_PER_POD
     );
     println!("|---|---|");
-    println!("| without the guard | {:.2} ms |", without.as_secs_f64() * 1e3);
+    println!(
+        "| without the guard | {:.2} ms |",
+        without.as_secs_f64() * 1e3
+    );
     println!(
         "| with the guard ({} sockets, {} entries refused) | {:.2} ms |",
         services.len(),
