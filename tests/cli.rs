@@ -60,6 +60,17 @@ fn bad_flag_values_stop_with_status_2_and_one_line() {
             "--incl-filter-net",
             "2001:db8::/129",
         ),
+        (
+            &["-namespaceselector=tier in mail"],
+            "--namespace-selector",
+            "parentheses",
+        ),
+        (
+            &["--namespace-selector", "a=b,"],
+            "--namespace-selector",
+            "empty requirement",
+        ),
+        (&["-guardnodeports=maybe"], "--guard-node-ports", "maybe"),
     ];
     for (args, flag, value) in cases {
         let out = run(args);

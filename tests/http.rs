@@ -165,7 +165,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
         .map(|s| s.value)
 }
 
-const ENTRY_KEYS: [&str; 11] = [
+const ENTRY_KEYS: [&str; 12] = [
     "family",
     "message",
     "namespace",
@@ -175,6 +175,7 @@ const ENTRY_KEYS: [&str; 11] = [
     "proto",
     "public_address",
     "public_port",
+    "reason",
     "state",
     "winner",
 ];

@@ -21,6 +21,25 @@ fn defaults_match_the_spec() {
     assert_eq!(c.state_flavor, StateFlavor::Configmap);
     assert_eq!(c.state_uri, "http://podnat-state-store:80");
     assert_eq!(c.node_id, None);
+    assert!(c.guard_node_ports);
+    assert!(c.namespace_selector.selects_all());
+}
+
+#[test]
+fn security_flags_in_both_spellings() {
+    let a = parse(&["-guardnodeports=false", "-namespaceselector=env=prod"]).unwrap();
+    let b = parse(&[
+        "--guard-node-ports=false",
+        "--namespace-selector",
+        "env=prod",
+    ])
+    .unwrap();
+    assert_eq!(a, b);
+    assert!(!a.guard_node_ports);
+    assert_eq!(a.namespace_selector.to_string(), "env=prod");
+    let labels = [("env".to_string(), "prod".to_string())].into();
+    assert!(a.namespace_selector.matches(&labels));
+    assert!(parse(&["-namespaceSelector=env in (a"]).is_err());
 }
 
 #[test]

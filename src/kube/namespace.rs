@@ -64,16 +64,31 @@ pub struct NamespaceState {
     pub revision: u64,
     /// The full list is in.
     pub listed: bool,
-    /// The last error of the watch (kept until the list is in).
-    pub error: Option<String>,
+    /// The apiserver forbids the agent to list namespaces (an old
+    /// ClusterRole), kept until the list is in.
+    pub forbidden: Option<String>,
 }
 
 impl NamespaceState {
-    /// The first sync may go ahead: the list is in, or the watch failed
-    /// (an agent without the namespaces permission must not hold NAT back;
-    /// see `NamespaceFeed::policy` for what it decides then).
+    /// The first sync may go ahead: the list is in, or the apiserver
+    /// forbids it (an agent without the namespaces permission must not hold
+    /// NAT back; see `NamespaceFeed::policy` for what it decides then). A
+    /// transient failure (the apiserver not answering yet) is waited out, as
+    /// for the pods: deciding without the list would withdraw and restore
+    /// working NAT.
     pub fn settled(&self) -> bool {
-        self.listed || self.error.is_some()
+        self.listed || self.forbidden.is_some()
+    }
+}
+
+/// The apiserver's 403 for the namespace list or watch.
+fn forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code == 403,
+        watcher::Error::WatchError(s) => s.code == 403,
+        _ => false,
     }
 }
 
@@ -118,7 +133,7 @@ impl NamespaceFeed {
             None => {
                 NamespacePolicy::Invalid(format!(
                 "the agent cannot read namespaces ({}), so -namespaceselector cannot be checked",
-                self.state.borrow().error.as_deref().unwrap_or("not listed yet")
+                self.state.borrow().forbidden.as_deref().unwrap_or("not listed yet")
             ))
             }
         }
@@ -193,16 +208,17 @@ pub fn spawn_namespace_watcher(
             };
             match item {
                 Some(Ok(event)) => on_event(&rules, &policies, &tx, &mut listing, event),
-                Some(Err(e)) => {
+                Some(Err(e)) if forbidden(&e) => {
                     tx.send_if_modified(|s| {
-                        let first = s.error.is_none();
+                        let first = s.forbidden.is_none();
                         if first {
-                            tracing::warn!(error = %e, "namespace watch failed (does the agent's ClusterRole grant namespaces get/list/watch?); retrying");
+                            tracing::error!(error = %e, "the apiserver forbids the agent to list namespaces: the ClusterRole needs namespaces get/list/watch (the chart grants it); namespace policies are not applied until then");
                         }
-                        s.error = Some(e.to_string());
+                        s.forbidden = Some(e.to_string());
                         first && !s.listed
                     });
                 }
+                Some(Err(e)) => tracing::debug!(error = %e, "namespace watch failed; retrying"),
                 None => {
                     tracing::error!("the namespace watch stream ended");
                     return;
@@ -248,7 +264,7 @@ fn on_event(
             p.by_name = fresh;
             // The first list after a failed start: what was decided without
             // it may differ for any namespace.
-            let after_errors = !tx.borrow().listed && tx.borrow().error.is_some();
+            let after_errors = !tx.borrow().listed && tx.borrow().forbidden.is_some();
             p.all_changed |= after_errors;
             p.changed.extend(changed);
             true
@@ -276,7 +292,7 @@ fn on_event(
                 tracing::info!("namespace list received");
             }
             s.listed = true;
-            s.error = None;
+            s.forbidden = None;
             s.revision += 1;
         });
     }
