@@ -227,7 +227,11 @@ fn bad_values_fail() {
         &["-httpaddress=0.0.0.0:8484"],
         &["--tls-cert-file=/c"],
         &["--tls-private-key-file=/k"],
-        &["-httpauth=false", "--tls-cert-file=/c", "--tls-private-key-file=/k"],
+        &[
+            "-httpauth=false",
+            "--tls-cert-file=/c",
+            "--tls-private-key-file=/k",
+        ],
     ] {
         assert!(parse(bad).is_err(), "{bad:?} accepted");
     }
