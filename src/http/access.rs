@@ -105,6 +105,23 @@ pub struct AccessMetrics {
 
 impl AccessMetrics {
     pub fn register(&self, registry: &mut Registry) {
+        // Every series from the start, at 0, so rates work from the first scrape.
+        for review in ["token", "access"] {
+            for result in ["hit", "miss"] {
+                self.cache.get_or_create(&CacheLabels { review, result });
+            }
+        }
+        for why in [
+            Refusal::PlainHttp,
+            Refusal::NoToken,
+            Refusal::InvalidToken,
+            Refusal::Forbidden,
+            Refusal::ReviewFailed,
+        ] {
+            self.refused.get_or_create(&RefusedLabels {
+                reason: why.metric_label(),
+            });
+        }
         registry.register(
             "http_auth_cache",
             "Review answers reused (hit) or asked of the apiserver (miss), by review",
