@@ -108,7 +108,7 @@ impl AccessMetrics {
         // Every series from the start, at 0, so rates work from the first scrape.
         for review in ["token", "access"] {
             for result in ["hit", "miss"] {
-                self.cache.get_or_create(&CacheLabels { review, result });
+                let _ = self.cache.get_or_create(&CacheLabels { review, result });
             }
         }
         for why in [
@@ -118,7 +118,7 @@ impl AccessMetrics {
             Refusal::Forbidden,
             Refusal::ReviewFailed,
         ] {
-            self.refused.get_or_create(&RefusedLabels {
+            let _ = self.refused.get_or_create(&RefusedLabels {
                 reason: why.metric_label(),
             });
         }
