@@ -8,50 +8,15 @@
 //! Prints figures; asserts nothing: `cargo bench --bench http_auth`.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::future::BoxFuture;
 use podnat_controller::http::access::{Access, Peer, Verdict};
-use podnat_controller::http::review::{ReviewError, Reviewer, User};
+use podnat_controller::http::review::{CountingReviewer, User};
 use podnat_controller::http::REVIEW_LIFETIMES;
 
 const HOUR: Duration = Duration::from_secs(3600);
 const SCRAPE_EVERY: Duration = Duration::from_secs(15);
-
-/// Allows every token; counts what it was asked.
-#[derive(Default)]
-struct CountingReviewer {
-    token_reviews: AtomicU64,
-    access_reviews: AtomicU64,
-}
-
-impl Reviewer for CountingReviewer {
-    fn authenticate<'a>(
-        &'a self,
-        token: &'a str,
-    ) -> BoxFuture<'a, Result<Option<User>, ReviewError>> {
-        self.token_reviews.fetch_add(1, Ordering::Relaxed);
-        Box::pin(async move {
-            Ok(Some(User {
-                name: format!("system:serviceaccount:monitoring:{}", token_owner(token)),
-                uid: String::new(),
-                groups: vec!["system:serviceaccounts".into()],
-                extra: Default::default(),
-            }))
-        })
-    }
-
-    fn authorize<'a>(
-        &'a self,
-        _user: &'a User,
-        _path: &'a str,
-    ) -> BoxFuture<'a, Result<bool, ReviewError>> {
-        self.access_reviews.fetch_add(1, Ordering::Relaxed);
-        Box::pin(async { Ok(true) })
-    }
-}
 
 /// Tokens here are `<owner>#<generation>`.
 fn token_owner(token: &str) -> &str {
@@ -69,7 +34,11 @@ struct Scenario {
 }
 
 fn run(scenario: &Scenario, rt: &tokio::runtime::Runtime) {
-    let reviewer = Arc::new(CountingReviewer::default());
+    // Allows every token (its owner is the user) and every path.
+    let reviewer = Arc::new(CountingReviewer::new(
+        |token| Ok(Some(User::named(token_owner(token)))),
+        |_, _| Ok(true),
+    ));
     let access = Access::new(reviewer.clone());
     let t0 = Instant::now();
     let mut requests = 0u64;
@@ -92,8 +61,7 @@ fn run(scenario: &Scenario, rt: &tokio::runtime::Runtime) {
         }
         at += SCRAPE_EVERY;
     }
-    let token = reviewer.token_reviews.load(Ordering::Relaxed);
-    let sar = reviewer.access_reviews.load(Ordering::Relaxed);
+    let (token, sar) = (reviewer.token_reviews(), reviewer.access_reviews());
     let hits =
         access.metrics.cache_count("token", "hit") + access.metrics.cache_count("access", "hit");
     let lookups = hits + token + sar;

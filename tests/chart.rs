@@ -221,14 +221,16 @@ fn extra_args_are_appended_as_the_go_chart_did() {
     let objects = template(&["--set", "httpPort=9090"]);
     assert_eq!(args(&objects), vec!["-httpport=9090", "-logtostderr"]);
     assert_eq!(container(&objects)["ports"][0]["containerPort"], 9090);
-    // ... unless extraArgs sets it already (the flag may be given once).
-    let objects = template(&[
-        "--set",
-        "httpPort=9090",
-        "--set",
-        "extraArgs={-httpPort=9090}",
-    ]);
-    assert_eq!(args(&objects), vec!["-httpPort=9090", "-logtostderr"]);
+    // ... unless extraArgs sets it already (the flag may be given once);
+    // the same for httpAuth=false and -httpauth.
+    for (value, flag) in [
+        ("httpPort=9090", "-httpPort=9090"),
+        ("httpAuth=false", "-httpAuth=false"),
+    ] {
+        let extra = format!("extraArgs={{{flag}}}");
+        let objects = template(&["--set", value, "--set", &extra]);
+        assert_eq!(args(&objects), vec![flag, "-logtostderr"]);
+    }
 }
 
 /// The values file of an install of the Go version renders args that the
@@ -374,14 +376,6 @@ fn http_auth_values_render_flags_rbac_tls_and_scrape_annotations() {
     assert!(annotations(&objects)["prometheus.io/scheme"].is_null());
     assert!(!grants_reviews(&objects));
     assert!(find(&objects, "DaemonSet")["spec"]["template"]["spec"]["volumes"].is_null());
-    // ... given once when extraArgs already says it.
-    let objects = template(&[
-        "--set",
-        "httpAuth=false",
-        "--set",
-        "extraArgs={-httpAuth=false}",
-    ]);
-    assert_eq!(args(&objects), vec!["-httpAuth=false", "-logtostderr"]);
 }
 
 #[test]

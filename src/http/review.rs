@@ -143,3 +143,77 @@ impl Reviewer for ApiserverReviewer {
         })
     }
 }
+
+type AuthnFn = dyn Fn(&str) -> Result<Option<User>, ReviewError> + Send + Sync;
+type AuthzFn = dyn Fn(&User, &str) -> Result<bool, ReviewError> + Send + Sync;
+
+/// A reviewer that answers from two functions and counts what it was asked:
+/// the stand-in where no apiserver runs (the access checks' unit tests, the
+/// review cache bench). The agent itself always uses [`ApiserverReviewer`].
+pub struct CountingReviewer {
+    authn: Box<AuthnFn>,
+    authz: Box<AuthzFn>,
+    /// TokenReviews asked.
+    pub token_reviews: std::sync::atomic::AtomicU64,
+    /// SubjectAccessReviews asked.
+    pub access_reviews: std::sync::atomic::AtomicU64,
+}
+
+impl CountingReviewer {
+    pub fn new(
+        authn: impl Fn(&str) -> Result<Option<User>, ReviewError> + Send + Sync + 'static,
+        authz: impl Fn(&User, &str) -> Result<bool, ReviewError> + Send + Sync + 'static,
+    ) -> Self {
+        CountingReviewer {
+            authn: Box::new(authn),
+            authz: Box::new(authz),
+            token_reviews: Default::default(),
+            access_reviews: Default::default(),
+        }
+    }
+
+    pub fn token_reviews(&self) -> u64 {
+        self.token_reviews
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn access_reviews(&self) -> u64 {
+        self.access_reviews
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl Reviewer for CountingReviewer {
+    fn authenticate<'a>(
+        &'a self,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Option<User>, ReviewError>> {
+        self.token_reviews
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let answer = (self.authn)(token);
+        Box::pin(async move { answer })
+    }
+
+    fn authorize<'a>(
+        &'a self,
+        user: &'a User,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<bool, ReviewError>> {
+        self.access_reviews
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let answer = (self.authz)(user, path);
+        Box::pin(async move { answer })
+    }
+}
+
+impl User {
+    /// A user in the group every authenticated user is in.
+    pub fn named(name: &str) -> User {
+        User {
+            name: name.to_string(),
+            uid: String::new(),
+            groups: vec!["system:authenticated".to_string()],
+            extra: BTreeMap::new(),
+        }
+    }
+}

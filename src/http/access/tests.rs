@@ -3,55 +3,26 @@
 //! kube-apiserver in tests/http_auth.rs).
 
 use super::*;
-use futures::future::BoxFuture;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::http::review::CountingReviewer;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-#[derive(Default)]
-struct Counting {
-    authn: AtomicUsize,
-    authz: AtomicUsize,
-    down: std::sync::atomic::AtomicBool,
-}
-
-fn user(name: &str) -> User {
-    User {
-        name: name.into(),
-        uid: String::new(),
-        groups: vec!["system:authenticated".into()],
-        extra: Default::default(),
-    }
-}
-
-impl Reviewer for Counting {
-    fn authenticate<'a>(
-        &'a self,
-        token: &'a str,
-    ) -> BoxFuture<'a, Result<Option<User>, ReviewError>> {
-        self.authn.fetch_add(1, Ordering::Relaxed);
-        let down = self.down.load(Ordering::Relaxed);
-        Box::pin(async move {
-            if down {
+/// Knows the tokens "reader" and "nobody"; "reader" may get anything but
+/// /secret; fails every TokenReview while `down` is set.
+fn reviewer(down: Arc<AtomicBool>) -> Arc<CountingReviewer> {
+    Arc::new(CountingReviewer::new(
+        move |token| {
+            if down.load(Ordering::Relaxed) {
                 return Err(ReviewError::Timeout {
                     review: "TokenReview",
                 });
             }
-            Ok(match token {
-                "reader" => Some(user("reader")),
-                "nobody" => Some(user("nobody")),
-                _ => None,
-            })
-        })
-    }
-
-    fn authorize<'a>(
-        &'a self,
-        user: &'a User,
-        path: &'a str,
-    ) -> BoxFuture<'a, Result<bool, ReviewError>> {
-        self.authz.fetch_add(1, Ordering::Relaxed);
-        Box::pin(async move { Ok(user.name == "reader" && path != "/secret") })
-    }
+            Ok(["reader", "nobody"]
+                .contains(&token)
+                .then(|| User::named(token)))
+        },
+        |user, path| Ok(user.name == "reader" && path != "/secret"),
+    ))
 }
 
 fn peer(ip: &str, tls: bool) -> Peer {
@@ -70,7 +41,7 @@ fn refusal(v: Verdict) -> Option<Refusal> {
 
 #[tokio::test]
 async fn probes_and_loopback_are_open_remote_readers_need_an_allowed_token() {
-    let reviewer = Arc::new(Counting::default());
+    let reviewer = reviewer(Arc::default());
     let access = Access::new(reviewer.clone());
     let now = Instant::now();
     let check = |p, path, auth| {
@@ -112,11 +83,7 @@ async fn probes_and_loopback_are_open_remote_readers_need_an_allowed_token() {
         None
     );
     // No review for open paths, loopback, plain HTTP or a missing token.
-    assert_eq!(
-        reviewer.authn.load(Ordering::Relaxed),
-        3,
-        "forged, nobody, reader"
-    );
+    assert_eq!(reviewer.token_reviews(), 3, "forged, nobody, reader");
     let status = |r: Refusal| r.status().as_u16();
     assert_eq!(status(Refusal::NoToken), 401);
     assert_eq!(status(Refusal::Forbidden), 403);
@@ -125,7 +92,8 @@ async fn probes_and_loopback_are_open_remote_readers_need_an_allowed_token() {
 
 #[tokio::test]
 async fn reviews_are_reused_within_their_lifetime_and_never_when_they_fail() {
-    let reviewer = Arc::new(Counting::default());
+    let down = Arc::new(AtomicBool::new(false));
+    let reviewer = reviewer(down.clone());
     let access = Access::new(reviewer.clone());
     let t0 = Instant::now();
     let remote = peer("203.0.113.1", true);
@@ -140,27 +108,27 @@ async fn reviews_are_reused_within_their_lifetime_and_never_when_they_fail() {
     for i in 0..8 {
         assert_eq!(at(i * 15, "Bearer reader").await, None);
     }
-    assert_eq!(reviewer.authn.load(Ordering::Relaxed), 1);
-    assert_eq!(reviewer.authz.load(Ordering::Relaxed), 1);
+    assert_eq!(reviewer.token_reviews(), 1);
+    assert_eq!(reviewer.access_reviews(), 1);
     assert_eq!(at(LIFETIMES.yes.as_secs(), "Bearer reader").await, None);
-    assert_eq!(reviewer.authn.load(Ordering::Relaxed), 2, "expired");
+    assert_eq!(reviewer.token_reviews(), 2, "expired");
     assert_eq!(access.metrics.cache_count("token", "hit"), 7);
     assert_eq!(access.metrics.cache_count("token", "miss"), 2);
 
     // A bad token is remembered for the shorter lifetime.
-    let before = reviewer.authn.load(Ordering::Relaxed);
+    let before = reviewer.token_reviews();
     assert_eq!(at(200, "Bearer forged").await, Some(Refusal::InvalidToken));
     assert_eq!(at(205, "Bearer forged").await, Some(Refusal::InvalidToken));
-    assert_eq!(reviewer.authn.load(Ordering::Relaxed), before + 1);
+    assert_eq!(reviewer.token_reviews(), before + 1);
     assert_eq!(
         at(200 + LIFETIMES.no.as_secs(), "Bearer forged").await,
         Some(Refusal::InvalidToken)
     );
-    assert_eq!(reviewer.authn.load(Ordering::Relaxed), before + 2);
+    assert_eq!(reviewer.token_reviews(), before + 2);
 
     // The apiserver away: 503 for an unknown token, every time (never cached,
     // never open); a token reviewed before keeps working for its lifetime.
-    reviewer.down.store(true, Ordering::Relaxed);
+    down.store(true, Ordering::Relaxed);
     assert_eq!(at(300, "Bearer nobody").await, Some(Refusal::ReviewFailed));
     assert_eq!(at(301, "Bearer nobody").await, Some(Refusal::ReviewFailed));
     assert_eq!(
@@ -168,7 +136,7 @@ async fn reviews_are_reused_within_their_lifetime_and_never_when_they_fail() {
         Some(Refusal::ReviewFailed),
         "expired at 240"
     );
-    reviewer.down.store(false, Ordering::Relaxed);
+    down.store(false, Ordering::Relaxed);
     assert_eq!(at(303, "Bearer nobody").await, Some(Refusal::Forbidden));
 }
 
