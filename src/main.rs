@@ -413,7 +413,8 @@ fn certificate_names(config: &Config, node_id: &str) -> Vec<String> {
         names.extend(public.iter().map(|ip| ip.to_string()));
     }
     names.extend(["127.0.0.1".to_string(), "::1".to_string()]);
-    names.dedup();
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
     names
 }
 
@@ -433,15 +434,14 @@ fn spawn_http(
     status: &Arc<AgentStatus>,
 ) -> tokio::task::JoinHandle<()> {
     if let Ok(addr) = endpoints.listener.local_addr() {
-        match (&endpoints.access, &config.http.tls) {
-            (None, _) => {
-                tracing::info!(%addr, "serving /healthz, /ready, /ping, /entries/list, /metrics over plain HTTP to anyone (-httpauth=false)")
-            }
-            (Some(_), tls) => tracing::info!(
-                %addr,
-                certificate = match tls { TlsSource::Files { cert, .. } => cert.display().to_string(), TlsSource::SelfSigned => "self-signed".to_string() },
-                "serving /healthz, /ready, /ping to anyone; /entries/list, /metrics to loopback, and to remote clients over TLS with a bearer token the apiserver allows"
-            ),
+        let certificate = match &config.http.tls {
+            TlsSource::Files { cert, .. } => cert.display().to_string(),
+            TlsSource::SelfSigned => "self-signed".to_string(),
+        };
+        if endpoints.access.is_some() {
+            tracing::info!(%addr, %certificate, "serving /healthz, /ready, /ping to anyone; /entries/list, /metrics to loopback, and to remote clients over TLS with a bearer token the apiserver allows");
+        } else {
+            tracing::info!(%addr, "serving /healthz, /ready, /ping, /entries/list, /metrics over plain HTTP to anyone (-httpauth=false)");
         }
     }
     let mut registry = podnat_controller::status::registry(status);
