@@ -39,7 +39,7 @@ pub mod review;
 mod serve;
 mod tls;
 
-pub use cache::{Lifetimes, CAPACITY as REVIEW_CACHE_CAPACITY, LIFETIMES as REVIEW_LIFETIMES};
+pub use cache::LIFETIMES as REVIEW_LIFETIMES;
 pub use serve::{bind, serve};
 pub use tls::server_config;
 

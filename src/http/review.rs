@@ -29,7 +29,7 @@ pub enum ReviewError {
 
 /// Beyond this a scraper (Prometheus waits 10 s by default) has given up
 /// anyway, and a slow apiserver must not pile up connections here.
-pub const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const REVIEW_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Who a token belongs to, as TokenReview says (what SubjectAccessReview
 /// needs back).
