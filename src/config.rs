@@ -13,6 +13,9 @@ use ipnet::IpNet;
 use crate::model::{DualStack, Families, Family};
 pub use crate::plan::selector::NamespaceSelector;
 
+mod http;
+pub use http::{HttpConfig, HttpFlags, TlsSource};
+
 /// Which rule layout the agent programs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Flavor {
@@ -281,6 +284,8 @@ pub struct Flags {
     /// Only pods in namespaces whose labels match this selector publish (Kubernetes label-selector syntax; empty: all) [SPEC: -namespaceselector]
     #[arg(long = "namespace-selector", global = true, value_name = "SELECTOR", default_value = "", value_parser = parse_selector)]
     pub namespace_selector: NamespaceSelector,
+    #[command(flatten)]
+    pub http: HttpFlags,
 }
 
 fn parse_selector(s: &str) -> Result<NamespaceSelector, String> {
@@ -370,6 +375,7 @@ pub fn normalize_args(args: Vec<OsString>) -> (Vec<OsString>, Vec<String>) {
         }
         let canonical = ALIASES
             .iter()
+            .chain(http::ALIASES)
             .find(|(alias, canon)| *alias == lower || *canon == lower)
             .map(|(_, canon)| *canon);
         let canonical = match canonical {
@@ -400,6 +406,8 @@ pub struct Config {
     pub informer_resync_secs: u64,
     pub restricted_ports: BTreeSet<u16>,
     pub http_port: u16,
+    /// -httpauth, -httpaddress and the TLS certificate.
+    pub http: HttpConfig,
     pub flavor: Flavor,
     pub jump: JumpPositions,
     pub incl_filter_net: Vec<IpNet>,
@@ -437,7 +445,7 @@ impl Config {
     ) -> Result<Config, clap::Error> {
         let (args, ignored) = normalize_args(args);
         let cli = Cli::try_parse_from(args)?;
-        let config = Config::from_cli(cli, ignored, env);
+        let config = Config::from_cli(cli, ignored, env)?;
         // An address of a family the agent does not serve would be shown
         // but never used: refused like any other bad value.
         if let Some(p) = &config.public_address {
@@ -462,8 +470,12 @@ impl Config {
         cli: Cli,
         ignored_flags: Vec<String>,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Config {
+    ) -> Result<Config, clap::Error> {
         let f = cli.flags;
+        let http = f
+            .http
+            .validate()
+            .map_err(|msg| clap::Error::raw(clap::error::ErrorKind::ValueValidation, msg))?;
         let from_flag = f.node_id.filter(|s| !s.is_empty());
         let from_node_name = env("NODE_NAME").filter(|s| !s.is_empty());
         let node_id_exact = from_flag.is_none() && from_node_name.is_some()
@@ -474,12 +486,13 @@ impl Config {
             .or(from_node_name)
             .or_else(|| env("HOSTNAME").filter(|s| !s.is_empty()));
         let node_id_exact = node_id_exact || node_id.as_deref().is_some_and(|id| id.contains('.'));
-        Config {
+        Ok(Config {
             dry_run: f.dry_run,
             annotation_key: f.annotation_key,
             informer_resync_secs: f.informer_resync,
             restricted_ports: f.restricted_ports,
             http_port: f.http_port,
+            http,
             flavor: f.firewall_flavor,
             jump: f.iptables_jump,
             incl_filter_net: f.incl_filter_net.into_iter().flatten().collect(),
@@ -499,7 +512,7 @@ impl Config {
             ignored_flags,
             guard_node_ports: f.guard_node_ports,
             namespace_selector: f.namespace_selector,
-        }
+        })
     }
 
     /// Default tracing filter for `-v=N` (RUST_LOG, when set, wins).

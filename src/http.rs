@@ -9,6 +9,9 @@
 //! | `/ready` | 200 once the first sync is applied and while the API server answers, else 503 |
 //! | `/entries/list` | the NAT entries as JSON; `?format=iptables` / `?format=nft`: the rule view |
 //! | `/metrics` | Prometheus text (OpenMetrics when the scraper asks for it) |
+//!
+//! Who may read which path is `access`'s business; `serve` runs the port
+//! (plain HTTP and TLS on one port), `tls` makes its certificate.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -21,7 +24,6 @@ use axum::routing::get;
 use axum::{Json, Router};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
 
 use crate::config::Flavor;
 use crate::firewall::monitor::Blocker;
@@ -31,17 +33,35 @@ use crate::net::address::Choice;
 use crate::plan::NatTable;
 use crate::status::AgentStatus;
 
+pub mod access;
+mod cache;
+pub mod review;
+mod serve;
+mod tls;
+
+pub use cache::LIFETIMES as REVIEW_LIFETIMES;
+pub use serve::{bind, serve};
+pub use tls::server_config;
+
 /// Errors at the HTTP boundary.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
-    #[error("cannot listen on {addr} (-httpport): {source}")]
+    #[error("cannot listen on {addr} (-httpaddress, -httpport): {source}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: std::io::Error,
     },
-    #[error("the HTTP server stopped: {0}")]
-    Serve(#[source] std::io::Error),
+    #[error("cannot read {} (--tls-cert-file / --tls-private-key-file): {source}", path.display())]
+    TlsFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("the TLS certificate and key do not make a server configuration: {0}")]
+    Tls(#[source] rustls::Error),
+    #[error("cannot make a self-signed TLS certificate: {0}")]
+    SelfSigned(#[source] rcgen::Error),
 }
 
 /// The loop beats every `reconcile::HEARTBEAT` while it waits and after
@@ -83,20 +103,6 @@ pub fn router(ctx: HttpContext) -> Router {
         .route("/entries/list", get(entries))
         .route("/metrics", get(metrics))
         .with_state(Arc::new(ctx))
-}
-
-/// Binds the listener (at start, so a taken port stops the agent at once).
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })
-}
-
-/// Serves until the task is dropped.
-pub async fn serve(listener: TcpListener, router: Router) -> Result<(), HttpError> {
-    axum::serve(listener, router)
-        .await
-        .map_err(HttpError::Serve)
 }
 
 type Ctx = State<Arc<HttpContext>>;

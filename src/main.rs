@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::error::ErrorKind;
-use podnat_controller::config::{Command, Config};
+use podnat_controller::config::{Command, Config, TlsSource};
 use podnat_controller::firewall::netlink::NetlinkError;
 use podnat_controller::firewall::{
     backend_with_options, coexist, monitor, Backend, FirewallError, Names,
 };
+use podnat_controller::http::access::{self, Access};
+use podnat_controller::http::review::ApiserverReviewer;
 use podnat_controller::http::{self, AddressSource, HttpContext};
 use podnat_controller::kube::events::EventSink;
 use podnat_controller::kube::namespace::NamespaceRules;
@@ -263,11 +265,19 @@ fn run_agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> anyh
 
 async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> anyhow::Result<()> {
     // Bound first: a taken port stops the agent before it does anything.
-    let listener = http::bind(std::net::SocketAddr::from((
-        std::net::Ipv4Addr::UNSPECIFIED,
+    let listener = http::bind(std::net::SocketAddr::new(
+        config.http.address,
         config.http_port,
-    )))
+    ))
     .await?;
+    // Made (or read) before anything runs, so a bad certificate stops the
+    // agent with its reason.
+    let tls = config
+        .http
+        .auth
+        .then(|| http::server_config(&config.http.tls, &certificate_names(&config, &node_id)))
+        .transpose()?
+        .map(tokio_rustls::TlsAcceptor::from);
     let (client, _) = kube::connect(config.kubeconfig.as_deref()).await?;
     // -dryrun touches nothing: the state store is neither read nor written.
     let state_store = if config.dry_run {
@@ -317,6 +327,11 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         NamespaceRules::new(config.namespace_selector.clone(), &config.annotation_key),
     );
     tasks.push(("namespace watch", ns_task));
+    let access = config.http.auth.then(|| {
+        Arc::new(Access::new(Arc::new(ApiserverReviewer::new(
+            client.clone(),
+        ))))
+    });
     let events = if config.dry_run {
         EventSink::log_only()
     } else {
@@ -333,7 +348,12 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         tasks.push(("state store", task));
         recorder
     });
-    tasks.push(("HTTP", spawn_http(listener, &config, &node_id, &status)));
+    let endpoints = Endpoints {
+        listener,
+        tls,
+        access,
+    };
+    tasks.push(("HTTP", spawn_http(endpoints, &config, &node_id, &status)));
     // Drift repair: foreign commits that touch what the agent owns wake the
     // loop; its own commits and everybody else's (kube-proxy's) do not, and
     // leave the backend's cache valid. Subscribed before the first read so
@@ -406,18 +426,54 @@ async fn supervise(tasks: Vec<(&'static str, tokio::task::JoinHandle<()>)>) -> a
     }
 }
 
-/// Serves the HTTP endpoints on `listener` for as long as the runtime runs.
-fn spawn_http(
+/// The names a self-signed certificate is made for: the node's name, the
+/// bind address when it is one, the public addresses when given, loopback.
+fn certificate_names(config: &Config, node_id: &str) -> Vec<String> {
+    let mut names = vec![node_id.to_string(), "localhost".to_string()];
+    if !config.http.address.is_unspecified() {
+        names.push(config.http.address.to_string());
+    }
+    if let Some(public) = &config.public_address {
+        names.extend(public.iter().map(|ip| ip.to_string()));
+    }
+    names.extend(["127.0.0.1".to_string(), "::1".to_string()]);
+    let mut seen = std::collections::HashSet::new();
+    names.retain(|n| seen.insert(n.clone()));
+    names
+}
+
+/// The HTTP port as `agent` prepared it: bound, with its TLS configuration
+/// and access checks unless -httpauth=false.
+struct Endpoints {
     listener: tokio::net::TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    access: Option<Arc<Access>>,
+}
+
+/// Serves the HTTP endpoints for as long as the runtime runs.
+fn spawn_http(
+    endpoints: Endpoints,
     config: &Config,
     node_id: &str,
     status: &Arc<AgentStatus>,
 ) -> tokio::task::JoinHandle<()> {
-    if let Ok(addr) = listener.local_addr() {
-        tracing::info!(%addr, "serving /healthz, /ready, /ping, /entries/list, /metrics");
+    if let Ok(addr) = endpoints.listener.local_addr() {
+        let certificate = match &config.http.tls {
+            TlsSource::Files { cert, .. } => cert.display().to_string(),
+            TlsSource::SelfSigned => "self-signed".to_string(),
+        };
+        if endpoints.access.is_some() {
+            tracing::info!(%addr, %certificate, "serving /healthz, /ready, /ping to anyone; /entries/list, /metrics to loopback, and to remote clients over TLS with a bearer token the apiserver allows");
+        } else {
+            tracing::info!(%addr, "serving /healthz, /ready, /ping, /entries/list, /metrics over plain HTTP to anyone (-httpauth=false)");
+        }
+    }
+    let mut registry = podnat_controller::status::registry(status);
+    if let Some(access) = &endpoints.access {
+        access.metrics.register(&mut registry);
     }
     let ctx = HttpContext {
-        registry: podnat_controller::status::registry(status),
+        registry,
         status: status.clone(),
         flavor: config.flavor,
         view: std::sync::Mutex::new(backend_with_options(
@@ -436,11 +492,11 @@ fn spawn_http(
             AddressSource::Detected
         },
     };
-    tokio::spawn(async move {
-        if let Err(e) = http::serve(listener, http::router(ctx)).await {
-            tracing::error!(error = %e, "the HTTP endpoints are down");
-        }
-    })
+    let mut router = http::router(ctx);
+    if let Some(access) = endpoints.access {
+        router = access::guarded(router, access);
+    }
+    tokio::spawn(http::serve(endpoints.listener, router, endpoints.tls))
 }
 
 /// Resolves on SIGTERM (the kubelet stopping the pod) or SIGINT.

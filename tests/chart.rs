@@ -123,6 +123,7 @@ fn daemonset_runs_on_the_host_network_with_net_admin_only() {
         vec![
             "ServiceAccount",
             "ClusterRole",
+            "ClusterRole",
             "ClusterRoleBinding",
             "Role",
             "RoleBinding",
@@ -241,14 +242,16 @@ fn extra_args_are_appended_as_the_go_chart_did() {
     let objects = template(&["--set", "httpPort=9090"]);
     assert_eq!(args(&objects), vec!["-httpport=9090", "-logtostderr"]);
     assert_eq!(container(&objects)["ports"][0]["containerPort"], 9090);
-    // ... unless extraArgs sets it already (the flag may be given once).
-    let objects = template(&[
-        "--set",
-        "httpPort=9090",
-        "--set",
-        "extraArgs={-httpPort=9090}",
-    ]);
-    assert_eq!(args(&objects), vec!["-httpPort=9090", "-logtostderr"]);
+    // ... unless extraArgs sets it already (the flag may be given once);
+    // the same for httpAuth=false and -httpauth.
+    for (value, flag) in [
+        ("httpPort=9090", "-httpPort=9090"),
+        ("httpAuth=false", "-httpAuth=false"),
+    ] {
+        let extra = format!("extraArgs={{{flag}}}");
+        let objects = template(&["--set", value, "--set", &extra]);
+        assert_eq!(args(&objects), vec![flag, "-logtostderr"]);
+    }
 }
 
 /// The values file of an install of the Go version renders args that the
@@ -314,6 +317,153 @@ fn old_go_chart_values_render_args_the_binary_accepts() {
     );
 }
 
+fn annotations(objects: &[Value]) -> &Value {
+    &find(objects, "DaemonSet")["spec"]["template"]["metadata"]["annotations"]
+}
+
+fn named<'a>(objects: &'a [Value], k: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| kind(o) == k && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {k} {name} rendered"))
+}
+
+/// The agent's ClusterRole grants the reviews exactly when httpAuth is on.
+fn grants_reviews(objects: &[Value]) -> bool {
+    let role = named(objects, "ClusterRole", "podnat-podnat-controller");
+    let rules = role["rules"].as_array().expect("rules");
+    let grants = |group: &str, resource: &str| {
+        rules.iter().any(|r| {
+            r["apiGroups"] == serde_json::json!([group])
+                && r["resources"] == serde_json::json!([resource])
+                && r["verbs"] == serde_json::json!(["create"])
+        })
+    };
+    let token = grants("authentication.k8s.io", "tokenreviews");
+    assert_eq!(
+        token,
+        grants("authorization.k8s.io", "subjectaccessreviews"),
+        "both reviews or neither"
+    );
+    token
+}
+
+#[test]
+fn http_auth_values_render_flags_rbac_tls_and_scrape_annotations() {
+    // Default: auth on, a self-signed certificate (no flag, no volume),
+    // scraped over https, the reviews granted, the reader role shipped.
+    let objects = template(&[]);
+    assert_eq!(args(&objects), vec!["-logtostderr"]);
+    assert_eq!(annotations(&objects)["prometheus.io/scheme"], "https");
+    assert_eq!(annotations(&objects)["prometheus.io/path"], "/metrics");
+    assert!(grants_reviews(&objects));
+    let reader = named(
+        &objects,
+        "ClusterRole",
+        "podnat-podnat-controller-metrics-reader",
+    );
+    assert_eq!(
+        reader["rules"],
+        serde_json::json!([{"nonResourceURLs": ["/metrics", "/entries/list"], "verbs": ["get"]}])
+    );
+    assert!(container(&objects)["volumeMounts"].is_null());
+    // The probes stay plain HTTP: the agent leaves /healthz and /ready open.
+    assert!(container(&objects)["livenessProbe"]["httpGet"]["scheme"].is_null());
+
+    // A certificate from a Secret: mounted read-only, passed as the files.
+    let objects = template(&["--set", "tls.secretName=podnat-tls"]);
+    assert_eq!(
+        args(&objects),
+        vec![
+            "--tls-cert-file=/etc/podnat-controller/tls/tls.crt",
+            "--tls-private-key-file=/etc/podnat-controller/tls/tls.key",
+            "-logtostderr"
+        ]
+    );
+    let pod = &find(&objects, "DaemonSet")["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["volumes"],
+        serde_json::json!([{"name": "tls", "secret": {"secretName": "podnat-tls"}}])
+    );
+    assert_eq!(
+        container(&objects)["volumeMounts"],
+        serde_json::json!([{"name": "tls", "mountPath": "/etc/podnat-controller/tls", "readOnly": true}])
+    );
+
+    // Auth off: the flag, plain scraping, no reviews granted, no TLS files
+    // (the agent refuses them without auth).
+    let objects = template(&["--set", "httpAuth=false,tls.secretName=podnat-tls"]);
+    assert_eq!(args(&objects), vec!["-httpauth=false", "-logtostderr"]);
+    assert!(annotations(&objects)["prometheus.io/scheme"].is_null());
+    assert!(!grants_reviews(&objects));
+    assert!(find(&objects, "DaemonSet")["spec"]["template"]["spec"]["volumes"].is_null());
+}
+
+#[test]
+fn service_monitor_scrapes_over_https_with_a_bearer_token() {
+    let kinds = |objects: &[Value]| {
+        objects
+            .iter()
+            .map(|o| kind(o).to_string())
+            .collect::<Vec<_>>()
+    };
+    assert!(!kinds(&template(&[])).contains(&"ServiceMonitor".to_string()));
+
+    let objects = template(&["--set", "metrics.serviceMonitor.enabled=true"]);
+    let service = find(&objects, "Service");
+    assert_eq!(service["spec"]["clusterIP"], "None");
+    assert_eq!(
+        service["spec"]["selector"],
+        find(&objects, "DaemonSet")["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(service["spec"]["ports"][0]["port"], 8484);
+    assert_eq!(service["spec"]["ports"][0]["targetPort"], "http");
+    let monitor = find(&objects, "ServiceMonitor");
+    // The monitor selects the Service by its labels.
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .unwrap()
+    {
+        assert_eq!(&service["metadata"]["labels"][k], v, "label {k}");
+    }
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], "http");
+    assert_eq!(endpoint["path"], "/metrics");
+    assert_eq!(endpoint["scheme"], "https");
+    assert_eq!(
+        endpoint["bearerTokenFile"],
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
+    assert_eq!(
+        endpoint["tlsConfig"],
+        serde_json::json!({"insecureSkipVerify": true})
+    );
+
+    // With a CA the certificate is verified, against the given name.
+    let objects = template(&[
+        "--set",
+        "metrics.serviceMonitor.enabled=true,metrics.serviceMonitor.caSecret.name=podnat-ca",
+        "--set",
+        "metrics.serviceMonitor.serverName=podnat.example.org,metrics.serviceMonitor.labels.release=prom",
+    ]);
+    let monitor = find(&objects, "ServiceMonitor");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prom");
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["tlsConfig"],
+        serde_json::json!({"ca": {"secret": {"name": "podnat-ca", "key": "ca.crt"}},
+            "serverName": "podnat.example.org"})
+    );
+
+    // Auth off: plain HTTP, no token.
+    let objects = template(&[
+        "--set",
+        "metrics.serviceMonitor.enabled=true,httpAuth=false",
+    ]);
+    let endpoint = &find(&objects, "ServiceMonitor")["spec"]["endpoints"][0];
+    assert_eq!(endpoint["scheme"], "http");
+    assert!(endpoint["bearerTokenFile"].is_null() && endpoint["tlsConfig"].is_null());
+}
+
 /// Objects by (kind, name), labels dropped (the fixture has none).
 fn without_labels(mut objects: Vec<Value>) -> Vec<Value> {
     for o in &mut objects {
@@ -339,7 +489,7 @@ fn rendered_rbac_equals_the_fixture_the_agent_tests_run_with() {
     ))
     .expect("rbac fixture");
     let fixture = without_labels(documents(&fixture));
-    assert_eq!(rendered.len(), 4);
+    assert_eq!(rendered.len(), 5);
     assert_eq!(
         serde_json::to_string_pretty(&rendered).unwrap(),
         serde_json::to_string_pretty(&fixture).unwrap()
@@ -405,8 +555,18 @@ fn rendered_manifests_pass_a_server_side_dry_run() {
         vec![],
         vec!["-f", go_values.as_str()],
         vec!["--set", "serviceAccount.name=agent,httpPort=9090"],
+        vec![
+            "--set",
+            "tls.secretName=podnat-tls,metrics.serviceMonitor.enabled=true",
+        ],
+        vec!["--set", "httpAuth=false"],
     ] {
-        for obj in template(&extra) {
+        // The test apiserver has no prometheus-operator CRDs: the
+        // ServiceMonitor is checked by shape above, not here.
+        for obj in template(&extra)
+            .into_iter()
+            .filter(|o| kind(o) != "ServiceMonitor")
+        {
             let created = dry_run_create(&rt, &client, &obj).unwrap_or_else(|e| {
                 panic!(
                     "the apiserver refused {} {} (values {extra:?}): {e}",

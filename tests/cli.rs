@@ -71,6 +71,22 @@ fn bad_flag_values_stop_with_status_2_and_one_line() {
             "empty requirement",
         ),
         (&["-guardnodeports=maybe"], "--guard-node-ports", "maybe"),
+        (&["-httpauth=maybe"], "--http-auth", "maybe"),
+        (&["-httpaddress=localhost"], "--http-address", "localhost"),
+        (
+            &["--tls-cert-file=/etc/tls.crt"],
+            "--tls-cert-file",
+            "--tls-private-key-file",
+        ),
+        (
+            &[
+                "-httpauth=false",
+                "-tlscertfile=/c",
+                "-tlsprivatekeyfile=/k",
+            ],
+            "--tls-cert-file",
+            "-httpauth=false",
+        ),
     ];
     for (args, flag, value) in cases {
         let out = run(args);

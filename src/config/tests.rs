@@ -21,6 +21,14 @@ fn defaults_match_the_spec() {
     assert_eq!(c.state_flavor, StateFlavor::Configmap);
     assert_eq!(c.state_uri, "http://podnat-state-store:80");
     assert_eq!(c.node_id, None);
+    assert_eq!(
+        c.http,
+        HttpConfig {
+            auth: true,
+            address: "0.0.0.0".parse().unwrap(),
+            tls: TlsSource::SelfSigned
+        }
+    );
     assert!(c.guard_node_ports);
     assert!(c.namespace_selector.selects_all());
 }
@@ -112,6 +120,15 @@ fn go_spellings_equal_kebab_forms() {
         (&["-nodeID", "node1"], &["--node-id", "node1"]),
         (&["-v=4"], &["--v", "4"]),
         (&["-v", "4"], &["--v=4"]),
+        (&["-httpauth=false"], &["--http-auth=false"]),
+        (&["-httpAuth=0"], &["--http-auth=false"]),
+        (&["-httpaddress=::"], &["--http-address", "::"]),
+        (&["-httpAddress", "[::]"], &["--http-address=::"]),
+        (&["-httpaddress=10.0.0.1"], &["--http-address", "10.0.0.1"]),
+        (
+            &["-tls-cert-file=/c", "-tlsPrivateKeyFile", "/k"],
+            &["--tls-cert-file", "/c", "--tls-private-key-file=/k"],
+        ),
     ];
     for (go, kebab) in pairs {
         let a = parse(go).unwrap_or_else(|e| panic!("{go:?}: {e}"));
@@ -224,6 +241,16 @@ fn bad_values_fail() {
         &["-stateuri=ftp://x"],
         &["-dryrun=maybe"],
         &["-nosuchflag"],
+        &["-httpauth=maybe"],
+        &["-httpaddress=localhost"],
+        &["-httpaddress=0.0.0.0:8484"],
+        &["--tls-cert-file=/c"],
+        &["--tls-private-key-file=/k"],
+        &[
+            "-httpauth=false",
+            "--tls-cert-file=/c",
+            "--tls-private-key-file=/k",
+        ],
     ] {
         assert!(parse(bad).is_err(), "{bad:?} accepted");
     }

@@ -54,16 +54,21 @@ app.kubernetes.io/name: {{ include "podnat-controller.fullname" . }}
 
 {{/*
 Container args: -httpport when httpPort is not the default (and extraArgs
-does not set it), then extraArgs followed by "-logtostderr" with duplicates
+does not set it), -httpauth=false when httpAuth is off (likewise), the TLS
+files when tls.secretName mounts them, then extraArgs followed by "-logtostderr" with duplicates
 removed, as the Go chart appended them (it also read the older key
 extra_args).
 */}}
 {{- define "podnat-controller.args" -}}
 {{- $extra := concat (.Values.extraArgs | default list) (.Values.extra_args | default list) }}
 {{- $portInExtra := false }}
+{{- $authInExtra := false }}
 {{- range $extra }}
 {{- if regexMatch "(?i)^--?(httpport|http-port)(=|$)" (toString .) }}
 {{- $portInExtra = true }}
+{{- end }}
+{{- if regexMatch "(?i)^--?(httpauth|http-auth)(=|$)" (toString .) }}
+{{- $authInExtra = true }}
 {{- end }}
 {{- end }}
 {{- $args := list }}
@@ -75,6 +80,12 @@ extra_args).
 {{- end }}
 {{- if eq (toString .Values.guardNodePorts) "false" }}
 {{- $args = append $args "-guardnodeports=false" }}
+{{- end }}
+{{- if and (not .Values.httpAuth) (not $authInExtra) }}
+{{- $args = append $args "-httpauth=false" }}
+{{- end }}
+{{- if and .Values.httpAuth .Values.tls.secretName }}
+{{- $args = concat $args (list "--tls-cert-file=/etc/podnat-controller/tls/tls.crt" "--tls-private-key-file=/etc/podnat-controller/tls/tls.key") }}
 {{- end }}
 {{- concat $args (uniq (append $extra "-logtostderr")) | toYaml }}
 {{- end }}
