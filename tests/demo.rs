@@ -71,12 +71,26 @@ fn make_demo_exits_0_and_leaves_nothing_behind() {
         "hello from pod demo/web; I see you as 203.0.113.1:",
         "client 203.0.113.1 here; I see you as 203.0.113.7:",
         "the node reached the pod through its own public address",
+        // Dual-stack: the same mapping on the node's IPv6 address.
+        "hello from pod demo/web; I see you as [2001:db8::1]:",
+        "the client reached the pod through the public IPv6 address",
+        // Hairpin: a pod of the node reaching its neighbour's published port.
+        "neighbour$ socat - TCP:203.0.113.7:80",
+        "a pod of the node reached its neighbour's published address",
         "podnat_rules_owned{family=\"ipv4\",kind=\"dnat\"} 1",
         "namespaces, processes, the cluster and",
     ] {
         assert!(
             stdout.contains(promise),
             "missing {promise:?} in:\n{stdout}"
+        );
+    }
+    // No stray error lines (a relay's broken pipe, a client's write).
+    for out in [&stdout, &stderr] {
+        assert!(
+            !out.lines()
+                .any(|l| l.contains(" socat[") || l.contains("Broken pipe")),
+            "stray error lines:\n{out}"
         );
     }
     assert_eq!(
