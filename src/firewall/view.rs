@@ -6,8 +6,7 @@
 use std::fmt::Write;
 use std::net::IpAddr;
 
-use crate::firewall::iptables::rules::internal_returns;
-use crate::firewall::names::{self, Names};
+use crate::firewall::names::{self, internal_returns, Names};
 use crate::model::{host_port, Family, ForwardRule, LocalPod, Mapping, RuleSet, SnatRule};
 
 /// nft's name of a family's tables: `ip` or `ip6`.
