@@ -6,7 +6,7 @@
 
 pub mod engine;
 pub mod flavors;
-pub mod names;
+pub(crate) mod names;
 pub mod view;
 pub mod wire;
 

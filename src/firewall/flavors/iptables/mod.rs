@@ -7,8 +7,8 @@
 //! those tables is touched.
 
 pub mod position;
-pub mod rules;
-pub mod xt;
+pub(crate) mod rules;
+pub(crate) mod xt;
 
 mod changes;
 mod kernel;
@@ -22,7 +22,7 @@ use std::fmt::Write;
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Table};
 
 use self::changes::*;
-pub use self::changes::{Changes, Inserted};
+pub(crate) use self::changes::{Changes, Inserted};
 use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
 use self::render::line;
 use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule};

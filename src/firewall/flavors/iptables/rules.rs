@@ -11,8 +11,8 @@
 mod read;
 mod write;
 
-pub use read::{decode, jump_target, parse_exprs};
-pub use write::{encode, exprs_of, rule_attrs, Encoded};
+pub(crate) use read::{decode, jump_target, parse_exprs};
+pub(crate) use write::{exprs_of, rule_attrs};
 
 use crate::model::{ForwardRule, LocalPod, Mapping, SnatRule};
 

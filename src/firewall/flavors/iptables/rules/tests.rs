@@ -1,6 +1,7 @@
 //! Tests of the iptables-nft rule encoding and decoding.
 
 use super::super::xt;
+use super::write::encode;
 use super::*;
 use crate::firewall::flavors::iptables::xt::tests::observed;
 use crate::firewall::names::{internal_returns, GO_INTERNAL_NETWORKS};
