@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 
 use netns::Netns;
 use podnat_controller::config::JumpPositions;
-use podnat_controller::firewall::iptables::IptablesBackend;
-use podnat_controller::firewall::nftables::NftablesBackend;
+use podnat_controller::firewall::flavors::iptables::IptablesBackend;
+use podnat_controller::firewall::flavors::nftables::NftablesBackend;
 use podnat_controller::firewall::{view, Backend, Changes, Names};
 use podnat_controller::model::{
     Family, ForwardRule, Mapping, NatKey, PodRef, Proto, RuleSet, SnatRule,

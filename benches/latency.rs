@@ -18,8 +18,9 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use harness::{annotation, wait_for, Agent, World, NODE};
-use podnat_controller::firewall::nftables::NftablesBackend;
-use podnat_controller::firewall::{netlink, Backend, Names};
+use podnat_controller::firewall::flavors::nftables::NftablesBackend;
+use podnat_controller::firewall::wire::netlink;
+use podnat_controller::firewall::{Backend, Names};
 use support::netns::Netns;
 
 const LATENCY_PODS: u16 = 200;

@@ -26,8 +26,9 @@ use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Flavor;
-use crate::firewall::monitor::Blocker;
-use crate::firewall::{coexist, Backend};
+use crate::firewall::engine::coexist;
+use crate::firewall::engine::monitor::Blocker;
+use crate::firewall::Backend;
 use crate::model::{Families, Family, PodRef, Proto};
 use crate::net::address::Choice;
 use crate::plan::NatTable;

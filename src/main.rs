@@ -8,10 +8,9 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config, TlsSource};
-use podnat_controller::firewall::netlink::NetlinkError;
-use podnat_controller::firewall::{
-    backend_with_options, coexist, monitor, Backend, FirewallError, Names,
-};
+use podnat_controller::firewall::engine::{coexist, monitor};
+use podnat_controller::firewall::wire::netlink::NetlinkError;
+use podnat_controller::firewall::{backend_with_options, Backend, FirewallError, Names};
 use podnat_controller::http::access::{self, Access};
 use podnat_controller::http::review::ApiserverReviewer;
 use podnat_controller::http::{self, AddressSource, HttpContext};

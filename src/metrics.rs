@@ -16,7 +16,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::firewall::monitor::Blocker;
+use crate::firewall::engine::monitor::Blocker;
 use crate::firewall::ApplyReport;
 use crate::plan::NatTable;
 

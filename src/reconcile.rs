@@ -19,10 +19,11 @@ mod pass;
 
 pub use crate::coalesce::Coalescer;
 use crate::config::Config;
-use crate::firewall::monitor::{Blocker, Tracker};
-pub use crate::firewall::worker::BackendWorker;
-use crate::firewall::worker::WorkerError;
-use crate::firewall::{coexist, ApplyReport, FirewallError};
+use crate::firewall::engine::coexist;
+use crate::firewall::engine::monitor::{Blocker, Tracker};
+pub use crate::firewall::engine::worker::BackendWorker;
+use crate::firewall::engine::worker::WorkerError;
+use crate::firewall::{ApplyReport, FirewallError};
 use crate::kube::events::{self, EventSink};
 use crate::kube::ledger::EventLedger;
 use crate::kube::namespace::NamespaceFeed;

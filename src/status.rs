@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
-use crate::firewall::monitor::Blocker;
+use crate::firewall::engine::monitor::Blocker;
 use crate::firewall::ApplyReport;
 use crate::kube::events::EventStats;
 use crate::kube::watch::FeedState;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use podnat_controller::config::{Flavor, JumpPositions};
-use podnat_controller::firewall::monitor::{watch_ruleset, Blocker};
+use podnat_controller::firewall::engine::monitor::{watch_ruleset, Blocker};
 use podnat_controller::firewall::{backend_with_jumps, Backend, Changes, Names};
 use podnat_controller::model::Proto;
 use support::crowd::{crowd, foreign_part, ruleset};

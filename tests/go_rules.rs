@@ -17,7 +17,7 @@ mod support;
 use std::net::Ipv4Addr;
 
 use podnat_controller::config::JumpPositions;
-use podnat_controller::firewall::iptables::IptablesBackend;
+use podnat_controller::firewall::flavors::iptables::IptablesBackend;
 use podnat_controller::firewall::{view, Backend, Names};
 use podnat_controller::kube::pod;
 use podnat_controller::model::{DualStack, Families, Family, RuleSet};

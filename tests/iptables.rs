@@ -13,9 +13,9 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use podnat_controller::config::JumpPositions;
-use podnat_controller::firewall::iptables::position::jump_position;
-use podnat_controller::firewall::iptables::IptablesBackend;
-use podnat_controller::firewall::monitor::watch_ruleset;
+use podnat_controller::firewall::engine::monitor::watch_ruleset;
+use podnat_controller::firewall::flavors::iptables::position::jump_position;
+use podnat_controller::firewall::flavors::iptables::IptablesBackend;
 use podnat_controller::firewall::{view, ApplyReport, Backend};
 use podnat_controller::model::{Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox, POD_B_IP, PUBLIC_IP};

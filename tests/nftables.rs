@@ -8,8 +8,10 @@ use std::collections::BTreeSet;
 use std::net::UdpSocket;
 use std::time::{Duration, Instant};
 
-use podnat_controller::firewall::netlink::{sys, Attrs, NetlinkError, NfSocket, NftBatch, NftMsg};
-use podnat_controller::firewall::nftables::NftablesBackend;
+use podnat_controller::firewall::flavors::nftables::NftablesBackend;
+use podnat_controller::firewall::wire::netlink::{
+    sys, Attrs, NetlinkError, NfSocket, NftBatch, NftMsg,
+};
 use podnat_controller::firewall::{view, Backend, FirewallError};
 use podnat_controller::model::{Family, Proto, RuleSet};
 use proptest::prelude::*;

@@ -1,5 +1,5 @@
 //! The reconcile loop itself, without root: the real `Reconciler` with the
-//! in-memory flavor (`firewall::memory`) as its kernel, a reflector store fed
+//! in-memory flavor (`firewall::flavors::memory`) as its kernel, a reflector store fed
 //! by the test as the pod watcher would feed it, a fixed public address and
 //! events that only log. What it proves is the loop's logic: the first full
 //! pod list gates the first apply, bursts coalesce, a failed apply keeps the
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::Event;
-use podnat_controller::firewall::memory::{MemoryBackend, MemoryKernel};
+use podnat_controller::firewall::flavors::memory::{MemoryBackend, MemoryKernel};
 use podnat_controller::firewall::Names;
 use podnat_controller::kube::events::EventSink;
 use podnat_controller::kube::watch::{ChangeLog, FeedState, PodFeed};

@@ -1,5 +1,10 @@
-//! Names of everything the agent owns, derived from `-resourceprefix`, so the
-//! backends, the views and `cleanup` agree on them.
+//! Names of everything the agent owns, derived from `-resourceprefix`, and
+//! the few fixed parts of its layout (hairpin mark, internal-network
+//! returns), so the backends, the views and `cleanup` agree on them.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use crate::model::Family;
 
 /// Object names for one resource prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +49,31 @@ pub const HAIRPIN_MARK: u32 = 0x2000;
 pub const NFT_PRE_PRIORITY: i32 = -101;
 pub const NFT_POST_PRIORITY: i32 = 99;
 pub const NFT_FORWARD_PRIORITY: i32 = -1;
+
+/// The networks `<PREFIX>_POST` returns un-NATed, in the order the Go version
+/// puts them at the head of its chain (its `internalNetworks`, inserted at
+/// positions 1..4 by `ensureDefaults`): the networks of
+/// `model::INTERNAL_NETWORKS`, ordered so `iptables-nft-save` prints the Go
+/// version's very lines. The native flavor keeps its own order.
+pub const GO_INTERNAL_NETWORKS: [(Ipv4Addr, u8); 4] = [
+    (Ipv4Addr::new(172, 16, 0, 0), 12),
+    (Ipv4Addr::new(192, 168, 0, 0), 16),
+    (Ipv4Addr::new(10, 0, 0, 0), 8),
+    (Ipv4Addr::new(127, 0, 0, 0), 8),
+];
+
+/// The networks `<PREFIX>_POST` returns un-NATed in `f`'s table, in chain
+/// order: IPv4 as the Go version; IPv6 (which it never had) fc00::/7,
+/// fe80::/10, ::1/128.
+pub fn internal_returns(f: Family) -> Vec<(IpAddr, u8)> {
+    match f {
+        Family::Ipv4 => GO_INTERNAL_NETWORKS
+            .iter()
+            .map(|(n, l)| (IpAddr::V4(*n), *l))
+            .collect(),
+        Family::Ipv6 => crate::model::internal_networks(f),
+    }
+}
 
 impl Names {
     pub fn new(prefix: &str) -> Names {

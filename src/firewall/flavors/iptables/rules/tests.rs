@@ -1,8 +1,15 @@
 //! Tests of the iptables-nft rule encoding and decoding.
 
+use super::super::xt;
+use super::write::encode;
 use super::*;
-use crate::firewall::iptables::xt::tests::observed;
+use crate::firewall::flavors::iptables::xt::tests::observed;
+use crate::firewall::names::{internal_returns, GO_INTERNAL_NETWORKS};
+use crate::firewall::wire::netlink::{find_attr, sys};
+use crate::firewall::{comment_for, Names};
+use crate::model::{Family, NatKey, PodRef, Proto};
 use proptest::prelude::*;
+use std::net::{IpAddr, Ipv4Addr};
 
 fn owner(s: &str) -> PodRef {
     PodRef::from_comment(s).unwrap()

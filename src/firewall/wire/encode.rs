@@ -315,10 +315,6 @@ impl Exprs {
         self.verdict(sys::NFT_RETURN, None)
     }
 
-    pub fn jump(&mut self, chain: &str) -> &mut Self {
-        self.verdict(sys::NFT_JUMP, Some(chain))
-    }
-
     /// Expression names in order: a cheap fingerprint to compare with what
     /// the kernel reports back.
     pub fn names(&self) -> &[&'static str] {

@@ -9,9 +9,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::errno::Errno;
 
-use super::monitor::{Blocker, Interest, Tracker};
-use super::netlink::NetlinkError;
-use super::{canonical, view, ApplyReport, Backend, Changes, FirewallError, Names};
+use crate::firewall::engine::monitor::{Blocker, Interest, Tracker};
+use crate::firewall::wire::netlink::NetlinkError;
+use crate::firewall::{canonical, view, ApplyReport, Backend, Changes, FirewallError, Names};
 use crate::model::RuleSet;
 
 /// What the in-memory kernel holds and what was asked of it.

@@ -7,8 +7,8 @@
 //! those tables is touched.
 
 pub mod position;
-pub mod rules;
-pub mod xt;
+pub(crate) mod rules;
+pub(crate) mod xt;
 
 mod changes;
 mod kernel;
@@ -22,21 +22,21 @@ use std::fmt::Write;
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Table};
 
 use self::changes::*;
-pub use self::changes::{Changes, Inserted};
+pub(crate) use self::changes::{Changes, Inserted};
 use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
 use self::render::line;
-use self::rules::{decode, internal_returns, jump_target, parse_exprs, rule_attrs, AgentRule};
-use super::applier::{Applier, Effect, Flavor, Planned};
-use super::coexist::OwnForward;
+use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule};
 use super::families::PerFamily;
-use super::monitor::{Interest, TableInterest};
-use super::names::Names;
-use super::netlink::{
+use crate::config::JumpPositions;
+use crate::firewall::engine::applier::{Applier, Effect, Flavor, Planned};
+use crate::firewall::engine::coexist::OwnForward;
+use crate::firewall::engine::monitor::{Interest, TableInterest};
+use crate::firewall::names::{internal_returns, Names};
+use crate::firewall::view;
+use crate::firewall::wire::netlink::{
     attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError, NfSocket,
     NftBatch, NftMsg, Scope,
 };
-use super::view;
-use crate::config::JumpPositions;
 use crate::model::{Families, Family, Mapping, RuleSet};
 const NAT: &str = "nat";
 const FILTER: &str = "filter";
@@ -270,7 +270,7 @@ impl IptablesBackend {
             part.jumps = jumps;
         }
         // The remembered state was settled for the old positions.
-        super::Backend::forget(self);
+        crate::firewall::Backend::forget(self);
     }
 }
 
@@ -307,7 +307,11 @@ impl Flavor for Iptables {
         }
     }
 
-    fn plan_changes(&self, state: &IptState, changes: &super::Changes) -> Option<Planned<Changes>> {
+    fn plan_changes(
+        &self,
+        state: &IptState,
+        changes: &crate::firewall::Changes,
+    ) -> Option<Planned<Changes>> {
         let plan = Changes::delta(state, changes)?;
         Some(if plan.is_empty() {
             Planned::Nothing

@@ -1,5 +1,5 @@
 use super::*;
-use crate::firewall::netlink::Attrs;
+use crate::firewall::wire::netlink::Attrs;
 
 fn iptables_interest() -> Interest {
     Interest {

@@ -6,19 +6,19 @@
 
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Table};
 
-use super::applier::{Applier, Effect, Flavor, Planned};
-use super::coexist::OwnForward;
-use super::encode::{
+use super::families::PerFamily;
+use crate::firewall::engine::applier::{Applier, Effect, Flavor, Planned};
+use crate::firewall::engine::coexist::OwnForward;
+use crate::firewall::engine::monitor::{Interest, TableInterest};
+use crate::firewall::names::{self, Names};
+use crate::firewall::wire::encode::{
     self, octets, Exprs, BASE_NETWORK, BASE_TRANSPORT, REG32_01, REG32_02, REG_1, TH_DPORT,
 };
-use super::families::PerFamily;
-use super::monitor::{Interest, TableInterest};
-use super::names::{self, Names};
-use super::netlink::{
+use crate::firewall::wire::netlink::{
     attr_be32, attr_str, find_attr, parse_attrs, protocol_family, sys, Attrs, Echo, NetlinkError,
     NfSocket, NftBatch, NftMsg, Scope,
 };
-use super::{view, Changes};
+use crate::firewall::{view, Changes};
 use crate::model::{
     internal_networks, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto,
     RuleSet, SnatRule,
@@ -404,7 +404,8 @@ impl Flavor for Nftables {
             NftPlan::Rebuild(desired) => {
                 // Only the DNAT mappings are reported (SNAT and FORWARD
                 // follow from them).
-                let (added_dnat, removed_dnat) = super::diff(&state.rules.dnat, &desired.dnat);
+                let (added_dnat, removed_dnat) =
+                    crate::firewall::diff(&state.rules.dnat, &desired.dnat);
                 Effect {
                     rebuilt: true,
                     added_dnat,

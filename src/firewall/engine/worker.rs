@@ -6,8 +6,8 @@
 use tokio::sync::oneshot;
 
 use super::monitor::Blocker;
-use super::netlink::NetlinkError;
-use super::{flush_stale_connections, ApplyReport, Backend, Changes, FirewallError};
+use crate::firewall::wire::netlink::NetlinkError;
+use crate::firewall::{flush_stale_connections, ApplyReport, Backend, Changes, FirewallError};
 use crate::model::RuleSet;
 
 /// The thread could not start, or is gone.

@@ -4,11 +4,11 @@
 //! and one end: all of it applies or none of it does), and with IPv4 alone
 //! (the default) there is exactly one part: nothing of IPv6 is read or made.
 
-use super::applier::{Effect, Flavor, Planned};
-use super::coexist::OwnForward;
-use super::monitor::Interest;
-use super::netlink::{Echo, NetlinkError, NfSocket, NftBatch};
-use super::Changes;
+use crate::firewall::engine::applier::{Effect, Flavor, Planned};
+use crate::firewall::engine::coexist::OwnForward;
+use crate::firewall::engine::monitor::Interest;
+use crate::firewall::wire::netlink::{Echo, NetlinkError, NfSocket, NftBatch};
+use crate::firewall::Changes;
 use crate::model::{Families, Family, RuleSet};
 
 /// The parts, IPv4 first (the order of a sorted rule list).

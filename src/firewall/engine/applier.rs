@@ -7,10 +7,11 @@
 
 use std::sync::Arc;
 
+use super::cache::GenerationCache;
 use super::coexist::{self, OwnForward};
 use super::monitor::{Blocker, Interest, Tracker};
-use super::netlink::{Echo, FinalBatch, NetlinkError, NfSocket, NftBatch};
-use super::{canonical, ApplyReport, Backend, Changes, FirewallError, GenerationCache};
+use crate::firewall::wire::netlink::{Echo, FinalBatch, NetlinkError, NfSocket, NftBatch};
+use crate::firewall::{canonical, ApplyReport, Backend, Changes, FirewallError};
 use crate::model::{Mapping, RuleSet};
 
 /// How many times a batch is rebuilt when another writer committed between

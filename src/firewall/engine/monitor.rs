@@ -18,7 +18,7 @@ use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::socket::{self, setsockopt, sockopt, MsgFlags};
 
-use super::netlink::{self, find_attr, sys, NetlinkError};
+use crate::firewall::wire::netlink::{self, find_attr, sys, NetlinkError};
 
 /// How often an idle watcher checks whether it should stop.
 const IDLE_WAKEUP: Duration = Duration::from_millis(200);

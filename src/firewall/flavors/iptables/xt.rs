@@ -220,7 +220,7 @@ pub fn parse_snat_compat(info: &[u8]) -> Option<Ipv4Addr> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::firewall::netlink::{find_attr, parse_attrs, sys};
+    use crate::firewall::wire::netlink::{find_attr, parse_attrs, sys};
 
     /// NEWRULE payloads iptables-nft 1.8.9 sent (name, flags, attribute bytes).
     pub(crate) fn observed() -> Vec<(String, u16, Vec<u8>)> {
@@ -248,10 +248,10 @@ pub(crate) mod tests {
         let (_, _, attrs) = observed().into_iter().find(|(n, _, _)| n == rule).unwrap();
         let exprs = find_attr(&attrs, sys::NFTA_RULE_EXPRESSIONS).unwrap();
         for (_, e) in parse_attrs(exprs) {
-            let name = crate::firewall::netlink::attr_str(e, sys::NFTA_EXPR_NAME).unwrap();
+            let name = crate::firewall::wire::netlink::attr_str(e, sys::NFTA_EXPR_NAME).unwrap();
             let data = find_attr(e, sys::NFTA_EXPR_DATA).unwrap();
             if name == expr
-                && crate::firewall::netlink::attr_str(data, NFTA_XT_NAME).as_deref()
+                && crate::firewall::wire::netlink::attr_str(data, NFTA_XT_NAME).as_deref()
                     == Some(xt_name)
             {
                 return find_attr(data, NFTA_XT_INFO).unwrap().to_vec();

@@ -5,7 +5,9 @@
 //! elsewhere. The agent reports them by name and never touches them.
 
 use super::monitor::{forwarding_family, Blocker};
-use super::netlink::{attr_be32, attr_str, find_attr, sys, Attrs, NetlinkError, NfSocket};
+use crate::firewall::wire::netlink::{
+    attr_be32, attr_str, find_attr, sys, Attrs, NetlinkError, NfSocket,
+};
 
 /// The base chain where the agent's own forward accept lives, which is not
 /// a blocker whatever its policy (the iptables flavor's accept sits in

@@ -1,0 +1,101 @@
+//! The agent's iptables rules as iptables-nft 1.8.9 encodes them (native
+//! meta/payload/cmp for `-p`/`-s`/`-d`/`--dport`, xt-compat `match` and
+//! `target` for the rest, a `counter` in every rule), and back: a rule read
+//! from the kernel is the agent's only if what it decodes to has the very
+//! same expressions.
+//!
+//! `write.rs` turns an `AgentRule` into those expressions and the NEWRULE
+//! attributes; `read.rs` turns a dumped rule back into an `AgentRule`. Both
+//! meet in the reduced `Expr` list below (`exprs_of` is the one description).
+
+mod read;
+mod write;
+
+pub(crate) use read::{decode, jump_target, parse_exprs};
+pub(crate) use write::{exprs_of, rule_attrs};
+
+use crate::model::{ForwardRule, LocalPod, Mapping, SnatRule};
+
+/// One rule the agent writes. The variant order is the order inside a chain:
+/// in `<PREFIX>_POST` the hairpin masquerade, then the internal-network
+/// returns, then the SNATs; in `<PREFIX>_PRE` the hairpin marks before the
+/// DNATs.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AgentRule {
+    /// `-m mark --mark 0x2000/0x2000 -m comment --comment "<prefix>[hairpin]"
+    /// -j MASQUERADE` (`-localaccess`).
+    Masquerade,
+    /// `-d <GO_INTERNAL_NETWORKS[i]> -m comment --comment
+    /// "<prefix>[no_snat_for_internal]" -j RETURN`.
+    Return(usize),
+    /// `-s P -m addrtype --dst-type LOCAL -m comment --comment ns:pod -j MARK
+    /// --set-xmark 0x2000/0x2000` (`-localaccess`).
+    Mark(LocalPod),
+    Snat(SnatRule),
+    Dnat(Mapping),
+    Forward(ForwardRule),
+    /// `-m comment --comment "<prefix>[jump_to_chain]" -j <chain>`.
+    Jump(String),
+    /// `-m addrtype --dst-type LOCAL -m comment --comment
+    /// "<prefix>[jump_to_chain]" -j <chain>`: `<PREFIX>_OUTPUT` to
+    /// `<PREFIX>_PRE`, for connections to the node's own addresses only.
+    LocalJump(String),
+}
+
+impl AgentRule {
+    /// What must stay in order inside a chain: the internal-network RETURNs
+    /// before the SNATs. Rules of one rank match disjoint packets (or share
+    /// the verdict), so any order of them is the same chain.
+    pub fn rank(&self) -> u8 {
+        match self {
+            AgentRule::Masquerade => 0,
+            AgentRule::Return(_) | AgentRule::Mark(_) => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// An expression reduced to what the agent's encoding determines: counter
+/// values, and attributes newer kernels add to their dumps (e.g. the
+/// bitwise operation, 0 = mask/xor), are left out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Expr {
+    Meta {
+        key: u32,
+        dreg: u32,
+    },
+    Cmp {
+        sreg: u32,
+        op: u32,
+        data: Vec<u8>,
+    },
+    Payload {
+        dreg: u32,
+        base: u32,
+        offset: u32,
+        len: u32,
+    },
+    Bitwise {
+        sreg: u32,
+        dreg: u32,
+        len: u32,
+        mask: Vec<u8>,
+        xor: Vec<u8>,
+        op: u32,
+    },
+    Xt {
+        kind: String,
+        name: String,
+        rev: u32,
+        info: Vec<u8>,
+    },
+    Counter,
+    Verdict {
+        code: i32,
+        chain: Option<String>,
+    },
+    Other(String),
+}
+
+#[cfg(test)]
+mod tests;

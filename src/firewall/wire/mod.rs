@@ -1,0 +1,5 @@
+//! The wire: nf_tables netlink messages, batches and attributes, and the
+//! native expressions both flavors' rules are made of.
+
+pub(crate) mod encode;
+pub mod netlink;
