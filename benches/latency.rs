@@ -43,7 +43,8 @@ fn main() {
 /// namespace (a dump per call; cheap next to the agent's own work).
 fn kernel_ports(node: &Netns) -> BTreeSet<u16> {
     node.run(|| {
-        NftablesBackend::new(Names::new("podnat"))
+        // The agent's layout: -localaccess is on by default.
+        NftablesBackend::with_options(Names::new("podnat"), Default::default(), true)
             .read()
             .map(|r| r.dnat.iter().map(|m| m.key.public_port).collect())
             .unwrap_or_default()
