@@ -109,6 +109,51 @@ struct Claim {
     entry: usize,
 }
 
+/// A sorted set for the few members a key or a pod IP has (one, nearly
+/// always): a `Vec` costs its element, where a `BTreeSet` allocated a whole
+/// node per key — heaptrack showed 4.9 MB of the agent's heap in them at
+/// 5,000 keys (BENCHMARKS.md "Latency and footprint").
+#[derive(Debug)]
+struct SmallSet<T>(Vec<T>);
+
+impl<T> Default for SmallSet<T> {
+    fn default() -> Self {
+        SmallSet(Vec::new())
+    }
+}
+
+impl<T: Ord> SmallSet<T> {
+    fn insert(&mut self, v: T) {
+        if let Err(i) = self.0.binary_search(&v) {
+            self.0.insert(i, v);
+        }
+    }
+
+    fn remove(&mut self, v: &T) {
+        if let Ok(i) = self.0.binary_search(v) {
+            self.0.remove(i);
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The greatest member.
+    fn last(&self) -> Option<&T> {
+        self.0.last()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a SmallSet<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
 /// A pod `plan()` looks at (on this node, annotated), with its annotation
 /// parsed once per annotation text.
 #[derive(Clone, Debug)]
@@ -202,10 +247,10 @@ pub(crate) struct IncrementalPlan {
     cfg: PlanConfig,
     pods: HashMap<PodRef, PodState>,
     /// Claims per public key; the greatest is the winner.
-    claims: HashMap<NatKey, BTreeSet<Claim>>,
+    claims: HashMap<NatKey, SmallSet<Claim>>,
     /// Candidate pods per pod IP: who competes for SNAT and FORWARD there
     /// (two pods share an IP while an old one is not gone yet).
-    by_ip: HashMap<IpAddr, BTreeSet<PodRef>>,
+    by_ip: HashMap<IpAddr, SmallSet<PodRef>>,
     /// Hairpin sources: every pod on this node, annotated or not.
     locals: local::Locals,
     /// The node's own sockets: keys they serve are refused.

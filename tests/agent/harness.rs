@@ -321,10 +321,19 @@ impl World {
             AGENT_SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let file = File::create(&log).expect("agent log file");
-        let mut cmd = self
-            .sandbox
-            .node
-            .command(env!("CARGO_BIN_EXE_podnat-controller"));
+        // PODNAT_AGENT_WRAP="heaptrack -o /tmp/ht/agent" (for example) runs
+        // the agent under a profiler: benches use it for footprint work.
+        let bin = env!("CARGO_BIN_EXE_podnat-controller");
+        let wrap = std::env::var("PODNAT_AGENT_WRAP").unwrap_or_default();
+        let mut words = wrap.split_whitespace();
+        let mut cmd = match words.next() {
+            Some(tool) => {
+                let mut c = self.sandbox.node.command(tool);
+                c.args(words).arg(bin);
+                c
+            }
+            None => self.sandbox.node.command(bin),
+        };
         // NODE_NAME as the chart sets it (exact: node-scoped watch), unless
         // the test gives a -nodeid of its own.
         if extra.iter().any(|a| a.starts_with("-nodeid")) {
