@@ -297,11 +297,6 @@ impl Reconciler {
         self
     }
 
-    /// A pod's facts, with its namespace's policy.
-    fn facts(&self, p: &k8s_openapi::api::core::v1::Pod) -> crate::plan::PodFacts {
-        facts_with(p, &self.cfg.annotation_key, &self.namespaces)
-    }
-
     /// What wake `w` asks for.
     fn due(&self, w: Wake) -> Due {
         match w {

@@ -264,18 +264,12 @@ fn one_shot_iptables_refuses_a_served_port_unless_the_guard_is_off() {
         "{stderr}"
     );
     let saved = ns.sh("iptables-nft-save -t nat");
-    let ports = |text: &str| -> Vec<u16> {
-        let mut p: Vec<u16> = text
-            .lines()
-            .filter(|l| l.starts_with("-A PODNAT_PRE") && l.contains("-j DNAT"))
-            .filter_map(|l| l.split("--dport ").nth(1)?.split(' ').next()?.parse().ok())
-            .collect();
-        p.sort();
-        p
-    };
-    assert_eq!(ports(&saved), [25, 143], "{saved}");
+    assert_eq!(dnat_ports(&saved), [25, 143].into(), "{saved}");
     run(&["-guardnodeports=false"]);
-    assert_eq!(ports(&ns.sh("iptables-nft-save -t nat")), [25, 143, 587]);
+    assert_eq!(
+        dnat_ports(&ns.sh("iptables-nft-save -t nat")),
+        [25, 143, 587].into()
+    );
 }
 
 /// One byte there and back on an open connection.
@@ -293,15 +287,17 @@ fn published(w: &World, flavor: &str) -> BTreeSet<u16> {
             .iter()
             .filter_map(|e| e.split(':').nth(1)?.split('/').next()?.parse().ok())
             .collect(),
-        _ => w
-            .sandbox
-            .node
-            .sh("iptables-nft-save -t nat")
-            .lines()
-            .filter(|l| l.starts_with("-A PODNAT_PRE") && l.contains("-j DNAT"))
-            .filter_map(|l| l.split("--dport ").nth(1)?.split(' ').next()?.parse().ok())
-            .collect(),
+        _ => dnat_ports(&w.sandbox.node.sh("iptables-nft-save -t nat")),
     }
+}
+
+/// The public ports of the agent's DNAT rules in `iptables-nft-save` text.
+fn dnat_ports(saved: &str) -> BTreeSet<u16> {
+    saved
+        .lines()
+        .filter(|l| l.starts_with("-A PODNAT_PRE") && l.contains("-j DNAT"))
+        .filter_map(|l| l.split("--dport ").nth(1)?.split(' ').next()?.parse().ok())
+        .collect()
 }
 
 #[test]

@@ -147,26 +147,6 @@ impl NamespaceFeed {
             all: std::mem::take(&mut p.all_changed),
         }
     }
-
-    /// A feed that never changes, with these policies (tests, one-shot).
-    pub fn fixed(
-        rules: NamespaceRules,
-        policies: impl IntoIterator<Item = (String, NamespacePolicy)>,
-    ) -> (watch::Sender<NamespaceState>, NamespaceFeed) {
-        let (tx, rx) = watch::channel(NamespaceState {
-            listed: true,
-            ..NamespaceState::default()
-        });
-        let feed = NamespaceFeed {
-            rules,
-            policies: Arc::new(Mutex::new(Policies {
-                by_name: policies.into_iter().collect(),
-                ..Policies::default()
-            })),
-            state: rx,
-        };
-        (tx, feed)
-    }
 }
 
 fn lock(p: &Mutex<Policies>) -> std::sync::MutexGuard<'_, Policies> {

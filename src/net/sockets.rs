@@ -3,9 +3,7 @@
 //! the agent runs in (the host's), per family. Kernel tunnel sockets (VXLAN,
 //! Geneve) are UDP sockets of the kernel and show up here like user ones.
 
-use netlink_packet_core::{
-    NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
-};
+use netlink_packet_core::{NetlinkHeader, NetlinkMessage, NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP};
 use netlink_packet_sock_diag::inet::{
     nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags,
@@ -13,6 +11,7 @@ use netlink_packet_sock_diag::inet::{
 use netlink_packet_sock_diag::SockDiagMessage;
 use netlink_sys::{protocols::NETLINK_SOCK_DIAG, Socket, SocketAddr};
 
+use super::dump::{read_dump, DumpError};
 use crate::model::{Families, Family, Proto};
 use crate::plan::admission::{Bound, NodeServices};
 
@@ -21,10 +20,8 @@ use crate::plan::admission::{Bound, NodeServices};
 pub enum SocketsError {
     #[error("cannot read the node's sockets (NETLINK_SOCK_DIAG): {0}")]
     Io(#[from] std::io::Error),
-    #[error("cannot decode a NETLINK_SOCK_DIAG answer: {0}")]
-    Decode(String),
-    #[error("the kernel refused the NETLINK_SOCK_DIAG dump (errno {0})")]
-    Refused(i32),
+    #[error("cannot read the node's sockets (NETLINK_SOCK_DIAG): {0}")]
+    Dump(#[from] DumpError),
 }
 
 /// Every TCP listener and unconnected UDP socket of `families`, with its
@@ -87,42 +84,26 @@ fn dump(
     let mut out = vec![0u8; msg.buffer_len()];
     msg.serialize(&mut out);
     sock.send(&out, 0)?;
-    loop {
-        let n = sock.recv(&mut &mut buf[..], 0)?;
-        let mut off = 0;
-        while off < n {
-            let msg = NetlinkMessage::<SockDiagMessage>::deserialize(&buf[off..n])
-                .map_err(|e| SocketsError::Decode(e.to_string()))?;
-            let len = msg.header.length as usize;
-            if len == 0 {
-                break;
-            }
-            off += (len + 3) & !3;
-            match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(()),
-                NetlinkPayload::Error(e) => {
-                    return Err(SocketsError::Refused(e.code.map_or(0, |c| c.get())));
-                }
-                NetlinkPayload::InnerMessage(SockDiagMessage::InetResponse(r)) => {
-                    let id = &r.header.socket_id;
-                    // Sockets not yet bound to a port serve nothing.
-                    if id.source_port == 0 {
-                        continue;
-                    }
-                    let v6only = r.nlas.iter().any(|n| matches!(n, Nla::SkV6Only(true)));
-                    found.push((
-                        proto,
-                        id.source_port,
-                        Bound {
-                            addr: id.source_address,
-                            v6only,
-                        },
-                    ));
-                }
-                _ => {}
-            }
+    read_dump(sock, buf, |m: SockDiagMessage| {
+        let SockDiagMessage::InetResponse(r) = m else {
+            return;
+        };
+        let id = &r.header.socket_id;
+        // Sockets not yet bound to a port serve nothing.
+        if id.source_port == 0 {
+            return;
         }
-    }
+        let v6only = r.nlas.iter().any(|n| matches!(n, Nla::SkV6Only(true)));
+        found.push((
+            proto,
+            id.source_port,
+            Bound {
+                addr: id.source_address,
+                v6only,
+            },
+        ));
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -29,7 +29,8 @@ pub enum NamespacePolicy {
 
 impl NamespacePolicy {
     /// Why entry (`port`, `proto`) may not be published; `None`: it may.
-    fn refuses(&self, port: u16, proto: Proto) -> Option<RefusalReason> {
+    /// The namespace's policy is asked first: it needs no address.
+    pub(crate) fn refuses(&self, port: u16, proto: Proto) -> Option<RefusalReason> {
         match self {
             NamespacePolicy::Open => None,
             NamespacePolicy::NotSelected => Some(RefusalReason::NamespaceNotSelected),
@@ -256,16 +257,8 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// The admission of one entry: the namespace's policy first (it needs no
-/// address), then, once the key is known, the node's sockets.
-pub(crate) fn namespace_refuses(
-    policy: &NamespacePolicy,
-    port: u16,
-    proto: Proto,
-) -> Option<RefusalReason> {
-    policy.refuses(port, proto)
-}
-
+/// Why a node service forbids `key`; `None` when none serves it or the
+/// agent held it first.
 pub(crate) fn node_refuses(services: &NodeServices, key: &NatKey) -> Option<RefusalReason> {
     if services.kept.contains(key) {
         return None;
@@ -343,20 +336,29 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_has_its_label_listed() {
+        for r in [
+            RefusalReason::NodeService(String::new()),
+            RefusalReason::NamespaceNotSelected,
+            RefusalReason::PortNotAllowed(String::new()),
+            RefusalReason::NamespacePolicyInvalid(String::new()),
+        ] {
+            assert!(RefusalReason::LABELS.contains(&r.metric_label()), "{r:?}");
+        }
+    }
+
+    #[test]
     fn namespace_policies() {
         let p = NamespacePolicy::Ports(PortAllotment::parse("25").unwrap());
-        assert_eq!(namespace_refuses(&p, 25, Proto::Tcp), None);
+        assert_eq!(p.refuses(25, Proto::Tcp), None);
         assert_eq!(
-            namespace_refuses(&p, 26, Proto::Tcp),
+            p.refuses(26, Proto::Tcp),
             Some(RefusalReason::PortNotAllowed("25".into()))
         );
         assert_eq!(
-            namespace_refuses(&NamespacePolicy::NotSelected, 25, Proto::Tcp),
+            NamespacePolicy::NotSelected.refuses(25, Proto::Tcp),
             Some(RefusalReason::NamespaceNotSelected)
         );
-        assert_eq!(
-            namespace_refuses(&NamespacePolicy::Open, 1, Proto::Udp),
-            None
-        );
+        assert_eq!(NamespacePolicy::Open.refuses(1, Proto::Udp), None);
     }
 }

@@ -9,7 +9,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::admission::{namespace_refuses, node_refuses};
+use super::admission::node_refuses;
 use super::{
     on_node, refusal, NatTable, NodeServices, Pending, PlanConfig, PodFacts, Refusal, Rejection,
 };
@@ -73,14 +73,28 @@ pub(crate) fn follow(dst: &mut NatTable, src: &NatTable, change: &TableChange) {
             (Err(i), Some(j)) => dst.rejected.insert(i, src.rejected[j].clone()),
             (Err(_), None) => {}
         }
-        let range = range_of(&dst.pending, |p| p.pod.cmp(pod));
-        let now = range_of(&src.pending, |p| p.pod.cmp(pod));
-        dst.pending.splice(range, src.pending[now].iter().cloned());
-        let range = range_of(&dst.refused, |r| r.pod.cmp(pod));
-        let now = range_of(&src.refused, |r| r.pod.cmp(pod));
-        dst.refused.splice(range, src.refused[now].iter().cloned());
+        let of = |list: &[Pending]| list[range_of(list, |p| p.pod.cmp(pod))].to_vec();
+        replace_run(&mut dst.pending, pod, of(&src.pending), |p| &p.pod);
+        let of = |list: &[Refusal]| list[range_of(list, |r| r.pod.cmp(pod))].to_vec();
+        replace_run(&mut dst.refused, pod, of(&src.refused), |r| &r.pod);
     }
     dst.conflicts.sort();
+}
+
+/// Replaces `pod`'s run in `list` (sorted by pod) with `items`; true when
+/// that changed it.
+fn replace_run<T: PartialEq>(
+    list: &mut Vec<T>,
+    pod: &PodRef,
+    items: Vec<T>,
+    pod_of: impl Fn(&T) -> &PodRef,
+) -> bool {
+    let range = range_of(list, |x| pod_of(x).cmp(pod));
+    if list[range.clone()] == items[..] {
+        return false;
+    }
+    list.splice(range, items);
+    true
 }
 
 /// Two successive changes of one sorted list as one: with S1 = S0 - d1 + a1
@@ -380,18 +394,37 @@ impl IncrementalPlan {
         self.replan_all(|s| s.table.public_address = address)
     }
 
-    /// The node's own sockets changed (rare: a node service started or
-    /// stopped): re-plans everything, as an address change does.
-    pub(crate) fn set_node_services(&mut self, services: NodeServices) -> TableChange {
-        if services == self.services {
+    /// The node's sockets as just read. Unchanged: nothing to do. Changed
+    /// (rare: a node service started or stopped): the keys the table holds
+    /// that a socket now serves are kept — the agent held them first, the
+    /// loop reports them — and everything is re-planned, as an address
+    /// change does.
+    pub(crate) fn set_node_services(&mut self, sockets: NodeServices) -> TableChange {
+        if sockets.same_sockets(&self.services) {
             return TableChange::default();
         }
+        let services = self.keeping_held(sockets);
         self.replan_all(|s| s.services = services)
     }
 
-    /// Sets the node's sockets for the next `reset` (which re-plans anyway).
-    pub(crate) fn replace_node_services(&mut self, services: NodeServices) {
-        self.services = services;
+    /// The node's sockets for the next `reset` (which re-plans anyway), the
+    /// keys held now kept as `set_node_services` keeps them.
+    pub(crate) fn replace_node_services(&mut self, sockets: NodeServices) {
+        self.services = self.keeping_held(sockets);
+    }
+
+    /// `sockets`, keeping the keys of this table that one of them serves.
+    fn keeping_held(&self, sockets: NodeServices) -> NodeServices {
+        let held = if sockets.is_empty() {
+            Default::default()
+        } else {
+            let dnat = &self.table.rules.dnat;
+            dnat.iter()
+                .filter(|m| sockets.serving(&m.key).is_some())
+                .map(|m| m.key)
+                .collect()
+        };
+        sockets.keeping(held)
     }
 
     /// The node's sockets the plan follows.
@@ -524,7 +557,7 @@ impl IncrementalPlan {
                 continue;
             }
             let policy = &s.facts.namespace_policy;
-            if let Some(reason) = namespace_refuses(policy, e.src_port, e.proto) {
+            if let Some(reason) = policy.refuses(e.src_port, e.proto) {
                 let ip = e.src_ip.or(self.table.public_address.get(e.family));
                 refused.push(refusal(pod, e, ip, reason));
                 continue;
@@ -603,19 +636,13 @@ impl IncrementalPlan {
     }
 
     fn set_refused(&mut self, pod: &PodRef, refused: Vec<Refusal>, dirty: &mut Dirty) {
-        let list = &mut self.table.refused;
-        let range = range_of(list, |r| r.pod.cmp(pod));
-        if list[range.clone()] != refused[..] {
-            list.splice(range, refused);
+        if replace_run(&mut self.table.refused, pod, refused, |r| &r.pod) {
             dirty.touch(pod);
         }
     }
 
     fn set_pending(&mut self, pod: &PodRef, pending: Vec<Pending>, dirty: &mut Dirty) {
-        let list = &mut self.table.pending;
-        let range = range_of(list, |p| p.pod.cmp(pod));
-        if list[range.clone()] != pending[..] {
-            list.splice(range, pending);
+        if replace_run(&mut self.table.pending, pod, pending, |p| &p.pod) {
             dirty.touch(pod);
         }
     }

@@ -19,7 +19,7 @@ use std::net::IpAddr;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
-use self::admission::{namespace_refuses, node_refuses};
+use self::admission::node_refuses;
 pub use self::admission::{NamespacePolicy, NodeServices, Refusal, RefusalReason};
 use crate::annotation::{self, AnnotationError};
 use crate::config::short_node_name;
@@ -209,7 +209,7 @@ pub fn plan_with(
                 continue;
             }
             let known_ip = e.src_ip.or(public_address.get(e.family));
-            if let Some(reason) = namespace_refuses(&p.namespace_policy, e.src_port, e.proto) {
+            if let Some(reason) = p.namespace_policy.refuses(e.src_port, e.proto) {
                 table.refused.push(refusal(&p.pod, e, known_ip, reason));
                 continue;
             }

@@ -3,7 +3,6 @@
 //! store, the events and the status.
 
 use super::*;
-use crate::model::NatKey;
 use crate::plan::NodeServices;
 
 impl Reconciler {
@@ -47,22 +46,23 @@ impl Reconciler {
         let replan = fresh || changed.relisted || self.inc.is_none();
         let change = if replan {
             let pods = self.feed.store.state();
-            let facts: Vec<_> = pods.iter().map(|p| self.facts(p)).collect();
+            let facts: Vec<_> = pods
+                .iter()
+                .map(|p| facts_with(p, &self.cfg.annotation_key, &self.namespaces))
+                .collect();
             let inc = self
                 .inc
                 .get_or_insert_with(|| IncrementalPlan::new(self.cfg.plan.clone(), choice.chosen));
             if let Some(s) = services {
-                let held = held_keys(inc.table(), &s);
-                inc.replace_node_services(s.keeping(held));
+                inc.replace_node_services(s);
             }
             inc.reset_at(&facts, choice.chosen);
             None
         } else {
             let inc = self.inc.as_mut().expect("planned before");
             let mut ch = inc.set_public_address(choice.chosen);
-            if let Some(s) = services.filter(|s| !s.same_sockets(inc.node_services())) {
-                let held = held_keys(inc.table(), &s);
-                ch.absorb(inc.set_node_services(s.keeping(held)));
+            if let Some(s) = services {
+                ch.absorb(inc.set_node_services(s));
             }
             for r in &changed.pods {
                 let next = match self.feed.store.get(&store_key(r)) {
@@ -291,21 +291,6 @@ impl Reconciler {
         self.shadowed = kept.clone();
         self.status.metrics.observe_shadowed(self.shadowed.len());
     }
-}
-
-/// The keys of `table` that a socket of `services` serves: the agent held
-/// them first, so they stay.
-fn held_keys(table: &NatTable, services: &NodeServices) -> std::collections::BTreeSet<NatKey> {
-    if services.is_empty() {
-        return Default::default();
-    }
-    table
-        .rules
-        .dnat
-        .iter()
-        .filter(|m| services.serving(&m.key).is_some())
-        .map(|m| m.key)
-        .collect()
 }
 
 fn log_apply(report: &ApplyReport, table: &NatTable, why: &str) {

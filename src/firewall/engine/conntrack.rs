@@ -20,6 +20,7 @@ use netlink_packet_netfilter::{
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
 use crate::model::Proto;
+use crate::net::dump::{read_dump, DumpError};
 
 /// Errors while flushing conntrack entries.
 #[derive(Debug, thiserror::Error)]
@@ -28,6 +29,8 @@ pub enum ConntrackError {
     Io(#[from] std::io::Error),
     #[error("conntrack netlink message: {0}")]
     Decode(String),
+    #[error("conntrack dump: {0}")]
+    Dump(#[from] DumpError),
     #[error("the kernel refused a conntrack request: errno {0}")]
     Refused(i32),
 }
@@ -118,38 +121,18 @@ fn flush_family(
 
     let mut doomed: Vec<Vec<Tuple>> = Vec::new();
     let mut buf = vec![0u8; 1 << 16];
-    'dump: loop {
-        let n = sock.recv(&mut &mut buf[..], 0)?;
-        let mut off = 0;
-        while off < n {
-            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&buf[off..n])
-                .map_err(|e| ConntrackError::Decode(e.to_string()))?;
-            let len = msg.header.length as usize;
-            if len == 0 {
-                break;
-            }
-            off += (len + 3) & !3;
-            match msg.payload {
-                NetlinkPayload::Done(_) => break 'dump,
-                NetlinkPayload::Error(e) => {
-                    return Err(ConntrackError::Refused(e.code.map_or(0, |c| c.get())));
+    read_dump(sock, &mut buf, |m: NetfilterMessage| {
+        let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = m.inner else {
+            return;
+        };
+        for a in attrs {
+            if let ConntrackAttribute::CtaTupleOrig(t) = a {
+                if destination(&t).is_some_and(|d| targets.contains(&d)) {
+                    doomed.push(t);
                 }
-                NetlinkPayload::InnerMessage(NetfilterMessage {
-                    inner: NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)),
-                    ..
-                }) => {
-                    for a in attrs {
-                        if let ConntrackAttribute::CtaTupleOrig(t) = a {
-                            if destination(&t).is_some_and(|d| targets.contains(&d)) {
-                                doomed.push(t);
-                            }
-                        }
-                    }
-                }
-                _ => {}
             }
         }
-    }
+    })?;
     let mut deleted = 0;
     for tuple in doomed {
         *seq += 1;
