@@ -18,7 +18,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use harness::{wait_for, EchoServer, World, NODE, WAIT};
+use support::crowd::{crowd, crowd_dual, without_counters};
 use support::netns::{Netns, POD_A_IP, POD_A_IP6, PUBLIC_IP};
+
+/// Foreign native tables of the crowd, with handles: the agent never
+/// touches them.
+fn foreign_tables(node: &Netns) -> String {
+    without_counters(&node.sh(
+        "nft -a list table ip kube-proxy; nft -a list table inet firewalld; nft -a list table ip6 kube-proxy",
+    ))
+}
 
 /// A TCP server in a namespace of the test: each accepted connection goes
 /// to `handle` on a thread of its own (with the stop flag); stops when
@@ -140,6 +149,9 @@ fn refused_rows(node: &Netns) -> Vec<(String, String)> {
 #[test]
 fn the_nodes_own_services_are_never_shadowed_in_either_family() {
     let w = World::new("guard");
+    // A crowded node: kube-proxy, Docker, Cilium, firewalld in both families.
+    crowd_dual(&w.sandbox.node);
+    let foreign = foreign_tables(&w.sandbox.node);
     let _echo = EchoServer::start(&w.sandbox.pod_a, 2525);
     // The node serves 8080/tcp on its public IPv4 address only, and
     // 5353/udp on the IPv6 wildcard that takes IPv4 too.
@@ -224,6 +236,11 @@ fn the_nodes_own_services_are_never_shadowed_in_either_family() {
     assert_eq!(w.dnat().len(), 1);
     let m = metrics(&w.sandbox.node);
     assert_eq!(metric(&m, "podnat_node_service_shadowed"), Some(1.0), "{m}");
+    assert_eq!(
+        foreign_tables(&w.sandbox.node),
+        foreign,
+        "foreign tables touched"
+    );
     drop(agent);
 }
 
@@ -313,6 +330,8 @@ fn namespaces_publish_what_the_admin_allows_iptables() {
 /// Selector and ports annotation, changed both ways while the agent runs.
 fn namespaces_publish_what_the_admin_allows(flavor: &str) {
     let w = World::new("nspolicy");
+    crowd(&w.sandbox.node);
+    let foreign = foreign_tables(&w.sandbox.node);
     let _echo = Server::long_echo(&w.sandbox.pod_a, 2525);
     let agent = w.start_agent_with(&[
         &format!("-firewallflavor={flavor}"),
@@ -425,6 +444,11 @@ fn namespaces_publish_what_the_admin_allows(flavor: &str) {
         published(&w, flavor).is_empty()
     });
     assert!(!harness::roundtrip(client, 25));
+    assert_eq!(
+        foreign_tables(&w.sandbox.node),
+        foreign,
+        "foreign tables touched"
+    );
     drop(agent);
 }
 
