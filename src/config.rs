@@ -188,8 +188,12 @@ pub struct Cli {
 
 #[derive(Debug, Clone, PartialEq, Eq, Subcommand)]
 pub enum Command {
-    /// Remove everything the agent owns from the kernel (its chains and jumps, or its table), nothing else.
-    Cleanup,
+    /// Remove everything the agent owns from the kernel, in both flavors and both families (found by its mark), nothing else.
+    Cleanup {
+        /// Remove only what the Go version cannot manage (local access, hairpin, IPv6, a port's second protocol, the nftables tables) and keep the rest, so traffic never stops on a rollback
+        #[arg(long = "for-go-version")]
+        for_go_version: bool,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -10,7 +10,7 @@ use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config, TlsSource};
 use podnat_controller::firewall::engine::{coexist, monitor};
 use podnat_controller::firewall::wire::netlink::NetlinkError;
-use podnat_controller::firewall::{backend_with_options, Backend, FirewallError, Names};
+use podnat_controller::firewall::{backend_with_options, cleanup, Backend, FirewallError, Names};
 use podnat_controller::http::access::{self, Access};
 use podnat_controller::http::review::ApiserverReviewer;
 use podnat_controller::http::{self, AddressSource, HttpContext};
@@ -108,16 +108,24 @@ fn run(config: Config) -> anyhow::Result<()> {
         config.families,
         config.local_access,
     );
-    if let Some(Command::Cleanup) = config.command {
+    if let Some(Command::Cleanup { for_go_version }) = config.command {
         if config.dry_run {
             println!(
-                "# cleanup would remove everything the {} flavor owns",
-                backend.name()
+                "# cleanup would remove everything the agent owns, in both flavors and families"
             );
             return Ok(());
         }
-        let removed = backend.cleanup().context("cleanup")?;
-        tracing::info!(flavor = backend.name(), removed, "cleanup done");
+        let removed = if for_go_version {
+            cleanup::for_go_version(&names, config.jump).context("cleanup --for-go-version")?
+        } else {
+            cleanup::everything(&names).context("cleanup")?
+        };
+        if removed.is_empty() {
+            println!("nothing of the agent's was found");
+        }
+        for line in removed {
+            println!("removed {line}");
+        }
         return Ok(());
     }
     let node_id = config

@@ -20,7 +20,7 @@ use podnat_controller::firewall::{view, ApplyReport, Backend};
 use podnat_controller::model::{Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox, POD_B_IP, PUBLIC_IP};
 use support::rules::{bulk, mail, names, publish};
-use support::save::{chain_decls, netlink_debug, write_with};
+use support::save::{agent_chain_decls, chain_decls, netlink_debug, write_with};
 
 const JUMP: &str = "\"podnat[jump_to_chain]\"";
 
@@ -140,7 +140,9 @@ fn iptables_nft_reads_the_rules_as_its_own() {
     assert_eq!(agent_save(&ns), agent_save(&twin));
     // Tables and base chains made as iptables-nft makes them: only the base
     // chains in use, with iptables-nft's hooks, priorities and policies.
-    assert_eq!(chain_decls(&ns, "ip"), chain_decls(&twin, "ip"));
+    // The agent's chains also carry its mark (nft shows it as a comment;
+    // iptables-nft-save does not).
+    assert_eq!(agent_chain_decls(&ns, "ip"), chain_decls(&twin, "ip"));
     assert_eq!(
         chain_decls(&ns, "ip").len(),
         6,
@@ -155,7 +157,19 @@ fn iptables_nft_reads_the_rules_as_its_own() {
             .unwrap()
     });
     assert_eq!(back, rules);
-    // ...and it would change nothing there.
+    // ...and it changes nothing there but the marks: the first apply makes
+    // the unmarked chains and base chains anew (one batch), the same rules
+    // in them; the next sends nothing.
+    let text = agent_save(&twin);
+    assert!(apply(&twin, &rules).rebuilt);
+    assert_eq!(agent_save(&twin), text);
+    assert_eq!(
+        agent_chain_decls(&twin, "ip"),
+        chain_decls(&ns, "ip")
+            .iter()
+            .map(|d| d.replace(support::save::MARK, ""))
+            .collect::<Vec<_>>()
+    );
     assert_eq!(apply(&twin, &rules).messages, 0);
 }
 
@@ -294,7 +308,7 @@ fn jumps_land_at_their_position_beside_foreign_rules() {
                 .cleanup()
                 .unwrap()
         });
-        assert!(removed);
+        assert!(!removed.is_empty(), "{removed:?}");
         if n > 0 {
             assert_eq!(ns.sh("iptables-nft-save | grep -v '^#'"), save_before);
         }
@@ -403,14 +417,14 @@ fn second_apply_sends_nothing_and_changes_touch_only_themselves() {
             .cleanup()
             .unwrap()
     });
-    assert!(removed);
+    assert!(!removed.is_empty(), "{removed:?}");
     assert_eq!(ns.sh("iptables-nft-save | grep -v '^#'"), save_before);
     let again = ns.run(|| {
         IptablesBackend::new(names(), JumpPositions::default())
             .cleanup()
             .unwrap()
     });
-    assert!(!again, "nothing left to remove");
+    assert!(again.is_empty(), "nothing left to remove: {again:?}");
 }
 
 #[test]
@@ -777,10 +791,15 @@ fn five_thousand_ports_in_one_batch() {
     let t_restore = start.elapsed();
     let _ = std::fs::remove_file(&file);
     eprintln!("  iptables-nft-restore of the same rules: {t_restore:?}");
-    let (back, rep) = twin.run(|| {
+    // Made without the agent's mark: the first apply adopts the chains (made
+    // anew, marked, in one batch), the next sends nothing.
+    let (back, adopt, rep) = twin.run(|| {
         let mut be = IptablesBackend::new(names(), JumpPositions::default());
-        (be.read().unwrap(), be.apply(&rules).unwrap())
+        let back = be.read().unwrap();
+        (back, be.apply(&rules).unwrap(), be.apply(&rules).unwrap())
     });
     assert_eq!(back, rules);
+    assert!(adopt.rebuilt, "{adopt:?}");
+    assert!(adopt.added_dnat.is_empty() && adopt.removed_dnat.is_empty());
     assert_eq!(rep.messages, 0);
 }

@@ -219,9 +219,10 @@ fn routed(flavor: Flavor, tag: &str) {
 
     // Cleanup removes the new objects too, and every foreign object is as
     // it was, handles included.
-    assert!(sb
+    assert!(!sb
         .node
-        .run(move || backend(flavor, true).cleanup().unwrap()));
+        .run(move || backend(flavor, true).cleanup().unwrap())
+        .is_empty());
     assert_eq!(
         without_counters(&ruleset(&sb.node)),
         without_counters(&before),

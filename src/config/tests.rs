@@ -259,10 +259,23 @@ fn bad_values_fail() {
 #[test]
 fn cleanup_subcommand_takes_flags_on_either_side() {
     let c = parse(&["cleanup", "-firewallflavor=nftables"]).unwrap();
-    assert!(matches!(c.command, Some(Command::Cleanup)));
+    assert!(matches!(
+        c.command,
+        Some(Command::Cleanup {
+            for_go_version: false
+        })
+    ));
     assert_eq!(c.flavor, Flavor::Nftables);
     let c = parse(&["-resourceprefix=pn", "cleanup"]).unwrap();
     assert_eq!(c.resource_prefix, "pn");
+    let c = parse(&["cleanup", "--for-go-version", "-iptablesjump=1,1,1"]).unwrap();
+    assert!(matches!(
+        c.command,
+        Some(Command::Cleanup {
+            for_go_version: true
+        })
+    ));
+    assert_eq!(c.jump.forward, 1);
 }
 
 #[test]

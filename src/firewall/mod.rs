@@ -4,6 +4,7 @@
 //! the backend for a flavor; a flavor only encodes, decodes and diffs, it
 //! never decides what should exist.
 
+pub mod cleanup;
 pub mod engine;
 pub mod flavors;
 pub(crate) mod names;
@@ -28,6 +29,9 @@ pub enum FirewallError {
     Netlink(#[from] NetlinkError),
     #[error("gave up after {0} retries: other writers kept changing the ruleset")]
     TooManyRetries(u32),
+    /// An object named as the agent names its own is someone else's.
+    #[error("{0}")]
+    NotOurs(String),
 }
 
 impl FirewallError {
@@ -38,6 +42,7 @@ impl FirewallError {
             FirewallError::Netlink(NetlinkError::Socket(_)) => "socket",
             FirewallError::Netlink(_) => "netlink",
             FirewallError::TooManyRetries(_) => "retries",
+            FirewallError::NotOurs(_) => "not_ours",
         }
     }
 }
@@ -96,8 +101,10 @@ pub trait Backend: Send {
     /// The changes `apply` would make, in the view's syntax; touches nothing.
     /// `assume_empty`: do not read the kernel (no CAP_NET_ADMIN).
     fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError>;
-    /// Removes everything the agent owns; false if there was nothing.
-    fn cleanup(&mut self) -> Result<bool, FirewallError>;
+    /// Removes everything the agent owns in this backend's families (by its
+    /// mark, never by a name alone); returns what it removed, a line per
+    /// object kind and family (none: there was nothing).
+    fn cleanup(&mut self) -> Result<Vec<String>, FirewallError>;
     /// The rule view of `rules` in this flavor's syntax.
     fn view(&self, rules: &RuleSet) -> String;
     /// Drops the remembered kernel state: the next apply reads the kernel.

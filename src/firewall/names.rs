@@ -95,3 +95,25 @@ impl Names {
         &self.prefix
     }
 }
+
+/// The ownership mark: the comment of every table and chain the agent
+/// creates (nf_tables userdata; `nft list` shows it, iptables-nft ignores
+/// it). It names the resource prefix, so agents with different prefixes
+/// never take each other's objects.
+impl Names {
+    pub fn mark(&self) -> String {
+        format!("podnat-controller:{}", self.prefix)
+    }
+
+    /// The mark as userdata, for NFTA_TABLE_USERDATA / NFTA_CHAIN_USERDATA.
+    pub fn mark_udata(&self) -> Vec<u8> {
+        crate::firewall::wire::udata::comment(&self.mark())
+    }
+
+    /// Whether `udata` (a table's or chain's) carries this agent's mark.
+    pub fn marked(&self, udata: Option<&[u8]>) -> bool {
+        udata
+            .and_then(crate::firewall::wire::udata::comment_of)
+            .is_some_and(|c| c == self.mark())
+    }
+}

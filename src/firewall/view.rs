@@ -257,7 +257,9 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         Family::Ipv6 => ("ip6", "ipv6_addr"),
     };
     let mut out = String::new();
+    let mark = n.mark();
     let _ = writeln!(out, "table {fam} {} {{", n.table());
+    let _ = writeln!(out, "\tcomment \"{mark}\"");
     let _ = writeln!(out, "\tmap {} {{", names::NFT_DNAT_MAP);
     let _ = writeln!(
         out,
@@ -295,6 +297,7 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         out.push_str("\t}\n\n");
     }
     let _ = writeln!(out, "\tchain {} {{", names::NFT_PRE_CHAIN);
+    let _ = writeln!(out, "\t\tcomment \"{mark}\"");
     let _ = writeln!(
         out,
         "\t\ttype nat hook prerouting priority {}; policy accept;",
@@ -316,6 +319,7 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
     let _ = writeln!(out, "{dnat}");
     out.push_str("\t}\n\n");
     let _ = writeln!(out, "\tchain {} {{", names::NFT_POST_CHAIN);
+    let _ = writeln!(out, "\t\tcomment \"{mark}\"");
     let _ = writeln!(
         out,
         "\t\ttype nat hook postrouting priority {}; policy accept;",
@@ -343,6 +347,7 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
     );
     out.push_str("\t}\n\n");
     let _ = writeln!(out, "\tchain {} {{", names::NFT_FORWARD_CHAIN);
+    let _ = writeln!(out, "\t\tcomment \"{mark}\"");
     let _ = writeln!(
         out,
         "\t\ttype filter hook forward priority {}; policy accept;",
@@ -356,6 +361,7 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
     out.push_str("\t}\n");
     if local {
         let _ = writeln!(out, "\n\tchain {} {{", names::NFT_OUTPUT_CHAIN);
+        let _ = writeln!(out, "\t\tcomment \"{mark}\"");
         // nft names no priority at the nat output hook: a plain number.
         let _ = writeln!(
             out,

@@ -80,6 +80,20 @@ pub fn chain_decls(ns: &Netns, family: &str) -> Vec<String> {
     decls
 }
 
+/// The agent's mark as `nft list` shows it on a table or chain.
+pub const MARK: &str = " comment \"podnat-controller:podnat\"";
+
+/// `chain_decls` of a namespace where every chain is the agent's: each must
+/// carry the mark; returned without it (as iptables-nft would make them).
+pub fn agent_chain_decls(ns: &Netns, family: &str) -> Vec<String> {
+    let decls = chain_decls(ns, family);
+    assert!(
+        decls.iter().all(|d| d.contains(MARK)),
+        "unmarked: {decls:?}"
+    );
+    decls.iter().map(|d| d.replace(MARK, "")).collect()
+}
+
 /// Writes the rules of a rule view (`iptables-save` syntax) with `tool`
 /// itself (iptables-nft or ip6tables-nft), one command per line: `-N` for
 /// each chain, `-A` for each rule. The twin the agent's encoding is compared

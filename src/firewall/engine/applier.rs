@@ -26,6 +26,9 @@ pub enum Planned<P> {
     /// The plan would need what the state does not know (a rule handle the
     /// kernel did not echo): read the kernel again.
     NeedsRead,
+    /// An object with the agent's name is not the agent's (no mark, not its
+    /// layout): nothing is sent, and this says which and what to do.
+    Foreign(String),
 }
 
 /// What a change does, for the report and the UDP conntrack flush.
@@ -84,13 +87,14 @@ pub trait Flavor: Send + 'static {
     /// The plan in the rule view's syntax (the dry run).
     fn render(&self, state: &Self::State, plan: &Self::Plan) -> String;
     /// Appends the messages that remove everything the agent owns (none if
-    /// there is nothing).
+    /// there is nothing); returns what they remove, a line per object kind
+    /// and family.
     fn teardown(
         &self,
         sock: &mut NfSocket,
         state: &Self::State,
         batch: &mut NftBatch,
-    ) -> Result<(), NetlinkError>;
+    ) -> Result<Vec<String>, NetlinkError>;
     fn interest(&self) -> Interest;
     /// The base chains holding the flavor's forward accepts.
     fn own_forward(&self) -> Vec<OwnForward<'_>>;
@@ -118,6 +122,11 @@ impl<F: Flavor> Applier<F> {
             self.sock = Some(NfSocket::open()?);
         }
         Ok(self.sock.as_mut().expect("socket just opened"))
+    }
+
+    /// What the kernel holds of the agent's, in the flavor's terms.
+    pub(crate) fn state(&mut self) -> Result<F::State, FirewallError> {
+        Ok(self.read_state()?)
     }
 
     fn read_state(&mut self) -> Result<F::State, NetlinkError> {
@@ -262,6 +271,7 @@ impl<F: Flavor> Backend for Applier<F> {
             let (state, planned) = self.state_for(generation, desired, &mut report)?;
             let plan = match planned {
                 Planned::Change(p) => p,
+                Planned::Foreign(what) => return Err(FirewallError::NotOurs(what)),
                 // NeedsRead after a fresh read cannot happen: the read
                 // knows every handle.
                 Planned::Nothing | Planned::NeedsRead => {
@@ -306,7 +316,7 @@ impl<F: Flavor> Backend for Applier<F> {
                 self.cache.set(generation, epoch, state);
                 return Ok(Some(report));
             }
-            None | Some(Planned::NeedsRead) => {
+            None | Some(Planned::NeedsRead) | Some(Planned::Foreign(_)) => {
                 self.cache.set(generation, epoch, state);
                 return Ok(None);
             }
@@ -330,11 +340,12 @@ impl<F: Flavor> Backend for Applier<F> {
         };
         Ok(match self.flavor.plan(&state, &desired) {
             Planned::Change(p) => self.flavor.render(&state, &p),
+            Planned::Foreign(what) => return Err(FirewallError::NotOurs(what)),
             Planned::Nothing | Planned::NeedsRead => String::new(),
         })
     }
 
-    fn cleanup(&mut self) -> Result<bool, FirewallError> {
+    fn cleanup(&mut self) -> Result<Vec<String>, FirewallError> {
         self.cache.clear();
         for attempt in 0..=MAX_RETRIES {
             let generation = self.sock()?.generation()?;
@@ -342,12 +353,12 @@ impl<F: Flavor> Backend for Applier<F> {
             let Applier { flavor, sock, .. } = self;
             let sock = sock.as_mut().expect("socket opened by read_state");
             let mut batch = NftBatch::new();
-            flavor.teardown(sock, &state, &mut batch)?;
+            let removed = flavor.teardown(sock, &state, &mut batch)?;
             if batch.is_empty() {
-                return Ok(false);
+                return Ok(Vec::new());
             }
             match sock.send_batch(batch.finalize(Some(generation))) {
-                Ok(()) => return Ok(true),
+                Ok(()) => return Ok(removed),
                 Err(NetlinkError::GenerationChanged { .. }) if attempt < MAX_RETRIES => continue,
                 Err(e) => return Err(e.into()),
             }

@@ -78,6 +78,7 @@ impl<F: Flavor> Flavor for PerFamily<F> {
             };
             plans.push(match p.plan(s, &mine) {
                 Planned::NeedsRead => return Planned::NeedsRead,
+                Planned::Foreign(what) => return Planned::Foreign(what),
                 Planned::Nothing => None,
                 Planned::Change(c) => Some(c),
             });
@@ -105,6 +106,7 @@ impl<F: Flavor> Flavor for PerFamily<F> {
             }
             plans.push(match p.plan_changes(s, &mine)? {
                 Planned::NeedsRead => return Some(Planned::NeedsRead),
+                Planned::Foreign(what) => return Some(Planned::Foreign(what)),
                 Planned::Nothing => None,
                 Planned::Change(c) => Some(c),
             });
@@ -185,11 +187,12 @@ impl<F: Flavor> Flavor for PerFamily<F> {
         sock: &mut NfSocket,
         state: &Self::State,
         batch: &mut NftBatch,
-    ) -> Result<(), NetlinkError> {
+    ) -> Result<Vec<String>, NetlinkError> {
+        let mut lines = Vec::new();
         for ((_, p), s) in self.parts.iter().zip(state) {
-            p.teardown(sock, s, batch)?;
+            lines.extend(p.teardown(sock, s, batch)?);
         }
-        Ok(())
+        Ok(lines)
     }
 
     fn interest(&self) -> Interest {

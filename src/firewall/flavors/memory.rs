@@ -176,12 +176,16 @@ impl Backend for MemoryBackend {
         })
     }
 
-    fn cleanup(&mut self) -> Result<bool, FirewallError> {
+    fn cleanup(&mut self) -> Result<Vec<String>, FirewallError> {
         self.known = None;
         let mut k = self.kernel();
-        let had = !k.rules.is_empty();
+        let n = k.rules.len();
         k.rules = RuleSet::default();
-        Ok(had)
+        Ok(if n > 0 {
+            vec![format!("memory: {n} rule(s)")]
+        } else {
+            Vec::new()
+        })
     }
 
     fn view(&self, rules: &RuleSet) -> String {

@@ -68,6 +68,7 @@ COMMIT
 fn nft_golden_mail_server() {
     let got = nft(&mail(), &Names::new("podnat"), Family::Ipv4);
     let want = "table ip podnat {
+\tcomment \"podnat-controller:podnat\"
 \tmap dnat_to_pod {
 \t\ttype ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service
 \t\telements = { 203.0.113.7 . tcp . 25 comment \"mail:mx-0\" : 10.1.0.5 . 25,
@@ -88,11 +89,13 @@ fn nft_golden_mail_server() {
 \t}
 
 \tchain prerouting {
+\t\tcomment \"podnat-controller:podnat\"
 \t\ttype nat hook prerouting priority dstnat - 1; policy accept;
 \t\tdnat ip to ip daddr . meta l4proto . th dport map @dnat_to_pod
 \t}
 
 \tchain postrouting {
+\t\tcomment \"podnat-controller:podnat\"
 \t\ttype nat hook postrouting priority srcnat - 1; policy accept;
 \t\tip daddr 127.0.0.0/8 return
 \t\tip daddr 10.0.0.0/8 return
@@ -102,6 +105,7 @@ fn nft_golden_mail_server() {
 \t}
 
 \tchain forward {
+\t\tcomment \"podnat-controller:podnat\"
 \t\ttype filter hook forward priority filter - 1; policy accept;
 \t\tct state new ip daddr . meta l4proto . th dport @forward_allowed accept
 \t}

@@ -3,3 +3,4 @@
 
 pub(crate) mod encode;
 pub mod netlink;
+pub(crate) mod udata;

@@ -89,6 +89,10 @@ pub struct Changes {
     /// UDP conntrack flush), not counting a rule that is only moved.
     pub(super) added_dnat: Vec<Mapping>,
     pub(super) removed_dnat: Vec<Mapping>,
+    /// Chains of an earlier version's, deleted first and made anew (marked)
+    /// by the rest of the plan, which is planned against the state without
+    /// them (`IptState::without`).
+    pub(super) adopt: Option<Adoption>,
 }
 
 impl Changes {
@@ -133,6 +137,7 @@ impl Changes {
             delta: false,
             added_dnat: Vec::new(),
             removed_dnat: Vec::new(),
+            adopt: None,
         };
         (changes.added_dnat, changes.removed_dnat) = changes.dnat_changes(state, desired);
         changes
@@ -198,11 +203,13 @@ impl Changes {
             delta: true,
             added_dnat: ch.add.dnat.clone(),
             removed_dnat: ch.del.dnat.clone(),
+            adopt: None,
         })
     }
 
     pub(super) fn creates(&self) -> bool {
-        self.create_nat
+        self.adopt.is_some()
+            || self.create_nat
             || self.create_filter
             || self.create_parent.iter().any(|c| *c)
             || self.create_own.iter().any(|c| *c)
@@ -217,6 +224,20 @@ impl Changes {
 
     /// Every handle the plan refers to is known (see `Slot`).
     pub(super) fn handles_known(&self, state: &IptState) -> bool {
+        if let Some(a) = &self.adopt {
+            // The jumps the adoption deletes, then the rest against the
+            // state without the adopted chains.
+            let jumps_known = a.own.iter().chain(&a.parents).all(|&i| {
+                state.parents[i]
+                    .iter()
+                    .all(|s| s.rule == ParentRule::Foreign || s.handle.is_some())
+            });
+            return jumps_known && self.rule_handles_known(&state.without(a));
+        }
+        self.rule_handles_known(state)
+    }
+
+    fn rule_handles_known(&self, state: &IptState) -> bool {
         (0..4).all(|i| {
             self.own[i]
                 .referenced()
@@ -244,8 +265,14 @@ impl Changes {
             local,
             parent_exists,
             own_exists,
+            table_marked,
+            parent_marked,
+            parent_shape_ok,
+            parent_earlier,
+            own_marked,
             ..
         } = state;
+        let created = |i: usize| managed[i] && !parent_exists[i];
         let mut parents = parents.into_iter();
         let mut own = own.into_iter();
         let mut after = IptState {
@@ -253,9 +280,19 @@ impl Changes {
             local,
             nat_exists: true,
             filter_exists: true,
+            table_marked: [
+                table_marked[0] || self.create_nat,
+                table_marked[1] || self.create_filter,
+            ],
             parent_exists: std::array::from_fn(|i| parent_exists[i] || managed[i]),
+            parent_marked: std::array::from_fn(|i| parent_marked[i] || created(i)),
+            parent_shape_ok: std::array::from_fn(|i| parent_shape_ok[i] || created(i)),
+            parent_earlier: std::array::from_fn(|i| parent_earlier[i] && !created(i)),
             own_exists: std::array::from_fn(|i| {
                 (own_exists[i] || managed[i]) && !self.delete_own[i]
+            }),
+            own_marked: std::array::from_fn(|i| {
+                (own_marked[i] || (managed[i] && !own_exists[i])) && !self.delete_own[i]
             }),
             parents: std::array::from_fn(|i| {
                 apply_plan(

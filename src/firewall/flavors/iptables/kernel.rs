@@ -4,20 +4,17 @@
 use super::*;
 
 impl Iptables {
-    fn exists(&self, sock: &mut NfSocket, msg: u32, attrs: &Attrs) -> Result<bool, NetlinkError> {
-        Ok(sock.get(msg, self.family.nfproto(), attrs)?.is_some())
-    }
-
-    fn chain_exists(
+    /// The chain `table`/`chain` as the kernel reports it, if it exists.
+    fn get_chain(
         &self,
         sock: &mut NfSocket,
         table: &str,
         chain: &str,
-    ) -> Result<bool, NetlinkError> {
+    ) -> Result<Option<Vec<u8>>, NetlinkError> {
         let mut a = Attrs::new();
         a.str(sys::NFTA_CHAIN_TABLE, table)
             .str(sys::NFTA_CHAIN_NAME, chain);
-        self.exists(sock, sys::NFT_MSG_GETCHAIN, &a)
+        sock.get(sys::NFT_MSG_GETCHAIN, self.family.nfproto(), &a)
     }
 
     /// The rules of one chain, in order: (handle, expressions).
@@ -43,10 +40,18 @@ impl Iptables {
     /// Reads the agent's chains and the parent chains back from the kernel.
     pub(super) fn read_state(&self, sock: &mut NfSocket) -> Result<IptState, NetlinkError> {
         let mut st = self.empty_state();
-        for (table, exists) in [(NAT, &mut st.nat_exists), (FILTER, &mut st.filter_exists)] {
+        for (i, table) in [NAT, FILTER].into_iter().enumerate() {
             let mut a = Attrs::new();
             a.str(sys::NFTA_TABLE_NAME, table);
-            *exists = self.exists(sock, sys::NFT_MSG_GETTABLE, &a)?;
+            let got = sock.get(sys::NFT_MSG_GETTABLE, self.family.nfproto(), &a)?;
+            st.table_marked[i] = got
+                .as_deref()
+                .is_some_and(|t| self.names.marked(find_attr(t, sys::NFTA_TABLE_USERDATA)));
+            if i == 0 {
+                st.nat_exists = got.is_some();
+            } else {
+                st.filter_exists = got.is_some();
+            }
         }
         let names = self.names.clone();
         let family = self.family;
@@ -56,13 +61,22 @@ impl Iptables {
                 continue;
             }
             let own = place.own(&names);
-            st.own_exists[i] = self.chain_exists(sock, place.table(), own)?;
+            let own_chain = self.get_chain(sock, place.table(), own)?;
+            st.own_exists[i] = own_chain.is_some();
+            st.own_marked[i] = own_chain
+                .as_deref()
+                .is_some_and(|c| names.marked(find_attr(c, sys::NFTA_CHAIN_USERDATA)));
             // A place not managed matters only while its chain is left over
             // (to retire it): no chain, no jump to it, nothing more to read.
             if !st.manages(i) && !st.own_exists[i] {
                 continue;
             }
-            st.parent_exists[i] = self.chain_exists(sock, place.table(), place.parent())?;
+            let parent = self.get_chain(sock, place.table(), place.parent())?;
+            st.parent_exists[i] = parent.is_some();
+            st.parent_marked[i] = parent
+                .as_deref()
+                .is_some_and(|c| names.marked(find_attr(c, sys::NFTA_CHAIN_USERDATA)));
+            st.parent_shape_ok[i] = parent.as_deref().is_some_and(|c| place.made_like(c));
             if st.parent_exists[i] {
                 st.parents[i] = self
                     .dump_chain(sock, place.table(), place.parent())?
@@ -94,7 +108,19 @@ impl Iptables {
                     .collect();
             }
         }
-        st.settled = st.own_sorted()
+        for i in 0..PLACES.len() {
+            // An earlier version's base chain: unmarked, as the agent makes
+            // it, holding nothing but the agent's jumps.
+            st.parent_earlier[i] = st.parent_exists[i]
+                && !st.parent_marked[i]
+                && st.parent_shape_ok[i]
+                && !st.parents[i].is_empty()
+                && st.parents[i]
+                    .iter()
+                    .all(|s| s.rule == ParentRule::Jump { exact: true });
+        }
+        st.settled = st.adoption().is_none()
+            && st.own_sorted()
             && st.places().iter().all(|p| {
                 let i = p.index();
                 let current: Vec<ParentRule> = st.parents[i].iter().map(|s| s.rule).collect();
@@ -164,12 +190,12 @@ impl Iptables {
         let fam = view::nft_family(self.family);
         let nat = Table::new(pf).with_name(NAT);
         let filter = Table::new(pf).with_name(FILTER);
-        for (create, table, name) in [
-            (changes.create_nat, &nat, NAT),
-            (changes.create_filter, &filter, FILTER),
-        ] {
+        for (create, name) in [(changes.create_nat, NAT), (changes.create_filter, FILTER)] {
             if create {
-                batch.add_table(table, MsgType::Add, format!("add table {fam} {name}"));
+                let marked = Table::new(pf)
+                    .with_name(name)
+                    .with_userdata(self.names.mark_udata());
+                batch.add_table(&marked, MsgType::Add, format!("add table {fam} {name}"));
             }
         }
         for place in PLACES {
@@ -177,7 +203,7 @@ impl Iptables {
             let table = if place.table() == NAT { &nat } else { &filter };
             if changes.create_parent[i] {
                 batch.add_chain(
-                    &place.base_chain(table),
+                    &place.base_chain(table, &self.names),
                     MsgType::Add,
                     format!(
                         "add chain {} to table {fam} {}",
@@ -189,7 +215,9 @@ impl Iptables {
             let own = place.own(&self.names);
             if changes.create_own[i] {
                 batch.add_chain(
-                    &Chain::new(table).with_name(own),
+                    &Chain::new(table)
+                        .with_name(own)
+                        .with_userdata(self.names.mark_udata()),
                     MsgType::Add,
                     format!("add chain {own} to table {fam} {}", place.table()),
                 );
@@ -236,6 +264,46 @@ impl Iptables {
             }
         }
         inserted
+    }
+
+    /// The deletes that open an adoption (`Adoption`): every jump to the
+    /// adopted chains and the adopted base chains' jumps, then the chains.
+    pub(super) fn encode_adoption(&self, batch: &mut NftBatch, state: &IptState, a: &Adoption) {
+        let mut places: Vec<usize> = a.own.iter().chain(&a.parents).copied().collect();
+        places.sort_unstable();
+        places.dedup();
+        for &i in &places {
+            for slot in &state.parents[i] {
+                if let (ParentRule::Jump { .. }, Some(h)) = (slot.rule, slot.handle) {
+                    self.delete_rule(batch, PLACES[i], PLACES[i].parent(), h);
+                }
+            }
+        }
+        for &i in &a.own {
+            self.flush_chain(batch, PLACES[i]);
+        }
+        for &i in &a.own {
+            self.delete_chain(batch, PLACES[i]);
+        }
+        for &i in &a.parents {
+            self.delete_base_chain(batch, PLACES[i]);
+        }
+    }
+
+    /// Deletes the (empty) base chain of `place`.
+    pub(super) fn delete_base_chain(&self, batch: &mut NftBatch, place: Place) {
+        let mut a = Attrs::new();
+        a.str(sys::NFTA_CHAIN_TABLE, place.table())
+            .str(sys::NFTA_CHAIN_NAME, place.parent());
+        batch.add(
+            NftMsg::new(sys::NFT_MSG_DELCHAIN, 0, a).in_family(self.family),
+            format!(
+                "delete base chain {} in table {} {}",
+                place.parent(),
+                view::nft_family(self.family),
+                place.table()
+            ),
+        );
     }
 
     /// Empties the agent's chain of `place` (one DELRULE without a handle).

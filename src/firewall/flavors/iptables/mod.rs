@@ -34,8 +34,8 @@ use crate::firewall::engine::monitor::{Interest, TableInterest};
 use crate::firewall::names::{internal_returns, Names};
 use crate::firewall::view;
 use crate::firewall::wire::netlink::{
-    attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError, NfSocket,
-    NftBatch, NftMsg, Scope,
+    attr_be32, attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError,
+    NfSocket, NftBatch, NftMsg, Scope,
 };
 use crate::model::{Families, Family, Mapping, RuleSet};
 const NAT: &str = "nat";
@@ -87,20 +87,43 @@ impl Place {
         }
     }
 
-    /// The base chain as iptables-nft creates it on first use (hook,
-    /// priority, type; policy accept).
-    fn base_chain(self, table: &Table) -> Chain {
-        let (hook, priority, ty) = match self {
+    /// The base chain's hook, priority and type, as iptables-nft creates
+    /// it on first use.
+    fn hook(self) -> (HookClass, i32, ChainType) {
+        match self {
             Place::Pre => (HookClass::PreRouting, -100, ChainType::Nat),
             Place::Post => (HookClass::PostRouting, 100, ChainType::Nat),
             Place::Forward => (HookClass::Forward, 0, ChainType::Filter),
             Place::Output => (HookClass::Out, -100, ChainType::Nat),
-        };
+        }
+    }
+
+    /// The base chain as iptables-nft creates it (policy accept), with the
+    /// agent's mark.
+    fn base_chain(self, table: &Table, names: &Names) -> Chain {
+        let (hook, priority, ty) = self.hook();
         Chain::new(table)
             .with_name(self.parent())
             .with_hook(Hook::new(hook, priority))
             .with_policy(ChainPolicy::Accept)
             .with_type(ty)
+            .with_userdata(names.mark_udata())
+    }
+
+    /// Whether the dumped chain `c` is this place's base chain as the agent
+    /// (or iptables-nft) makes it: hook, priority, type, policy accept.
+    fn made_like(self, c: &[u8]) -> bool {
+        let (hook, priority, ty) = self.hook();
+        let h = find_attr(c, sys::NFTA_CHAIN_HOOK).unwrap_or(&[]);
+        let ty = if ty == ChainType::Nat {
+            "nat"
+        } else {
+            "filter"
+        };
+        attr_be32(h, sys::NFTA_HOOK_HOOKNUM) == Some(hook as u32)
+            && attr_be32(h, sys::NFTA_HOOK_PRIORITY) == Some(priority as u32)
+            && attr_str(c, sys::NFTA_CHAIN_TYPE).as_deref() == Some(ty)
+            && attr_be32(c, sys::NFTA_CHAIN_POLICY) == Some(libc::NF_ACCEPT as u32)
     }
 
     fn own(self, n: &Names) -> &str {
@@ -141,11 +164,22 @@ pub struct IptState {
     local: Option<String>,
     nat_exists: bool,
     filter_exists: bool,
+    /// `ip nat`, `ip filter`: made (and marked) by the agent.
+    table_marked: [bool; 2],
     /// Per place (`PLACES`); all four are read (so `cleanup` finds an
     /// OUTPUT chain left from a run with local access), the managed ones
     /// planned.
     parent_exists: [bool; 4],
+    /// The base chain carries the agent's mark: the agent made it.
+    parent_marked: [bool; 4],
+    /// The base chain is as iptables-nft (and the agent) makes it.
+    parent_shape_ok: [bool; 4],
+    /// Unmarked, as made, and holding only the agent's jumps: an earlier
+    /// version made it (adopted at the next apply, removed by `cleanup`).
+    parent_earlier: [bool; 4],
     own_exists: [bool; 4],
+    /// The agent's chain carries its mark.
+    own_marked: [bool; 4],
     /// Parent chains: which rules jump to the agent's chain.
     parents: [Vec<Slot<ParentRule>>; 4],
     /// The agent's chains: `None` for a rule that is not its encoding.
@@ -165,13 +199,61 @@ impl IptState {
         }
     }
 
-    /// Anything of the agent's exists (for `cleanup`).
-    fn anything(&self) -> bool {
-        self.own_exists.iter().any(|e| *e)
-            || self
-                .parents
-                .iter()
-                .any(|p| p.iter().any(|s| s.rule != ParentRule::Foreign))
+    /// The chain named as the agent's chain of place `i` is someone else's:
+    /// unmarked, and holding a rule that is not the agent's.
+    fn own_foreign(&self, i: usize) -> bool {
+        self.own_exists[i] && !self.own_marked[i] && self.own[i].iter().any(|s| s.rule.is_none())
+    }
+
+    /// The agent's chain of place `i` exists and is the agent's (marked, or
+    /// an earlier version's holding only the agent's rules).
+    fn own_owned(&self, i: usize) -> bool {
+        self.own_exists[i] && !self.own_foreign(i)
+    }
+
+    /// The first managed place whose chain is someone else's.
+    fn foreign_place(&self) -> Option<Place> {
+        self.places()
+            .iter()
+            .copied()
+            .find(|p| self.own_foreign(p.index()))
+    }
+
+    /// What an earlier version made without marks and the next apply makes
+    /// anew, marked, in the same batch (the kernel keeps the userdata a
+    /// table or chain was created with): `None` when nothing is unmarked.
+    fn adoption(&self) -> Option<Adoption> {
+        let managed = 0..self.places().len();
+        let unmarked_own = managed
+            .clone()
+            .any(|i| self.own_owned(i) && !self.own_marked[i]);
+        let parents: Vec<usize> = managed.filter(|&i| self.parent_earlier[i]).collect();
+        if !unmarked_own && parents.is_empty() {
+            return None;
+        }
+        // Every chain of the agent's is made anew (`<PREFIX>_OUTPUT` jumps
+        // to `<PREFIX>_PRE`: one cannot go without the other).
+        let own = (0..PLACES.len()).filter(|&i| self.own_owned(i)).collect();
+        Some(Adoption { own, parents })
+    }
+
+    /// The state once `a`'s deletes are done: its chains gone, and with
+    /// them every jump to them.
+    fn without(&self, a: &Adoption) -> IptState {
+        let mut st = self.clone();
+        for &i in &a.own {
+            st.own_exists[i] = false;
+            st.own_marked[i] = false;
+            st.own[i].clear();
+            st.parents[i].retain(|s| s.rule == ParentRule::Foreign);
+        }
+        for &i in &a.parents {
+            st.parent_exists[i] = false;
+            st.parent_earlier[i] = false;
+            st.parents[i].clear();
+        }
+        st.settled = false;
+        st
     }
 
     /// The places managed (see `places`).
@@ -225,6 +307,16 @@ impl IptState {
     }
 }
 
+/// Chains an earlier version made without the agent's mark, made anew by
+/// the next apply (indices of `PLACES`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Adoption {
+    /// The agent's chains (flushed, deleted, made again marked).
+    own: Vec<usize>,
+    /// Base chains holding only the agent's jumps.
+    parents: Vec<usize>,
+}
+
 /// The iptables flavor: the agent's chains and jumps in iptables-nft's
 /// tables. Pure but for `read`/`teardown`, which dump through the
 /// applier's socket.
@@ -264,6 +356,15 @@ impl IptablesBackend {
         }))
     }
 
+    /// Whether any of the agent's chains exists (marked, or an earlier
+    /// version's), in any of the backend's families.
+    pub fn owns_chains(&mut self) -> Result<bool, crate::firewall::FirewallError> {
+        Ok(self
+            .state()?
+            .iter()
+            .any(|s| (0..PLACES.len()).any(|i| s.own_owned(i))))
+    }
+
     /// Changes the jump positions (the next apply moves the jumps).
     pub fn set_jump_positions(&mut self, jumps: JumpPositions) {
         for (_, part) in self.flavor.parts_mut() {
@@ -297,7 +398,29 @@ impl Flavor for Iptables {
     }
 
     fn plan(&self, state: &IptState, desired: &RuleSet) -> Planned<Changes> {
-        let changes = Changes::plan(state, desired, &self.jumps);
+        if let Some(place) = state.foreign_place() {
+            return Planned::Foreign(format!(
+                "chain {} in table {} {} exists and is not the agent's: it has no \"{}\" \
+                 comment and holds rules the agent did not write; remove it or choose \
+                 another -resourceprefix",
+                place.own(&self.names),
+                view::nft_family(self.family),
+                place.table(),
+                self.names.mark()
+            ));
+        }
+        let adopt = state.adoption();
+        let changes = match adopt {
+            None => Changes::plan(state, desired, &self.jumps),
+            Some(a) => {
+                let mut c = Changes::plan(&state.without(&a), desired, &self.jumps);
+                // Reported against what the kernel holds, not the state
+                // with the agent's chains gone.
+                (c.added_dnat, c.removed_dnat) = c.dnat_changes(state, desired);
+                c.adopt = Some(a);
+                c
+            }
+        };
         if changes.is_empty() {
             Planned::Nothing
         } else if !changes.handles_known(state) {
@@ -328,7 +451,13 @@ impl Flavor for Iptables {
         state: &IptState,
         plan: &Changes,
     ) -> Vec<(u32, Inserted)> {
-        self.build(batch, state, plan)
+        match &plan.adopt {
+            None => self.build(batch, state, plan),
+            Some(a) => {
+                self.encode_adoption(batch, state, a);
+                self.build(batch, &state.without(a), plan)
+            }
+        }
     }
 
     fn describe(&self, plan: &Changes, sent: &Vec<(u32, Inserted)>, seq: u32) -> Option<String> {
@@ -353,6 +482,10 @@ impl Flavor for Iptables {
         sent: Vec<(u32, Inserted)>,
         echoes: &[Echo],
     ) -> IptState {
+        let state = match &plan.adopt {
+            None => state,
+            Some(a) => state.without(a),
+        };
         plan.after(state, &echoed_handles(&sent, echoes))
     }
 
@@ -365,27 +498,39 @@ impl Flavor for Iptables {
     }
 
     fn render(&self, state: &IptState, plan: &Changes) -> String {
-        self.render_changes(state, plan)
+        match &plan.adopt {
+            None => self.render_changes(state, plan),
+            Some(a) => {
+                self.render_adoption(state, a) + &self.render_changes(&state.without(a), plan)
+            }
+        }
     }
 
     /// Jumps first (a chain still referenced cannot be deleted), from
-    /// wherever they are in the two tables, then the agent's chains.
+    /// wherever they are in the two tables, then the agent's chains, then
+    /// the base chains and tables the agent made that nothing else uses.
+    /// A chain named like the agent's but not its own stays, with its jumps.
     fn teardown(
         &self,
         sock: &mut NfSocket,
         state: &IptState,
         batch: &mut NftBatch,
-    ) -> Result<(), NetlinkError> {
-        if !state.anything() {
-            return Ok(());
-        }
+    ) -> Result<Vec<String>, NetlinkError> {
         let names = &self.names;
         let (af, fam) = (self.family.nfproto(), view::nft_family(self.family));
-        for table in [NAT, FILTER] {
+        let owned: Vec<Place> = PLACES
+            .into_iter()
+            .filter(|p| state.own_owned(p.index()))
+            .collect();
+        let mut jumps = 0;
+        let mut chains = Vec::new();
+        let mut bases = Vec::new();
+        let mut tables = Vec::new();
+        for (t, table) in [NAT, FILTER].into_iter().enumerate() {
             if !state.table_exists(table) {
                 continue;
             }
-            let own: Vec<&str> = PLACES
+            let own: Vec<&str> = owned
                 .iter()
                 .filter(|p| p.table() == table)
                 .map(|p| p.own(names))
@@ -410,22 +555,75 @@ impl Flavor for Iptables {
                             "delete the jump to {target} in chain {chain} of table {fam} {table}"
                         ),
                     );
+                    jumps += 1;
+                }
+            }
+            // Every chain flushed before any is deleted: `<PREFIX>_OUTPUT`
+            // jumps to `<PREFIX>_PRE`, and a referenced chain cannot go.
+            let here: Vec<Place> = owned
+                .iter()
+                .copied()
+                .filter(|p| p.table() == table)
+                .collect();
+            for place in &here {
+                self.flush_chain(batch, *place);
+            }
+            let mut gone: Vec<String> = Vec::new();
+            for place in &here {
+                self.delete_chain(batch, *place);
+                chains.push(format!("{table} {}", place.own(names)));
+                gone.push(place.own(names).to_string());
+            }
+            // A base chain the agent made (or an earlier version's holding
+            // only its jumps) goes once nothing but the agent's jumps to
+            // chains that go were in it.
+            for place in PLACES.into_iter().filter(|p| p.table() == table) {
+                let i = place.index();
+                let ours = state.parent_marked[i] || state.parent_earlier[i];
+                let emptied = state.parents[i]
+                    .iter()
+                    .all(|s| s.rule != ParentRule::Foreign && state.own_owned(i));
+                if state.parent_exists[i] && ours && emptied {
+                    self.delete_base_chain(batch, place);
+                    bases.push(format!("{table} {}", place.parent()));
+                    gone.push(place.parent().to_string());
+                }
+            }
+            // A table the agent made goes once every chain in it goes.
+            if state.table_marked[t] {
+                let rest = sock
+                    .dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?
+                    .iter()
+                    .filter_map(|c| attr_str(c, sys::NFTA_CHAIN_NAME))
+                    .filter(|c| !gone.contains(c))
+                    .count();
+                let sets = sock.dump_scoped(sys::NFT_MSG_GETSET, &scope)?.len();
+                if rest == 0 && sets == 0 {
+                    let mut a = Attrs::new();
+                    a.str(sys::NFTA_TABLE_NAME, table);
+                    batch.add(
+                        NftMsg::new(sys::NFT_MSG_DELTABLE, 0, a).in_family(self.family),
+                        format!("delete table {fam} {table}"),
+                    );
+                    tables.push(table.to_string());
                 }
             }
         }
-        // Every chain flushed before any is deleted: `<PREFIX>_OUTPUT` jumps
-        // to `<PREFIX>_PRE`, and a referenced chain cannot be deleted.
-        let existing: Vec<Place> = PLACES
-            .into_iter()
-            .filter(|p| state.own_exists[p.index()])
-            .collect();
-        for place in &existing {
-            self.flush_chain(batch, *place);
+        let mut lines = Vec::new();
+        let head = format!("{fam} iptables:");
+        if jumps > 0 {
+            lines.push(format!("{head} {jumps} jump rule(s)"));
         }
-        for place in &existing {
-            self.delete_chain(batch, *place);
+        for (kind, list) in [
+            ("chains", chains),
+            ("base chains", bases),
+            ("tables", tables),
+        ] {
+            if !list.is_empty() {
+                lines.push(format!("{head} {kind} {}", list.join(", ")));
+            }
         }
-        Ok(())
+        Ok(lines)
     }
 
     fn interest(&self) -> Interest {

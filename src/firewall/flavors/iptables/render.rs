@@ -59,6 +59,47 @@ impl Iptables {
 
     /// The changes as iptables-restore input (`--noflush`): per table,
     /// `-N` for missing chains, `-D` for deletes, `-I`/`-A` for inserts.
+    /// An adoption's deletes as iptables-restore lines (the marks it adds
+    /// are not iptables text): the jumps, then the chains, by table.
+    pub(super) fn render_adoption(&self, state: &IptState, a: &Adoption) -> String {
+        let n = &self.names;
+        let mut out = String::from("# adopted: made anew with the agent's mark\n");
+        for table in [NAT, FILTER] {
+            let mut t = String::new();
+            for &i in a.own.iter().chain(&a.parents) {
+                let place = PLACES[i];
+                if place.table() != table {
+                    continue;
+                }
+                for s in &state.parents[i] {
+                    if s.rule != ParentRule::Foreign {
+                        let jump = line(
+                            &AgentRule::Jump(place.own(n).to_string()),
+                            place,
+                            n,
+                            self.family,
+                        );
+                        let _ = writeln!(t, "{}", respec(&jump, &format!("-D {}", place.parent())));
+                    }
+                }
+            }
+            for &i in &a.own {
+                if PLACES[i].table() == table {
+                    let _ = writeln!(t, "-F {}", PLACES[i].own(n));
+                }
+            }
+            for &i in &a.own {
+                if PLACES[i].table() == table {
+                    let _ = writeln!(t, "-X {}", PLACES[i].own(n));
+                }
+            }
+            if !t.is_empty() {
+                let _ = write!(out, "*{table}\n{t}COMMIT\n");
+            }
+        }
+        out
+    }
+
     pub(super) fn render_changes(&self, state: &IptState, changes: &Changes) -> String {
         let n = &self.names;
         let mut out = String::new();

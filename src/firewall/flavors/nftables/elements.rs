@@ -5,6 +5,7 @@
 use super::*;
 #[cfg(test)]
 use crate::firewall::comment_for;
+use crate::firewall::wire::udata;
 use crate::firewall::MAX_COMMENT;
 
 // Element encodings: every concatenated field padded to 4 bytes.
@@ -37,17 +38,7 @@ fn comment_udata(owner: &PodRef) -> Vec<u8> {
 }
 
 pub(super) fn parse_comment_udata(u: &[u8]) -> Option<PodRef> {
-    let mut rest = u;
-    while rest.len() >= 2 {
-        let (ty, len) = (rest[0], rest[1] as usize);
-        let val = rest.get(2..2 + len)?;
-        if ty == 0 {
-            let end = val.iter().position(|&b| b == 0).unwrap_or(val.len());
-            return PodRef::from_comment(std::str::from_utf8(&val[..end]).ok()?);
-        }
-        rest = &rest[2 + len..];
-    }
-    None
+    PodRef::from_comment(udata::comment_of(u)?)
 }
 
 /// A key or data value: concatenated fields, each padded to 4 bytes (at

@@ -183,3 +183,71 @@ pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
         }
     }
 }
+
+/// The sets, chains and rules of a table, as dumped.
+pub(super) struct TableDump {
+    pub(super) sets: Vec<Vec<u8>>,
+    pub(super) chains: Vec<Vec<u8>>,
+    pub(super) rules: Vec<Vec<u8>>,
+}
+
+impl TableDump {
+    /// Whether the table holds exactly the agent's sets, base chains and
+    /// rules for `family` (with `local`: the output chain and local set).
+    pub(super) fn is_layout(&self, family: Family, local: bool) -> bool {
+        let shapes = sets_of(family, local);
+        let chain_shapes = chains_of(local);
+        let mut ok = self.sets.len() == shapes.len();
+        for shape in &shapes {
+            let found = self
+                .sets
+                .iter()
+                .find(|s| attr_str(s, sys::NFTA_SET_NAME).as_deref() == Some(shape.name));
+            ok &= found.is_some_and(|s| {
+                let flags = attr_be32(s, sys::NFTA_SET_FLAGS).unwrap_or(0);
+                attr_be32(s, sys::NFTA_SET_KEY_TYPE) == Some(shape.key_type)
+                    && attr_be32(s, sys::NFTA_SET_KEY_LEN) == Some(shape.key_len)
+                    && (flags & sys::NFT_SET_MAP != 0) == shape.data.is_some()
+                    && shape.data.is_none_or(|(t, l)| {
+                        attr_be32(s, sys::NFTA_SET_DATA_TYPE) == Some(t)
+                            && attr_be32(s, sys::NFTA_SET_DATA_LEN) == Some(l)
+                    })
+            });
+        }
+        ok &= self.chains.len() == chain_shapes.len();
+        for shape in chain_shapes {
+            let found = self
+                .chains
+                .iter()
+                .find(|c| attr_str(c, sys::NFTA_CHAIN_NAME).as_deref() == Some(shape.name));
+            ok &= found.is_some_and(|c| {
+                let hook = find_attr(c, sys::NFTA_CHAIN_HOOK).unwrap_or(&[]);
+                attr_be32(hook, sys::NFTA_HOOK_HOOKNUM) == Some(shape.hook as u32)
+                    && attr_be32(hook, sys::NFTA_HOOK_PRIORITY) == Some(shape.priority as u32)
+                    && attr_str(c, sys::NFTA_CHAIN_TYPE).as_deref()
+                        == Some(if shape.nat { "nat" } else { "filter" })
+                    && attr_be32(c, sys::NFTA_CHAIN_POLICY) == Some(libc::NF_ACCEPT as u32)
+            });
+        }
+        for shape in chain_shapes {
+            let want: Vec<Vec<&str>> = chain_rules(shape.name, family, local)
+                .iter()
+                .map(|e| e.names().to_vec())
+                .collect();
+            let got: Vec<Vec<String>> = self
+                .rules
+                .iter()
+                .filter(|r| attr_str(r, sys::NFTA_RULE_CHAIN).as_deref() == Some(shape.name))
+                .map(|r| {
+                    encode::expr_names(find_attr(r, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]))
+                })
+                .collect();
+            ok &= want == got;
+        }
+        ok && self.rules.len()
+            == chain_shapes
+                .iter()
+                .map(|c| chain_rules(c.name, family, local).len())
+                .sum::<usize>()
+    }
+}

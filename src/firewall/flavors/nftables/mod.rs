@@ -34,9 +34,26 @@ use self::layout::*;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NativeState {
     pub table_exists: bool,
+    /// The table carries the agent's mark (`Names::mark`).
+    pub marked: bool,
+    /// Unmarked, but exactly the agent's layout (with or without local
+    /// access): made by an earlier version, adopted at the next apply.
+    pub earlier: bool,
     /// Table, sets, chains and rules are exactly the agent's layout.
     pub structure_ok: bool,
     pub rules: RuleSet,
+}
+
+impl NativeState {
+    /// The agent's table: marked, or an earlier version's.
+    pub fn owned(&self) -> bool {
+        self.table_exists && (self.marked || self.earlier)
+    }
+
+    /// A table with the agent's name that is not the agent's.
+    pub fn foreign(&self) -> bool {
+        self.table_exists && !self.owned()
+    }
 }
 
 /// The native flavor for one family: the layout of the table `ip <prefix>`
@@ -98,80 +115,36 @@ impl Nftables {
         let mut a = Attrs::new();
         a.str(sys::NFTA_TABLE_NAME, &tname);
         let af = self.family.nfproto();
-        if sock.get(sys::NFT_MSG_GETTABLE, af, &a)?.is_none() {
+        let Some(table) = sock.get(sys::NFT_MSG_GETTABLE, af, &a)? else {
             return Ok(NativeState::default());
-        }
-        let mut ok = true;
+        };
+        let marked = self
+            .names
+            .marked(find_attr(&table, sys::NFTA_TABLE_USERDATA));
 
         // Only what is in our table: chains of every table come back from the
         // kernel's chain dump, and a crowded node has many.
         let scope = Scope::table(af, &tname);
-        let sets = sock.dump_scoped(sys::NFT_MSG_GETSET, &scope)?;
-        let shapes = sets_of(self.family, self.local);
-        let chain_shapes = chains_of(self.local);
-        ok &= sets.len() == shapes.len();
-        for shape in &shapes {
-            let found = sets
-                .iter()
-                .find(|s| attr_str(s, sys::NFTA_SET_NAME).as_deref() == Some(shape.name));
-            ok &= found.is_some_and(|s| {
-                let flags = attr_be32(s, sys::NFTA_SET_FLAGS).unwrap_or(0);
-                attr_be32(s, sys::NFTA_SET_KEY_TYPE) == Some(shape.key_type)
-                    && attr_be32(s, sys::NFTA_SET_KEY_LEN) == Some(shape.key_len)
-                    && (flags & sys::NFT_SET_MAP != 0) == shape.data.is_some()
-                    && shape.data.is_none_or(|(t, l)| {
-                        attr_be32(s, sys::NFTA_SET_DATA_TYPE) == Some(t)
-                            && attr_be32(s, sys::NFTA_SET_DATA_LEN) == Some(l)
-                    })
-            });
-        }
-
-        let chains = sock.dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?;
-        ok &= chains.len() == chain_shapes.len();
-        for shape in chain_shapes {
-            let found = chains
-                .iter()
-                .find(|c| attr_str(c, sys::NFTA_CHAIN_NAME).as_deref() == Some(shape.name));
-            ok &= found.is_some_and(|c| {
-                let hook = find_attr(c, sys::NFTA_CHAIN_HOOK).unwrap_or(&[]);
-                attr_be32(hook, sys::NFTA_HOOK_HOOKNUM) == Some(shape.hook as u32)
-                    && attr_be32(hook, sys::NFTA_HOOK_PRIORITY) == Some(shape.priority as u32)
-                    && attr_str(c, sys::NFTA_CHAIN_TYPE).as_deref()
-                        == Some(if shape.nat { "nat" } else { "filter" })
-                    && attr_be32(c, sys::NFTA_CHAIN_POLICY) == Some(libc::NF_ACCEPT as u32)
-            });
-        }
-
-        let rules = sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?;
-        for shape in chain_shapes {
-            let want: Vec<Vec<&str>> = chain_rules(shape.name, self.family, self.local)
-                .iter()
-                .map(|e| e.names().to_vec())
-                .collect();
-            let got: Vec<Vec<String>> = rules
-                .iter()
-                .filter(|r| attr_str(r, sys::NFTA_RULE_CHAIN).as_deref() == Some(shape.name))
-                .map(|r| {
-                    encode::expr_names(find_attr(r, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]))
-                })
-                .collect();
-            ok &= want == got;
-        }
-        ok &= rules.len()
-            == chain_shapes
-                .iter()
-                .map(|c| chain_rules(c.name, self.family, self.local).len())
-                .sum::<usize>();
-
+        let dumps = TableDump {
+            sets: sock.dump_scoped(sys::NFT_MSG_GETSET, &scope)?,
+            chains: sock.dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?,
+            rules: sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?,
+        };
+        let ok = dumps.is_layout(self.family, self.local);
+        // An unmarked table (an earlier version's) is the agent's only if it
+        // is exactly its layout, with or without local access.
+        let earlier = !marked && (ok || dumps.is_layout(self.family, !self.local));
         let mut state = NativeState {
             table_exists: true,
+            marked,
+            earlier,
             structure_ok: ok,
             rules: RuleSet::default(),
         };
         if !ok {
             return Ok(state);
         }
-        for shape in &shapes {
+        for shape in &sets_of(self.family, self.local) {
             let scope = Scope::object(af, &tname, shape.name);
             for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
                 let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
@@ -214,7 +187,11 @@ impl Nftables {
                 format!("delete table {fam} {tname} (layout drifted)"),
             );
         }
-        batch.add_table(&table, MsgType::Add, format!("add table {fam} {tname}"));
+        batch.add_table(
+            &self.table().with_userdata(self.names.mark_udata()),
+            MsgType::Add,
+            format!("add table {fam} {tname}"),
+        );
         for (i, shape) in sets_of(self.family, self.local).iter().enumerate() {
             let mut a = Attrs::new();
             a.str(sys::NFTA_SET_TABLE, tname)
@@ -243,6 +220,7 @@ impl Nftables {
         for shape in chains_of(self.local) {
             let chain = Chain::new(&table)
                 .with_name(shape.name)
+                .with_userdata(self.names.mark_udata())
                 .with_hook(Hook::new(shape.hook, shape.priority))
                 .with_policy(ChainPolicy::Accept)
                 .with_type(if shape.nat {
@@ -346,7 +324,18 @@ impl Flavor for Nftables {
 
     fn plan(&self, state: &NativeState, desired: &RuleSet) -> Planned<NftPlan> {
         let desired = self.scoped(desired);
-        if !state.structure_ok {
+        if state.foreign() {
+            return Planned::Foreign(format!(
+                "table {} {} exists and is not the agent's: it has no \"{}\" comment and is \
+                 not the agent's layout; remove it or choose another -resourceprefix",
+                self.fam(),
+                self.names.table(),
+                self.names.mark()
+            ));
+        }
+        // Drifted, or an earlier version's without the mark (which the
+        // kernel takes only with a new table): made anew in the same batch.
+        if !state.structure_ok || !state.marked {
             return Planned::Change(NftPlan::Rebuild(desired.into_owned()));
         }
         let changes = Changes::between(&state.rules, &desired);
@@ -362,7 +351,7 @@ impl Flavor for Nftables {
             add: self.scoped(&changes.add).into_owned(),
             del: self.scoped(&changes.del).into_owned(),
         };
-        if !state.structure_ok || !changes.fits(&state.rules) {
+        if !state.structure_ok || !state.marked || !changes.fits(&state.rules) {
             return None;
         }
         Some(if changes.is_empty() {
@@ -389,6 +378,8 @@ impl Flavor for Nftables {
         match plan {
             NftPlan::Rebuild(desired) => NativeState {
                 table_exists: true,
+                marked: true,
+                earlier: false,
                 structure_ok: true,
                 rules: desired,
             },
@@ -475,15 +466,18 @@ impl Flavor for Nftables {
         _sock: &mut NfSocket,
         state: &NativeState,
         batch: &mut NftBatch,
-    ) -> Result<(), NetlinkError> {
-        if state.table_exists {
-            batch.add_table(
-                &self.table(),
-                MsgType::Del,
-                format!("delete table {} {}", self.fam(), self.names.table()),
-            );
+    ) -> Result<Vec<String>, NetlinkError> {
+        // A table named like the agent's that is not its own stays.
+        if !state.owned() {
+            return Ok(Vec::new());
         }
-        Ok(())
+        let (fam, t) = (self.fam(), self.names.table());
+        batch.add_table(
+            &self.table(),
+            MsgType::Del,
+            format!("delete table {fam} {t}"),
+        );
+        Ok(vec![format!("{fam} nftables: table {t}")])
     }
 
     fn interest(&self) -> Interest {

@@ -1,0 +1,146 @@
+//! `cleanup`: what the agent owns goes, found by its mark in both flavors
+//! and both families (it need not be told what it ran with); and
+//! `cleanup --for-go-version`: only what the Go version cannot manage goes,
+//! so traffic keeps flowing through the rest until the Go version runs.
+
+use std::collections::BTreeSet;
+
+use super::flavors::{iptables::IptablesBackend, nftables::NftablesBackend};
+use super::{Backend, FirewallError, Names};
+use crate::config::JumpPositions;
+use crate::model::{Families, Family, Proto, RuleSet};
+
+const IPV6_ONLY: Families = Families {
+    ipv4: false,
+    ipv6: true,
+};
+
+/// Removes everything the agent owns: both flavors, both families, local
+/// access's objects and the base chains and tables it made. Returns what
+/// went, a line per object kind and family. Both flavors are tried even if
+/// one fails; the first error is returned.
+pub fn everything(names: &Names) -> Result<Vec<String>, FirewallError> {
+    let jumps = JumpPositions::default();
+    let mut backends: [Box<dyn Backend>; 2] = [
+        Box::new(IptablesBackend::with_options(
+            names.clone(),
+            jumps,
+            Families::DUAL,
+            true,
+        )),
+        Box::new(NftablesBackend::with_options(
+            names.clone(),
+            Families::DUAL,
+            true,
+        )),
+    ];
+    collect(backends.iter_mut().map(|b| b.cleanup()))
+}
+
+/// Leaves exactly the layout the Go version manages: the IPv4 iptables
+/// chains, jumps and rules it would write for the same pods. Removed: local
+/// access (nat OUTPUT's chain and jump, the MARK rules, the hairpin
+/// MASQUERADE), the second protocol of a port published on both (the Go
+/// version keys its record by `ip:port`; it keeps TCP), every IPv6 object
+/// and the nftables flavor's tables. One batch for the IPv4 change: the
+/// mappings the Go version keeps never stop.
+pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>, FirewallError> {
+    let mut lines = Vec::new();
+    let mut seen = IptablesBackend::with_options(names.clone(), jumps, Families::default(), true);
+    // Nothing of the iptables flavor on IPv4 (the nftables flavor ran):
+    // nothing is made for the Go version, it makes its own chains.
+    if seen.owns_chains()? {
+        let rules = seen.read()?;
+        let go = go_layout(&rules);
+        let mut go_backend =
+            IptablesBackend::with_options(names.clone(), jumps, Families::default(), false);
+        let report = go_backend.apply(&go)?;
+        if report.messages > 0 {
+            let second = rules.dnat.len() - go.dnat.len();
+            lines.push(format!(
+                "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}) and \
+                 {second} mapping(s) on the second protocol of a port removed; the Go \
+                 version's chains and rules kept",
+                rules.local.len(),
+                names.output
+            ));
+        }
+    }
+    let mut rest: [Box<dyn Backend>; 2] = [
+        Box::new(IptablesBackend::with_options(
+            names.clone(),
+            jumps,
+            IPV6_ONLY,
+            true,
+        )),
+        Box::new(NftablesBackend::with_options(
+            names.clone(),
+            Families::DUAL,
+            true,
+        )),
+    ];
+    lines.extend(collect(rest.iter_mut().map(|b| b.cleanup()))?);
+    Ok(lines)
+}
+
+fn collect(
+    results: impl Iterator<Item = Result<Vec<String>, FirewallError>>,
+) -> Result<Vec<String>, FirewallError> {
+    let mut lines = Vec::new();
+    let mut first = None;
+    for r in results {
+        match r {
+            Ok(l) => lines.extend(l),
+            Err(e) => {
+                tracing::error!("cleanup: {e}");
+                first.get_or_insert(e);
+            }
+        }
+    }
+    match first {
+        Some(e) => Err(e),
+        None => Ok(lines),
+    }
+}
+
+/// The part of the IPv4 `rules` the Go version manages: no hairpin
+/// sources, and of a port published on both protocols only TCP; the SNAT
+/// and FORWARD rules of what is left.
+pub fn go_layout(rules: &RuleSet) -> RuleSet {
+    let v4 = rules.of_family(Family::Ipv4);
+    let tcp: BTreeSet<_> = v4
+        .dnat
+        .iter()
+        .filter(|m| m.key.proto == Proto::Tcp)
+        .map(|m| (m.key.public_ip, m.key.public_port))
+        .collect();
+    let dnat: Vec<_> = v4
+        .dnat
+        .into_iter()
+        .filter(|m| {
+            m.key.proto == Proto::Tcp || !tcp.contains(&(m.key.public_ip, m.key.public_port))
+        })
+        .collect();
+    let forward = v4
+        .forward
+        .into_iter()
+        .filter(|f| {
+            dnat.iter()
+                .any(|m| m.pod_ip == f.pod_ip && m.key.proto == f.proto && m.pod_port == f.pod_port)
+        })
+        .collect();
+    let snat = v4
+        .snat
+        .into_iter()
+        .filter(|s| {
+            dnat.iter()
+                .any(|m| m.pod_ip == s.pod_ip && m.key.proto == s.proto)
+        })
+        .collect();
+    RuleSet {
+        dnat,
+        snat,
+        forward,
+        local: Vec::new(),
+    }
+}
