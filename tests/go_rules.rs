@@ -18,9 +18,12 @@ use std::net::Ipv4Addr;
 
 use podnat_controller::config::JumpPositions;
 use podnat_controller::firewall::flavors::iptables::IptablesBackend;
+use podnat_controller::firewall::flavors::nftables::NftablesBackend;
 use podnat_controller::firewall::{view, Backend, Names};
 use podnat_controller::kube::pod;
-use podnat_controller::model::{DualStack, Families, Family, RuleSet};
+use podnat_controller::model::{
+    DualStack, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, Proto, RuleSet, SnatRule,
+};
 use podnat_controller::plan::{self, PlanConfig};
 use support::netns::Netns;
 
@@ -417,4 +420,108 @@ fn after_the_agent_a_go_version_finds_every_rule_of_its_own() {
     let before = with_handles(&ours);
     run_go_version(&ours, &[3, 1, 4, 0, 2]);
     assert_eq!(with_handles(&ours), before);
+}
+
+/// Runs the agent's binary in `ns` with `args`; its standard output.
+fn agent_cli(ns: &Netns, args: &[&str]) -> String {
+    let out = ns
+        .command(env!("CARGO_BIN_EXE_podnat-controller"))
+        .args(args)
+        .output()
+        .expect("run the agent");
+    assert!(
+        out.status.success(),
+        "podnat-controller {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
+    // The agent as it runs by default plus what the Go version cannot
+    // manage: local access (MARKs, hairpin MASQUERADE, nat OUTPUT), IPv6,
+    // UDP on a TCP port, and an nftables table of a run of the other flavor.
+    let mut rules = agent_rules();
+    let tcp = rules.dnat[0].clone();
+    let pod = tcp.pod_ip;
+    let mut udp = tcp.clone();
+    udp.key.proto = Proto::Udp;
+    rules.dnat.push(udp.clone());
+    rules.forward.push(ForwardRule {
+        pod_ip: pod,
+        proto: Proto::Udp,
+        pod_port: udp.pod_port,
+        owner: udp.owner.clone(),
+    });
+    rules.snat.push(SnatRule {
+        pod_ip: pod,
+        proto: Proto::Udp,
+        public_ip: udp.key.public_ip,
+        owner: udp.owner.clone(),
+    });
+    rules.local.push(LocalPod {
+        pod_ip: pod,
+        owner: udp.owner.clone(),
+    });
+    let v6 = Mapping {
+        key: NatKey {
+            public_ip: "2001:db8::5".parse().unwrap(),
+            public_port: 25,
+            proto: Proto::Tcp,
+        },
+        pod_ip: "fd00::5".parse().unwrap(),
+        pod_port: 25,
+        owner: tcp.owner.clone(),
+    };
+    rules.dnat.push(v6.clone());
+    rules.forward.push(ForwardRule {
+        pod_ip: v6.pod_ip,
+        proto: Proto::Tcp,
+        pod_port: 25,
+        owner: v6.owner.clone(),
+    });
+    rules.normalize();
+
+    let ours = crowded_node("go-back");
+    let go = crowded_node("go-back-go");
+    run_go_version(&go, &[0, 1, 2, 3, 4]);
+    let all = rules.clone();
+    ours.run(move || {
+        IptablesBackend::with_options(names(), JumpPositions::default(), Families::DUAL, true)
+            .apply(&all)
+            .expect("apply");
+        NftablesBackend::with_options(names(), Families::DUAL, true)
+            .apply(&all)
+            .expect("apply");
+    });
+    assert!(save(&ours).iter().any(|l| l.contains("PODNAT_OUTPUT")));
+    let handles_before = with_handles(&ours);
+
+    let said = agent_cli(&ours, &["cleanup", "--for-go-version"]);
+    assert!(said.contains("ip iptables: local access"), "{said}");
+    assert!(said.contains("ip6 iptables: chains"), "{said}");
+    assert!(said.contains("ip nftables: table podnat"), "{said}");
+    assert!(said.contains("ip6 nftables: table podnat"), "{said}");
+
+    // The Go version's layout, line for line, and nothing else of ours.
+    assert_eq!(save(&ours), save(&go), "iptables-nft-save differs");
+    assert!(!ours.sh("ip6tables-nft-save").contains("PODNAT"));
+    assert!(!ours.sh("nft list tables").contains("podnat"));
+    // Nothing the Go version keeps was made anew: its mappings never stopped.
+    let kept = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| l.contains("10.1.0.") && l.contains("# handle"))
+            .filter(|l| !l.contains("udp"))
+            .map(str::to_string)
+            .collect()
+    };
+    let after = with_handles(&ours);
+    assert!(!kept(&after).is_empty());
+    for line in kept(&after) {
+        assert!(handles_before.contains(&line), "made anew: {line}");
+    }
+    // The Go version started there finds all of its rules: nothing changes.
+    run_go_version(&ours, &[2, 4, 1, 0, 3]);
+    assert_eq!(with_handles(&ours), after);
 }
