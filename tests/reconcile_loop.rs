@@ -317,11 +317,18 @@ fn a_pod_event_applies_its_own_changes_and_nothing_of_the_rest() {
         "two changes, no whole table"
     );
     assert_eq!(h.kernel(|k| k.reads), reads, "nothing read back");
-    // The status follows: p3 shows both ports, p7 none.
-    let last = h.status.last();
-    let table = last.table.expect("a table");
+    // The status follows (published after the kernel has the change): p3
+    // shows both ports, p7 none.
     let p3 = podnat_controller::model::PodRef::new("mail", "p3");
     let p7 = podnat_controller::model::PodRef::new("mail", "p7");
+    h.wait("the status of p7's deletion", |h| {
+        h.status
+            .last()
+            .table
+            .is_some_and(|t| t.mappings_of(&p7).count() == 0)
+    });
+    let last = h.status.last();
+    let table = last.table.expect("a table");
     assert_eq!(table.mappings_of(&p3).count(), 2);
     assert_eq!(table.mappings_of(&p7).count(), 0);
     assert_eq!(table.rules.dnat.len(), 50);
