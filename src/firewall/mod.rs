@@ -237,11 +237,17 @@ impl Changes {
             && !a.local.iter().any(|x| has(&c.local, x))
     }
 
-    /// Owners as they read back from the kernel (see `canonical`).
-    pub fn canonical(&self) -> Changes {
-        Changes {
-            add: canonical(&self.add).into_owned(),
-            del: canonical(&self.del).into_owned(),
+    /// Owners as they read back from the kernel (see `canonical`); borrowed
+    /// when they already are (no copy on the path of every change).
+    pub fn canonical(&self) -> std::borrow::Cow<'_, Changes> {
+        match (canonical(&self.add), canonical(&self.del)) {
+            (std::borrow::Cow::Borrowed(_), std::borrow::Cow::Borrowed(_)) => {
+                std::borrow::Cow::Borrowed(self)
+            }
+            (add, del) => std::borrow::Cow::Owned(Changes {
+                add: add.into_owned(),
+                del: del.into_owned(),
+            }),
         }
     }
 

@@ -98,62 +98,115 @@ fn comment_udata_into(buf: &mut Vec<u8>, owner: &PodRef) {
     buf[1] = (end - 2 + 1) as u8;
 }
 
-/// Writes NEWSETELEM/DELSETELEM messages, chunked below the 64 KiB limit
-/// of one netlink attribute.
-pub(super) fn add_elements<'a>(
-    batch: &mut NftBatch,
-    family: Family,
-    table: &str,
-    set: &str,
-    elems: impl IntoIterator<Item = Element<'a>>,
+/// One NEWSETELEM/DELSETELEM message a batch carries, for its description
+/// should the kernel refuse it (`Flavor::describe`): writing a text for
+/// every message would cost more than encoding it.
+#[derive(Clone, Copy, Debug)]
+pub struct ElementMsg {
+    seq: u32,
+    set: &'static str,
     delete: bool,
-) {
-    const CHUNK_BYTES: usize = 48 * 1024;
-    let mut elems = elems.into_iter().peekable();
-    let mut udata = Vec::with_capacity(2 + MAX_COMMENT + 1);
-    while elems.peek().is_some() {
-        let mut list = Attrs::new();
-        let mut count = 0usize;
-        while list.len() < CHUNK_BYTES {
-            let Some(e) = elems.next() else { break };
-            list.nest(sys::NFTA_LIST_ELEM, |a| {
-                a.nest(sys::NFTA_SET_ELEM_KEY, |k| {
-                    k.bytes(sys::NFTA_DATA_VALUE, e.key.as_slice());
-                });
-                if !delete {
-                    if let Some(d) = &e.data {
-                        a.nest(sys::NFTA_SET_ELEM_DATA, |k| {
-                            k.bytes(sys::NFTA_DATA_VALUE, d.as_slice());
-                        });
-                    }
-                    if let Some(o) = e.owner {
-                        comment_udata_into(&mut udata, o);
-                        a.bytes(sys::NFTA_SET_ELEM_USERDATA, &udata);
-                    }
-                }
-            });
-            count += 1;
+    count: usize,
+}
+
+impl ElementMsg {
+    pub(super) fn describe(
+        sent: &[ElementMsg],
+        seq: u32,
+        family: Family,
+        table: &str,
+    ) -> Option<String> {
+        let m = sent.iter().find(|m| m.seq == seq)?;
+        let verb = if m.delete { "delete" } else { "add" };
+        Some(format!(
+            "{verb} {} element(s) of {} in table {} {table}",
+            m.count,
+            m.set,
+            view::nft_family(family)
+        ))
+    }
+}
+
+/// Writes element messages into a batch for one table, chunked below the
+/// 64 KiB limit of one netlink attribute, and remembers what each is.
+pub(super) struct ElementWriter<'b> {
+    pub(super) batch: &'b mut NftBatch,
+    pub(super) family: Family,
+    pub(super) table: &'b str,
+    pub(super) sent: Vec<ElementMsg>,
+}
+
+impl ElementWriter<'_> {
+    pub(super) fn write<'a>(
+        &mut self,
+        set: &'static str,
+        elems: impl IntoIterator<Item = Element<'a>>,
+        delete: bool,
+    ) {
+        const CHUNK_BYTES: usize = 48 * 1024;
+        let mut elems = elems.into_iter().peekable();
+        if elems.peek().is_none() {
+            return;
         }
-        let mut m = Attrs::new();
-        m.str(sys::NFTA_SET_ELEM_LIST_TABLE, table)
-            .str(sys::NFTA_SET_ELEM_LIST_SET, set)
-            .nest_attrs(sys::NFTA_SET_ELEM_LIST_ELEMENTS, &list);
-        let (ty, flags, verb) = if delete {
-            (sys::NFT_MSG_DELSETELEM, 0, "delete")
-        } else {
-            (
-                sys::NFT_MSG_NEWSETELEM,
-                libc::NLM_F_CREATE as u32 | libc::NLM_F_EXCL as u32,
-                "add",
-            )
-        };
-        batch.add(
-            NftMsg::new(ty, flags, m).in_family(family),
-            format!(
-                "{verb} {count} element(s) of {set} in table {} {table}",
-                view::nft_family(family)
-            ),
+        let mut udata = Vec::with_capacity(2 + MAX_COMMENT + 1);
+        while elems.peek().is_some() {
+            let mut list = Attrs::new();
+            let mut count = 0usize;
+            while list.len() < CHUNK_BYTES {
+                let Some(e) = elems.next() else { break };
+                list.nest(sys::NFTA_LIST_ELEM, |a| {
+                    a.nest(sys::NFTA_SET_ELEM_KEY, |k| {
+                        k.bytes(sys::NFTA_DATA_VALUE, e.key.as_slice());
+                    });
+                    if !delete {
+                        if let Some(d) = &e.data {
+                            a.nest(sys::NFTA_SET_ELEM_DATA, |k| {
+                                k.bytes(sys::NFTA_DATA_VALUE, d.as_slice());
+                            });
+                        }
+                        if let Some(o) = e.owner {
+                            comment_udata_into(&mut udata, o);
+                            a.bytes(sys::NFTA_SET_ELEM_USERDATA, &udata);
+                        }
+                    }
+                });
+                count += 1;
+            }
+            let mut m = Attrs::new();
+            m.str(sys::NFTA_SET_ELEM_LIST_TABLE, self.table)
+                .str(sys::NFTA_SET_ELEM_LIST_SET, set)
+                .nest_attrs(sys::NFTA_SET_ELEM_LIST_ELEMENTS, &list);
+            let (ty, flags) = if delete {
+                (sys::NFT_MSG_DELSETELEM, 0)
+            } else {
+                (
+                    sys::NFT_MSG_NEWSETELEM,
+                    libc::NLM_F_CREATE as u32 | libc::NLM_F_EXCL as u32,
+                )
+            };
+            // Sequence numbers count the messages; the batch begin is 0.
+            let seq = self.batch.len() as u32 + 1;
+            self.batch
+                .add_undescribed(NftMsg::new(ty, flags, m).in_family(self.family));
+            self.sent.push(ElementMsg {
+                seq,
+                set,
+                delete,
+                count,
+            });
+        }
+    }
+
+    /// Every element of `rules`, added.
+    pub(super) fn add_all(&mut self, rules: &RuleSet) {
+        self.write(names::NFT_DNAT_MAP, dnat_elements(&rules.dnat), false);
+        self.write(names::NFT_SNAT_MAP, snat_elements(&rules.snat), false);
+        self.write(
+            names::NFT_FORWARD_SET,
+            forward_elements(&rules.forward),
+            false,
         );
+        self.write(names::NFT_LOCAL_SET, local_elements(&rules.local), false);
     }
 }
 
@@ -199,71 +252,28 @@ pub(super) fn local_elements(v: &[LocalPod]) -> impl Iterator<Item = Element<'_>
 
 /// Element deletes first, then adds: a retargeted key is deleted and re-added
 /// with its new data in the same batch.
-pub(super) fn encode_changes(batch: &mut NftBatch, family: Family, table: &str, ch: &Changes) {
-    add_elements(
+pub(super) fn encode_changes(
+    batch: &mut NftBatch,
+    family: Family,
+    table: &str,
+    ch: &Changes,
+) -> Vec<ElementMsg> {
+    let mut w = ElementWriter {
         batch,
         family,
         table,
-        names::NFT_DNAT_MAP,
-        dnat_elements(&ch.del.dnat),
-        true,
-    );
-    add_elements(
-        batch,
-        family,
-        table,
-        names::NFT_SNAT_MAP,
-        snat_elements(&ch.del.snat),
-        true,
-    );
-    add_elements(
-        batch,
-        family,
-        table,
+        sent: Vec::new(),
+    };
+    w.write(names::NFT_DNAT_MAP, dnat_elements(&ch.del.dnat), true);
+    w.write(names::NFT_SNAT_MAP, snat_elements(&ch.del.snat), true);
+    w.write(
         names::NFT_FORWARD_SET,
         forward_elements(&ch.del.forward),
         true,
     );
-    add_elements(
-        batch,
-        family,
-        table,
-        names::NFT_LOCAL_SET,
-        local_elements(&ch.del.local),
-        true,
-    );
-    add_elements(
-        batch,
-        family,
-        table,
-        names::NFT_DNAT_MAP,
-        dnat_elements(&ch.add.dnat),
-        false,
-    );
-    add_elements(
-        batch,
-        family,
-        table,
-        names::NFT_SNAT_MAP,
-        snat_elements(&ch.add.snat),
-        false,
-    );
-    add_elements(
-        batch,
-        family,
-        table,
-        names::NFT_FORWARD_SET,
-        forward_elements(&ch.add.forward),
-        false,
-    );
-    add_elements(
-        batch,
-        family,
-        table,
-        names::NFT_LOCAL_SET,
-        local_elements(&ch.add.local),
-        false,
-    );
+    w.write(names::NFT_LOCAL_SET, local_elements(&ch.del.local), true);
+    w.add_all(&ch.add);
+    w.sent
 }
 
 pub(super) fn decode_element(

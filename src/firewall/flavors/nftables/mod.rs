@@ -4,6 +4,8 @@
 //! and a change is element adds/deletes, so its cost does not grow with the
 //! table.
 
+use std::borrow::Cow;
+
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Table};
 
 use super::families::PerFamily;
@@ -176,7 +178,12 @@ impl Nftables {
 
     /// Encodes the whole layout (after deleting a broken table) plus every
     /// element of `desired`.
-    fn encode_rebuild(&self, batch: &mut NftBatch, state: &NativeState, desired: &RuleSet) {
+    fn encode_rebuild(
+        &self,
+        batch: &mut NftBatch,
+        state: &NativeState,
+        desired: &RuleSet,
+    ) -> Vec<ElementMsg> {
         let tname = self.names.table();
         let table = self.table();
         let fam = self.fam();
@@ -253,38 +260,14 @@ impl Nftables {
             }
         }
         // Every element, straight from the desired lists (no copy of them).
-        add_elements(
+        let mut w = ElementWriter {
             batch,
-            self.family,
-            tname,
-            names::NFT_DNAT_MAP,
-            dnat_elements(&desired.dnat),
-            false,
-        );
-        add_elements(
-            batch,
-            self.family,
-            tname,
-            names::NFT_SNAT_MAP,
-            snat_elements(&desired.snat),
-            false,
-        );
-        add_elements(
-            batch,
-            self.family,
-            tname,
-            names::NFT_FORWARD_SET,
-            forward_elements(&desired.forward),
-            false,
-        );
-        add_elements(
-            batch,
-            self.family,
-            tname,
-            names::NFT_LOCAL_SET,
-            local_elements(&desired.local),
-            false,
-        );
+            family: self.family,
+            table: tname,
+            sent: Vec::new(),
+        };
+        w.add_all(desired);
+        w.sent
     }
 
     /// `rules` without the hairpin sources when local access is off (the
@@ -304,7 +287,8 @@ impl Nftables {
 impl Flavor for Nftables {
     type State = NativeState;
     type Plan = NftPlan;
-    type Sent = ();
+    /// The element messages, described only if refused.
+    type Sent = Vec<ElementMsg>;
 
     fn name(&self) -> &'static str {
         "nftables"
@@ -347,11 +331,18 @@ impl Flavor for Nftables {
     }
 
     fn plan_changes(&self, state: &NativeState, changes: &Changes) -> Option<Planned<NftPlan>> {
-        let changes = Changes {
-            add: self.scoped(&changes.add).into_owned(),
-            del: self.scoped(&changes.del).into_owned(),
+        if !state.structure_ok || !state.marked {
+            return None;
+        }
+        // The one copy: the plan owns its changes.
+        let changes = match (self.scoped(&changes.add), self.scoped(&changes.del)) {
+            (Cow::Borrowed(_), Cow::Borrowed(_)) => changes.clone(),
+            (add, del) => Changes {
+                add: add.into_owned(),
+                del: del.into_owned(),
+            },
         };
-        if !state.structure_ok || !state.marked || !changes.fits(&state.rules) {
+        if !changes.fits(&state.rules) {
             return None;
         }
         Some(if changes.is_empty() {
@@ -361,18 +352,22 @@ impl Flavor for Nftables {
         })
     }
 
-    fn encode(&self, batch: &mut NftBatch, state: &NativeState, plan: &NftPlan) {
+    fn encode(&self, batch: &mut NftBatch, state: &NativeState, plan: &NftPlan) -> Vec<ElementMsg> {
         match plan {
             NftPlan::Rebuild(desired) => self.encode_rebuild(batch, state, desired),
             NftPlan::Elements(ch) => encode_changes(batch, self.family, self.names.table(), ch),
         }
     }
 
+    fn describe(&self, _plan: &NftPlan, sent: &Vec<ElementMsg>, seq: u32) -> Option<String> {
+        ElementMsg::describe(sent, seq, self.family, self.names.table())
+    }
+
     fn after(
         &self,
         mut state: NativeState,
         plan: NftPlan,
-        _sent: (),
+        _sent: Vec<ElementMsg>,
         _echoes: &[Echo],
     ) -> NativeState {
         match plan {
