@@ -109,22 +109,26 @@ fn run(config: Config) -> anyhow::Result<()> {
         config.local_access,
     );
     if let Some(Command::Cleanup { for_go_version }) = config.command {
-        if config.dry_run {
-            println!(
-                "# cleanup would remove everything the agent owns, in both flavors and families"
+        if config.dry_run && for_go_version {
+            anyhow::bail!(
+                "cleanup --for-go-version has no dry run: `cleanup -dryrun` lists everything the agent owns"
             );
-            return Ok(());
         }
         let removed = if for_go_version {
             cleanup::for_go_version(&names, config.jump).context("cleanup --for-go-version")?
         } else {
-            cleanup::everything(&names).context("cleanup")?
+            cleanup::everything(&names, config.dry_run).context("cleanup")?
         };
         if removed.is_empty() {
             println!("nothing of the agent's was found");
         }
+        let verb = if config.dry_run {
+            "would remove"
+        } else {
+            "removed"
+        };
         for line in removed {
-            println!("removed {line}");
+            println!("{verb} {line}");
         }
         return Ok(());
     }

@@ -29,9 +29,13 @@ fn apply(ns: &Netns, flavor: Flavor, families: Families, rules: &RuleSet) {
 
 /// `podnat-controller cleanup` with no flags; what it printed.
 fn bare_cleanup(ns: &Netns) -> String {
+    cli(ns, &["cleanup"])
+}
+
+fn cli(ns: &Netns, args: &[&str]) -> String {
     let out = ns
         .command(env!("CARGO_BIN_EXE_podnat-controller"))
-        .arg("cleanup")
+        .args(args)
         .output()
         .expect("run cleanup");
     assert!(

@@ -19,7 +19,7 @@ const IPV6_ONLY: Families = Families {
 /// access's objects and the base chains and tables it made. Returns what
 /// went, a line per object kind and family. Both flavors are tried even if
 /// one fails; the first error is returned.
-pub fn everything(names: &Names) -> Result<Vec<String>, FirewallError> {
+pub fn everything(names: &Names, dry_run: bool) -> Result<Vec<String>, FirewallError> {
     let jumps = JumpPositions::default();
     let mut backends: [Box<dyn Backend>; 2] = [
         Box::new(IptablesBackend::with_options(
@@ -34,7 +34,13 @@ pub fn everything(names: &Names) -> Result<Vec<String>, FirewallError> {
             true,
         )),
     ];
-    collect(backends.iter_mut().map(|b| b.cleanup()))
+    collect(backends.iter_mut().map(|b| {
+        if dry_run {
+            b.cleanup_dry_run()
+        } else {
+            b.cleanup()
+        }
+    }))
 }
 
 /// Leaves exactly the layout the Go version manages: the IPv4 iptables

@@ -105,6 +105,8 @@ pub trait Backend: Send {
     /// mark, never by a name alone); returns what it removed, a line per
     /// object kind and family (none: there was nothing).
     fn cleanup(&mut self) -> Result<Vec<String>, FirewallError>;
+    /// What `cleanup` would remove, touching nothing.
+    fn cleanup_dry_run(&mut self) -> Result<Vec<String>, FirewallError>;
     /// The rule view of `rules` in this flavor's syntax.
     fn view(&self, rules: &RuleSet) -> String;
     /// Drops the remembered kernel state: the next apply reads the kernel.

@@ -238,6 +238,29 @@ impl<F: Flavor> Applier<F> {
         }
     }
 
+    /// Removes (`send`) or lists what `cleanup` removes: the flavor's
+    /// teardown in one batch at the generation it was read at.
+    fn teardown(&mut self, send: bool) -> Result<Vec<String>, FirewallError> {
+        self.cache.clear();
+        for attempt in 0..=MAX_RETRIES {
+            let generation = self.sock()?.generation()?;
+            let state = self.read_state()?;
+            let Applier { flavor, sock, .. } = self;
+            let sock = sock.as_mut().expect("socket opened by read_state");
+            let mut batch = NftBatch::new();
+            let removed = flavor.teardown(sock, &state, &mut batch)?;
+            if batch.is_empty() || !send {
+                return Ok(removed);
+            }
+            match sock.send_batch(batch.finalize(Some(generation))) {
+                Ok(()) => return Ok(removed),
+                Err(NetlinkError::GenerationChanged { .. }) if attempt < MAX_RETRIES => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(FirewallError::TooManyRetries(MAX_RETRIES))
+    }
+
     pub fn send_prepared(&mut self, batch: FinalBatch) -> Result<(), FirewallError> {
         Ok(self.sock()?.send_batch(batch)?)
     }
@@ -346,24 +369,11 @@ impl<F: Flavor> Backend for Applier<F> {
     }
 
     fn cleanup(&mut self) -> Result<Vec<String>, FirewallError> {
-        self.cache.clear();
-        for attempt in 0..=MAX_RETRIES {
-            let generation = self.sock()?.generation()?;
-            let state = self.read_state()?;
-            let Applier { flavor, sock, .. } = self;
-            let sock = sock.as_mut().expect("socket opened by read_state");
-            let mut batch = NftBatch::new();
-            let removed = flavor.teardown(sock, &state, &mut batch)?;
-            if batch.is_empty() {
-                return Ok(Vec::new());
-            }
-            match sock.send_batch(batch.finalize(Some(generation))) {
-                Ok(()) => return Ok(removed),
-                Err(NetlinkError::GenerationChanged { .. }) if attempt < MAX_RETRIES => continue,
-                Err(e) => return Err(e.into()),
-            }
-        }
-        Err(FirewallError::TooManyRetries(MAX_RETRIES))
+        self.teardown(true)
+    }
+
+    fn cleanup_dry_run(&mut self) -> Result<Vec<String>, FirewallError> {
+        self.teardown(false)
     }
 
     fn view(&self, rules: &RuleSet) -> String {

@@ -176,6 +176,15 @@ impl Backend for MemoryBackend {
         })
     }
 
+    fn cleanup_dry_run(&mut self) -> Result<Vec<String>, FirewallError> {
+        let n = self.kernel().rules.len();
+        Ok(if n > 0 {
+            vec![format!("memory: {n} rule(s)")]
+        } else {
+            Vec::new()
+        })
+    }
+
     fn cleanup(&mut self) -> Result<Vec<String>, FirewallError> {
         self.known = None;
         let mut k = self.kernel();
