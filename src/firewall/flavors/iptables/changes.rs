@@ -101,7 +101,13 @@ impl Changes {
         let managed = |i: usize| state.manages(i);
         // A place no longer managed is retired: its chain emptied and
         // deleted, its jumps removed (the Go layout again).
+        // A chain with the agent's name that is not its own is never
+        // retired (nor are the jumps to it).
+        let retired = |i: usize| !managed(i) && state.own_owned(i);
         let own = std::array::from_fn(|i| {
+            if !managed(i) && !retired(i) {
+                return ChainPlan::default();
+            }
             if !managed(i) {
                 return ChainPlan {
                     delete: (0..state.own[i].len()).collect(),
@@ -113,6 +119,9 @@ impl Changes {
             plan_chain(&current, &want[i], AgentRule::rank)
         });
         let jump_plans = std::array::from_fn(|i| {
+            if !managed(i) && !retired(i) {
+                return ChainPlan::default();
+            }
             if !managed(i) {
                 let jumps = state.parents[i].iter().enumerate();
                 return ChainPlan {
@@ -131,7 +140,7 @@ impl Changes {
             create_filter: !state.filter_exists,
             create_parent: std::array::from_fn(|i| managed(i) && !state.parent_exists[i]),
             create_own: std::array::from_fn(|i| managed(i) && !state.own_exists[i]),
-            delete_own: std::array::from_fn(|i| !managed(i) && state.own_exists[i]),
+            delete_own: std::array::from_fn(retired),
             own,
             jumps: jump_plans,
             delta: false,

@@ -117,3 +117,97 @@ fn a_refused_rule_is_described_as_the_dry_run_writes_it() {
     assert_eq!(flavor.describe(&changes, &sent, 1), None);
     assert!(final_batch.what[1].starts_with("add table"));
 }
+
+/// A kernel after an apply of `rules` (every chain and jump made, marked
+/// as `marked` says), as `read_state` would see it.
+fn applied(flavor: &Iptables, rules: &RuleSet, marked: bool) -> IptState {
+    let empty = flavor.empty();
+    let changes = Changes::plan(&empty, rules, &flavor.jumps);
+    let mut handle = 100;
+    let mut handles = HashMap::new();
+    for i in 0..PLACES.len() {
+        for k in 0..changes.own[i].insert.len() {
+            handle += 1;
+            handles.insert(Inserted::Own(i, k), handle);
+        }
+        for k in 0..changes.jumps[i].insert.len() {
+            handle += 1;
+            handles.insert(Inserted::Jump(i, k), handle);
+        }
+    }
+    let mut st = changes.after(empty, &handles);
+    if !marked {
+        st.table_marked = [false; 2];
+        st.own_marked = [false; 4];
+        st.parent_marked = [false; 4];
+        for i in 0..PLACES.len() {
+            st.parent_earlier[i] = st.parent_exists[i] && !st.parents[i].is_empty();
+        }
+    }
+    st
+}
+
+fn flavor(local: bool) -> Iptables {
+    Iptables {
+        names: Names::new("podnat"),
+        jumps: JumpPositions::default(),
+        family: Family::Ipv4,
+        local,
+    }
+}
+
+#[test]
+fn marked_chains_need_nothing_unmarked_ones_are_adopted_in_one_plan() {
+    let f = flavor(true);
+    let marked = applied(&f, &mail(), true);
+    assert!(marked.adoption().is_none());
+    assert!(matches!(f.plan(&marked, &mail()), Planned::Nothing));
+
+    let earlier = applied(&f, &mail(), false);
+    let a = earlier.adoption().expect("an earlier version's chains");
+    assert_eq!(a.own, vec![0, 1, 2, 3], "every chain of the agent's");
+    assert_eq!(
+        a.parents,
+        vec![0, 1, 2, 3],
+        "base chains holding only its jumps"
+    );
+    let Planned::Change(plan) = f.plan(&earlier, &mail()) else {
+        panic!("no adoption planned");
+    };
+    assert!(plan.creates() && plan.added_dnat.is_empty() && plan.removed_dnat.is_empty());
+    // Once committed, everything is marked and settled: nothing more to do.
+    let after = f.after(earlier, plan, Vec::new(), &[]);
+    assert!(after.own_marked.iter().all(|m| *m) && after.parent_marked.iter().all(|m| *m));
+    assert!(after.adoption().is_none());
+}
+
+#[test]
+fn a_chain_with_the_agents_name_and_a_foreign_rule_is_refused_and_never_retired() {
+    let f = flavor(true);
+    let mut st = applied(&f, &mail(), false);
+    // Someone else's rule in an unmarked PODNAT_POST.
+    st.own[1].push(Slot {
+        handle: Some(999),
+        rule: None,
+    });
+    assert!(st.own_foreign(1) && !st.own_owned(1));
+    let Planned::Foreign(why) = f.plan(&st, &mail()) else {
+        panic!("a foreign chain was planned over");
+    };
+    assert!(
+        why.contains("PODNAT_POST") && why.contains("table ip nat"),
+        "{why}"
+    );
+
+    // Without local access, a foreign PODNAT_OUTPUT is not retired.
+    let g = flavor(false);
+    let mut st = applied(&f, &mail(), true);
+    st.local = None;
+    st.own_marked[3] = false;
+    st.own[3].push(Slot {
+        handle: Some(998),
+        rule: None,
+    });
+    let plan = Changes::plan(&st, &mail(), &g.jumps);
+    assert!(!plan.delete_own[3] && plan.own[3].is_empty() && plan.jumps[3].is_empty());
+}
