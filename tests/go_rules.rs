@@ -504,8 +504,21 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
     assert!(said.contains("ip nftables: table podnat"), "{said}");
     assert!(said.contains("ip6 nftables: table podnat"), "{said}");
 
-    // The Go version's layout, line for line, and nothing else of ours.
+    // The Go version's layout, line for line, and nothing else of ours: the
+    // same chains too (iptables-nft-save lists every built-in chain, made or
+    // not; the nat OUTPUT the agent made for local access is gone).
     assert_eq!(save(&ours), save(&go), "iptables-nft-save differs");
+    let chains = |ns: &Netns| -> Vec<String> {
+        let mut v: Vec<String> = ns
+            .sh("nft list table ip nat; nft list table ip filter")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("chain "))
+            .map(|l| l.trim_end_matches(" {").to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(chains(&ours), chains(&go));
     assert!(!ours.sh("ip6tables-nft-save").contains("PODNAT"));
     assert!(!ours.sh("nft list tables").contains("podnat"));
     // Nothing the Go version keeps was made anew: its mappings never stopped.

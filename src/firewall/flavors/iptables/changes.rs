@@ -81,6 +81,9 @@ pub struct Changes {
     /// `-localaccess` was switched off): emptied by `own`, its jumps deleted
     /// by `jumps`, then the chain itself goes.
     pub(super) delete_own: [bool; 4],
+    /// The base chain of such a place, when the agent made it and nothing
+    /// but its jumps are in it: it goes too, last.
+    pub(super) delete_parent: [bool; 4],
     pub(super) own: [ChainPlan<AgentRule>; 4],
     pub(super) jumps: [ChainPlan<()>; 4],
     /// Planned by `delta` on a settled state (which it keeps settled).
@@ -141,6 +144,14 @@ impl Changes {
             create_parent: std::array::from_fn(|i| managed(i) && !state.parent_exists[i]),
             create_own: std::array::from_fn(|i| managed(i) && !state.own_exists[i]),
             delete_own: std::array::from_fn(retired),
+            delete_parent: std::array::from_fn(|i| {
+                retired(i)
+                    && state.parent_exists[i]
+                    && (state.parent_marked[i] || state.parent_earlier[i])
+                    && state.parents[i]
+                        .iter()
+                        .all(|s| s.rule != ParentRule::Foreign)
+            }),
             own,
             jumps: jump_plans,
             delta: false,
@@ -207,6 +218,7 @@ impl Changes {
             create_parent: [false; 4],
             create_own: [false; 4],
             delete_own: [false; 4],
+            delete_parent: [false; 4],
             own,
             jumps: std::array::from_fn(|_| ChainPlan::default()),
             delta: true,
@@ -227,6 +239,7 @@ impl Changes {
     pub(super) fn is_empty(&self) -> bool {
         !self.creates()
             && !self.delete_own.iter().any(|d| *d)
+            && !self.delete_parent.iter().any(|d| *d)
             && self.own.iter().all(ChainPlan::is_empty)
             && self.jumps.iter().all(ChainPlan::is_empty)
     }
@@ -293,7 +306,9 @@ impl Changes {
                 table_marked[0] || self.create_nat,
                 table_marked[1] || self.create_filter,
             ],
-            parent_exists: std::array::from_fn(|i| parent_exists[i] || managed[i]),
+            parent_exists: std::array::from_fn(|i| {
+                (parent_exists[i] || managed[i]) && !self.delete_parent[i]
+            }),
             parent_marked: std::array::from_fn(|i| parent_marked[i] || created(i)),
             parent_shape_ok: std::array::from_fn(|i| parent_shape_ok[i] || created(i)),
             parent_earlier: std::array::from_fn(|i| parent_earlier[i] && !created(i)),

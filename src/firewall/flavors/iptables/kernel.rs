@@ -263,6 +263,11 @@ impl Iptables {
                 self.delete_chain(batch, place);
             }
         }
+        for place in PLACES {
+            if changes.delete_parent[place.index()] {
+                self.delete_base_chain(batch, place);
+            }
+        }
         inserted
     }
 

@@ -175,6 +175,16 @@ impl Iptables {
                     let _ = writeln!(t, "-X {}", place.own(n));
                 }
             }
+            for place in PLACES.iter().filter(|p| p.table() == table) {
+                if changes.delete_parent[place.index()] {
+                    // iptables-restore cannot delete a built-in chain.
+                    let _ = writeln!(
+                        t,
+                        "# delete the agent's empty base chain {}",
+                        place.parent()
+                    );
+                }
+            }
             if !t.is_empty() {
                 let _ = write!(out, "*{table}\n{t}COMMIT\n");
             }
