@@ -223,6 +223,20 @@ pub fn plan_jump(current: &[ParentRule], requested: i32) -> ChainPlan<()> {
 pub fn apply_plan<E, T>(
     current: Vec<E>,
     plan: &ChainPlan<T>,
+    new: impl FnMut(usize, &T) -> E,
+) -> Vec<E> {
+    // A few changes (one pod's): in place, highest position first so the
+    // lower ones stay valid — no walk over the whole chain.
+    if plan.delete.len() + plan.insert.len() <= SMALL_PLAN {
+        return apply_in_place(current, plan, new);
+    }
+    apply_rebuilt(current, plan, new)
+}
+
+/// `apply_plan` by building the chain anew (many changes).
+fn apply_rebuilt<E, T>(
+    current: Vec<E>,
+    plan: &ChainPlan<T>,
     mut new: impl FnMut(usize, &T) -> E,
 ) -> Vec<E> {
     let mut before: std::collections::BTreeMap<usize, Vec<(usize, &T)>> = Default::default();
@@ -247,6 +261,50 @@ pub fn apply_plan<E, T>(
         out.push(new(k, t));
     }
     out
+}
+
+/// Up to this many deletes and inserts, `apply_plan` edits the chain in
+/// place (each a move of the chain's tail) rather than rebuilding it.
+const SMALL_PLAN: usize = 16;
+
+fn apply_in_place<E, T>(
+    mut current: Vec<E>,
+    plan: &ChainPlan<T>,
+    mut new: impl FnMut(usize, &T) -> E,
+) -> Vec<E> {
+    let appended: Vec<E> = plan
+        .insert
+        .iter()
+        .enumerate()
+        .filter(|(_, (_, a))| matches!(a, Anchor::Append))
+        .map(|(k, (t, _))| new(k, t))
+        .collect();
+    // Positions with a delete or inserts before them, highest first.
+    let mut at: Vec<usize> = plan
+        .delete
+        .iter()
+        .copied()
+        .chain(plan.insert.iter().filter_map(|(_, a)| match a {
+            Anchor::Before(i) => Some(*i),
+            Anchor::Append => None,
+        }))
+        .collect();
+    at.sort_unstable();
+    at.dedup();
+    for &i in at.iter().rev() {
+        if plan.delete.contains(&i) {
+            current.remove(i);
+        }
+        let mut j = i;
+        for (k, (t, a)) in plan.insert.iter().enumerate() {
+            if matches!(a, Anchor::Before(b) if *b == i) {
+                current.insert(j, new(k, t));
+                j += 1;
+            }
+        }
+    }
+    current.extend(appended);
+    current
 }
 
 #[cfg(test)]
@@ -472,6 +530,31 @@ mod tests {
             prop_assert_eq!(jumps, vec![jump_position(r, others)]);
             prop_assert_eq!(after.iter().filter(|x| **x == F).count(), others);
             prop_assert!(plan_jump(&after, r).is_empty());
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn in_place_equals_rebuilt(
+            len in 0usize..40,
+            dels in proptest::collection::btree_set(0usize..40, 0..6),
+            ins in proptest::collection::vec((0u8..100, proptest::option::of(0usize..40)), 0..6),
+        ) {
+            let cur: Vec<u8> = (0..len as u8).map(|x| x + 100).collect();
+            let plan = ChainPlan {
+                delete: dels.into_iter().filter(|d| *d < len).collect(),
+                insert: ins
+                    .into_iter()
+                    .map(|(t, a)| (t, match a {
+                        Some(i) if i < len => Anchor::Before(i),
+                        _ => Anchor::Append,
+                    }))
+                    .collect(),
+            };
+            prop_assert_eq!(
+                apply_in_place(cur.clone(), &plan, |_, t| *t),
+                apply_rebuilt(cur, &plan, |_, t| *t)
+            );
         }
     }
 }
