@@ -66,7 +66,7 @@ pub(super) fn echoed_handles(
         .filter(|e| e.msg_type == sys::NFT_MSG_NEWRULE)
         .filter_map(|e| {
             let which = by_seq.get(&e.seq)?;
-            Some((*which, attr_be64(&e.attrs, sys::NFTA_RULE_HANDLE)?))
+            Some((*which, e.handle?))
         })
         .collect()
 }

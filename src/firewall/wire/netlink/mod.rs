@@ -71,7 +71,9 @@ pub struct Echo {
     pub msg_type: u32,
     /// The sequence number of the batch message it answers.
     pub seq: u32,
-    pub attrs: Vec<u8>,
+    /// NFTA_RULE_HANDLE of an echoed rule: all the agent reads of an echo
+    /// (no copy of the rest: an install echoes thousands of rules).
+    pub handle: Option<u64>,
 }
 
 /// A NETLINK_NETFILTER socket owned by the agent.
@@ -188,10 +190,13 @@ impl NfSocket {
                 if msg.msg_type != NLMSG_ERROR {
                     if let Some(e) = echoes.as_deref_mut() {
                         if msg.msg_type >> 8 == libc::NFNL_SUBSYS_NFTABLES as u16 {
+                            let msg_type = (msg.msg_type & 0xff) as u32;
                             e.push(Echo {
-                                msg_type: (msg.msg_type & 0xff) as u32,
+                                msg_type,
                                 seq: msg.seq,
-                                attrs: msg.attrs.to_vec(),
+                                handle: (msg_type == sys::NFT_MSG_NEWRULE)
+                                    .then(|| attr_be64(msg.attrs, sys::NFTA_RULE_HANDLE))
+                                    .flatten(),
                             });
                         }
                     }
