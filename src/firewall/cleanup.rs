@@ -112,7 +112,7 @@ fn collect(
 /// The part of the IPv4 `rules` the Go version manages: no hairpin
 /// sources, and of a port published on both protocols only TCP; the SNAT
 /// and FORWARD rules of what is left.
-pub fn go_layout(rules: &RuleSet) -> RuleSet {
+fn go_layout(rules: &RuleSet) -> RuleSet {
     let v4 = rules.of_family(Family::Ipv4);
     let tcp: BTreeSet<_> = v4
         .dnat
@@ -148,5 +148,76 @@ pub fn go_layout(rules: &RuleSet) -> RuleSet {
         snat,
         forward,
         local: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ForwardRule, LocalPod, Mapping, NatKey, PodRef, SnatRule};
+    use std::net::IpAddr;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn publish(r: &mut RuleSet, public: &str, port: u16, proto: Proto, pod: &str) {
+        let owner = PodRef::new("ns", pod);
+        let pod_ip = ip(if public.contains(':') {
+            "fd00::5"
+        } else {
+            "10.1.0.5"
+        });
+        r.dnat.push(Mapping {
+            key: NatKey {
+                public_ip: ip(public),
+                public_port: port,
+                proto,
+            },
+            pod_ip,
+            pod_port: port,
+            owner: owner.clone(),
+        });
+        r.forward.push(ForwardRule {
+            pod_ip,
+            proto,
+            pod_port: port,
+            owner: owner.clone(),
+        });
+        r.snat.push(SnatRule {
+            pod_ip,
+            proto,
+            public_ip: ip(public),
+            owner,
+        });
+        r.local.push(LocalPod {
+            pod_ip,
+            owner: PodRef::new("ns", pod),
+        });
+        r.normalize();
+    }
+
+    #[test]
+    fn the_go_layout_keeps_tcp_of_a_two_protocol_port_and_drops_what_go_cannot_manage() {
+        let mut r = RuleSet::default();
+        publish(&mut r, "203.0.113.7", 53, Proto::Tcp, "dns");
+        publish(&mut r, "203.0.113.7", 53, Proto::Udp, "dns");
+        publish(&mut r, "2001:db8::7", 25, Proto::Tcp, "mx");
+        let go = go_layout(&r);
+        assert_eq!(go.dnat.len(), 1);
+        assert_eq!(go.dnat[0].key.proto, Proto::Tcp);
+        assert!(go.forward.iter().all(|f| f.proto == Proto::Tcp));
+        assert!(go
+            .snat
+            .iter()
+            .all(|s| s.proto == Proto::Tcp && s.pod_ip.is_ipv4()));
+        assert!(go.local.is_empty());
+
+        // A UDP port of its own keeps the pod's UDP SNAT.
+        publish(&mut r, "203.0.113.7", 5060, Proto::Udp, "dns");
+        let go = go_layout(&r);
+        assert_eq!(go.dnat.len(), 2);
+        assert!(go.snat.iter().any(|s| s.proto == Proto::Udp));
+        assert_eq!(go.forward.len(), 2);
     }
 }

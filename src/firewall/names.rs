@@ -106,12 +106,12 @@ impl Names {
     }
 
     /// The mark as userdata, for NFTA_TABLE_USERDATA / NFTA_CHAIN_USERDATA.
-    pub fn mark_udata(&self) -> Vec<u8> {
+    pub(crate) fn mark_udata(&self) -> Vec<u8> {
         crate::firewall::wire::udata::comment(&self.mark())
     }
 
     /// Whether `udata` (a table's or chain's) carries this agent's mark.
-    pub fn marked(&self, udata: Option<&[u8]>) -> bool {
+    pub(crate) fn marked(&self, udata: Option<&[u8]>) -> bool {
         udata
             .and_then(crate::firewall::wire::udata::comment_of)
             .is_some_and(|c| c == self.mark())
