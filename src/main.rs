@@ -65,8 +65,8 @@ const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// Hands the heap's free pages back to the kernel after the loop worked.
 /// glibc returns only the free top of the heap; a burst (a relist, a
 /// thousand pods at once) leaves its freed lists, JSON pages and tables
-/// scattered below live data, resident for good: ~15 MB after a 1000-pod
-/// burst (benches/latency). `malloc_trim` releases the free pages inside
+/// scattered below live data, resident for good: 7–14 MB after a 1000-pod
+/// burst (benches/latency, BENCHMARKS.md "footprint"). `malloc_trim` releases the free pages inside
 /// the heap too, in about a millisecond; an idle agent never pays it. Never
 /// returns.
 async fn release_freed_heap(status: Arc<AgentStatus>) {
