@@ -66,9 +66,9 @@ const TRIM_EVERY: Duration = Duration::from_secs(2);
 /// glibc returns only the free top of the heap; a burst (a relist, a
 /// thousand pods at once) leaves its freed lists, JSON pages and tables
 /// scattered below live data, resident for good: 7–14 MB after a 1000-pod
-/// burst (benches/latency, BENCHMARKS.md "footprint"). `malloc_trim` releases the free pages inside
-/// the heap too, in about a millisecond; an idle agent never pays it. Never
-/// returns.
+/// burst (benches/latency, BENCHMARKS.md "footprint"). `malloc_trim`
+/// releases the free pages inside the heap too; an idle agent never pays
+/// for it. Never returns.
 async fn release_freed_heap(status: Arc<AgentStatus>) {
     let mut seen = 0;
     let mut tick = tokio::time::interval(TRIM_EVERY);
