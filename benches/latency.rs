@@ -4,9 +4,12 @@
 //!    p50/p99 over 200 pods, one after another;
 //! 2. 1000 annotated pods (5 ports each) created at once → all 5000 elements
 //!    in the kernel; then a fresh agent's start → first sync with them;
-//! 3. the agent's peak RSS (VmHWM) holding those 1000 pods / 5000 ports.
+//! 3. the agent's peak RSS (VmHWM) holding those 1000 pods / 5000 ports,
+//!    and its resident set once settled after the burst;
+//! 4. an idle agent's resident set: 10 pods × 5 ports, settled.
 //!
-//! Prints figures; asserts nothing. Run as root: `cargo bench --bench latency`.
+//! Prints figures; asserts nothing. Run as root: `cargo bench --bench latency`
+//! (`-- idle bulk` for some of the parts).
 
 #[path = "../tests/agent/harness.rs"]
 mod harness;
@@ -27,6 +30,10 @@ const LATENCY_PODS: u16 = 200;
 const BULK_PODS: u32 = 1000;
 const PORTS_PER_POD: u32 = 5;
 const LONG: Duration = Duration::from_secs(600);
+const IDLE_PODS: u32 = 10;
+/// How long the agent is left alone before its "steady" resident set is
+/// read: past the debounce, the state store's write and the events.
+const SETTLE: Duration = Duration::from_secs(5);
 
 fn main() {
     // `cargo bench` passes --bench; `cargo test --all-targets` does not, and
@@ -35,8 +42,17 @@ fn main() {
         println!("latency: run with `cargo bench --bench latency`");
         return;
     }
-    latency();
-    bulk();
+    // `cargo bench --bench latency -- idle bulk` runs only those parts.
+    let names: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let parts: [(&str, fn()); 3] = [("idle", idle), ("latency", latency), ("bulk", bulk)];
+    for (name, part) in parts {
+        if names.is_empty() || names.iter().any(|n| n == name) {
+            part();
+        }
+    }
 }
 
 /// Public ports in the kernel's DNAT map, read over netlink in the node
@@ -110,11 +126,16 @@ fn ms(d: Duration) -> f64 {
 
 /// 1000 running pods × 5 ports, created at once; returns the ports.
 fn install_bulk(w: &World) -> BTreeSet<u16> {
-    let want: BTreeSet<u16> = (0..BULK_PODS * PORTS_PER_POD)
+    install_pods(w, BULK_PODS)
+}
+
+/// `count` running pods × 5 ports, created at once; returns the ports.
+fn install_pods(w: &World, count: u32) -> BTreeSet<u16> {
+    let want: BTreeSet<u16> = (0..count * PORTS_PER_POD)
         .map(|p| 20000 + p as u16)
         .collect();
     w.create_running_pods(
-        (0..BULK_PODS)
+        (0..count)
             .map(|i| {
                 let entries: Vec<(u16, u16)> = (0..PORTS_PER_POD)
                     .map(|k| ((20000 + i * PORTS_PER_POD + k) as u16, 8000 + k as u16))
@@ -128,6 +149,22 @@ fn install_bulk(w: &World) -> BTreeSet<u16> {
             .collect(),
     );
     want
+}
+
+/// An agent with a few pods, left alone: what a quiet node pays.
+fn idle() {
+    let w = World::new("bidle");
+    let agent = w.start_agent(&[]);
+    agent.wait_first_sync();
+    let want = install_pods(&w, IDLE_PODS);
+    wait_for("the idle pods' ports in the kernel", LONG, || {
+        kernel_ports(&w.sandbox.node).is_superset(&want)
+    });
+    std::thread::sleep(SETTLE);
+    print_memory(
+        &agent,
+        &format!("idle agent, {IDLE_PODS} pods × {PORTS_PER_POD} ports, settled"),
+    );
 }
 
 fn latency() {
@@ -182,6 +219,8 @@ fn bulk() {
         converged.as_secs_f64()
     );
     print_memory(&agent, "the agent that followed the creation");
+    std::thread::sleep(SETTLE);
+    print_memory(&agent, "the same agent, settled after the burst");
     let batches = agent.count("applied one batch");
     println!("  batches it applied meanwhile: {batches}");
 
@@ -208,9 +247,20 @@ fn print_memory(agent: &Agent, what: &str) {
             .map(|l| l.trim_start_matches(name).trim().to_string())
             .unwrap_or_else(|| "?".into())
     };
+    // PODNAT_SMAPS_DIR=DIR keeps each reading's /proc/PID/smaps: which
+    // mappings (heap, a thread's arena, the binary) hold the memory.
+    if let Ok(dir) = std::env::var("PODNAT_SMAPS_DIR") {
+        let _ = std::fs::copy(
+            format!("/proc/{}/smaps", agent.child.id()),
+            format!("{dir}/{}", what.replace(' ', "_")),
+        );
+    }
     println!(
-        "  {what}: peak RSS (VmHWM) {}, RSS now {}",
+        "  {what}: peak RSS (VmHWM) {}, RSS now {} (anonymous {}, file {}), threads {}",
         field("VmHWM:"),
-        field("VmRSS:")
+        field("VmRSS:"),
+        field("RssAnon:"),
+        field("RssFile:"),
+        field("Threads:"),
     );
 }

@@ -59,6 +59,38 @@ fn limit_malloc_arenas() {
     }
 }
 
+/// How often the heap trim looks whether the loop worked since its last trim.
+const TRIM_EVERY: Duration = Duration::from_secs(2);
+
+/// Hands the heap's free pages back to the kernel after the loop worked.
+/// glibc returns only the free top of the heap; a burst (a relist, a
+/// thousand pods at once) leaves its freed lists, JSON pages and tables
+/// scattered below live data, resident for good: 7–14 MB after a 1000-pod
+/// burst (benches/latency, BENCHMARKS.md "footprint"). `malloc_trim`
+/// releases the free pages inside the heap too; an idle agent never pays
+/// for it. Never returns.
+async fn release_freed_heap(status: Arc<AgentStatus>) {
+    let mut seen = 0;
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let passes = status
+            .counters
+            .reconciled
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if passes != seen {
+            seen = passes;
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim takes the allocator's own locks; it only
+            // returns free pages to the kernel.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
+}
+
 /// A bad flag stops the agent with exit status 2 and one line naming the flag
 /// and the value; help and version go to stdout as usual.
 fn flag_error(e: clap::Error) -> ExitCode {
@@ -263,8 +295,11 @@ fn detect_public_address(config: &Config) -> anyhow::Result<DualStack> {
 /// Agent mode: watch this node's pods and keep the kernel in step until
 /// SIGTERM/SIGINT.
 fn run_agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread runs every task: a pass takes milliseconds even at 1000
+    // pods and the kernel work has its own thread (BackendWorker), while a
+    // second worker thread kept a second malloc arena that held ~16 MB after
+    // a 1000-pod burst (benches/latency, BENCHMARKS.md "footprint").
+    let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -351,6 +386,10 @@ async fn agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> an
         sink
     };
     let status = Arc::new(AgentStatus::new(events.stats()));
+    tasks.push((
+        "heap trim",
+        tokio::spawn(release_freed_heap(status.clone())),
+    ));
     // The store runs on a task of its own: a slow or unreachable store never
     // delays NAT; its failures are logged and counted in the status.
     let recorder = state_store.map(|store| {

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{Pod, PodCondition, PodSpec, PodStatus};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
@@ -246,7 +246,8 @@ fn set_reachable(tx: &watch::Sender<FeedState>, reachable: bool) {
 /// small store: managed fields, other annotations (kubectl's
 /// last-applied-configuration can be large), labels, the containers and their
 /// statuses. Kept: identity (for events), node, creation and deletion times,
-/// the podnat annotation, IPs, hostNetwork, phase and conditions.
+/// the podnat annotation, IPs, hostNetwork, phase and the Ready condition's
+/// status.
 pub fn slim(pod: &mut Pod, annotation_key: &str) {
     let meta = &mut pod.metadata;
     meta.managed_fields = None;
@@ -268,7 +269,18 @@ pub fn slim(pod: &mut Pod, annotation_key: &str) {
         phase: s.phase,
         pod_ip: s.pod_ip,
         pod_ips: s.pod_ips,
-        conditions: s.conditions,
+        // Only whether the pod is Ready is read; a running pod has five
+        // conditions, each with times, reason and message.
+        conditions: s.conditions.map(|c| {
+            c.into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    ..PodCondition::default()
+                })
+                .collect()
+        }),
         ..PodStatus::default()
     });
 }
@@ -359,7 +371,9 @@ mod tests {
             },
             "spec": {"nodeName": "node1", "containers": [{"name": "mx", "image": "mx"}]},
             "status": {"phase": "Running", "podIP": "10.1.0.5",
-                       "conditions": [{"type": "Ready", "status": "True"}],
+                       "conditions": [{"type": "PodScheduled", "status": "True"},
+                                      {"type": "Ready", "status": "True", "reason": "r", "message": "m",
+                                       "lastTransitionTime": "2026-01-02T03:04:06Z"}],
                        "containerStatuses": [{"name": "mx", "image": "mx", "imageID": "", "ready": true, "restartCount": 0}]}
         }))
         .unwrap();
@@ -374,5 +388,12 @@ mod tests {
             .status
             .as_ref()
             .is_some_and(|s| s.container_statuses.is_none()));
+        let conditions = pod.status.and_then(|s| s.conditions).unwrap_or_default();
+        assert_eq!(conditions.len(), 1);
+        assert_eq!(
+            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
+            ("Ready", "True")
+        );
+        assert!(conditions[0].message.is_none() && conditions[0].last_transition_time.is_none());
     }
 }

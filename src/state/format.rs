@@ -154,6 +154,9 @@ impl StateFile {
         for list in entries.values_mut() {
             list.sort_by_key(NatRecord::id);
             go_keeps_the_first(list);
+            // A list is almost always one rule; the record lives until the
+            // next write, without the three empty slots a push leaves.
+            list.shrink_to_fit();
         }
         StateFile { entries }
     }
