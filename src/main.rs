@@ -47,15 +47,17 @@ fn main() -> ExitCode {
 }
 
 /// glibc gives each thread that allocates its own arena (up to 8 per core);
-/// the agent's threads (runtime, firewall, monitor, address watch) then keep
-/// freed memory in several heaps. Two arenas are plenty for a mostly idle
-/// agent and keep its resident memory down (benches/latency prints it).
+/// the agent's threads (runtime workers, firewall, monitor, address watch)
+/// then keep freed memory in several heaps (a second runtime worker's held
+/// ~16 MB after a burst). One arena: the threads rarely allocate at once,
+/// and `malloc_trim` after a burst reaches all of the freed memory
+/// (benches/latency prints the resident set).
 fn limit_malloc_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only sets an allocator parameter; called first thing
     // in main, before any other thread exists.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
     }
 }
 
@@ -272,7 +274,8 @@ fn warn_forward_blockers(backend: &mut dyn Backend) {
 fn detect_public_address(config: &Config) -> anyhow::Result<DualStack> {
     let filter = AddressFilter::new(&config.incl_filter_net, &config.excl_filter_net)
         .with_families(config.families);
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
@@ -295,11 +298,13 @@ fn detect_public_address(config: &Config) -> anyhow::Result<DualStack> {
 /// Agent mode: watch this node's pods and keep the kernel in step until
 /// SIGTERM/SIGINT.
 fn run_agent(config: Config, node_id: String, backend: Box<dyn Backend>) -> anyhow::Result<()> {
-    // One thread runs every task: a pass takes milliseconds even at 1000
-    // pods and the kernel work has its own thread (BackendWorker), while a
-    // second worker thread kept a second malloc arena that held ~16 MB after
-    // a 1000-pod burst (benches/latency, BENCHMARKS.md "footprint").
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    // Two workers: on one thread the state writer's serialization of the
+    // record delays the next pass (p50 pod → kernel 19.7 ms instead of
+    // 11.5 ms at 5,000 ports, benches/latency). The second worker's own
+    // malloc arena held ~16 MB after a 1000-pod burst: one arena for every
+    // thread (`limit_malloc_arenas`) costs 1 MB against one thread.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
