@@ -72,14 +72,28 @@ pub struct ApplyReport {
 /// the port keeps nothing open). A failure is logged, not returned: the
 /// rules themselves are in place.
 pub fn flush_stale_connections(report: &mut ApplyReport) {
-    let targets: std::collections::BTreeSet<_> = report
+    report.conntrack_flushed = flush_targets(&stale_targets(report));
+}
+
+/// The (protocol, public address, public port) of every mapping `report`
+/// removed: whose conntrack entries `flush_targets` deletes.
+pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
+    report
         .removed_dnat
         .iter()
         .map(|m| (m.key.proto, m.key.public_ip, m.key.public_port))
-        .collect();
-    match conntrack::flush(&targets) {
-        Ok(n) => report.conntrack_flushed = n,
-        Err(e) => tracing::warn!("could not flush the conntrack entries of changed mappings: {e}"),
+        .collect()
+}
+
+/// Deletes the conntrack entries of `targets`; how many (0 on a failure,
+/// which is logged).
+pub fn flush_targets(targets: &conntrack::Targets) -> usize {
+    match conntrack::flush(targets) {
+        Ok(n) => n,
+        Err(e) => {
+            tracing::warn!("could not flush the conntrack entries of changed mappings: {e}");
+            0
+        }
     }
 }
 

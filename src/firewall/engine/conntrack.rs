@@ -22,6 +22,9 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use crate::model::Proto;
 use crate::net::dump::{read_dump, DumpError};
 
+/// What to flush: (protocol, public address, public port).
+pub type Targets = BTreeSet<(Proto, IpAddr, u16)>;
+
 /// Errors while flushing conntrack entries.
 #[derive(Debug, thiserror::Error)]
 pub enum ConntrackError {
@@ -85,7 +88,7 @@ fn destination(tuple: &[Tuple]) -> Option<(Proto, IpAddr, u16)> {
 /// Deletes every conntrack entry whose original destination is one of
 /// `targets` (protocol, public address, public port). Returns how many were
 /// deleted. Runs in the calling thread's network namespace.
-pub fn flush(targets: &BTreeSet<(Proto, IpAddr, u16)>) -> Result<usize, ConntrackError> {
+pub fn flush(targets: &Targets) -> Result<usize, ConntrackError> {
     if targets.is_empty() {
         return Ok(0);
     }
@@ -110,7 +113,7 @@ pub fn flush(targets: &BTreeSet<(Proto, IpAddr, u16)>) -> Result<usize, Conntrac
 fn flush_family(
     sock: &mut Socket,
     family: NetfilterProtoFamily,
-    targets: &BTreeSet<(Proto, IpAddr, u16)>,
+    targets: &Targets,
     seq: &mut u32,
 ) -> Result<usize, ConntrackError> {
     *seq += 1;

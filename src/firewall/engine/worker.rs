@@ -7,7 +7,7 @@ use tokio::sync::oneshot;
 
 use super::monitor::Blocker;
 use crate::firewall::wire::netlink::NetlinkError;
-use crate::firewall::{flush_stale_connections, ApplyReport, Backend, Changes, FirewallError};
+use crate::firewall::{flush_targets, stale_targets, ApplyReport, Backend, Changes, FirewallError};
 use crate::model::RuleSet;
 
 /// The thread could not start, or is gone.
@@ -56,22 +56,27 @@ impl BackendWorker {
                 // any more is not an error.
                 for job in rx {
                     match job {
+                        // The pass gets its report as soon as the rules are
+                        // committed; the conntrack flush of removed mappings
+                        // (a dump of the host's whole connection table, ~10 ms)
+                        // follows on this thread, before the next job.
                         Job::Apply(rules, fresh, reply) => {
                             if fresh {
                                 backend.forget();
                             }
-                            let mut result = backend.apply(&rules);
-                            if let Ok(report) = &mut result {
-                                flush_stale_connections(report);
-                            }
+                            let result = backend.apply(&rules);
+                            let stale = result.as_ref().map(stale_targets).unwrap_or_default();
                             let _ = reply.send(result);
+                            flush_targets(&stale);
                         }
                         Job::ApplyChanges(changes, reply) => {
-                            let mut result = backend.apply_changes(&changes);
-                            if let Ok(Some(report)) = &mut result {
-                                flush_stale_connections(report);
-                            }
+                            let result = backend.apply_changes(&changes);
+                            let stale = match &result {
+                                Ok(Some(report)) => stale_targets(report),
+                                _ => Default::default(),
+                            };
                             let _ = reply.send(result);
+                            flush_targets(&stale);
                         }
                         Job::DryRun(rules, reply) => {
                             let _ = reply.send(dry_run(backend.as_mut(), &rules));
