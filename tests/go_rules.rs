@@ -25,6 +25,7 @@ use podnat_controller::model::{
     DualStack, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, Proto, RuleSet, SnatRule,
 };
 use podnat_controller::plan::{self, PlanConfig};
+use support::agent_view::agent_cli;
 use support::netns::Netns;
 
 /// The node's detected address for the auto entries of the fixture.
@@ -420,21 +421,6 @@ fn after_the_agent_a_go_version_finds_every_rule_of_its_own() {
     let before = with_handles(&ours);
     run_go_version(&ours, &[3, 1, 4, 0, 2]);
     assert_eq!(with_handles(&ours), before);
-}
-
-/// Runs the agent's binary in `ns` with `args`; its standard output.
-fn agent_cli(ns: &Netns, args: &[&str]) -> String {
-    let out = ns
-        .command(env!("CARGO_BIN_EXE_podnat-controller"))
-        .args(args)
-        .output()
-        .expect("run the agent");
-    assert!(
-        out.status.success(),
-        "podnat-controller {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 #[test]

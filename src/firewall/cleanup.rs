@@ -55,8 +55,7 @@ pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>
     let mut seen = IptablesBackend::with_options(names.clone(), jumps, Families::default(), true);
     // Nothing of the iptables flavor on IPv4 (the nftables flavor ran):
     // nothing is made for the Go version, it makes its own chains.
-    if seen.owns_chains()? {
-        let rules = seen.read()?;
+    if let Some(rules) = seen.owned_rules()? {
         let go = go_layout(&rules);
         let mut go_backend =
             IptablesBackend::with_options(names.clone(), jumps, Families::default(), false);

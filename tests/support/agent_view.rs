@@ -83,17 +83,25 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / hz
 }
 
-/// `podnat-controller cleanup` of `flavor` in `node`: everything the agent
-/// owns removed, nothing else.
-pub fn cleanup(node: &Netns, flavor: &str) {
+/// Runs the agent's binary in `node` with `args`, which must succeed; its
+/// standard output.
+pub fn agent_cli(node: &Netns, args: &[&str]) -> String {
     let out = node
         .command(env!("CARGO_BIN_EXE_podnat-controller"))
-        .args(["cleanup", &format!("-firewallflavor={flavor}")])
+        .args(args)
         .output()
-        .expect("run the agent's cleanup");
+        .expect("run the agent");
     assert!(
         out.status.success(),
-        "cleanup ({flavor} flavor): {}",
+        "podnat-controller {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `podnat-controller cleanup` in `node` (`flavor` as a run of that flavor
+/// would pass it; cleanup covers both): everything the agent owns removed,
+/// nothing else.
+pub fn cleanup(node: &Netns, flavor: &str) {
+    agent_cli(node, &["cleanup", &format!("-firewallflavor={flavor}")]);
 }

@@ -289,7 +289,6 @@ impl Changes {
             own_exists,
             table_marked,
             parent_marked,
-            parent_shape_ok,
             parent_earlier,
             own_marked,
             ..
@@ -310,7 +309,6 @@ impl Changes {
                 (parent_exists[i] || managed[i]) && !self.delete_parent[i]
             }),
             parent_marked: std::array::from_fn(|i| parent_marked[i] || created(i)),
-            parent_shape_ok: std::array::from_fn(|i| parent_shape_ok[i] || created(i)),
             parent_earlier: std::array::from_fn(|i| parent_earlier[i] && !created(i)),
             own_exists: std::array::from_fn(|i| {
                 (own_exists[i] || managed[i]) && !self.delete_own[i]

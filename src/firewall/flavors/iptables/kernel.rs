@@ -55,6 +55,8 @@ impl Iptables {
         }
         let names = self.names.clone();
         let family = self.family;
+        // Each base chain is as iptables-nft (and the agent) makes it.
+        let mut made_like = [false; 4];
         for place in PLACES {
             let i = place.index();
             if !st.table_exists(place.table()) {
@@ -76,7 +78,7 @@ impl Iptables {
             st.parent_marked[i] = parent
                 .as_deref()
                 .is_some_and(|c| names.marked(find_attr(c, sys::NFTA_CHAIN_USERDATA)));
-            st.parent_shape_ok[i] = parent.as_deref().is_some_and(|c| place.made_like(c));
+            made_like[i] = parent.as_deref().is_some_and(|c| place.made_like(c));
             if st.parent_exists[i] {
                 st.parents[i] = self
                     .dump_chain(sock, place.table(), place.parent())?
@@ -108,17 +110,17 @@ impl Iptables {
                     .collect();
             }
         }
-        for i in 0..PLACES.len() {
-            // An earlier version's base chain: unmarked, as the agent makes
-            // it, holding nothing but the agent's jumps.
-            st.parent_earlier[i] = st.parent_exists[i]
+        // An earlier version's base chain: unmarked, as the agent makes it,
+        // holding nothing but the agent's jumps.
+        st.parent_earlier = std::array::from_fn(|i| {
+            st.parent_exists[i]
                 && !st.parent_marked[i]
-                && st.parent_shape_ok[i]
+                && made_like[i]
                 && !st.parents[i].is_empty()
                 && st.parents[i]
                     .iter()
-                    .all(|s| s.rule == ParentRule::Jump { exact: true });
-        }
+                    .all(|s| s.rule == ParentRule::Jump { exact: true })
+        });
         st.settled = st.adoption().is_none()
             && st.own_sorted()
             && st.places().iter().all(|p| {

@@ -172,8 +172,6 @@ pub struct IptState {
     parent_exists: [bool; 4],
     /// The base chain carries the agent's mark: the agent made it.
     parent_marked: [bool; 4],
-    /// The base chain is as iptables-nft (and the agent) makes it.
-    parent_shape_ok: [bool; 4],
     /// Unmarked, as made, and holding only the agent's jumps: an earlier
     /// version made it (adopted at the next apply, removed by `cleanup`).
     parent_earlier: [bool; 4],
@@ -356,13 +354,14 @@ impl IptablesBackend {
         }))
     }
 
-    /// Whether any of the agent's chains exists (marked, or an earlier
-    /// version's), in any of the backend's families.
-    pub fn owns_chains(&mut self) -> Result<bool, crate::firewall::FirewallError> {
-        Ok(self
-            .state()?
+    /// The agent's rules in the backend's families, read once; `None` when
+    /// none of its chains exists (marked, or an earlier version's).
+    pub fn owned_rules(&mut self) -> Result<Option<RuleSet>, crate::firewall::FirewallError> {
+        let state = self.state()?;
+        let owns = state
             .iter()
-            .any(|s| (0..PLACES.len()).any(|i| s.own_owned(i))))
+            .any(|s| (0..PLACES.len()).any(|i| s.own_owned(i)));
+        Ok(owns.then(|| self.flavor.rules(&state)))
     }
 
     /// Changes the jump positions (the next apply moves the jumps).
@@ -580,9 +579,12 @@ impl Flavor for Iptables {
             for place in PLACES.into_iter().filter(|p| p.table() == table) {
                 let i = place.index();
                 let ours = state.parent_marked[i] || state.parent_earlier[i];
-                let emptied = state.parents[i]
-                    .iter()
-                    .all(|s| s.rule != ParentRule::Foreign && state.own_owned(i));
+                // Only jumps to the agent's chain (which all go), or nothing.
+                let emptied = state.parents[i].is_empty()
+                    || (state.own_owned(i)
+                        && state.parents[i]
+                            .iter()
+                            .all(|s| s.rule != ParentRule::Foreign));
                 if state.parent_exists[i] && ours && emptied {
                     self.delete_base_chain(batch, place);
                     bases.push(format!("{table} {}", place.parent()));
