@@ -143,6 +143,9 @@ fn iptables_nft_reads_the_rules_as_its_own() {
     // The agent's chains also carry its mark (nft shows it as a comment;
     // iptables-nft-save does not).
     assert_eq!(agent_chain_decls(&ns, "ip"), chain_decls(&twin, "ip"));
+    // ...which iptables-nft's listing does not show either.
+    let list = "iptables-nft -t nat -L -n -v && iptables-nft -t filter -L -n -v";
+    assert_eq!(ns.sh(list), twin.sh(list));
     assert_eq!(
         chain_decls(&ns, "ip").len(),
         6,
