@@ -398,8 +398,8 @@ fn public_address(
 /// entries and rejected pods, by pod then public port.
 pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
     let row = |pod: &PodRef, state| Entry {
-        namespace: pod.namespace.clone(),
-        pod: pod.name.clone(),
+        namespace: pod.namespace.to_string(),
+        pod: pod.name.to_string(),
         family: None,
         public_address: None,
         public_port: None,

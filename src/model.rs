@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -46,15 +47,16 @@ impl fmt::Display for Proto {
 }
 
 /// A pod by namespace and name; rendered `namespace:name`, the owner comment
-/// every rule and element carries.
+/// every rule and element carries. The names are shared: every rule, element,
+/// claim and copy of the table names its pod, and a clone costs no string.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct PodRef {
-    pub namespace: String,
-    pub name: String,
+    pub namespace: Arc<str>,
+    pub name: Arc<str>,
 }
 
 impl PodRef {
-    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> PodRef {
+    pub fn new(namespace: impl Into<Arc<str>>, name: impl Into<Arc<str>>) -> PodRef {
         PodRef {
             namespace: namespace.into(),
             name: name.into(),

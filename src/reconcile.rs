@@ -27,8 +27,8 @@ use crate::firewall::{ApplyReport, FirewallError};
 use crate::kube::events::{self, EventSink};
 use crate::kube::ledger::EventLedger;
 use crate::kube::namespace::NamespaceFeed;
-use crate::kube::pod;
-use crate::kube::watch::{store_key, PodFeed};
+use crate::kube::store::PodEntry;
+use crate::kube::watch::PodFeed;
 use crate::model::{DualStack, PodRef};
 use crate::net::address::Choice;
 use crate::plan::incremental::{follow, IncrementalPlan};
@@ -540,12 +540,8 @@ fn wake_name(w: Wake) -> &'static str {
 }
 
 /// A pod's facts, with its namespace's policy from `namespaces`.
-fn facts_with(
-    p: &k8s_openapi::api::core::v1::Pod,
-    annotation_key: &str,
-    namespaces: &Option<NamespaceFeed>,
-) -> crate::plan::PodFacts {
-    let mut f = pod::facts(p, annotation_key);
+fn facts_with(p: &PodEntry, namespaces: &Option<NamespaceFeed>) -> crate::plan::PodFacts {
+    let mut f = p.facts.clone();
     if let Some(ns) = namespaces {
         f.namespace_policy = ns.policy(&f.pod.namespace);
     }

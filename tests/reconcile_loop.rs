@@ -7,16 +7,16 @@
 //! repairs. The flavors themselves are proven against the kernel elsewhere.
 //! Waits poll with deadlines; nothing asserts on timing.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::Event;
 use podnat_controller::firewall::flavors::memory::{MemoryBackend, MemoryKernel};
 use podnat_controller::firewall::Names;
 use podnat_controller::kube::events::EventSink;
+use podnat_controller::kube::store::PodStore;
 use podnat_controller::kube::watch::{ChangeLog, FeedState, PodFeed};
 use podnat_controller::plan::PlanConfig;
 use podnat_controller::reconcile::{
@@ -48,8 +48,10 @@ fn pod(name: &str, ip: &str, ports: &[u16]) -> Pod {
 /// and the in-memory kernel.
 struct Harness {
     rt: tokio::runtime::Runtime,
-    writer: Writer<Pod>,
-    store: reflector::Store<Pod>,
+    writer: PodStore,
+    /// The pods the watcher has handed over and not deleted (what a relist
+    /// lists again).
+    pods: BTreeMap<String, Pod>,
     feed: watch::Sender<FeedState>,
     changes: ChangeLog,
     kernel: Arc<Mutex<MemoryKernel>>,
@@ -65,8 +67,8 @@ impl Harness {
             .enable_all()
             .build()
             .unwrap();
-        let (store, writer) = reflector::store::<Pod>();
-        let loop_store = store.clone();
+        let writer = PodStore::new(KEY);
+        let loop_store = writer.clone();
         let (feed_tx, feed_rx) = watch::channel(FeedState {
             reachable: true,
             ..FeedState::default()
@@ -113,7 +115,7 @@ impl Harness {
         Harness {
             rt,
             writer,
-            store,
+            pods: BTreeMap::new(),
             feed: feed_tx,
             changes,
             kernel,
@@ -129,6 +131,8 @@ impl Harness {
         for p in pods {
             let event = Event::Apply(p.clone());
             self.writer.apply_watcher_event(&event);
+            self.pods
+                .insert(p.metadata.name.clone().unwrap(), p.clone());
             self.changes.record(&event);
             self.feed.send_modify(|s| s.revision += 1);
         }
@@ -138,6 +142,7 @@ impl Harness {
         for p in pods {
             let event = Event::Delete(p.clone());
             self.writer.apply_watcher_event(&event);
+            self.pods.remove(p.metadata.name.as_deref().unwrap());
             self.changes.record(&event);
             self.feed.send_modify(|s| s.revision += 1);
         }
@@ -145,7 +150,7 @@ impl Harness {
 
     /// The watcher's first full list: what the store holds so far, relisted.
     fn list_done(&mut self) {
-        let listed: Vec<Pod> = self.store.state().iter().map(|p| (**p).clone()).collect();
+        let listed: Vec<Pod> = self.pods.values().cloned().collect();
         self.writer.apply_watcher_event(&Event::<Pod>::Init);
         for p in listed {
             self.writer.apply_watcher_event(&Event::InitApply(p));

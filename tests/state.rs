@@ -333,7 +333,7 @@ fn configmap_written_by_the_go_version_is_taken_over_keeping_created() {
     let still: Vec<Mapping> = go
         .mappings()
         .into_iter()
-        .filter(|m| m.owner.namespace != "ingress-nginx")
+        .filter(|m| &*m.owner.namespace != "ingress-nginx")
         .collect();
     assert_eq!(still.len(), 7);
     rec.record(&still);

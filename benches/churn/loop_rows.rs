@@ -12,13 +12,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::watcher::Event;
 use podnat_controller::config::JumpPositions;
 use podnat_controller::firewall::flavors::iptables::IptablesBackend;
 use podnat_controller::firewall::flavors::nftables::NftablesBackend;
 use podnat_controller::firewall::{Backend, Names};
 use podnat_controller::kube::events::EventSink;
+use podnat_controller::kube::store::PodStore;
 use podnat_controller::kube::watch::{ChangeLog, FeedState, PodFeed};
 use podnat_controller::plan::PlanConfig;
 use podnat_controller::reconcile::{
@@ -49,7 +49,7 @@ fn pod(i: u32) -> Pod {
 /// The loop on a runtime of its own; the test side feeds the store.
 struct Loop {
     rt: Option<tokio::runtime::Runtime>,
-    writer: Writer<Pod>,
+    writer: PodStore,
     feed: watch::Sender<FeedState>,
     changes: ChangeLog,
     status: Arc<AgentStatus>,
@@ -63,7 +63,8 @@ impl Loop {
             .enable_all()
             .build()
             .unwrap();
-        let (store, writer) = reflector::store::<Pod>();
+        let writer = PodStore::new(KEY);
+        let store = writer.clone();
         let (feed_tx, feed_rx) = watch::channel(FeedState {
             reachable: true,
             ..FeedState::default()

@@ -6,9 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{ObjectReference, Pod};
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Client, Resource};
+use kube::Client;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -69,11 +69,6 @@ pub struct PodEvent {
     pub regarding: ObjectReference,
     pub reason: Reason,
     pub note: String,
-}
-
-/// The reference an event on `pod` carries.
-pub fn reference(pod: &Pod) -> ObjectReference {
-    pod.object_ref(&())
 }
 
 /// Counters of the publisher, shared with the agent's status.
@@ -226,19 +221,5 @@ mod tests {
         let cut = truncate_note(&long);
         assert!(cut.len() <= MAX_NOTE, "{}", cut.len());
         assert!(cut.ends_with(" …"));
-    }
-
-    #[test]
-    fn references_name_the_pod() {
-        let pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {"name": "mx-0", "namespace": "mail", "uid": "u1"}
-        }))
-        .unwrap();
-        let r = reference(&pod);
-        assert_eq!(r.kind.as_deref(), Some("Pod"));
-        assert_eq!(r.api_version.as_deref(), Some("v1"));
-        assert_eq!(r.name.as_deref(), Some("mx-0"));
-        assert_eq!(r.namespace.as_deref(), Some("mail"));
-        assert_eq!(r.uid.as_deref(), Some("u1"));
     }
 }

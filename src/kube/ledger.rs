@@ -227,8 +227,8 @@ mod tests {
         ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Pod".into()),
-            name: Some(p.name.clone()),
-            namespace: Some(p.namespace.clone()),
+            name: Some(p.name.to_string()),
+            namespace: Some(p.namespace.to_string()),
             uid: Some(uid.into()),
             ..ObjectReference::default()
         }

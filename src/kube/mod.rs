@@ -5,6 +5,7 @@ pub mod events;
 pub mod ledger;
 pub mod namespace;
 pub mod pod;
+pub mod store;
 pub mod watch;
 
 use std::path::{Path, PathBuf};

@@ -1,5 +1,5 @@
 //! The pod watcher: a kube watcher on this node's pods (field selector
-//! `spec.nodeName=<node>`), with backoff, feeding a reflector store. The
+//! `spec.nodeName=<node>`), with backoff, feeding the pod store. The
 //! reconcile loop reads the store and follows a [`FeedState`] channel that
 //! says when the store changed, whether the first full list is in, and
 //! whether the apiserver answers.
@@ -9,14 +9,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{Pod, PodCondition, PodSpec, PodStatus};
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use super::store::PodStore;
 use crate::model::PodRef;
 
 /// The field selector for the pods of `node`. The selector matches the node
@@ -47,7 +47,7 @@ pub struct FeedState {
 
 /// The pod store and the channel that announces its changes.
 pub struct PodFeed {
-    pub store: Store<Pod>,
+    pub store: PodStore,
     pub state: watch::Receiver<FeedState>,
     /// Which pods changed since the loop last looked.
     pub changes: ChangeLog,
@@ -100,11 +100,6 @@ pub fn pod_ref(p: &Pod) -> PodRef {
     )
 }
 
-/// The store's key for a pod.
-pub fn store_key(p: &PodRef) -> ObjectRef<Pod> {
-    ObjectRef::new(&p.name).within(&p.namespace)
-}
-
 /// Settings of the pod watcher.
 #[derive(Clone, Debug)]
 pub struct PodWatchConfig {
@@ -114,7 +109,7 @@ pub struct PodWatchConfig {
     /// Otherwise watch all pods; the planner keeps those whose node matches
     /// by short name (`node1` ~ `node1.example.org`), as the Go version did.
     pub exact: bool,
-    /// The podnat annotation: the only annotation kept in the store.
+    /// The podnat annotation: the only one the store keeps.
     pub annotation_key: String,
 }
 
@@ -140,15 +135,13 @@ pub fn spawn_pod_watcher(client: Client, cfg: PodWatchConfig) -> (PodFeed, JoinH
         String::new()
     };
     let api: Api<Pod> = Api::all(client.clone());
-    let (reader, writer) = reflector::store::<Pod>();
+    let store = PodStore::new(&cfg.annotation_key);
+    let writer = store.clone();
     let (tx, rx) = watch::channel(FeedState::default());
     let changes = ChangeLog::default();
     let log = changes.clone();
-    let key = cfg.annotation_key;
-    let stream = watcher(api, watcher::Config::default().fields(&selector))
-        .backoff(WatchBackoff::default())
-        .modify(move |pod| slim(pod, &key));
-    let stream = reflector::reflector(writer, stream);
+    let stream =
+        watcher(api, watcher::Config::default().fields(&selector)).backoff(WatchBackoff::default());
     let task = tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         let mut probe = tokio::time::interval(PROBE_EVERY);
@@ -159,6 +152,7 @@ pub fn spawn_pod_watcher(client: Client, cfg: PodWatchConfig) -> (PodFeed, JoinH
                 () = tx.closed() => return,
                 item = stream.next() => match item {
                     Some(Ok(event)) => {
+                        writer.apply_watcher_event(&event);
                         log.record(&event);
                         on_event(&tx, &event);
                     }
@@ -179,7 +173,7 @@ pub fn spawn_pod_watcher(client: Client, cfg: PodWatchConfig) -> (PodFeed, JoinH
     });
     (
         PodFeed {
-            store: reader,
+            store,
             state: rx,
             changes,
         },
@@ -239,49 +233,6 @@ fn set_reachable(tx: &watch::Sender<FeedState>, reachable: bool) {
         }
         s.reachable = reachable;
         changed
-    });
-}
-
-/// Drops what the agent never reads, so that a node with many pods keeps a
-/// small store: managed fields, other annotations (kubectl's
-/// last-applied-configuration can be large), labels, the containers and their
-/// statuses. Kept: identity (for events), node, creation and deletion times,
-/// the podnat annotation, IPs, hostNetwork, phase and the Ready condition's
-/// status.
-pub fn slim(pod: &mut Pod, annotation_key: &str) {
-    let meta = &mut pod.metadata;
-    meta.managed_fields = None;
-    meta.labels = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    if let Some(annotations) = meta.annotations.as_mut() {
-        annotations.retain(|k, _| k == annotation_key);
-        if annotations.is_empty() {
-            meta.annotations = None;
-        }
-    }
-    pod.spec = pod.spec.take().map(|s| PodSpec {
-        node_name: s.node_name,
-        host_network: s.host_network,
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.take().map(|s| PodStatus {
-        phase: s.phase,
-        pod_ip: s.pod_ip,
-        pod_ips: s.pod_ips,
-        // Only whether the pod is Ready is read; a running pod has five
-        // conditions, each with times, reason and message.
-        conditions: s.conditions.map(|c| {
-            c.into_iter()
-                .filter(|c| c.type_ == "Ready")
-                .map(|c| PodCondition {
-                    type_: c.type_,
-                    status: c.status,
-                    ..PodCondition::default()
-                })
-                .collect()
-        }),
-        ..PodStatus::default()
     });
 }
 
@@ -357,43 +308,5 @@ mod tests {
         assert!(late[9] >= BACKOFF_MAX);
         b.reset();
         assert!(b.next().unwrap() <= BACKOFF_MIN.mul_f64(1.25));
-    }
-
-    #[test]
-    fn slim_keeps_what_the_planner_and_events_read() {
-        let mut pod: Pod = serde_json::from_value(serde_json::json!({
-            "metadata": {
-                "name": "mx-0", "namespace": "mail", "uid": "u1", "resourceVersion": "7",
-                "creationTimestamp": "2026-01-02T03:04:05Z",
-                "labels": {"app": "mx"},
-                "annotations": {"bln.space/podnat": "{\"entries\":[]}", "other": "x".repeat(1000)},
-                "managedFields": [{"manager": "kubectl"}]
-            },
-            "spec": {"nodeName": "node1", "containers": [{"name": "mx", "image": "mx"}]},
-            "status": {"phase": "Running", "podIP": "10.1.0.5",
-                       "conditions": [{"type": "PodScheduled", "status": "True"},
-                                      {"type": "Ready", "status": "True", "reason": "r", "message": "m",
-                                       "lastTransitionTime": "2026-01-02T03:04:06Z"}],
-                       "containerStatuses": [{"name": "mx", "image": "mx", "imageID": "", "ready": true, "restartCount": 0}]}
-        }))
-        .unwrap();
-        let before = crate::kube::pod::facts(&pod, "bln.space/podnat");
-        slim(&mut pod, "bln.space/podnat");
-        assert_eq!(crate::kube::pod::facts(&pod, "bln.space/podnat"), before);
-        assert_eq!(pod.metadata.uid.as_deref(), Some("u1"));
-        assert_eq!(pod.metadata.annotations.as_ref().map(|a| a.len()), Some(1));
-        assert!(pod.metadata.managed_fields.is_none() && pod.metadata.labels.is_none());
-        assert!(pod.spec.as_ref().is_some_and(|s| s.containers.is_empty()));
-        assert!(pod
-            .status
-            .as_ref()
-            .is_some_and(|s| s.container_statuses.is_none()));
-        let conditions = pod.status.and_then(|s| s.conditions).unwrap_or_default();
-        assert_eq!(conditions.len(), 1);
-        assert_eq!(
-            (conditions[0].type_.as_str(), conditions[0].status.as_str()),
-            ("Ready", "True")
-        );
-        assert!(conditions[0].message.is_none() && conditions[0].last_transition_time.is_none());
     }
 }

@@ -105,8 +105,8 @@ fn newer_pod_wins_and_older_is_listed_as_loser() {
     assert_eq!(t.conflicts[0].loser, PodRef::new("a", "old"));
     assert_eq!(t.conflicts[0].winner, PodRef::new("a", "new"));
     // The loser gets no SNAT / FORWARD either.
-    assert!(t.rules.snat.iter().all(|s| s.owner.name == "new"));
-    assert!(t.rules.forward.iter().all(|s| s.owner.name == "new"));
+    assert!(t.rules.snat.iter().all(|s| &*s.owner.name == "new"));
+    assert!(t.rules.forward.iter().all(|s| &*s.owner.name == "new"));
 }
 
 #[test]
@@ -259,7 +259,7 @@ fn snat_follows_first_winning_entry_per_protocol() {
     // Entry 0 (public A) is lost to a newer pod; entry 1 (public B) is won.
     let (a, b) = snat_contest();
     let t = plan(&[a, b], DualStack::v4(PUB), &cfg());
-    let a_snat = t.rules.snat.iter().find(|s| s.owner.name == "a").unwrap();
+    let a_snat = t.rules.snat.iter().find(|s| &*s.owner.name == "a").unwrap();
     assert_eq!(a_snat.public_ip, Ipv4Addr::new(198, 51, 100, 2));
 }
 

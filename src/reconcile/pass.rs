@@ -24,9 +24,8 @@ impl Reconciler {
                 changed.relisted = true;
             } else if !moved.names.is_empty() {
                 for p in self.feed.store.state() {
-                    let r = crate::kube::watch::pod_ref(&p);
-                    if moved.names.contains(&r.namespace) {
-                        changed.pods.insert(r);
+                    if moved.names.contains(&*p.pod().namespace) {
+                        changed.pods.insert(p.pod().clone());
                     }
                 }
             }
@@ -48,7 +47,7 @@ impl Reconciler {
             let pods = self.feed.store.state();
             let facts: Vec<_> = pods
                 .iter()
-                .map(|p| facts_with(p, &self.cfg.annotation_key, &self.namespaces))
+                .map(|p| facts_with(p, &self.namespaces))
                 .collect();
             let inc = self
                 .inc
@@ -65,10 +64,8 @@ impl Reconciler {
                 ch.absorb(inc.set_node_services(s));
             }
             for r in &changed.pods {
-                let next = match self.feed.store.get(&store_key(r)) {
-                    Some(p) => {
-                        inc.upsert(facts_with(&p, &self.cfg.annotation_key, &self.namespaces))
-                    }
+                let next = match self.feed.store.get(r) {
+                    Some(p) => inc.upsert(facts_with(&p, &self.namespaces)),
                     None => inc.remove(r),
                 };
                 ch.absorb(next);
@@ -186,7 +183,7 @@ impl Reconciler {
         // Events only once the kernel holds what they describe: about the
         // pods whose part changed, or every pod after a whole re-plan.
         let store = &self.feed.store;
-        let reference = |p: &PodRef| store.get(&store_key(p)).map(|p| events::reference(&p));
+        let reference = |p: &PodRef| store.get(p).map(|p| p.reference());
         let notes = match (&change, self.shown) {
             (Some(ch), true) => {
                 self.ledger
@@ -280,9 +277,9 @@ impl Reconciler {
                 key.public_ip, key.public_port, key.proto
             );
             tracing::warn!(pod = %m.owner, "{note}");
-            if let Some(p) = self.feed.store.get(&store_key(&m.owner)) {
+            if let Some(p) = self.feed.store.get(&m.owner) {
                 self.events.publish(events::PodEvent {
-                    regarding: events::reference(&p),
+                    regarding: p.reference(),
                     reason: events::Reason::NodeServiceShadowed,
                     note,
                 });

@@ -123,14 +123,11 @@ impl StateFile {
     /// The record of `dnat` at `now`: `Created` is taken from `previous` for
     /// every rule that is already there, `LastVerified` is `now`.
     pub fn from_mappings(dnat: &[Mapping], previous: &StateFile, now: Timestamp) -> StateFile {
-        let mut created: HashMap<RecordId, Timestamp> = HashMap::new();
-        for r in previous.records() {
-            // A rule listed twice (an old file) keeps its earliest time.
-            created
-                .entry(r.id())
-                .and_modify(|t| *t = (*t).min(r.created))
-                .or_insert(r.created);
-        }
+        StateFile::with_times(dnat, &Summary::of(previous), now)
+    }
+
+    /// Like `from_mappings`, with the `Created` times of a [`Summary`].
+    pub fn with_times(dnat: &[Mapping], previous: &Summary, now: Timestamp) -> StateFile {
         let mut entries: BTreeMap<String, Vec<NatRecord>> = BTreeMap::new();
         for m in dnat {
             let mut record = NatRecord {
@@ -143,8 +140,8 @@ impl StateFile {
                 created: now,
                 comment: m.owner.to_string(),
             };
-            if let Some(t) = created.get(&record.id()) {
-                record.created = *t;
+            if let Some(t) = previous.created(&record.id()) {
+                record.created = t;
             }
             entries
                 .entry(record_key(m.key.public_ip, m.key.public_port))
@@ -190,6 +187,62 @@ impl StateFile {
     pub fn last_verified(&self) -> Option<Timestamp> {
         self.records().map(|r| r.last_verified).max()
     }
+}
+
+/// What the recorder keeps of the record it last wrote or read: each rule's
+/// `Created` time by a hash of the rule, and how many rules there were — a
+/// few dozen bytes a rule where the record takes about 400 (at 5,000 rules,
+/// 0.2 against 2.4 MB, held for as long as the agent runs).
+#[derive(Debug, Default)]
+pub struct Summary {
+    created: HashMap<u64, Timestamp>,
+    rules: usize,
+}
+
+impl Summary {
+    pub fn of(file: &StateFile) -> Summary {
+        let mut created: HashMap<u64, Timestamp> = HashMap::with_capacity(file.len());
+        for (key, list) in &file.entries {
+            for r in list {
+                // A rule listed twice (an old file) keeps its earliest time.
+                created
+                    .entry(rule_hash(key, &r.id()))
+                    .and_modify(|t| *t = (*t).min(r.created))
+                    .or_insert(r.created);
+            }
+        }
+        Summary {
+            created,
+            rules: file.len(),
+        }
+    }
+
+    /// When the rule `id` was first recorded, if it is in the record.
+    pub fn created(&self, id: &RecordId) -> Option<Timestamp> {
+        let key = record_key(id.source_ip, id.source_port);
+        self.created.get(&rule_hash(&key, id)).copied()
+    }
+
+    /// `file` holds the same rules under the same keys (times aside). A
+    /// 64-bit hash per rule: two tables that differ but hash alike (odds
+    /// about n²/2⁶⁵) would skip one write, and the next change writes.
+    pub fn same_rules(&self, file: &StateFile) -> bool {
+        file.len() == self.rules
+            && self.created.len() == self.rules
+            && file.entries.iter().all(|(key, list)| {
+                list.iter()
+                    .all(|r| self.created.contains_key(&rule_hash(key, &r.id())))
+            })
+    }
+}
+
+fn rule_hash(key: &str, id: &RecordId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    // SipHash with fixed keys: the same rule hashes alike for the whole run.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    key.hash(&mut h);
+    id.hash(&mut h);
+    h.finish()
 }
 
 /// A list of more than one rule (TCP and UDP on one port) is a conflict to
@@ -451,6 +504,46 @@ mod tests {
             StateFile::from_mappings(&second.mappings(), &second, ts("2025-01-01T00:00:00Z"));
         assert!(again.same_rules(&second));
         assert_ne!(again, second, "LastVerified moved");
+    }
+
+    #[test]
+    fn a_summary_tells_the_same_rules_as_the_record() {
+        let t0 = ts("2024-01-01T00:00:00Z");
+        let a = mapping(25, Proto::Tcp, [10, 42, 0, 17], "mail:mx-0");
+        let b = mapping(443, Proto::Tcp, [10, 42, 0, 9], "web:ingress");
+        let b_udp = mapping(443, Proto::Udp, [10, 42, 0, 9], "web:ingress");
+        let b_other = mapping(443, Proto::Tcp, [10, 42, 0, 9], "web:other");
+        let tables = [
+            vec![],
+            vec![a.clone()],
+            vec![a.clone(), b.clone()],
+            vec![a.clone(), b_udp.clone()],
+            vec![b.clone(), b_udp.clone()],
+            vec![a.clone(), b_other],
+        ];
+        for x in &tables {
+            let fx = StateFile::from_mappings(x, &StateFile::default(), t0);
+            let summary = Summary::of(&fx);
+            for y in &tables {
+                let fy = StateFile::from_mappings(y, &StateFile::default(), t0);
+                assert_eq!(summary.same_rules(&fy), fx.same_rules(&fy), "{x:?} / {y:?}");
+            }
+        }
+        // An old file that lists a rule twice is not the table once: it is
+        // written again, and the rule keeps its earliest time.
+        let mut twice =
+            StateFile::from_mappings(std::slice::from_ref(&a), &StateFile::default(), t0);
+        let list = twice.entries.get_mut("203.0.113.7:25").unwrap();
+        let mut older = list[0].clone();
+        older.created = ts("2023-01-01T00:00:00Z");
+        list.push(older);
+        let once = StateFile::from_mappings(std::slice::from_ref(&a), &twice, t0);
+        assert!(!Summary::of(&twice).same_rules(&once));
+        assert_eq!(
+            once.records().map(|r| r.created).collect::<Vec<_>>(),
+            [ts("2023-01-01T00:00:00Z")]
+        );
+        assert!(Summary::of(&once).same_rules(&once));
     }
 
     /// What the Go version's `reconcileRules` keeps of one key's list read

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::StateFlavor;
 use crate::model::Mapping;
-pub use format::{NatRecord, StateFile};
+pub use format::{NatRecord, StateFile, Summary};
 
 /// Errors at the state store boundary. None of them stops the agent.
 #[derive(Debug, thiserror::Error)]
@@ -337,9 +337,8 @@ struct Writer {
     loaded: bool,
     /// What the store holds, as far as we know; `None`: nothing usable
     /// (absent, malformed, unknown), so the next table is written whatever it
-    /// is. Also where `Created` times come from (one copy: at 5,000 rules a
-    /// record is about a megabyte).
-    stored: Option<StateFile>,
+    /// is. Also where `Created` times come from.
+    stored: Option<Summary>,
 }
 
 impl Writer {
@@ -435,7 +434,7 @@ impl Writer {
                 for r in file.records() {
                     tracing::debug!(rule = %r.id(), created = %r.created, "recorded rule");
                 }
-                self.stored = Some(file);
+                self.stored = Some(Summary::of(&file));
             }
             Err(e) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
@@ -456,9 +455,9 @@ impl Writer {
         if !self.loaded {
             self.load().await?;
         }
-        let none = StateFile::default();
+        let none = Summary::default();
         let previous = self.stored.as_ref().unwrap_or(&none);
-        let file = StateFile::from_mappings(dnat, previous, Timestamp::now());
+        let file = StateFile::with_times(dnat, previous, Timestamp::now());
         if self.stored.as_ref().is_some_and(|s| s.same_rules(&file)) {
             self.stats.unchanged.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(rules = file.len(), "state record already holds this table");
@@ -481,7 +480,7 @@ impl Writer {
             location = %self.store.location(),
             "state record written"
         );
-        self.stored = Some(file);
+        self.stored = Some(Summary::of(&file));
         Ok(true)
     }
 
