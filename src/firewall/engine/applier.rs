@@ -322,7 +322,8 @@ impl<F: Flavor> Backend for Applier<F> {
     /// without anything of ours changing), and the kernel refuses it if
     /// another commit came first — then nothing was changed and the caller
     /// applies the whole table.
-    #[tracing::instrument(level = "debug", skip_all, fields(flavor = self.flavor.name()))]
+    // No span of its own: on the path of every pod change, and its report
+    // is logged by the pass.
     fn apply_changes(&mut self, changes: &Changes) -> Result<Option<ApplyReport>, FirewallError> {
         let changes = changes.canonical();
         let epoch = self.cache.epoch();

@@ -130,13 +130,26 @@ impl ElementMsg {
 /// Writes element messages into a batch for one table, chunked below the
 /// 64 KiB limit of one netlink attribute, and remembers what each is.
 pub(super) struct ElementWriter<'b> {
-    pub(super) batch: &'b mut NftBatch,
-    pub(super) family: Family,
-    pub(super) table: &'b str,
+    batch: &'b mut NftBatch,
+    family: Family,
+    table: &'b str,
     pub(super) sent: Vec<ElementMsg>,
+    /// The comment of the element being written (one buffer for them all).
+    udata: Vec<u8>,
 }
 
-impl ElementWriter<'_> {
+impl<'b> ElementWriter<'b> {
+    pub(super) fn new(batch: &'b mut NftBatch, family: Family, table: &'b str) -> Self {
+        ElementWriter {
+            batch,
+            family,
+            table,
+            sent: Vec::with_capacity(4),
+            udata: Vec::with_capacity(2 + MAX_COMMENT + 1),
+        }
+    }
+
+    /// The elements go straight into the batch: no buffer per message.
     pub(super) fn write<'a>(
         &mut self,
         set: &'static str,
@@ -145,49 +158,46 @@ impl ElementWriter<'_> {
     ) {
         const CHUNK_BYTES: usize = 48 * 1024;
         let mut elems = elems.into_iter().peekable();
-        if elems.peek().is_none() {
-            return;
-        }
-        let mut udata = Vec::with_capacity(2 + MAX_COMMENT + 1);
+        let (ty, flags) = if delete {
+            (sys::NFT_MSG_DELSETELEM, 0)
+        } else {
+            (
+                sys::NFT_MSG_NEWSETELEM,
+                libc::NLM_F_CREATE as u32 | libc::NLM_F_EXCL as u32,
+            )
+        };
         while elems.peek().is_some() {
-            let mut list = Attrs::new();
             let mut count = 0usize;
-            while list.len() < CHUNK_BYTES {
-                let Some(e) = elems.next() else { break };
-                list.nest(sys::NFTA_LIST_ELEM, |a| {
-                    a.nest(sys::NFTA_SET_ELEM_KEY, |k| {
-                        k.bytes(sys::NFTA_DATA_VALUE, e.key.as_slice());
-                    });
-                    if !delete {
-                        if let Some(d) = &e.data {
-                            a.nest(sys::NFTA_SET_ELEM_DATA, |k| {
-                                k.bytes(sys::NFTA_DATA_VALUE, d.as_slice());
-                            });
-                        }
-                        if let Some(o) = e.owner {
-                            comment_udata_into(&mut udata, o);
-                            a.bytes(sys::NFTA_SET_ELEM_USERDATA, &udata);
-                        }
-                    }
-                });
-                count += 1;
-            }
-            let mut m = Attrs::new();
-            m.str(sys::NFTA_SET_ELEM_LIST_TABLE, self.table)
-                .str(sys::NFTA_SET_ELEM_LIST_SET, set)
-                .nest_attrs(sys::NFTA_SET_ELEM_LIST_ELEMENTS, &list);
-            let (ty, flags) = if delete {
-                (sys::NFT_MSG_DELSETELEM, 0)
-            } else {
-                (
-                    sys::NFT_MSG_NEWSETELEM,
-                    libc::NLM_F_CREATE as u32 | libc::NLM_F_EXCL as u32,
-                )
-            };
             // Sequence numbers count the messages; the batch begin is 0.
             let seq = self.batch.len() as u32 + 1;
-            self.batch
-                .add_undescribed(NftMsg::new(ty, flags, m).in_family(self.family));
+            let (table, udata) = (self.table, &mut self.udata);
+            self.batch.add_with(ty, flags, self.family, |m| {
+                m.str(sys::NFTA_SET_ELEM_LIST_TABLE, table)
+                    .str(sys::NFTA_SET_ELEM_LIST_SET, set)
+                    .nest(sys::NFTA_SET_ELEM_LIST_ELEMENTS, |list| {
+                        let start = list.len();
+                        while list.len() - start < CHUNK_BYTES {
+                            let Some(e) = elems.next() else { break };
+                            list.nest(sys::NFTA_LIST_ELEM, |a| {
+                                a.nest(sys::NFTA_SET_ELEM_KEY, |k| {
+                                    k.bytes(sys::NFTA_DATA_VALUE, e.key.as_slice());
+                                });
+                                if !delete {
+                                    if let Some(d) = &e.data {
+                                        a.nest(sys::NFTA_SET_ELEM_DATA, |k| {
+                                            k.bytes(sys::NFTA_DATA_VALUE, d.as_slice());
+                                        });
+                                    }
+                                    if let Some(o) = e.owner {
+                                        comment_udata_into(udata, o);
+                                        a.bytes(sys::NFTA_SET_ELEM_USERDATA, udata);
+                                    }
+                                }
+                            });
+                            count += 1;
+                        }
+                    });
+            });
             self.sent.push(ElementMsg {
                 seq,
                 set,
@@ -258,12 +268,7 @@ pub(super) fn encode_changes(
     table: &str,
     ch: &Changes,
 ) -> Vec<ElementMsg> {
-    let mut w = ElementWriter {
-        batch,
-        family,
-        table,
-        sent: Vec::new(),
-    };
+    let mut w = ElementWriter::new(batch, family, table);
     w.write(names::NFT_DNAT_MAP, dnat_elements(&ch.del.dnat), true);
     w.write(names::NFT_SNAT_MAP, snat_elements(&ch.del.snat), true);
     w.write(

@@ -260,12 +260,7 @@ impl Nftables {
             }
         }
         // Every element, straight from the desired lists (no copy of them).
-        let mut w = ElementWriter {
-            batch,
-            family: self.family,
-            table: tname,
-            sent: Vec::new(),
-        };
+        let mut w = ElementWriter::new(batch, self.family, tname);
         w.add_all(desired);
         w.sent
     }

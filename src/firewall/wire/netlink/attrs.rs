@@ -69,6 +69,11 @@ impl Attrs {
         self.bytes(ty | NLA_F_NESTED, &inner.buf)
     }
 
+    /// Attributes appended to `buf` (which keeps what it holds).
+    pub fn from_bytes(buf: Vec<u8>) -> Attrs {
+        Attrs { buf }
+    }
+
     pub fn with_capacity(bytes: usize) -> Attrs {
         Attrs {
             buf: Vec::with_capacity(bytes),

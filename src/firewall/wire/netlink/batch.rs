@@ -89,10 +89,29 @@ impl Default for NftBatch {
     }
 }
 
+/// The batch begin message with its generation attribute: header (16),
+/// nfgenmsg (4), NFNL_BATCH_GENID (8). It heads the body from the start, so
+/// finalizing appends the end message and copies nothing.
+const BEGIN_LEN: usize = 28;
+
 impl NftBatch {
     pub fn new() -> NftBatch {
+        let mut body = Vec::with_capacity(4096);
+        nlmsg_header(
+            &mut body,
+            libc::NFNL_MSG_BATCH_BEGIN as u16,
+            0,
+            0,
+            libc::AF_UNSPEC as u8,
+            libc::NFNL_SUBSYS_NFTABLES as u16,
+        );
+        let mut a = Attrs::new();
+        a.be32(libc::NFNL_BATCH_GENID as u16, 0);
+        body.extend_from_slice(a.as_bytes());
+        patch_len(&mut body, 0);
+        debug_assert_eq!(body.len(), BEGIN_LEN);
         NftBatch {
-            body: Vec::new(),
+            body,
             // seq 0 is the begin message.
             what: vec!["the batch (generation check)".to_string()],
         }
@@ -110,6 +129,27 @@ impl NftBatch {
     /// [`NetlinkError::Undescribed`]: super::NetlinkError::Undescribed
     pub fn add_undescribed(&mut self, msg: NftMsg) {
         self.add(msg, String::new());
+    }
+
+    /// Adds a message without a description whose attributes `f` writes
+    /// straight into the batch (no buffer of its own, nothing copied).
+    pub fn add_with(
+        &mut self,
+        msg_type: u32,
+        flags: u32,
+        family: crate::model::Family,
+        f: impl FnOnce(&mut Attrs),
+    ) {
+        let seq = self.seq();
+        let start = self.body.len();
+        let ty = ((libc::NFNL_SUBSYS_NFTABLES as u16) << 8) | msg_type as u16;
+        let family = protocol_family(family) as u8;
+        nlmsg_header(&mut self.body, ty, flags as u16, seq, family, 0);
+        let mut attrs = Attrs::from_bytes(std::mem::take(&mut self.body));
+        f(&mut attrs);
+        self.body = attrs.into_bytes();
+        patch_len(&mut self.body, start);
+        self.what.push(String::new());
     }
 
     pub fn add(&mut self, msg: NftMsg, what: impl Into<String>) {
@@ -167,27 +207,21 @@ impl NftBatch {
 
     /// Size of the messages so far, in bytes.
     pub fn byte_len(&self) -> usize {
-        self.body.len()
+        self.body.len() - BEGIN_LEN
     }
 
     /// The wire bytes: begin (with `genid` when given), messages, end.
     pub fn finalize(self, genid: Option<u32>) -> FinalBatch {
-        let mut bytes = Vec::with_capacity(self.body.len() + 64);
-        nlmsg_header(
-            &mut bytes,
-            libc::NFNL_MSG_BATCH_BEGIN as u16,
-            0,
-            0,
-            libc::AF_UNSPEC as u8,
-            libc::NFNL_SUBSYS_NFTABLES as u16,
-        );
-        if let Some(g) = genid {
-            let mut a = Attrs::new();
-            a.be32(libc::NFNL_BATCH_GENID as u16, g);
-            bytes.extend_from_slice(a.as_bytes());
+        let mut bytes = self.body;
+        match genid {
+            // The attribute's value: the last four bytes of the begin message.
+            Some(g) => bytes[BEGIN_LEN - 4..BEGIN_LEN].copy_from_slice(&g.to_be_bytes()),
+            None => {
+                bytes.drain(BEGIN_LEN - 8..BEGIN_LEN);
+                let begin = (BEGIN_LEN - 8) as u32;
+                bytes[..4].copy_from_slice(&begin.to_ne_bytes());
+            }
         }
-        patch_len(&mut bytes, 0);
-        bytes.extend_from_slice(&self.body);
         let end = bytes.len();
         nlmsg_header(
             &mut bytes,

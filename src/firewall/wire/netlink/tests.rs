@@ -59,3 +59,57 @@ fn batch_begin_carries_the_generation() {
     );
     assert_eq!(fin.what.len(), 3);
 }
+
+#[test]
+fn a_message_written_in_place_is_the_message_built_apart() {
+    let build = |in_place: bool| {
+        let mut b = NftBatch::new();
+        let write = |a: &mut Attrs| {
+            a.str(sys::NFTA_SET_ELEM_LIST_TABLE, "podnat")
+                .str(sys::NFTA_SET_ELEM_LIST_SET, "dnat")
+                .nest(sys::NFTA_SET_ELEM_LIST_ELEMENTS, |l| {
+                    l.nest(sys::NFTA_LIST_ELEM, |e| {
+                        e.bytes(sys::NFTA_SET_ELEM_USERDATA, b"\0\x02x\0");
+                    });
+                });
+        };
+        let flags = libc::NLM_F_CREATE as u32;
+        if in_place {
+            b.add_with(
+                sys::NFT_MSG_NEWSETELEM,
+                flags,
+                crate::model::Family::Ipv6,
+                write,
+            );
+        } else {
+            let mut a = Attrs::new();
+            write(&mut a);
+            let msg = NftMsg::new(sys::NFT_MSG_NEWSETELEM, flags, a)
+                .in_family(crate::model::Family::Ipv6);
+            b.add_undescribed(msg);
+        }
+        assert_eq!(b.len(), 1);
+        b
+    };
+    let (a, b) = (build(true), build(false));
+    assert_eq!(a.byte_len(), b.byte_len());
+    for genid in [Some(7), None] {
+        let (fa, fb) = (build(true).finalize(genid), build(false).finalize(genid));
+        assert_eq!(fa.bytes, fb.bytes);
+        // Without a generation the begin message is the bare header.
+        let begin = parse_msg(&fa.bytes).unwrap();
+        assert_eq!(begin.msg_type, libc::NFNL_MSG_BATCH_BEGIN as u16);
+        assert_eq!(begin.total_len, if genid.is_some() { 28 } else { 20 });
+        assert_eq!(attr_be32(begin.attrs, libc::NFNL_BATCH_GENID as u16), genid);
+        let msg = parse_msg(&fa.bytes[begin.total_len..]).unwrap();
+        assert_eq!(msg.seq, 1);
+        assert_eq!(msg.family, libc::AF_INET6 as u8);
+        let end = parse_msg(&fa.bytes[begin.total_len + align4(msg.total_len)..]).unwrap();
+        assert_eq!(end.msg_type, libc::NFNL_MSG_BATCH_END as u16);
+        assert_eq!(end.seq, 2);
+        assert_eq!(
+            begin.total_len + align4(msg.total_len) + end.total_len,
+            fa.bytes.len()
+        );
+    }
+}
