@@ -146,7 +146,7 @@ fn the_monitor_wakes_only_for_foreign_changes_to_what_the_agent_owns() {
             // Nor does the change alone (the agent's way): no generation
             // query, the batch carries the generation the tracker read last.
             let add = be
-                .apply_changes(&Changes::between(&mail(), &more))
+                .apply_changes(Changes::between(&mail(), &more))
                 .unwrap()
                 .expect("the change fits the cached state");
             assert!(add.messages > 0 && add.cache_hit, "{flavor:?}: {add:?}");
@@ -330,7 +330,10 @@ fn a_change_alone_is_refused_whole_when_another_commit_came_first() {
             run("nft add element ip kube-proxy cluster-ips '{ 10.96.0.13 }'");
             let moved = listing();
             assert_ne!(before, moved);
-            assert!(be.apply_changes(&grow).unwrap().is_none(), "{flavor:?}");
+            assert!(
+                be.apply_changes(grow.clone()).unwrap().is_none(),
+                "{flavor:?}"
+            );
             assert_eq!(listing(), moved, "{flavor:?}: nothing sent");
             let whole = be.apply(&more).unwrap();
             assert!(whole.messages > 0, "{flavor:?}");
@@ -340,10 +343,10 @@ fn a_change_alone_is_refused_whole_when_another_commit_came_first() {
             let mut wrong = stale.clone();
             wrong.del.dnat[0].pod_port += 1;
             let after = listing();
-            assert!(be.apply_changes(&wrong).unwrap().is_none(), "{flavor:?}");
+            assert!(be.apply_changes(wrong).unwrap().is_none(), "{flavor:?}");
             assert_eq!(listing(), after);
             // And on top of the last commit they apply, in one batch.
-            let back = be.apply_changes(&stale).unwrap().expect("fits");
+            let back = be.apply_changes(stale).unwrap().expect("fits");
             assert!(back.messages > 0 && back.cache_hit);
             assert_eq!(be.read().unwrap(), mail(), "{flavor:?}");
         });

@@ -111,7 +111,7 @@ pub trait Backend: Send {
     /// commit, the layout needs repair, the changes do not fit what the
     /// kernel holds, or another writer committed first): nothing was sent;
     /// call `apply` with the whole desired table.
-    fn apply_changes(&mut self, changes: &Changes) -> Result<Option<ApplyReport>, FirewallError>;
+    fn apply_changes(&mut self, changes: Changes) -> Result<Option<ApplyReport>, FirewallError>;
     /// The changes `apply` would make, in the view's syntax; touches nothing.
     /// `assume_empty`: do not read the kernel (no CAP_NET_ADMIN).
     fn dry_run(&mut self, desired: &RuleSet, assume_empty: bool) -> Result<String, FirewallError>;
@@ -253,6 +253,37 @@ impl Changes {
             && !a.local.iter().any(|x| has(&c.local, x))
     }
 
+    /// `canonical`, keeping these changes when they already are (no copy).
+    pub fn into_canonical(self) -> Changes {
+        let fixed = match self.canonical() {
+            std::borrow::Cow::Owned(c) => Some(c),
+            std::borrow::Cow::Borrowed(_) => None,
+        };
+        fixed.unwrap_or(self)
+    }
+
+    /// Moves the changes into a sorted rule set in place, as `apply_to`
+    /// does, without copying what they add.
+    pub fn move_into(self, rules: &mut RuleSet) {
+        fn one<T: Ord>(v: &mut Vec<T>, add: Vec<T>, del: &[T]) {
+            for d in del {
+                if let Ok(i) = v.binary_search(d) {
+                    v.remove(i);
+                }
+            }
+            for a in add {
+                if let Err(i) = v.binary_search(&a) {
+                    v.insert(i, a);
+                }
+            }
+        }
+        let (add, del) = (self.add, self.del);
+        one(&mut rules.dnat, add.dnat, &del.dnat);
+        one(&mut rules.snat, add.snat, &del.snat);
+        one(&mut rules.forward, add.forward, &del.forward);
+        one(&mut rules.local, add.local, &del.local);
+    }
+
     /// Owners as they read back from the kernel (see `canonical`); borrowed
     /// when they already are (no copy on the path of every change).
     pub fn canonical(&self) -> std::borrow::Cow<'_, Changes> {
@@ -270,22 +301,7 @@ impl Changes {
     /// Applies the changes to a sorted rule set in place (no re-read, no
     /// copy of the unchanged part).
     pub fn apply_to(&self, rules: &mut RuleSet) {
-        fn one<T: Ord + Clone>(v: &mut Vec<T>, add: &[T], del: &[T]) {
-            for d in del {
-                if let Ok(i) = v.binary_search(d) {
-                    v.remove(i);
-                }
-            }
-            for a in add {
-                if let Err(i) = v.binary_search(a) {
-                    v.insert(i, a.clone());
-                }
-            }
-        }
-        one(&mut rules.dnat, &self.add.dnat, &self.del.dnat);
-        one(&mut rules.snat, &self.add.snat, &self.del.snat);
-        one(&mut rules.forward, &self.add.forward, &self.del.forward);
-        one(&mut rules.local, &self.add.local, &self.del.local);
+        self.clone().move_into(rules);
     }
 }
 

@@ -65,7 +65,7 @@ pub trait Flavor: Send + 'static {
     /// they were computed against (the last commit) and the layout needs no
     /// repair; `None` otherwise (the applier then wants the whole table).
     /// O(change): never walks the whole state.
-    fn plan_changes(&self, state: &Self::State, changes: &Changes) -> Option<Planned<Self::Plan>>;
+    fn plan_changes(&self, state: &Self::State, changes: Changes) -> Option<Planned<Self::Plan>>;
     /// Appends the plan's messages to `batch` (begin/end are the applier's;
     /// a dual-stack change puts both families' messages in one batch).
     fn encode(&self, batch: &mut NftBatch, state: &Self::State, plan: &Self::Plan) -> Self::Sent;
@@ -182,10 +182,10 @@ impl<F: Flavor> Applier<F> {
         changes: &Changes,
     ) -> Result<Option<FinalBatch>, FirewallError> {
         self.cache.clear();
-        let changes = changes.canonical();
+        let changes = changes.canonical().into_owned();
         let generation = self.sock()?.generation()?;
         let state = self.read_state()?;
-        let Some(Planned::Change(plan)) = self.flavor.plan_changes(&state, &changes) else {
+        let Some(Planned::Change(plan)) = self.flavor.plan_changes(&state, changes) else {
             return Ok(None);
         };
         let mut batch = NftBatch::new();
@@ -324,8 +324,8 @@ impl<F: Flavor> Backend for Applier<F> {
     /// applies the whole table.
     // No span of its own: on the path of every pod change, and its report
     // is logged by the pass.
-    fn apply_changes(&mut self, changes: &Changes) -> Result<Option<ApplyReport>, FirewallError> {
-        let changes = changes.canonical();
+    fn apply_changes(&mut self, changes: Changes) -> Result<Option<ApplyReport>, FirewallError> {
+        let changes = changes.into_canonical();
         let epoch = self.cache.epoch();
         let Some((generation, state)) = self.cache.take_current(epoch) else {
             return Ok(None);
@@ -334,7 +334,7 @@ impl<F: Flavor> Backend for Applier<F> {
             cache_hit: true,
             ..ApplyReport::default()
         };
-        let plan = match self.flavor.plan_changes(&state, &changes) {
+        let plan = match self.flavor.plan_changes(&state, changes) {
             Some(Planned::Change(p)) => p,
             Some(Planned::Nothing) => {
                 self.cache.set(generation, epoch, state);

@@ -70,7 +70,7 @@ impl BackendWorker {
                             flush_targets(&stale);
                         }
                         Job::ApplyChanges(changes, reply) => {
-                            let result = backend.apply_changes(&changes);
+                            let result = backend.apply_changes(changes);
                             let stale = match &result {
                                 Ok(Some(report)) => stale_targets(report),
                                 _ => Default::default(),

@@ -90,21 +90,23 @@ impl<F: Flavor> Flavor for PerFamily<F> {
         }
     }
 
-    fn plan_changes(&self, state: &Self::State, changes: &Changes) -> Option<Planned<Self::Plan>> {
+    fn plan_changes(&self, state: &Self::State, changes: Changes) -> Option<Planned<Self::Plan>> {
         let mut plans = Vec::with_capacity(self.parts.len());
+        let single = self.parts.len() == 1;
+        let mut whole = Some(changes);
         for ((f, p), s) in self.parts.iter().zip(state) {
-            let mine = if self.parts.len() == 1 {
-                std::borrow::Cow::Borrowed(changes)
-            } else {
-                std::borrow::Cow::Owned(changes_of(changes, *f))
+            // One family: the changes as they are; several: each its own.
+            let mine = match &mut whole {
+                w if single => w.take().unwrap_or_default(),
+                w => changes_of(w.as_ref().expect("kept for every part"), *f),
             };
             // A family the change does not touch is left as it is (its
             // repair, if any, is the next full apply's).
-            if mine.is_empty() && self.parts.len() > 1 {
+            if mine.is_empty() && !single {
                 plans.push(None);
                 continue;
             }
-            plans.push(match p.plan_changes(s, &mine)? {
+            plans.push(match p.plan_changes(s, mine)? {
                 Planned::NeedsRead => return Some(Planned::NeedsRead),
                 Planned::Foreign(what) => return Some(Planned::Foreign(what)),
                 Planned::Nothing => None,

@@ -141,8 +141,8 @@ impl Backend for MemoryBackend {
         Ok(report)
     }
 
-    fn apply_changes(&mut self, changes: &Changes) -> Result<Option<ApplyReport>, FirewallError> {
-        let changes = changes.canonical();
+    fn apply_changes(&mut self, changes: Changes) -> Result<Option<ApplyReport>, FirewallError> {
+        let changes = changes.into_canonical();
         let kernel = Arc::clone(&self.kernel);
         let mut k = kernel.lock().unwrap_or_else(|e| e.into_inner());
         // Like the applier: only on top of the last commit it knows.

@@ -432,9 +432,9 @@ impl Flavor for Iptables {
     fn plan_changes(
         &self,
         state: &IptState,
-        changes: &crate::firewall::Changes,
+        changes: crate::firewall::Changes,
     ) -> Option<Planned<Changes>> {
-        let plan = Changes::delta(state, changes)?;
+        let plan = Changes::delta(state, &changes)?;
         Some(if plan.is_empty() {
             Planned::Nothing
         } else if !plan.handles_known(state) {

@@ -4,8 +4,6 @@
 //! and a change is element adds/deletes, so its cost does not grow with the
 //! table.
 
-use std::borrow::Cow;
-
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Table};
 
 use super::families::PerFamily;
@@ -325,18 +323,15 @@ impl Flavor for Nftables {
         }
     }
 
-    fn plan_changes(&self, state: &NativeState, changes: &Changes) -> Option<Planned<NftPlan>> {
+    fn plan_changes(&self, state: &NativeState, mut changes: Changes) -> Option<Planned<NftPlan>> {
         if !state.structure_ok || !state.marked {
             return None;
         }
-        // The one copy: the plan owns its changes.
-        let changes = match (self.scoped(&changes.add), self.scoped(&changes.del)) {
-            (Cow::Borrowed(_), Cow::Borrowed(_)) => changes.clone(),
-            (add, del) => Changes {
-                add: add.into_owned(),
-                del: del.into_owned(),
-            },
-        };
+        // As `scoped`: no hairpin sources without local access.
+        if !self.local {
+            changes.add.local.clear();
+            changes.del.local.clear();
+        }
         if !changes.fits(&state.rules) {
             return None;
         }
@@ -374,7 +369,7 @@ impl Flavor for Nftables {
                 rules: desired,
             },
             NftPlan::Elements(ch) => {
-                ch.apply_to(&mut state.rules);
+                ch.move_into(&mut state.rules);
                 state
             }
         }
