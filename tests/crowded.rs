@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::engine::monitor::{watch_ruleset, Blocker};
 use podnat_controller::firewall::{backend_with_jumps, Backend, Changes, Names};
-use podnat_controller::model::Proto;
+use podnat_controller::model::{Proto, RuleSet};
 use support::crowd::{crowd, foreign_part, ruleset};
 use support::netns::{Netns, Sandbox, POD_A_IP, PUBLIC_IP};
 use support::rules::{mail, publish};
@@ -349,6 +349,21 @@ fn a_change_alone_is_refused_whole_when_another_commit_came_first() {
             let back = be.apply_changes(stale).unwrap().expect("fits");
             assert!(back.messages > 0 && back.cache_hit);
             assert_eq!(be.read().unwrap(), mail(), "{flavor:?}");
+            // An add of what is there already is refused whole too (the
+            // iptables flavor sees it in its state, the nftables flavor
+            // leaves it to the kernel's NLM_F_EXCL): nothing changes, and
+            // the whole table, read afresh, finds nothing to do.
+            let again = Changes {
+                add: RuleSet {
+                    dnat: mail().dnat,
+                    ..RuleSet::default()
+                },
+                del: RuleSet::default(),
+            };
+            let settled = listing();
+            assert!(be.apply_changes(again).unwrap().is_none(), "{flavor:?}");
+            assert_eq!(listing(), settled, "{flavor:?}");
+            assert_eq!(be.apply(&mail()).unwrap().messages, 0, "{flavor:?}");
         });
     }
 }

@@ -242,11 +242,8 @@ impl Changes {
         fn has<T: Ord>(v: &[T], x: &T) -> bool {
             v.binary_search(x).is_ok()
         }
-        let (a, d, c) = (&self.add, &self.del, current);
-        d.dnat.iter().all(|x| has(&c.dnat, x))
-            && d.snat.iter().all(|x| has(&c.snat, x))
-            && d.forward.iter().all(|x| has(&c.forward, x))
-            && d.local.iter().all(|x| has(&c.local, x))
+        let (a, c) = (&self.add, current);
+        self.deletes_fit(current)
             && !a.dnat.iter().any(|x| has(&c.dnat, x))
             && !a.snat.iter().any(|x| has(&c.snat, x))
             && !a.forward.iter().any(|x| has(&c.forward, x))
@@ -282,6 +279,18 @@ impl Changes {
         one(&mut rules.snat, add.snat, &del.snat);
         one(&mut rules.forward, add.forward, &del.forward);
         one(&mut rules.local, add.local, &del.local);
+    }
+
+    /// Every rule or element the changes delete is in `current`, exactly.
+    pub fn deletes_fit(&self, current: &RuleSet) -> bool {
+        fn has<T: Ord>(v: &[T], x: &T) -> bool {
+            v.binary_search(x).is_ok()
+        }
+        let (d, c) = (&self.del, current);
+        d.dnat.iter().all(|x| has(&c.dnat, x))
+            && d.snat.iter().all(|x| has(&c.snat, x))
+            && d.forward.iter().all(|x| has(&c.forward, x))
+            && d.local.iter().all(|x| has(&c.local, x))
     }
 
     /// Owners as they read back from the kernel (see `canonical`); borrowed

@@ -351,6 +351,16 @@ impl<F: Flavor> Backend for Applier<F> {
                 tracing::debug!("ruleset changed under the change batch; applying the whole table");
                 Ok(None)
             }
+            // Something the change adds is there already (a flavor may
+            // leave that check to the kernel's NLM_F_EXCL): the batch
+            // changed nothing, and the whole table, read afresh, follows.
+            Err(NetlinkError::Refused {
+                errno: nix::errno::Errno::EEXIST,
+                what,
+            }) => {
+                tracing::debug!(%what, "an added object exists already; applying the whole table");
+                Ok(None)
+            }
             Err(e) => Err(e.into()),
         }
     }

@@ -350,8 +350,89 @@ pub(super) fn decode_element(
     true
 }
 
+/// Element dumps of a table read before giving up on two that agree.
+pub(super) const MAX_ELEMENT_DUMPS: u32 = 5;
+
+/// Calls `read` until two results in a row are equal, at most `max` times;
+/// `None` if no two did.
+pub(super) fn until_two_agree<T: PartialEq, E>(
+    max: u32,
+    mut read: impl FnMut() -> Result<T, E>,
+) -> Result<Option<T>, E> {
+    let mut last = read()?;
+    for _ in 1..max {
+        let next = read()?;
+        if next == last {
+            return Ok(Some(next));
+        }
+        last = next;
+    }
+    Ok(None)
+}
+
+/// One dump of every set's elements: the rules they hold, and whether
+/// each decoded as the layout's (else the layout counts as drifted).
+pub(super) fn read_elements(
+    sock: &mut NfSocket,
+    family: Family,
+    local: bool,
+    af: u8,
+    tname: &str,
+) -> Result<(RuleSet, bool), NetlinkError> {
+    let mut rules = RuleSet::default();
+    let mut decoded = true;
+    for shape in &sets_of(family, local) {
+        let scope = Scope::object(af, tname, shape.name);
+        for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
+            let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                continue;
+            };
+            for (_, el) in parse_attrs(list) {
+                let key = find_attr(el, sys::NFTA_SET_ELEM_KEY)
+                    .and_then(|k| find_attr(k, sys::NFTA_DATA_VALUE))
+                    .unwrap_or(&[]);
+                let data = find_attr(el, sys::NFTA_SET_ELEM_DATA)
+                    .and_then(|k| find_attr(k, sys::NFTA_DATA_VALUE))
+                    .unwrap_or(&[]);
+                let owner =
+                    find_attr(el, sys::NFTA_SET_ELEM_USERDATA).and_then(parse_comment_udata);
+                // An element without an owner comment is not one of ours
+                // as written; it is kept as "ownerless" so the diff
+                // replaces it.
+                let owner = owner.unwrap_or_else(|| PodRef::new("", ""));
+                if !decode_element(family, shape.name, key, data, owner, &mut rules) {
+                    decoded = false;
+                }
+            }
+        }
+    }
+    rules.normalize();
+    Ok((rules, decoded))
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn reads_until_two_agree() {
+        use super::until_two_agree;
+        let run = |answers: &[i32]| {
+            let mut it = answers.iter().copied();
+            let mut calls = 0;
+            let got = until_two_agree(5, || {
+                calls += 1;
+                it.next().ok_or("no more answers")
+            });
+            (got, calls)
+        };
+        assert_eq!(run(&[7, 7]), (Ok(Some(7)), 2));
+        // A dump that lost elements, then two complete ones.
+        assert_eq!(run(&[6, 7, 7]), (Ok(Some(7)), 3));
+        assert_eq!(run(&[6, 7, 6, 7, 7]), (Ok(Some(7)), 5));
+        // Never two alike in five: given up on, not taken.
+        assert_eq!(run(&[1, 2, 3, 4, 5, 5]), (Ok(None), 5));
+        assert_eq!(run(&[1]), (Err("no more answers"), 2));
+    }
+
     use super::*;
 
     #[test]
