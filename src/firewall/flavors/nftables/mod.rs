@@ -151,11 +151,14 @@ impl Nftables {
         // skip some elements and repeat others — without NLM_F_DUMP_INTR,
         // which only flags commits. Seen here: 79 to 236 of 1,000 missing
         // right after a change, the next full apply then refused (EEXIST).
-        // Read until two dumps agree.
-        let Some((rules, decoded)) = until_two_agree(MAX_ELEMENT_DUMPS, || {
-            read_elements(sock, self.family, self.local, af, &tname)
-        })?
-        else {
+        // Dump until two dumps agree.
+        let read = until_two_agree(MAX_ELEMENT_DUMPS, |decode| {
+            let mut rules = decode.then(RuleSet::default);
+            let (fingerprint, decoded) =
+                read_elements(sock, self.family, self.local, af, &tname, rules.as_mut())?;
+            Ok::<_, NetlinkError>((fingerprint, rules.map(|r| (r, decoded))))
+        })?;
+        let Some((rules, decoded)) = read else {
             return Err(NetlinkError::DumpInterrupted(MAX_ELEMENT_DUMPS));
         };
         state.rules = rules;
