@@ -77,7 +77,6 @@ impl ReconcileError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ReconcileConfig {
     pub plan: PlanConfig,
-    pub annotation_key: String,
     /// Full reconcile (and kernel check) this often; `None`: never.
     pub resync: Option<Duration>,
     /// Print the diff instead of applying it; publish no events.
@@ -99,7 +98,6 @@ impl ReconcileConfig {
                 families: config.families,
                 local_access: config.local_access,
             },
-            annotation_key: config.annotation_key.clone(),
             resync: (config.informer_resync_secs > 0)
                 .then(|| Duration::from_secs(config.informer_resync_secs)),
             dry_run: config.dry_run,

@@ -85,7 +85,6 @@ impl Harness {
                 families: Default::default(),
                 local_access: false,
             },
-            annotation_key: KEY.into(),
             resync,
             dry_run: false,
             debounce,

@@ -79,7 +79,6 @@ impl Loop {
                 families: Default::default(),
                 local_access: false,
             },
-            annotation_key: KEY.into(),
             resync: None,
             dry_run: false,
             debounce: Duration::ZERO,

@@ -383,14 +383,13 @@ pub(super) fn read_elements(
     sock: &mut NfSocket,
     family: Family,
     local: bool,
-    af: u8,
     tname: &str,
     mut out: Option<&mut RuleSet>,
 ) -> Result<(u64, bool), NetlinkError> {
     use std::hash::{Hash, Hasher};
     let (mut sum, mut count, mut decoded) = (0u64, 0u64, true);
     for shape in &sets_of(family, local) {
-        let scope = Scope::object(af, tname, shape.name);
+        let scope = Scope::object(family.nfproto(), tname, shape.name);
         for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
             let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
                 continue;

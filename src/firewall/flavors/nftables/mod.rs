@@ -155,7 +155,7 @@ impl Nftables {
         let read = until_two_agree(MAX_ELEMENT_DUMPS, |decode| {
             let mut rules = decode.then(RuleSet::default);
             let (fingerprint, decoded) =
-                read_elements(sock, self.family, self.local, af, &tname, rules.as_mut())?;
+                read_elements(sock, self.family, self.local, &tname, rules.as_mut())?;
             Ok::<_, NetlinkError>((fingerprint, rules.map(|r| (r, decoded))))
         })?;
         let Some((rules, decoded)) = read else {
