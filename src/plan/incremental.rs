@@ -17,6 +17,7 @@ use crate::annotation::{self, AnnotationError};
 use crate::firewall::Changes;
 use crate::model::{DualStack, Family, Mapping, NatKey, PodRef, PortMapping, Proto};
 use replan::range_of;
+use small_set::SmallSet;
 
 /// What one event changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -121,59 +122,6 @@ struct Claim {
     created: Option<Timestamp>,
     pod: PodRef,
     entry: usize,
-}
-
-/// A sorted set for the few members a key or a pod IP has (one, nearly
-/// always): a `Vec` costs its element, where a `BTreeSet` allocated a whole
-/// node per key — heaptrack showed 4.9 MB of the agent's heap in them at
-/// 5,000 keys (BENCHMARKS.md "Latency and footprint").
-#[derive(Debug)]
-struct SmallSet<T>(Vec<T>);
-
-/// Up to this many members a [`SmallSet`] grows by one at a time.
-const SMALL: usize = 4;
-
-impl<T> Default for SmallSet<T> {
-    fn default() -> Self {
-        SmallSet(Vec::new())
-    }
-}
-
-impl<T: Ord> SmallSet<T> {
-    fn insert(&mut self, v: T) {
-        if let Err(i) = self.0.binary_search(&v) {
-            // Most sets hold one or two members: a Vec's first growth
-            // (to four) left 1.4 MB of empty claim slots at 5,000 keys.
-            if self.0.len() == self.0.capacity() && self.0.len() < SMALL {
-                self.0.reserve_exact(1);
-            }
-            self.0.insert(i, v);
-        }
-    }
-
-    fn remove(&mut self, v: &T) {
-        if let Ok(i) = self.0.binary_search(v) {
-            self.0.remove(i);
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// The greatest member.
-    fn last(&self) -> Option<&T> {
-        self.0.last()
-    }
-}
-
-impl<'a, T> IntoIterator for &'a SmallSet<T> {
-    type Item = &'a T;
-    type IntoIter = std::slice::Iter<'a, T>;
-
-    fn into_iter(self) -> Self::IntoIter {
-        self.0.iter()
-    }
 }
 
 /// A pod `plan()` looks at (on this node, annotated), with its annotation
@@ -658,6 +606,7 @@ impl IncrementalPlan {
 
 mod local;
 mod replan;
+mod small_set;
 
 #[cfg(test)]
 mod tests;

@@ -12,6 +12,7 @@ pub(crate) mod xt;
 
 mod changes;
 mod kernel;
+mod place;
 mod render;
 #[cfg(test)]
 mod tests;
@@ -19,10 +20,11 @@ mod tests;
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, MsgType, Table};
+use rustables::{Chain, MsgType, Table};
 
 use self::changes::*;
 pub(crate) use self::changes::{Changes, Inserted};
+use self::place::{places, Place, FILTER, NAT, PLACES};
 use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
 use self::render::line;
 use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule};
@@ -34,117 +36,10 @@ use crate::firewall::engine::monitor::{Interest, TableInterest};
 use crate::firewall::names::{internal_returns, Names};
 use crate::firewall::view;
 use crate::firewall::wire::netlink::{
-    attr_be32, attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError,
-    NfSocket, NftBatch, NftMsg, Scope,
+    attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError, NfSocket,
+    NftBatch, NftMsg, Scope,
 };
 use crate::model::{Families, Family, Mapping, RuleSet};
-const NAT: &str = "nat";
-const FILTER: &str = "filter";
-
-/// One of the three places the agent hooks in: a parent (base) chain of
-/// iptables-nft's and the agent's chain its jump leads to.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Place {
-    Pre,
-    Post,
-    Forward,
-    /// nat OUTPUT → `<PREFIX>_OUTPUT` (`-localaccess`), which jumps to
-    /// `<PREFIX>_PRE`: the node's own connections get the same DNAT.
-    Output,
-}
-
-/// Every place; the first three are the Go version's, the fourth is
-/// `-localaccess`'s.
-const PLACES: [Place; 4] = [Place::Pre, Place::Post, Place::Forward, Place::Output];
-
-/// The places the agent manages: `local` adds nat OUTPUT.
-fn places(local: bool) -> &'static [Place] {
-    if local {
-        &PLACES
-    } else {
-        &PLACES[..3]
-    }
-}
-
-impl Place {
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    fn table(self) -> &'static str {
-        match self {
-            Place::Pre | Place::Post | Place::Output => NAT,
-            Place::Forward => FILTER,
-        }
-    }
-
-    fn parent(self) -> &'static str {
-        match self {
-            Place::Pre => "PREROUTING",
-            Place::Post => "POSTROUTING",
-            Place::Forward => "FORWARD",
-            Place::Output => "OUTPUT",
-        }
-    }
-
-    /// The base chain's hook, priority and type, as iptables-nft creates
-    /// it on first use.
-    fn hook(self) -> (HookClass, i32, ChainType) {
-        match self {
-            Place::Pre => (HookClass::PreRouting, -100, ChainType::Nat),
-            Place::Post => (HookClass::PostRouting, 100, ChainType::Nat),
-            Place::Forward => (HookClass::Forward, 0, ChainType::Filter),
-            Place::Output => (HookClass::Out, -100, ChainType::Nat),
-        }
-    }
-
-    /// The base chain as iptables-nft creates it (policy accept), with the
-    /// agent's mark.
-    fn base_chain(self, table: &Table, names: &Names) -> Chain {
-        let (hook, priority, ty) = self.hook();
-        Chain::new(table)
-            .with_name(self.parent())
-            .with_hook(Hook::new(hook, priority))
-            .with_policy(ChainPolicy::Accept)
-            .with_type(ty)
-            .with_userdata(names.mark_udata())
-    }
-
-    /// Whether the dumped chain `c` is this place's base chain as the agent
-    /// (or iptables-nft) makes it: hook, priority, type, policy accept.
-    fn made_like(self, c: &[u8]) -> bool {
-        let (hook, priority, ty) = self.hook();
-        let h = find_attr(c, sys::NFTA_CHAIN_HOOK).unwrap_or(&[]);
-        let ty = if ty == ChainType::Nat {
-            "nat"
-        } else {
-            "filter"
-        };
-        attr_be32(h, sys::NFTA_HOOK_HOOKNUM) == Some(hook as u32)
-            && attr_be32(h, sys::NFTA_HOOK_PRIORITY) == Some(priority as u32)
-            && attr_str(c, sys::NFTA_CHAIN_TYPE).as_deref() == Some(ty)
-            && attr_be32(c, sys::NFTA_CHAIN_POLICY) == Some(libc::NF_ACCEPT as u32)
-    }
-
-    fn own(self, n: &Names) -> &str {
-        match self {
-            Place::Pre => &n.pre,
-            Place::Post => &n.post,
-            Place::Forward => &n.forward,
-            Place::Output => &n.output,
-        }
-    }
-
-    fn requested(self, j: &JumpPositions) -> i32 {
-        match self {
-            Place::Pre => j.prerouting,
-            Place::Post => j.postrouting,
-            Place::Forward => j.forward,
-            Place::Output => j.output,
-        }
-    }
-}
-
 /// A rule as read back: its handle (`None` for a rule an earlier batch of
 /// the agent's added without an echo of its handle, until the chain is read
 /// again) and what it is.

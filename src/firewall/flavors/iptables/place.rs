@@ -1,0 +1,116 @@
+//! Where the agent hooks into iptables-nft's tables: each place is a base
+//! chain of iptables-nft's (PREROUTING, POSTROUTING, FORWARD, nat OUTPUT)
+//! and the agent's chain its jump leads to.
+
+use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, Table};
+
+use crate::config::JumpPositions;
+use crate::firewall::names::Names;
+use crate::firewall::wire::netlink::{attr_be32, attr_str, find_attr, sys};
+
+pub(super) const NAT: &str = "nat";
+pub(super) const FILTER: &str = "filter";
+
+/// One of the three places the agent hooks in: a parent (base) chain of
+/// iptables-nft's and the agent's chain its jump leads to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Place {
+    Pre,
+    Post,
+    Forward,
+    /// nat OUTPUT → `<PREFIX>_OUTPUT` (`-localaccess`), which jumps to
+    /// `<PREFIX>_PRE`: the node's own connections get the same DNAT.
+    Output,
+}
+
+/// Every place; the first three are the Go version's, the fourth is
+/// `-localaccess`'s.
+pub(super) const PLACES: [Place; 4] = [Place::Pre, Place::Post, Place::Forward, Place::Output];
+
+/// The places the agent manages: `local` adds nat OUTPUT.
+pub(super) fn places(local: bool) -> &'static [Place] {
+    if local {
+        &PLACES
+    } else {
+        &PLACES[..3]
+    }
+}
+
+impl Place {
+    pub(super) fn index(self) -> usize {
+        self as usize
+    }
+
+    pub(super) fn table(self) -> &'static str {
+        match self {
+            Place::Pre | Place::Post | Place::Output => NAT,
+            Place::Forward => FILTER,
+        }
+    }
+
+    pub(super) fn parent(self) -> &'static str {
+        match self {
+            Place::Pre => "PREROUTING",
+            Place::Post => "POSTROUTING",
+            Place::Forward => "FORWARD",
+            Place::Output => "OUTPUT",
+        }
+    }
+
+    /// The base chain's hook, priority and type, as iptables-nft creates
+    /// it on first use.
+    pub(super) fn hook(self) -> (HookClass, i32, ChainType) {
+        match self {
+            Place::Pre => (HookClass::PreRouting, -100, ChainType::Nat),
+            Place::Post => (HookClass::PostRouting, 100, ChainType::Nat),
+            Place::Forward => (HookClass::Forward, 0, ChainType::Filter),
+            Place::Output => (HookClass::Out, -100, ChainType::Nat),
+        }
+    }
+
+    /// The base chain as iptables-nft creates it (policy accept), with the
+    /// agent's mark.
+    pub(super) fn base_chain(self, table: &Table, names: &Names) -> Chain {
+        let (hook, priority, ty) = self.hook();
+        Chain::new(table)
+            .with_name(self.parent())
+            .with_hook(Hook::new(hook, priority))
+            .with_policy(ChainPolicy::Accept)
+            .with_type(ty)
+            .with_userdata(names.mark_udata())
+    }
+
+    /// Whether the dumped chain `c` is this place's base chain as the agent
+    /// (or iptables-nft) makes it: hook, priority, type, policy accept.
+    pub(super) fn made_like(self, c: &[u8]) -> bool {
+        let (hook, priority, ty) = self.hook();
+        let h = find_attr(c, sys::NFTA_CHAIN_HOOK).unwrap_or(&[]);
+        let ty = if ty == ChainType::Nat {
+            "nat"
+        } else {
+            "filter"
+        };
+        attr_be32(h, sys::NFTA_HOOK_HOOKNUM) == Some(hook as u32)
+            && attr_be32(h, sys::NFTA_HOOK_PRIORITY) == Some(priority as u32)
+            && attr_str(c, sys::NFTA_CHAIN_TYPE).as_deref() == Some(ty)
+            && attr_be32(c, sys::NFTA_CHAIN_POLICY) == Some(libc::NF_ACCEPT as u32)
+    }
+
+    pub(super) fn own(self, n: &Names) -> &str {
+        match self {
+            Place::Pre => &n.pre,
+            Place::Post => &n.post,
+            Place::Forward => &n.forward,
+            Place::Output => &n.output,
+        }
+    }
+
+    pub(super) fn requested(self, j: &JumpPositions) -> i32 {
+        match self {
+            Place::Pre => j.prerouting,
+            Place::Post => j.postrouting,
+            Place::Forward => j.forward,
+            Place::Output => j.output,
+        }
+    }
+}
