@@ -116,12 +116,37 @@ fn field_err(index: usize, field: &'static str, problem: impl Into<String>) -> A
     }
 }
 
+/// Fields this version knows and does not enforce yet, with what ignoring
+/// them would do.
+const UNSUPPORTED: &[(&str, &str)] = &[
+    (
+        "sourceRanges",
+        "ignoring it would let every source reach the port",
+    ),
+    (
+        "srcPortEnd",
+        "ignoring it would publish one port of the range",
+    ),
+];
+
 fn parse_entry(
     index: usize,
     fields: &Map<String, Value>,
     restricted: &BTreeSet<u16>,
     families: Families,
 ) -> Result<PortMapping, AnnotationError> {
+    // Fields of a later version (issue 25): ignoring one would publish the
+    // port to every source, or one port of a range, which is not what the
+    // entry asks for — refused by name until this version enforces it.
+    for (field, what) in UNSUPPORTED {
+        if fields.get(*field).is_some_and(|v| !v.is_null()) {
+            return Err(field_err(
+                index,
+                field,
+                format!("not supported by this version of the agent ({what}); the entry is not published rather than published wider than asked — remove the field or upgrade the agent"),
+            ));
+        }
+    }
     let iface_auto = match fields.get("ifaceAuto") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(*b),
@@ -336,6 +361,32 @@ mod tests {
             })
             .collect();
         assert_eq!(m, expect);
+    }
+
+    #[test]
+    fn fields_not_enforced_yet_refuse_the_entry_by_name() {
+        let e = err(
+            r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#,
+        );
+        assert!(
+            e.starts_with("entries[1].sourceRanges: not supported by this version"),
+            "{e}"
+        );
+        assert!(e.contains("every source"), "{e}");
+        let e = err(r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000}]}"#);
+        assert!(
+            e.starts_with("entries[0].srcPortEnd: not supported by this version"),
+            "{e}"
+        );
+        // null is absent, as for every other field; other unknown keys are
+        // still ignored (the Go version's forward compatibility).
+        let m = parse(
+            r#"{"entries":[{"srcPort":80,"dstPort":80,"sourceRanges":null,"srcPortEnd":null,"note":"x"}]}"#,
+            &restricted(),
+            Families::default(),
+        )
+        .unwrap();
+        assert_eq!(m.len(), 1);
     }
 
     #[test]
