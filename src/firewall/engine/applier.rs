@@ -10,7 +10,9 @@ use std::sync::Arc;
 use super::cache::GenerationCache;
 use super::coexist::{self, OwnForward};
 use super::monitor::{Blocker, Interest, Tracker};
-use crate::firewall::wire::netlink::{Echo, FinalBatch, NetlinkError, NfSocket, NftBatch};
+use crate::firewall::wire::netlink::{
+    BatchBuffers, Echo, FinalBatch, NetlinkError, NfSocket, NftBatch,
+};
 use crate::firewall::{canonical, ApplyReport, Backend, Changes, FirewallError};
 use crate::model::{Mapping, RuleSet};
 
@@ -106,6 +108,8 @@ pub struct Applier<F: Flavor> {
     pub(crate) flavor: F,
     sock: Option<NfSocket>,
     cache: GenerationCache<F::State>,
+    /// The last sent batch's buffers, for the next one.
+    spare: Option<BatchBuffers>,
 }
 
 impl<F: Flavor> Applier<F> {
@@ -114,6 +118,7 @@ impl<F: Flavor> Applier<F> {
             flavor,
             sock: None,
             cache: GenerationCache::default(),
+            spare: None,
         }
     }
 
@@ -203,7 +208,10 @@ impl<F: Flavor> Applier<F> {
         plan: F::Plan,
         report: &mut ApplyReport,
     ) -> Result<(), NetlinkError> {
-        let mut batch = NftBatch::new();
+        let mut batch = match self.spare.take() {
+            Some(b) => NftBatch::reusing(b),
+            None => NftBatch::new(),
+        };
         let sent = self.flavor.encode(&mut batch, &state, &plan);
         let effect = self.flavor.effect(&state, &plan);
         report.rebuilt = effect.rebuilt;
@@ -212,10 +220,10 @@ impl<F: Flavor> Applier<F> {
         report.added_dnat = effect.added_dnat;
         report.removed_dnat = effect.removed_dnat;
         let own = self.cache.sending(generation);
-        match self
-            .sock()?
-            .send_batch_echo(batch.finalize(Some(generation)))
-        {
+        let batch = batch.finalize(Some(generation));
+        let sent_batch = self.sock()?.send_batch_echo(&batch);
+        self.spare = batch.into_buffers().keep();
+        match sent_batch {
             Ok(echoes) => {
                 // The batch carried the generation it was built on, so its
                 // commit is `own`, and the kernel state is known there.

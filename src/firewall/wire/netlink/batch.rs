@@ -96,7 +96,18 @@ const BEGIN_LEN: usize = 28;
 
 impl NftBatch {
     pub fn new() -> NftBatch {
-        let mut body = Vec::with_capacity(4096);
+        NftBatch::reusing(BatchBuffers {
+            body: Vec::with_capacity(4096),
+            what: Vec::new(),
+        })
+    }
+
+    /// A new batch in the buffers of one sent before (a change batch then
+    /// allocates nothing, and writes to memory that is in the cache).
+    pub fn reusing(buffers: BatchBuffers) -> NftBatch {
+        let BatchBuffers { mut body, mut what } = buffers;
+        body.clear();
+        what.clear();
         nlmsg_header(
             &mut body,
             libc::NFNL_MSG_BATCH_BEGIN as u16,
@@ -105,16 +116,15 @@ impl NftBatch {
             libc::AF_UNSPEC as u8,
             libc::NFNL_SUBSYS_NFTABLES as u16,
         );
-        let mut a = Attrs::new();
-        a.be32(libc::NFNL_BATCH_GENID as u16, 0);
-        body.extend_from_slice(a.as_bytes());
+        // NFNL_BATCH_GENID, its value set by `finalize`.
+        body.extend_from_slice(&8u16.to_ne_bytes());
+        body.extend_from_slice(&(libc::NFNL_BATCH_GENID as u16).to_ne_bytes());
+        body.extend_from_slice(&0u32.to_be_bytes());
         patch_len(&mut body, 0);
         debug_assert_eq!(body.len(), BEGIN_LEN);
-        NftBatch {
-            body,
-            // seq 0 is the begin message.
-            what: vec!["the batch (generation check)".to_string()],
-        }
+        // seq 0 is the begin message.
+        what.push("the batch (generation check)".to_string());
+        NftBatch { body, what }
     }
 
     fn seq(&self) -> u32 {
@@ -245,4 +255,31 @@ pub struct FinalBatch {
     pub bytes: Vec<u8>,
     pub what: Vec<String>,
     pub genid: Option<u32>,
+}
+
+impl FinalBatch {
+    /// The buffers, for the next batch (`NftBatch::reusing`).
+    pub fn into_buffers(self) -> BatchBuffers {
+        BatchBuffers {
+            body: self.bytes,
+            what: self.what,
+        }
+    }
+}
+
+/// A sent batch's buffers. One far bigger than a change batch needs (after
+/// a full table) is not kept: `keep` drops it.
+pub struct BatchBuffers {
+    body: Vec<u8>,
+    what: Vec<String>,
+}
+
+impl BatchBuffers {
+    /// Biggest body kept for reuse: a few hundred element messages.
+    const KEEP: usize = 64 << 10;
+
+    pub fn keep(self) -> Option<BatchBuffers> {
+        (self.body.capacity() <= Self::KEEP && self.what.capacity() <= Self::KEEP / 64)
+            .then_some(self)
+    }
 }

@@ -62,7 +62,7 @@ pub use attrs::{
     attr_be32, attr_be64, attr_str, find_attr, parse_all, parse_attrs, AttrIter, Attrs, RawMsg,
 };
 use batch::{nlmsg_header, patch_len};
-pub use batch::{protocol_family, FinalBatch, NftBatch, NftMsg};
+pub use batch::{protocol_family, BatchBuffers, FinalBatch, NftBatch, NftMsg};
 
 /// An nf_tables message the kernel echoed back after a commit.
 #[derive(Clone, Debug)]
@@ -155,13 +155,13 @@ impl NfSocket {
     /// Sends a batch; the kernel processes it inside sendmsg, so every answer
     /// is queued when it returns. Success means no error for any message.
     pub fn send_batch(&mut self, batch: FinalBatch) -> Result<(), NetlinkError> {
-        self.send_batch_collect(batch, None)
+        self.send_batch_collect(&batch, None)
     }
 
     /// Like `send_batch`, and returns what the kernel echoes for the
     /// messages sent with NLM_F_ECHO — a new rule comes back with its
     /// NFTA_RULE_HANDLE — plus the NEWGEN of the commit.
-    pub fn send_batch_echo(&mut self, batch: FinalBatch) -> Result<Vec<Echo>, NetlinkError> {
+    pub fn send_batch_echo(&mut self, batch: &FinalBatch) -> Result<Vec<Echo>, NetlinkError> {
         let mut echoes = Vec::new();
         self.send_batch_collect(batch, Some(&mut echoes))?;
         Ok(echoes)
@@ -169,7 +169,7 @@ impl NfSocket {
 
     fn send_batch_collect(
         &mut self,
-        batch: FinalBatch,
+        batch: &FinalBatch,
         mut echoes: Option<&mut Vec<Echo>>,
     ) -> Result<(), NetlinkError> {
         let needed = batch.bytes.len() * 2 + (batch.what.len() * 64) + (1 << 20);
