@@ -95,6 +95,7 @@ fn main() {
         restricted_ports: [22, 53, 6443].into(),
         families: Families::default(),
         local_access: false,
+        source_ranges: true,
     };
     let public = DualStack::v4(Ipv4Addr::new(203, 0, 113, 7));
     // A node's usual services: a few dozen listeners, some on ports a pod

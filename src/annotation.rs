@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use serde_json::{Map, Value};
 
@@ -84,10 +85,41 @@ pub fn parse(
             }
         };
         let mapping = parse_entry(index, fields, restricted, families)?;
+        let sources = parse_sources(index, fields.get("sourceRanges"))?;
         let serves: Vec<Family> = match mapping.src_ip {
             Some(ip) => vec![Family::of(ip)],
             None => families.iter().collect(),
         };
+        // An entry with ranges is published only on the families it names
+        // a range of: the others would otherwise be open to every source.
+        let of_family = |family: Family| -> Option<Arc<[ipnet::IpNet]>> {
+            let nets = sources.as_ref()?;
+            Some(
+                nets.iter()
+                    .filter(|n| Family::of(n.addr()) == family)
+                    .copied()
+                    .collect(),
+            )
+        };
+        let serves: Vec<Family> = serves
+            .into_iter()
+            .filter(|f| of_family(*f).is_none_or(|n| !n.is_empty()))
+            .collect();
+        if serves.is_empty() {
+            return Err(field_err(
+                index,
+                "sourceRanges",
+                match mapping.src_ip {
+                    Some(ip) => format!(
+                        "no range of {}'s family: no source could reach the port",
+                        ip
+                    ),
+                    None => format!(
+                        "no range of an enabled family (ipfamilies={families}): no source could reach the port"
+                    ),
+                },
+            ));
+        }
         for family in serves {
             let key = (mapping.src_port, mapping.proto, family);
             if let Some(&first) = seen.get(&key) {
@@ -101,11 +133,31 @@ pub fn parse(
             seen.insert(key, index);
             out.push(PortMapping {
                 family,
+                sources: of_family(family),
                 ..mapping.clone()
             });
         }
     }
     Ok(out)
+}
+
+/// `parse` with the planner's settings, refusing `sourceRanges` where the
+/// flavor does not enforce them.
+pub fn parse_for(
+    text: &str,
+    cfg: &crate::plan::PlanConfig,
+) -> Result<Vec<PortMapping>, AnnotationError> {
+    let mappings = parse(text, &cfg.restricted_ports, cfg.families)?;
+    if !cfg.source_ranges {
+        if let Some(m) = mappings.iter().find(|m| m.sources.is_some()) {
+            return Err(field_err(
+                m.entry,
+                "sourceRanges",
+                "not enforced by the iptables flavor yet (-firewallflavor=nftables enforces them); the entry is not published rather than published to every source",
+            ));
+        }
+    }
+    Ok(mappings)
 }
 
 fn field_err(index: usize, field: &'static str, problem: impl Into<String>) -> AnnotationError {
@@ -118,16 +170,100 @@ fn field_err(index: usize, field: &'static str, problem: impl Into<String>) -> A
 
 /// Fields this version knows and does not enforce yet, with what ignoring
 /// them would do.
-const UNSUPPORTED: &[(&str, &str)] = &[
-    (
-        "sourceRanges",
-        "ignoring it would let every source reach the port",
-    ),
-    (
-        "srcPortEnd",
-        "ignoring it would publish one port of the range",
-    ),
-];
+const UNSUPPORTED: &[(&str, &str)] = &[(
+    "srcPortEnd",
+    "ignoring it would publish one port of the range",
+)];
+
+/// Most `sourceRanges` one entry may list.
+pub const MAX_SOURCE_RANGES: usize = 256;
+
+/// `sourceRanges`: CIDRs of either family, network addresses only (no host
+/// bits), at most [`MAX_SOURCE_RANGES`], aggregated. `None`: the field is
+/// absent (every source).
+fn parse_sources(
+    index: usize,
+    value: Option<&Value>,
+) -> Result<Option<Vec<ipnet::IpNet>>, AnnotationError> {
+    const FIELD: &str = "sourceRanges";
+    let list = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) => a,
+        Some(other) => {
+            return Err(field_err(
+                index,
+                FIELD,
+                format!("expected a list of CIDRs, got {}", kind(other)),
+            ))
+        }
+    };
+    if list.is_empty() {
+        return Err(field_err(
+            index,
+            FIELD,
+            "empty: no source could reach the port; leave the field out to allow every source",
+        ));
+    }
+    if list.len() > MAX_SOURCE_RANGES {
+        return Err(field_err(
+            index,
+            FIELD,
+            format!("{} ranges, at most {MAX_SOURCE_RANGES}", list.len()),
+        ));
+    }
+    let mut nets = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let Value::String(text) = v else {
+            return Err(field_err(
+                index,
+                FIELD,
+                format!("[{i}]: expected a CIDR as a string, got {}", kind(v)),
+            ));
+        };
+        let net: ipnet::IpNet = match text.trim().parse() {
+            Ok(n) => n,
+            Err(_) if text.trim().parse::<IpAddr>().is_ok() => {
+                let ip: IpAddr = text.trim().parse().expect("checked");
+                let len = if ip.is_ipv4() { 32 } else { 128 };
+                return Err(field_err(
+                    index,
+                    FIELD,
+                    format!(
+                        "[{i}]: {text:?} has no prefix length; write {ip}/{len} for one address"
+                    ),
+                ));
+            }
+            Err(_) => {
+                return Err(field_err(
+                    index,
+                    FIELD,
+                    format!("[{i}]: {text:?} is not a CIDR (address/prefix length)"),
+                ))
+            }
+        };
+        if net.trunc() != net {
+            return Err(field_err(
+                index,
+                FIELD,
+                format!(
+                    "[{i}]: {net} has host bits set; the network is {}",
+                    net.trunc()
+                ),
+            ));
+        }
+        if let IpAddr::V6(v6) = net.addr() {
+            if v6.to_ipv4_mapped().is_some() && net.prefix_len() >= 96 {
+                return Err(field_err(
+                    index,
+                    FIELD,
+                    format!("[{i}]: {net} is IPv4-mapped IPv6; write the IPv4 range itself"),
+                ));
+            }
+        }
+        nets.push(net);
+    }
+    Ok(Some(ipnet::IpNet::aggregate(&nets)))
+}
 
 fn parse_entry(
     index: usize,
@@ -217,6 +353,7 @@ fn parse_entry(
         proto,
         family: src_ip.map_or(Family::Ipv4, Family::of),
         entry: index,
+        sources: None,
     })
 }
 
@@ -358,6 +495,7 @@ mod tests {
                 proto: Proto::Tcp,
                 family: Family::Ipv4,
                 entry: i,
+                sources: None,
             })
             .collect();
         assert_eq!(m, expect);
@@ -365,14 +503,6 @@ mod tests {
 
     #[test]
     fn fields_not_enforced_yet_refuse_the_entry_by_name() {
-        let e = err(
-            r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#,
-        );
-        assert!(
-            e.starts_with("entries[1].sourceRanges: not supported by this version"),
-            "{e}"
-        );
-        assert!(e.contains("every source"), "{e}");
         let e = err(r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000}]}"#);
         assert!(
             e.starts_with("entries[0].srcPortEnd: not supported by this version"),
@@ -387,6 +517,108 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.len(), 1);
+        assert_eq!(m[0].sources, None);
+    }
+
+    fn ranges(text: &str, families: Families) -> Vec<(Family, Option<Vec<String>>)> {
+        parse(text, &restricted(), families)
+            .unwrap()
+            .into_iter()
+            .map(|m| {
+                let s = m.sources.map(|s| s.iter().map(|n| n.to_string()).collect());
+                (m.family, s)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn source_ranges_go_to_their_own_family_aggregated() {
+        let dual = Families::DUAL;
+        let text = r#"{"entries":[{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/25","198.51.100.128/25","10.0.0.0/8","10.1.0.0/16","2001:db8:1::/48"]}]}"#;
+        assert_eq!(
+            ranges(text, dual),
+            vec![
+                (
+                    Family::Ipv4,
+                    Some(vec!["10.0.0.0/8".into(), "198.51.100.0/24".into()])
+                ),
+                (Family::Ipv6, Some(vec!["2001:db8:1::/48".into()])),
+            ]
+        );
+        // A family without a range of its own is not published: it would
+        // be open to every source.
+        let v4_only =
+            r#"{"entries":[{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#;
+        assert_eq!(
+            ranges(v4_only, dual),
+            vec![(Family::Ipv4, Some(vec!["198.51.100.0/24".into()]))]
+        );
+        // Without the field: every source, on every family.
+        let open = r#"{"entries":[{"srcPort":993,"dstPort":993}]}"#;
+        assert_eq!(
+            ranges(open, dual),
+            vec![(Family::Ipv4, None), (Family::Ipv6, None)]
+        );
+    }
+
+    #[test]
+    fn bad_source_ranges_are_rejected_by_name() {
+        let entry = |ranges: &str| {
+            err(&format!(
+                r#"{{"entries":[{{"srcPort":80,"dstPort":80}},{{"srcPort":993,"dstPort":993,"sourceRanges":{ranges}}}]}}"#
+            ))
+        };
+        let cases = [
+            ("[]", "entries[1].sourceRanges: empty"),
+            ("\"10.0.0.0/8\"", "entries[1].sourceRanges: expected a list of CIDRs, got a string"),
+            ("[8]", "entries[1].sourceRanges: [0]: expected a CIDR as a string, got a number"),
+            ("[\"10.0.0.0/8\",\"ten\"]", "entries[1].sourceRanges: [1]: \"ten\" is not a CIDR"),
+            ("[\"10.0.0.0/33\"]", "entries[1].sourceRanges: [0]: \"10.0.0.0/33\" is not a CIDR"),
+            ("[\"10.0.0.1/8\"]", "entries[1].sourceRanges: [0]: 10.0.0.1/8 has host bits set; the network is 10.0.0.0/8"),
+            ("[\"198.51.100.7\"]", "entries[1].sourceRanges: [0]: \"198.51.100.7\" has no prefix length; write 198.51.100.7/32"),
+            ("[\"::ffff:10.0.0.0/104\"]", "entries[1].sourceRanges: [0]: ::ffff:10.0.0.0/104 is IPv4-mapped"),
+            // IPv6 ranges only, on an IPv4-only node.
+            ("[\"2001:db8::/32\"]", "entries[1].sourceRanges: no range of an enabled family"),
+        ];
+        for (ranges, want) in cases {
+            let e = entry(ranges);
+            assert!(e.starts_with(want), "{ranges}: {e}");
+        }
+        let many: Vec<String> = (0..=MAX_SOURCE_RANGES)
+            .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
+            .collect();
+        let e = entry(&format!("[{}]", many.join(",")));
+        assert!(
+            e.starts_with("entries[1].sourceRanges: 257 ranges, at most 256"),
+            "{e}"
+        );
+        // An explicit address of the other family than every range.
+        let e = err(
+            r#"{"entries":[{"srcIP":"203.0.113.7","srcPort":993,"dstPort":993,"sourceRanges":["2001:db8::/32"]}]}"#,
+        );
+        assert!(
+            e.starts_with("entries[0].sourceRanges: no range of 203.0.113.7's family"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_flavor_that_does_not_enforce_source_ranges_refuses_them() {
+        let mut cfg = crate::plan::PlanConfig {
+            node_id: "n".into(),
+            restricted_ports: restricted(),
+            families: Families::default(),
+            local_access: true,
+            source_ranges: false,
+        };
+        let text = r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#;
+        let e = parse_for(text, &cfg).unwrap_err().to_string();
+        assert!(
+            e.starts_with("entries[1].sourceRanges: not enforced by the iptables flavor"),
+            "{e}"
+        );
+        cfg.source_ranges = true;
+        assert_eq!(parse_for(text, &cfg).unwrap().len(), 2);
     }
 
     #[test]
@@ -406,6 +638,7 @@ mod tests {
                 proto: Proto::Tcp,
                 family: Family::Ipv4,
                 entry: 0,
+                sources: None,
             }]
         );
     }

@@ -260,6 +260,11 @@ pub struct PortMapping {
     pub family: Family,
     /// The entry's index in the annotation's `entries`.
     pub entry: usize,
+    /// `sourceRanges` of this mapping's family, aggregated (no two overlap);
+    /// `None`: every source may reach it. Never empty: an entry whose
+    /// ranges leave out a family is not published on that family.
+    #[serde(default)]
+    pub sources: Option<Arc<[ipnet::IpNet]>>,
 }
 
 /// The identity of a published port: what two pods can fight over.
@@ -325,6 +330,17 @@ pub struct LocalPod {
     pub owner: PodRef,
 }
 
+/// Only sources in `source` may reach `key` (the entry's `sourceRanges`,
+/// issue 25): one per allowed range of the key's family. A key with any is
+/// restricted — other sources are dropped before its DNAT, the node's own
+/// connections and its pods' (local access, hairpin) included.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct SourceRule {
+    pub key: NatKey,
+    pub source: ipnet::IpNet,
+    pub owner: PodRef,
+}
+
 /// Destinations that are never SNATed, so in-cluster traffic keeps the pod IP.
 pub const INTERNAL_NETWORKS: [(Ipv4Addr, u8); 4] = [
     (Ipv4Addr::new(127, 0, 0, 0), 8),
@@ -371,6 +387,9 @@ pub struct RuleSet {
     /// Hairpin sources (empty with `-localaccess=false`).
     #[serde(default)]
     pub local: Vec<LocalPod>,
+    /// Source allow-lists of restricted keys (`sourceRanges`).
+    #[serde(default)]
+    pub allow: Vec<SourceRule>,
 }
 
 impl RuleSet {
@@ -379,11 +398,12 @@ impl RuleSet {
             && self.snat.is_empty()
             && self.forward.is_empty()
             && self.local.is_empty()
+            && self.allow.is_empty()
     }
 
     /// Number of per-mapping rules (or elements) this set programs.
     pub fn len(&self) -> usize {
-        self.dnat.len() + self.snat.len() + self.forward.len() + self.local.len()
+        self.dnat.len() + self.snat.len() + self.forward.len() + self.local.len() + self.allow.len()
     }
 
     /// The rules of one family (a sorted list holds IPv4 first: a split,
@@ -401,12 +421,13 @@ impl RuleSet {
             snat: part(&self.snat, |s| s.pod_ip, f),
             forward: part(&self.forward, |r| r.pod_ip, f),
             local: part(&self.local, |l| l.pod_ip, f),
+            allow: part(&self.allow, |a| a.key.public_ip, f),
         }
     }
 
     /// Per list — `dnat`, `snat`, `forward`, `hairpin` (`local`) — how many
     /// of its rules are IPv4 and how many IPv6 (a split, as `of_family`).
-    pub fn counts(&self) -> [(&'static str, [usize; 2]); 4] {
+    pub fn counts(&self) -> [(&'static str, [usize; 2]); 5] {
         fn split<T>(v: &[T], ip: impl Fn(&T) -> IpAddr) -> [usize; 2] {
             let v4 = ipv4_len(v, ip);
             [v4, v.len() - v4]
@@ -416,6 +437,7 @@ impl RuleSet {
             ("snat", split(&self.snat, |s| s.pod_ip)),
             ("forward", split(&self.forward, |r| r.pod_ip)),
             ("hairpin", split(&self.local, |l| l.pod_ip)),
+            ("source", split(&self.allow, |a| a.key.public_ip)),
         ]
     }
 
@@ -427,6 +449,8 @@ impl RuleSet {
         self.snat.dedup();
         self.forward.sort();
         self.forward.dedup();
+        self.allow.sort();
+        self.allow.dedup();
         // One per address, the greater owner (as the planner decides).
         self.local.sort();
         self.local.dedup_by(|later, kept| {

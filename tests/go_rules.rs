@@ -327,6 +327,7 @@ fn agent_rules() -> RuleSet {
             restricted_ports: [22, 53, 6443].into(),
             families: Families::default(),
             local_access: false,
+            source_ranges: false,
         },
     );
     assert!(table.rejected.is_empty() && table.conflicts.is_empty() && table.pending.is_empty());

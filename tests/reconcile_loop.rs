@@ -84,6 +84,7 @@ impl Harness {
                 restricted_ports: BTreeSet::from([22, 53, 6443]),
                 families: Default::default(),
                 local_access: false,
+                source_ranges: true,
             },
             resync,
             dry_run: false,

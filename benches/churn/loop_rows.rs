@@ -78,6 +78,7 @@ impl Loop {
                 restricted_ports: BTreeSet::new(),
                 families: Default::default(),
                 local_access: false,
+                source_ranges: true,
             },
             resync: None,
             dry_run: false,

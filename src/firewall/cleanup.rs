@@ -147,6 +147,8 @@ fn go_layout(rules: &RuleSet) -> RuleSet {
         snat,
         forward,
         local: Vec::new(),
+        // Source allow-lists are the nftables flavor's only (for now).
+        allow: Vec::new(),
     }
 }
 

@@ -216,18 +216,21 @@ impl Changes {
         let (add_s, del_s) = diff(&current.snat, &desired.snat);
         let (add_f, del_f) = diff(&current.forward, &desired.forward);
         let (add_l, del_l) = diff(&current.local, &desired.local);
+        let (add_a, del_a) = diff(&current.allow, &desired.allow);
         Changes {
             add: RuleSet {
                 dnat: add_d,
                 snat: add_s,
                 forward: add_f,
                 local: add_l,
+                allow: add_a,
             },
             del: RuleSet {
                 dnat: del_d,
                 snat: del_s,
                 forward: del_f,
                 local: del_l,
+                allow: del_a,
             },
         }
     }
@@ -248,6 +251,7 @@ impl Changes {
             && !a.snat.iter().any(|x| has(&c.snat, x))
             && !a.forward.iter().any(|x| has(&c.forward, x))
             && !a.local.iter().any(|x| has(&c.local, x))
+            && !a.allow.iter().any(|x| has(&c.allow, x))
     }
 
     /// `canonical`, keeping these changes when they already are (no copy).
@@ -279,6 +283,7 @@ impl Changes {
         one(&mut rules.snat, add.snat, &del.snat);
         one(&mut rules.forward, add.forward, &del.forward);
         one(&mut rules.local, add.local, &del.local);
+        one(&mut rules.allow, add.allow, &del.allow);
     }
 
     /// Every rule or element the changes delete is in `current`, exactly.
@@ -291,6 +296,7 @@ impl Changes {
             && d.snat.iter().all(|x| has(&c.snat, x))
             && d.forward.iter().all(|x| has(&c.forward, x))
             && d.local.iter().all(|x| has(&c.local, x))
+            && d.allow.iter().all(|x| has(&c.allow, x))
     }
 
     /// Owners as they read back from the kernel (see `canonical`); borrowed
@@ -340,6 +346,7 @@ pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
         && !rules.snat.iter().any(|s| too_long(&s.owner))
         && !rules.forward.iter().any(|f| too_long(&f.owner))
         && !rules.local.iter().any(|l| too_long(&l.owner))
+        && !rules.allow.iter().any(|a| too_long(&a.owner))
     {
         return std::borrow::Cow::Borrowed(rules);
     }
@@ -375,6 +382,14 @@ pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
             .map(|l| crate::model::LocalPod {
                 owner: fix(&l.owner),
                 ..l.clone()
+            })
+            .collect(),
+        allow: rules
+            .allow
+            .iter()
+            .map(|a| crate::model::SourceRule {
+                owner: fix(&a.owner),
+                ..a.clone()
             })
             .collect(),
     };

@@ -40,6 +40,15 @@ pub const NFT_FORWARD_CHAIN: &str = "forward";
 pub const NFT_OUTPUT_CHAIN: &str = "output";
 pub const NFT_LOCAL_SET: &str = "local_pods";
 pub const NFT_OUTPUT_PRIORITY: i32 = -101;
+/// Source allow-lists (`sourceRanges`): the restricted keys, the allowed
+/// (key, source range) intervals, and the filter chains that drop the rest
+/// before any DNAT — prerouting, and output with `-localaccess`.
+pub const NFT_RESTRICTED_SET: &str = "source_restricted";
+pub const NFT_SOURCES_SET: &str = "source_allowed";
+pub const NFT_SOURCE_PRE_CHAIN: &str = "source_prerouting";
+pub const NFT_SOURCE_OUT_CHAIN: &str = "source_output";
+/// Before the agent's DNAT (-101) and conntrack's (-200) after: `dstnat - 10`.
+pub const NFT_SOURCE_PRIORITY: i32 = -110;
 /// The mark bit of a hairpin connection (a pod of this node to a published
 /// address of the node): set in prerouting, masqueraded on in postrouting, as
 /// netavark does with the same bit; kube-proxy's bits are 0x4000 and 0x8000.

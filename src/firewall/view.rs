@@ -7,7 +7,9 @@ use std::fmt::Write;
 use std::net::IpAddr;
 
 use crate::firewall::names::{self, internal_returns, Names};
-use crate::model::{host_port, Family, ForwardRule, LocalPod, Mapping, RuleSet, SnatRule};
+use crate::model::{
+    host_port, Family, ForwardRule, LocalPod, Mapping, NatKey, RuleSet, SnatRule, SourceRule,
+};
 
 /// nft's name of a family's tables: `ip` or `ip6`.
 pub fn nft_family(f: Family) -> &'static str {
@@ -296,6 +298,26 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         nft_elements_by(&mut out, &elements, per_line);
         out.push_str("\t}\n\n");
     }
+    let _ = writeln!(out, "\tset {} {{", names::NFT_RESTRICTED_SET);
+    let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
+    let mut keys: Vec<String> = rules.allow.iter().map(|a| nft_key(&a.key)).collect();
+    keys.dedup();
+    nft_elements(&mut out, &keys);
+    out.push_str("\t}\n\n");
+    let _ = writeln!(out, "\tset {} {{", names::NFT_SOURCES_SET);
+    let _ = writeln!(
+        out,
+        "\t\ttype {addr} . inet_proto . inet_service . {addr}\n\t\tflags interval"
+    );
+    nft_elements(
+        &mut out,
+        &rules
+            .allow
+            .iter()
+            .map(nft_source_element)
+            .collect::<Vec<_>>(),
+    );
+    out.push_str("\t}\n\n");
     let _ = writeln!(out, "\tchain {} {{", names::NFT_PRE_CHAIN);
     let _ = writeln!(out, "\t\tcomment \"{mark}\"");
     let _ = writeln!(
@@ -371,8 +393,54 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         let _ = writeln!(out, "\t\tfib daddr type local {}", dnat.trim_start());
         out.push_str("\t}\n");
     }
+    let source_chains: &[(&str, &str)] = if local {
+        &[
+            (names::NFT_SOURCE_PRE_CHAIN, "prerouting"),
+            (names::NFT_SOURCE_OUT_CHAIN, "output"),
+        ]
+    } else {
+        &[(names::NFT_SOURCE_PRE_CHAIN, "prerouting")]
+    };
+    for (chain, hook) in source_chains {
+        let _ = writeln!(out, "\n\tchain {chain} {{");
+        let _ = writeln!(out, "\t\tcomment \"{mark}\"");
+        // nft names the prerouting priority after dstnat, and none at the
+        // output hook: a plain number there.
+        let priority = if *hook == "output" {
+            names::NFT_SOURCE_PRIORITY.to_string()
+        } else {
+            nft_priority("dstnat", names::NFT_SOURCE_PRIORITY + 100)
+        };
+        let _ = writeln!(
+            out,
+            "\t\ttype filter hook {hook} priority {priority}; policy accept;"
+        );
+        let _ = writeln!(
+            out,
+            "\t\t{fam} daddr . meta l4proto . th dport @{} {fam} daddr . meta l4proto . th dport . {fam} saddr != @{} drop",
+            names::NFT_RESTRICTED_SET,
+            names::NFT_SOURCES_SET
+        );
+        out.push_str("\t}\n");
+    }
     out.push_str("}\n");
     out
+}
+
+/// `address . proto . port` of a key, as nft prints it.
+fn nft_key(k: &NatKey) -> String {
+    format!("{} . {} . {}", k.public_ip, k.proto, k.public_port)
+}
+
+/// An allowed source range in `source_allowed` (a host range as the bare
+/// address, as nft prints it).
+pub fn nft_source_element(a: &SourceRule) -> String {
+    let source = if a.source.prefix_len() == a.source.max_prefix_len() {
+        a.source.addr().to_string()
+    } else {
+        a.source.to_string()
+    };
+    format!("{} . {source} comment \"{}\"", nft_key(&a.key), a.owner)
 }
 
 /// Puts the elements of every set/map in `nft list` output into sorted order,

@@ -95,6 +95,7 @@ fn rows_cover_every_state() {
         restricted_ports: [22].into(),
         families: Families::default(),
         local_access: false,
+        source_ranges: true,
     };
     let table = plan::plan(
         &pods,

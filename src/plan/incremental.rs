@@ -46,6 +46,7 @@ impl TableChange {
         fold(&mut a.snat, &mut d.snat, a2.snat, d2.snat);
         fold(&mut a.forward, &mut d.forward, a2.forward, d2.forward);
         fold(&mut a.local, &mut d.local, a2.local, d2.local);
+        fold(&mut a.allow, &mut d.allow, a2.allow, d2.allow);
         self.pods.extend(later.pods);
     }
 }
@@ -419,11 +420,7 @@ impl IncrementalPlan {
     }
 
     fn parse(&self, f: &PodFacts) -> Result<Vec<PortMapping>, AnnotationError> {
-        annotation::parse(
-            f.annotation.as_deref().unwrap_or_default(),
-            &self.cfg.restricted_ports,
-            self.cfg.families,
-        )
+        annotation::parse_for(f.annotation.as_deref().unwrap_or_default(), &self.cfg)
     }
 
     fn key_of(&self, e: &PortMapping) -> Option<NatKey> {

@@ -25,7 +25,7 @@ use crate::annotation::{self, AnnotationError};
 use crate::config::short_node_name;
 use crate::model::{
     DualStack, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, PortMapping,
-    Proto, RuleSet, SnatRule,
+    Proto, RuleSet, SnatRule, SourceRule,
 };
 
 /// What the planner needs to know about one pod (built from the Kubernetes
@@ -59,6 +59,25 @@ pub struct PlanConfig {
     pub families: Families,
     /// `-localaccess`: plan the hairpin sources (every pod on this node).
     pub local_access: bool,
+    /// The flavor enforces `sourceRanges`; if not, an entry carrying them is
+    /// refused (published to every source it would be wider than asked).
+    pub source_ranges: bool,
+}
+
+/// The allow-list of `key` won by entry `e` of `owner` (none: every source).
+pub(crate) fn source_rules<'a>(
+    key: NatKey,
+    e: &'a PortMapping,
+    owner: &'a PodRef,
+) -> impl Iterator<Item = SourceRule> + 'a {
+    e.sources
+        .iter()
+        .flat_map(|s| s.iter())
+        .map(move |&source| SourceRule {
+            key,
+            source,
+            owner: owner.clone(),
+        })
 }
 
 /// A pod that claimed a port another pod won.
@@ -186,7 +205,7 @@ pub fn plan_with(
         if !on_node(p.node.as_deref(), &cfg.node_id) {
             continue;
         }
-        match annotation::parse(text, &cfg.restricted_ports, cfg.families) {
+        match annotation::parse_for(text, cfg) {
             Ok(entries) => parsed.push((p, entries)),
             Err(error) => table.rejected.push(Rejection {
                 pod: p.pod.clone(),
@@ -260,6 +279,10 @@ pub fn plan_with(
             pod_port: parsed[wp].1[we].dst_port,
             owner: winner.pod.clone(),
         });
+        table
+            .rules
+            .allow
+            .extend(source_rules(*key, &parsed[wp].1[we], &winner.pod));
         for &(lp, _) in claimants {
             if lp != wp {
                 table.conflicts.push(Conflict {

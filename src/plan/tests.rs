@@ -29,6 +29,7 @@ pub(super) fn cfg() -> PlanConfig {
         restricted_ports: [22, 53, 6443].into_iter().collect(),
         families: Families::default(),
         local_access: false,
+        source_ranges: true,
     }
 }
 

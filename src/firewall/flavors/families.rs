@@ -64,6 +64,7 @@ impl<F: Flavor> Flavor for PerFamily<F> {
             out.snat.extend(r.snat);
             out.forward.extend(r.forward);
             out.local.extend(r.local);
+            out.allow.extend(r.allow);
         }
         out
     }

@@ -88,6 +88,15 @@ fn nft_golden_mail_server() {
 \t\t\t     10.1.0.5 . tcp . 587 comment \"mail:mx-0\" }
 \t}
 
+\tset source_restricted {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t}
+
+\tset source_allowed {
+\t\ttype ipv4_addr . inet_proto . inet_service . ipv4_addr
+\t\tflags interval
+\t}
+
 \tchain prerouting {
 \t\tcomment \"podnat-controller:podnat\"
 \t\ttype nat hook prerouting priority dstnat - 1; policy accept;
@@ -108,6 +117,12 @@ fn nft_golden_mail_server() {
 \t\tcomment \"podnat-controller:podnat\"
 \t\ttype filter hook forward priority filter - 1; policy accept;
 \t\tct state new ip daddr . meta l4proto . th dport @forward_allowed accept
+\t}
+
+\tchain source_prerouting {
+\t\tcomment \"podnat-controller:podnat\"
+\t\ttype filter hook prerouting priority dstnat - 10; policy accept;
+\t\tip daddr . meta l4proto . th dport @source_restricted ip daddr . meta l4proto . th dport . ip saddr != @source_allowed drop
 \t}
 }
 ";

@@ -260,6 +260,15 @@ impl Exprs {
         })
     }
 
+    /// A lookup that matches when the key is not in the set.
+    pub fn lookup_not(&mut self, set: &str, sreg: u32) -> &mut Self {
+        self.push("lookup", |d| {
+            d.str(sys::NFTA_LOOKUP_SET, set)
+                .be32(sys::NFTA_LOOKUP_SREG, sreg)
+                .be32(sys::NFTA_LOOKUP_FLAGS, sys::NFT_LOOKUP_F_INV);
+        })
+    }
+
     /// Native NAT from registers (the address and, for DNAT, the port).
     pub fn nat(
         &mut self,

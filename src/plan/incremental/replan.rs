@@ -5,9 +5,9 @@ use std::net::IpAddr;
 use std::ops::Range;
 
 use super::{Dirty, IncrementalPlan, PodState, TableChange};
-use crate::firewall::Changes;
-use crate::model::{Family, ForwardRule, Mapping, SnatRule};
-use crate::plan::Conflict;
+use crate::firewall::{diff, Changes};
+use crate::model::{Family, ForwardRule, Mapping, SnatRule, SourceRule};
+use crate::plan::{source_rules, Conflict};
 
 impl IncrementalPlan {
     /// Re-plans the dirty keys (winner, conflicts), then the SNAT and FORWARD
@@ -44,6 +44,24 @@ impl IncrementalPlan {
                     dirty.touch(&c.loser);
                 }
                 list.splice(range, conflicts);
+            }
+            // The key's allow-list follows its winning entry (none without a
+            // mapping): compared in place, like the conflicts.
+            let allow: Vec<SourceRule> = winner
+                .and_then(|w| {
+                    let s = self.pods.get(&w.pod)?;
+                    s.facts.ips.get(key.family())?;
+                    let e = s.entries().get(w.entry)?;
+                    Some(source_rules(key, e, &w.pod).collect())
+                })
+                .unwrap_or_default();
+            let list = &mut self.table.rules.allow;
+            let range = range_of(list, |a| a.key.cmp(&key));
+            if list[range.clone()] != allow[..] {
+                let (add, del) = diff(&list[range.clone()], &allow);
+                rules.add.allow.extend(add);
+                rules.del.allow.extend(del);
+                list.splice(range, allow);
             }
             // Compared before it is built: most re-planned keys keep their
             // mapping, and building one allocates its owner.

@@ -183,6 +183,11 @@ const ANNOTATIONS: &[&str] = &[
     r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":25,"dstPort":26}]}"#,
     "not json",
     r#"{"entries":[]}"#,
+    // The same keys with source allow-lists (both families, one family
+    // only, and the same key with other ranges: a change of ranges alone).
+    r#"{"entries":[{"srcPort":25,"dstPort":25,"sourceRanges":["198.51.100.0/24","2001:db8:1::/48"]}]}"#,
+    r#"{"entries":[{"srcPort":25,"dstPort":25,"sourceRanges":["198.51.100.0/25","192.0.2.0/24"]},{"srcPort":26,"dstPort":25}]}"#,
+    r#"{"entries":[{"srcIP":"2001:db8::7","srcPort":25,"dstPort":2525,"proto":"udp","sourceRanges":["2001:db8:1::/48"]}]}"#,
 ];
 
 /// Public addresses the node may have: none, IPv4 alone, both, IPv6 alone.
@@ -213,6 +218,7 @@ fn dual() -> PlanConfig {
     PlanConfig {
         families: Families::DUAL,
         local_access: true,
+        source_ranges: true,
         ..cfg()
     }
 }

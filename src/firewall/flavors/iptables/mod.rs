@@ -225,6 +225,12 @@ pub struct Iptables {
 /// ip6tables-nft's, with the applier around it.
 pub type IptablesBackend = Applier<PerFamily<Iptables>>;
 
+/// The planner refuses `sourceRanges` for this flavor (`PlanConfig::
+/// source_ranges`); rules with them never reach it, and if they did, nothing
+/// is applied rather than the port opened to every source.
+const NO_SOURCE_RANGES: &str =
+    "source allow-lists (sourceRanges) are not enforced by the iptables flavor; nothing applied";
+
 impl IptablesBackend {
     pub fn new(names: Names, jumps: JumpPositions) -> IptablesBackend {
         Self::for_families(names, jumps, Families::default())
@@ -292,6 +298,9 @@ impl Flavor for Iptables {
     }
 
     fn plan(&self, state: &IptState, desired: &RuleSet) -> Planned<Changes> {
+        if !desired.allow.is_empty() {
+            return Planned::Foreign(NO_SOURCE_RANGES.to_string());
+        }
         if let Some(place) = state.foreign_place() {
             return Planned::Foreign(format!(
                 "chain {} in table {} {} exists and is not the agent's: it has no \"{}\" \
@@ -329,6 +338,9 @@ impl Flavor for Iptables {
         state: &IptState,
         changes: crate::firewall::Changes,
     ) -> Option<Planned<Changes>> {
+        if !changes.add.allow.is_empty() {
+            return Some(Planned::Foreign(NO_SOURCE_RANGES.to_string()));
+        }
         let plan = Changes::delta(state, &changes)?;
         Some(if plan.is_empty() {
             Planned::Nothing

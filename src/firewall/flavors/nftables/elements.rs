@@ -42,18 +42,18 @@ pub(super) fn parse_comment_udata(u: &[u8]) -> Option<PodRef> {
 }
 
 /// A key or data value: concatenated fields, each padded to 4 bytes (at
-/// most three of them, an IPv6 address the longest). Fixed size: encoding
+/// most four of them, two IPv6 addresses the longest). Fixed size: encoding
 /// 15,000 elements allocates nothing per element.
 #[derive(Clone, Copy)]
 pub(super) struct Value {
-    bytes: [u8; 24],
+    bytes: [u8; 40],
     len: usize,
 }
 
 impl Value {
     fn of(fields: &[&[u8]]) -> Value {
         let mut v = Value {
-            bytes: [0; 24],
+            bytes: [0; 40],
             len: 0,
         };
         for f in fields {
@@ -68,9 +68,11 @@ impl Value {
     }
 }
 
-/// One element: key, optional data, comment (the owner, borrowed).
+/// One element: key (and the end of its interval, in an interval set),
+/// optional data, comment (the owner, borrowed).
 pub(super) struct Element<'a> {
     pub(super) key: Value,
+    pub(super) key_end: Option<Value>,
     pub(super) data: Option<Value>,
     pub(super) owner: Option<&'a PodRef>,
 }
@@ -182,6 +184,11 @@ impl<'b> ElementWriter<'b> {
                                 a.nest(sys::NFTA_SET_ELEM_KEY, |k| {
                                     k.bytes(sys::NFTA_DATA_VALUE, e.key.as_slice());
                                 });
+                                if let Some(end) = &e.key_end {
+                                    a.nest(sys::NFTA_SET_ELEM_KEY_END, |k| {
+                                        k.bytes(sys::NFTA_DATA_VALUE, end.as_slice());
+                                    });
+                                }
                                 if !delete {
                                     if let Some(d) = &e.data {
                                         a.nest(sys::NFTA_SET_ELEM_DATA, |k| {
@@ -217,7 +224,81 @@ impl<'b> ElementWriter<'b> {
             false,
         );
         self.write(names::NFT_LOCAL_SET, local_elements(&rules.local), false);
+        let keys = restricted_keys(&rules.allow);
+        self.write(names::NFT_RESTRICTED_SET, restricted_elements(&keys), false);
+        self.write(names::NFT_SOURCES_SET, source_elements(&rules.allow), false);
     }
+}
+
+/// The distinct keys of a sorted allow-list: the restricted ones.
+pub(super) fn restricted_keys(allow: &[SourceRule]) -> Vec<NatKey> {
+    let mut keys: Vec<NatKey> = allow.iter().map(|a| a.key).collect();
+    keys.dedup();
+    keys
+}
+
+fn key_value(k: &NatKey) -> Value {
+    Value::of(&[
+        &octets(&k.public_ip),
+        &proto_field(k.proto),
+        &port_field(k.public_port),
+    ])
+}
+
+/// A restricted key has no owner comment: one key, one owner, whose comment
+/// its `source_allowed` elements carry.
+pub(super) fn restricted_elements(keys: &[NatKey]) -> impl Iterator<Item = Element<'_>> {
+    keys.iter().map(|k| Element {
+        key: key_value(k),
+        key_end: None,
+        data: None,
+        owner: None,
+    })
+}
+
+/// `key . source`, an interval from the range's network address to its
+/// broadcast address.
+pub(super) fn source_elements(v: &[SourceRule]) -> impl Iterator<Item = Element<'_>> {
+    v.iter().map(|a| {
+        let at = |ip: std::net::IpAddr| {
+            Value::of(&[
+                &octets(&a.key.public_ip),
+                &proto_field(a.key.proto),
+                &port_field(a.key.public_port),
+                &octets(&ip),
+            ])
+        };
+        Element {
+            key: at(a.source.network()),
+            key_end: Some(at(a.source.broadcast())),
+            data: None,
+            owner: Some(&a.owner),
+        }
+    })
+}
+
+/// The restricted keys a change adds and deletes: a key whose first range
+/// comes, and one whose last range goes (`current`: the allow-list before).
+fn restricted_changes(current: &[SourceRule], ch: &Changes) -> (Vec<NatKey>, Vec<NatKey>) {
+    let count = |v: &[SourceRule], k: &NatKey| {
+        let start = v.partition_point(|a| a.key < *k);
+        v[start..].partition_point(|a| a.key == *k)
+    };
+    let (mut add, mut del) = (Vec::new(), Vec::new());
+    let mut keys = restricted_keys(&ch.add.allow);
+    keys.extend(restricted_keys(&ch.del.allow));
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        let before = count(current, &k);
+        let after = before + count(&ch.add.allow, &k) - count(&ch.del.allow, &k);
+        match (before, after) {
+            (0, a) if a > 0 => add.push(k),
+            (b, 0) if b > 0 => del.push(k),
+            _ => {}
+        }
+    }
+    (add, del)
 }
 
 pub(super) fn dnat_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> {
@@ -227,6 +308,7 @@ pub(super) fn dnat_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> 
             &proto_field(m.key.proto),
             &port_field(m.key.public_port),
         ]),
+        key_end: None,
         data: Some(Value::of(&[&octets(&m.pod_ip), &port_field(m.pod_port)])),
         owner: Some(&m.owner),
     })
@@ -235,6 +317,7 @@ pub(super) fn dnat_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> 
 pub(super) fn snat_elements(v: &[SnatRule]) -> impl Iterator<Item = Element<'_>> {
     v.iter().map(|s| Element {
         key: Value::of(&[&octets(&s.pod_ip), &proto_field(s.proto)]),
+        key_end: None,
         data: Some(Value::of(&[&octets(&s.public_ip)])),
         owner: Some(&s.owner),
     })
@@ -247,6 +330,7 @@ pub(super) fn forward_elements(v: &[ForwardRule]) -> impl Iterator<Item = Elemen
             &proto_field(f.proto),
             &port_field(f.pod_port),
         ]),
+        key_end: None,
         data: None,
         owner: Some(&f.owner),
     })
@@ -255,6 +339,7 @@ pub(super) fn forward_elements(v: &[ForwardRule]) -> impl Iterator<Item = Elemen
 pub(super) fn local_elements(v: &[LocalPod]) -> impl Iterator<Item = Element<'_>> {
     v.iter().map(|l| Element {
         key: Value::of(&[&octets(&l.pod_ip)]),
+        key_end: None,
         data: None,
         owner: Some(&l.owner),
     })
@@ -266,6 +351,7 @@ pub(super) fn encode_changes(
     batch: &mut NftBatch,
     family: Family,
     table: &str,
+    current: &[SourceRule],
     ch: &Changes,
 ) -> Vec<ElementMsg> {
     let mut w = ElementWriter::new(batch, family, table);
@@ -277,7 +363,28 @@ pub(super) fn encode_changes(
         true,
     );
     w.write(names::NFT_LOCAL_SET, local_elements(&ch.del.local), true);
-    w.add_all(&ch.add);
+    w.write(names::NFT_SOURCES_SET, source_elements(&ch.del.allow), true);
+    let (restrict, free) = restricted_changes(current, ch);
+    w.write(names::NFT_RESTRICTED_SET, restricted_elements(&free), true);
+    w.write(names::NFT_DNAT_MAP, dnat_elements(&ch.add.dnat), false);
+    w.write(names::NFT_SNAT_MAP, snat_elements(&ch.add.snat), false);
+    w.write(
+        names::NFT_FORWARD_SET,
+        forward_elements(&ch.add.forward),
+        false,
+    );
+    w.write(names::NFT_LOCAL_SET, local_elements(&ch.add.local), false);
+    // The ranges before the key they restrict, in one commit all the same.
+    w.write(
+        names::NFT_SOURCES_SET,
+        source_elements(&ch.add.allow),
+        false,
+    );
+    w.write(
+        names::NFT_RESTRICTED_SET,
+        restricted_elements(&restrict),
+        false,
+    );
     w.sent
 }
 
@@ -350,6 +457,49 @@ pub(super) fn decode_element(
     true
 }
 
+/// `public_ip . proto . port` at the head of a key.
+fn nat_key_at(f: Family, key: &[u8]) -> Option<NatKey> {
+    let n = encode::header(f).addr_len as usize;
+    Some(NatKey {
+        public_ip: encode::ip_at(key, 0, f)?,
+        proto: proto_at(key, n)?,
+        public_port: port_at(key, n + 4)?,
+    })
+}
+
+/// A `source_allowed` element back to its rule: the interval must be one
+/// CIDR (network to broadcast address), as the agent writes them.
+fn source_rule_at(f: Family, key: &[u8], end: &[u8], owner: PodRef) -> Option<SourceRule> {
+    let n = encode::header(f).addr_len as usize;
+    let k = nat_key_at(f, key)?;
+    if nat_key_at(f, end)? != k {
+        return None;
+    }
+    let (first, last) = (encode::ip_at(key, n + 8, f)?, encode::ip_at(end, n + 8, f)?);
+    let source = cidr_of(first, last)?;
+    Some(SourceRule {
+        key: k,
+        source,
+        owner,
+    })
+}
+
+/// The CIDR spanning exactly `first..=last`, if there is one.
+pub(super) fn cidr_of(first: std::net::IpAddr, last: std::net::IpAddr) -> Option<ipnet::IpNet> {
+    let bits = |ip: std::net::IpAddr| match ip {
+        std::net::IpAddr::V4(v) => (u128::from(u32::from(v)), 32u32),
+        std::net::IpAddr::V6(v) => (u128::from(v), 128u32),
+    };
+    let ((a, w), (b, w2)) = (bits(first), bits(last));
+    if w != w2 || b < a {
+        return None;
+    }
+    let host = (a ^ b).count_ones();
+    let len = w - host;
+    let net = ipnet::IpNet::new(first, len as u8).ok()?;
+    (net.network() == first && net.broadcast() == last).then_some(net)
+}
+
 /// Element dumps of a table read before giving up on two that agree.
 pub(super) const MAX_ELEMENT_DUMPS: u32 = 5;
 
@@ -388,6 +538,7 @@ pub(super) fn read_elements(
 ) -> Result<(u64, bool), NetlinkError> {
     use std::hash::{Hash, Hasher};
     let (mut sum, mut count, mut decoded) = (0u64, 0u64, true);
+    let mut restricted: Vec<NatKey> = Vec::new();
     for shape in &sets_of(family, local) {
         let scope = Scope::object(family.nfproto(), tname, shape.name);
         for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
@@ -401,20 +552,36 @@ pub(super) fn read_elements(
                 let data = find_attr(el, sys::NFTA_SET_ELEM_DATA)
                     .and_then(|k| find_attr(k, sys::NFTA_DATA_VALUE))
                     .unwrap_or(&[]);
+                let key_end = find_attr(el, sys::NFTA_SET_ELEM_KEY_END)
+                    .and_then(|k| find_attr(k, sys::NFTA_DATA_VALUE));
                 let udata = find_attr(el, sys::NFTA_SET_ELEM_USERDATA);
                 let mut h = std::collections::hash_map::DefaultHasher::new();
-                (shape.name, key, data, udata).hash(&mut h);
+                (shape.name, key, key_end, data, udata).hash(&mut h);
                 sum = sum.wrapping_add(h.finish());
                 count += 1;
                 let Some(rules) = out.as_deref_mut() else {
                     continue;
                 };
+                if shape.name == names::NFT_RESTRICTED_SET {
+                    match nat_key_at(family, key) {
+                        Some(k) => restricted.push(k),
+                        None => decoded = false,
+                    }
+                    continue;
+                }
                 // An element without an owner comment is not one of ours
                 // as written; it is kept as "ownerless" so the diff
                 // replaces it.
                 let owner = udata
                     .and_then(parse_comment_udata)
                     .unwrap_or_else(|| PodRef::new("", ""));
+                if shape.name == names::NFT_SOURCES_SET {
+                    match source_rule_at(family, key, key_end.unwrap_or(&[]), owner) {
+                        Some(a) => rules.allow.push(a),
+                        None => decoded = false,
+                    }
+                    continue;
+                }
                 if !decode_element(family, shape.name, key, data, owner, rules) {
                     decoded = false;
                 }
@@ -423,6 +590,13 @@ pub(super) fn read_elements(
     }
     if let Some(rules) = out {
         rules.normalize();
+        // The restricted keys are exactly those with ranges: a key left
+        // restricted without any would drop every source; one with ranges
+        // but not restricted would let every source in.
+        restricted.sort();
+        if restricted != restricted_keys(&rules.allow) {
+            decoded = false;
+        }
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (sum, count).hash(&mut h);

@@ -25,6 +25,38 @@ pub(super) struct SetShape {
     pub(super) key_type: u32,
     pub(super) key_len: u32,
     pub(super) data: Option<(u32, u32)>,
+    /// An interval set of a concatenation (pipapo, Linux 5.6): the length of
+    /// each field, as nft describes it (NFTA_SET_DESC_CONCAT).
+    pub(super) intervals: Option<&'static [u32]>,
+}
+
+impl SetShape {
+    /// NFTA_SET_FLAGS as nft sets them for this shape.
+    pub(super) fn flags(&self) -> u32 {
+        let map = if self.data.is_some() {
+            sys::NFT_SET_MAP
+        } else {
+            0
+        };
+        let intervals = if self.intervals.is_some() {
+            sys::NFT_SET_INTERVAL | sys::NFT_SET_CONCAT
+        } else {
+            0
+        };
+        map | intervals
+    }
+}
+
+/// The sets and chains of source allow-lists: not in an earlier version's
+/// layout, which an unmarked table is checked against.
+pub(super) fn is_source_object(name: &str) -> bool {
+    [
+        names::NFT_RESTRICTED_SET,
+        names::NFT_SOURCES_SET,
+        names::NFT_SOURCE_PRE_CHAIN,
+        names::NFT_SOURCE_OUT_CHAIN,
+    ]
+    .contains(&name)
 }
 
 /// The sets of a family's table: the same three (four with
@@ -41,18 +73,21 @@ pub(super) fn sets_of(f: Family, local: bool) -> Vec<SetShape> {
             key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
             key_len: len + 8,
             data: Some((concat(&[addr, TYPE_INET_SERVICE]), len + 4)),
+            intervals: None,
         },
         SetShape {
             name: names::NFT_SNAT_MAP,
             key_type: concat(&[addr, TYPE_INET_PROTOCOL]),
             key_len: len + 4,
             data: Some((addr, len)),
+            intervals: None,
         },
         SetShape {
             name: names::NFT_FORWARD_SET,
             key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
             key_len: len + 8,
             data: None,
+            intervals: None,
         },
     ];
     if local {
@@ -61,11 +96,30 @@ pub(super) fn sets_of(f: Family, local: bool) -> Vec<SetShape> {
             key_type: addr,
             key_len: len,
             data: None,
+            intervals: None,
         });
     }
+    sets.push(SetShape {
+        name: names::NFT_RESTRICTED_SET,
+        key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+        key_len: len + 8,
+        data: None,
+        intervals: None,
+    });
+    sets.push(SetShape {
+        name: names::NFT_SOURCES_SET,
+        key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, addr]),
+        key_len: len + 8 + len,
+        data: None,
+        intervals: Some(match f {
+            Family::Ipv4 => &[4, 1, 2, 4],
+            Family::Ipv6 => &[16, 1, 2, 16],
+        }),
+    });
     sets
 }
 
+#[derive(Clone, Copy)]
 pub(super) struct ChainShape {
     pub(super) name: &'static str,
     pub(super) hook: HookClass,
@@ -73,16 +127,42 @@ pub(super) struct ChainShape {
     pub(super) nat: bool,
 }
 
-/// The base chains (the nat output one too with `-localaccess`).
+/// The base chains (the nat output one and the source filter's output one
+/// too with `-localaccess`).
 pub(super) fn chains_of(local: bool) -> &'static [ChainShape] {
     if local {
-        &CHAINS
+        &CHAINS_LOCAL
     } else {
-        &CHAINS[..3]
+        &CHAINS
     }
 }
 
-const CHAINS: [ChainShape; 4] = [
+const SOURCE_PRE: ChainShape = ChainShape {
+    name: names::NFT_SOURCE_PRE_CHAIN,
+    hook: HookClass::PreRouting,
+    priority: names::NFT_SOURCE_PRIORITY,
+    nat: false,
+};
+
+const SOURCE_OUT: ChainShape = ChainShape {
+    name: names::NFT_SOURCE_OUT_CHAIN,
+    hook: HookClass::Out,
+    priority: names::NFT_SOURCE_PRIORITY,
+    nat: false,
+};
+
+const CHAINS: [ChainShape; 4] = [NAT_CHAINS[0], NAT_CHAINS[1], NAT_CHAINS[2], SOURCE_PRE];
+
+const CHAINS_LOCAL: [ChainShape; 6] = [
+    NAT_CHAINS[0],
+    NAT_CHAINS[1],
+    NAT_CHAINS[2],
+    NAT_CHAINS[3],
+    SOURCE_PRE,
+    SOURCE_OUT,
+];
+
+const NAT_CHAINS: [ChainShape; 4] = [
     ChainShape {
         name: names::NFT_PRE_CHAIN,
         hook: HookClass::PreRouting,
@@ -128,6 +208,27 @@ pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
         e
     };
     match chain {
+        names::NFT_SOURCE_PRE_CHAIN | names::NFT_SOURCE_OUT_CHAIN => {
+            // A restricted key from a source outside its ranges: dropped,
+            // every packet (an established connection from a range that was
+            // removed stops too).
+            let saddr_reg = match f {
+                Family::Ipv4 => sys::NFT_REG32_03,
+                Family::Ipv6 => sys::NFT_REG32_06,
+            };
+            let mut e = Exprs::new();
+            e.payload(REG_1, BASE_NETWORK, h.daddr, h.addr_len)
+                .meta_l4proto(next)
+                .payload(after, BASE_TRANSPORT, TH_DPORT, 2)
+                .lookup(names::NFT_RESTRICTED_SET, REG_1, None)
+                .payload(REG_1, BASE_NETWORK, h.daddr, h.addr_len)
+                .meta_l4proto(next)
+                .payload(after, BASE_TRANSPORT, TH_DPORT, 2)
+                .payload(saddr_reg, BASE_NETWORK, h.saddr, h.addr_len)
+                .lookup_not(names::NFT_SOURCES_SET, REG_1)
+                .verdict(libc::NF_DROP, None);
+            vec![e]
+        }
         names::NFT_PRE_CHAIN if local => {
             // A pod of this node to a published address:port: marked for
             // the hairpin masquerade in postrouting (before the DNAT changes
@@ -194,9 +295,16 @@ pub(super) struct TableDump {
 impl TableDump {
     /// Whether the table holds exactly the agent's sets, base chains and
     /// rules for `family` (with `local`: the output chain and local set).
-    pub(super) fn is_layout(&self, family: Family, local: bool) -> bool {
-        let shapes = sets_of(family, local);
-        let chain_shapes = chains_of(local);
+    /// `earlier`: an earlier version's layout, without the source
+    /// allow-lists' sets and chains.
+    pub(super) fn is_layout(&self, family: Family, local: bool, earlier: bool) -> bool {
+        let mut shapes = sets_of(family, local);
+        let mut chain_shapes = chains_of(local).to_vec();
+        if earlier {
+            shapes.retain(|s| !is_source_object(s.name));
+            chain_shapes.retain(|c| !is_source_object(c.name));
+        }
+        let chain_shapes = &chain_shapes[..];
         let mut ok = self.sets.len() == shapes.len();
         for shape in &shapes {
             let found = self
@@ -205,9 +313,10 @@ impl TableDump {
                 .find(|s| attr_str(s, sys::NFTA_SET_NAME).as_deref() == Some(shape.name));
             ok &= found.is_some_and(|s| {
                 let flags = attr_be32(s, sys::NFTA_SET_FLAGS).unwrap_or(0);
+                let kinds = sys::NFT_SET_MAP | sys::NFT_SET_INTERVAL | sys::NFT_SET_CONCAT;
                 attr_be32(s, sys::NFTA_SET_KEY_TYPE) == Some(shape.key_type)
                     && attr_be32(s, sys::NFTA_SET_KEY_LEN) == Some(shape.key_len)
-                    && (flags & sys::NFT_SET_MAP != 0) == shape.data.is_some()
+                    && flags & kinds == shape.flags()
                     && shape.data.is_none_or(|(t, l)| {
                         attr_be32(s, sys::NFTA_SET_DATA_TYPE) == Some(t)
                             && attr_be32(s, sys::NFTA_SET_DATA_LEN) == Some(l)

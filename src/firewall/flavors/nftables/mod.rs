@@ -21,7 +21,7 @@ use crate::firewall::wire::netlink::{
 use crate::firewall::{view, Changes};
 use crate::model::{
     internal_networks, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto,
-    RuleSet, SnatRule,
+    RuleSet, SnatRule, SourceRule,
 };
 
 mod elements;
@@ -130,10 +130,15 @@ impl Nftables {
             chains: sock.dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?,
             rules: sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?,
         };
-        let ok = dumps.is_layout(self.family, self.local);
+        let ok = dumps.is_layout(self.family, self.local, false);
         // An unmarked table (an earlier version's) is the agent's only if it
         // is exactly its layout, with or without local access.
-        let earlier = !marked && (ok || dumps.is_layout(self.family, !self.local));
+        // (Those had no source allow-lists: their layout lacks those sets
+        // and chains.)
+        let earlier = !marked
+            && [self.local, !self.local].iter().any(|&l| {
+                dumps.is_layout(self.family, l, true) || dumps.is_layout(self.family, l, false)
+            });
         let mut state = NativeState {
             table_exists: true,
             marked,
@@ -193,14 +198,7 @@ impl Nftables {
             let mut a = Attrs::new();
             a.str(sys::NFTA_SET_TABLE, tname)
                 .str(sys::NFTA_SET_NAME, shape.name)
-                .be32(
-                    sys::NFTA_SET_FLAGS,
-                    if shape.data.is_some() {
-                        sys::NFT_SET_MAP
-                    } else {
-                        0
-                    },
-                )
+                .be32(sys::NFTA_SET_FLAGS, shape.flags())
                 .be32(sys::NFTA_SET_KEY_TYPE, shape.key_type)
                 .be32(sys::NFTA_SET_KEY_LEN, shape.key_len);
             if let Some((t, l)) = shape.data {
@@ -208,6 +206,17 @@ impl Nftables {
                     .be32(sys::NFTA_SET_DATA_LEN, l);
             }
             a.be32(sys::NFTA_SET_ID, i as u32 + 1);
+            if let Some(fields) = shape.intervals {
+                a.nest(sys::NFTA_SET_DESC, |d| {
+                    d.nest(sys::NFTA_SET_DESC_CONCAT, |c| {
+                        for len in fields {
+                            c.nest(sys::NFTA_LIST_ELEM, |e| {
+                                e.be32(sys::NFTA_SET_FIELD_LEN, *len);
+                            });
+                        }
+                    });
+                });
+            }
             batch.add(
                 NftMsg::new(sys::NFT_MSG_NEWSET, libc::NLM_F_CREATE as u32, a)
                     .in_family(self.family),
@@ -342,7 +351,13 @@ impl Flavor for Nftables {
     fn encode(&self, batch: &mut NftBatch, state: &NativeState, plan: &NftPlan) -> Vec<ElementMsg> {
         match plan {
             NftPlan::Rebuild(desired) => self.encode_rebuild(batch, state, desired),
-            NftPlan::Elements(ch) => encode_changes(batch, self.family, self.names.table(), ch),
+            NftPlan::Elements(ch) => encode_changes(
+                batch,
+                self.family,
+                self.names.table(),
+                &state.rules.allow,
+                ch,
+            ),
         }
     }
 

@@ -1,0 +1,251 @@
+//! Source allow-lists (`sourceRanges`, issue 25) in the nftables flavor,
+//! against the real kernel on a crowded node, both families: only clients
+//! in a restricted key's ranges reach its pod — not another client, not the
+//! node itself (local access), not a pod of the node (hairpin); a key
+//! without ranges stays open to all; `nft list` equals the view; the
+//! read-back finds the ranges; a change of ranges alone is a few elements
+//! and stops an open connection from a range that went; cleanup leaves the
+//! crowd as it was.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use podnat_controller::config::{Flavor, JumpPositions};
+use podnat_controller::firewall::{backend_with_options, view, Backend, Changes};
+use podnat_controller::model::{
+    Families, Family, LocalPod, NatKey, PodRef, Proto, RuleSet, SourceRule,
+};
+use support::crowd::{crowd_dual, ruleset, without_counters};
+use support::netns::{veth, Netns, Sandbox, POD_A_IP, POD_A_IP6, POD_B_IP, POD_B_IP6};
+use support::rules::{names, publish};
+
+const PUBLIC4: &str = "203.0.113.7";
+const PUBLIC6: &str = "2001:db8::7";
+
+fn backend() -> Box<dyn Backend> {
+    backend_with_options(
+        Flavor::Nftables,
+        names(),
+        JumpPositions::default(),
+        Families::DUAL,
+        true,
+    )
+}
+
+fn allow(public: &str, port: u16, source: &str) -> SourceRule {
+    SourceRule {
+        key: NatKey {
+            public_ip: public.parse().unwrap(),
+            public_port: port,
+            proto: Proto::Tcp,
+        },
+        source: source.parse().unwrap(),
+        owner: PodRef::new("mail", "mx-0"),
+    }
+}
+
+/// Pod A publishes 25 (restricted to `ranges`) and 26 (open) on both
+/// families; every pod of the node is a hairpin source.
+fn rules(ranges: &[(&str, &str)]) -> RuleSet {
+    let mut r = RuleSet::default();
+    for (public, pod) in [(PUBLIC4, POD_A_IP), (PUBLIC6, POD_A_IP6)] {
+        publish(&mut r, "mail:mx-0", public, 25, Proto::Tcp, pod, 2525);
+        publish(&mut r, "mail:mx-0", public, 26, Proto::Tcp, pod, 2525);
+    }
+    for (public, source) in ranges {
+        r.allow.push(allow(public, 25, source));
+    }
+    for (ip, name) in [
+        (POD_A_IP, "mx-0"),
+        (POD_A_IP6, "mx-0"),
+        (POD_B_IP, "web-0"),
+        (POD_B_IP6, "web-0"),
+    ] {
+        r.local.push(LocalPod {
+            pod_ip: ip.parse().unwrap(),
+            owner: PodRef::new("mail", name),
+        });
+    }
+    r.normalize();
+    r
+}
+
+/// An echo server on 2525 in `pod` (both families) that keeps each
+/// connection open until the client closes it.
+struct Echo {
+    stop: Arc<AtomicBool>,
+}
+
+impl Echo {
+    fn start(pod: &Netns) -> Echo {
+        let listener = pod.run(|| TcpListener::bind("[::]:2525").unwrap());
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((mut c, _)) => {
+                        std::thread::spawn(move || {
+                            let _ = c.set_nonblocking(false);
+                            let mut b = [0u8; 64];
+                            while let Ok(n) = c.read(&mut b) {
+                                if n == 0 || c.write_all(&b[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Echo { stop }
+    }
+}
+
+impl Drop for Echo {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// A connection from `from` to `public:port`, if it opens and echoes.
+fn open(from: &Netns, public: &str, port: u16) -> Option<TcpStream> {
+    let to = SocketAddr::new(public.parse::<IpAddr>().unwrap(), port);
+    from.run(|| {
+        let mut s = TcpStream::connect_timeout(&to, Duration::from_millis(1500)).ok()?;
+        s.set_read_timeout(Some(Duration::from_millis(1500))).ok()?;
+        echoes(&mut s).then_some(s)
+    })
+}
+
+fn echoes(s: &mut TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok() && b == *b"x"
+}
+
+fn reaches(from: &Netns, public: &str, port: u16) -> bool {
+    open(from, public, port).is_some()
+}
+
+fn assert_views(ns: &Netns, rules: &RuleSet) {
+    for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
+        assert_eq!(
+            view::canonical_nft(&ns.sh(&format!("nft list table {fam} podnat"))),
+            view::canonical_nft(&view::nft_with(
+                &rules.of_family(family),
+                &names(),
+                family,
+                true
+            )),
+            "table {fam} podnat"
+        );
+    }
+}
+
+#[test]
+fn only_the_allowed_sources_reach_a_restricted_port() {
+    let sb = Sandbox::new("src").with_ipv6();
+    // Another client, outside every range: 198.51.100.10, 2001:db8:5::10.
+    let other = Netns::new("srco");
+    veth(
+        &sb.node,
+        "oth0",
+        "198.51.100.1/24",
+        &other,
+        "eth0",
+        "198.51.100.10/24",
+    );
+    sb.node.sh("ip -6 addr add 2001:db8:5::1/64 dev oth0 nodad");
+    other.sh("ip -6 addr add 2001:db8:5::10/64 dev eth0 nodad && \
+         ip route add default via 198.51.100.1 && ip -6 route add default via 2001:db8:5::1");
+    other.settle_ipv6();
+    crowd_dual(&sb.node);
+    let crowd = without_counters(&ruleset(&sb.node));
+    let _echo = Echo::start(&sb.pod_a);
+
+    // The client (203.0.113.1, 2001:db8::1) is in the ranges; the node's
+    // own address (…7) and the pods are not.
+    let first = rules(&[(PUBLIC4, "203.0.113.0/30"), (PUBLIC6, "2001:db8::/126")]);
+    let r = first.clone();
+    sb.node.run(move || backend().apply(&r)).unwrap();
+    assert_views(&sb.node, &first);
+    let read = sb.node.run(|| backend().read()).unwrap();
+    assert_eq!(read, first, "the read-back finds the ranges");
+
+    for public in [PUBLIC4, PUBLIC6] {
+        assert!(reaches(&sb.client, public, 25), "client → {public}:25");
+        assert!(
+            !reaches(&other, public, 25),
+            "other → {public}:25 must fail"
+        );
+        assert!(
+            !reaches(&sb.node, public, 25),
+            "node → {public}:25 must fail"
+        );
+        assert!(
+            !reaches(&sb.pod_b, public, 25),
+            "pod B → {public}:25 must fail"
+        );
+        // The open key: everyone.
+        for from in [&sb.client, &other, &sb.node, &sb.pod_b] {
+            assert!(reaches(from, public, 26), "{} → {public}:26", from.name);
+        }
+    }
+
+    // A change of ranges alone: the client's go, the other's come. Its
+    // open connection stops; the other gets in.
+    let mut held: Vec<TcpStream> = [PUBLIC4, PUBLIC6]
+        .iter()
+        .map(|p| open(&sb.client, p, 25).expect("client connection"))
+        .collect();
+    let second = rules(&[(PUBLIC4, "198.51.100.0/24"), (PUBLIC6, "2001:db8:5::/64")]);
+    let change = Changes::between(&first, &second);
+    assert_eq!(change.add.allow.len() + change.del.allow.len(), 4);
+    assert!(change.add.dnat.is_empty() && change.del.dnat.is_empty());
+    let report = sb
+        .node
+        .run(move || {
+            let mut b = backend();
+            b.read()?;
+            b.apply_changes(change)
+        })
+        .unwrap()
+        .expect("the change applies on the state just read");
+    // Two element messages: the deleted ranges and the added ones (the key
+    // stays restricted throughout, so its element is untouched).
+    assert_eq!(report.messages, 4, "per family: delete ranges, add ranges");
+    assert_views(&sb.node, &second);
+    for s in &mut held {
+        let t = Instant::now();
+        assert!(!echoes(s), "an open connection from a removed range stops");
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
+    for public in [PUBLIC4, PUBLIC6] {
+        assert!(
+            !reaches(&sb.client, public, 25),
+            "client → {public}:25 now fails"
+        );
+        assert!(reaches(&other, public, 25), "other → {public}:25 now");
+    }
+
+    // The last range goes: the key is open again.
+    let open_again = rules(&[]);
+    let r = open_again.clone();
+    sb.node.run(move || backend().apply(&r)).unwrap();
+    assert_views(&sb.node, &open_again);
+    assert!(reaches(&sb.client, PUBLIC4, 25) && reaches(&sb.node, PUBLIC6, 25));
+
+    sb.node.run(|| backend().cleanup()).unwrap();
+    assert_eq!(
+        without_counters(&ruleset(&sb.node)),
+        crowd,
+        "cleanup leaves the crowd as it was (handles included)"
+    );
+}
