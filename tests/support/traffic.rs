@@ -24,6 +24,25 @@ pub fn echo_roundtrip(ns: &Netns, addr: SocketAddr) -> bool {
     })
 }
 
+/// A listener on `at`; a bind refused with EADDRINUSE (seen once, in
+/// `make test`, right after the other family's check closed its listener on
+/// the same port) is tried again for up to 2 s.
+fn listen(at: SocketAddr) -> TcpListener {
+    let start = std::time::Instant::now();
+    loop {
+        match TcpListener::bind(at) {
+            Ok(l) => return l,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && start.elapsed() < Duration::from_secs(2) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => panic!("bind {at}: {e}"),
+        }
+    }
+}
+
 fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
     TcpStream::connect_timeout(&to, Duration::from_secs(3))
 }
@@ -76,9 +95,7 @@ pub fn check_mail_traffic(sb: &Sandbox) {
 /// fc00::/7.
 pub fn check_mail_traffic_of(sb: &Sandbox, a: &Addrs) {
     // TCP: client → public:25 reaches the pod's listener on 2525.
-    let listener = sb
-        .pod_a
-        .run(|| TcpListener::bind(any(a.public, 2525)).unwrap());
+    let listener = sb.pod_a.run(|| listen(any(a.public, 2525)));
     let mut client = sb
         .client
         .run(|| connect(at(a.public, 25)).expect("TCP through the DNAT"));
