@@ -226,6 +226,9 @@ pub struct Entry {
     /// Why a refused entry is refused, as `podnat_entries_refused_total`
     /// labels it (`node_service`, `namespace_not_selected`, ...).
     pub reason: Option<&'static str>,
+    /// The sources an applied (or planned) entry is restricted to
+    /// (`sourceRanges` of its family, aggregated); `null`: every source.
+    pub source_ranges: Option<Vec<String>>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -410,9 +413,17 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
         message: None,
         winner: None,
         reason: None,
+        source_ranges: None,
     };
     let mut rows = Vec::new();
+    let allow = &table.rules.allow;
     for m in &table.rules.dnat {
+        let start = allow.partition_point(|a| a.key < m.key);
+        let ranges: Vec<String> = allow[start..]
+            .iter()
+            .take_while(|a| a.key == m.key)
+            .map(|a| a.source.to_string())
+            .collect();
         let state = if dry_run {
             EntryState::Planned
         } else {
@@ -425,6 +436,7 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
             pod_address: Some(m.pod_ip),
             pod_port: Some(m.pod_port),
             proto: Some(m.key.proto),
+            source_ranges: (!ranges.is_empty()).then_some(ranges),
             ..row(&m.owner, state)
         });
     }

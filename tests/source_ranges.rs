@@ -28,11 +28,15 @@ const PUBLIC4: &str = "203.0.113.7";
 const PUBLIC6: &str = "2001:db8::7";
 
 fn backend() -> Box<dyn Backend> {
+    backend_of(Families::DUAL)
+}
+
+fn backend_of(families: Families) -> Box<dyn Backend> {
     backend_with_options(
         Flavor::Nftables,
         names(),
         JumpPositions::default(),
-        Families::DUAL,
+        families,
         true,
     )
 }
@@ -247,5 +251,40 @@ fn only_the_allowed_sources_reach_a_restricted_port() {
         without_counters(&ruleset(&sb.node)),
         crowd,
         "cleanup leaves the crowd as it was (handles included)"
+    );
+}
+
+/// The agent's table as the version before allow-lists made it (marked, no
+/// source sets or chains): read as the agent's own, then rebuilt once by
+/// the next apply with the same elements (no mapping added or removed).
+#[test]
+fn a_table_of_the_layout_before_allow_lists_is_rebuilt_with_its_elements() {
+    let ns = Netns::new("src-up");
+    crowd_dual(&ns);
+    let v4 = rules(&[]).of_family(Family::Ipv4);
+    let text = view::nft_with(&v4, &names(), Family::Ipv4, true);
+    // Drop the blocks of the source allow-lists (each ends at a blank line
+    // or at the table's end).
+    let body = text.trim_end().strip_suffix('}').unwrap();
+    let old: Vec<&str> = body
+        .split("\n\n")
+        .filter(|b| {
+            !b.trim_start().starts_with("set source_")
+                && !b.trim_start().starts_with("chain source_")
+        })
+        .collect();
+    let old = format!("{}\n}}\n", old.join("\n\n").trim_end());
+    assert!(!old.contains("source_"), "{old}");
+    ns.sh(&format!("nft -f - <<'EOF'\n{old}EOF"));
+    let back = ns.run(|| backend_of(Families::default()).read()).unwrap();
+    assert_eq!(back, v4, "read as the agent's own");
+    let report = ns
+        .run(move || backend_of(Families::default()).apply(&v4))
+        .unwrap();
+    assert!(report.rebuilt, "{report:?}");
+    assert!(report.added_dnat.is_empty() && report.removed_dnat.is_empty());
+    assert_eq!(
+        view::canonical_nft(&ns.sh("nft list table ip podnat")),
+        view::canonical_nft(&text)
     );
 }

@@ -122,6 +122,26 @@ fn rows_cover_every_state() {
     assert_eq!(rows[0].public_address, None);
     let planned = entry_rows(&table, true);
     assert_eq!(planned[1].state, EntryState::Planned);
+    assert_eq!(planned[1].source_ranges, None, "every source");
+
+    // An entry with sourceRanges lists them, aggregated.
+    let ranged = [pod(
+        "ranged",
+        [10, 1, 3, 5],
+        4,
+        r#"{"entries":[{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/25","198.51.100.128/25","2001:db8::/32"]}]}"#,
+    )];
+    let table = plan::plan(
+        &ranged,
+        crate::model::DualStack::v4(Ipv4Addr::new(203, 0, 113, 7)),
+        &cfg,
+    );
+    let rows = entry_rows(&table, false);
+    assert_eq!(rows.len(), 1);
+    assert_eq!(
+        rows[0].source_ranges,
+        Some(vec!["198.51.100.0/24".to_string()])
+    );
 }
 
 #[test]
@@ -139,8 +159,10 @@ fn json_keys_are_stable() {
         message: None,
         winner: None,
         reason: None,
+        source_ranges: Some(vec!["198.51.100.0/24".into()]),
     };
     let v = serde_json::to_value(&e).unwrap();
+    assert_eq!(v["source_ranges"][0], "198.51.100.0/24");
     assert_eq!(v["state"], "conflict-lost");
     assert_eq!(v["proto"], "tcp");
     assert_eq!(v["public_address"], "203.0.113.7");

@@ -260,6 +260,20 @@ impl Exprs {
         })
     }
 
+    /// Host to network order of `reg` (`len` bytes of `size`-byte values):
+    /// what nft puts after `meta l4proto` in a key of an interval set — a
+    /// one-byte value, so it changes nothing, but a table nft writes from the
+    /// same text carries it.
+    pub fn byteorder_hton(&mut self, reg: u32, len: u32, size: u32) -> &mut Self {
+        self.push("byteorder", |d| {
+            d.be32(sys::NFTA_BYTEORDER_SREG, reg)
+                .be32(sys::NFTA_BYTEORDER_DREG, reg)
+                .be32(sys::NFTA_BYTEORDER_OP, sys::NFT_BYTEORDER_HTON)
+                .be32(sys::NFTA_BYTEORDER_LEN, len)
+                .be32(sys::NFTA_BYTEORDER_SIZE, size);
+        })
+    }
+
     /// A lookup that matches when the key is not in the set.
     pub fn lookup_not(&mut self, set: &str, sreg: u32) -> &mut Self {
         self.push("lookup", |d| {

@@ -533,6 +533,7 @@ pub(super) fn read_elements(
     sock: &mut NfSocket,
     family: Family,
     local: bool,
+    sources: bool,
     tname: &str,
     mut out: Option<&mut RuleSet>,
 ) -> Result<(u64, bool), NetlinkError> {
@@ -540,6 +541,11 @@ pub(super) fn read_elements(
     let (mut sum, mut count, mut decoded) = (0u64, 0u64, true);
     let mut restricted: Vec<NatKey> = Vec::new();
     for shape in &sets_of(family, local) {
+        // Without the source allow-lists' sets (a table of the layout
+        // before them), none are read.
+        if !sources && is_source_object(shape.name) {
+            continue;
+        }
         let scope = Scope::object(family.nfproto(), tname, shape.name);
         for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
             let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {

@@ -223,6 +223,7 @@ pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
                 .lookup(names::NFT_RESTRICTED_SET, REG_1, None)
                 .payload(REG_1, BASE_NETWORK, h.daddr, h.addr_len)
                 .meta_l4proto(next)
+                .byteorder_hton(next, 1, 2)
                 .payload(after, BASE_TRANSPORT, TH_DPORT, 2)
                 .payload(saddr_reg, BASE_NETWORK, h.saddr, h.addr_len)
                 .lookup_not(names::NFT_SOURCES_SET, REG_1)

@@ -146,7 +146,12 @@ impl Nftables {
             structure_ok: ok,
             rules: RuleSet::default(),
         };
-        if !ok {
+        // The layout before source allow-lists (an earlier version's, or the
+        // agent's own before an upgrade): its elements are read, and the next
+        // apply rebuilds the table with the same elements plus the new sets
+        // and chains.
+        let sans_sources = !ok && dumps.is_layout(self.family, self.local, true);
+        if !ok && !sans_sources {
             return Ok(state);
         }
         // A set's element dump is no snapshot: the kernel resumes each part
@@ -160,14 +165,14 @@ impl Nftables {
         let read = until_two_agree(MAX_ELEMENT_DUMPS, |decode| {
             let mut rules = decode.then(RuleSet::default);
             let (fingerprint, decoded) =
-                read_elements(sock, self.family, self.local, &tname, rules.as_mut())?;
+                read_elements(sock, self.family, self.local, ok, &tname, rules.as_mut())?;
             Ok::<_, NetlinkError>((fingerprint, rules.map(|r| (r, decoded))))
         })?;
         let Some((rules, decoded)) = read else {
             return Err(NetlinkError::DumpInterrupted(MAX_ELEMENT_DUMPS));
         };
         state.rules = rules;
-        state.structure_ok = decoded;
+        state.structure_ok = ok && decoded;
         Ok(state)
     }
 
