@@ -165,7 +165,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
         .map(|s| s.value)
 }
 
-const ENTRY_KEYS: [&str; 12] = [
+const ENTRY_KEYS: [&str; 13] = [
     "family",
     "message",
     "namespace",
@@ -176,6 +176,7 @@ const ENTRY_KEYS: [&str; 12] = [
     "public_address",
     "public_port",
     "reason",
+    "source_ranges",
     "state",
     "winner",
 ];
