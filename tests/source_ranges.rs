@@ -138,6 +138,31 @@ fn reaches(from: &Netns, public: &str, port: u16) -> bool {
     open(from, public, port).is_some()
 }
 
+/// `rules` with port 25 (its mappings and ranges) owned by `mail:<pod>`.
+fn owned_by(rules: &RuleSet, pod: &str) -> RuleSet {
+    let mut r = rules.clone();
+    let owner = PodRef::new("mail", pod);
+    for m in r.dnat.iter_mut().filter(|m| m.key.public_port == 25) {
+        m.owner = owner.clone();
+    }
+    for a in &mut r.allow {
+        a.owner = owner.clone();
+    }
+    r.normalize();
+    r
+}
+
+/// `change` on the kernel state just read, as the agent applies a change.
+fn apply_change(ns: &Netns, change: Changes) {
+    ns.run(move || {
+        let mut b = backend();
+        b.read()?;
+        b.apply_changes(change)
+    })
+    .unwrap()
+    .expect("the change applies on the state just read");
+}
+
 fn assert_views(ns: &Netns, rules: &RuleSet) {
     for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
         assert_eq!(
@@ -245,6 +270,34 @@ fn only_the_allowed_sources_reach_a_restricted_port() {
     sb.node.run(move || backend().apply(&r)).unwrap();
     assert_views(&sb.node, &open_again);
     assert!(reaches(&sb.client, PUBLIC4, 25) && reaches(&sb.node, PUBLIC6, 25));
+
+    // An open key gains ranges through a change (its restricted element
+    // comes with its first range): the other client is refused at once.
+    let change = Changes::between(&open_again, &first);
+    assert_eq!(change.add.allow.len(), 2);
+    apply_change(&sb.node, change);
+    assert_views(&sb.node, &first);
+    for public in [PUBLIC4, PUBLIC6] {
+        assert!(reaches(&sb.client, public, 25), "client → {public}:25");
+        assert!(
+            !reaches(&other, public, 25),
+            "other → {public}:25 must fail"
+        );
+    }
+
+    // Another pod takes the key with the same ranges: the DNAT and the
+    // ranges are deleted and added back in one batch (the same intervals
+    // out and in); the key never opens.
+    let swapped = owned_by(&first, "mx-1");
+    apply_change(&sb.node, Changes::between(&first, &swapped));
+    assert_views(&sb.node, &swapped);
+    for public in [PUBLIC4, PUBLIC6] {
+        assert!(reaches(&sb.client, public, 25), "client → {public}:25");
+        assert!(
+            !reaches(&other, public, 25),
+            "other → {public}:25 must fail"
+        );
+    }
 
     sb.node.run(|| backend().cleanup()).unwrap();
     assert_eq!(

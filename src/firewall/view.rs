@@ -428,19 +428,24 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
 }
 
 /// `address . proto . port` of a key, as nft prints it.
-fn nft_key(k: &NatKey) -> String {
+pub fn nft_key(k: &NatKey) -> String {
     format!("{} . {} . {}", k.public_ip, k.proto, k.public_port)
 }
 
-/// An allowed source range in `source_allowed` (a host range as the bare
-/// address, as nft prints it).
-pub fn nft_source_element(a: &SourceRule) -> String {
+/// `key . range` of an element of `source_allowed` (a host range as the
+/// bare address, as nft prints it).
+pub fn nft_source_key(a: &SourceRule) -> String {
     let source = if a.source.prefix_len() == a.source.max_prefix_len() {
         a.source.addr().to_string()
     } else {
         a.source.to_string()
     };
-    format!("{} . {source} comment \"{}\"", nft_key(&a.key), a.owner)
+    format!("{} . {source}", nft_key(&a.key))
+}
+
+/// An allowed source range in `source_allowed`, with its owner.
+pub fn nft_source_element(a: &SourceRule) -> String {
+    format!("{} comment \"{}\"", nft_source_key(a), a.owner)
 }
 
 /// Puts the elements of every set/map in `nft list` output into sorted order,

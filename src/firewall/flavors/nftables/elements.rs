@@ -279,7 +279,10 @@ pub(super) fn source_elements(v: &[SourceRule]) -> impl Iterator<Item = Element<
 
 /// The restricted keys a change adds and deletes: a key whose first range
 /// comes, and one whose last range goes (`current`: the allow-list before).
-fn restricted_changes(current: &[SourceRule], ch: &Changes) -> (Vec<NatKey>, Vec<NatKey>) {
+pub(super) fn restricted_changes(
+    current: &[SourceRule],
+    ch: &Changes,
+) -> (Vec<NatKey>, Vec<NatKey>) {
     let count = |v: &[SourceRule], k: &NatKey| {
         let start = v.partition_point(|a| a.key < *k);
         v[start..].partition_point(|a| a.key == *k)
@@ -611,6 +614,110 @@ pub(super) fn read_elements(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn rule(port: u16, source: &str) -> SourceRule {
+        SourceRule {
+            key: NatKey {
+                public_ip: "203.0.113.7".parse().unwrap(),
+                public_port: port,
+                proto: Proto::Tcp,
+            },
+            source: source.parse().unwrap(),
+            owner: PodRef::new("ns", "p"),
+        }
+    }
+
+    #[test]
+    fn a_key_is_restricted_with_its_first_range_and_freed_with_its_last() {
+        let current = vec![
+            rule(25, "10.0.0.0/8"),
+            rule(25, "192.0.2.0/24"),
+            rule(26, "10.0.0.0/8"),
+        ];
+        let mut ch = Changes::default();
+        // 25 loses one of two ranges (still restricted), 26 its only one
+        // (freed), 27 gets its first (restricted), 28 one range swapped for
+        // another within one change is no transition.
+        ch.del.allow = vec![rule(25, "10.0.0.0/8"), rule(26, "10.0.0.0/8")];
+        ch.add.allow = vec![rule(27, "198.51.100.0/24")];
+        let (restrict, free) = restricted_changes(&current, &ch);
+        assert_eq!(
+            restrict.iter().map(|k| k.public_port).collect::<Vec<_>>(),
+            [27]
+        );
+        assert_eq!(free.iter().map(|k| k.public_port).collect::<Vec<_>>(), [26]);
+        let mut swap = Changes::default();
+        swap.del.allow = vec![rule(26, "10.0.0.0/8")];
+        swap.add.allow = vec![rule(26, "172.16.0.0/12")];
+        assert_eq!(restricted_changes(&current, &swap), (vec![], vec![]));
+    }
+
+    #[test]
+    fn a_change_of_ranges_alone_is_rendered_for_a_dry_run() {
+        let nft = Nftables {
+            names: Names::new("podnat"),
+            family: Family::Ipv4,
+            local: false,
+        };
+        let state = NativeState {
+            rules: RuleSet {
+                allow: vec![rule(25, "10.0.0.0/8")],
+                ..RuleSet::default()
+            },
+            ..NativeState::default()
+        };
+        let mut ch = Changes::default();
+        ch.del.allow = vec![rule(25, "10.0.0.0/8")];
+        ch.add.allow = vec![rule(26, "198.51.100.7/32")];
+        let text = nft.render(&state, &NftPlan::Elements(ch));
+        assert_eq!(
+            text,
+            "delete element ip podnat source_allowed { 203.0.113.7 . tcp . 25 . 10.0.0.0/8 }\n\
+             delete element ip podnat source_restricted { 203.0.113.7 . tcp . 25 }\n\
+             add element ip podnat source_allowed { 203.0.113.7 . tcp . 26 . 198.51.100.7 comment \"ns:p\" }\n\
+             add element ip podnat source_restricted { 203.0.113.7 . tcp . 26 }\n"
+        );
+    }
+
+    #[test]
+    fn a_source_interval_decodes_only_as_a_cidr() {
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        for (first, last, want) in [
+            ("10.0.0.0", "10.255.255.255", Some("10.0.0.0/8")),
+            ("198.51.100.7", "198.51.100.7", Some("198.51.100.7/32")),
+            ("0.0.0.0", "255.255.255.255", Some("0.0.0.0/0")),
+            ("2001:db8::", "2001:db8::3", Some("2001:db8::/126")),
+            ("10.0.0.1", "10.0.0.2", None),
+            ("10.0.0.0", "10.0.0.2", None),
+            ("10.0.0.4", "10.0.0.0", None),
+            ("10.0.0.0", "2001:db8::", None),
+        ] {
+            assert_eq!(
+                cidr_of(ip(first), ip(last)).map(|n| n.to_string()),
+                want.map(str::to_string),
+                "{first}-{last}"
+            );
+        }
+        // Encoded as the writer encodes it, decoded back, both families.
+        for (public, source) in [
+            ("203.0.113.7", "198.51.100.0/25"),
+            ("2001:db8::7", "2001:db8:1::/48"),
+        ] {
+            let mut a = rule(993, source);
+            a.key.public_ip = public.parse().unwrap();
+            let f = Family::of(a.key.public_ip);
+            let e = source_elements(std::slice::from_ref(&a)).next().unwrap();
+            let back = source_rule_at(
+                f,
+                e.key.as_slice(),
+                e.key_end.unwrap().as_slice(),
+                a.owner.clone(),
+            );
+            assert_eq!(back, Some(a));
+        }
+    }
+
     #[test]
     fn reads_until_two_agree() {
         use super::until_two_agree;
@@ -638,8 +745,6 @@ mod tests {
         assert_eq!(run(&[1, 2, 3, 4, 5, 5]).0, Ok(None));
         assert_eq!(run(&[1]).0, Err("no more answers"));
     }
-
-    use super::*;
 
     #[test]
     fn comments_are_written_as_comment_for_cuts_them() {

@@ -460,6 +460,20 @@ impl Flavor for Nftables {
         for l in &ch.add.local {
             line("add", names::NFT_LOCAL_SET, view::nft_local_element(l));
         }
+        // In the batch's order: ranges and freed keys out, then the rest in.
+        let (restrict, free) = restricted_changes(&state.rules.allow, ch);
+        for a in &ch.del.allow {
+            line("delete", names::NFT_SOURCES_SET, view::nft_source_key(a));
+        }
+        for k in &free {
+            line("delete", names::NFT_RESTRICTED_SET, view::nft_key(k));
+        }
+        for a in &ch.add.allow {
+            line("add", names::NFT_SOURCES_SET, view::nft_source_element(a));
+        }
+        for k in &restrict {
+            line("add", names::NFT_RESTRICTED_SET, view::nft_key(k));
+        }
         out
     }
 
