@@ -341,3 +341,30 @@ fn a_table_of_the_layout_before_allow_lists_is_rebuilt_with_its_elements() {
         view::canonical_nft(&text)
     );
 }
+
+/// Someone turns the drop rule around (same expressions, the lookup no
+/// longer inverted: only the allowed sources would be dropped): the next
+/// apply sees the layout drifted and rebuilds it.
+#[test]
+fn a_tampered_source_rule_is_rebuilt() {
+    let ns = Netns::new("src-tamper");
+    crowd_dual(&ns);
+    let v4 = rules(&[(PUBLIC4, "203.0.113.0/30")]).of_family(Family::Ipv4);
+    let r = v4.clone();
+    ns.run(move || backend_of(Families::default()).apply(&r))
+        .unwrap();
+    ns.sh(
+        "nft flush chain ip podnat source_prerouting && \
+         nft add rule ip podnat source_prerouting ip daddr . meta l4proto . th dport @source_restricted \
+         ip daddr . meta l4proto . th dport . ip saddr @source_allowed drop",
+    );
+    let r = v4.clone();
+    let report = ns
+        .run(move || backend_of(Families::default()).apply(&r))
+        .unwrap();
+    assert!(report.rebuilt, "{report:?}");
+    assert_eq!(
+        view::canonical_nft(&ns.sh("nft list table ip podnat")),
+        view::canonical_nft(&view::nft_with(&v4, &names(), Family::Ipv4, true))
+    );
+}

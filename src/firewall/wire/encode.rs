@@ -103,7 +103,6 @@ pub fn prefix_mask(len: u8, bytes: usize) -> Vec<u8> {
 #[derive(Default)]
 pub struct Exprs {
     list: Attrs,
-    names: Vec<&'static str>,
 }
 
 impl Exprs {
@@ -116,14 +115,12 @@ impl Exprs {
             e.str(sys::NFTA_EXPR_NAME, name);
             e.nest(sys::NFTA_EXPR_DATA, data);
         });
-        self.names.push(name);
         self
     }
 
     /// Appends the expressions of `other` (one rule built in parts).
     pub fn append(&mut self, other: Exprs) -> &mut Self {
         self.list.extend_from(&other.list);
-        self.names.extend(other.names);
         self
     }
 
@@ -338,20 +335,42 @@ impl Exprs {
         self.verdict(sys::NFT_RETURN, None)
     }
 
-    /// Expression names in order: a cheap fingerprint to compare with what
-    /// the kernel reports back.
-    pub fn names(&self) -> &[&'static str] {
-        &self.names
-    }
-
     pub fn attrs(&self) -> &Attrs {
         &self.list
     }
 }
 
-/// Expression names of a rule as the kernel dumps it (NFTA_RULE_EXPRESSIONS).
-pub fn expr_names(exprs: &[u8]) -> Vec<String> {
-    super::netlink::parse_attrs(exprs)
-        .filter_map(|(_, e)| super::netlink::attr_str(e, sys::NFTA_EXPR_NAME))
+/// Of a rule's expressions (NFTA_RULE_EXPRESSIONS, as dumped or as written),
+/// what decides its verdict, per expression: its name, and for a
+/// lookup the set and whether it is inverted, for an immediate the verdict
+/// (code and chain). A rule whose lookup lost its `!=`, or whose `drop`
+/// became `accept`, has the same names but not the same facts.
+pub fn expr_facts(exprs: &[u8]) -> Vec<String> {
+    use super::netlink::{attr_be32, attr_str, find_attr, parse_attrs};
+    parse_attrs(exprs)
+        .filter_map(|(_, e)| {
+            let name = attr_str(e, sys::NFTA_EXPR_NAME)?;
+            let d = find_attr(e, sys::NFTA_EXPR_DATA).unwrap_or(&[]);
+            Some(match name.as_str() {
+                "lookup" => format!(
+                    "lookup {} {}",
+                    attr_str(d, sys::NFTA_LOOKUP_SET).unwrap_or_default(),
+                    attr_be32(d, sys::NFTA_LOOKUP_FLAGS).unwrap_or(0)
+                ),
+                "immediate" => {
+                    let v = find_attr(d, sys::NFTA_IMMEDIATE_DATA)
+                        .and_then(|x| find_attr(x, sys::NFTA_DATA_VERDICT));
+                    match v {
+                        Some(v) => format!(
+                            "immediate {} {}",
+                            attr_be32(v, sys::NFTA_VERDICT_CODE).unwrap_or(0) as i32,
+                            attr_str(v, sys::NFTA_VERDICT_CHAIN).unwrap_or_default()
+                        ),
+                        None => name,
+                    }
+                }
+                _ => name,
+            })
+        })
         .collect()
 }

@@ -340,16 +340,16 @@ impl TableDump {
             });
         }
         for shape in chain_shapes {
-            let want: Vec<Vec<&str>> = chain_rules(shape.name, family, local)
+            let want: Vec<Vec<String>> = chain_rules(shape.name, family, local)
                 .iter()
-                .map(|e| e.names().to_vec())
+                .map(|e| encode::expr_facts(e.attrs().as_bytes()))
                 .collect();
             let got: Vec<Vec<String>> = self
                 .rules
                 .iter()
                 .filter(|r| attr_str(r, sys::NFTA_RULE_CHAIN).as_deref() == Some(shape.name))
                 .map(|r| {
-                    encode::expr_names(find_attr(r, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]))
+                    encode::expr_facts(find_attr(r, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]))
                 })
                 .collect();
             ok &= want == got;
