@@ -31,11 +31,16 @@ fn pod(name: &str, ip: &str, ports: &[u16]) -> Pod {
         .iter()
         .map(|p| format!(r#"{{"srcPort":{p},"dstPort":{p}}}"#))
         .collect();
+    pod_with(name, ip, &entries.join(","))
+}
+
+/// A pod whose annotation lists `entries` (JSON objects, comma-separated).
+fn pod_with(name: &str, ip: &str, entries: &str) -> Pod {
     serde_json::from_value(serde_json::json!({
         "metadata": {
             "name": name, "namespace": "mail", "uid": format!("uid-{name}"),
             "creationTimestamp": "2026-01-01T00:00:00Z",
-            "annotations": { KEY: format!(r#"{{"entries":[{}]}}"#, entries.join(",")) }
+            "annotations": { KEY: format!(r#"{{"entries":[{entries}]}}"#) }
         },
         "spec": { "nodeName": "node1", "containers": [] },
         "status": { "phase": "Running", "podIP": ip,
@@ -342,6 +347,42 @@ fn a_pod_event_applies_its_own_changes_and_nothing_of_the_rest() {
     h.upsert(&[pods[1].clone()]);
     h.idle(Duration::from_millis(200));
     assert_eq!(h.kernel(|k| k.batches), batches);
+}
+
+#[test]
+fn a_change_of_source_ranges_alone_is_a_change_of_its_allow_rules() {
+    let mut h = Harness::start(None, Duration::from_millis(20));
+    let ranged = |ranges: &str| {
+        pod_with(
+            "imap",
+            "10.1.0.9",
+            &format!(r#"{{"srcPort":993,"dstPort":993,"sourceRanges":[{ranges}]}}"#),
+        )
+    };
+    let allowed = |h: &Harness| -> Vec<String> {
+        h.kernel(|k| k.rules.allow.iter().map(|a| a.source.to_string()).collect())
+    };
+    h.upsert(&[
+        ranged(r#""198.51.100.0/24""#),
+        pod("web", "10.1.0.10", &[80]),
+    ]);
+    h.list_done();
+    h.wait("the first sync", |h| h.dnat_ports().len() == 2);
+    assert_eq!(allowed(&h), ["198.51.100.0/24"]);
+    let dnat = h.kernel(|k| k.rules.dnat.clone());
+    // The office moves: only the allow-list changes, as one change.
+    h.upsert(&[ranged(r#""192.0.2.0/25","192.0.2.128/25""#)]);
+    h.wait("the new range", |h| allowed(h) == ["192.0.2.0/24"]);
+    assert_eq!(h.kernel(|k| k.rules.dnat.clone()), dnat);
+    assert_eq!(
+        h.kernel(|k| k.delta_applies),
+        1,
+        "one change, no whole table"
+    );
+    // The field goes: the key is open again (no allow rule left).
+    h.upsert(&[pod("imap", "10.1.0.9", &[993])]);
+    h.wait("no ranges", |h| allowed(h).is_empty());
+    assert_eq!(h.kernel(|k| k.rules.dnat.clone()), dnat);
 }
 
 #[test]
