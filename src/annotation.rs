@@ -153,7 +153,7 @@ pub fn parse_for(
             return Err(field_err(
                 m.entry,
                 "sourceRanges",
-                "not enforced by the iptables flavor yet (-firewallflavor=nftables enforces them); the entry is not published rather than published to every source",
+                "not enforced here (the iptables flavor does not yet; the nftables flavor does on Linux 5.6 or later); the entry is not published rather than published to every source",
             ));
         }
     }
@@ -614,7 +614,7 @@ mod tests {
         let text = r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#;
         let e = parse_for(text, &cfg).unwrap_err().to_string();
         assert!(
-            e.starts_with("entries[1].sourceRanges: not enforced by the iptables flavor"),
+            e.starts_with("entries[1].sourceRanges: not enforced here (the iptables flavor"),
             "{e}"
         );
         cfg.source_ranges = true;

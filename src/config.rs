@@ -25,14 +25,6 @@ pub enum Flavor {
     Nftables,
 }
 
-impl Flavor {
-    /// Whether this flavor enforces an entry's `sourceRanges` (issue 25:
-    /// the nftables flavor does; the iptables flavor refuses such entries).
-    pub fn enforces_source_ranges(self) -> bool {
-        self == Flavor::Nftables
-    }
-}
-
 /// Where the per-node NAT table is persisted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum StateFlavor {

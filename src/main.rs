@@ -200,7 +200,7 @@ fn run(config: Config) -> anyhow::Result<()> {
             restricted_ports: config.restricted_ports.clone(),
             families: config.families,
             local_access: config.local_access,
-            source_ranges: config.flavor.enforces_source_ranges(),
+            source_ranges: podnat_controller::firewall::enforces_source_ranges(config.flavor),
         },
     );
     for r in &table.rejected {

@@ -97,7 +97,7 @@ impl ReconcileConfig {
                 restricted_ports: config.restricted_ports.clone(),
                 families: config.families,
                 local_access: config.local_access,
-                source_ranges: config.flavor.enforces_source_ranges(),
+                source_ranges: crate::firewall::enforces_source_ranges(config.flavor),
             },
             resync: (config.informer_resync_secs > 0)
                 .then(|| Duration::from_secs(config.informer_resync_secs)),

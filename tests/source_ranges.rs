@@ -368,3 +368,32 @@ fn a_tampered_source_rule_is_rebuilt() {
         view::canonical_nft(&view::nft_with(&v4, &names(), Family::Ipv4, true))
     );
 }
+
+/// On a kernel before 5.6 (no concatenated interval sets) the flavor's
+/// layout has no source sets or chains: it is applied, read back as whole
+/// (a second apply sends nothing), and rules with ranges are refused with
+/// nothing applied.
+#[test]
+fn without_interval_concatenations_the_layout_has_no_source_objects() {
+    use podnat_controller::firewall::flavors::nftables::NftablesBackend;
+    let ns = Netns::new("src-old");
+    crowd_dual(&ns);
+    let old = || NftablesBackend::with_layout(names(), Families::DUAL, true, false);
+    let open = rules(&[]);
+    let r = open.clone();
+    ns.run(move || old().apply(&r)).unwrap();
+    let listing = ns.sh("nft list table ip podnat; nft list table ip6 podnat");
+    assert!(!listing.contains("source_"), "{listing}");
+    let r = open.clone();
+    let again = ns.run(move || old().apply(&r)).unwrap();
+    assert_eq!(again.messages, 0, "{again:?}");
+    let ranged = rules(&[(PUBLIC4, "203.0.113.0/30")]);
+    let err = ns
+        .run(move || old().apply(&ranged))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("need Linux 5.6"), "{err}");
+    let after = ns.sh("nft list table ip podnat; nft list table ip6 podnat");
+    assert_eq!(after, listing, "nothing applied");
+    ns.run(move || old().cleanup()).unwrap();
+}

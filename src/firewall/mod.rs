@@ -158,6 +158,13 @@ pub fn backend_with(
     backend_with_options(flavor, names, jumps, families, false)
 }
 
+/// Whether `flavor` enforces an entry's `sourceRanges` on this kernel: the
+/// nftables flavor on Linux 5.6 or later; the iptables flavor not yet. The
+/// planner refuses such entries by name where not.
+pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
+    flavor == crate::config::Flavor::Nftables && flavors::nftables::kernel_supports_source_ranges()
+}
+
 /// As `backend_with`; `local`: `-localaccess` (node-local DNAT, hairpin).
 pub fn backend_with_options(
     flavor: Flavor,

@@ -659,6 +659,7 @@ mod tests {
             names: Names::new("podnat"),
             family: Family::Ipv4,
             local: false,
+            sources: true,
         };
         let state = NativeState {
             rules: RuleSet {

@@ -65,6 +65,36 @@ pub struct Nftables {
     /// `-localaccess`: the output chain, the hairpin mark and masquerade,
     /// the set of this node's pods.
     local: bool,
+    /// The source allow-lists' sets and chains are part of the layout (the
+    /// kernel has concatenated interval sets: Linux 5.6).
+    sources: bool,
+}
+
+/// Rules with ranges on a kernel without concatenated interval sets: the
+/// planner refuses such entries first; if they came, nothing is applied
+/// rather than the port opened to every source.
+const NO_SOURCE_RANGES: &str = "source allow-lists (sourceRanges) need Linux 5.6 or later (concatenated interval sets); nothing applied";
+
+/// The kernel release `sourceRanges` needs in this flavor: concatenated
+/// interval sets (nft_set_pipapo) came with Linux 5.6.
+pub const SOURCE_RANGES_KERNEL: (u32, u32) = (5, 6);
+
+/// Whether this kernel has what source allow-lists need (its release, from
+/// /proc/sys/kernel/osrelease; unreadable: assumed, and a refusal of the
+/// first batch would then say so).
+pub fn kernel_supports_source_ranges() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|r| release_at_least(&r, SOURCE_RANGES_KERNEL))
+        .unwrap_or(true)
+}
+
+/// `release` (`6.1.0-13-amd64`, `5.4.0`) is at least `(major, minor)`.
+fn release_at_least(release: &str, (major, minor): (u32, u32)) -> Option<bool> {
+    let mut parts = release.trim().split(['.', '-']);
+    let ma: u32 = parts.next()?.parse().ok()?;
+    let mi: u32 = parts.next()?.parse().ok()?;
+    Some((ma, mi) >= (major, minor))
 }
 
 /// The native flavor, one table per enabled family, with the applier
@@ -82,10 +112,22 @@ impl NftablesBackend {
 
     /// `local`: `-localaccess` (node-local DNAT and hairpin).
     pub fn with_options(names: Names, families: Families, local: bool) -> NftablesBackend {
+        Self::with_layout(names, families, local, kernel_supports_source_ranges())
+    }
+
+    /// `sources`: with the source allow-lists' sets and chains (false: the
+    /// layout of a kernel before 5.6, which refuses rules with ranges).
+    pub fn with_layout(
+        names: Names,
+        families: Families,
+        local: bool,
+        sources: bool,
+    ) -> NftablesBackend {
         Applier::with_flavor(PerFamily::new(families, |family| Nftables {
             names: names.clone(),
             family,
             local,
+            sources,
         }))
     }
 }
@@ -100,6 +142,13 @@ pub enum NftPlan {
 }
 
 impl Nftables {
+    /// The base chains of this layout.
+    fn chains(&self) -> impl Iterator<Item = &'static ChainShape> + '_ {
+        chains_of(self.local)
+            .iter()
+            .filter(|c| self.sources || !is_source_object(c.name))
+    }
+
     fn table(&self) -> Table {
         Table::new(protocol_family(self.family)).with_name(self.names.table())
     }
@@ -130,7 +179,7 @@ impl Nftables {
             chains: sock.dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?,
             rules: sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?,
         };
-        let ok = dumps.is_layout(self.family, self.local, false);
+        let ok = dumps.is_layout(self.family, self.local, !self.sources);
         // An unmarked table (an earlier version's) is the agent's only if it
         // is exactly its layout, with or without local access.
         // (Those had no source allow-lists: their layout lacks those sets
@@ -150,7 +199,7 @@ impl Nftables {
         // agent's own before an upgrade): its elements are read, and the next
         // apply rebuilds the table with the same elements plus the new sets
         // and chains.
-        let sans_sources = !ok && dumps.is_layout(self.family, self.local, true);
+        let sans_sources = self.sources && !ok && dumps.is_layout(self.family, self.local, true);
         if !ok && !sans_sources {
             return Ok(state);
         }
@@ -164,8 +213,14 @@ impl Nftables {
         // Dump until two dumps agree.
         let read = until_two_agree(MAX_ELEMENT_DUMPS, |decode| {
             let mut rules = decode.then(RuleSet::default);
-            let (fingerprint, decoded) =
-                read_elements(sock, self.family, self.local, ok, &tname, rules.as_mut())?;
+            let (fingerprint, decoded) = read_elements(
+                sock,
+                self.family,
+                self.local,
+                self.sources && ok,
+                &tname,
+                rules.as_mut(),
+            )?;
             Ok::<_, NetlinkError>((fingerprint, rules.map(|r| (r, decoded))))
         })?;
         let Some((rules, decoded)) = read else {
@@ -199,7 +254,11 @@ impl Nftables {
             MsgType::Add,
             format!("add table {fam} {tname}"),
         );
-        for (i, shape) in sets_of(self.family, self.local).iter().enumerate() {
+        let sets = sets_of(self.family, self.local);
+        let sets = sets
+            .iter()
+            .filter(|s| self.sources || !is_source_object(s.name));
+        for (i, shape) in sets.enumerate() {
             let mut a = Attrs::new();
             a.str(sys::NFTA_SET_TABLE, tname)
                 .str(sys::NFTA_SET_NAME, shape.name)
@@ -228,7 +287,7 @@ impl Nftables {
                 format!("add set {} to table {fam} {tname}", shape.name),
             );
         }
-        for shape in chains_of(self.local) {
+        for shape in self.chains() {
             let chain = Chain::new(&table)
                 .with_name(shape.name)
                 .with_userdata(self.names.mark_udata())
@@ -245,7 +304,7 @@ impl Nftables {
                 format!("add chain {} to table {fam} {tname}", shape.name),
             );
         }
-        for shape in chains_of(self.local) {
+        for shape in self.chains() {
             let rules = chain_rules(shape.name, self.family, self.local);
             for (i, rule) in rules.iter().enumerate() {
                 let mut a = Attrs::new();
@@ -306,6 +365,9 @@ impl Flavor for Nftables {
     }
 
     fn plan(&self, state: &NativeState, desired: &RuleSet) -> Planned<NftPlan> {
+        if !self.sources && !desired.allow.is_empty() {
+            return Planned::Foreign(NO_SOURCE_RANGES.to_string());
+        }
         let desired = self.scoped(desired);
         if state.foreign() {
             return Planned::Foreign(format!(
@@ -330,6 +392,9 @@ impl Flavor for Nftables {
     }
 
     fn plan_changes(&self, state: &NativeState, mut changes: Changes) -> Option<Planned<NftPlan>> {
+        if !self.sources && !changes.add.allow.is_empty() {
+            return Some(Planned::Foreign(NO_SOURCE_RANGES.to_string()));
+        }
         if !state.structure_ok || !state.marked {
             return None;
         }
@@ -518,5 +583,19 @@ impl Flavor for Nftables {
 
     fn view(&self, rules: &RuleSet) -> String {
         view::nft_with(rules, &self.names, self.family, self.local)
+    }
+}
+
+#[cfg(test)]
+mod release_tests {
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        use super::release_at_least as at;
+        assert_eq!(at("6.1.0-13-amd64\n", (5, 6)), Some(true));
+        assert_eq!(at("5.6.0", (5, 6)), Some(true));
+        assert_eq!(at("5.4.0-150-generic", (5, 6)), Some(false));
+        assert_eq!(at("4.19.0-26-amd64", (5, 6)), Some(false));
+        assert_eq!(at("6.18.44-fc-v1300", (5, 6)), Some(true));
+        assert_eq!(at("garbage", (5, 6)), None);
     }
 }
