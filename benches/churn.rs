@@ -359,6 +359,59 @@ fn ours(n: u32) -> [Row; 3] {
     [row(0), row(1), row(2)]
 }
 
+/// Source allow-lists (issue 25), nftables flavor: every port of `table(n)`
+/// restricted to one range, then one port's range replaced by two others
+/// (`apply_changes`: one range out, two in) — beside the kernel's floor for
+/// the same batch. No peer offers it. Medians of `CHANGE_REPS`.
+fn ranges_row(n: u32) -> (Duration, Duration) {
+    use podnat_controller::model::SourceRule;
+    let restrict = |t: &mut RuleSet, i: u32, ranges: &[&str]| {
+        let key = t.dnat[i as usize].key;
+        let owner = t.dnat[i as usize].owner.clone();
+        t.allow.retain(|a| a.key != key);
+        for r in ranges {
+            t.allow.push(SourceRule {
+                key,
+                source: r.parse().unwrap(),
+                owner: owner.clone(),
+            });
+        }
+        t.normalize();
+    };
+    let mut base = table(n);
+    for i in 0..n {
+        restrict(&mut base, i, &["198.51.100.0/24"]);
+    }
+    let mut moved = base.clone();
+    restrict(&mut moved, n / 2, &["192.0.2.0/25", "203.0.113.128/25"]);
+    let ns = Netns::new("br");
+    ns.run(move || {
+        let mut be = NftablesBackend::new(Names::new("podnat"));
+        be.apply(&base).unwrap();
+        let (go, back) = (
+            Changes::between(&base, &moved),
+            Changes::between(&moved, &base),
+        );
+        let (mut ours, mut floor) = (vec![], vec![]);
+        for _ in 0..CHANGE_REPS {
+            let g = go.clone();
+            settle();
+            let t = Instant::now();
+            let r = be.apply_changes(g).unwrap();
+            ours.push(t.elapsed());
+            assert!(r.is_some(), "the change applies on top of the last commit");
+            be.apply_changes(back.clone()).unwrap().unwrap();
+            let batch = be.prepare(&moved).unwrap().unwrap();
+            settle();
+            let t = Instant::now();
+            be.send_prepared(batch).unwrap();
+            floor.push(t.elapsed());
+            be.apply(&base).unwrap();
+        }
+        (median(ours), median(floor))
+    })
+}
+
 fn peer_a(n: u32, rows: &mut [Row; 3]) {
     let ns = Netns::new("ba");
     ns.sh("iptables-nft -t nat -N PODNAT_PRE && iptables-nft -t nat -N PODNAT_POST && iptables-nft -t filter -N PODNAT_FORWARD");
@@ -591,7 +644,7 @@ fn main() {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     // CHURN_OURS_ONLY=1 skips the peers (a quick look at our own figures).
     let peers = std::env::var("CHURN_OURS_ONLY").is_err();
-    for n in sizes {
+    for &n in &sizes {
         let mut rows = ours(n);
         for (r, (nft, ipt)) in rows.iter_mut().zip(churn_loop::loop_rows(n)) {
             r.loop_nft = Some(nft);
@@ -604,6 +657,16 @@ fn main() {
             peer_m(n, &mut rows);
         }
         print_rows("", n, &rows);
+    }
+    // Source allow-lists (issue 25), nftables flavor only.
+    for &n in &sizes {
+        let (ours, floor) = ranges_row(n);
+        println!(
+            "| change 1 port's source ranges at {n} (all {n} restricted) | {} | {} | | | | | | | | | {} | | | | | | nftables only: no peer has source ranges |",
+            ms(Some(ours)),
+            ms(Some(floor)),
+            ratio(Some(ours), Some(floor))
+        );
     }
     // IPv6 (issue 15): the same work on ip6 tables, beside
     // ip6tables-nft-restore (B) and nft -f with maps (M).
