@@ -220,10 +220,9 @@ fn parse_sources(
                 format!("[{i}]: expected a CIDR as a string, got {}", kind(v)),
             ));
         };
-        let net: ipnet::IpNet = match text.trim().parse() {
-            Ok(n) => n,
-            Err(_) if text.trim().parse::<IpAddr>().is_ok() => {
-                let ip: IpAddr = text.trim().parse().expect("checked");
+        let net: ipnet::IpNet = match (text.trim().parse(), text.trim().parse::<IpAddr>()) {
+            (Ok(n), _) => n,
+            (Err(_), Ok(ip)) => {
                 let len = if ip.is_ipv4() { 32 } else { 128 };
                 return Err(field_err(
                     index,
@@ -233,7 +232,7 @@ fn parse_sources(
                     ),
                 ));
             }
-            Err(_) => {
+            (Err(_), Err(_)) => {
                 return Err(field_err(
                     index,
                     FIELD,

@@ -214,19 +214,28 @@ impl<'b> ElementWriter<'b> {
         }
     }
 
-    /// Every element of `rules`, added.
-    pub(super) fn add_all(&mut self, rules: &RuleSet) {
-        self.write(names::NFT_DNAT_MAP, dnat_elements(&rules.dnat), false);
-        self.write(names::NFT_SNAT_MAP, snat_elements(&rules.snat), false);
+    /// Every element of `rules`, added (or deleted), with `restricted` as the
+    /// keys of `source_restricted` (they follow from the allow-lists: all of
+    /// them for a whole table, the transitions for a change).
+    pub(super) fn write_all(&mut self, rules: &RuleSet, restricted: &[NatKey], delete: bool) {
+        self.write(names::NFT_DNAT_MAP, dnat_elements(&rules.dnat), delete);
+        self.write(names::NFT_SNAT_MAP, snat_elements(&rules.snat), delete);
         self.write(
             names::NFT_FORWARD_SET,
             forward_elements(&rules.forward),
-            false,
+            delete,
         );
-        self.write(names::NFT_LOCAL_SET, local_elements(&rules.local), false);
-        let keys = restricted_keys(&rules.allow);
-        self.write(names::NFT_RESTRICTED_SET, restricted_elements(&keys), false);
-        self.write(names::NFT_SOURCES_SET, source_elements(&rules.allow), false);
+        self.write(names::NFT_LOCAL_SET, local_elements(&rules.local), delete);
+        self.write(
+            names::NFT_SOURCES_SET,
+            source_elements(&rules.allow),
+            delete,
+        );
+        self.write(
+            names::NFT_RESTRICTED_SET,
+            restricted_elements(restricted),
+            delete,
+        );
     }
 }
 
@@ -357,37 +366,10 @@ pub(super) fn encode_changes(
     current: &[SourceRule],
     ch: &Changes,
 ) -> Vec<ElementMsg> {
-    let mut w = ElementWriter::new(batch, family, table);
-    w.write(names::NFT_DNAT_MAP, dnat_elements(&ch.del.dnat), true);
-    w.write(names::NFT_SNAT_MAP, snat_elements(&ch.del.snat), true);
-    w.write(
-        names::NFT_FORWARD_SET,
-        forward_elements(&ch.del.forward),
-        true,
-    );
-    w.write(names::NFT_LOCAL_SET, local_elements(&ch.del.local), true);
-    w.write(names::NFT_SOURCES_SET, source_elements(&ch.del.allow), true);
     let (restrict, free) = restricted_changes(current, ch);
-    w.write(names::NFT_RESTRICTED_SET, restricted_elements(&free), true);
-    w.write(names::NFT_DNAT_MAP, dnat_elements(&ch.add.dnat), false);
-    w.write(names::NFT_SNAT_MAP, snat_elements(&ch.add.snat), false);
-    w.write(
-        names::NFT_FORWARD_SET,
-        forward_elements(&ch.add.forward),
-        false,
-    );
-    w.write(names::NFT_LOCAL_SET, local_elements(&ch.add.local), false);
-    // The ranges before the key they restrict, in one commit all the same.
-    w.write(
-        names::NFT_SOURCES_SET,
-        source_elements(&ch.add.allow),
-        false,
-    );
-    w.write(
-        names::NFT_RESTRICTED_SET,
-        restricted_elements(&restrict),
-        false,
-    );
+    let mut w = ElementWriter::new(batch, family, table);
+    w.write_all(&ch.del, &free, true);
+    w.write_all(&ch.add, &restrict, false);
     w.sent
 }
 
@@ -543,12 +525,7 @@ pub(super) fn read_elements(
     use std::hash::{Hash, Hasher};
     let (mut sum, mut count, mut decoded) = (0u64, 0u64, true);
     let mut restricted: Vec<NatKey> = Vec::new();
-    for shape in &sets_of(family, local) {
-        // Without the source allow-lists' sets (a table of the layout
-        // before them), none are read.
-        if !sources && is_source_object(shape.name) {
-            continue;
-        }
+    for shape in &sets_of(family, local, sources) {
         let scope = Scope::object(family.nfproto(), tname, shape.name);
         for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
             let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {

@@ -62,7 +62,8 @@ pub(super) fn is_source_object(name: &str) -> bool {
 /// The sets of a family's table: the same three (four with
 /// `-localaccess`), keyed by that family's addresses (4 or 16 bytes; the
 /// other fields padded to 4).
-pub(super) fn sets_of(f: Family, local: bool) -> Vec<SetShape> {
+/// `sources`: with the source allow-lists' sets (Linux 5.6).
+pub(super) fn sets_of(f: Family, local: bool, sources: bool) -> Vec<SetShape> {
     let (addr, len) = match f {
         Family::Ipv4 => (TYPE_IPADDR, 4),
         Family::Ipv6 => (TYPE_IP6ADDR, 16),
@@ -99,6 +100,9 @@ pub(super) fn sets_of(f: Family, local: bool) -> Vec<SetShape> {
             intervals: None,
         });
     }
+    if !sources {
+        return sets;
+    }
     sets.push(SetShape {
         name: names::NFT_RESTRICTED_SET,
         key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
@@ -129,12 +133,13 @@ pub(super) struct ChainShape {
 
 /// The base chains (the nat output one and the source filter's output one
 /// too with `-localaccess`).
-pub(super) fn chains_of(local: bool) -> &'static [ChainShape] {
-    if local {
-        &CHAINS_LOCAL
-    } else {
-        &CHAINS
-    }
+/// `sources`: with the source allow-lists' filter chains.
+pub(super) fn chains_of(local: bool, sources: bool) -> Vec<ChainShape> {
+    let all: &[ChainShape] = if local { &CHAINS_LOCAL } else { &CHAINS };
+    all.iter()
+        .filter(|c| sources || !is_source_object(c.name))
+        .copied()
+        .collect()
 }
 
 const SOURCE_PRE: ChainShape = ChainShape {
@@ -296,16 +301,11 @@ pub(super) struct TableDump {
 impl TableDump {
     /// Whether the table holds exactly the agent's sets, base chains and
     /// rules for `family` (with `local`: the output chain and local set).
-    /// `earlier`: an earlier version's layout, without the source
-    /// allow-lists' sets and chains.
-    pub(super) fn is_layout(&self, family: Family, local: bool, earlier: bool) -> bool {
-        let mut shapes = sets_of(family, local);
-        let mut chain_shapes = chains_of(local).to_vec();
-        if earlier {
-            shapes.retain(|s| !is_source_object(s.name));
-            chain_shapes.retain(|c| !is_source_object(c.name));
-        }
-        let chain_shapes = &chain_shapes[..];
+    /// `sources`: with the source allow-lists' sets and chains (false: the
+    /// layout before them, or of a kernel without interval concatenations).
+    pub(super) fn is_layout(&self, family: Family, local: bool, sources: bool) -> bool {
+        let shapes = sets_of(family, local, sources);
+        let chain_shapes = &chains_of(local, sources)[..];
         let mut ok = self.sets.len() == shapes.len();
         for shape in &shapes {
             let found = self

@@ -143,10 +143,8 @@ pub enum NftPlan {
 
 impl Nftables {
     /// The base chains of this layout.
-    fn chains(&self) -> impl Iterator<Item = &'static ChainShape> + '_ {
-        chains_of(self.local)
-            .iter()
-            .filter(|c| self.sources || !is_source_object(c.name))
+    fn chains(&self) -> Vec<ChainShape> {
+        chains_of(self.local, self.sources)
     }
 
     fn table(&self) -> Table {
@@ -179,15 +177,20 @@ impl Nftables {
             chains: sock.dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?,
             rules: sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?,
         };
-        let ok = dumps.is_layout(self.family, self.local, !self.sources);
+        // This layout, or the one before source allow-lists (an earlier
+        // version's, or the agent's own before an upgrade: its elements are
+        // read, and the next apply rebuilds the table with them and the new
+        // sets and chains).
+        let ok = dumps.is_layout(self.family, self.local, self.sources);
+        let sans_sources = !ok && self.sources && dumps.is_layout(self.family, self.local, false);
         // An unmarked table (an earlier version's) is the agent's only if it
-        // is exactly its layout, with or without local access.
-        // (Those had no source allow-lists: their layout lacks those sets
-        // and chains.)
+        // is exactly its layout, with or without local access, with or
+        // without source allow-lists.
         let earlier = !marked
-            && [self.local, !self.local].iter().any(|&l| {
-                dumps.is_layout(self.family, l, true) || dumps.is_layout(self.family, l, false)
-            });
+            && (ok
+                || [(true, true), (true, false), (false, true), (false, false)]
+                    .iter()
+                    .any(|&(l, src)| dumps.is_layout(self.family, l, src)));
         let mut state = NativeState {
             table_exists: true,
             marked,
@@ -195,11 +198,6 @@ impl Nftables {
             structure_ok: ok,
             rules: RuleSet::default(),
         };
-        // The layout before source allow-lists (an earlier version's, or the
-        // agent's own before an upgrade): its elements are read, and the next
-        // apply rebuilds the table with the same elements plus the new sets
-        // and chains.
-        let sans_sources = self.sources && !ok && dumps.is_layout(self.family, self.local, true);
         if !ok && !sans_sources {
             return Ok(state);
         }
@@ -254,11 +252,10 @@ impl Nftables {
             MsgType::Add,
             format!("add table {fam} {tname}"),
         );
-        let sets = sets_of(self.family, self.local);
-        let sets = sets
+        for (i, shape) in sets_of(self.family, self.local, self.sources)
             .iter()
-            .filter(|s| self.sources || !is_source_object(s.name));
-        for (i, shape) in sets.enumerate() {
+            .enumerate()
+        {
             let mut a = Attrs::new();
             a.str(sys::NFTA_SET_TABLE, tname)
                 .str(sys::NFTA_SET_NAME, shape.name)
@@ -324,7 +321,7 @@ impl Nftables {
         }
         // Every element, straight from the desired lists (no copy of them).
         let mut w = ElementWriter::new(batch, self.family, tname);
-        w.add_all(desired);
+        w.write_all(desired, &restricted_keys(&desired.allow), false);
         w.sent
     }
 
@@ -525,7 +522,7 @@ impl Flavor for Nftables {
         for l in &ch.add.local {
             line("add", names::NFT_LOCAL_SET, view::nft_local_element(l));
         }
-        // In the batch's order: ranges and freed keys out, then the rest in.
+        // The allow-lists' elements: ranges and freed keys out, then in.
         let (restrict, free) = restricted_changes(&state.rules.allow, ch);
         for a in &ch.del.allow {
             line("delete", names::NFT_SOURCES_SET, view::nft_source_key(a));
