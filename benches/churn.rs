@@ -146,7 +146,7 @@ fn ipt_lines_of(
         let d = t.dnat.iter().find(|m| m.pod_ip == ip).unwrap();
         let s = t.snat.iter().find(|s| s.pod_ip == ip).unwrap();
         let f = t.forward.iter().find(|f| f.pod_ip == ip).unwrap();
-        out.push(("nat".to_string(), view::ipt_dnat(&names, d)));
+        out.push(("nat".to_string(), view::ipt_dnat(&names, d, None)));
         out.push(("nat".to_string(), view::ipt_snat(&names, s)));
         out.push(("filter".to_string(), view::ipt_forward(&names, f)));
     }

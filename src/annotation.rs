@@ -92,18 +92,26 @@ pub fn parse(
         };
         // An entry with ranges is published only on the families it names
         // a range of: the others would otherwise be open to every source.
-        let of_family = |family: Family| -> Option<Arc<[ipnet::IpNet]>> {
-            let nets = sources.as_ref()?;
-            Some(
-                nets.iter()
-                    .filter(|n| Family::of(n.addr()) == family)
-                    .copied()
-                    .collect(),
-            )
+        // `None`: not published on `family`; `Some(None)`: every source (no
+        // field, or a /0 of that family, which is no restriction at all).
+        let of_family = |family: Family| -> Option<Option<Arc<[ipnet::IpNet]>>> {
+            let Some(nets) = sources.as_ref() else {
+                return Some(None);
+            };
+            let mine: Vec<ipnet::IpNet> = nets
+                .iter()
+                .filter(|n| Family::of(n.addr()) == family)
+                .copied()
+                .collect();
+            match mine.as_slice() {
+                [] => None,
+                [all] if all.prefix_len() == 0 => Some(None),
+                _ => Some(Some(mine.into())),
+            }
         };
         let serves: Vec<Family> = serves
             .into_iter()
-            .filter(|f| of_family(*f).is_none_or(|n| !n.is_empty()))
+            .filter(|f| of_family(*f).is_some())
             .collect();
         if serves.is_empty() {
             return Err(field_err(
@@ -133,7 +141,7 @@ pub fn parse(
             seen.insert(key, index);
             out.push(PortMapping {
                 family,
-                sources: of_family(family),
+                sources: of_family(family).flatten(),
                 ..mapping.clone()
             });
         }
@@ -153,7 +161,7 @@ pub fn parse_for(
             return Err(field_err(
                 m.entry,
                 "sourceRanges",
-                "not enforced here (the iptables flavor does not yet; the nftables flavor does on Linux 5.6 or later); the entry is not published rather than published to every source",
+                "not enforced here (the nftables flavor needs Linux 5.6 or later for them; the iptables flavor has no such limit); the entry is not published rather than published to every source",
             ));
         }
     }
@@ -558,6 +566,16 @@ mod tests {
             ranges(open, dual),
             vec![(Family::Ipv4, None), (Family::Ipv6, None)]
         );
+        // A /0 is no restriction: that family is open (and in the iptables
+        // flavor, `-s 0.0.0.0/0` is no match at all), the other as listed.
+        let all_v4 = r#"{"entries":[{"srcPort":993,"dstPort":993,"sourceRanges":["0.0.0.0/0","10.0.0.0/8","2001:db8:1::/48"]}]}"#;
+        assert_eq!(
+            ranges(all_v4, dual),
+            vec![
+                (Family::Ipv4, None),
+                (Family::Ipv6, Some(vec!["2001:db8:1::/48".into()]))
+            ]
+        );
     }
 
     #[test]
@@ -613,7 +631,9 @@ mod tests {
         let text = r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#;
         let e = parse_for(text, &cfg).unwrap_err().to_string();
         assert!(
-            e.starts_with("entries[1].sourceRanges: not enforced here (the iptables flavor"),
+            e.starts_with(
+                "entries[1].sourceRanges: not enforced here (the nftables flavor needs Linux 5.6"
+            ),
             "{e}"
         );
         cfg.source_ranges = true;

@@ -441,6 +441,26 @@ impl RuleSet {
         ]
     }
 
+    /// Each DNAT mapping with the sources it admits, in the order of
+    /// `dnat` then of the ranges: `None` for an open mapping, one pair per
+    /// range for a restricted one (the iptables flavor's DNAT rules, one
+    /// per allowed range, as `-s` needs). A walk of two sorted lists.
+    pub fn dnat_sources(&self) -> Vec<(&Mapping, Option<ipnet::IpNet>)> {
+        let mut out = Vec::with_capacity(self.dnat.len() + self.allow.len());
+        let mut allow = self.allow.iter().peekable();
+        for m in &self.dnat {
+            while allow.next_if(|a| a.key < m.key).is_some() {}
+            let before = out.len();
+            while let Some(a) = allow.next_if(|a| a.key == m.key) {
+                out.push((m, Some(a.source)));
+            }
+            if out.len() == before {
+                out.push((m, None));
+            }
+        }
+        out
+    }
+
     /// Sorts and deduplicates every list (after building or reading back).
     pub fn normalize(&mut self) {
         self.dnat.sort();

@@ -1,11 +1,11 @@
-//! Source allow-lists (`sourceRanges`, issue 25) in the nftables flavor,
-//! against the real kernel on a crowded node, both families: only clients
-//! in a restricted key's ranges reach its pod — not another client, not the
-//! node itself (local access), not a pod of the node (hairpin); a key
-//! without ranges stays open to all; `nft list` equals the view; the
-//! read-back finds the ranges; a change of ranges alone is a few elements
-//! and stops an open connection from a range that went; cleanup leaves the
-//! crowd as it was.
+//! Source allow-lists (`sourceRanges`, issue 25) in both flavors, against
+//! the real kernel on a crowded node, both families: only clients in a
+//! restricted key's ranges reach its pod — not another client, not the node
+//! itself (local access), not a pod of the node (hairpin); a key without
+//! ranges stays open to all; `nft list` / `iptables-nft-save` equal the
+//! view (and `iptables-nft -C` finds each rule); the read-back finds the
+//! ranges; a change of ranges alone is a few messages and stops an open
+//! connection from a range that went; cleanup leaves the crowd as it was.
 
 mod support;
 
@@ -16,29 +16,26 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use podnat_controller::config::{Flavor, JumpPositions};
-use podnat_controller::firewall::{backend_with_options, view, Backend, Changes};
+use podnat_controller::firewall::{
+    backend_with_options, flush_stale_connections, view, ApplyReport, Backend, Changes,
+};
 use podnat_controller::model::{
     Families, Family, LocalPod, NatKey, PodRef, Proto, RuleSet, SourceRule,
 };
 use support::crowd::{crowd_dual, ruleset, without_counters};
 use support::netns::{veth, Netns, Sandbox, POD_A_IP, POD_A_IP6, POD_B_IP, POD_B_IP6};
 use support::rules::{names, publish};
+use support::save::agent_save_by;
 
 const PUBLIC4: &str = "203.0.113.7";
 const PUBLIC6: &str = "2001:db8::7";
 
-fn backend() -> Box<dyn Backend> {
-    backend_of(Families::DUAL)
+fn backend_of(families: Families) -> Box<dyn Backend> {
+    flavor_backend(Flavor::Nftables, families)
 }
 
-fn backend_of(families: Families) -> Box<dyn Backend> {
-    backend_with_options(
-        Flavor::Nftables,
-        names(),
-        JumpPositions::default(),
-        families,
-        true,
-    )
+fn flavor_backend(flavor: Flavor, families: Families) -> Box<dyn Backend> {
+    backend_with_options(flavor, names(), JumpPositions::default(), families, true)
 }
 
 fn allow(public: &str, port: u16, source: &str) -> SourceRule {
@@ -152,37 +149,84 @@ fn owned_by(rules: &RuleSet, pod: &str) -> RuleSet {
     r
 }
 
-/// `change` on the kernel state just read, as the agent applies a change.
-fn apply_change(ns: &Netns, change: Changes) {
+/// `change` on the kernel state just read, as the agent applies a change:
+/// one batch, then the conntrack entries of removed mappings and of
+/// sources no longer admitted are flushed (what the firewall thread does).
+fn apply_change(ns: &Netns, flavor: Flavor, change: Changes) -> ApplyReport {
     ns.run(move || {
-        let mut b = backend();
+        let mut b = flavor_backend(flavor, Families::DUAL);
         b.read()?;
-        b.apply_changes(change)
+        let mut report = b.apply_changes(change)?;
+        if let Some(r) = &mut report {
+            flush_stale_connections(r);
+        }
+        Ok::<_, podnat_controller::firewall::FirewallError>(report)
     })
     .unwrap()
-    .expect("the change applies on the state just read");
+    .expect("the change applies on the state just read")
 }
 
-fn assert_views(ns: &Netns, rules: &RuleSet) {
+/// A whole table, as the agent applies one, with the flush after it.
+fn apply_table(ns: &Netns, flavor: Flavor, rules: &RuleSet) -> ApplyReport {
+    let r = rules.clone();
+    ns.run(move || {
+        let mut report = flavor_backend(flavor, Families::DUAL).apply(&r)?;
+        flush_stale_connections(&mut report);
+        Ok::<_, podnat_controller::firewall::FirewallError>(report)
+    })
+    .unwrap()
+}
+
+fn assert_views(ns: &Netns, flavor: Flavor, rules: &RuleSet) {
     for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
+        let ours = rules.of_family(family);
+        if flavor == Flavor::Nftables {
+            assert_eq!(
+                view::canonical_nft(&ns.sh(&format!("nft list table {fam} podnat"))),
+                view::canonical_nft(&view::nft_with(&ours, &names(), family, true)),
+                "table {fam} podnat"
+            );
+            continue;
+        }
+        let tool = if family == Family::Ipv4 {
+            "iptables-nft"
+        } else {
+            "ip6tables-nft"
+        };
+        let text = view::iptables_save_with(&ours, &names(), family, true);
         assert_eq!(
-            view::canonical_nft(&ns.sh(&format!("nft list table {fam} podnat"))),
-            view::canonical_nft(&view::nft_with(
-                &rules.of_family(family),
-                &names(),
-                family,
-                true
-            )),
-            "table {fam} podnat"
+            agent_save_by(ns, &format!("{tool}-save")),
+            text,
+            "{tool}-save"
         );
+        // `-C` finds each DNAT rule, `-s` included, as its own.
+        for spec in text
+            .lines()
+            .filter_map(|l| l.strip_prefix("-A PODNAT_PRE "))
+        {
+            let out = ns.try_sh(&format!("{tool} -t nat -C PODNAT_PRE {spec}"));
+            assert!(out.status.success(), "{tool} -C PODNAT_PRE {spec}: {out:?}");
+        }
     }
 }
 
 #[test]
 fn only_the_allowed_sources_reach_a_restricted_port() {
-    let sb = Sandbox::new("src").with_ipv6();
+    allow_lists_in(Flavor::Nftables, "src");
+}
+
+/// The iptables flavor writes a restricted mapping as one DNAT rule per
+/// range (`-s`), so a source outside them is never DNATed; a range removed
+/// loses its connections by the conntrack flush.
+#[test]
+fn only_the_allowed_sources_reach_a_restricted_port_iptables() {
+    allow_lists_in(Flavor::Iptables, "srci");
+}
+
+fn allow_lists_in(flavor: Flavor, tag: &str) {
+    let sb = Sandbox::new(tag).with_ipv6();
     // Another client, outside every range: 198.51.100.10, 2001:db8:5::10.
-    let other = Netns::new("srco");
+    let other = Netns::new(&format!("{tag}o"));
     veth(
         &sb.node,
         "oth0",
@@ -202,10 +246,12 @@ fn only_the_allowed_sources_reach_a_restricted_port() {
     // The client (203.0.113.1, 2001:db8::1) is in the ranges; the node's
     // own address (…7) and the pods are not.
     let first = rules(&[(PUBLIC4, "203.0.113.0/30"), (PUBLIC6, "2001:db8::/126")]);
-    let r = first.clone();
-    sb.node.run(move || backend().apply(&r)).unwrap();
-    assert_views(&sb.node, &first);
-    let read = sb.node.run(|| backend().read()).unwrap();
+    apply_table(&sb.node, flavor, &first);
+    assert_views(&sb.node, flavor, &first);
+    let read = sb
+        .node
+        .run(move || flavor_backend(flavor, Families::DUAL).read())
+        .unwrap();
     assert_eq!(read, first, "the read-back finds the ranges");
 
     for public in [PUBLIC4, PUBLIC6] {
@@ -238,19 +284,17 @@ fn only_the_allowed_sources_reach_a_restricted_port() {
     let change = Changes::between(&first, &second);
     assert_eq!(change.add.allow.len() + change.del.allow.len(), 4);
     assert!(change.add.dnat.is_empty() && change.del.dnat.is_empty());
-    let report = sb
-        .node
-        .run(move || {
-            let mut b = backend();
-            b.read()?;
-            b.apply_changes(change)
-        })
-        .unwrap()
-        .expect("the change applies on the state just read");
-    // Two element messages: the deleted ranges and the added ones (the key
-    // stays restricted throughout, so its element is untouched).
-    assert_eq!(report.messages, 4, "per family: delete ranges, add ranges");
-    assert_views(&sb.node, &second);
+    let report = apply_change(&sb.node, flavor, change);
+    // Per family, nftables: two element messages, the deleted ranges and
+    // the added ones (the key stays restricted throughout, so its element
+    // is untouched); iptables: the old range's DNAT rule out, the new one in.
+    assert_eq!(report.messages, 4, "per family: one out, one in");
+    assert_eq!(
+        report.narrowed.len(),
+        2,
+        "port 25 narrowed in both families"
+    );
+    assert_views(&sb.node, flavor, &second);
     for s in &mut held {
         let t = Instant::now();
         assert!(!echoes(s), "an open connection from a removed range stops");
@@ -266,17 +310,28 @@ fn only_the_allowed_sources_reach_a_restricted_port() {
 
     // The last range goes: the key is open again.
     let open_again = rules(&[]);
-    let r = open_again.clone();
-    sb.node.run(move || backend().apply(&r)).unwrap();
-    assert_views(&sb.node, &open_again);
+    apply_table(&sb.node, flavor, &open_again);
+    assert_views(&sb.node, flavor, &open_again);
     assert!(reaches(&sb.client, PUBLIC4, 25) && reaches(&sb.node, PUBLIC6, 25));
 
     // An open key gains ranges through a change (its restricted element
     // comes with its first range): the other client is refused at once.
+    // The other client's open connections, made while the key was open,
+    // stop too.
+    let mut held: Vec<TcpStream> = [PUBLIC4, PUBLIC6]
+        .iter()
+        .map(|p| open(&other, p, 25).expect("other's connection while open"))
+        .collect();
     let change = Changes::between(&open_again, &first);
     assert_eq!(change.add.allow.len(), 2);
-    apply_change(&sb.node, change);
-    assert_views(&sb.node, &first);
+    apply_change(&sb.node, flavor, change);
+    assert_views(&sb.node, flavor, &first);
+    for s in &mut held {
+        assert!(
+            !echoes(s),
+            "an open connection from outside the new ranges stops"
+        );
+    }
     for public in [PUBLIC4, PUBLIC6] {
         assert!(reaches(&sb.client, public, 25), "client → {public}:25");
         assert!(
@@ -289,8 +344,8 @@ fn only_the_allowed_sources_reach_a_restricted_port() {
     // ranges are deleted and added back in one batch (the same intervals
     // out and in); the key never opens.
     let swapped = owned_by(&first, "mx-1");
-    apply_change(&sb.node, Changes::between(&first, &swapped));
-    assert_views(&sb.node, &swapped);
+    apply_change(&sb.node, flavor, Changes::between(&first, &swapped));
+    assert_views(&sb.node, flavor, &swapped);
     for public in [PUBLIC4, PUBLIC6] {
         assert!(reaches(&sb.client, public, 25), "client → {public}:25");
         assert!(
@@ -299,7 +354,9 @@ fn only_the_allowed_sources_reach_a_restricted_port() {
         );
     }
 
-    sb.node.run(|| backend().cleanup()).unwrap();
+    sb.node
+        .run(move || flavor_backend(flavor, Families::DUAL).cleanup())
+        .unwrap();
     assert_eq!(
         without_counters(&ruleset(&sb.node)),
         crowd,

@@ -47,9 +47,11 @@ pub fn everything(names: &Names, dry_run: bool) -> Result<Vec<String>, FirewallE
 /// chains, jumps and rules it would write for the same pods. Removed: local
 /// access (nat OUTPUT's chain and jump, the MARK rules, the hairpin
 /// MASQUERADE), the second protocol of a port published on both (the Go
-/// version keys its record by `ip:port`; it keeps TCP), every IPv6 object
-/// and the nftables flavor's tables. One batch for the IPv4 change: the
-/// mappings the Go version keeps never stop.
+/// version keys its record by `ip:port`; it keeps TCP), the mappings with
+/// source allow-lists (the Go version cannot restrict a port: they are not
+/// handed over open), every IPv6 object and the nftables flavor's tables.
+/// One batch for the IPv4 change: the mappings the Go version keeps never
+/// stop.
 pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>, FirewallError> {
     let mut lines = Vec::new();
     let mut seen = IptablesBackend::with_options(names.clone(), jumps, Families::default(), true);
@@ -61,11 +63,14 @@ pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>
             IptablesBackend::with_options(names.clone(), jumps, Families::default(), false);
         let report = go_backend.apply(&go)?;
         if report.messages > 0 {
-            let second = rules.dnat.len() - go.dnat.len();
+            let v4 = rules.of_family(Family::Ipv4);
+            let restricted = restricted_keys(&v4).len();
+            let second = v4.dnat.len() - go.dnat.len() - restricted;
             lines.push(format!(
-                "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}) and \
-                 {second} mapping(s) on the second protocol of a port removed; the Go \
-                 version's chains and rules kept",
+                "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}), \
+                 {second} mapping(s) on the second protocol of a port and {restricted} \
+                 mapping(s) with source allow-lists removed; the Go version's chains and \
+                 rules kept",
                 rules.local.len(),
                 names.output
             ));
@@ -113,15 +118,17 @@ fn collect(
 /// and FORWARD rules of what is left.
 fn go_layout(rules: &RuleSet) -> RuleSet {
     let v4 = rules.of_family(Family::Ipv4);
+    let restricted = restricted_keys(&v4);
     let tcp: BTreeSet<_> = v4
         .dnat
         .iter()
-        .filter(|m| m.key.proto == Proto::Tcp)
+        .filter(|m| m.key.proto == Proto::Tcp && !restricted.contains(&m.key))
         .map(|m| (m.key.public_ip, m.key.public_port))
         .collect();
     let dnat: Vec<_> = v4
         .dnat
         .into_iter()
+        .filter(|m| !restricted.contains(&m.key))
         .filter(|m| {
             m.key.proto == Proto::Tcp || !tcp.contains(&(m.key.public_ip, m.key.public_port))
         })
@@ -147,9 +154,13 @@ fn go_layout(rules: &RuleSet) -> RuleSet {
         snat,
         forward,
         local: Vec::new(),
-        // Source allow-lists are the nftables flavor's only (for now).
         allow: Vec::new(),
     }
+}
+
+/// The keys with source allow-lists.
+fn restricted_keys(rules: &RuleSet) -> BTreeSet<crate::model::NatKey> {
+    rules.allow.iter().map(|a| a.key).collect()
 }
 
 #[cfg(test)]
@@ -220,5 +231,33 @@ mod tests {
         assert_eq!(go.dnat.len(), 2);
         assert!(go.snat.iter().any(|s| s.proto == Proto::Udp));
         assert_eq!(go.forward.len(), 2);
+
+        // A restricted mapping is not handed over (it would be open), nor
+        // its pod's rules; a UDP port beside a restricted TCP one stays.
+        publish(&mut r, "203.0.113.7", 993, Proto::Tcp, "imap");
+        publish(&mut r, "203.0.113.7", 5060, Proto::Tcp, "dns");
+        let key = |port| {
+            r.dnat
+                .iter()
+                .find(|m| m.key.public_port == port && m.key.proto == Proto::Tcp)
+                .unwrap()
+                .key
+        };
+        for (port, source) in [(993, "198.51.100.0/24"), (5060, "192.0.2.0/24")] {
+            r.allow.push(crate::model::SourceRule {
+                key: key(port),
+                source: source.parse().unwrap(),
+                owner: PodRef::new("ns", "imap"),
+            });
+        }
+        r.normalize();
+        let go = go_layout(&r);
+        let ports: Vec<(u16, Proto)> = go
+            .dnat
+            .iter()
+            .map(|m| (m.key.public_port, m.key.proto))
+            .collect();
+        assert_eq!(ports, [(53, Proto::Tcp), (5060, Proto::Udp)]);
+        assert!(go.allow.is_empty());
     }
 }

@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod engine;
 pub mod flavors;
 pub(crate) mod names;
+pub mod sources;
 pub mod view;
 pub mod wire;
 
@@ -47,6 +48,8 @@ impl FirewallError {
     }
 }
 
+pub use sources::Narrowed;
+
 /// What one apply did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
@@ -61,6 +64,9 @@ pub struct ApplyReport {
     pub rebuilt: bool,
     pub added_dnat: Vec<Mapping>,
     pub removed_dnat: Vec<Mapping>,
+    /// Keys whose allowed sources shrank while their mapping stayed: their
+    /// connections from sources no longer allowed are flushed.
+    pub narrowed: Vec<Narrowed>,
     /// Conntrack entries of removed or moved mappings deleted after the
     /// commit.
     pub conntrack_flushed: usize,
@@ -76,13 +82,18 @@ pub fn flush_stale_connections(report: &mut ApplyReport) {
 }
 
 /// The (protocol, public address, public port) of every mapping `report`
-/// removed: whose conntrack entries `flush_targets` deletes.
+/// removed, and of every key it narrowed with the sources it still admits:
+/// whose conntrack entries `flush_targets` deletes.
 pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
-    report
-        .removed_dnat
-        .iter()
-        .map(|m| (m.key.proto, m.key.public_ip, m.key.public_port))
-        .collect()
+    let target = |k: &crate::model::NatKey| (k.proto, k.public_ip, k.public_port);
+    conntrack::Targets {
+        whole: report.removed_dnat.iter().map(|m| target(&m.key)).collect(),
+        outside: report
+            .narrowed
+            .iter()
+            .map(|n| (target(&n.key), n.sources.clone()))
+            .collect(),
+    }
 }
 
 /// Deletes the conntrack entries of `targets`; how many (0 on a failure,
@@ -159,10 +170,11 @@ pub fn backend_with(
 }
 
 /// Whether `flavor` enforces an entry's `sourceRanges` on this kernel: the
-/// nftables flavor on Linux 5.6 or later; the iptables flavor not yet. The
-/// planner refuses such entries by name where not.
+/// iptables flavor always (a DNAT rule per range), the nftables flavor on
+/// Linux 5.6 or later (concatenated interval sets). The planner refuses
+/// such entries by name where not.
 pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
-    flavor == crate::config::Flavor::Nftables && flavors::nftables::kernel_supports_source_ranges()
+    flavor == crate::config::Flavor::Iptables || flavors::nftables::kernel_supports_source_ranges()
 }
 
 /// As `backend_with`; `local`: `-localaccess` (node-local DNAT, hairpin).

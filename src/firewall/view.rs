@@ -25,11 +25,13 @@ fn host(ip: IpAddr) -> String {
 }
 
 /// `-A <PREFIX>_PRE ...` for one mapping, exactly as iptables-nft-save prints it.
-pub fn ipt_dnat(n: &Names, m: &Mapping) -> String {
+/// `source`: the allowed range of a restricted mapping's rule.
+pub fn ipt_dnat(n: &Names, m: &Mapping, source: Option<ipnet::IpNet>) -> String {
     let p = m.key.proto;
     format!(
-        "-A {} -d {} -p {p} -m {p} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {}",
+        "-A {}{} -d {} -p {p} -m {p} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {}",
         n.pre,
+        source.map(|s| format!(" -s {s}")).unwrap_or_default(),
         host(m.key.public_ip),
         m.key.public_port,
         m.owner,
@@ -148,8 +150,8 @@ pub fn iptables_save_with(rules: &RuleSet, n: &Names, family: Family, local: boo
                     let _ = writeln!(out, "{}", ipt_mark(n, l));
                 }
             }
-            for m in &rules.dnat {
-                let _ = writeln!(out, "{}", ipt_dnat(n, m));
+            for (m, source) in rules.dnat_sources() {
+                let _ = writeln!(out, "{}", ipt_dnat(n, m, source));
             }
         }
     }

@@ -4,8 +4,10 @@
 //! port keeps its open connections otherwise). This deletes the entries whose
 //! original destination is the public address:port/proto (ctnetlink, through
 //! netlink-packet-netfilter), as kube-proxy does for UDP on endpoint changes.
+//! A key that keeps its mapping but admits fewer sources (`sourceRanges`)
+//! loses the entries from the sources it no longer admits.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use netlink_packet_core::{
@@ -22,8 +24,35 @@ use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 use crate::model::Proto;
 use crate::net::dump::{read_dump, DumpError};
 
-/// What to flush: (protocol, public address, public port).
-pub type Targets = BTreeSet<(Proto, IpAddr, u16)>;
+/// A published key: (protocol, public address, public port).
+pub type Target = (Proto, IpAddr, u16);
+
+/// What to flush.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Targets {
+    /// Every entry to these keys.
+    pub whole: BTreeSet<Target>,
+    /// The entries to these keys from a source outside the ranges listed.
+    pub outside: BTreeMap<Target, Vec<ipnet::IpNet>>,
+}
+
+impl Targets {
+    pub fn is_empty(&self) -> bool {
+        self.whole.is_empty() && self.outside.is_empty()
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &Target> {
+        self.whole.iter().chain(self.outside.keys())
+    }
+
+    /// Whether the entry from `source` to `dst` goes.
+    fn doomed(&self, dst: &Target, source: Option<IpAddr>) -> bool {
+        self.whole.contains(dst)
+            || self.outside.get(dst).is_some_and(|admitted| {
+                source.is_none_or(|s| !admitted.iter().any(|n| n.contains(&s)))
+            })
+    }
+}
 
 /// Errors while flushing conntrack entries.
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +84,10 @@ fn request(msg: ConntrackMessage, family: NetfilterProtoFamily, flags: u16, seq:
     buf
 }
 
-/// The original-direction destination of an entry, if it is TCP or UDP.
-fn destination(tuple: &[Tuple]) -> Option<(Proto, IpAddr, u16)> {
+/// The original-direction destination of an entry, if it is TCP or UDP,
+/// and its source address.
+fn destination(tuple: &[Tuple]) -> Option<(Target, Option<IpAddr>)> {
+    let mut src = None;
     let mut dst = None;
     let mut port = None;
     let mut proto = None;
@@ -64,8 +95,10 @@ fn destination(tuple: &[Tuple]) -> Option<(Proto, IpAddr, u16)> {
         match t {
             Tuple::Ip(ips) => {
                 for ip in ips {
-                    if let IPTuple::DestinationAddress(a) = ip {
-                        dst = Some(*a);
+                    match ip {
+                        IPTuple::DestinationAddress(a) => dst = Some(*a),
+                        IPTuple::SourceAddress(a) => src = Some(*a),
+                        _ => {}
                     }
                 }
             }
@@ -82,11 +115,12 @@ fn destination(tuple: &[Tuple]) -> Option<(Proto, IpAddr, u16)> {
             _ => {}
         }
     }
-    Some((proto?, dst?, port?))
+    Some(((proto?, dst?, port?), src))
 }
 
 /// Deletes every conntrack entry whose original destination is one of
-/// `targets` (protocol, public address, public port). Returns how many were
+/// `targets` (protocol, public address, public port), from any source or
+/// from outside the ranges still admitted. Returns how many were
 /// deleted. Runs in the calling thread's network namespace.
 pub fn flush(targets: &Targets) -> Result<usize, ConntrackError> {
     if targets.is_empty() {
@@ -103,7 +137,7 @@ pub fn flush(targets: &Targets) -> Result<usize, ConntrackError> {
         (false, NetfilterProtoFamily::IPv4),
         (true, NetfilterProtoFamily::IPv6),
     ] {
-        if targets.iter().any(|(_, ip, _)| ip.is_ipv6() == v6) {
+        if targets.keys().any(|(_, ip, _)| ip.is_ipv6() == v6) {
             deleted += flush_family(&mut sock, family, targets, &mut seq)?;
         }
     }
@@ -130,7 +164,7 @@ fn flush_family(
         };
         for a in attrs {
             if let ConntrackAttribute::CtaTupleOrig(t) = a {
-                if destination(&t).is_some_and(|d| targets.contains(&d)) {
+                if destination(&t).is_some_and(|(d, s)| targets.doomed(&d, s)) {
                     doomed.push(t);
                 }
             }

@@ -11,7 +11,9 @@ use nix::errno::Errno;
 
 use crate::firewall::engine::monitor::{Blocker, Interest, Tracker};
 use crate::firewall::wire::netlink::NetlinkError;
-use crate::firewall::{canonical, view, ApplyReport, Backend, Changes, FirewallError, Names};
+use crate::firewall::{
+    canonical, view, ApplyReport, Backend, Changes, FirewallError, Names, Narrowed,
+};
 use crate::model::RuleSet;
 
 /// What the in-memory kernel holds and what was asked of it.
@@ -94,6 +96,7 @@ fn commit(k: &mut MemoryKernel, changes: &Changes, cache_hit: bool) -> ApplyRepo
         report.messages = changes.add.len() + changes.del.len();
         report.added_dnat = changes.add.dnat.clone();
         report.removed_dnat = changes.del.dnat.clone();
+        report.narrowed = Narrowed::by_change(&k.rules, changes);
         changes.apply_to(&mut k.rules);
     }
     report

@@ -16,7 +16,12 @@ pub(super) fn desired_chains(
     let pre = marks
         .into_iter()
         .flatten()
-        .chain(desired.dnat.iter().cloned().map(AgentRule::Dnat))
+        .chain(
+            desired
+                .dnat_sources()
+                .into_iter()
+                .map(|(m, src)| AgentRule::Dnat(m.clone(), src)),
+        )
         .collect();
     let post = local
         .map(|_| AgentRule::Masquerade)
@@ -92,6 +97,9 @@ pub struct Changes {
     /// UDP conntrack flush), not counting a rule that is only moved.
     pub(super) added_dnat: Vec<Mapping>,
     pub(super) removed_dnat: Vec<Mapping>,
+    /// Keys whose allowed sources shrink (their conntrack entries from
+    /// the sources no longer allowed are flushed).
+    pub(super) narrowed: Vec<Narrowed>,
     /// Chains of an earlier version's, deleted first and made anew (marked)
     /// by the rest of the plan, which is planned against the state without
     /// them (`IptState::without`).
@@ -157,9 +165,13 @@ impl Changes {
             delta: false,
             added_dnat: Vec::new(),
             removed_dnat: Vec::new(),
+            narrowed: Vec::new(),
             adopt: None,
         };
         (changes.added_dnat, changes.removed_dnat) = changes.dnat_changes(state, desired);
+        if !changes.own[Place::Pre.index()].is_empty() {
+            changes.narrowed = Narrowed::between(&state.rules(), desired);
+        }
         changes
     }
 
@@ -181,15 +193,17 @@ impl Changes {
                 .cloned()
                 .map(AgentRule::Mark);
             [
-                marks
-                    .chain(r.dnat.iter().cloned().map(AgentRule::Dnat))
-                    .collect(),
+                marks.collect(),
                 r.snat.iter().cloned().map(AgentRule::Snat).collect(),
                 r.forward.iter().cloned().map(AgentRule::Forward).collect(),
                 Vec::new(),
             ]
         };
-        let (adds, dels) = (rules(&ch.add), rules(&ch.del));
+        let (mut adds, mut dels) = (rules(&ch.add), rules(&ch.del));
+        let pre = Place::Pre.index();
+        let dnat = dnat_delta(&state.own[pre], ch)?;
+        adds[pre].extend(dnat.add);
+        dels[pre].extend(dnat.del);
         let mut own: [ChainPlan<AgentRule>; 4] = std::array::from_fn(|_| ChainPlan::default());
         for i in 0..4 {
             let chain = &state.own[i];
@@ -224,6 +238,7 @@ impl Changes {
             delta: true,
             added_dnat: ch.add.dnat.clone(),
             removed_dnat: ch.del.dnat.clone(),
+            narrowed: dnat.narrowed,
             adopt: None,
         })
     }
@@ -352,7 +367,7 @@ impl Changes {
         let mut current: Vec<&Mapping> = state.own[pre]
             .iter()
             .filter_map(|s| match &s.rule {
-                Some(AgentRule::Dnat(m)) => Some(m),
+                Some(AgentRule::Dnat(m, _)) => Some(m),
                 _ => None,
             })
             .collect();
@@ -362,7 +377,7 @@ impl Changes {
             .insert
             .iter()
             .filter_map(|(r, _)| match r {
-                AgentRule::Dnat(m) if current.binary_search(&m).is_err() => Some(m.clone()),
+                AgentRule::Dnat(m, _) if current.binary_search(&m).is_err() => Some(m.clone()),
                 _ => None,
             })
             .collect();
@@ -373,4 +388,91 @@ impl Changes {
             .collect();
         (added, removed)
     }
+}
+
+/// The DNAT rules a change deletes and inserts in a settled `<PREFIX>_PRE`,
+/// key by key: a key's rules are its mapping once per allowed range (once
+/// without `-s` when open), so a change of its mapping or of its ranges
+/// rewrites exactly the rules that differ. O(change · ranges of the keys
+/// it touches).
+struct DnatDelta {
+    add: Vec<AgentRule>,
+    del: Vec<AgentRule>,
+    narrowed: Vec<Narrowed>,
+}
+
+/// `None`: `ch` does not fit the chain (see `KeyView::after`), or the
+/// chain holds something a settled chain cannot (two mappings for a key,
+/// a key both open and restricted).
+fn dnat_delta(
+    chain: &[Slot<Option<AgentRule>>],
+    ch: &crate::firewall::Changes,
+) -> Option<DnatDelta> {
+    let mut out = DnatDelta {
+        add: Vec::new(),
+        del: Vec::new(),
+        narrowed: Vec::new(),
+    };
+    for key in KeyView::touched(ch) {
+        let old = key_rules(chain, &key);
+        let before = key_view(&old)?;
+        let after = before.after(ch, &key)?;
+        let new = expand(&after);
+        out.del
+            .extend(old.iter().filter(|r| !new.contains(r)).cloned());
+        out.add
+            .extend(new.iter().filter(|r| !old.contains(r)).cloned());
+        out.narrowed.extend(Narrowed::of(&key, &before, &after));
+    }
+    Some(out)
+}
+
+/// The DNAT rules of `key` in a sorted chain (binary search).
+fn key_rules(chain: &[Slot<Option<AgentRule>>], key: &NatKey) -> Vec<AgentRule> {
+    let before_key = |r: &Option<AgentRule>| match r {
+        Some(AgentRule::Dnat(m, _)) => m.key < *key,
+        Some(r) => r.rank_before_dnat(),
+        None => true,
+    };
+    let at = chain.partition_point(|s| before_key(&s.rule));
+    chain[at..]
+        .iter()
+        .map_while(|s| match &s.rule {
+            Some(r @ AgentRule::Dnat(m, _)) if m.key == *key => Some(r.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// What a key's DNAT rules say: its mapping and ranges.
+fn key_view(rules: &[AgentRule]) -> Option<KeyView> {
+    let mut view = KeyView::default();
+    for r in rules {
+        let AgentRule::Dnat(m, src) = r else {
+            return None;
+        };
+        if view.mapping.as_ref().is_some_and(|v| v != m) {
+            return None;
+        }
+        view.mapping = Some(m.clone());
+        view.sources.extend(*src);
+    }
+    if !view.sources.is_empty() && view.sources.len() != rules.len() {
+        return None;
+    }
+    Some(view)
+}
+
+/// A key's DNAT rules (none when it has no mapping).
+fn expand(v: &KeyView) -> Vec<AgentRule> {
+    let Some(m) = &v.mapping else {
+        return Vec::new();
+    };
+    if v.sources.is_empty() {
+        return vec![AgentRule::Dnat(m.clone(), None)];
+    }
+    v.sources
+        .iter()
+        .map(|s| AgentRule::Dnat(m.clone(), Some(*s)))
+        .collect()
 }

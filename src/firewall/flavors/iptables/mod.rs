@@ -34,12 +34,13 @@ use crate::firewall::engine::applier::{Applier, Effect, Flavor, Planned};
 use crate::firewall::engine::coexist::OwnForward;
 use crate::firewall::engine::monitor::{Interest, TableInterest};
 use crate::firewall::names::{internal_returns, Names};
+use crate::firewall::sources::{KeyView, Narrowed};
 use crate::firewall::view;
 use crate::firewall::wire::netlink::{
     attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError, NfSocket,
     NftBatch, NftMsg, Scope,
 };
-use crate::model::{Families, Family, Mapping, RuleSet};
+use crate::model::{Families, Family, Mapping, NatKey, RuleSet, SourceRule};
 /// A rule as read back: its handle (`None` for a rule an earlier batch of
 /// the agent's added without an echo of its handle, until the chain is read
 /// again) and what it is.
@@ -187,7 +188,16 @@ impl IptState {
         for (place, chain) in PLACES.iter().zip(&self.own) {
             for s in chain {
                 match (place, &s.rule) {
-                    (Place::Pre, Some(AgentRule::Dnat(m))) => r.dnat.push(m.clone()),
+                    (Place::Pre, Some(AgentRule::Dnat(m, source))) => {
+                        r.dnat.push(m.clone());
+                        if let Some(source) = source {
+                            r.allow.push(SourceRule {
+                                key: m.key,
+                                source: *source,
+                                owner: m.owner.clone(),
+                            });
+                        }
+                    }
                     (Place::Pre, Some(AgentRule::Mark(l))) => r.local.push(l.clone()),
                     (Place::Post, Some(AgentRule::Snat(x))) => r.snat.push(x.clone()),
                     (Place::Forward, Some(AgentRule::Forward(f))) => r.forward.push(f.clone()),
@@ -224,12 +234,6 @@ pub struct Iptables {
 /// The iptables flavor, in iptables-nft's tables and (with IPv6 enabled)
 /// ip6tables-nft's, with the applier around it.
 pub type IptablesBackend = Applier<PerFamily<Iptables>>;
-
-/// The planner refuses `sourceRanges` for this flavor (`PlanConfig::
-/// source_ranges`); rules with them never reach it, and if they did, nothing
-/// is applied rather than the port opened to every source.
-const NO_SOURCE_RANGES: &str =
-    "source allow-lists (sourceRanges) are not enforced by the iptables flavor; nothing applied";
 
 impl IptablesBackend {
     pub fn new(names: Names, jumps: JumpPositions) -> IptablesBackend {
@@ -298,9 +302,6 @@ impl Flavor for Iptables {
     }
 
     fn plan(&self, state: &IptState, desired: &RuleSet) -> Planned<Changes> {
-        if !desired.allow.is_empty() {
-            return Planned::Foreign(NO_SOURCE_RANGES.to_string());
-        }
         if let Some(place) = state.foreign_place() {
             return Planned::Foreign(format!(
                 "chain {} in table {} {} exists and is not the agent's: it has no \"{}\" \
@@ -338,9 +339,6 @@ impl Flavor for Iptables {
         state: &IptState,
         changes: crate::firewall::Changes,
     ) -> Option<Planned<Changes>> {
-        if !changes.add.allow.is_empty() {
-            return Some(Planned::Foreign(NO_SOURCE_RANGES.to_string()));
-        }
         let plan = Changes::delta(state, &changes)?;
         Some(if plan.is_empty() {
             Planned::Nothing
@@ -400,6 +398,7 @@ impl Flavor for Iptables {
             rebuilt: plan.creates(),
             added_dnat: plan.added_dnat.clone(),
             removed_dnat: plan.removed_dnat.clone(),
+            narrowed: plan.narrowed.clone(),
         }
     }
 

@@ -13,7 +13,7 @@ pub(super) fn line(rule: &AgentRule, place: Place, n: &Names, family: Family) ->
         AgentRule::Masquerade => view::ipt_masquerade(n),
         AgentRule::Mark(l) => view::ipt_mark(n, l),
         AgentRule::Snat(s) => view::ipt_snat(n, s),
-        AgentRule::Dnat(m) => view::ipt_dnat(n, m),
+        AgentRule::Dnat(m, source) => view::ipt_dnat(n, m, *source),
         AgentRule::Forward(f) => view::ipt_forward(n, f),
         AgentRule::Jump(target) => view::ipt_jump(n, place.parent(), target),
         AgentRule::LocalJump(target) => view::ipt_local_jump(n, place.own(n), target),

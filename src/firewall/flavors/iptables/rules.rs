@@ -14,6 +14,8 @@ mod write;
 pub(crate) use read::{decode, jump_target, parse_exprs};
 pub(crate) use write::{exprs_of, rule_attrs};
 
+use ipnet::IpNet;
+
 use crate::model::{ForwardRule, LocalPod, Mapping, SnatRule};
 
 /// One rule the agent writes. The variant order is the order inside a chain:
@@ -32,7 +34,10 @@ pub enum AgentRule {
     /// --set-xmark 0x2000/0x2000` (`-localaccess`).
     Mark(LocalPod),
     Snat(SnatRule),
-    Dnat(Mapping),
+    /// `[-s R] -d S -p P -m P --dport N -m comment --comment ns:pod -j DNAT
+    /// --to-destination A:M`: one rule per allowed range of a restricted
+    /// mapping (`sourceRanges`), one without `-s` for an open one.
+    Dnat(Mapping, Option<IpNet>),
     Forward(ForwardRule),
     /// `-m comment --comment "<prefix>[jump_to_chain]" -j <chain>`.
     Jump(String),
@@ -46,6 +51,14 @@ impl AgentRule {
     /// What must stay in order inside a chain: the internal-network RETURNs
     /// before the SNATs. Rules of one rank match disjoint packets (or share
     /// the verdict), so any order of them is the same chain.
+    /// Whether every rule of this kind sorts before every DNAT rule.
+    pub fn rank_before_dnat(&self) -> bool {
+        matches!(
+            self,
+            AgentRule::Masquerade | AgentRule::Return(_) | AgentRule::Mark(_) | AgentRule::Snat(_)
+        )
+    }
+
     pub fn rank(&self) -> u8 {
         match self {
             AgentRule::Masquerade => 0,

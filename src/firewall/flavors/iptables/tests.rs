@@ -211,3 +211,84 @@ fn a_chain_with_the_agents_name_and_a_foreign_rule_is_refused_and_never_retired(
     let plan = Changes::plan(&st, &mail(), &g.jumps);
     assert!(!plan.delete_own[3] && plan.own[3].is_empty() && plan.jumps[3].is_empty());
 }
+
+/// `mail()` with port 25 restricted to `ranges` (none: open), owned by
+/// `pod` at `pod_ip`.
+fn mail_restricted(ranges: &[&str], pod: &str, pod_ip: &str) -> RuleSet {
+    let mut r = mail();
+    let owner = PodRef::new("mail", pod);
+    let pod_ip: IpAddr = pod_ip.parse().unwrap();
+    let key = r.dnat[0].key;
+    r.dnat[0].owner = owner.clone();
+    r.dnat[0].pod_ip = pod_ip;
+    r.allow = ranges
+        .iter()
+        .map(|s| crate::model::SourceRule {
+            key,
+            source: s.parse().unwrap(),
+            owner: owner.clone(),
+        })
+        .collect();
+    r.normalize();
+    r
+}
+
+/// A change of a key's ranges or mapping, planned by `delta` on a settled
+/// state, rewrites exactly that key's DNAT rules (one per range, `-s`) and
+/// reaches what a full plan reaches, with the same keys narrowed.
+#[test]
+fn a_change_of_ranges_is_planned_per_key_as_the_full_plan_would() {
+    let f = flavor(false);
+    let steps = [
+        mail_restricted(&[], "mx-0", "10.1.0.5"),
+        mail_restricted(&["198.51.100.0/24"], "mx-0", "10.1.0.5"),
+        mail_restricted(&["198.51.100.0/24", "192.0.2.0/25"], "mx-0", "10.1.0.5"),
+        mail_restricted(&["192.0.2.0/25"], "mx-0", "10.1.0.5"),
+        mail_restricted(&["192.0.2.0/25"], "mx-1", "10.1.0.6"),
+        mail_restricted(&["192.0.2.0/25"], "mx-1", "10.1.0.7"),
+        mail_restricted(&[], "mx-1", "10.1.0.7"),
+        RuleSet::default(),
+    ];
+    let mut state = applied(&f, &steps[0], true);
+    assert!(state.settled);
+    for pair in steps.windows(2) {
+        let (from, to) = (&pair[0], &pair[1]);
+        let ch = crate::firewall::Changes::between(from, to);
+        let delta = Changes::delta(&state, &ch).expect("settled state, fitting change");
+        let full = Changes::plan(&state, to, &f.jumps);
+        assert_eq!(delta.narrowed, full.narrowed, "{to:?}");
+        assert_eq!(
+            delta.narrowed,
+            crate::firewall::Narrowed::between(from, to),
+            "{to:?}"
+        );
+        // Only port 25's rules move.
+        let pre = Place::Pre.index();
+        let moved = delta.own[pre].delete.len() + delta.own[pre].insert.len();
+        assert!(moved <= 3, "{moved} rules for one key");
+        let mut handle = 1000;
+        let handles = (0..delta.own.len())
+            .flat_map(|i| (0..delta.own[i].insert.len()).map(move |k| Inserted::Own(i, k)))
+            .map(|ins| {
+                handle += 1;
+                (ins, handle)
+            })
+            .collect();
+        state = delta.after(state, &handles);
+        assert!(state.settled);
+        assert_eq!(state.rules(), *to);
+        assert!(Changes::plan(&state, to, &f.jumps).is_empty());
+    }
+    // The view lists a restricted key's rules as iptables-nft-save would.
+    let two = &steps[2];
+    let save = crate::firewall::view::iptables_save(two, &f.names, Family::Ipv4);
+    let dnat: Vec<&str> = save.lines().filter(|l| l.contains("-j DNAT")).collect();
+    assert_eq!(
+        dnat,
+        [
+            "-A PODNAT_PRE -s 192.0.2.0/25 -d 203.0.113.7/32 -p tcp -m tcp --dport 25 -m comment --comment \"mail:mx-0\" -j DNAT --to-destination 10.1.0.5:25",
+            "-A PODNAT_PRE -s 198.51.100.0/24 -d 203.0.113.7/32 -p tcp -m tcp --dport 25 -m comment --comment \"mail:mx-0\" -j DNAT --to-destination 10.1.0.5:25",
+            "-A PODNAT_PRE -d 203.0.113.7/32 -p tcp -m tcp --dport 587 -m comment --comment \"mail:mx-0\" -j DNAT --to-destination 10.1.0.5:587",
+        ]
+    );
+}

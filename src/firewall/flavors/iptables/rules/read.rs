@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+use ipnet::IpNet;
+
 use super::super::xt;
 use super::{exprs_of, AgentRule, Expr};
 use crate::firewall::names::internal_returns;
@@ -91,6 +93,8 @@ pub fn jump_target(exprs: &[Expr]) -> Option<&str> {
 struct Fields {
     proto: Option<Proto>,
     saddr: Option<IpAddr>,
+    /// `-s net/len` of any length (a host is also `saddr`).
+    source: Option<IpNet>,
     daddr: Option<IpAddr>,
     dport: Option<u16>,
     comment: Option<String>,
@@ -105,10 +109,25 @@ fn collect(exprs: &[Expr], family: Family) -> Fields {
     let mut f = Fields::default();
     let h = encode::header(family);
     let mut last_load: Option<&Expr> = None;
+    // The mask of a bitwise between a load and its cmp (a prefix that is
+    // not byte-aligned).
+    let mut mask: Option<&[u8]> = None;
     for e in exprs {
         match e {
-            Expr::Meta { .. } | Expr::Payload { .. } => last_load = Some(e),
+            Expr::Meta { .. } | Expr::Payload { .. } => {
+                last_load = Some(e);
+                mask = None;
+            }
+            Expr::Bitwise { mask: m, .. } => mask = Some(m),
             Expr::Cmp { data, .. } => {
+                if let Some(Expr::Payload {
+                    base, offset, len, ..
+                }) = last_load
+                {
+                    if *base == BASE_NETWORK && *offset == h.saddr && *len <= h.addr_len {
+                        f.source = source_net(data, mask, family);
+                    }
+                }
                 match last_load {
                     Some(Expr::Meta { key, .. }) if *key == sys::NFT_META_L4PROTO => {
                         f.proto = data.first().and_then(|&n| Proto::from_number(n));
@@ -136,6 +155,7 @@ fn collect(exprs: &[Expr], family: Family) -> Fields {
                     _ => {}
                 }
                 last_load = None;
+                mask = None;
             }
             Expr::Xt {
                 kind, name, info, ..
@@ -156,6 +176,22 @@ fn collect(exprs: &[Expr], family: Family) -> Fields {
     f
 }
 
+/// The network a source match compares with: the cmp's bytes (a prefix's
+/// only, when byte-aligned) and the length from the mask, if any.
+fn source_net(data: &[u8], mask: Option<&[u8]>, family: Family) -> Option<IpNet> {
+    let width = encode::header(family).addr_len as usize;
+    if data.is_empty() || data.len() > width {
+        return None;
+    }
+    let mut bytes = data.to_vec();
+    bytes.resize(width, 0);
+    let len = match mask {
+        Some(m) => m.iter().map(|b| b.count_ones()).sum::<u32>(),
+        None => 8 * data.len() as u32,
+    };
+    IpNet::new(encode::ip_at(&bytes, 0, family)?, u8::try_from(len).ok()?).ok()
+}
+
 /// Decodes a rule of the agent's; `None` for anything that is not exactly
 /// one of its encodings (such a rule in its chains is deleted).
 pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule> {
@@ -167,16 +203,19 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
             pod_ip: f.saddr?,
             owner: owner()?,
         })],
-        (Some((pod_ip, pod_port)), None, None) => vec![AgentRule::Dnat(Mapping {
-            key: NatKey {
-                public_ip: f.daddr?,
-                public_port: f.dport?,
-                proto: f.proto?,
+        (Some((pod_ip, pod_port)), None, None) => vec![AgentRule::Dnat(
+            Mapping {
+                key: NatKey {
+                    public_ip: f.daddr?,
+                    public_port: f.dport?,
+                    proto: f.proto?,
+                },
+                pod_ip: *pod_ip,
+                pod_port: *pod_port,
+                owner: owner()?,
             },
-            pod_ip: *pod_ip,
-            pod_port: *pod_port,
-            owner: owner()?,
-        })],
+            f.source,
+        )],
         (None, Some(public_ip), None) => vec![AgentRule::Snat(SnatRule {
             pod_ip: f.saddr?,
             proto: f.proto?,

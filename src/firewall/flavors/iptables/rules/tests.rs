@@ -24,16 +24,19 @@ const V4: Family = Family::Ipv4;
 /// The rules of the captured iptables-nft commands, as the agent names them.
 fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
     let dnat = |public_port, proto, pod: &str, pod_port, o: &str| {
-        AgentRule::Dnat(Mapping {
-            key: NatKey {
-                public_ip: ip("203.0.113.7"),
-                public_port,
-                proto,
+        AgentRule::Dnat(
+            Mapping {
+                key: NatKey {
+                    public_ip: ip("203.0.113.7"),
+                    public_port,
+                    proto,
+                },
+                pod_ip: ip(pod),
+                pod_port,
+                owner: owner(o),
             },
-            pod_ip: ip(pod),
-            pod_port,
-            owner: owner(o),
-        })
+            None,
+        )
     };
     vec![
         (
@@ -142,16 +145,19 @@ fn every_observed_rule_decodes_back() {
 #[test]
 fn near_misses_are_not_the_agents() {
     let names = Names::new("podnat");
-    let m = AgentRule::Dnat(Mapping {
-        key: NatKey {
-            public_ip: ip("203.0.113.7"),
-            public_port: 25,
-            proto: Proto::Tcp,
+    let m = AgentRule::Dnat(
+        Mapping {
+            key: NatKey {
+                public_ip: ip("203.0.113.7"),
+                public_port: 25,
+                proto: Proto::Tcp,
+            },
+            pod_ip: ip("10.1.0.5"),
+            pod_port: 25,
+            owner: owner("mail:mx-0"),
         },
-        pod_ip: ip("10.1.0.5"),
-        pod_port: 25,
-        owner: owner("mail:mx-0"),
-    });
+        None,
+    );
     let exprs = parse_exprs(encode(&m, &names, V4).exprs.attrs().as_bytes());
     assert_eq!(decode(&exprs, &names, V4), Some(m));
     // Without the counter.
@@ -210,20 +216,31 @@ fn arb_rule() -> impl Strategy<Value = AgentRule> {
             proto.clone(),
             ip.clone(),
             any::<u16>(),
-            arb_owner()
+            arb_owner(),
+            proptest::option::of((any::<u32>(), 1..=32u8))
         )
-            .prop_map(|(public_ip, public_port, proto, pod_ip, pod_port, owner)| {
-                AgentRule::Dnat(Mapping {
-                    key: NatKey {
-                        public_ip,
-                        public_port,
-                        proto,
-                    },
-                    pod_ip,
-                    pod_port,
-                    owner,
-                })
-            }),
+            .prop_map(
+                |(public_ip, public_port, proto, pod_ip, pod_port, owner, source)| {
+                    let source = source.map(|(a, len)| {
+                        ipnet::IpNet::new(IpAddr::V4(Ipv4Addr::from(a)), len)
+                            .unwrap()
+                            .trunc()
+                    });
+                    AgentRule::Dnat(
+                        Mapping {
+                            key: NatKey {
+                                public_ip,
+                                public_port,
+                                proto,
+                            },
+                            pod_ip,
+                            pod_port,
+                            owner,
+                        },
+                        source,
+                    )
+                }
+            ),
         (ip, proto, any::<u16>(), arb_owner()).prop_map(|(pod_ip, proto, pod_port, owner)| {
             AgentRule::Forward(ForwardRule {
                 pod_ip,
@@ -244,10 +261,13 @@ fn as_read_back(r: AgentRule) -> AgentRule {
             owner: cut(&s.owner),
             ..s
         }),
-        AgentRule::Dnat(m) => AgentRule::Dnat(Mapping {
-            owner: cut(&m.owner),
-            ..m
-        }),
+        AgentRule::Dnat(m, source) => AgentRule::Dnat(
+            Mapping {
+                owner: cut(&m.owner),
+                ..m
+            },
+            source,
+        ),
         AgentRule::Forward(f) => AgentRule::Forward(ForwardRule {
             owner: cut(&f.owner),
             ..f
@@ -328,4 +348,87 @@ fn hairpin_rules_round_trip_with_iptables_nft_payloads() {
     assert_eq!(&v4[..4], &1u32.to_ne_bytes());
     assert!(v4[4..].iter().all(|b| *b == 0));
     assert_eq!(xt::masquerade_info(Family::Ipv6), vec![0u8; 40]);
+}
+
+/// A restricted mapping's DNAT rule carries `-s` as iptables-nft 1.8.9
+/// writes it (after the protocol, before the destination): a byte-aligned
+/// prefix loads only its bytes, another is masked, a host is a full cmp;
+/// each decodes back to its range, in both families.
+#[test]
+fn source_restricted_dnat_rules_encode_the_prefix_as_iptables_nft() {
+    let names = Names::new("podnat");
+    let rule = |public: &str, pod: &str, source: &str| {
+        AgentRule::Dnat(
+            Mapping {
+                key: NatKey {
+                    public_ip: ip(public),
+                    public_port: 993,
+                    proto: Proto::Tcp,
+                },
+                pod_ip: ip(pod),
+                pod_port: 993,
+                owner: owner("mail:imap-0"),
+            },
+            Some(source.parse().unwrap()),
+        )
+    };
+    let loads = |e: &[Expr]| -> Vec<(u32, u32)> {
+        e.iter()
+            .filter_map(|x| match x {
+                Expr::Payload { offset, len, .. } => Some((*offset, *len)),
+                _ => None,
+            })
+            .collect()
+    };
+    let bitwise = |e: &[Expr]| e.iter().any(|x| matches!(x, Expr::Bitwise { .. }));
+    // (family, public, pod, source, loads: saddr, daddr, dport; masked)
+    let cases = [
+        (
+            V4,
+            "203.0.113.7",
+            "10.1.0.5",
+            "198.51.100.0/24",
+            [(12, 3), (16, 4), (2, 2)],
+            false,
+        ),
+        (
+            V4,
+            "203.0.113.7",
+            "10.1.0.5",
+            "198.51.100.128/25",
+            [(12, 4), (16, 4), (2, 2)],
+            true,
+        ),
+        (
+            V4,
+            "203.0.113.7",
+            "10.1.0.5",
+            "198.51.100.9/32",
+            [(12, 4), (16, 4), (2, 2)],
+            false,
+        ),
+        (
+            Family::Ipv6,
+            "2001:db8::7",
+            "fd00:1::5",
+            "2001:db8:1::/48",
+            [(8, 6), (24, 16), (2, 2)],
+            false,
+        ),
+        (
+            Family::Ipv6,
+            "2001:db8::7",
+            "fd00:1::5",
+            "2001:db8:1::/50",
+            [(8, 16), (24, 16), (2, 2)],
+            true,
+        ),
+    ];
+    for (family, public, pod, source, want_loads, masked) in cases {
+        let r = rule(public, pod, source);
+        let exprs = parse_exprs(encode(&r, &names, family).exprs.attrs().as_bytes());
+        assert_eq!(loads(&exprs), want_loads, "{source}");
+        assert_eq!(bitwise(&exprs), masked, "{source}");
+        assert_eq!(decode(&exprs, &names, family), Some(r), "{source}");
+    }
 }

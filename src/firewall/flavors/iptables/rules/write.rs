@@ -79,7 +79,8 @@ fn host(e: &mut Vec<Expr>, side: Side, ip: IpAddr) {
     e.push(cmp_eq(&o));
 }
 
-/// `-d net/len`: byte-aligned prefixes load only their bytes; others load
+/// `-s`/`-d net/len` (never /0, which iptables writes as no match at all;
+/// the annotation makes a /0 an open mapping): byte-aligned prefixes load only their bytes; others load
 /// the address and mask it (as iptables-nft and ip6tables-nft do).
 fn prefix(e: &mut Vec<Expr>, side: Side, net: IpAddr, len: u8) {
     let octets = octets(&net);
@@ -170,8 +171,11 @@ pub fn exprs_of(rule: &AgentRule, names: &Names, family: Family) -> Vec<Expr> {
                 IpAddr::V6(ip) => xt("target", "SNAT", xt::SNAT6_REV, xt::snat_range(ip)),
             });
         }
-        AgentRule::Dnat(m) => {
+        AgentRule::Dnat(m, source) => {
             proto(&mut e, m.key.proto);
+            if let Some(net) = source {
+                prefix(&mut e, Side::Src, net.addr(), net.prefix_len());
+            }
             host(&mut e, Side::Dst, m.key.public_ip);
             dport(&mut e, m.key.public_port);
             comment(&mut e, &comment_for(&m.owner));
@@ -211,7 +215,7 @@ pub fn exprs_of(rule: &AgentRule, names: &Names, family: Family) -> Vec<Expr> {
 fn compat_proto(rule: &AgentRule) -> u32 {
     match rule {
         AgentRule::Snat(s) => s.proto.number().into(),
-        AgentRule::Dnat(m) => m.key.proto.number().into(),
+        AgentRule::Dnat(m, _) => m.key.proto.number().into(),
         AgentRule::Forward(f) => f.proto.number().into(),
         AgentRule::Return(_) | AgentRule::Jump(_) | AgentRule::LocalJump(_) => 0,
         AgentRule::Masquerade | AgentRule::Mark(_) => 0,

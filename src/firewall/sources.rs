@@ -1,0 +1,209 @@
+//! One published key's mapping and allowed sources, before and after a
+//! change: what the iptables flavor rewrites for a key (its DNAT rules are
+//! the mapping once per allowed range) and which keys' connections from
+//! sources no longer allowed are flushed after a commit (`Narrowed`).
+
+use ipnet::IpNet;
+
+use crate::firewall::Changes;
+use crate::model::{Mapping, NatKey, RuleSet};
+
+/// What one key holds: its mapping, if published, and its allowed ranges
+/// (empty: every source).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyView {
+    pub mapping: Option<Mapping>,
+    pub sources: Vec<IpNet>,
+}
+
+impl KeyView {
+    /// `key` in a sorted rule set (binary searches: O(log n + ranges)).
+    pub fn of(rules: &RuleSet, key: &NatKey) -> KeyView {
+        let at = rules.dnat.partition_point(|m| m.key < *key);
+        let mapping = rules.dnat.get(at).filter(|m| m.key == *key).cloned();
+        let from = rules.allow.partition_point(|a| a.key < *key);
+        let sources = rules.allow[from..]
+            .iter()
+            .take_while(|a| a.key == *key)
+            .map(|a| a.source)
+            .collect();
+        KeyView { mapping, sources }
+    }
+
+    /// This key after `ch`; `None` if `ch` does not fit it (it deletes a
+    /// mapping or a range the key does not hold).
+    pub fn after(&self, ch: &Changes, key: &NatKey) -> Option<KeyView> {
+        let (add, del) = (KeyView::of(&ch.add, key), KeyView::of(&ch.del, key));
+        if del.mapping.is_some() && del.mapping != self.mapping {
+            return None;
+        }
+        let mapping = match (add.mapping, del.mapping) {
+            (Some(m), _) => Some(m),
+            (None, Some(_)) => None,
+            (None, None) => self.mapping.clone(),
+        };
+        let mut sources = self.sources.clone();
+        for d in &del.sources {
+            let at = sources.iter().position(|s| s == d)?;
+            sources.remove(at);
+        }
+        sources.extend(add.sources);
+        sources.sort_unstable();
+        sources.dedup();
+        Some(KeyView { mapping, sources })
+    }
+
+    /// The keys whose mapping or ranges `ch` touches, sorted, once each.
+    pub fn touched(ch: &Changes) -> Vec<NatKey> {
+        let mut keys: Vec<NatKey> = [&ch.add, &ch.del]
+            .into_iter()
+            .flat_map(|r| {
+                r.dnat
+                    .iter()
+                    .map(|m| m.key)
+                    .chain(r.allow.iter().map(|a| a.key))
+            })
+            .collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+}
+
+/// A key that keeps its mapping while the sources it admits shrink (it
+/// loses a range, or an open key gets its first): conntrack entries to it
+/// from any source outside `sources` are deleted after the commit, so an
+/// established connection from a removed range ends as a removed mapping's
+/// does.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Narrowed {
+    pub key: NatKey,
+    pub sources: Vec<IpNet>,
+}
+
+impl Narrowed {
+    /// `key` from `before` to `after`, if it narrows. A key that is new,
+    /// gone or moved to another pod is not: its conntrack entries go whole
+    /// (`removed_dnat`) or there are none.
+    pub fn of(key: &NatKey, before: &KeyView, after: &KeyView) -> Option<Narrowed> {
+        let same = before.mapping.is_some() && before.mapping == after.mapping;
+        let lost =
+            before.sources.is_empty() || before.sources.iter().any(|s| !after.sources.contains(s));
+        (same && !after.sources.is_empty() && lost).then(|| Narrowed {
+            key: *key,
+            sources: after.sources.clone(),
+        })
+    }
+
+    /// The keys `ch` narrows on `before` (a rule set holding at least the
+    /// keys `ch` touches): O(change).
+    pub fn by_change(before: &RuleSet, ch: &Changes) -> Vec<Narrowed> {
+        KeyView::touched(ch)
+            .iter()
+            .filter_map(|k| {
+                let b = KeyView::of(before, k);
+                Narrowed::of(k, &b, &b.after(ch, k)?)
+            })
+            .collect()
+    }
+
+    /// The keys narrowed from `before` to `after`, whole tables (a rebuild).
+    pub fn between(before: &RuleSet, after: &RuleSet) -> Vec<Narrowed> {
+        Narrowed::by_change(before, &Changes::between(before, after))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{PodRef, Proto, SourceRule};
+
+    fn key() -> NatKey {
+        NatKey {
+            public_ip: "203.0.113.7".parse().unwrap(),
+            public_port: 993,
+            proto: Proto::Tcp,
+        }
+    }
+
+    fn table(pod: &str, ranges: &[&str]) -> RuleSet {
+        let owner = PodRef::new("mail", pod);
+        let mut r = RuleSet {
+            dnat: vec![Mapping {
+                key: key(),
+                pod_ip: "10.0.0.5".parse().unwrap(),
+                pod_port: 993,
+                owner: owner.clone(),
+            }],
+            allow: ranges
+                .iter()
+                .map(|s| SourceRule {
+                    key: key(),
+                    source: s.parse().unwrap(),
+                    owner: owner.clone(),
+                })
+                .collect(),
+            ..RuleSet::default()
+        };
+        r.normalize();
+        r
+    }
+
+    fn narrowed(before: &RuleSet, after: &RuleSet) -> Option<Vec<String>> {
+        let n = Narrowed::between(before, after);
+        assert!(n.len() <= 1);
+        n.first()
+            .map(|n| n.sources.iter().map(|s| s.to_string()).collect())
+    }
+
+    #[test]
+    fn a_key_narrows_when_it_loses_sources_and_keeps_its_mapping() {
+        let a = ["198.51.100.0/24"];
+        let ab = ["198.51.100.0/24", "192.0.2.0/24"];
+        let wide = ["198.51.0.0/16"];
+        let pod = |r: &[&str]| table("imap", r);
+        // A range removed: the rest stays admitted.
+        assert_eq!(
+            narrowed(&pod(&ab), &pod(&a)),
+            Some(vec!["198.51.100.0/24".to_string()])
+        );
+        // An open key restricted: everything else goes.
+        assert_eq!(
+            narrowed(&pod(&[]), &pod(&a)),
+            Some(vec!["198.51.100.0/24".to_string()])
+        );
+        // Replaced by a wider range: connections inside it stay (the flush
+        // keeps every source the key still admits).
+        assert_eq!(
+            narrowed(&pod(&a), &pod(&wide)),
+            Some(vec!["198.51.0.0/16".to_string()])
+        );
+        // Widened, reopened, unchanged: nothing to flush.
+        assert_eq!(narrowed(&pod(&a), &pod(&ab)), None);
+        assert_eq!(narrowed(&pod(&a), &pod(&[])), None);
+        assert_eq!(narrowed(&pod(&a), &pod(&a)), None);
+        // Another pod takes the key: its connections go whole (removed_dnat).
+        assert_eq!(narrowed(&pod(&ab), &table("other", &a)), None);
+        // New or gone.
+        assert_eq!(narrowed(&RuleSet::default(), &pod(&a)), None);
+        assert_eq!(narrowed(&pod(&a), &RuleSet::default()), None);
+    }
+
+    #[test]
+    fn a_change_that_does_not_fit_the_key_is_refused() {
+        let before = KeyView::of(&table("imap", &["198.51.100.0/24"]), &key());
+        let ch = Changes::between(
+            &table("imap", &["192.0.2.0/24"]),
+            &table("imap", &["10.0.0.0/8"]),
+        );
+        assert_eq!(before.after(&ch, &key()), None);
+        let ok = Changes::between(
+            &table("imap", &["198.51.100.0/24"]),
+            &table("imap", &["10.0.0.0/8"]),
+        );
+        assert_eq!(
+            before.after(&ok, &key()).map(|k| k.sources),
+            Some(vec!["10.0.0.0/8".parse().unwrap()])
+        );
+    }
+}
