@@ -359,34 +359,11 @@ fn ours(n: u32) -> [Row; 3] {
     [row(0), row(1), row(2)]
 }
 
-/// Source allow-lists (issue 25), nftables flavor: every port of `table(n)`
-/// restricted to one range, then one port's range replaced by two others
-/// (`apply_changes`: one range out, two in) — beside the kernel's floor for
-/// the same batch. No peer offers it. Medians of `CHANGE_REPS`.
-fn ranges_row(n: u32) -> (Duration, Duration) {
-    use podnat_controller::model::SourceRule;
-    let restrict = |t: &mut RuleSet, i: u32, ranges: &[&str]| {
-        let key = t.dnat[i as usize].key;
-        let owner = t.dnat[i as usize].owner.clone();
-        t.allow.retain(|a| a.key != key);
-        for r in ranges {
-            t.allow.push(SourceRule {
-                key,
-                source: r.parse().unwrap(),
-                owner: owner.clone(),
-            });
-        }
-        t.normalize();
-    };
-    let mut base = table(n);
-    for i in 0..n {
-        restrict(&mut base, i, &["198.51.100.0/24"]);
-    }
-    let mut moved = base.clone();
-    restrict(&mut moved, n / 2, &["192.0.2.0/25", "203.0.113.128/25"]);
-    let ns = Netns::new("br");
-    ns.run(move || {
-        let mut be = NftablesBackend::new(Names::new("podnat"));
+/// One range change (`base` → `moved`) and back, `CHANGE_REPS` times, on a
+/// backend: median of ours and of the floor (the same batch, prepared).
+macro_rules! measure_ranges {
+    ($be:expr, $base:expr, $moved:expr) => {{
+        let (mut be, base, moved) = ($be, $base, $moved);
         be.apply(&base).unwrap();
         let (go, back) = (
             Changes::between(&base, &moved),
@@ -409,7 +386,49 @@ fn ranges_row(n: u32) -> (Duration, Duration) {
             be.apply(&base).unwrap();
         }
         (median(ours), median(floor))
-    })
+    }};
+}
+
+/// Source allow-lists (issue 25), both flavors: every port of `table(n)`
+/// restricted to one range, then one port's range replaced by two others
+/// (`apply_changes`: one range out, two in; in the iptables flavor one DNAT
+/// rule out, two in) — beside the kernel's floor for the same batch. No
+/// peer offers it. Medians of `CHANGE_REPS`: (nftables, iptables), each
+/// (ours, floor).
+type Pair = (Duration, Duration);
+fn ranges_row(n: u32) -> (Pair, Pair) {
+    use podnat_controller::model::SourceRule;
+    let restrict = |t: &mut RuleSet, i: u32, ranges: &[&str]| {
+        let key = t.dnat[i as usize].key;
+        let owner = t.dnat[i as usize].owner.clone();
+        t.allow.retain(|a| a.key != key);
+        for r in ranges {
+            t.allow.push(SourceRule {
+                key,
+                source: r.parse().unwrap(),
+                owner: owner.clone(),
+            });
+        }
+        t.normalize();
+    };
+    let mut base = table(n);
+    for i in 0..n {
+        restrict(&mut base, i, &["198.51.100.0/24"]);
+    }
+    let mut moved = base.clone();
+    restrict(&mut moved, n / 2, &["192.0.2.0/25", "203.0.113.128/25"]);
+    let ns = Netns::new("br");
+    let (b, m) = (base.clone(), moved.clone());
+    let nft = ns.run(move || {
+        let be = NftablesBackend::new(Names::new("podnat"));
+        measure_ranges!(be, b, m)
+    });
+    let ns = Netns::new("bri");
+    let ipt = ns.run(move || {
+        let be = IptablesBackend::new(Names::new("podnat"), JumpPositions::default());
+        measure_ranges!(be, base, moved)
+    });
+    (nft, ipt)
 }
 
 fn peer_a(n: u32, rows: &mut [Row; 3]) {
@@ -658,14 +677,17 @@ fn main() {
         }
         print_rows("", n, &rows);
     }
-    // Source allow-lists (issue 25), nftables flavor only.
+    // Source allow-lists (issue 25).
     for &n in &sizes {
-        let (ours, floor) = ranges_row(n);
+        let ((ours, floor), (ours_ipt, floor_ipt)) = ranges_row(n);
         println!(
-            "| change 1 port's source ranges at {n} (all {n} restricted) | {} | {} | | | | | | | | | {} | | | | | | nftables only: no peer has source ranges |",
+            "| change 1 port's source ranges at {n} (all {n} restricted) | {} | {} | | {} | {} | | | | | | {} | {} | | | | | no peer has source ranges |",
             ms(Some(ours)),
             ms(Some(floor)),
-            ratio(Some(ours), Some(floor))
+            ms(Some(ours_ipt)),
+            ms(Some(floor_ipt)),
+            ratio(Some(ours), Some(floor)),
+            ratio(Some(ours_ipt), Some(floor_ipt))
         );
     }
     // IPv6 (issue 15): the same work on ip6 tables, beside

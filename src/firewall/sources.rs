@@ -31,13 +31,15 @@ impl KeyView {
     }
 
     /// This key after `ch`; `None` if `ch` does not fit it (it deletes a
-    /// mapping or a range the key does not hold).
+    /// mapping or a range the key does not hold, or adds one it holds and
+    /// does not delete), as `Changes::fits` says of a whole table.
     pub fn after(&self, ch: &Changes, key: &NatKey) -> Option<KeyView> {
         let (add, del) = (KeyView::of(&ch.add, key), KeyView::of(&ch.del, key));
         if del.mapping.is_some() && del.mapping != self.mapping {
             return None;
         }
         let mapping = match (add.mapping, del.mapping) {
+            (Some(_), None) if self.mapping.is_some() => return None,
             (Some(m), _) => Some(m),
             (None, Some(_)) => None,
             (None, None) => self.mapping.clone(),
@@ -46,6 +48,9 @@ impl KeyView {
         for d in &del.sources {
             let at = sources.iter().position(|s| s == d)?;
             sources.remove(at);
+        }
+        if add.sources.iter().any(|a| sources.contains(a)) {
+            return None;
         }
         sources.extend(add.sources);
         sources.sort_unstable();
@@ -205,5 +210,21 @@ mod tests {
             before.after(&ok, &key()).map(|k| k.sources),
             Some(vec!["10.0.0.0/8".parse().unwrap()])
         );
+        // Adding what the key holds (its mapping, a range it has) does not
+        // fit either.
+        let held = table("imap", &["198.51.100.0/24"]);
+        let again = Changes {
+            add: held.clone(),
+            del: RuleSet::default(),
+        };
+        assert_eq!(before.after(&again, &key()), None);
+        let range_again = Changes {
+            add: RuleSet {
+                allow: held.allow.clone(),
+                ..RuleSet::default()
+            },
+            del: RuleSet::default(),
+        };
+        assert_eq!(before.after(&range_again, &key()), None);
     }
 }
