@@ -354,6 +354,28 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
         );
     }
 
+    // Ranges replaced by wider ones: the key narrows on paper (a range
+    // went), but the flush keeps every source still admitted — the
+    // client's open connections go on.
+    let mut held: Vec<TcpStream> = [PUBLIC4, PUBLIC6]
+        .iter()
+        .map(|p| open(&sb.client, p, 25).expect("client connection"))
+        .collect();
+    let wider = owned_by(
+        &rules(&[(PUBLIC4, "203.0.113.0/29"), (PUBLIC6, "2001:db8::/125")]),
+        "mx-1",
+    );
+    let report = apply_change(&sb.node, flavor, Changes::between(&swapped, &wider));
+    assert_eq!(report.narrowed.len(), 2);
+    assert_views(&sb.node, flavor, &wider);
+    for s in &mut held {
+        assert!(
+            echoes(s),
+            "a connection from a range still admitted goes on"
+        );
+    }
+    drop(held);
+
     sb.node
         .run(move || flavor_backend(flavor, Families::DUAL).cleanup())
         .unwrap();

@@ -69,8 +69,9 @@ pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>
             lines.push(format!(
                 "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}), \
                  {second} mapping(s) on the second protocol of a port and {restricted} \
-                 mapping(s) with source allow-lists removed; the Go version's chains and \
-                 rules kept",
+                 mapping(s) with source allow-lists removed (the Go version ignores \
+                 sourceRanges and publishes those entries to every source when it runs); \
+                 the Go version's chains and rules kept",
                 rules.local.len(),
                 names.output
             ));

@@ -55,6 +55,11 @@ impl KeyView {
         sources.extend(add.sources);
         sources.sort_unstable();
         sources.dedup();
+        // Ranges without a mapping would be dropped here, and a later
+        // change adding the mapping alone would publish it open.
+        if mapping.is_none() && !sources.is_empty() {
+            return None;
+        }
         Some(KeyView { mapping, sources })
     }
 
@@ -226,5 +231,24 @@ mod tests {
             del: RuleSet::default(),
         };
         assert_eq!(before.after(&range_again, &key()), None);
+        // Another mapping added over the one the key holds, without its
+        // delete; ranges left on a key whose mapping goes.
+        let other = table("other", &["198.51.100.0/24"]);
+        let over = Changes {
+            add: RuleSet {
+                dnat: other.dnat.clone(),
+                ..RuleSet::default()
+            },
+            del: RuleSet::default(),
+        };
+        assert_eq!(before.after(&over, &key()), None);
+        let orphan = Changes {
+            add: RuleSet::default(),
+            del: RuleSet {
+                dnat: held.dnat.clone(),
+                ..RuleSet::default()
+            },
+        };
+        assert_eq!(before.after(&orphan, &key()), None);
     }
 }

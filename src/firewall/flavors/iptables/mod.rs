@@ -321,6 +321,10 @@ impl Flavor for Iptables {
                 // Reported against what the kernel holds, not the state
                 // with the agent's chains gone.
                 (c.added_dnat, c.removed_dnat) = c.dnat_changes(state, desired);
+                // An earlier version's mapping (the Go version publishes every
+                // entry open) restricted now: its other sources' connections
+                // go too.
+                c.narrowed = Narrowed::between(&state.rules(), desired);
                 c.adopt = Some(a);
                 c
             }

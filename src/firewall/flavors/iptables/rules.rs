@@ -48,9 +48,6 @@ pub enum AgentRule {
 }
 
 impl AgentRule {
-    /// What must stay in order inside a chain: the internal-network RETURNs
-    /// before the SNATs. Rules of one rank match disjoint packets (or share
-    /// the verdict), so any order of them is the same chain.
     /// Whether every rule of this kind sorts before every DNAT rule.
     pub fn rank_before_dnat(&self) -> bool {
         matches!(
@@ -59,6 +56,9 @@ impl AgentRule {
         )
     }
 
+    /// What must stay in order inside a chain: the internal-network RETURNs
+    /// before the SNATs. Rules of one rank match disjoint packets (or share
+    /// the verdict), so any order of them is the same chain.
     pub fn rank(&self) -> u8 {
         match self {
             AgentRule::Masquerade => 0,

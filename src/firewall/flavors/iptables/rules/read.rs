@@ -189,7 +189,10 @@ fn source_net(data: &[u8], mask: Option<&[u8]>, family: Family) -> Option<IpNet>
         Some(m) => m.iter().map(|b| b.count_ones()).sum::<u32>(),
         None => 8 * data.len() as u32,
     };
-    IpNet::new(encode::ip_at(&bytes, 0, family)?, u8::try_from(len).ok()?).ok()
+    // Host bits set: a rule that matches nothing, not one the agent writes.
+    IpNet::new(encode::ip_at(&bytes, 0, family)?, u8::try_from(len).ok()?)
+        .ok()
+        .filter(|n| n.trunc() == *n)
 }
 
 /// Decodes a rule of the agent's; `None` for anything that is not exactly

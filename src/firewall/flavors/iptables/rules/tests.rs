@@ -431,4 +431,16 @@ fn source_restricted_dnat_rules_encode_the_prefix_as_iptables_nft() {
         assert_eq!(bitwise(&exprs), masked, "{source}");
         assert_eq!(decode(&exprs, &names, family), Some(r), "{source}");
     }
+    // A masked source whose value has host bits set matches nothing: not a
+    // rule the agent writes.
+    let r = rule("203.0.113.7", "10.1.0.5", "198.51.100.128/25");
+    let mut exprs = parse_exprs(encode(&r, &names, V4).exprs.attrs().as_bytes());
+    for e in &mut exprs {
+        if let Expr::Cmp { data, .. } = e {
+            if data.as_slice() == [198, 51, 100, 128] {
+                *data = vec![198, 51, 100, 129];
+            }
+        }
+    }
+    assert_eq!(decode(&exprs, &names, V4), None);
 }
