@@ -386,39 +386,60 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
     );
 }
 
-/// The agent's table as the version before allow-lists made it (marked, no
-/// source sets or chains): read as the agent's own, then rebuilt once by
-/// the next apply with the same elements (no mapping added or removed).
+/// The agent's table as the versions before made it (marked, without the
+/// allow-lists' and the counters' sets and chains; then without the
+/// counters'): read as the agent's own, then rebuilt once by the next apply
+/// with the same elements (no mapping added or removed).
 #[test]
-fn a_table_of_the_layout_before_allow_lists_is_rebuilt_with_its_elements() {
-    let ns = Netns::new("src-up");
-    crowd_dual(&ns);
-    let v4 = rules(&[]).of_family(Family::Ipv4);
-    let text = view::nft_with(&v4, &names(), Family::Ipv4, true);
-    // Drop the blocks of the source allow-lists (each ends at a blank line
-    // or at the table's end).
-    let body = text.trim_end().strip_suffix('}').unwrap();
-    let old: Vec<&str> = body
-        .split("\n\n")
-        .filter(|b| {
-            !b.trim_start().starts_with("set source_")
-                && !b.trim_start().starts_with("chain source_")
-        })
-        .collect();
-    let old = format!("{}\n}}\n", old.join("\n\n").trim_end());
-    assert!(!old.contains("source_"), "{old}");
-    ns.sh(&format!("nft -f - <<'EOF'\n{old}EOF"));
-    let back = ns.run(|| backend_of(Families::default()).read()).unwrap();
-    assert_eq!(back, v4, "read as the agent's own");
-    let report = ns
-        .run(move || backend_of(Families::default()).apply(&v4))
-        .unwrap();
-    assert!(report.rebuilt, "{report:?}");
-    assert!(report.added_dnat.is_empty() && report.removed_dnat.is_empty());
-    assert_eq!(
-        view::canonical_nft(&ns.sh("nft list table ip podnat")),
-        view::canonical_nft(&text)
-    );
+fn a_table_of_an_earlier_layout_is_rebuilt_with_its_elements() {
+    let before_allow_lists: &[&str] = &[
+        "set source_",
+        "chain source_",
+        "set mapping_traffic",
+        "chain traffic_",
+    ];
+    let before_counters: &[&str] = &["set mapping_traffic", "chain traffic_"];
+    for (tag, dropped, ranges) in [
+        ("src-up", before_allow_lists, &[][..]),
+        (
+            "src-up2",
+            before_counters,
+            &[(PUBLIC4, "203.0.113.0/30")][..],
+        ),
+    ] {
+        let ns = Netns::new(tag);
+        crowd_dual(&ns);
+        let v4 = rules(ranges).of_family(Family::Ipv4);
+        let text = view::nft_with(&v4, &names(), Family::Ipv4, true);
+        // Drop the blocks of what the layout did not have yet (each ends
+        // at a blank line or at the table's end).
+        let body = text.trim_end().strip_suffix('}').unwrap();
+        let old: Vec<&str> = body
+            .split("\n\n")
+            .filter(|b| !dropped.iter().any(|d| b.trim_start().starts_with(d)))
+            .collect();
+        let old = format!("{}\n}}\n", old.join("\n\n").trim_end());
+        assert!(!old.contains("traffic"), "{old}");
+        ns.sh(&format!("nft -f - <<'EOF'\n{old}EOF"));
+        let expected = v4.clone();
+        let back = ns.run(|| backend_of(Families::default()).read()).unwrap();
+        assert_eq!(back, expected, "{tag}: read as the agent's own");
+        let report = ns
+            .run(move || backend_of(Families::default()).apply(&v4))
+            .unwrap();
+        assert!(report.rebuilt, "{tag}: {report:?}");
+        assert!(report.added_dnat.is_empty() && report.removed_dnat.is_empty());
+        assert_eq!(
+            view::canonical_nft(&ns.sh("nft list table ip podnat")),
+            view::canonical_nft(&text),
+            "{tag}"
+        );
+        let again = expected.clone();
+        let report = ns
+            .run(move || backend_of(Families::default()).apply(&again))
+            .unwrap();
+        assert_eq!(report.messages, 0, "{tag}: rebuilt once");
+    }
 }
 
 /// Someone turns the drop rule around (same expressions, the lookup no
@@ -448,8 +469,9 @@ fn a_tampered_source_rule_is_rebuilt() {
     );
 }
 
-/// On a kernel before 5.6 (no concatenated interval sets) the flavor's
-/// layout has no source sets or chains: it is applied, read back as whole
+/// On a kernel before 5.7 (no concatenated interval sets, or no element
+/// counters a lookup updates) the flavor's layout has no source or traffic
+/// sets or chains: it is applied, read back as whole
 /// (a second apply sends nothing), and rules with ranges are refused with
 /// nothing applied.
 #[test]
@@ -462,7 +484,10 @@ fn without_interval_concatenations_the_layout_has_no_source_objects() {
     let r = open.clone();
     ns.run(move || old().apply(&r)).unwrap();
     let listing = ns.sh("nft list table ip podnat; nft list table ip6 podnat");
-    assert!(!listing.contains("source_"), "{listing}");
+    assert!(
+        !listing.contains("source_") && !listing.contains("traffic"),
+        "{listing}"
+    );
     let r = open.clone();
     let again = ns.run(move || old().apply(&r)).unwrap();
     assert_eq!(again.messages, 0, "{again:?}");
@@ -471,7 +496,7 @@ fn without_interval_concatenations_the_layout_has_no_source_objects() {
         .run(move || old().apply(&ranged))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("need Linux 5.6"), "{err}");
+    assert!(err.contains("need Linux 5.7"), "{err}");
     let after = ns.sh("nft list table ip podnat; nft list table ip6 podnat");
     assert_eq!(after, listing, "nothing applied");
     ns.run(move || old().cleanup()).unwrap();

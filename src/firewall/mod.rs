@@ -171,7 +171,7 @@ pub fn backend_with(
 
 /// Whether `flavor` enforces an entry's `sourceRanges` on this kernel: the
 /// iptables flavor always (a DNAT rule per range), the nftables flavor on
-/// Linux 5.6 or later (concatenated interval sets). The planner refuses
+/// Linux 5.7 or later (concatenated interval sets, 5.6). The planner refuses
 /// such entries by name where not.
 pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
     flavor == crate::config::Flavor::Iptables || flavors::nftables::kernel_supports_source_ranges()

@@ -49,6 +49,13 @@ pub const NFT_SOURCE_PRE_CHAIN: &str = "source_prerouting";
 pub const NFT_SOURCE_OUT_CHAIN: &str = "source_output";
 /// Before the agent's DNAT (-101) and conntrack's (-200) after: `dstnat - 10`.
 pub const NFT_SOURCE_PRIORITY: i32 = -110;
+/// Per-mapping traffic counters: a set of the published keys with a counter
+/// on each element, looked up by every forwarded packet of a connection
+/// whose original destination is one (both directions), just before the
+/// agent's forward chain.
+pub const NFT_TRAFFIC_SET: &str = "mapping_traffic";
+pub const NFT_TRAFFIC_CHAIN: &str = "traffic_forward";
+pub const NFT_TRAFFIC_PRIORITY: i32 = -2;
 /// The mark bit of a hairpin connection (a pod of this node to a published
 /// address of the node): set in prerouting, masqueraded on in postrouting, as
 /// netavark does with the same bit; kube-proxy's bits are 0x4000 and 0x8000.

@@ -300,6 +300,20 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         nft_elements_by(&mut out, &elements, per_line);
         out.push_str("\t}\n\n");
     }
+    let _ = writeln!(out, "\tset {} {{", names::NFT_TRAFFIC_SET);
+    let _ = writeln!(
+        out,
+        "\t\ttype {addr} . inet_proto . inet_service\n\t\tcounter"
+    );
+    nft_elements(
+        &mut out,
+        &rules
+            .dnat
+            .iter()
+            .map(nft_traffic_element)
+            .collect::<Vec<_>>(),
+    );
+    out.push_str("\t}\n\n");
     let _ = writeln!(out, "\tset {} {{", names::NFT_RESTRICTED_SET);
     let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
     let mut keys: Vec<String> = rules.allow.iter().map(|a| nft_key(&a.key)).collect();
@@ -425,8 +439,31 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         );
         out.push_str("\t}\n");
     }
+    let _ = writeln!(out, "\n\tchain {} {{", names::NFT_TRAFFIC_CHAIN);
+    let _ = writeln!(out, "\t\tcomment \"{mark}\"");
+    let _ = writeln!(
+        out,
+        "\t\ttype filter hook forward priority {}; policy accept;",
+        nft_priority("filter", names::NFT_TRAFFIC_PRIORITY)
+    );
+    let _ = writeln!(
+        out,
+        "\t\tct original {fam} daddr . ct protocol . ct original proto-dst @{}",
+        names::NFT_TRAFFIC_SET
+    );
+    out.push_str("\t}\n");
     out.push_str("}\n");
     out
+}
+
+/// A counted key in `mapping_traffic`: the view shows no traffic (the
+/// counters are the metrics'; `canonical_nft` zeroes the kernel's).
+pub fn nft_traffic_element(m: &Mapping) -> String {
+    format!(
+        "{} counter packets 0 bytes 0 comment \"{}\"",
+        nft_key(&m.key),
+        m.owner
+    )
 }
 
 /// `address . proto . port` of a key, as nft prints it.
@@ -474,7 +511,7 @@ pub fn canonical_nft(text: &str) -> String {
         let body = body.trim_end().trim_end_matches('}').trim_end();
         let mut elems: Vec<String> = body
             .split(',')
-            .map(|e| e.trim().to_string())
+            .map(|e| zero_counter(e.trim()))
             .filter(|e| !e.is_empty())
             .collect();
         elems.sort_by_key(|e| sort_key(e));
@@ -488,6 +525,21 @@ pub fn canonical_nft(text: &str) -> String {
         s.push('\n');
     }
     s
+}
+
+/// An element's `counter packets N bytes M` as `counter packets 0 bytes 0`:
+/// traffic is not part of the rule view.
+fn zero_counter(e: &str) -> String {
+    let Some(at) = e.find("counter packets ") else {
+        return e.to_string();
+    };
+    let rest = &e[at + "counter packets ".len()..];
+    let mut words = rest.splitn(4, ' ');
+    let (Some(_), Some("bytes"), Some(_)) = (words.next(), words.next(), words.next()) else {
+        return e.to_string();
+    };
+    let tail = words.next().map(|t| format!(" {t}")).unwrap_or_default();
+    format!("{}counter packets 0 bytes 0{tail}", &e[..at])
 }
 
 /// Numeric-aware key: addresses and ports compare as numbers.

@@ -219,6 +219,17 @@ impl Exprs {
         })
     }
 
+    /// `ct [original] <key>` into `dreg`, as nft encodes it (keys of both
+    /// directions, like the protocol, without a direction).
+    pub fn ct_load(&mut self, key: u32, original: bool, dreg: u32) -> &mut Self {
+        self.push("ct", |d| {
+            d.be32(sys::NFTA_CT_DREG, dreg).be32(sys::NFTA_CT_KEY, key);
+            if original {
+                d.bytes(sys::NFTA_CT_DIRECTION, &[0]);
+            }
+        })
+    }
+
     /// `ct state new` as nft encodes it natively: load, mask, compare ≠ 0.
     pub fn ct_state_new(&mut self) -> &mut Self {
         self.push("ct", |d| {

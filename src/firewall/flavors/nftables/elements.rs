@@ -138,16 +138,24 @@ pub(super) struct ElementWriter<'b> {
     pub(super) sent: Vec<ElementMsg>,
     /// The comment of the element being written (one buffer for them all).
     udata: Vec<u8>,
+    /// The layout counts traffic: every DNAT key is also a counted element.
+    traffic: bool,
 }
 
 impl<'b> ElementWriter<'b> {
-    pub(super) fn new(batch: &'b mut NftBatch, family: Family, table: &'b str) -> Self {
+    pub(super) fn new(
+        batch: &'b mut NftBatch,
+        family: Family,
+        table: &'b str,
+        traffic: bool,
+    ) -> Self {
         ElementWriter {
             batch,
             family,
             table,
             sent: Vec::with_capacity(4),
             udata: Vec::with_capacity(2 + MAX_COMMENT + 1),
+            traffic,
         }
     }
 
@@ -219,6 +227,15 @@ impl<'b> ElementWriter<'b> {
     /// them for a whole table, the transitions for a change).
     pub(super) fn write_all(&mut self, rules: &RuleSet, restricted: &[NatKey], delete: bool) {
         self.write(names::NFT_DNAT_MAP, dnat_elements(&rules.dnat), delete);
+        if self.traffic {
+            // A key's counter goes with its mapping: a key that changes
+            // hands starts again from zero.
+            self.write(
+                names::NFT_TRAFFIC_SET,
+                traffic_elements(&rules.dnat),
+                delete,
+            );
+        }
         self.write(names::NFT_SNAT_MAP, snat_elements(&rules.snat), delete);
         self.write(
             names::NFT_FORWARD_SET,
@@ -326,6 +343,16 @@ pub(super) fn dnat_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> 
     })
 }
 
+/// A published key, counted (its owner's comment).
+pub(super) fn traffic_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> {
+    v.iter().map(|m| Element {
+        key: key_value(&m.key),
+        key_end: None,
+        data: None,
+        owner: Some(&m.owner),
+    })
+}
+
 pub(super) fn snat_elements(v: &[SnatRule]) -> impl Iterator<Item = Element<'_>> {
     v.iter().map(|s| Element {
         key: Value::of(&[&octets(&s.pod_ip), &proto_field(s.proto)]),
@@ -359,15 +386,15 @@ pub(super) fn local_elements(v: &[LocalPod]) -> impl Iterator<Item = Element<'_>
 
 /// Element deletes first, then adds: a retargeted key is deleted and re-added
 /// with its new data in the same batch.
+/// `to`: the family, the table and whether it counts traffic.
 pub(super) fn encode_changes(
     batch: &mut NftBatch,
-    family: Family,
-    table: &str,
+    (family, table, traffic): (Family, &str, bool),
     current: &[SourceRule],
     ch: &Changes,
 ) -> Vec<ElementMsg> {
     let (restrict, free) = restricted_changes(current, ch);
-    let mut w = ElementWriter::new(batch, family, table);
+    let mut w = ElementWriter::new(batch, family, table, traffic);
     w.write_all(&ch.del, &free, true);
     w.write_all(&ch.add, &restrict, false);
     w.sent
@@ -443,7 +470,7 @@ pub(super) fn decode_element(
 }
 
 /// `public_ip . proto . port` at the head of a key.
-fn nat_key_at(f: Family, key: &[u8]) -> Option<NatKey> {
+pub(super) fn nat_key_at(f: Family, key: &[u8]) -> Option<NatKey> {
     let n = encode::header(f).addr_len as usize;
     Some(NatKey {
         public_ip: encode::ip_at(key, 0, f)?,
@@ -518,14 +545,15 @@ pub(super) fn read_elements(
     sock: &mut NfSocket,
     family: Family,
     local: bool,
-    sources: bool,
+    features: Features,
     tname: &str,
     mut out: Option<&mut RuleSet>,
 ) -> Result<(u64, bool), NetlinkError> {
     use std::hash::{Hash, Hasher};
     let (mut sum, mut count, mut decoded) = (0u64, 0u64, true);
     let mut restricted: Vec<NatKey> = Vec::new();
-    for shape in &sets_of(family, local, sources) {
+    let mut counted: Vec<NatKey> = Vec::new();
+    for shape in &sets_of(family, local, features) {
         let scope = Scope::object(family.nfproto(), tname, shape.name);
         for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
             let Some(list) = find_attr(&msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
@@ -548,9 +576,14 @@ pub(super) fn read_elements(
                 let Some(rules) = out.as_deref_mut() else {
                     continue;
                 };
-                if shape.name == names::NFT_RESTRICTED_SET {
+                if shape.name == names::NFT_RESTRICTED_SET || shape.name == names::NFT_TRAFFIC_SET {
+                    let keys = if shape.name == names::NFT_TRAFFIC_SET {
+                        &mut counted
+                    } else {
+                        &mut restricted
+                    };
                     match nat_key_at(family, key) {
-                        Some(k) => restricted.push(k),
+                        Some(k) => keys.push(k),
                         None => decoded = false,
                     }
                     continue;
@@ -581,6 +614,11 @@ pub(super) fn read_elements(
         // but not restricted would let every source in.
         restricted.sort();
         if restricted != restricted_keys(&rules.allow) {
+            decoded = false;
+        }
+        // Every published key is counted, and only those.
+        counted.sort();
+        if features.traffic && !counted.iter().eq(rules.dnat.iter().map(|m| &m.key)) {
             decoded = false;
         }
     }

@@ -19,6 +19,43 @@ pub(super) const fn concat(types: &[u32]) -> u32 {
     v
 }
 
+/// What a table holds beyond the NAT maps and sets, by the agent's version
+/// and the kernel: this version's layout on Linux 5.7 or later has both;
+/// the version before had the allow-lists only; before that, and on an
+/// older kernel, neither.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Source allow-lists: concatenated interval sets (Linux 5.6).
+    pub sources: bool,
+    /// Per-mapping traffic counters: element counters a lookup updates
+    /// (Linux 5.7).
+    pub traffic: bool,
+}
+
+impl Features {
+    pub const ALL: Features = Features {
+        sources: true,
+        traffic: true,
+    };
+    pub const NONE: Features = Features {
+        sources: false,
+        traffic: false,
+    };
+    /// The layout of the version before per-mapping counters.
+    pub const SOURCES_ONLY: Features = Features {
+        sources: true,
+        traffic: false,
+    };
+
+    /// The layouts earlier versions of the agent made that this one reads
+    /// (with their elements) and rebuilds once: those with fewer objects.
+    pub(super) fn older(self) -> impl Iterator<Item = Features> {
+        [Features::SOURCES_ONLY, Features::NONE]
+            .into_iter()
+            .filter(move |f| *f != self && (self.sources || !f.sources))
+    }
+}
+
 /// Shape of one of the agent's sets: what the kernel must report back.
 pub(super) struct SetShape {
     pub(super) name: &'static str,
@@ -28,6 +65,8 @@ pub(super) struct SetShape {
     /// An interval set of a concatenation (pipapo, Linux 5.6): the length of
     /// each field, as nft describes it (NFTA_SET_DESC_CONCAT).
     pub(super) intervals: Option<&'static [u32]>,
+    /// A counter on every element (NFTA_SET_EXPR: `counter;` in nft).
+    pub(super) counter: bool,
 }
 
 impl SetShape {
@@ -47,23 +86,24 @@ impl SetShape {
     }
 }
 
-/// The sets and chains of source allow-lists: not in an earlier version's
-/// layout, which an unmarked table is checked against.
-pub(super) fn is_source_object(name: &str) -> bool {
-    [
+/// Whether the object `name` is in a layout with `features`.
+fn in_layout(name: &str, features: Features) -> bool {
+    let source = [
         names::NFT_RESTRICTED_SET,
         names::NFT_SOURCES_SET,
         names::NFT_SOURCE_PRE_CHAIN,
         names::NFT_SOURCE_OUT_CHAIN,
     ]
-    .contains(&name)
+    .contains(&name);
+    let traffic = [names::NFT_TRAFFIC_SET, names::NFT_TRAFFIC_CHAIN].contains(&name);
+    (features.sources || !source) && (features.traffic || !traffic)
 }
 
 /// The sets of a family's table: the same three (four with
 /// `-localaccess`), keyed by that family's addresses (4 or 16 bytes; the
 /// other fields padded to 4).
-/// `sources`: with the source allow-lists' sets (Linux 5.6).
-pub(super) fn sets_of(f: Family, local: bool, sources: bool) -> Vec<SetShape> {
+/// `features`: with the source allow-lists' and the counters' sets.
+pub(super) fn sets_of(f: Family, local: bool, features: Features) -> Vec<SetShape> {
     let (addr, len) = match f {
         Family::Ipv4 => (TYPE_IPADDR, 4),
         Family::Ipv6 => (TYPE_IP6ADDR, 16),
@@ -75,6 +115,7 @@ pub(super) fn sets_of(f: Family, local: bool, sources: bool) -> Vec<SetShape> {
             key_len: len + 8,
             data: Some((concat(&[addr, TYPE_INET_SERVICE]), len + 4)),
             intervals: None,
+            counter: false,
         },
         SetShape {
             name: names::NFT_SNAT_MAP,
@@ -82,6 +123,7 @@ pub(super) fn sets_of(f: Family, local: bool, sources: bool) -> Vec<SetShape> {
             key_len: len + 4,
             data: Some((addr, len)),
             intervals: None,
+            counter: false,
         },
         SetShape {
             name: names::NFT_FORWARD_SET,
@@ -89,6 +131,7 @@ pub(super) fn sets_of(f: Family, local: bool, sources: bool) -> Vec<SetShape> {
             key_len: len + 8,
             data: None,
             intervals: None,
+            counter: false,
         },
     ];
     if local {
@@ -98,9 +141,20 @@ pub(super) fn sets_of(f: Family, local: bool, sources: bool) -> Vec<SetShape> {
             key_len: len,
             data: None,
             intervals: None,
+            counter: false,
         });
     }
-    if !sources {
+    if features.traffic {
+        sets.push(SetShape {
+            name: names::NFT_TRAFFIC_SET,
+            key_type: concat(&[addr, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE]),
+            key_len: len + 8,
+            data: None,
+            intervals: None,
+            counter: true,
+        });
+    }
+    if !features.sources {
         return sets;
     }
     sets.push(SetShape {
@@ -109,6 +163,7 @@ pub(super) fn sets_of(f: Family, local: bool, sources: bool) -> Vec<SetShape> {
         key_len: len + 8,
         data: None,
         intervals: None,
+        counter: false,
     });
     sets.push(SetShape {
         name: names::NFT_SOURCES_SET,
@@ -119,6 +174,7 @@ pub(super) fn sets_of(f: Family, local: bool, sources: bool) -> Vec<SetShape> {
             Family::Ipv4 => &[4, 1, 2, 4],
             Family::Ipv6 => &[16, 1, 2, 16],
         }),
+        counter: false,
     });
     sets
 }
@@ -132,15 +188,22 @@ pub(super) struct ChainShape {
 }
 
 /// The base chains (the nat output one and the source filter's output one
-/// too with `-localaccess`).
-/// `sources`: with the source allow-lists' filter chains.
-pub(super) fn chains_of(local: bool, sources: bool) -> Vec<ChainShape> {
+/// too with `-localaccess`), with the allow-lists' and the counters' as
+/// `features` says.
+pub(super) fn chains_of(local: bool, features: Features) -> Vec<ChainShape> {
     let all: &[ChainShape] = if local { &CHAINS_LOCAL } else { &CHAINS };
     all.iter()
-        .filter(|c| sources || !is_source_object(c.name))
+        .filter(|c| in_layout(c.name, features))
         .copied()
         .collect()
 }
+
+const TRAFFIC: ChainShape = ChainShape {
+    name: names::NFT_TRAFFIC_CHAIN,
+    hook: HookClass::Forward,
+    priority: names::NFT_TRAFFIC_PRIORITY,
+    nat: false,
+};
 
 const SOURCE_PRE: ChainShape = ChainShape {
     name: names::NFT_SOURCE_PRE_CHAIN,
@@ -156,15 +219,22 @@ const SOURCE_OUT: ChainShape = ChainShape {
     nat: false,
 };
 
-const CHAINS: [ChainShape; 4] = [NAT_CHAINS[0], NAT_CHAINS[1], NAT_CHAINS[2], SOURCE_PRE];
+const CHAINS: [ChainShape; 5] = [
+    NAT_CHAINS[0],
+    NAT_CHAINS[1],
+    NAT_CHAINS[2],
+    SOURCE_PRE,
+    TRAFFIC,
+];
 
-const CHAINS_LOCAL: [ChainShape; 6] = [
+const CHAINS_LOCAL: [ChainShape; 7] = [
     NAT_CHAINS[0],
     NAT_CHAINS[1],
     NAT_CHAINS[2],
     NAT_CHAINS[3],
     SOURCE_PRE,
     SOURCE_OUT,
+    TRAFFIC,
 ];
 
 const NAT_CHAINS: [ChainShape; 4] = [
@@ -213,6 +283,22 @@ pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
         e
     };
     match chain {
+        names::NFT_TRAFFIC_CHAIN => {
+            // Every packet of a connection whose original destination is a
+            // published key, both directions: its element's counter counts
+            // it (no verdict). Only TCP and UDP keys are elements, so an
+            // ICMP entry's type/code in proto-dst never matches.
+            let dst = match f {
+                Family::Ipv4 => sys::NFT_CT_DST_IP,
+                Family::Ipv6 => sys::NFT_CT_DST_IP6,
+            };
+            let mut e = Exprs::new();
+            e.ct_load(dst, true, REG_1)
+                .ct_load(sys::NFT_CT_PROTOCOL, false, next)
+                .ct_load(sys::NFT_CT_PROTO_DST, true, after)
+                .lookup(names::NFT_TRAFFIC_SET, REG_1, None);
+            vec![e]
+        }
         names::NFT_SOURCE_PRE_CHAIN | names::NFT_SOURCE_OUT_CHAIN => {
             // A restricted key from a source outside its ranges: dropped,
             // every packet (an established connection from a range that was
@@ -301,11 +387,11 @@ pub(super) struct TableDump {
 impl TableDump {
     /// Whether the table holds exactly the agent's sets, base chains and
     /// rules for `family` (with `local`: the output chain and local set).
-    /// `sources`: with the source allow-lists' sets and chains (false: the
-    /// layout before them, or of a kernel without interval concatenations).
-    pub(super) fn is_layout(&self, family: Family, local: bool, sources: bool) -> bool {
-        let shapes = sets_of(family, local, sources);
-        let chain_shapes = &chains_of(local, sources)[..];
+    /// `features`: with which of the allow-lists' and the counters' sets
+    /// and chains (an earlier version's layout, or an older kernel's).
+    pub(super) fn is_layout(&self, family: Family, local: bool, features: Features) -> bool {
+        let shapes = sets_of(family, local, features);
+        let chain_shapes = &chains_of(local, features)[..];
         let mut ok = self.sets.len() == shapes.len();
         for shape in &shapes {
             let found = self
@@ -318,6 +404,7 @@ impl TableDump {
                 attr_be32(s, sys::NFTA_SET_KEY_TYPE) == Some(shape.key_type)
                     && attr_be32(s, sys::NFTA_SET_KEY_LEN) == Some(shape.key_len)
                     && flags & kinds == shape.flags()
+                    && set_counter(s) == shape.counter
                     && shape.data.is_none_or(|(t, l)| {
                         attr_be32(s, sys::NFTA_SET_DATA_TYPE) == Some(t)
                             && attr_be32(s, sys::NFTA_SET_DATA_LEN) == Some(l)
@@ -360,4 +447,12 @@ impl TableDump {
                 .map(|c| chain_rules(c.name, family, local).len())
                 .sum::<usize>()
     }
+}
+
+/// Whether a dumped set carries a counter for each element (NFTA_SET_EXPR).
+fn set_counter(set: &[u8]) -> bool {
+    find_attr(set, sys::NFTA_SET_EXPR)
+        .and_then(|e| attr_str(e, sys::NFTA_EXPR_NAME))
+        .as_deref()
+        == Some("counter")
 }

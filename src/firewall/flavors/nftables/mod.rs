@@ -26,9 +26,12 @@ use crate::model::{
 
 mod elements;
 mod layout;
+mod traffic;
 
 use self::elements::*;
+pub use self::layout::Features;
 use self::layout::*;
+pub use self::traffic::{read_traffic, Traffic};
 
 /// What the kernel holds of the agent's table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -65,23 +68,24 @@ pub struct Nftables {
     /// `-localaccess`: the output chain, the hairpin mark and masquerade,
     /// the set of this node's pods.
     local: bool,
-    /// The source allow-lists' sets and chains are part of the layout (the
-    /// kernel has concatenated interval sets: Linux 5.6).
-    sources: bool,
+    /// The source allow-lists' and the counters' sets and chains are part
+    /// of the layout (the kernel has what they need: Linux 5.7).
+    features: Features,
 }
 
 /// Rules with ranges on a kernel without concatenated interval sets: the
 /// planner refuses such entries first; if they came, nothing is applied
 /// rather than the port opened to every source.
-const NO_SOURCE_RANGES: &str = "source allow-lists (sourceRanges) need Linux 5.6 or later (concatenated interval sets); nothing applied";
+const NO_SOURCE_RANGES: &str = "source allow-lists (sourceRanges) need Linux 5.7 or later (concatenated interval sets); nothing applied";
 
-/// The kernel release `sourceRanges` needs in this flavor: concatenated
-/// interval sets (nft_set_pipapo) came with Linux 5.6.
-pub const SOURCE_RANGES_KERNEL: (u32, u32) = (5, 6);
+/// The kernel release this flavor's source allow-lists and per-mapping
+/// counters need: concatenated interval sets (nft_set_pipapo) came with
+/// Linux 5.6, element counters a lookup updates with 5.7.
+pub const SOURCE_RANGES_KERNEL: (u32, u32) = (5, 7);
 
-/// Whether this kernel has what source allow-lists need (its release, from
-/// /proc/sys/kernel/osrelease; unreadable: assumed, and a refusal of the
-/// first batch would then say so).
+/// Whether this kernel has what source allow-lists and per-mapping counters
+/// need (its release, from /proc/sys/kernel/osrelease; unreadable: assumed,
+/// and a refusal of the first batch would then say so).
 pub fn kernel_supports_source_ranges() -> bool {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .ok()
@@ -115,19 +119,36 @@ impl NftablesBackend {
         Self::with_layout(names, families, local, kernel_supports_source_ranges())
     }
 
-    /// `sources`: with the source allow-lists' sets and chains (false: the
-    /// layout of a kernel before 5.6, which refuses rules with ranges).
+    /// `sources`: with the source allow-lists' and the counters' sets and
+    /// chains (false: the layout of a kernel before 5.7, which refuses
+    /// rules with ranges and counts nothing).
     pub fn with_layout(
         names: Names,
         families: Families,
         local: bool,
         sources: bool,
     ) -> NftablesBackend {
+        let features = if sources {
+            Features::ALL
+        } else {
+            Features::NONE
+        };
+        Self::with_features(names, families, local, features)
+    }
+
+    /// The layout with `features` (e.g. an earlier version's, in tests of
+    /// the upgrade).
+    pub fn with_features(
+        names: Names,
+        families: Families,
+        local: bool,
+        features: Features,
+    ) -> NftablesBackend {
         Applier::with_flavor(PerFamily::new(families, |family| Nftables {
             names: names.clone(),
             family,
             local,
-            sources,
+            features,
         }))
     }
 }
@@ -144,7 +165,7 @@ pub enum NftPlan {
 impl Nftables {
     /// The base chains of this layout.
     fn chains(&self) -> Vec<ChainShape> {
-        chains_of(self.local, self.sources)
+        chains_of(self.local, self.features)
     }
 
     fn table(&self) -> Table {
@@ -177,20 +198,27 @@ impl Nftables {
             chains: sock.dump_scoped(sys::NFT_MSG_GETCHAIN, &scope)?,
             rules: sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope)?,
         };
-        // This layout, or the one before source allow-lists (an earlier
-        // version's, or the agent's own before an upgrade: its elements are
-        // read, and the next apply rebuilds the table with them and the new
-        // sets and chains).
-        let ok = dumps.is_layout(self.family, self.local, self.sources);
-        let sans_sources = !ok && self.sources && dumps.is_layout(self.family, self.local, false);
+        // This layout, or one an earlier version made with fewer objects
+        // (its elements are read, and the next apply rebuilds the table with
+        // them and the new sets and chains).
+        let ok = dumps.is_layout(self.family, self.local, self.features);
+        let older = (!ok)
+            .then(|| {
+                self.features
+                    .older()
+                    .find(|f| dumps.is_layout(self.family, self.local, *f))
+            })
+            .flatten();
         // An unmarked table (an earlier version's) is the agent's only if it
-        // is exactly its layout, with or without local access, with or
-        // without source allow-lists.
+        // is exactly its layout, with or without local access, with any of
+        // the features.
         let earlier = !marked
             && (ok
-                || [(true, true), (true, false), (false, true), (false, false)]
-                    .iter()
-                    .any(|&(l, src)| dumps.is_layout(self.family, l, src)));
+                || [true, false].iter().any(|&l| {
+                    [Features::ALL, Features::SOURCES_ONLY, Features::NONE]
+                        .iter()
+                        .any(|f| dumps.is_layout(self.family, l, *f))
+                }));
         let mut state = NativeState {
             table_exists: true,
             marked,
@@ -198,9 +226,9 @@ impl Nftables {
             structure_ok: ok,
             rules: RuleSet::default(),
         };
-        if !ok && !sans_sources {
+        let Some(read_as) = (if ok { Some(self.features) } else { older }) else {
             return Ok(state);
-        }
+        };
         // A set's element dump is no snapshot: the kernel resumes each part
         // by skipping as many elements as it sent before, and a rehash of
         // the set's hash table in between (a deferred worker grows or
@@ -215,7 +243,7 @@ impl Nftables {
                 sock,
                 self.family,
                 self.local,
-                self.sources && ok,
+                read_as,
                 &tname,
                 rules.as_mut(),
             )?;
@@ -252,7 +280,7 @@ impl Nftables {
             MsgType::Add,
             format!("add table {fam} {tname}"),
         );
-        for (i, shape) in sets_of(self.family, self.local, self.sources)
+        for (i, shape) in sets_of(self.family, self.local, self.features)
             .iter()
             .enumerate()
         {
@@ -276,6 +304,12 @@ impl Nftables {
                             });
                         }
                     });
+                });
+            }
+            if shape.counter {
+                a.nest(sys::NFTA_SET_EXPR, |e| {
+                    e.str(sys::NFTA_EXPR_NAME, "counter")
+                        .nest(sys::NFTA_EXPR_DATA, |_| {});
                 });
             }
             batch.add(
@@ -320,7 +354,7 @@ impl Nftables {
             }
         }
         // Every element, straight from the desired lists (no copy of them).
-        let mut w = ElementWriter::new(batch, self.family, tname);
+        let mut w = ElementWriter::new(batch, self.family, tname, self.features.traffic);
         w.write_all(desired, &restricted_keys(&desired.allow), false);
         w.sent
     }
@@ -362,7 +396,7 @@ impl Flavor for Nftables {
     }
 
     fn plan(&self, state: &NativeState, desired: &RuleSet) -> Planned<NftPlan> {
-        if !self.sources && !desired.allow.is_empty() {
+        if !self.features.sources && !desired.allow.is_empty() {
             return Planned::Foreign(NO_SOURCE_RANGES.to_string());
         }
         let desired = self.scoped(desired);
@@ -389,7 +423,7 @@ impl Flavor for Nftables {
     }
 
     fn plan_changes(&self, state: &NativeState, mut changes: Changes) -> Option<Planned<NftPlan>> {
-        if !self.sources && !changes.add.allow.is_empty() {
+        if !self.features.sources && !changes.add.allow.is_empty() {
             return Some(Planned::Foreign(NO_SOURCE_RANGES.to_string()));
         }
         if !state.structure_ok || !state.marked {
@@ -420,8 +454,7 @@ impl Flavor for Nftables {
             NftPlan::Rebuild(desired) => self.encode_rebuild(batch, state, desired),
             NftPlan::Elements(ch) => encode_changes(
                 batch,
-                self.family,
-                self.names.table(),
+                (self.family, self.names.table(), self.features.traffic),
                 &state.rules.allow,
                 ch,
             ),

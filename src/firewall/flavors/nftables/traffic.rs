@@ -1,0 +1,88 @@
+//! Per-mapping traffic, read when asked (a scrape, `/entries/list`): one
+//! element dump of `mapping_traffic` per family, each element's key and the
+//! counter the kernel keeps on it. Read-only, on a socket of its own (the
+//! firewall thread's is busy with changes).
+
+use super::elements::nat_key_at;
+use crate::firewall::names::{self, Names};
+use crate::firewall::wire::netlink::{
+    attr_be64, attr_str, find_attr, parse_attrs, sys, NetlinkError, NfSocket, Scope,
+};
+use crate::model::{Families, NatKey};
+
+/// Packets and bytes of the connections through one published key, both
+/// directions, as the forward hook saw them since the key's element was
+/// made (it is made anew when the key changes hands).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Traffic {
+    pub key: NatKey,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The counters of every published key in `families`, sorted by key;
+/// `None` when no table of the agent's counts traffic (none yet, or the
+/// layout of a kernel before 5.7).
+pub fn read_traffic(
+    names: &Names,
+    families: Families,
+) -> Result<Option<Vec<Traffic>>, NetlinkError> {
+    let mut sock = NfSocket::open()?;
+    let mut out: Option<Vec<Traffic>> = None;
+    for family in families.iter() {
+        let scope = Scope::object(family.nfproto(), names.table(), names::NFT_TRAFFIC_SET);
+        let msgs = match sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope) {
+            Ok(m) => m,
+            // No such table or set: nothing of this family is counted.
+            Err(NetlinkError::Refused { errno, .. }) if errno == nix::errno::Errno::ENOENT => {
+                continue
+            }
+            Err(e) => return Err(e),
+        };
+        let list = out.get_or_insert_with(Vec::new);
+        for msg in &msgs {
+            let Some(elements) = find_attr(msg, sys::NFTA_SET_ELEM_LIST_ELEMENTS) else {
+                continue;
+            };
+            for (_, el) in parse_attrs(elements) {
+                let key = find_attr(el, sys::NFTA_SET_ELEM_KEY)
+                    .and_then(|k| find_attr(k, sys::NFTA_DATA_VALUE))
+                    .and_then(|k| nat_key_at(family, k));
+                if let (Some(key), Some((packets, bytes))) = (key, element_counter(el)) {
+                    list.push(Traffic {
+                        key,
+                        packets,
+                        bytes,
+                    });
+                }
+            }
+        }
+    }
+    if let Some(list) = &mut out {
+        // An element dump is no snapshot (a rehash between its parts can
+        // repeat an element): one row per key.
+        list.sort_unstable_by_key(|t| t.key);
+        list.dedup_by_key(|t| t.key);
+    }
+    Ok(out)
+}
+
+/// An element's counter: NFTA_SET_ELEM_EXPR when it has one expression,
+/// NFTA_SET_ELEM_EXPRESSIONS when several.
+fn element_counter(el: &[u8]) -> Option<(u64, u64)> {
+    let counter = |expr: &[u8]| -> Option<(u64, u64)> {
+        if attr_str(expr, sys::NFTA_EXPR_NAME).as_deref() != Some("counter") {
+            return None;
+        }
+        let d = find_attr(expr, sys::NFTA_EXPR_DATA)?;
+        Some((
+            attr_be64(d, sys::NFTA_COUNTER_PACKETS)?,
+            attr_be64(d, sys::NFTA_COUNTER_BYTES)?,
+        ))
+    };
+    if let Some(e) = find_attr(el, sys::NFTA_SET_ELEM_EXPR) {
+        return counter(e);
+    }
+    let list = find_attr(el, sys::NFTA_SET_ELEM_EXPRESSIONS)?;
+    parse_attrs(list).find_map(|(_, e)| counter(e))
+}

@@ -1,0 +1,195 @@
+//! Per-mapping traffic counters (issue 25) in the nftables flavor, against
+//! the real kernel on a crowded dual-stack node: N datagrams to a published
+//! UDP port are exactly N packets on its key and their IP lengths in bytes;
+//! a TCP exchange counts both directions; another key counts nothing; a key
+//! that changes hands starts again from zero; the table still equals the
+//! view (counter values aside) and a re-apply sends nothing.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::{Duration, Instant};
+
+use podnat_controller::config::{Flavor, JumpPositions};
+use podnat_controller::firewall::flavors::nftables::{read_traffic, Traffic};
+use podnat_controller::firewall::{backend_with_options, view, Backend, Changes};
+use podnat_controller::model::{Families, Family, NatKey, PodRef, Proto, RuleSet};
+use support::crowd::crowd_dual;
+use support::netns::{Netns, Sandbox, POD_A_IP, POD_A_IP6, POD_B_IP, POD_B_IP6};
+use support::rules::{names, publish};
+
+const PUBLIC4: &str = "203.0.113.7";
+const PUBLIC6: &str = "2001:db8::7";
+
+fn backend() -> Box<dyn Backend> {
+    backend_with_options(
+        Flavor::Nftables,
+        names(),
+        JumpPositions::default(),
+        Families::DUAL,
+        true,
+    )
+}
+
+/// Pod A publishes 5353/udp and 25/tcp (to 2525), pod B 26/tcp, on both
+/// families.
+fn rules() -> RuleSet {
+    let mut r = RuleSet::default();
+    for (public, a, b) in [
+        (PUBLIC4, POD_A_IP, POD_B_IP),
+        (PUBLIC6, POD_A_IP6, POD_B_IP6),
+    ] {
+        publish(&mut r, "mail:mx-0", public, 5353, Proto::Udp, a, 5353);
+        publish(&mut r, "mail:mx-0", public, 25, Proto::Tcp, a, 2525);
+        publish(&mut r, "mail:web-0", public, 26, Proto::Tcp, b, 2525);
+    }
+    r.normalize();
+    r
+}
+
+fn key(public: &str, port: u16, proto: Proto) -> NatKey {
+    NatKey {
+        public_ip: public.parse().unwrap(),
+        public_port: port,
+        proto,
+    }
+}
+
+fn traffic(ns: &Netns) -> Vec<Traffic> {
+    ns.run(|| read_traffic(&names(), Families::DUAL))
+        .unwrap()
+        .expect("the table counts traffic")
+}
+
+fn of(list: &[Traffic], k: NatKey) -> (u64, u64) {
+    let t = list.iter().find(|t| t.key == k).expect("a counted key");
+    (t.packets, t.bytes)
+}
+
+#[test]
+fn each_published_key_counts_its_packets_and_bytes() {
+    let sb = Sandbox::new("trf").with_ipv6();
+    crowd_dual(&sb.node);
+    let r = rules();
+    let first = r.clone();
+    sb.node.run(move || backend().apply(&first)).unwrap();
+
+    // Every key is counted, from zero.
+    let before = traffic(&sb.node);
+    assert_eq!(before.len(), r.dnat.len());
+    assert!(before.iter().all(|t| t.packets == 0 && t.bytes == 0));
+
+    // A pod that reads and never answers: only the client's datagrams
+    // pass (no reply, no ICMP error).
+    let sink = sb
+        .pod_a
+        .run(|| UdpSocket::bind("[::]:5353").expect("bind 5353 in pod A"));
+    const N: u64 = 10;
+    const PAYLOAD: usize = 100;
+    for (public, header) in [(PUBLIC4, 20 + 8), (PUBLIC6, 40 + 8)] {
+        let to = SocketAddr::new(public.parse::<IpAddr>().unwrap(), 5353);
+        sb.client.run(|| {
+            let s = UdpSocket::bind(if public.contains(':') {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            })
+            .unwrap();
+            for _ in 0..N {
+                s.send_to(&[7u8; PAYLOAD], to).unwrap();
+            }
+        });
+        // The pod got them all (so the counter saw them all).
+        sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 512];
+        for i in 0..N {
+            let (n, _) = sink
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {i} to {public}: {e}"));
+            assert_eq!(n, PAYLOAD);
+        }
+        let (packets, bytes) = of(&traffic(&sb.node), key(public, 5353, Proto::Udp));
+        assert_eq!(packets, N, "{public}: exactly the datagrams sent");
+        assert_eq!(
+            bytes,
+            N * (PAYLOAD + header) as u64,
+            "{public}: their IP lengths"
+        );
+    }
+
+    // A TCP exchange through 25 counts both directions; 26 stays at zero.
+    let listener = sb.pod_a.run(|| TcpListener::bind("[::]:2525").unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut b = [0u8; 5];
+        std::io::Read::read_exact(&mut c, &mut b).unwrap();
+        std::io::Write::write_all(&mut c, &b).unwrap();
+    });
+    sb.client.run(|| {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::new(PUBLIC4.parse().unwrap(), 25),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut s, b"hello").unwrap();
+        let mut b = [0u8; 5];
+        std::io::Read::read_exact(&mut s, &mut b).unwrap();
+    });
+    server.join().unwrap();
+    let now = traffic(&sb.node);
+    let (packets, bytes) = of(&now, key(PUBLIC4, 25, Proto::Tcp));
+    // SYN, SYN-ACK, ACK, data, its ACK or the echo: at least five, both ways.
+    assert!(packets >= 5, "{packets} packets");
+    assert!(bytes >= packets * 40, "{bytes} bytes");
+    assert_eq!(of(&now, key(PUBLIC4, 26, Proto::Tcp)), (0, 0));
+    assert_eq!(of(&now, key(PUBLIC6, 25, Proto::Tcp)), (0, 0));
+
+    // The table is still the view (counter values aside), and nothing to do.
+    for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
+        assert_eq!(
+            view::canonical_nft(&sb.node.sh(&format!("nft list table {fam} podnat"))),
+            view::canonical_nft(&view::nft_with(
+                &r.of_family(family),
+                &names(),
+                family,
+                true
+            )),
+        );
+    }
+    let again = r.clone();
+    let report = sb.node.run(move || backend().apply(&again)).unwrap();
+    assert_eq!(report.messages, 0, "{report:?}");
+
+    // Another pod takes 5353/udp: its key starts again from zero; the
+    // others keep counting.
+    let mut moved = r.clone();
+    for m in moved.dnat.iter_mut().filter(|m| m.key.public_port == 5353) {
+        m.owner = PodRef::new("mail", "mx-1");
+    }
+    moved.normalize();
+    let change = Changes::between(&r, &moved);
+    sb.node
+        .run(move || {
+            let mut b = backend();
+            b.read()?;
+            b.apply_changes(change)
+        })
+        .unwrap()
+        .expect("the change applies");
+    let after = traffic(&sb.node);
+    assert_eq!(of(&after, key(PUBLIC4, 5353, Proto::Udp)), (0, 0));
+    assert_eq!(of(&after, key(PUBLIC4, 25, Proto::Tcp)), (packets, bytes));
+
+    // A scrape's cost here, for the record (timing is the bench's job).
+    let t = Instant::now();
+    let _ = traffic(&sb.node);
+    eprintln!("read_traffic of {} keys: {:?}", after.len(), t.elapsed());
+
+    sb.node.run(|| backend().cleanup()).unwrap();
+    assert_eq!(
+        sb.node
+            .run(|| read_traffic(&names(), Families::DUAL))
+            .unwrap(),
+        None
+    );
+}
