@@ -39,6 +39,7 @@ mod cache;
 pub mod review;
 mod serve;
 mod tls;
+pub mod traffic;
 
 pub use cache::LIFETIMES as REVIEW_LIFETIMES;
 pub use serve::{bind, serve};
@@ -93,6 +94,9 @@ pub struct HttpContext {
     pub address_source: AddressSource,
     /// `-ipfamilies`.
     pub families: Families,
+    /// The per-mapping traffic counters (`None`: this flavor or kernel does
+    /// not count).
+    pub traffic: Option<crate::firewall::TrafficSource>,
 }
 
 /// The router over `ctx`.
@@ -159,6 +163,7 @@ async fn metrics(State(ctx): Ctx, headers: HeaderMap) -> Response {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let counted = traffic::read(ctx.traffic.as_ref(), ctx.dry_run).await;
     let mut body = String::new();
     let (result, content_type) = if wants_openmetrics {
         (
@@ -171,6 +176,15 @@ async fn metrics(State(ctx): Ctx, headers: HeaderMap) -> Response {
             prometheus_text::CONTENT_TYPE,
         )
     };
+    if let Some(t) = &counted {
+        let dnat = ctx.status.last().table.map(|t| t.rules.dnat);
+        traffic::encode(
+            &mut body,
+            t,
+            dnat.as_deref().unwrap_or(&[]),
+            wants_openmetrics,
+        );
+    }
     match result {
         Ok(()) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
         Err(_) => text(
@@ -229,6 +243,11 @@ pub struct Entry {
     /// The sources an applied (or planned) entry is restricted to
     /// (`sourceRanges` of its family, aggregated); `null`: every source.
     pub source_ranges: Option<Vec<String>>,
+    /// An applied entry's traffic, both directions, from the kernel's
+    /// counters (`null`: not counted — the iptables flavor, a kernel before
+    /// 5.7, a dry run).
+    pub packets: Option<u64>,
+    pub bytes: Option<u64>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -335,6 +354,7 @@ async fn entries(State(ctx): Ctx, Query(q): Query<EntriesQuery>) -> Response {
             )
         }
     }
+    let counted = traffic::read(ctx.traffic.as_ref(), ctx.dry_run).await;
     let list = EntriesList {
         node: ctx.node.clone(),
         flavor: flavor_name(ctx.flavor),
@@ -348,7 +368,7 @@ async fn entries(State(ctx): Ctx, Query(q): Query<EntriesQuery>) -> Response {
         entries: last
             .table
             .as_ref()
-            .map(|t| entry_rows(t, ctx.dry_run))
+            .map(|t| entry_rows(t, ctx.dry_run, counted.as_deref()))
             .unwrap_or_default(),
     };
     Json(list).into_response()
@@ -398,8 +418,13 @@ fn public_address(
 }
 
 /// The rows of `/entries/list` for a planned table: winners, losers, pending
-/// entries and rejected pods, by pod then public port.
-pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
+/// entries and rejected pods, by pod then public port; `traffic`: the
+/// counters of the applied ones, sorted by key.
+pub fn entry_rows(
+    table: &NatTable,
+    dry_run: bool,
+    traffic: Option<&[crate::firewall::flavors::nftables::Traffic]>,
+) -> Vec<Entry> {
     let row = |pod: &PodRef, state| Entry {
         namespace: pod.namespace.to_string(),
         pod: pod.name.to_string(),
@@ -414,6 +439,8 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
         winner: None,
         reason: None,
         source_ranges: None,
+        packets: None,
+        bytes: None,
     };
     let mut rows = Vec::new();
     let allow = &table.rules.allow;
@@ -424,6 +451,7 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
             .take_while(|a| a.key == m.key)
             .map(|a| a.source.to_string())
             .collect();
+        let counted = traffic.and_then(|t| traffic::counters_of(t, m));
         let state = if dry_run {
             EntryState::Planned
         } else {
@@ -437,6 +465,8 @@ pub fn entry_rows(table: &NatTable, dry_run: bool) -> Vec<Entry> {
             pod_port: Some(m.pod_port),
             proto: Some(m.key.proto),
             source_ranges: (!ranges.is_empty()).then_some(ranges),
+            packets: counted.map(|c| c.0),
+            bytes: counted.map(|c| c.1),
             ..row(&m.owner, state)
         });
     }

@@ -542,6 +542,11 @@ fn spawn_http(
         node: node_id.to_string(),
         dry_run: config.dry_run,
         families: config.families,
+        traffic: podnat_controller::firewall::TrafficSource::for_flavor(
+            config.flavor,
+            Names::new(&config.resource_prefix),
+            config.families,
+        ),
         address_source: if config.public_address.is_some() {
             AddressSource::Flag
         } else {

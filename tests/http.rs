@@ -165,10 +165,12 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
         .map(|s| s.value)
 }
 
-const ENTRY_KEYS: [&str; 13] = [
+const ENTRY_KEYS: [&str; 15] = [
+    "bytes",
     "family",
     "message",
     "namespace",
+    "packets",
     "pod",
     "pod_address",
     "pod_port",
@@ -307,6 +309,34 @@ fn endpoints_of_a_running_agent() {
     assert!(why.contains("?format=nft"), "{why}");
     assert_eq!(status(node, "/entries/list?format=yaml"), 400);
 
+    // Traffic through 5353/udp: a pod that reads and never answers, so the
+    // counters see exactly the client's datagrams.
+    let sink = w
+        .sandbox
+        .pod_a
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:53535").unwrap());
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    const DATAGRAMS: u64 = 7;
+    w.sandbox.client.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..DATAGRAMS {
+            s.send_to(&[1u8; 100], "203.0.113.7:5353").unwrap();
+        }
+    });
+    for _ in 0..DATAGRAMS {
+        sink.recv_from(&mut [0u8; 256])
+            .expect("a datagram through 5353");
+    }
+    let row = entries(node)["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["public_port"] == 5353)
+        .cloned()
+        .unwrap();
+    assert_eq!(row["packets"], DATAGRAMS, "{row}");
+    assert_eq!(row["bytes"], DATAGRAMS * 128, "{row}");
+
     // Metrics.
     let (code, content_type, text) = get(node, "/metrics").unwrap();
     assert_eq!(code, 200);
@@ -337,6 +367,8 @@ fn endpoints_of_a_running_agent() {
         ("podnat_state_store_failures_total", "counter"),
         ("podnat_state_store_writes_total", "counter"),
         ("podnat_state_store_pending", "gauge"),
+        ("podnat_mapping_packets_total", "counter"),
+        ("podnat_mapping_bytes_total", "counter"),
     ] {
         assert_eq!(
             types.get(family).map(String::as_str),
@@ -383,6 +415,23 @@ fn endpoints_of_a_running_agent() {
         ),
         Some(2.0)
     );
+    let udp = [
+        ("address", "203.0.113.7"),
+        ("port", "5353"),
+        ("protocol", "udp"),
+        ("namespace", "mail"),
+        ("pod", "mx-a"),
+    ];
+    assert_eq!(
+        v("podnat_mapping_packets_total", &udp),
+        Some(DATAGRAMS as f64)
+    );
+    assert_eq!(
+        v("podnat_mapping_bytes_total", &udp),
+        Some((DATAGRAMS * 128) as f64)
+    );
+    let tcp25 = [("port", "25"), ("protocol", "tcp"), ("pod", "mx-a")];
+    assert_eq!(v("podnat_mapping_packets_total", &tcp25), Some(0.0));
     assert_eq!(v("podnat_conflicts", &[]), Some(1.0));
     assert_eq!(v("podnat_invalid_annotations", &[]), Some(1.0));
     assert_eq!(v("podnat_pending_entries", &[]), Some(0.0));
@@ -418,6 +467,8 @@ fn endpoints_of_a_running_agent() {
     });
     assert!(om.contains("application/openmetrics-text"), "{om}");
     assert!(om.trim_end().ends_with("# EOF"), "{om}");
+    assert!(om.contains("# TYPE podnat_mapping_packets counter"), "{om}");
+    assert_eq!(om.matches("# EOF").count(), 1, "{om}");
 
     // The apiserver goes away: not ready, still alive; back: ready again.
     w.cluster.stop_apiserver();

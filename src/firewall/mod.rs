@@ -177,6 +177,28 @@ pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
     flavor == crate::config::Flavor::Iptables || flavors::nftables::kernel_supports_source_ranges()
 }
 
+/// Where the per-mapping traffic counters are read: the nftables flavor's
+/// tables, on a kernel that counts (Linux 5.7). The iptables flavor does
+/// not count (yet): no source.
+#[derive(Clone, Debug)]
+pub struct TrafficSource {
+    names: Names,
+    families: Families,
+}
+
+impl TrafficSource {
+    pub fn for_flavor(flavor: Flavor, names: Names, families: Families) -> Option<TrafficSource> {
+        (flavor == Flavor::Nftables && flavors::nftables::kernel_supports_source_ranges())
+            .then_some(TrafficSource { names, families })
+    }
+
+    /// Every published key's counters, sorted by key (`None`: nothing of
+    /// the agent's counts). Blocking: one dump per family.
+    pub fn read(&self) -> Result<Option<Vec<nftables::Traffic>>, FirewallError> {
+        Ok(nftables::read_traffic(&self.names, self.families)?)
+    }
+}
+
 /// As `backend_with`; `local`: `-localaccess` (node-local DNAT, hairpin).
 pub fn backend_with_options(
     flavor: Flavor,

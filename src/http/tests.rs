@@ -15,6 +15,7 @@ fn context(flavor: Flavor) -> Arc<HttpContext> {
         dry_run: false,
         families: Families::default(),
         address_source: AddressSource::Detected,
+        traffic: None,
     })
 }
 
@@ -102,7 +103,7 @@ fn rows_cover_every_state() {
         crate::model::DualStack::v4(Ipv4Addr::new(203, 0, 113, 7)),
         &cfg,
     );
-    let rows = entry_rows(&table, false);
+    let rows = entry_rows(&table, false, None);
     let states: Vec<_> = rows.iter().map(|r| (r.pod.as_str(), r.state)).collect();
     assert_eq!(
         states,
@@ -117,10 +118,10 @@ fn rows_cover_every_state() {
     assert!(rows[0].message.as_deref().unwrap().contains("srcPort"));
 
     let pending = plan::plan(&pods[..1], crate::model::DualStack::default(), &cfg);
-    let rows = entry_rows(&pending, true);
+    let rows = entry_rows(&pending, true, None);
     assert_eq!(rows[0].state, EntryState::Pending);
     assert_eq!(rows[0].public_address, None);
-    let planned = entry_rows(&table, true);
+    let planned = entry_rows(&table, true, None);
     assert_eq!(planned[1].state, EntryState::Planned);
     assert_eq!(planned[1].source_ranges, None, "every source");
 
@@ -136,7 +137,7 @@ fn rows_cover_every_state() {
         crate::model::DualStack::v4(Ipv4Addr::new(203, 0, 113, 7)),
         &cfg,
     );
-    let rows = entry_rows(&table, false);
+    let rows = entry_rows(&table, false, None);
     assert_eq!(rows.len(), 1);
     assert_eq!(
         rows[0].source_ranges,
@@ -160,8 +161,12 @@ fn json_keys_are_stable() {
         winner: None,
         reason: None,
         source_ranges: Some(vec!["198.51.100.0/24".into()]),
+        packets: Some(3),
+        bytes: None,
     };
     let v = serde_json::to_value(&e).unwrap();
+    assert_eq!(v["packets"], 3);
+    assert!(v["bytes"].is_null());
     assert_eq!(v["source_ranges"][0], "198.51.100.0/24");
     assert_eq!(v["state"], "conflict-lost");
     assert_eq!(v["proto"], "tcp");

@@ -88,6 +88,14 @@ fn nft_golden_mail_server() {
 \t\t\t     10.1.0.5 . tcp . 587 comment \"mail:mx-0\" }
 \t}
 
+\tset mapping_traffic {
+\t\ttype ipv4_addr . inet_proto . inet_service
+\t\tcounter
+\t\telements = { 203.0.113.7 . tcp . 25 counter packets 0 bytes 0 comment \"mail:mx-0\",
+\t\t\t     203.0.113.7 . tcp . 143 counter packets 0 bytes 0 comment \"mail:mx-0\",
+\t\t\t     203.0.113.7 . tcp . 587 counter packets 0 bytes 0 comment \"mail:mx-0\" }
+\t}
+
 \tset source_restricted {
 \t\ttype ipv4_addr . inet_proto . inet_service
 \t}
@@ -123,6 +131,12 @@ fn nft_golden_mail_server() {
 \t\tcomment \"podnat-controller:podnat\"
 \t\ttype filter hook prerouting priority dstnat - 10; policy accept;
 \t\tip daddr . meta l4proto . th dport @source_restricted ip daddr . meta l4proto . th dport . ip saddr != @source_allowed drop
+\t}
+
+\tchain traffic_forward {
+\t\tcomment \"podnat-controller:podnat\"
+\t\ttype filter hook forward priority filter - 2; policy accept;
+\t\tct original ip daddr . ct protocol . ct original proto-dst @mapping_traffic
 \t}
 }
 ";

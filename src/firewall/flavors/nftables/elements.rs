@@ -674,7 +674,7 @@ mod tests {
             names: Names::new("podnat"),
             family: Family::Ipv4,
             local: false,
-            sources: true,
+            features: Features::ALL,
         };
         let state = NativeState {
             rules: RuleSet {

@@ -34,9 +34,10 @@ pub fn read_traffic(
         let msgs = match sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope) {
             Ok(m) => m,
             // No such table or set: nothing of this family is counted.
-            Err(NetlinkError::Refused { errno, .. }) if errno == nix::errno::Errno::ENOENT => {
-                continue
-            }
+            Err(NetlinkError::Refused {
+                errno: nix::errno::Errno::ENOENT,
+                ..
+            }) => continue,
             Err(e) => return Err(e),
         };
         let list = out.get_or_insert_with(Vec::new);

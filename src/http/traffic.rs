@@ -1,0 +1,169 @@
+//! Per-mapping traffic for `/metrics` and `/entries/list`: the kernel's
+//! counters read at request time (one dump per family, off the runtime),
+//! joined with the last applied table for each key's owner, written as
+//! Prometheus text straight into the response (no allocation per mapping
+//! beyond the output).
+
+use std::fmt::Write;
+
+use crate::firewall::flavors::nftables::Traffic;
+use crate::firewall::TrafficSource;
+use crate::model::Mapping;
+
+/// The counters now, if this agent counts (`None`: no source, a dry run,
+/// nothing counted yet, or the read failed — logged).
+pub async fn read(source: Option<&TrafficSource>, dry_run: bool) -> Option<Vec<Traffic>> {
+    let source = source.filter(|_| !dry_run)?.clone();
+    match tokio::task::spawn_blocking(move || source.read()).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            tracing::warn!("cannot read the per-mapping traffic counters: {e}");
+            None
+        }
+        Err(_) => None,
+    }
+}
+
+/// The mapping of `traffic`'s key in the applied table (sorted by key).
+fn mapping_of<'a>(dnat: &'a [Mapping], t: &Traffic) -> Option<&'a Mapping> {
+    let at = dnat.partition_point(|m| m.key < t.key);
+    dnat.get(at).filter(|m| m.key == t.key)
+}
+
+/// A counter of `traffic`, by key, for an applied mapping: (packets, bytes).
+pub fn counters_of(traffic: &[Traffic], m: &Mapping) -> Option<(u64, u64)> {
+    let at = traffic.partition_point(|t| t.key < m.key);
+    traffic
+        .get(at)
+        .filter(|t| t.key == m.key)
+        .map(|t| (t.packets, t.bytes))
+}
+
+/// A label value as the Prometheus text formats escape it.
+fn escaped(out: &mut String, v: &str) {
+    if !v.contains(['\\', '"', '\n']) {
+        out.push_str(v);
+        return;
+    }
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+/// Appends `podnat_mapping_packets_total` and `podnat_mapping_bytes_total`
+/// for every counted key the applied table publishes, to a body encoded by
+/// prometheus-client (before OpenMetrics' `# EOF`).
+pub fn encode(body: &mut String, traffic: &[Traffic], dnat: &[Mapping], openmetrics: bool) {
+    let eof = openmetrics && body.ends_with("# EOF\n");
+    if eof {
+        body.truncate(body.len() - "# EOF\n".len());
+    }
+    for (name, help, value) in [
+        (
+            "podnat_mapping_packets",
+            "Packets of the connections through a published mapping, both directions, as the forward hook sees them (since the mapping's key was last given to its pod).",
+            (|t: &Traffic| t.packets) as fn(&Traffic) -> u64,
+        ),
+        (
+            "podnat_mapping_bytes",
+            "Bytes (IP lengths) of the connections through a published mapping, both directions, as the forward hook sees them.",
+            |t: &Traffic| t.bytes,
+        ),
+    ] {
+        // OpenMetrics names a counter's family without `_total`.
+        let family = if openmetrics {
+            name.to_string()
+        } else {
+            format!("{name}_total")
+        };
+        let _ = writeln!(body, "# HELP {family} {help}");
+        let _ = writeln!(body, "# TYPE {family} counter");
+        // The public addresses repeat from key to key: each is formatted
+        // once per run of it.
+        let mut address = (None, String::new());
+        for t in traffic {
+            let Some(m) = mapping_of(dnat, t) else {
+                continue;
+            };
+            if address.0 != Some(t.key.public_ip) {
+                address = (Some(t.key.public_ip), t.key.public_ip.to_string());
+            }
+            body.push_str(name);
+            body.push_str("_total{address=\"");
+            body.push_str(&address.1);
+            let _ = write!(
+                body,
+                "\",port=\"{}\",protocol=\"{}\",namespace=\"",
+                t.key.public_port, t.key.proto
+            );
+            escaped(body, &m.owner.namespace);
+            body.push_str("\",pod=\"");
+            escaped(body, &m.owner.name);
+            let _ = writeln!(body, "\"}} {}", value(t));
+        }
+    }
+    if eof {
+        body.push_str("# EOF\n");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NatKey, PodRef, Proto};
+
+    fn mapping(port: u16, pod: &str) -> Mapping {
+        Mapping {
+            key: NatKey {
+                public_ip: "203.0.113.7".parse().unwrap(),
+                public_port: port,
+                proto: Proto::Tcp,
+            },
+            pod_ip: "10.1.0.5".parse().unwrap(),
+            pod_port: port,
+            owner: PodRef::new("mail", pod),
+        }
+    }
+
+    #[test]
+    fn counted_keys_of_applied_mappings_become_two_counters() {
+        let dnat = vec![mapping(25, "mx-0"), mapping(993, "imap\"0")];
+        let t = |m: &Mapping, packets, bytes| Traffic {
+            key: m.key,
+            packets,
+            bytes,
+        };
+        // 26 is counted but no longer applied: left out.
+        let traffic = vec![
+            t(&dnat[0], 3, 180),
+            t(&mapping(26, "x"), 1, 1),
+            t(&dnat[1], 5, 300),
+        ];
+        let mut text = String::from("# EOF\n");
+        encode(&mut text, &traffic, &dnat, true);
+        assert_eq!(
+            text,
+            "# HELP podnat_mapping_packets Packets of the connections through a published mapping, both directions, as the forward hook sees them (since the mapping's key was last given to its pod).\n\
+             # TYPE podnat_mapping_packets counter\n\
+             podnat_mapping_packets_total{address=\"203.0.113.7\",port=\"25\",protocol=\"tcp\",namespace=\"mail\",pod=\"mx-0\"} 3\n\
+             podnat_mapping_packets_total{address=\"203.0.113.7\",port=\"993\",protocol=\"tcp\",namespace=\"mail\",pod=\"imap\\\"0\"} 5\n\
+             # HELP podnat_mapping_bytes Bytes (IP lengths) of the connections through a published mapping, both directions, as the forward hook sees them.\n\
+             # TYPE podnat_mapping_bytes counter\n\
+             podnat_mapping_bytes_total{address=\"203.0.113.7\",port=\"25\",protocol=\"tcp\",namespace=\"mail\",pod=\"mx-0\"} 180\n\
+             podnat_mapping_bytes_total{address=\"203.0.113.7\",port=\"993\",protocol=\"tcp\",namespace=\"mail\",pod=\"imap\\\"0\"} 300\n\
+             # EOF\n"
+        );
+        assert_eq!(counters_of(&traffic, &dnat[1]), Some((5, 300)));
+        assert_eq!(counters_of(&traffic, &mapping(27, "y")), None);
+        // The classic text: families named with `_total`.
+        let mut classic = String::new();
+        encode(&mut classic, &traffic, &dnat, false);
+        assert!(classic.starts_with("# HELP podnat_mapping_packets_total "));
+        assert!(classic.contains("# TYPE podnat_mapping_bytes_total counter\n"));
+    }
+}
