@@ -68,7 +68,9 @@ fn main() {
             let mut kib = 0.0;
             for _ in 0..REPS {
                 let t = Instant::now();
-                let traffic = read_traffic(&names, Families::default()).unwrap().unwrap();
+                let traffic = read_traffic(&names, Families::default(), r.dnat.len())
+                    .unwrap()
+                    .unwrap();
                 let t1 = t.elapsed();
                 let mut body = String::new();
                 encode(&mut body, &traffic, &r.dnat, false);

@@ -161,7 +161,7 @@ pub fn parse_for(
             return Err(field_err(
                 m.entry,
                 "sourceRanges",
-                "not enforced here (the nftables flavor needs Linux 5.7 or later for them; the iptables flavor has no such limit); the entry is not published rather than published to every source",
+                "not enforced here (the nftables flavor needs Linux 5.6 or later for them; the iptables flavor has no such limit); the entry is not published rather than published to every source",
             ));
         }
     }
@@ -632,7 +632,7 @@ mod tests {
         let e = parse_for(text, &cfg).unwrap_err().to_string();
         assert!(
             e.starts_with(
-                "entries[1].sourceRanges: not enforced here (the nftables flavor needs Linux 5.7"
+                "entries[1].sourceRanges: not enforced here (the nftables flavor needs Linux 5.6"
             ),
             "{e}"
         );

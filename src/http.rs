@@ -163,7 +163,7 @@ async fn metrics(State(ctx): Ctx, headers: HeaderMap) -> Response {
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("application/openmetrics-text"));
-    let counted = traffic::read(ctx.traffic.as_ref(), ctx.dry_run).await;
+    let counted = traffic::read(&ctx).await;
     let mut body = String::new();
     let (result, content_type) = if wants_openmetrics {
         (
@@ -177,13 +177,10 @@ async fn metrics(State(ctx): Ctx, headers: HeaderMap) -> Response {
         )
     };
     if let Some(t) = &counted {
-        let dnat = ctx.status.last().table.map(|t| t.rules.dnat);
-        traffic::encode(
-            &mut body,
-            t,
-            dnat.as_deref().unwrap_or(&[]),
-            wants_openmetrics,
-        );
+        ctx.status.with_last(|last| {
+            let dnat = last.table.as_ref().map_or(&[][..], |t| &t.rules.dnat[..]);
+            traffic::encode(&mut body, t, dnat, wants_openmetrics);
+        });
     }
     match result {
         Ok(()) => ([(header::CONTENT_TYPE, content_type)], body).into_response(),
@@ -354,7 +351,7 @@ async fn entries(State(ctx): Ctx, Query(q): Query<EntriesQuery>) -> Response {
             )
         }
     }
-    let counted = traffic::read(ctx.traffic.as_ref(), ctx.dry_run).await;
+    let counted = traffic::read(&ctx).await;
     let list = EntriesList {
         node: ctx.node.clone(),
         flavor: flavor_name(ctx.flavor),

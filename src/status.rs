@@ -100,6 +100,12 @@ impl AgentStatus {
         lock(&self.last).clone()
     }
 
+    /// `f` of the last reconcile, without a copy of its table (a scrape
+    /// reads it for every mapping).
+    pub fn with_last<T>(&self, f: impl FnOnce(&LastReconcile) -> T) -> T {
+        f(&lock(&self.last))
+    }
+
     /// Foreign forward-hook base chains with policy drop, as last checked.
     pub fn forward_blocked(&self) -> Vec<Blocker> {
         lock(&self.forward_blocked).clone()

@@ -469,7 +469,7 @@ fn a_tampered_source_rule_is_rebuilt() {
     );
 }
 
-/// On a kernel before 5.7 (no concatenated interval sets, or no element
+/// On a kernel before 5.6 (no concatenated interval sets, nor element
 /// counters a lookup updates) the flavor's layout has no source or traffic
 /// sets or chains: it is applied, read back as whole
 /// (a second apply sends nothing), and rules with ranges are refused with
@@ -496,7 +496,7 @@ fn without_interval_concatenations_the_layout_has_no_source_objects() {
         .run(move || old().apply(&ranged))
         .unwrap_err()
         .to_string();
-    assert!(err.contains("need Linux 5.7"), "{err}");
+    assert!(err.contains("need Linux 5.6"), "{err}");
     let after = ns.sh("nft list table ip podnat; nft list table ip6 podnat");
     assert_eq!(after, listing, "nothing applied");
     ns.run(move || old().cleanup()).unwrap();

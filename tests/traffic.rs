@@ -56,7 +56,7 @@ fn key(public: &str, port: u16, proto: Proto) -> NatKey {
 }
 
 fn traffic(ns: &Netns) -> Vec<Traffic> {
-    ns.run(|| read_traffic(&names(), Families::DUAL))
+    ns.run(|| read_traffic(&names(), Families::DUAL, 0))
         .unwrap()
         .expect("the table counts traffic")
 }
@@ -180,6 +180,63 @@ fn each_published_key_counts_its_packets_and_bytes() {
     assert_eq!(of(&after, key(PUBLIC4, 5353, Proto::Udp)), (0, 0));
     assert_eq!(of(&after, key(PUBLIC4, 25, Proto::Tcp)), (packets, bytes));
 
+    // The dry run of a change, fed to `nft -f`, makes what apply makes:
+    // the new key's counted element included (else the next read would
+    // see the layout drifted and rebuild it).
+    let mut grown = moved.clone();
+    publish(
+        &mut grown,
+        "mail:mx-0",
+        PUBLIC4,
+        27,
+        Proto::Tcp,
+        POD_A_IP,
+        2527,
+    );
+    grown.normalize();
+    let g = grown.clone();
+    let text = sb.node.run(move || backend().dry_run(&g, false)).unwrap();
+    assert!(text.contains("mapping_traffic"), "{text}");
+    sb.node.sh(&format!("nft -f - <<'EOF'\n{text}EOF"));
+    let g = grown.clone();
+    let report = sb.node.run(move || backend().apply(&g)).unwrap();
+    assert_eq!(
+        report.messages, 0,
+        "the dry run's text was the change: {report:?}"
+    );
+
+    // A thousand keys more: one scrape finds them all.
+    let mut many = grown.clone();
+    for port in 30000..31000 {
+        publish(
+            &mut many,
+            "mail:mx-0",
+            PUBLIC4,
+            port,
+            Proto::Udp,
+            POD_A_IP,
+            5353,
+        );
+    }
+    many.normalize();
+    let change = Changes::between(&grown, &many);
+    sb.node
+        .run(move || {
+            let mut b = backend();
+            b.read()?;
+            b.apply_changes(change)
+        })
+        .unwrap()
+        .expect("the change applies");
+    let expected = many.dnat.len();
+    let all = sb
+        .node
+        .run(move || read_traffic(&names(), Families::DUAL, expected))
+        .unwrap()
+        .unwrap();
+    assert_eq!(all.len(), expected);
+    let after = all;
+
     // A scrape's cost here, for the record (timing is the bench's job).
     let t = Instant::now();
     let _ = traffic(&sb.node);
@@ -188,7 +245,7 @@ fn each_published_key_counts_its_packets_and_bytes() {
     sb.node.run(|| backend().cleanup()).unwrap();
     assert_eq!(
         sb.node
-            .run(|| read_traffic(&names(), Families::DUAL))
+            .run(|| read_traffic(&names(), Families::DUAL, 0))
             .unwrap(),
         None
     );

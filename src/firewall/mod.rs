@@ -171,7 +171,7 @@ pub fn backend_with(
 
 /// Whether `flavor` enforces an entry's `sourceRanges` on this kernel: the
 /// iptables flavor always (a DNAT rule per range), the nftables flavor on
-/// Linux 5.7 or later (concatenated interval sets, 5.6). The planner refuses
+/// Linux 5.6 or later (concatenated interval sets). The planner refuses
 /// such entries by name where not.
 pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
     flavor == crate::config::Flavor::Iptables || flavors::nftables::kernel_supports_source_ranges()
@@ -188,14 +188,19 @@ pub struct TrafficSource {
 
 impl TrafficSource {
     pub fn for_flavor(flavor: Flavor, names: Names, families: Families) -> Option<TrafficSource> {
-        (flavor == Flavor::Nftables && flavors::nftables::kernel_supports_source_ranges())
+        (flavor == Flavor::Nftables && flavors::nftables::kernel_counts_traffic())
             .then_some(TrafficSource { names, families })
     }
 
     /// Every published key's counters, sorted by key (`None`: nothing of
-    /// the agent's counts). Blocking: one dump per family.
-    pub fn read(&self) -> Result<Option<Vec<nftables::Traffic>>, FirewallError> {
-        Ok(nftables::read_traffic(&self.names, self.families)?)
+    /// the agent's counts); `expected`: how many keys the applied table
+    /// publishes. Blocking: one dump per family (more if one came short).
+    pub fn read(&self, expected: usize) -> Result<Option<Vec<nftables::Traffic>>, FirewallError> {
+        Ok(nftables::read_traffic(
+            &self.names,
+            self.families,
+            expected,
+        )?)
     }
 }
 

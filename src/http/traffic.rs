@@ -8,13 +8,18 @@ use std::fmt::Write;
 
 use crate::firewall::flavors::nftables::Traffic;
 use crate::firewall::TrafficSource;
+use crate::http::HttpContext;
 use crate::model::Mapping;
 
 /// The counters now, if this agent counts (`None`: no source, a dry run,
-/// nothing counted yet, or the read failed — logged).
-pub async fn read(source: Option<&TrafficSource>, dry_run: bool) -> Option<Vec<Traffic>> {
-    let source = source.filter(|_| !dry_run)?.clone();
-    match tokio::task::spawn_blocking(move || source.read()).await {
+/// nothing counted yet, or the read failed — logged). The status's table
+/// says how many keys to expect (a dump that came short is read again).
+pub async fn read(ctx: &HttpContext) -> Option<Vec<Traffic>> {
+    let source: TrafficSource = ctx.traffic.as_ref().filter(|_| !ctx.dry_run)?.clone();
+    let expected = ctx
+        .status
+        .with_last(|l| l.table.as_ref().map_or(0, |t| t.rules.dnat.len()));
+    match tokio::task::spawn_blocking(move || source.read(expected)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             tracing::warn!("cannot read the per-mapping traffic counters: {e}");

@@ -351,11 +351,24 @@ impl Exprs {
     }
 }
 
+/// A register as the kernel keeps it (a 32-bit slot): NFT_REG_1..4 and
+/// NFT_REG32_00..15 name the same slots, and a dump names a 128-bit
+/// register's first slot as NFT_REG_n whichever way it was written.
+fn reg_slot(reg: u32) -> u32 {
+    if reg <= sys::NFT_REG_4 {
+        reg * 4
+    } else {
+        reg.wrapping_sub(4)
+    }
+}
+
 /// Of a rule's expressions (NFTA_RULE_EXPRESSIONS, as dumped or as written),
 /// what decides its verdict, per expression: its name, and for a
-/// lookup the set and whether it is inverted, for an immediate the verdict
-/// (code and chain). A rule whose lookup lost its `!=`, or whose `drop`
-/// became `accept`, has the same names but not the same facts.
+/// lookup the set, whether it is inverted and the register it reads, for a
+/// `ct` load the key, direction and register, for an immediate the verdict
+/// (code and chain). A rule whose lookup lost its `!=`, whose `drop` became
+/// `accept`, or whose counting looks at the reply direction has the same
+/// names but not the same facts.
 pub fn expr_facts(exprs: &[u8]) -> Vec<String> {
     use super::netlink::{attr_be32, attr_str, find_attr, parse_attrs};
     parse_attrs(exprs)
@@ -364,9 +377,19 @@ pub fn expr_facts(exprs: &[u8]) -> Vec<String> {
             let d = find_attr(e, sys::NFTA_EXPR_DATA).unwrap_or(&[]);
             Some(match name.as_str() {
                 "lookup" => format!(
-                    "lookup {} {}",
+                    "lookup {} {} {}",
                     attr_str(d, sys::NFTA_LOOKUP_SET).unwrap_or_default(),
-                    attr_be32(d, sys::NFTA_LOOKUP_FLAGS).unwrap_or(0)
+                    attr_be32(d, sys::NFTA_LOOKUP_FLAGS).unwrap_or(0),
+                    reg_slot(attr_be32(d, sys::NFTA_LOOKUP_SREG).unwrap_or(0))
+                ),
+                // No direction is the original one (0).
+                "ct" => format!(
+                    "ct {} {} {}",
+                    attr_be32(d, sys::NFTA_CT_KEY).unwrap_or(u32::MAX),
+                    reg_slot(attr_be32(d, sys::NFTA_CT_DREG).unwrap_or(0)),
+                    find_attr(d, sys::NFTA_CT_DIRECTION)
+                        .and_then(|v| v.first().copied())
+                        .unwrap_or(0)
                 ),
                 "immediate" => {
                     let v = find_attr(d, sys::NFTA_IMMEDIATE_DATA)
@@ -384,4 +407,52 @@ pub fn expr_facts(exprs: &[u8]) -> Vec<String> {
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod facts_tests {
+    use super::*;
+
+    fn facts(e: &Exprs) -> Vec<String> {
+        expr_facts(e.attrs().as_bytes())
+    }
+
+    /// The counting rule looking at the reply direction, or at another
+    /// key, has the same expression names but not the same facts; the same
+    /// register written either way (NFT_REG_2 or NFT_REG32_04) is one.
+    #[test]
+    fn ct_loads_and_lookup_registers_are_facts() {
+        // `dir`: the address's direction (0 original, 1 reply).
+        let rule = |dir: u8, key: u32, reg: u32| {
+            let mut e = Exprs::new();
+            e.raw("ct", |d| {
+                d.be32(sys::NFTA_CT_DREG, REG_1)
+                    .be32(sys::NFTA_CT_KEY, sys::NFT_CT_DST_IP6)
+                    .bytes(sys::NFTA_CT_DIRECTION, &[dir]);
+            })
+            .ct_load(key, false, reg)
+            .lookup("mapping_traffic", REG_1, None);
+            e
+        };
+        let ours = facts(&rule(0, sys::NFT_CT_PROTOCOL, sys::NFT_REG32_04));
+        assert_eq!(ours, facts(&rule(0, sys::NFT_CT_PROTOCOL, sys::NFT_REG_2)));
+        assert_ne!(
+            ours,
+            facts(&rule(1, sys::NFT_CT_PROTOCOL, sys::NFT_REG32_04))
+        );
+        assert_ne!(
+            ours,
+            facts(&rule(0, sys::NFT_CT_L3PROTOCOL, sys::NFT_REG32_04))
+        );
+        assert_ne!(
+            ours,
+            facts(&rule(0, sys::NFT_CT_PROTOCOL, sys::NFT_REG32_05))
+        );
+        // Written without a direction, a load is of the original one.
+        let mut plain = Exprs::new();
+        plain.ct_load(sys::NFT_CT_DST_IP6, true, REG_1);
+        let mut bare = Exprs::new();
+        bare.ct_load(sys::NFT_CT_DST_IP6, false, REG_1);
+        assert_eq!(facts(&plain), facts(&bare));
+    }
 }

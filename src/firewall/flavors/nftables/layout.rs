@@ -20,9 +20,9 @@ pub(super) const fn concat(types: &[u32]) -> u32 {
 }
 
 /// What a table holds beyond the NAT maps and sets, by the agent's version
-/// and the kernel: this version's layout on Linux 5.7 or later has both;
-/// the version before had the allow-lists only; before that, and on an
-/// older kernel, neither.
+/// and the kernel: this version's layout has the allow-lists on Linux 5.6
+/// and the counters too on 5.7; the version before had the allow-lists
+/// only; before that, and on an older kernel, neither.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Features {
     /// Source allow-lists: concatenated interval sets (Linux 5.6).

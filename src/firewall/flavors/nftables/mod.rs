@@ -68,29 +68,53 @@ pub struct Nftables {
     /// `-localaccess`: the output chain, the hairpin mark and masquerade,
     /// the set of this node's pods.
     local: bool,
-    /// The source allow-lists' and the counters' sets and chains are part
-    /// of the layout (the kernel has what they need: Linux 5.7).
+    /// The source allow-lists' (Linux 5.6) and the counters' (5.7) sets and
+    /// chains that are part of the layout.
     features: Features,
 }
 
 /// Rules with ranges on a kernel without concatenated interval sets: the
 /// planner refuses such entries first; if they came, nothing is applied
 /// rather than the port opened to every source.
-const NO_SOURCE_RANGES: &str = "source allow-lists (sourceRanges) need Linux 5.7 or later (concatenated interval sets); nothing applied";
+const NO_SOURCE_RANGES: &str = "source allow-lists (sourceRanges) need Linux 5.6 or later (concatenated interval sets); nothing applied";
 
-/// The kernel release this flavor's source allow-lists and per-mapping
-/// counters need: concatenated interval sets (nft_set_pipapo) came with
-/// Linux 5.6, element counters a lookup updates with 5.7.
-pub const SOURCE_RANGES_KERNEL: (u32, u32) = (5, 7);
+/// The kernel release `sourceRanges` needs in this flavor: concatenated
+/// interval sets (nft_set_pipapo) came with Linux 5.6.
+pub const SOURCE_RANGES_KERNEL: (u32, u32) = (5, 6);
 
-/// Whether this kernel has what source allow-lists and per-mapping counters
-/// need (its release, from /proc/sys/kernel/osrelease; unreadable: assumed,
-/// and a refusal of the first batch would then say so).
-pub fn kernel_supports_source_ranges() -> bool {
+/// The kernel release per-mapping traffic counters need: element counters
+/// that a lookup updates came with Linux 5.7.
+pub const TRAFFIC_KERNEL: (u32, u32) = (5, 7);
+
+/// Whether this kernel is at least `release` (from
+/// /proc/sys/kernel/osrelease; unreadable: assumed, and a refusal of the
+/// first batch would then say so).
+fn kernel_at_least(release: (u32, u32)) -> bool {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .ok()
-        .and_then(|r| release_at_least(&r, SOURCE_RANGES_KERNEL))
+        .and_then(|r| release_at_least(&r, release))
         .unwrap_or(true)
+}
+
+/// Whether this kernel has what source allow-lists need (Linux 5.6).
+pub fn kernel_supports_source_ranges() -> bool {
+    kernel_at_least(SOURCE_RANGES_KERNEL)
+}
+
+/// Whether this kernel counts per-mapping traffic (Linux 5.7).
+pub fn kernel_counts_traffic() -> bool {
+    kernel_at_least(TRAFFIC_KERNEL)
+}
+
+impl Features {
+    /// What this kernel supports: each feature by its own release, so a
+    /// 5.6 kernel keeps the allow-lists the version before enforced there.
+    pub fn of_kernel() -> Features {
+        Features {
+            sources: kernel_supports_source_ranges(),
+            traffic: kernel_counts_traffic(),
+        }
+    }
 }
 
 /// `release` (`6.1.0-13-amd64`, `5.4.0`) is at least `(major, minor)`.
@@ -116,11 +140,11 @@ impl NftablesBackend {
 
     /// `local`: `-localaccess` (node-local DNAT and hairpin).
     pub fn with_options(names: Names, families: Families, local: bool) -> NftablesBackend {
-        Self::with_layout(names, families, local, kernel_supports_source_ranges())
+        Self::with_features(names, families, local, Features::of_kernel())
     }
 
     /// `sources`: with the source allow-lists' and the counters' sets and
-    /// chains (false: the layout of a kernel before 5.7, which refuses
+    /// chains (false: the layout of a kernel before 5.6, which refuses
     /// rules with ranges and counts nothing).
     pub fn with_layout(
         names: Names,
@@ -535,6 +559,9 @@ impl Flavor for Nftables {
         };
         for m in &ch.del.dnat {
             line("delete", names::NFT_DNAT_MAP, view::nft_dnat_key(m));
+            if self.features.traffic {
+                line("delete", names::NFT_TRAFFIC_SET, view::nft_key(&m.key));
+            }
         }
         for s in &ch.del.snat {
             line("delete", names::NFT_SNAT_MAP, view::nft_snat_key(s));
@@ -547,6 +574,11 @@ impl Flavor for Nftables {
         }
         for m in &ch.add.dnat {
             line("add", names::NFT_DNAT_MAP, view::nft_dnat_element(m));
+            if self.features.traffic {
+                // The set's own counter comes with the element.
+                let counted = format!("{} comment \"{}\"", view::nft_key(&m.key), m.owner);
+                line("add", names::NFT_TRAFFIC_SET, counted);
+            }
         }
         for s in &ch.add.snat {
             line("add", names::NFT_SNAT_MAP, view::nft_snat_element(s));

@@ -20,14 +20,36 @@ pub struct Traffic {
     pub bytes: u64,
 }
 
+/// Dumps of the set read before settling for one that came short.
+const MAX_DUMPS: usize = 3;
+
 /// The counters of every published key in `families`, sorted by key;
 /// `None` when no table of the agent's counts traffic (none yet, or the
-/// layout of a kernel before 5.7).
+/// layout of a kernel before 5.7). `expected`: how many keys the applied
+/// table publishes. An element dump is no snapshot: a rehash of the set
+/// between its parts can skip elements (see `read_state`), so a dump that
+/// came short of `expected` is read again, up to `MAX_DUMPS` times.
 pub fn read_traffic(
     names: &Names,
     families: Families,
+    expected: usize,
 ) -> Result<Option<Vec<Traffic>>, NetlinkError> {
     let mut sock = NfSocket::open()?;
+    let mut out = dump_once(&mut sock, names, families)?;
+    for _ in 1..MAX_DUMPS {
+        match &out {
+            Some(list) if list.len() < expected => out = dump_once(&mut sock, names, families)?,
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+fn dump_once(
+    sock: &mut NfSocket,
+    names: &Names,
+    families: Families,
+) -> Result<Option<Vec<Traffic>>, NetlinkError> {
     let mut out: Option<Vec<Traffic>> = None;
     for family in families.iter() {
         let scope = Scope::object(family.nfproto(), names.table(), names::NFT_TRAFFIC_SET);
