@@ -437,3 +437,64 @@ fn refused_events_are_logged_and_nat_goes_on() {
         w.dnat() == set(&["203.0.113.7:26/tcp → 10.1.0.5:2525"])
     });
 }
+
+/// `sourceRanges` through the whole agent (annotation → planner → kernel),
+/// both flavors: the client inside the ranges gets through; the annotation
+/// edited to other ranges shuts it out, its open connection included; the
+/// iptables flavor shows the `-s` rule, /entries/list the ranges.
+#[test]
+fn source_ranges_through_the_agent_in_both_flavors() {
+    for (tag, flavor) in [("agsri", "iptables"), ("agsrn", "nftables")] {
+        let w = World::new(tag);
+        let _echo = EchoServer::start(&w.sandbox.pod_a, 2525);
+        let agent = w.start_agent(&[&format!("-firewallflavor={flavor}")]);
+        agent.wait_first_sync();
+        let ranged = |range: &str| {
+            format!(r#"{{"entries":[{{"srcPort":25,"dstPort":2525,"sourceRanges":["{range}"]}}]}}"#)
+        };
+        // The client is 203.0.113.1.
+        w.create_pod("mx-a", NODE, Some(&ranged("203.0.113.0/30")));
+        w.set_running("mx-a", POD_A_IP);
+        wait_for("TCP from inside the ranges", WAIT, || w.roundtrip(25));
+        if flavor == "iptables" {
+            let save = w.sandbox.node.sh("iptables-nft-save -t nat");
+            assert!(
+                save.contains(
+                    "-A PODNAT_PRE -s 203.0.113.0/30 -d 203.0.113.7/32 -p tcp -m tcp --dport 25"
+                ),
+                "{save}"
+            );
+        }
+        let list = w
+            .sandbox
+            .node
+            .sh("curl -s http://127.0.0.1:8484/entries/list");
+        assert!(
+            list.contains(r#""source_ranges":["203.0.113.0/30"]"#),
+            "{list}"
+        );
+
+        let mut held = w.sandbox.client.run(|| {
+            let s = std::net::TcpStream::connect_timeout(
+                &"203.0.113.7:25".parse().unwrap(),
+                Duration::from_secs(2),
+            )
+            .unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            s
+        });
+        let echoes = |s: &mut std::net::TcpStream| {
+            use std::io::{Read, Write};
+            let mut b = [0u8; 1];
+            s.write_all(b"x").is_ok() && s.read_exact(&mut b).is_ok()
+        };
+        assert!(echoes(&mut held), "{flavor}: the held connection works");
+        w.set_annotation("mx-a", &ranged("198.51.100.0/24"));
+        wait_for("TCP from the client refused", WAIT, || !w.roundtrip(25));
+        assert!(
+            !echoes(&mut held),
+            "{flavor}: the open connection from the removed range ends"
+        );
+        drop(agent);
+    }
+}

@@ -61,6 +61,17 @@ fn traffic(ns: &Netns) -> Vec<Traffic> {
         .expect("the table counts traffic")
 }
 
+/// `change` on the kernel state just read, as the agent applies a change.
+fn apply_change(ns: &Netns, change: Changes) {
+    ns.run(move || {
+        let mut b = backend();
+        b.read()?;
+        b.apply_changes(change)
+    })
+    .unwrap()
+    .expect("the change applies");
+}
+
 fn of(list: &[Traffic], k: NatKey) -> (u64, u64) {
     let t = list.iter().find(|t| t.key == k).expect("a counted key");
     (t.packets, t.bytes)
@@ -167,15 +178,7 @@ fn each_published_key_counts_its_packets_and_bytes() {
         m.owner = PodRef::new("mail", "mx-1");
     }
     moved.normalize();
-    let change = Changes::between(&r, &moved);
-    sb.node
-        .run(move || {
-            let mut b = backend();
-            b.read()?;
-            b.apply_changes(change)
-        })
-        .unwrap()
-        .expect("the change applies");
+    apply_change(&sb.node, Changes::between(&r, &moved));
     let after = traffic(&sb.node);
     assert_eq!(of(&after, key(PUBLIC4, 5353, Proto::Udp)), (0, 0));
     assert_eq!(of(&after, key(PUBLIC4, 25, Proto::Tcp)), (packets, bytes));
@@ -219,15 +222,7 @@ fn each_published_key_counts_its_packets_and_bytes() {
         );
     }
     many.normalize();
-    let change = Changes::between(&grown, &many);
-    sb.node
-        .run(move || {
-            let mut b = backend();
-            b.read()?;
-            b.apply_changes(change)
-        })
-        .unwrap()
-        .expect("the change applies");
+    apply_change(&sb.node, Changes::between(&grown, &many));
     let expected = many.dnat.len();
     let all = sb
         .node

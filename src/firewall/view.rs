@@ -446,11 +446,13 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         "\t\ttype filter hook forward priority {}; policy accept;",
         nft_priority("filter", names::NFT_TRAFFIC_PRIORITY)
     );
-    let _ = writeln!(
-        out,
-        "\t\tct original {fam} daddr . ct protocol . ct original proto-dst @{}",
-        names::NFT_TRAFFIC_SET
-    );
+    for proto in ["tcp", "udp"] {
+        let _ = writeln!(
+            out,
+            "\t\tmeta l4proto {proto} ct original {fam} daddr . ct protocol . ct original proto-dst @{}",
+            names::NFT_TRAFFIC_SET
+        );
+    }
     out.push_str("\t}\n");
     out.push_str("}\n");
     out

@@ -136,7 +136,8 @@ fn nft_golden_mail_server() {
 \tchain traffic_forward {
 \t\tcomment \"podnat-controller:podnat\"
 \t\ttype filter hook forward priority filter - 2; policy accept;
-\t\tct original ip daddr . ct protocol . ct original proto-dst @mapping_traffic
+\t\tmeta l4proto tcp ct original ip daddr . ct protocol . ct original proto-dst @mapping_traffic
+\t\tmeta l4proto udp ct original ip daddr . ct protocol . ct original proto-dst @mapping_traffic
 \t}
 }
 ";

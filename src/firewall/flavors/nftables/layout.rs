@@ -286,18 +286,26 @@ pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
         names::NFT_TRAFFIC_CHAIN => {
             // Every packet of a connection whose original destination is a
             // published key, both directions: its element's counter counts
-            // it (no verdict). Only TCP and UDP keys are elements, so an
-            // ICMP entry's type/code in proto-dst never matches.
+            // it (no verdict). One rule per protocol: the `meta l4proto`
+            // match is what lets nft read `ct original proto-dst` back as a
+            // port (without it `nft -f` refuses the listing).
             let dst = match f {
                 Family::Ipv4 => sys::NFT_CT_DST_IP,
                 Family::Ipv6 => sys::NFT_CT_DST_IP6,
             };
-            let mut e = Exprs::new();
-            e.ct_load(dst, true, REG_1)
-                .ct_load(sys::NFT_CT_PROTOCOL, false, next)
-                .ct_load(sys::NFT_CT_PROTO_DST, true, after)
-                .lookup(names::NFT_TRAFFIC_SET, REG_1, None);
-            vec![e]
+            [Proto::Tcp, Proto::Udp]
+                .into_iter()
+                .map(|p| {
+                    let mut e = Exprs::new();
+                    e.meta_l4proto(REG_1)
+                        .cmp_eq(REG_1, &[p.number()])
+                        .ct_load(dst, true, REG_1)
+                        .ct_load(sys::NFT_CT_PROTOCOL, false, next)
+                        .ct_load(sys::NFT_CT_PROTO_DST, true, after)
+                        .lookup(names::NFT_TRAFFIC_SET, REG_1, None);
+                    e
+                })
+                .collect()
         }
         names::NFT_SOURCE_PRE_CHAIN | names::NFT_SOURCE_OUT_CHAIN => {
             // A restricted key from a source outside its ranges: dropped,
