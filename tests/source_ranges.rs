@@ -491,6 +491,12 @@ fn without_interval_concatenations_the_layout_has_no_source_objects() {
     let r = open.clone();
     let again = ns.run(move || old().apply(&r)).unwrap();
     assert_eq!(again.messages, 0, "{again:?}");
+    // The backend's rule view is this layout's, as nft lists it.
+    let view = old().view(&open);
+    assert_eq!(
+        view::canonical_nft(&listing),
+        view::canonical_nft(&view.replace("# ipv4\n", "").replace("# ipv6\n", "")),
+    );
     let ranged = rules(&[(PUBLIC4, "203.0.113.0/30")]);
     let err = ns
         .run(move || old().apply(&ranged))
@@ -499,5 +505,37 @@ fn without_interval_concatenations_the_layout_has_no_source_objects() {
     assert!(err.contains("need Linux 5.6"), "{err}");
     let after = ns.sh("nft list table ip podnat; nft list table ip6 podnat");
     assert_eq!(after, listing, "nothing applied");
+    ns.run(move || old().cleanup()).unwrap();
+}
+
+/// On Linux 5.6 (interval concatenations, no element counters a lookup
+/// updates) the layout has the allow-lists and no counters: ranges are
+/// enforced, nothing is counted, the view is that layout's, and a second
+/// apply sends nothing.
+#[test]
+fn on_linux_5_6_the_allow_lists_stay_without_counters() {
+    use podnat_controller::firewall::flavors::nftables::{Features, NftablesBackend};
+    let ns = Netns::new("src-56");
+    crowd_dual(&ns);
+    let old =
+        || NftablesBackend::with_features(names(), Families::DUAL, true, Features::SOURCES_ONLY);
+    let ranged = rules(&[(PUBLIC4, "203.0.113.0/30"), (PUBLIC6, "2001:db8::/126")]);
+    let r = ranged.clone();
+    ns.run(move || old().apply(&r)).unwrap();
+    let listing = ns.sh("nft list table ip podnat; nft list table ip6 podnat");
+    assert!(
+        listing.contains("source_allowed") && !listing.contains("traffic"),
+        "{listing}"
+    );
+    let view = old().view(&ranged);
+    assert_eq!(
+        view::canonical_nft(&listing),
+        view::canonical_nft(&view.replace("# ipv4\n", "").replace("# ipv6\n", "")),
+    );
+    let r = ranged.clone();
+    let again = ns.run(move || old().apply(&r)).unwrap();
+    assert_eq!(again.messages, 0, "{again:?}");
+    let read = ns.run(move || old().read()).unwrap();
+    assert_eq!(read, ranged);
     ns.run(move || old().cleanup()).unwrap();
 }

@@ -256,6 +256,19 @@ pub fn nft_local_element(l: &LocalPod) -> String {
 /// `nft`, with `-localaccess`'s objects when `local`: the `local_pods` set,
 /// the hairpin mark and masquerade, the nat output chain.
 pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> String {
+    nft_layout(rules, n, family, local, (true, true))
+}
+
+/// `nft_with` for the layout with or without (`sources`, `traffic`) the
+/// allow-lists' and the counters' objects: an older kernel's table has
+/// neither, or no counters.
+pub fn nft_layout(
+    rules: &RuleSet,
+    n: &Names,
+    family: Family,
+    local: bool,
+    (sources, traffic): (bool, bool),
+) -> String {
     let (fam, addr) = match family {
         Family::Ipv4 => ("ip", "ipv4_addr"),
         Family::Ipv6 => ("ip6", "ipv6_addr"),
@@ -300,40 +313,44 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         nft_elements_by(&mut out, &elements, per_line);
         out.push_str("\t}\n\n");
     }
-    let _ = writeln!(out, "\tset {} {{", names::NFT_TRAFFIC_SET);
-    let _ = writeln!(
-        out,
-        "\t\ttype {addr} . inet_proto . inet_service\n\t\tcounter"
-    );
-    nft_elements(
-        &mut out,
-        &rules
-            .dnat
-            .iter()
-            .map(nft_traffic_element)
-            .collect::<Vec<_>>(),
-    );
-    out.push_str("\t}\n\n");
-    let _ = writeln!(out, "\tset {} {{", names::NFT_RESTRICTED_SET);
-    let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
-    let mut keys: Vec<String> = rules.allow.iter().map(|a| nft_key(&a.key)).collect();
-    keys.dedup();
-    nft_elements(&mut out, &keys);
-    out.push_str("\t}\n\n");
-    let _ = writeln!(out, "\tset {} {{", names::NFT_SOURCES_SET);
-    let _ = writeln!(
-        out,
-        "\t\ttype {addr} . inet_proto . inet_service . {addr}\n\t\tflags interval"
-    );
-    nft_elements(
-        &mut out,
-        &rules
-            .allow
-            .iter()
-            .map(nft_source_element)
-            .collect::<Vec<_>>(),
-    );
-    out.push_str("\t}\n\n");
+    if traffic {
+        let _ = writeln!(out, "\tset {} {{", names::NFT_TRAFFIC_SET);
+        let _ = writeln!(
+            out,
+            "\t\ttype {addr} . inet_proto . inet_service\n\t\tcounter"
+        );
+        nft_elements(
+            &mut out,
+            &rules
+                .dnat
+                .iter()
+                .map(nft_traffic_element)
+                .collect::<Vec<_>>(),
+        );
+        out.push_str("\t}\n\n");
+    }
+    if sources {
+        let _ = writeln!(out, "\tset {} {{", names::NFT_RESTRICTED_SET);
+        let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
+        let mut keys: Vec<String> = rules.allow.iter().map(|a| nft_key(&a.key)).collect();
+        keys.dedup();
+        nft_elements(&mut out, &keys);
+        out.push_str("\t}\n\n");
+        let _ = writeln!(out, "\tset {} {{", names::NFT_SOURCES_SET);
+        let _ = writeln!(
+            out,
+            "\t\ttype {addr} . inet_proto . inet_service . {addr}\n\t\tflags interval"
+        );
+        nft_elements(
+            &mut out,
+            &rules
+                .allow
+                .iter()
+                .map(nft_source_element)
+                .collect::<Vec<_>>(),
+        );
+        out.push_str("\t}\n\n");
+    }
     let _ = writeln!(out, "\tchain {} {{", names::NFT_PRE_CHAIN);
     let _ = writeln!(out, "\t\tcomment \"{mark}\"");
     let _ = writeln!(
@@ -409,7 +426,9 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         let _ = writeln!(out, "\t\tfib daddr type local {}", dnat.trim_start());
         out.push_str("\t}\n");
     }
-    let source_chains: &[(&str, &str)] = if local {
+    let source_chains: &[(&str, &str)] = if !sources {
+        &[]
+    } else if local {
         &[
             (names::NFT_SOURCE_PRE_CHAIN, "prerouting"),
             (names::NFT_SOURCE_OUT_CHAIN, "output"),
@@ -439,21 +458,23 @@ pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> Stri
         );
         out.push_str("\t}\n");
     }
-    let _ = writeln!(out, "\n\tchain {} {{", names::NFT_TRAFFIC_CHAIN);
-    let _ = writeln!(out, "\t\tcomment \"{mark}\"");
-    let _ = writeln!(
-        out,
-        "\t\ttype filter hook forward priority {}; policy accept;",
-        nft_priority("filter", names::NFT_TRAFFIC_PRIORITY)
-    );
-    for proto in ["tcp", "udp"] {
+    if traffic {
+        let _ = writeln!(out, "\n\tchain {} {{", names::NFT_TRAFFIC_CHAIN);
+        let _ = writeln!(out, "\t\tcomment \"{mark}\"");
         let _ = writeln!(
             out,
-            "\t\tmeta l4proto {proto} ct original {fam} daddr . ct protocol . ct original proto-dst @{}",
-            names::NFT_TRAFFIC_SET
+            "\t\ttype filter hook forward priority {}; policy accept;",
+            nft_priority("filter", names::NFT_TRAFFIC_PRIORITY)
         );
+        for proto in ["tcp", "udp"] {
+            let _ = writeln!(
+                out,
+                "\t\tmeta l4proto {proto} ct original {fam} daddr . ct protocol . ct original proto-dst @{}",
+                names::NFT_TRAFFIC_SET
+            );
+        }
+        out.push_str("\t}\n");
     }
-    out.push_str("\t}\n");
     out.push_str("}\n");
     out
 }

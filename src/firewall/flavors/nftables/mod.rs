@@ -542,11 +542,12 @@ impl Flavor for Nftables {
                 if state.table_exists {
                     out.push_str(&format!("delete table {} {t}\n", self.fam()));
                 }
-                out.push_str(&view::nft_with(
+                out.push_str(&view::nft_layout(
                     desired,
                     &self.names,
                     self.family,
                     self.local,
+                    (self.features.sources, self.features.traffic),
                 ));
                 return out;
             }
@@ -646,7 +647,13 @@ impl Flavor for Nftables {
     }
 
     fn view(&self, rules: &RuleSet) -> String {
-        view::nft_with(rules, &self.names, self.family, self.local)
+        view::nft_layout(
+            rules,
+            &self.names,
+            self.family,
+            self.local,
+            (self.features.sources, self.features.traffic),
+        )
     }
 }
 
