@@ -420,7 +420,7 @@ fn public_address(
 pub fn entry_rows(
     table: &NatTable,
     dry_run: bool,
-    traffic: Option<&[crate::firewall::flavors::nftables::Traffic]>,
+    traffic: Option<&[crate::firewall::Traffic]>,
 ) -> Vec<Entry> {
     let row = |pod: &PodRef, state| Entry {
         namespace: pod.namespace.to_string(),

@@ -341,6 +341,13 @@ pub struct SourceRule {
     pub owner: PodRef,
 }
 
+/// The distinct keys of a sorted allow-list: the restricted ones, sorted.
+pub fn restricted_keys(allow: &[SourceRule]) -> Vec<NatKey> {
+    let mut keys: Vec<NatKey> = allow.iter().map(|a| a.key).collect();
+    keys.dedup();
+    keys
+}
+
 /// Destinations that are never SNATed, so in-cluster traffic keeps the pod IP.
 pub const INTERNAL_NETWORKS: [(Ipv4Addr, u8); 4] = [
     (Ipv4Addr::new(127, 0, 0, 0), 8),

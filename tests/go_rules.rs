@@ -468,6 +468,37 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
         pod_port: 25,
         owner: v6.owner.clone(),
     });
+    // A mapping restricted to sources (`sourceRanges`), of a pod of its
+    // own: the Go version would publish it to every source, so it is not
+    // handed over — nor its pod's FORWARD and SNAT rules.
+    let imap = Mapping {
+        key: NatKey {
+            public_ip: tcp.key.public_ip,
+            public_port: 993,
+            proto: Proto::Tcp,
+        },
+        pod_ip: "10.1.9.9".parse().unwrap(),
+        pod_port: 993,
+        owner: podnat_controller::model::PodRef::new("mail", "imap-0"),
+    };
+    rules.dnat.push(imap.clone());
+    rules.forward.push(ForwardRule {
+        pod_ip: imap.pod_ip,
+        proto: Proto::Tcp,
+        pod_port: 993,
+        owner: imap.owner.clone(),
+    });
+    rules.snat.push(SnatRule {
+        pod_ip: imap.pod_ip,
+        proto: Proto::Tcp,
+        public_ip: imap.key.public_ip,
+        owner: imap.owner.clone(),
+    });
+    rules.allow.push(podnat_controller::model::SourceRule {
+        key: imap.key,
+        source: "198.51.100.0/24".parse().unwrap(),
+        owner: imap.owner.clone(),
+    });
     rules.normalize();
 
     let ours = crowded_node("go-back");
@@ -483,10 +514,17 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
             .expect("apply");
     });
     assert!(save(&ours).iter().any(|l| l.contains("PODNAT_OUTPUT")));
+    assert!(save(&ours)
+        .iter()
+        .any(|l| l.contains("-s 198.51.100.0/24") && l.contains("--dport 993")));
     let handles_before = with_handles(&ours);
 
     let said = agent_cli(&ours, &["cleanup", "--for-go-version"]);
     assert!(said.contains("ip iptables: local access"), "{said}");
+    assert!(
+        said.contains("1 mapping(s) with source allow-lists removed"),
+        "{said}"
+    );
     assert!(said.contains("ip6 iptables: chains"), "{said}");
     assert!(said.contains("ip nftables: table podnat"), "{said}");
     assert!(said.contains("ip6 nftables: table podnat"), "{said}");

@@ -505,6 +505,11 @@ fn iptables_view_equals_iptables_nft_save() {
     );
     assert_eq!(entries(node)["flavor"], "iptables");
     assert_eq!(status(node, "/entries/list?format=nft"), 400);
+    // The iptables flavor counts no traffic: null in the rows, no series.
+    for r in entries(node)["entries"].as_array().unwrap() {
+        assert!(r["packets"].is_null() && r["bytes"].is_null(), "{r}");
+    }
+    assert!(!body(node, "/metrics").contains("podnat_mapping_packets"));
 
     // After a deletion the view follows the kernel.
     w.delete_pod("mx-a");
@@ -531,6 +536,9 @@ fn dry_run_agent_lists_planned_entries_and_owns_no_rules() {
         entries(node)["entries"][0]["state"] == "planned"
     });
     assert_eq!(entries(node)["dry_run"], true);
+    // Nothing is programmed, so nothing is counted.
+    assert!(entries(node)["entries"][0]["packets"].is_null());
+    assert!(!body(node, "/metrics").contains("podnat_mapping_packets"));
     let (_, samples) = parse_prometheus(&body(node, "/metrics"));
     assert_eq!(
         value(

@@ -476,10 +476,10 @@ fn a_tampered_source_rule_is_rebuilt() {
 /// nothing applied.
 #[test]
 fn without_interval_concatenations_the_layout_has_no_source_objects() {
-    use podnat_controller::firewall::flavors::nftables::NftablesBackend;
+    use podnat_controller::firewall::flavors::nftables::{Features, NftablesBackend};
     let ns = Netns::new("src-old");
     crowd_dual(&ns);
-    let old = || NftablesBackend::with_layout(names(), Families::DUAL, true, false);
+    let old = || NftablesBackend::with_features(names(), Families::DUAL, true, Features::NONE);
     let open = rules(&[]);
     let r = open.clone();
     ns.run(move || old().apply(&r)).unwrap();

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use super::flavors::{iptables::IptablesBackend, nftables::NftablesBackend};
 use super::{Backend, FirewallError, Names};
 use crate::config::JumpPositions;
-use crate::model::{Families, Family, Proto, RuleSet};
+use crate::model::{restricted_keys, Families, Family, Proto, RuleSet};
 
 const IPV6_ONLY: Families = Families {
     ipv4: false,
@@ -64,7 +64,7 @@ pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>
         let report = go_backend.apply(&go)?;
         if report.messages > 0 {
             let v4 = rules.of_family(Family::Ipv4);
-            let restricted = restricted_keys(&v4).len();
+            let restricted = restricted_keys(&v4.allow).len();
             let second = v4.dnat.len() - go.dnat.len() - restricted;
             lines.push(format!(
                 "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}), \
@@ -119,17 +119,17 @@ fn collect(
 /// and FORWARD rules of what is left.
 fn go_layout(rules: &RuleSet) -> RuleSet {
     let v4 = rules.of_family(Family::Ipv4);
-    let restricted = restricted_keys(&v4);
+    let restricted = restricted_keys(&v4.allow);
     let tcp: BTreeSet<_> = v4
         .dnat
         .iter()
-        .filter(|m| m.key.proto == Proto::Tcp && !restricted.contains(&m.key))
+        .filter(|m| m.key.proto == Proto::Tcp && restricted.binary_search(&m.key).is_err())
         .map(|m| (m.key.public_ip, m.key.public_port))
         .collect();
     let dnat: Vec<_> = v4
         .dnat
         .into_iter()
-        .filter(|m| !restricted.contains(&m.key))
+        .filter(|m| restricted.binary_search(&m.key).is_err())
         .filter(|m| {
             m.key.proto == Proto::Tcp || !tcp.contains(&(m.key.public_ip, m.key.public_port))
         })
@@ -157,11 +157,6 @@ fn go_layout(rules: &RuleSet) -> RuleSet {
         local: Vec::new(),
         allow: Vec::new(),
     }
-}
-
-/// The keys with source allow-lists.
-fn restricted_keys(rules: &RuleSet) -> BTreeSet<crate::model::NatKey> {
-    rules.allow.iter().map(|a| a.key).collect()
 }
 
 #[cfg(test)]

@@ -48,6 +48,7 @@ impl FirewallError {
     }
 }
 
+pub use flavors::nftables::Traffic;
 pub use sources::Narrowed;
 
 /// What one apply did.
@@ -175,6 +176,43 @@ pub fn backend_with(
 /// such entries by name where not.
 pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
     flavor == crate::config::Flavor::Iptables || flavors::nftables::kernel_supports_source_ranges()
+}
+
+/// What a table holds beyond the NAT maps and sets, by the agent's version
+/// and the kernel: this version's layout has the allow-lists on Linux 5.6
+/// and the counters too on 5.7; the version before had the allow-lists
+/// only; before that, and on an older kernel, neither.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Features {
+    /// Source allow-lists: concatenated interval sets (Linux 5.6).
+    pub sources: bool,
+    /// Per-mapping traffic counters: element counters a lookup updates
+    /// (Linux 5.7).
+    pub traffic: bool,
+}
+
+impl Features {
+    pub const ALL: Features = Features {
+        sources: true,
+        traffic: true,
+    };
+    pub const NONE: Features = Features {
+        sources: false,
+        traffic: false,
+    };
+    /// The layout of the version before per-mapping counters.
+    pub const SOURCES_ONLY: Features = Features {
+        sources: true,
+        traffic: false,
+    };
+
+    /// The layouts earlier versions of the agent made that this one reads
+    /// (with their elements) and rebuilds once: those with fewer objects.
+    pub(crate) fn older(self) -> impl Iterator<Item = Features> {
+        [Features::SOURCES_ONLY, Features::NONE]
+            .into_iter()
+            .filter(move |f| *f != self && (self.sources || !f.sources))
+    }
 }
 
 /// Where the per-mapping traffic counters are read: the nftables flavor's

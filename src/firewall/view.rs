@@ -7,6 +7,7 @@ use std::fmt::Write;
 use std::net::IpAddr;
 
 use crate::firewall::names::{self, internal_returns, Names};
+use crate::firewall::Features;
 use crate::model::{
     host_port, Family, ForwardRule, LocalPod, Mapping, NatKey, RuleSet, SnatRule, SourceRule,
 };
@@ -256,19 +257,19 @@ pub fn nft_local_element(l: &LocalPod) -> String {
 /// `nft`, with `-localaccess`'s objects when `local`: the `local_pods` set,
 /// the hairpin mark and masquerade, the nat output chain.
 pub fn nft_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> String {
-    nft_layout(rules, n, family, local, (true, true))
+    nft_layout(rules, n, family, local, Features::ALL)
 }
 
-/// `nft_with` for the layout with or without (`sources`, `traffic`) the
-/// allow-lists' and the counters' objects: an older kernel's table has
-/// neither, or no counters.
+/// `nft_with` for the layout with `features`: an older kernel's table has
+/// no allow-lists' objects, or no counters'.
 pub fn nft_layout(
     rules: &RuleSet,
     n: &Names,
     family: Family,
     local: bool,
-    (sources, traffic): (bool, bool),
+    features: Features,
 ) -> String {
+    let Features { sources, traffic } = features;
     let (fam, addr) = match family {
         Family::Ipv4 => ("ip", "ipv4_addr"),
         Family::Ipv6 => ("ip6", "ipv6_addr"),
@@ -332,8 +333,10 @@ pub fn nft_layout(
     if sources {
         let _ = writeln!(out, "\tset {} {{", names::NFT_RESTRICTED_SET);
         let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
-        let mut keys: Vec<String> = rules.allow.iter().map(|a| nft_key(&a.key)).collect();
-        keys.dedup();
+        let keys: Vec<String> = crate::model::restricted_keys(&rules.allow)
+            .iter()
+            .map(nft_key)
+            .collect();
         nft_elements(&mut out, &keys);
         out.push_str("\t}\n\n");
         let _ = writeln!(out, "\tset {} {{", names::NFT_SOURCES_SET);
@@ -481,7 +484,7 @@ pub fn nft_layout(
 
 /// A counted key in `mapping_traffic`: the view shows no traffic (the
 /// counters are the metrics'; `canonical_nft` zeroes the kernel's).
-pub fn nft_traffic_element(m: &Mapping) -> String {
+fn nft_traffic_element(m: &Mapping) -> String {
     format!(
         "{} counter packets 0 bytes 0 comment \"{}\"",
         nft_key(&m.key),

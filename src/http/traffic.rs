@@ -5,8 +5,9 @@
 //! beyond the output).
 
 use std::fmt::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-use crate::firewall::flavors::nftables::Traffic;
+use crate::firewall::Traffic;
 use crate::firewall::TrafficSource;
 use crate::http::HttpContext;
 use crate::model::Mapping;
@@ -19,15 +20,22 @@ pub async fn read(ctx: &HttpContext) -> Option<Vec<Traffic>> {
     let expected = ctx
         .status
         .with_last(|l| l.table.as_ref().map_or(0, |t| t.rules.dnat.len()));
-    match tokio::task::spawn_blocking(move || source.read(expected)).await {
-        Ok(Ok(t)) => t,
-        Ok(Err(e)) => {
-            tracing::warn!("cannot read the per-mapping traffic counters: {e}");
-            None
+    let read = tokio::task::spawn_blocking(move || source.read(expected)).await;
+    // Said once when reading starts to fail and once when it works again,
+    // not on every scrape; meanwhile the series are absent.
+    let failed = !matches!(read, Ok(Ok(_)));
+    if FAILING.swap(failed, Ordering::Relaxed) != failed {
+        match &read {
+            Ok(Err(e)) => tracing::warn!("cannot read the per-mapping traffic counters: {e}"),
+            Err(e) => tracing::warn!("the per-mapping traffic counters' read failed: {e}"),
+            Ok(Ok(_)) => tracing::info!("the per-mapping traffic counters are read again"),
         }
-        Err(_) => None,
     }
+    read.ok()?.ok()?
 }
+
+/// The last read of the counters failed.
+static FAILING: AtomicBool = AtomicBool::new(false);
 
 /// The mapping of `traffic`'s key in the applied table (sorted by key).
 fn mapping_of<'a>(dnat: &'a [Mapping], t: &Traffic) -> Option<&'a Mapping> {
@@ -71,7 +79,7 @@ pub fn encode(body: &mut String, traffic: &[Traffic], dnat: &[Mapping], openmetr
     for (name, help, value) in [
         (
             "podnat_mapping_packets",
-            "Packets of the connections through a published mapping, both directions, as the forward hook sees them (since the mapping's key was last given to its pod).",
+            "Packets of the connections through a published mapping, both directions, as the forward hook sees them (since the mapping last changed).",
             (|t: &Traffic| t.packets) as fn(&Traffic) -> u64,
         ),
         (
@@ -153,7 +161,7 @@ mod tests {
         encode(&mut text, &traffic, &dnat, true);
         assert_eq!(
             text,
-            "# HELP podnat_mapping_packets Packets of the connections through a published mapping, both directions, as the forward hook sees them (since the mapping's key was last given to its pod).\n\
+            "# HELP podnat_mapping_packets Packets of the connections through a published mapping, both directions, as the forward hook sees them (since the mapping last changed).\n\
              # TYPE podnat_mapping_packets counter\n\
              podnat_mapping_packets_total{address=\"203.0.113.7\",port=\"25\",protocol=\"tcp\",namespace=\"mail\",pod=\"mx-0\"} 3\n\
              podnat_mapping_packets_total{address=\"203.0.113.7\",port=\"993\",protocol=\"tcp\",namespace=\"mail\",pod=\"imap\\\"0\"} 5\n\

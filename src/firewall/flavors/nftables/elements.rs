@@ -256,12 +256,7 @@ impl<'b> ElementWriter<'b> {
     }
 }
 
-/// The distinct keys of a sorted allow-list: the restricted ones.
-pub(super) fn restricted_keys(allow: &[SourceRule]) -> Vec<NatKey> {
-    let mut keys: Vec<NatKey> = allow.iter().map(|a| a.key).collect();
-    keys.dedup();
-    keys
-}
+pub(super) use crate::model::restricted_keys;
 
 fn key_value(k: &NatKey) -> Value {
     Value::of(&[
@@ -386,10 +381,12 @@ pub(super) fn local_elements(v: &[LocalPod]) -> impl Iterator<Item = Element<'_>
 
 /// Element deletes first, then adds: a retargeted key is deleted and re-added
 /// with its new data in the same batch.
-/// `to`: the family, the table and whether it counts traffic.
+/// `traffic`: the table counts traffic (its counted keys follow the DNATs).
 pub(super) fn encode_changes(
     batch: &mut NftBatch,
-    (family, table, traffic): (Family, &str, bool),
+    family: Family,
+    table: &str,
+    traffic: bool,
     current: &[SourceRule],
     ch: &Changes,
 ) -> Vec<ElementMsg> {

@@ -2,6 +2,7 @@
 //! the base chains with their rules, as nft would create them.
 
 use super::*;
+pub use crate::firewall::Features;
 
 // nft datatype ids (nftables' enum datatypes) and the concatenation encoding
 // (each field shifts the type by 6 bits), as nft writes NFTA_SET_KEY_TYPE.
@@ -17,43 +18,6 @@ pub(super) const fn concat(types: &[u32]) -> u32 {
         i += 1;
     }
     v
-}
-
-/// What a table holds beyond the NAT maps and sets, by the agent's version
-/// and the kernel: this version's layout has the allow-lists on Linux 5.6
-/// and the counters too on 5.7; the version before had the allow-lists
-/// only; before that, and on an older kernel, neither.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Features {
-    /// Source allow-lists: concatenated interval sets (Linux 5.6).
-    pub sources: bool,
-    /// Per-mapping traffic counters: element counters a lookup updates
-    /// (Linux 5.7).
-    pub traffic: bool,
-}
-
-impl Features {
-    pub const ALL: Features = Features {
-        sources: true,
-        traffic: true,
-    };
-    pub const NONE: Features = Features {
-        sources: false,
-        traffic: false,
-    };
-    /// The layout of the version before per-mapping counters.
-    pub const SOURCES_ONLY: Features = Features {
-        sources: true,
-        traffic: false,
-    };
-
-    /// The layouts earlier versions of the agent made that this one reads
-    /// (with their elements) and rebuilds once: those with fewer objects.
-    pub(super) fn older(self) -> impl Iterator<Item = Features> {
-        [Features::SOURCES_ONLY, Features::NONE]
-            .into_iter()
-            .filter(move |f| *f != self && (self.sources || !f.sources))
-    }
 }
 
 /// Shape of one of the agent's sets: what the kernel must report back.

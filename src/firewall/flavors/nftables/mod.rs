@@ -29,9 +29,9 @@ mod layout;
 mod traffic;
 
 use self::elements::*;
-pub use self::layout::Features;
 use self::layout::*;
 pub use self::traffic::{read_traffic, Traffic};
+pub use crate::firewall::Features;
 
 /// What the kernel holds of the agent's table.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -84,7 +84,7 @@ pub const SOURCE_RANGES_KERNEL: (u32, u32) = (5, 6);
 
 /// The kernel release per-mapping traffic counters need: element counters
 /// that a lookup updates came with Linux 5.7.
-pub const TRAFFIC_KERNEL: (u32, u32) = (5, 7);
+const TRAFFIC_KERNEL: (u32, u32) = (5, 7);
 
 /// Whether this kernel is at least `release` (from
 /// /proc/sys/kernel/osrelease; unreadable: assumed, and a refusal of the
@@ -109,7 +109,7 @@ pub fn kernel_counts_traffic() -> bool {
 impl Features {
     /// What this kernel supports: each feature by its own release, so a
     /// 5.6 kernel keeps the allow-lists the version before enforced there.
-    pub fn of_kernel() -> Features {
+    fn of_kernel() -> Features {
         Features {
             sources: kernel_supports_source_ranges(),
             traffic: kernel_counts_traffic(),
@@ -143,25 +143,8 @@ impl NftablesBackend {
         Self::with_features(names, families, local, Features::of_kernel())
     }
 
-    /// `sources`: with the source allow-lists' and the counters' sets and
-    /// chains (false: the layout of a kernel before 5.6, which refuses
-    /// rules with ranges and counts nothing).
-    pub fn with_layout(
-        names: Names,
-        families: Families,
-        local: bool,
-        sources: bool,
-    ) -> NftablesBackend {
-        let features = if sources {
-            Features::ALL
-        } else {
-            Features::NONE
-        };
-        Self::with_features(names, families, local, features)
-    }
-
-    /// The layout with `features` (e.g. an earlier version's, in tests of
-    /// the upgrade).
+    /// The layout with `features` (an older kernel's, or an earlier
+    /// version's in tests of the upgrade).
     pub fn with_features(
         names: Names,
         families: Families,
@@ -478,7 +461,9 @@ impl Flavor for Nftables {
             NftPlan::Rebuild(desired) => self.encode_rebuild(batch, state, desired),
             NftPlan::Elements(ch) => encode_changes(
                 batch,
-                (self.family, self.names.table(), self.features.traffic),
+                self.family,
+                self.names.table(),
+                self.features.traffic,
                 &state.rules.allow,
                 ch,
             ),
@@ -547,7 +532,7 @@ impl Flavor for Nftables {
                     &self.names,
                     self.family,
                     self.local,
-                    (self.features.sources, self.features.traffic),
+                    self.features,
                 ));
                 return out;
             }
@@ -647,13 +632,7 @@ impl Flavor for Nftables {
     }
 
     fn view(&self, rules: &RuleSet) -> String {
-        view::nft_layout(
-            rules,
-            &self.names,
-            self.family,
-            self.local,
-            (self.features.sources, self.features.traffic),
-        )
+        view::nft_layout(rules, &self.names, self.family, self.local, self.features)
     }
 }
 
