@@ -1,7 +1,8 @@
 //! Per-mapping traffic counters (issue 25) in the nftables flavor, against
 //! the real kernel on a crowded dual-stack node: N datagrams to a published
 //! UDP port are exactly N packets on its key and their IP lengths in bytes;
-//! a TCP exchange counts both directions; another key counts nothing; a key
+//! a TCP exchange counts both directions; the node's own datagrams count
+//! (local access); another key counts nothing; a key
 //! that changes hands starts again from zero; the table still equals the
 //! view (counter values aside) and a re-apply sends nothing.
 
@@ -127,6 +128,26 @@ fn each_published_key_counts_its_packets_and_bytes() {
             "{public}: their IP lengths"
         );
     }
+
+    // With local access the node's own connections count too (its packets
+    // in the output hook; replies would count in the input hook).
+    let before = of(&traffic(&sb.node), key(PUBLIC4, 5353, Proto::Udp));
+    sb.node.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..N {
+            s.send_to(&[7u8; PAYLOAD], (PUBLIC4, 5353)).unwrap();
+        }
+    });
+    let mut buf = [0u8; 512];
+    for i in 0..N {
+        sink.recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} from the node: {e}"));
+    }
+    assert_eq!(
+        of(&traffic(&sb.node), key(PUBLIC4, 5353, Proto::Udp)),
+        (before.0 + N, before.1 + N * (PAYLOAD + 28) as u64),
+        "the node's own datagrams"
+    );
 
     // A TCP exchange through 25 counts both directions; 26 stays at zero.
     let listener = sb.pod_a.run(|| TcpListener::bind("[::]:2525").unwrap());

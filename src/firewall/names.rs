@@ -52,9 +52,12 @@ pub const NFT_SOURCE_PRIORITY: i32 = -110;
 /// Per-mapping traffic counters: a set of the published keys with a counter
 /// on each element, looked up by every forwarded packet of a connection
 /// whose original destination is one (both directions), just before the
-/// agent's forward chain.
+/// agent's forward chain — and, with `-localaccess`, by the node's own
+/// connections' packets (output, and input for the replies).
 pub const NFT_TRAFFIC_SET: &str = "mapping_traffic";
 pub const NFT_TRAFFIC_CHAIN: &str = "traffic_forward";
+pub const NFT_TRAFFIC_OUT_CHAIN: &str = "traffic_output";
+pub const NFT_TRAFFIC_IN_CHAIN: &str = "traffic_input";
 pub const NFT_TRAFFIC_PRIORITY: i32 = -2;
 /// The mark bit of a hairpin connection (a pod of this node to a published
 /// address of the node): set in prerouting, masqueraded on in postrouting, as

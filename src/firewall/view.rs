@@ -462,21 +462,32 @@ pub fn nft_layout(
         out.push_str("\t}\n");
     }
     if traffic {
-        let _ = writeln!(out, "\n\tchain {} {{", names::NFT_TRAFFIC_CHAIN);
-        let _ = writeln!(out, "\t\tcomment \"{mark}\"");
-        let _ = writeln!(
-            out,
-            "\t\ttype filter hook forward priority {}; policy accept;",
-            nft_priority("filter", names::NFT_TRAFFIC_PRIORITY)
-        );
-        for proto in ["tcp", "udp"] {
+        let traffic_chains: &[(&str, &str)] = if local {
+            &[
+                (names::NFT_TRAFFIC_CHAIN, "forward"),
+                (names::NFT_TRAFFIC_OUT_CHAIN, "output"),
+                (names::NFT_TRAFFIC_IN_CHAIN, "input"),
+            ]
+        } else {
+            &[(names::NFT_TRAFFIC_CHAIN, "forward")]
+        };
+        for (chain, hook) in traffic_chains {
+            let _ = writeln!(out, "\n\tchain {chain} {{");
+            let _ = writeln!(out, "\t\tcomment \"{mark}\"");
             let _ = writeln!(
                 out,
-                "\t\tmeta l4proto {proto} ct original {fam} daddr . ct protocol . ct original proto-dst @{}",
-                names::NFT_TRAFFIC_SET
+                "\t\ttype filter hook {hook} priority {}; policy accept;",
+                nft_priority("filter", names::NFT_TRAFFIC_PRIORITY)
             );
+            for proto in ["tcp", "udp"] {
+                let _ = writeln!(
+                    out,
+                    "\t\tmeta l4proto {proto} ct original {fam} daddr . ct protocol . ct original proto-dst @{}",
+                    names::NFT_TRAFFIC_SET
+                );
+            }
+            out.push_str("\t}\n");
         }
-        out.push_str("\t}\n");
     }
     out.push_str("}\n");
     out

@@ -79,12 +79,12 @@ pub fn encode(body: &mut String, traffic: &[Traffic], dnat: &[Mapping], openmetr
     for (name, help, value) in [
         (
             "podnat_mapping_packets",
-            "Packets of the connections through a published mapping, both directions, as the forward hook sees them (since the mapping last changed).",
+            "Packets of the connections through a published mapping, both directions, as the node forwards them (and, with local access, sends and receives them), since the mapping last changed.",
             (|t: &Traffic| t.packets) as fn(&Traffic) -> u64,
         ),
         (
             "podnat_mapping_bytes",
-            "Bytes (IP lengths) of the connections through a published mapping, both directions, as the forward hook sees them.",
+            "Bytes (IP lengths) of the connections through a published mapping, both directions, counted as the packets are.",
             |t: &Traffic| t.bytes,
         ),
     ] {
@@ -161,11 +161,11 @@ mod tests {
         encode(&mut text, &traffic, &dnat, true);
         assert_eq!(
             text,
-            "# HELP podnat_mapping_packets Packets of the connections through a published mapping, both directions, as the forward hook sees them (since the mapping last changed).\n\
+            "# HELP podnat_mapping_packets Packets of the connections through a published mapping, both directions, as the node forwards them (and, with local access, sends and receives them), since the mapping last changed.\n\
              # TYPE podnat_mapping_packets counter\n\
              podnat_mapping_packets_total{address=\"203.0.113.7\",port=\"25\",protocol=\"tcp\",namespace=\"mail\",pod=\"mx-0\"} 3\n\
              podnat_mapping_packets_total{address=\"203.0.113.7\",port=\"993\",protocol=\"tcp\",namespace=\"mail\",pod=\"imap\\\"0\"} 5\n\
-             # HELP podnat_mapping_bytes Bytes (IP lengths) of the connections through a published mapping, both directions, as the forward hook sees them.\n\
+             # HELP podnat_mapping_bytes Bytes (IP lengths) of the connections through a published mapping, both directions, counted as the packets are.\n\
              # TYPE podnat_mapping_bytes counter\n\
              podnat_mapping_bytes_total{address=\"203.0.113.7\",port=\"25\",protocol=\"tcp\",namespace=\"mail\",pod=\"mx-0\"} 180\n\
              podnat_mapping_bytes_total{address=\"203.0.113.7\",port=\"993\",protocol=\"tcp\",namespace=\"mail\",pod=\"imap\\\"0\"} 300\n\

@@ -59,7 +59,13 @@ fn in_layout(name: &str, features: Features) -> bool {
         names::NFT_SOURCE_OUT_CHAIN,
     ]
     .contains(&name);
-    let traffic = [names::NFT_TRAFFIC_SET, names::NFT_TRAFFIC_CHAIN].contains(&name);
+    let traffic = [
+        names::NFT_TRAFFIC_SET,
+        names::NFT_TRAFFIC_CHAIN,
+        names::NFT_TRAFFIC_OUT_CHAIN,
+        names::NFT_TRAFFIC_IN_CHAIN,
+    ]
+    .contains(&name);
     (features.sources || !source) && (features.traffic || !traffic)
 }
 
@@ -169,6 +175,22 @@ const TRAFFIC: ChainShape = ChainShape {
     nat: false,
 };
 
+/// The node's own connections to a published address (local access): its
+/// packets out, and the replies in.
+const TRAFFIC_OUT: ChainShape = ChainShape {
+    name: names::NFT_TRAFFIC_OUT_CHAIN,
+    hook: HookClass::Out,
+    priority: names::NFT_TRAFFIC_PRIORITY,
+    nat: false,
+};
+
+const TRAFFIC_IN: ChainShape = ChainShape {
+    name: names::NFT_TRAFFIC_IN_CHAIN,
+    hook: HookClass::In,
+    priority: names::NFT_TRAFFIC_PRIORITY,
+    nat: false,
+};
+
 const SOURCE_PRE: ChainShape = ChainShape {
     name: names::NFT_SOURCE_PRE_CHAIN,
     hook: HookClass::PreRouting,
@@ -191,7 +213,7 @@ const CHAINS: [ChainShape; 5] = [
     TRAFFIC,
 ];
 
-const CHAINS_LOCAL: [ChainShape; 7] = [
+const CHAINS_LOCAL: [ChainShape; 9] = [
     NAT_CHAINS[0],
     NAT_CHAINS[1],
     NAT_CHAINS[2],
@@ -199,6 +221,8 @@ const CHAINS_LOCAL: [ChainShape; 7] = [
     SOURCE_PRE,
     SOURCE_OUT,
     TRAFFIC,
+    TRAFFIC_OUT,
+    TRAFFIC_IN,
 ];
 
 const NAT_CHAINS: [ChainShape; 4] = [
@@ -247,7 +271,7 @@ pub(super) fn chain_rules(chain: &str, f: Family, local: bool) -> Vec<Exprs> {
         e
     };
     match chain {
-        names::NFT_TRAFFIC_CHAIN => {
+        names::NFT_TRAFFIC_CHAIN | names::NFT_TRAFFIC_OUT_CHAIN | names::NFT_TRAFFIC_IN_CHAIN => {
             // Every packet of a connection whose original destination is a
             // published key, both directions: its element's counter counts
             // it (no verdict). One rule per protocol: the `meta l4proto`
