@@ -442,10 +442,8 @@ pub fn entry_rows(
     let mut rows = Vec::new();
     let allow = &table.rules.allow;
     for m in &table.rules.dnat {
-        let start = allow.partition_point(|a| a.key < m.key);
-        let ranges: Vec<String> = allow[start..]
+        let ranges: Vec<String> = crate::model::allow_of(allow, &m.key)
             .iter()
-            .take_while(|a| a.key == m.key)
             .map(|a| a.source.to_string())
             .collect();
         let counted = traffic.and_then(|t| traffic::counters_of(t, m));

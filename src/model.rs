@@ -341,6 +341,13 @@ pub struct SourceRule {
     pub owner: PodRef,
 }
 
+/// The ranges of `key` in a sorted allow-list (a binary search).
+pub fn allow_of<'a>(allow: &'a [SourceRule], key: &NatKey) -> &'a [SourceRule] {
+    let start = allow.partition_point(|a| a.key < *key);
+    let len = allow[start..].partition_point(|a| a.key == *key);
+    &allow[start..start + len]
+}
+
 /// The distinct keys of a sorted allow-list: the restricted ones, sorted.
 pub fn restricted_keys(allow: &[SourceRule]) -> Vec<NatKey> {
     let mut keys: Vec<NatKey> = allow.iter().map(|a| a.key).collect();

@@ -498,10 +498,9 @@ fn without_interval_concatenations_the_layout_has_no_source_objects() {
         view::canonical_nft(&view.replace("# ipv4\n", "").replace("# ipv6\n", "")),
     );
     let ranged = rules(&[(PUBLIC4, "203.0.113.0/30")]);
-    let err = ns
-        .run(move || old().apply(&ranged))
-        .unwrap_err()
-        .to_string();
+    let err = ns.run(move || old().apply(&ranged)).unwrap_err();
+    assert_eq!(err.metric_label(), "unsupported", "{err}");
+    let err = err.to_string();
     assert!(err.contains("need Linux 5.6"), "{err}");
     let after = ns.sh("nft list table ip podnat; nft list table ip6 podnat");
     assert_eq!(after, listing, "nothing applied");

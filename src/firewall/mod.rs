@@ -33,6 +33,10 @@ pub enum FirewallError {
     /// An object named as the agent names its own is someone else's.
     #[error("{0}")]
     NotOurs(String),
+    /// The rules ask for what this kernel's layout cannot enforce (the
+    /// planner refuses such entries first; nothing is applied).
+    #[error("{0}")]
+    Unsupported(String),
 }
 
 impl FirewallError {
@@ -44,6 +48,7 @@ impl FirewallError {
             FirewallError::Netlink(_) => "netlink",
             FirewallError::TooManyRetries(_) => "retries",
             FirewallError::NotOurs(_) => "not_ours",
+            FirewallError::Unsupported(_) => "unsupported",
         }
     }
 }
@@ -86,13 +91,12 @@ pub fn flush_stale_connections(report: &mut ApplyReport) {
 /// removed, and of every key it narrowed with the sources it still admits:
 /// whose conntrack entries `flush_targets` deletes.
 pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
-    let target = |k: &crate::model::NatKey| (k.proto, k.public_ip, k.public_port);
     conntrack::Targets {
-        whole: report.removed_dnat.iter().map(|m| target(&m.key)).collect(),
+        whole: report.removed_dnat.iter().map(|m| m.key).collect(),
         outside: report
             .narrowed
             .iter()
-            .map(|n| (target(&n.key), n.sources.clone()))
+            .map(|n| (n.key, n.sources.clone()))
             .collect(),
     }
 }

@@ -6,7 +6,7 @@
 use ipnet::IpNet;
 
 use crate::firewall::Changes;
-use crate::model::{Mapping, NatKey, RuleSet};
+use crate::model::{allow_of, Mapping, NatKey, RuleSet};
 
 /// What one key holds: its mapping, if published, and its allowed ranges
 /// (empty: every source).
@@ -21,10 +21,8 @@ impl KeyView {
     pub fn of(rules: &RuleSet, key: &NatKey) -> KeyView {
         let at = rules.dnat.partition_point(|m| m.key < *key);
         let mapping = rules.dnat.get(at).filter(|m| m.key == *key).cloned();
-        let from = rules.allow.partition_point(|a| a.key < *key);
-        let sources = rules.allow[from..]
+        let sources = allow_of(&rules.allow, key)
             .iter()
-            .take_while(|a| a.key == *key)
             .map(|a| a.source)
             .collect();
         KeyView { mapping, sources }

@@ -28,9 +28,10 @@ pub enum Planned<P> {
     /// The plan would need what the state does not know (a rule handle the
     /// kernel did not echo): read the kernel again.
     NeedsRead,
-    /// An object with the agent's name is not the agent's (no mark, not its
-    /// layout): nothing is sent, and this says which and what to do.
-    Foreign(String),
+    /// Nothing is sent, and the error says why and what to do: an object
+    /// with the agent's name is not the agent's (no mark, not its layout),
+    /// or the rules ask for what this kernel's layout cannot enforce.
+    Refused(FirewallError),
 }
 
 /// What a change does, for the report and the UDP conntrack flush.
@@ -305,7 +306,7 @@ impl<F: Flavor> Backend for Applier<F> {
             let (state, planned) = self.state_for(generation, desired, &mut report)?;
             let plan = match planned {
                 Planned::Change(p) => p,
-                Planned::Foreign(what) => return Err(FirewallError::NotOurs(what)),
+                Planned::Refused(e) => return Err(e),
                 // NeedsRead after a fresh read cannot happen: the read
                 // knows every handle.
                 Planned::Nothing | Planned::NeedsRead => {
@@ -351,7 +352,7 @@ impl<F: Flavor> Backend for Applier<F> {
                 self.cache.set(generation, epoch, state);
                 return Ok(Some(report));
             }
-            None | Some(Planned::NeedsRead) | Some(Planned::Foreign(_)) => {
+            None | Some(Planned::NeedsRead) | Some(Planned::Refused(_)) => {
                 self.cache.set(generation, epoch, state);
                 return Ok(None);
             }
@@ -385,7 +386,7 @@ impl<F: Flavor> Backend for Applier<F> {
         };
         Ok(match self.flavor.plan(&state, &desired) {
             Planned::Change(p) => self.flavor.render(&state, &p),
-            Planned::Foreign(what) => return Err(FirewallError::NotOurs(what)),
+            Planned::Refused(e) => return Err(e),
             Planned::Nothing | Planned::NeedsRead => String::new(),
         })
     }

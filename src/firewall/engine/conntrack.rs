@@ -21,19 +21,16 @@ use netlink_packet_netfilter::{
 };
 use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
 
-use crate::model::Proto;
+use crate::model::{NatKey, Proto};
 use crate::net::dump::{read_dump, DumpError};
-
-/// A published key: (protocol, public address, public port).
-pub type Target = (Proto, IpAddr, u16);
 
 /// What to flush.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Targets {
     /// Every entry to these keys.
-    pub whole: BTreeSet<Target>,
+    pub whole: BTreeSet<NatKey>,
     /// The entries to these keys from a source outside the ranges listed.
-    pub outside: BTreeMap<Target, Vec<ipnet::IpNet>>,
+    pub outside: BTreeMap<NatKey, Vec<ipnet::IpNet>>,
 }
 
 impl Targets {
@@ -41,12 +38,12 @@ impl Targets {
         self.whole.is_empty() && self.outside.is_empty()
     }
 
-    fn keys(&self) -> impl Iterator<Item = &Target> {
+    fn keys(&self) -> impl Iterator<Item = &NatKey> {
         self.whole.iter().chain(self.outside.keys())
     }
 
     /// Whether the entry from `source` to `dst` goes.
-    fn doomed(&self, dst: &Target, source: Option<IpAddr>) -> bool {
+    fn doomed(&self, dst: &NatKey, source: Option<IpAddr>) -> bool {
         self.whole.contains(dst)
             || self.outside.get(dst).is_some_and(|admitted| {
                 source.is_none_or(|s| !admitted.iter().any(|n| n.contains(&s)))
@@ -86,7 +83,7 @@ fn request(msg: ConntrackMessage, family: NetfilterProtoFamily, flags: u16, seq:
 
 /// The original-direction destination of an entry, if it is TCP or UDP,
 /// and its source address.
-fn destination(tuple: &[Tuple]) -> Option<(Target, Option<IpAddr>)> {
+fn destination(tuple: &[Tuple]) -> Option<(NatKey, Option<IpAddr>)> {
     let mut src = None;
     let mut dst = None;
     let mut port = None;
@@ -115,7 +112,12 @@ fn destination(tuple: &[Tuple]) -> Option<(Target, Option<IpAddr>)> {
             _ => {}
         }
     }
-    Some(((proto?, dst?, port?), src))
+    let key = NatKey {
+        public_ip: dst?,
+        public_port: port?,
+        proto: proto?,
+    };
+    Some((key, src))
 }
 
 /// Deletes every conntrack entry whose original destination is one of
@@ -137,7 +139,7 @@ pub fn flush(targets: &Targets) -> Result<usize, ConntrackError> {
         (false, NetfilterProtoFamily::IPv4),
         (true, NetfilterProtoFamily::IPv6),
     ] {
-        if targets.keys().any(|(_, ip, _)| ip.is_ipv6() == v6) {
+        if targets.keys().any(|k| k.public_ip.is_ipv6() == v6) {
             deleted += flush_family(&mut sock, family, targets, &mut seq)?;
         }
     }

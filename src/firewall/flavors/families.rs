@@ -79,7 +79,7 @@ impl<F: Flavor> Flavor for PerFamily<F> {
             };
             plans.push(match p.plan(s, &mine) {
                 Planned::NeedsRead => return Planned::NeedsRead,
-                Planned::Foreign(what) => return Planned::Foreign(what),
+                Planned::Refused(e) => return Planned::Refused(e),
                 Planned::Nothing => None,
                 Planned::Change(c) => Some(c),
             });
@@ -109,7 +109,7 @@ impl<F: Flavor> Flavor for PerFamily<F> {
             }
             plans.push(match p.plan_changes(s, mine)? {
                 Planned::NeedsRead => return Some(Planned::NeedsRead),
-                Planned::Foreign(what) => return Some(Planned::Foreign(what)),
+                Planned::Refused(e) => return Some(Planned::Refused(e)),
                 Planned::Nothing => None,
                 Planned::Change(c) => Some(c),
             });

@@ -35,11 +35,11 @@ use crate::firewall::engine::coexist::OwnForward;
 use crate::firewall::engine::monitor::{Interest, TableInterest};
 use crate::firewall::names::{internal_returns, Names};
 use crate::firewall::sources::{KeyView, Narrowed};
-use crate::firewall::view;
 use crate::firewall::wire::netlink::{
     attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError, NfSocket,
     NftBatch, NftMsg, Scope,
 };
+use crate::firewall::{view, FirewallError};
 use crate::model::{Families, Family, Mapping, NatKey, RuleSet, SourceRule};
 /// A rule as read back: its handle (`None` for a rule an earlier batch of
 /// the agent's added without an echo of its handle, until the chain is read
@@ -303,7 +303,7 @@ impl Flavor for Iptables {
 
     fn plan(&self, state: &IptState, desired: &RuleSet) -> Planned<Changes> {
         if let Some(place) = state.foreign_place() {
-            return Planned::Foreign(format!(
+            return Planned::Refused(FirewallError::NotOurs(format!(
                 "chain {} in table {} {} exists and is not the agent's: it has no \"{}\" \
                  comment and holds rules the agent did not write; remove it or choose \
                  another -resourceprefix",
@@ -311,7 +311,7 @@ impl Flavor for Iptables {
                 view::nft_family(self.family),
                 place.table(),
                 self.names.mark()
-            ));
+            )));
         }
         let adopt = state.adoption();
         let changes = match adopt {

@@ -205,7 +205,8 @@ fn a_chain_with_the_agents_name_and_a_foreign_rule_is_refused_and_never_retired(
         rule: None,
     });
     assert!(st.own_foreign(1) && !st.own_owned(1));
-    let Planned::Foreign(why) = f.plan(&st, &mail()) else {
+    let Planned::Refused(crate::firewall::FirewallError::NotOurs(why)) = f.plan(&st, &mail())
+    else {
         panic!("a foreign chain was planned over");
     };
     assert!(

@@ -256,6 +256,7 @@ impl<'b> ElementWriter<'b> {
     }
 }
 
+use crate::model::allow_of;
 pub(super) use crate::model::restricted_keys;
 
 fn key_value(k: &NatKey) -> Value {
@@ -304,10 +305,7 @@ pub(super) fn restricted_changes(
     current: &[SourceRule],
     ch: &Changes,
 ) -> (Vec<NatKey>, Vec<NatKey>) {
-    let count = |v: &[SourceRule], k: &NatKey| {
-        let start = v.partition_point(|a| a.key < *k);
-        v[start..].partition_point(|a| a.key == *k)
-    };
+    let count = |v: &[SourceRule], k: &NatKey| allow_of(v, k).len();
     let (mut add, mut del) = (Vec::new(), Vec::new());
     let mut keys = restricted_keys(&ch.add.allow);
     keys.extend(restricted_keys(&ch.del.allow));
@@ -327,11 +325,7 @@ pub(super) fn restricted_changes(
 
 pub(super) fn dnat_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> {
     v.iter().map(|m| Element {
-        key: Value::of(&[
-            &octets(&m.key.public_ip),
-            &proto_field(m.key.proto),
-            &port_field(m.key.public_port),
-        ]),
+        key: key_value(&m.key),
         key_end: None,
         data: Some(Value::of(&[&octets(&m.pod_ip), &port_field(m.pod_port)])),
         owner: Some(&m.owner),
@@ -410,21 +404,13 @@ pub(super) fn decode_element(
     let ip_at = |b: &[u8], at: usize| encode::ip_at(b, at, f);
     match set {
         names::NFT_DNAT_MAP => {
-            let (Some(public_ip), Some(proto), Some(public_port), Some(pod_ip), Some(pod_port)) = (
-                ip_at(key, 0),
-                proto_at(key, n),
-                port_at(key, n + 4),
-                ip_at(data, 0),
-                port_at(data, n),
-            ) else {
+            let (Some(key), Some(pod_ip), Some(pod_port)) =
+                (nat_key_at(f, key), ip_at(data, 0), port_at(data, n))
+            else {
                 return false;
             };
             out.dnat.push(Mapping {
-                key: NatKey {
-                    public_ip,
-                    public_port,
-                    proto,
-                },
+                key,
                 pod_ip,
                 pod_port,
                 owner,

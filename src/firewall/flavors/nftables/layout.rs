@@ -168,42 +168,47 @@ pub(super) fn chains_of(local: bool, features: Features) -> Vec<ChainShape> {
         .collect()
 }
 
-const TRAFFIC: ChainShape = ChainShape {
-    name: names::NFT_TRAFFIC_CHAIN,
-    hook: HookClass::Forward,
-    priority: names::NFT_TRAFFIC_PRIORITY,
-    nat: false,
-};
+/// A base chain of type filter.
+const fn filter(name: &'static str, hook: HookClass, priority: i32) -> ChainShape {
+    ChainShape {
+        name,
+        hook,
+        priority,
+        nat: false,
+    }
+}
+
+const TRAFFIC: ChainShape = filter(
+    names::NFT_TRAFFIC_CHAIN,
+    HookClass::Forward,
+    names::NFT_TRAFFIC_PRIORITY,
+);
 
 /// The node's own connections to a published address (local access): its
 /// packets out, and the replies in.
-const TRAFFIC_OUT: ChainShape = ChainShape {
-    name: names::NFT_TRAFFIC_OUT_CHAIN,
-    hook: HookClass::Out,
-    priority: names::NFT_TRAFFIC_PRIORITY,
-    nat: false,
-};
+const TRAFFIC_OUT: ChainShape = filter(
+    names::NFT_TRAFFIC_OUT_CHAIN,
+    HookClass::Out,
+    names::NFT_TRAFFIC_PRIORITY,
+);
 
-const TRAFFIC_IN: ChainShape = ChainShape {
-    name: names::NFT_TRAFFIC_IN_CHAIN,
-    hook: HookClass::In,
-    priority: names::NFT_TRAFFIC_PRIORITY,
-    nat: false,
-};
+const TRAFFIC_IN: ChainShape = filter(
+    names::NFT_TRAFFIC_IN_CHAIN,
+    HookClass::In,
+    names::NFT_TRAFFIC_PRIORITY,
+);
 
-const SOURCE_PRE: ChainShape = ChainShape {
-    name: names::NFT_SOURCE_PRE_CHAIN,
-    hook: HookClass::PreRouting,
-    priority: names::NFT_SOURCE_PRIORITY,
-    nat: false,
-};
+const SOURCE_PRE: ChainShape = filter(
+    names::NFT_SOURCE_PRE_CHAIN,
+    HookClass::PreRouting,
+    names::NFT_SOURCE_PRIORITY,
+);
 
-const SOURCE_OUT: ChainShape = ChainShape {
-    name: names::NFT_SOURCE_OUT_CHAIN,
-    hook: HookClass::Out,
-    priority: names::NFT_SOURCE_PRIORITY,
-    nat: false,
-};
+const SOURCE_OUT: ChainShape = filter(
+    names::NFT_SOURCE_OUT_CHAIN,
+    HookClass::Out,
+    names::NFT_SOURCE_PRIORITY,
+);
 
 const CHAINS: [ChainShape; 5] = [
     NAT_CHAINS[0],

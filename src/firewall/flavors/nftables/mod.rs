@@ -18,7 +18,7 @@ use crate::firewall::wire::netlink::{
     attr_be32, attr_str, find_attr, parse_attrs, protocol_family, sys, Attrs, Echo, NetlinkError,
     NfSocket, NftBatch, NftMsg, Scope,
 };
-use crate::firewall::{view, Changes, Narrowed};
+use crate::firewall::{view, Changes, FirewallError, Narrowed};
 use crate::model::{
     internal_networks, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto,
     RuleSet, SnatRule, SourceRule,
@@ -87,12 +87,14 @@ pub const SOURCE_RANGES_KERNEL: (u32, u32) = (5, 6);
 const TRAFFIC_KERNEL: (u32, u32) = (5, 7);
 
 /// Whether this kernel is at least `release` (from
-/// /proc/sys/kernel/osrelease; unreadable: assumed, and a refusal of the
-/// first batch would then say so).
+/// /proc/sys/kernel/osrelease, read once; unreadable: assumed, and a
+/// refusal of the first batch would then say so).
 fn kernel_at_least(release: (u32, u32)) -> bool {
-    std::fs::read_to_string("/proc/sys/kernel/osrelease")
-        .ok()
-        .and_then(|r| release_at_least(&r, release))
+    static OSRELEASE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    OSRELEASE
+        .get_or_init(|| std::fs::read_to_string("/proc/sys/kernel/osrelease").ok())
+        .as_deref()
+        .and_then(|r| release_at_least(r, release))
         .unwrap_or(true)
 }
 
@@ -404,17 +406,17 @@ impl Flavor for Nftables {
 
     fn plan(&self, state: &NativeState, desired: &RuleSet) -> Planned<NftPlan> {
         if !self.features.sources && !desired.allow.is_empty() {
-            return Planned::Foreign(NO_SOURCE_RANGES.to_string());
+            return Planned::Refused(FirewallError::Unsupported(NO_SOURCE_RANGES.to_string()));
         }
         let desired = self.scoped(desired);
         if state.foreign() {
-            return Planned::Foreign(format!(
+            return Planned::Refused(FirewallError::NotOurs(format!(
                 "table {} {} exists and is not the agent's: it has no \"{}\" comment and is \
                  not the agent's layout; remove it or choose another -resourceprefix",
                 self.fam(),
                 self.names.table(),
                 self.names.mark()
-            ));
+            )));
         }
         // Drifted, or an earlier version's without the mark (which the
         // kernel takes only with a new table): made anew in the same batch.
@@ -431,7 +433,9 @@ impl Flavor for Nftables {
 
     fn plan_changes(&self, state: &NativeState, mut changes: Changes) -> Option<Planned<NftPlan>> {
         if !self.features.sources && !changes.add.allow.is_empty() {
-            return Some(Planned::Foreign(NO_SOURCE_RANGES.to_string()));
+            return Some(Planned::Refused(FirewallError::Unsupported(
+                NO_SOURCE_RANGES.to_string(),
+            )));
         }
         if !state.structure_ok || !state.marked {
             return None;
