@@ -254,6 +254,19 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
         .unwrap();
     assert_eq!(read, first, "the read-back finds the ranges");
 
+    // The pod counts the SYNs of the other client that reach it.
+    sb.pod_a.sh("nft add table inet seen && \
+         nft add chain inet seen input '{ type filter hook input priority 0; }' && \
+         nft add rule inet seen input ip saddr 198.51.100.10 tcp flags syn counter && \
+         nft add rule inet seen input ip6 saddr 2001:db8:5::10 tcp flags syn counter");
+    let syns_seen = || -> u64 {
+        sb.pod_a
+            .sh("nft list table inet seen")
+            .lines()
+            .filter_map(|l| l.split("packets ").nth(1))
+            .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+            .sum()
+    };
     for public in [PUBLIC4, PUBLIC6] {
         assert!(reaches(&sb.client, public, 25), "client → {public}:25");
         assert!(
@@ -268,11 +281,18 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
             !reaches(&sb.pod_b, public, 25),
             "pod B → {public}:25 must fail"
         );
+    }
+    assert_eq!(syns_seen(), 0, "no SYN of the other client reached the pod");
+    for public in [PUBLIC4, PUBLIC6] {
         // The open key: everyone.
         for from in [&sb.client, &other, &sb.node, &sb.pod_b] {
             assert!(reaches(from, public, 26), "{} → {public}:26", from.name);
         }
     }
+    assert!(
+        syns_seen() >= 2,
+        "the pod's counter sees the other client's SYNs"
+    );
 
     // A change of ranges alone: the client's go, the other's come. Its
     // open connection stops; the other gets in.
@@ -290,7 +310,7 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
     // is untouched); iptables: the old range's DNAT rule out, the new one in.
     assert_eq!(report.messages, 4, "per family: one out, one in");
     assert_eq!(
-        report.narrowed.len(),
+        report.admission.len(),
         2,
         "port 25 narrowed in both families"
     );
@@ -366,7 +386,7 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
         "mx-1",
     );
     let report = apply_change(&sb.node, flavor, Changes::between(&swapped, &wider));
-    assert_eq!(report.narrowed.len(), 2);
+    assert_eq!(report.admission.len(), 2);
     assert_views(&sb.node, flavor, &wider);
     for s in &mut held {
         assert!(
@@ -537,4 +557,71 @@ fn on_linux_5_6_the_allow_lists_stay_without_counters() {
     let read = ns.run(move || old().read()).unwrap();
     assert_eq!(read, ranged);
     ns.run(move || old().cleanup()).unwrap();
+}
+
+/// A UDP flow from a range that is removed stops (both flavors, both
+/// families): the nftables flavor drops its next datagrams, the iptables
+/// flavor's conntrack flush makes them miss the DNAT; the same flow admitted
+/// again reaches the pod again (its entries that went to the node are
+/// flushed), as does a flow that was sending before the mapping existed.
+#[test]
+fn a_udp_flow_from_a_removed_range_stops() {
+    for (flavor, tag) in [(Flavor::Nftables, "srcu"), (Flavor::Iptables, "srcui")] {
+        let sb = Sandbox::new(tag).with_ipv6();
+        crowd_dual(&sb.node);
+        let udp = |ranges: &[(&str, &str)]| {
+            let mut r = RuleSet::default();
+            for (public, pod) in [(PUBLIC4, POD_A_IP), (PUBLIC6, POD_A_IP6)] {
+                publish(&mut r, "mail:mx-0", public, 5353, Proto::Udp, pod, 5353);
+            }
+            for (public, source) in ranges {
+                let mut a = allow(public, 5353, source);
+                a.key.proto = Proto::Udp;
+                r.allow.push(a);
+            }
+            r.normalize();
+            r
+        };
+        // The client (203.0.113.1, 2001:db8::1) in, then out.
+        let first = udp(&[(PUBLIC4, "203.0.113.0/30"), (PUBLIC6, "2001:db8::/126")]);
+        let second = udp(&[(PUBLIC4, "198.51.100.0/24"), (PUBLIC6, "2001:db8:5::/64")]);
+        let sink = sb
+            .pod_a
+            .run(|| std::net::UdpSocket::bind("[::]:5353").unwrap());
+        sink.set_read_timeout(Some(Duration::from_millis(700)))
+            .unwrap();
+        let client = sb
+            .client
+            .run(|| std::net::UdpSocket::bind("[::]:4000").unwrap());
+        // The peer sends before the mapping exists: its datagrams go to the
+        // node, and conntrack remembers that (un-DNATed) until the new
+        // mapping's flush.
+        for public in [PUBLIC4, PUBLIC6] {
+            let to = SocketAddr::new(public.parse().unwrap(), 5353);
+            client.send_to(&[0], to).unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        apply_table(&sb.node, flavor, &first);
+        let flows = |n: u8| -> usize {
+            for public in [PUBLIC4, PUBLIC6] {
+                let to = SocketAddr::new(public.parse().unwrap(), 5353);
+                client.send_to(&[n], to).unwrap();
+            }
+            let mut got = 0;
+            let mut b = [0u8; 8];
+            while let Ok((len, _)) = sink.recv_from(&mut b) {
+                got += usize::from(len == 1 && b[0] == n);
+            }
+            got
+        };
+        assert_eq!(flows(1), 2, "{flavor:?}: the flow runs in both families");
+        apply_change(&sb.node, flavor, Changes::between(&first, &second));
+        assert_eq!(
+            flows(2),
+            0,
+            "{flavor:?}: the flow from the removed range stops"
+        );
+        apply_change(&sb.node, flavor, Changes::between(&second, &first));
+        assert_eq!(flows(3), 2, "{flavor:?}: back in range, it runs again");
+    }
 }

@@ -54,7 +54,7 @@ impl FirewallError {
 }
 
 pub use flavors::nftables::Traffic;
-pub use sources::Narrowed;
+pub use sources::Admission;
 
 /// What one apply did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -72,7 +72,7 @@ pub struct ApplyReport {
     pub removed_dnat: Vec<Mapping>,
     /// Keys whose allowed sources shrank while their mapping stayed: their
     /// connections from sources no longer allowed are flushed.
-    pub narrowed: Vec<Narrowed>,
+    pub admission: Vec<Admission>,
     /// Conntrack entries of removed or moved mappings deleted after the
     /// commit.
     pub conntrack_flushed: usize,
@@ -87,16 +87,29 @@ pub fn flush_stale_connections(report: &mut ApplyReport) {
     report.conntrack_flushed = flush_targets(&stale_targets(report));
 }
 
-/// The (protocol, public address, public port) of every mapping `report`
-/// removed, and of every key it narrowed with the sources it still admits:
-/// whose conntrack entries `flush_targets` deletes.
+/// Whose conntrack entries `flush_targets` deletes after `report`'s commit:
+/// every entry of a mapping removed (or moved), those of a key from the
+/// sources it no longer admits, and for a UDP key added or admitting new
+/// sources, the entries that went to the node itself un-DNATed (a peer
+/// that kept sending would stay there).
 pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
+    // UDP only for the entries that went to the node: a TCP client's next
+    // connection is a new entry anyway.
+    let udp = |k: &crate::model::NatKey| k.proto == crate::model::Proto::Udp;
     conntrack::Targets {
         whole: report.removed_dnat.iter().map(|m| m.key).collect(),
         outside: report
-            .narrowed
+            .admission
             .iter()
+            .filter(|n| n.lost)
             .map(|n| (n.key, n.sources.clone()))
+            .collect(),
+        unnated: report
+            .added_dnat
+            .iter()
+            .map(|m| m.key)
+            .chain(report.admission.iter().filter(|n| n.gained).map(|n| n.key))
+            .filter(udp)
             .collect(),
     }
 }

@@ -1,7 +1,7 @@
 //! One published key's mapping and allowed sources, before and after a
 //! change: what the iptables flavor rewrites for a key (its DNAT rules are
-//! the mapping once per allowed range) and which keys' connections from
-//! sources no longer allowed are flushed after a commit (`Narrowed`).
+//! the mapping once per allowed range) and which keys' conntrack entries
+//! are flushed after a commit because whom they admit changed (`Admission`).
 
 use ipnet::IpNet;
 
@@ -78,46 +78,58 @@ impl KeyView {
     }
 }
 
-/// A key that keeps its mapping while the sources it admits shrink (it
-/// loses a range, or an open key gets its first): conntrack entries to it
-/// from any source outside `sources` are deleted after the commit, so an
-/// established connection from a removed range ends as a removed mapping's
-/// does.
+/// A key that keeps its mapping while the sources it admits change. After
+/// the commit, when it `lost` some (a range removed, or an open key
+/// restricted), its conntrack entries from any source outside `sources` are
+/// deleted: an established connection from a removed range ends as a
+/// removed mapping's does. When it `gained` some, the entries that were
+/// not DNATed are deleted (a UDP flow from a newly admitted source that
+/// went to the node itself would stay there while it keeps sending).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Narrowed {
+pub struct Admission {
     pub key: NatKey,
+    /// What it admits after the change (empty: every source).
     pub sources: Vec<IpNet>,
+    pub lost: bool,
+    pub gained: bool,
 }
 
-impl Narrowed {
-    /// `key` from `before` to `after`, if it narrows. A key that is new,
-    /// gone or moved to another pod is not: its conntrack entries go whole
-    /// (`removed_dnat`) or there are none.
-    pub fn of(key: &NatKey, before: &KeyView, after: &KeyView) -> Option<Narrowed> {
+impl Admission {
+    /// `key` from `before` to `after`, if whom it admits changes. A key that
+    /// is new, gone or moved to another pod is not: its conntrack entries go
+    /// whole (`removed_dnat`), or as a new mapping's do.
+    pub fn of(key: &NatKey, before: &KeyView, after: &KeyView) -> Option<Admission> {
         let same = before.mapping.is_some() && before.mapping == after.mapping;
-        let lost =
-            before.sources.is_empty() || before.sources.iter().any(|s| !after.sources.contains(s));
-        (same && !after.sources.is_empty() && lost).then(|| Narrowed {
+        // Empty is every source.
+        let misses = |from: &[IpNet], to: &[IpNet]| {
+            !to.is_empty() && (from.is_empty() || from.iter().any(|s| !to.contains(s)))
+        };
+        let lost = misses(&before.sources, &after.sources);
+        let gained = misses(&after.sources, &before.sources);
+        (same && (lost || gained)).then(|| Admission {
             key: *key,
             sources: after.sources.clone(),
+            lost,
+            gained,
         })
     }
 
     /// The keys `ch` narrows on `before` (a rule set holding at least the
     /// keys `ch` touches): O(change).
-    pub fn by_change(before: &RuleSet, ch: &Changes) -> Vec<Narrowed> {
+    pub fn by_change(before: &RuleSet, ch: &Changes) -> Vec<Admission> {
         KeyView::touched(ch)
             .iter()
             .filter_map(|k| {
                 let b = KeyView::of(before, k);
-                Narrowed::of(k, &b, &b.after(ch, k)?)
+                Admission::of(k, &b, &b.after(ch, k)?)
             })
             .collect()
     }
 
-    /// The keys narrowed from `before` to `after`, whole tables (a rebuild).
-    pub fn between(before: &RuleSet, after: &RuleSet) -> Vec<Narrowed> {
-        Narrowed::by_change(before, &Changes::between(before, after))
+    /// The keys whose admission changes from `before` to `after`, whole
+    /// tables (a rebuild).
+    pub fn between(before: &RuleSet, after: &RuleSet) -> Vec<Admission> {
+        Admission::by_change(before, &Changes::between(before, after))
     }
 }
 
@@ -157,11 +169,17 @@ mod tests {
         r
     }
 
+    /// The sources a key still admits when it lost some.
     fn narrowed(before: &RuleSet, after: &RuleSet) -> Option<Vec<String>> {
-        let n = Narrowed::between(before, after);
+        let n = Admission::between(before, after);
         assert!(n.len() <= 1);
         n.first()
+            .filter(|n| n.lost)
             .map(|n| n.sources.iter().map(|s| s.to_string()).collect())
+    }
+
+    fn gained(before: &RuleSet, after: &RuleSet) -> bool {
+        Admission::between(before, after).iter().any(|n| n.gained)
     }
 
     #[test]
@@ -186,10 +204,16 @@ mod tests {
             narrowed(&pod(&a), &pod(&wide)),
             Some(vec!["198.51.0.0/16".to_string()])
         );
-        // Widened, reopened, unchanged: nothing to flush.
+        // Widened, reopened, unchanged: nothing lost.
         assert_eq!(narrowed(&pod(&a), &pod(&ab)), None);
         assert_eq!(narrowed(&pod(&a), &pod(&[])), None);
         assert_eq!(narrowed(&pod(&a), &pod(&a)), None);
+        // What gained: widened, reopened, a range replaced by a wider one or
+        // by another; not a narrowing alone, not an unchanged key.
+        assert!(gained(&pod(&a), &pod(&ab)) && gained(&pod(&a), &pod(&[])));
+        assert!(gained(&pod(&a), &pod(&wide)) && gained(&pod(&a), &pod(&["192.0.2.0/24"])));
+        assert!(!gained(&pod(&ab), &pod(&a)) && !gained(&pod(&[]), &pod(&a)));
+        assert!(!gained(&pod(&a), &pod(&a)));
         // Another pod takes the key: its connections go whole (removed_dnat).
         assert_eq!(narrowed(&pod(&ab), &table("other", &a)), None);
         // New or gone.

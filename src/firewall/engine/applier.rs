@@ -13,7 +13,7 @@ use super::monitor::{Blocker, Interest, Tracker};
 use crate::firewall::wire::netlink::{
     BatchBuffers, Echo, FinalBatch, NetlinkError, NfSocket, NftBatch,
 };
-use crate::firewall::{canonical, ApplyReport, Backend, Changes, FirewallError, Narrowed};
+use crate::firewall::{canonical, Admission, ApplyReport, Backend, Changes, FirewallError};
 use crate::model::{Mapping, RuleSet};
 
 /// How many times a batch is rebuilt when another writer committed between
@@ -42,7 +42,7 @@ pub struct Effect {
     pub added_dnat: Vec<Mapping>,
     pub removed_dnat: Vec<Mapping>,
     /// Keys whose allowed sources shrink while their mapping stays.
-    pub narrowed: Vec<Narrowed>,
+    pub admission: Vec<Admission>,
 }
 
 /// One flavor's layout in the kernel. Everything but `read` and `teardown`
@@ -222,7 +222,7 @@ impl<F: Flavor> Applier<F> {
         report.bytes = batch.byte_len();
         report.added_dnat = effect.added_dnat;
         report.removed_dnat = effect.removed_dnat;
-        report.narrowed = effect.narrowed;
+        report.admission = effect.admission;
         let own = self.cache.sending(generation);
         let batch = batch.finalize(Some(generation));
         let sent_batch = self.sock()?.send_batch_echo(&batch);

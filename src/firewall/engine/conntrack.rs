@@ -31,20 +31,28 @@ pub struct Targets {
     pub whole: BTreeSet<NatKey>,
     /// The entries to these keys from a source outside the ranges listed.
     pub outside: BTreeMap<NatKey, Vec<ipnet::IpNet>>,
+    /// The entries to these keys that were not DNATed (they went to the
+    /// node itself, before the key admitted their source or existed).
+    pub unnated: BTreeSet<NatKey>,
 }
 
 impl Targets {
     pub fn is_empty(&self) -> bool {
-        self.whole.is_empty() && self.outside.is_empty()
+        self.whole.is_empty() && self.outside.is_empty() && self.unnated.is_empty()
     }
 
     fn keys(&self) -> impl Iterator<Item = &NatKey> {
-        self.whole.iter().chain(self.outside.keys())
+        self.whole
+            .iter()
+            .chain(self.outside.keys())
+            .chain(self.unnated.iter())
     }
 
-    /// Whether the entry from `source` to `dst` goes.
-    fn doomed(&self, dst: &NatKey, source: Option<IpAddr>) -> bool {
+    /// Whether the entry from `source` to `dst` goes; `natted`: its reply
+    /// comes from elsewhere than `dst` (it was DNATed).
+    fn doomed(&self, dst: &NatKey, source: Option<IpAddr>, natted: bool) -> bool {
         self.whole.contains(dst)
+            || (!natted && self.unnated.contains(dst))
             || self.outside.get(dst).is_some_and(|admitted| {
                 source.is_none_or(|s| !admitted.iter().any(|n| n.contains(&s)))
             })
@@ -84,7 +92,15 @@ fn request(msg: ConntrackMessage, family: NetfilterProtoFamily, flags: u16, seq:
 /// The original-direction destination of an entry, if it is TCP or UDP,
 /// and its source address.
 fn destination(tuple: &[Tuple]) -> Option<(NatKey, Option<IpAddr>)> {
+    let (key, src, _) = endpoints(tuple)?;
+    Some((key, src))
+}
+
+/// A tuple's destination (as a key, if TCP or UDP), its source address and
+/// source port.
+fn endpoints(tuple: &[Tuple]) -> Option<(NatKey, Option<IpAddr>, Option<u16>)> {
     let mut src = None;
+    let mut sport = None;
     let mut dst = None;
     let mut port = None;
     let mut proto = None;
@@ -105,6 +121,7 @@ fn destination(tuple: &[Tuple]) -> Option<(NatKey, Option<IpAddr>)> {
                         ProtoTuple::Protocol(Protocol::Udp) => proto = Some(Proto::Udp),
                         ProtoTuple::Protocol(Protocol::Tcp) => proto = Some(Proto::Tcp),
                         ProtoTuple::DestinationPort(d) => port = Some(*d),
+                        ProtoTuple::SourcePort(s) => sport = Some(*s),
                         _ => {}
                     }
                 }
@@ -117,7 +134,18 @@ fn destination(tuple: &[Tuple]) -> Option<(NatKey, Option<IpAddr>)> {
         public_port: port?,
         proto: proto?,
     };
-    Some((key, src))
+    Some((key, src, sport))
+}
+
+/// Whether an entry was DNATed: its reply does not come from the original
+/// destination.
+fn natted(orig: &NatKey, reply: Option<&[Tuple]>) -> bool {
+    match reply.and_then(endpoints) {
+        Some((_, from, from_port)) => {
+            from != Some(orig.public_ip) || from_port != Some(orig.public_port)
+        }
+        None => true,
+    }
 }
 
 /// Deletes every conntrack entry whose original destination is one of
@@ -164,11 +192,20 @@ fn flush_family(
         let NetfilterMessageInner::Conntrack(ConntrackMessage::New(attrs)) = m.inner else {
             return;
         };
+        let (mut orig, mut reply) = (None, None);
         for a in attrs {
-            if let ConntrackAttribute::CtaTupleOrig(t) = a {
-                if destination(&t).is_some_and(|(d, s)| targets.doomed(&d, s)) {
-                    doomed.push(t);
-                }
+            match a {
+                ConntrackAttribute::CtaTupleOrig(t) => orig = Some(t),
+                ConntrackAttribute::CtaTupleReply(t) => reply = Some(t),
+                _ => {}
+            }
+        }
+        let Some(t) = orig else {
+            return;
+        };
+        if let Some((d, s)) = destination(&t) {
+            if targets.doomed(&d, s, natted(&d, reply.as_deref())) {
+                doomed.push(t);
             }
         }
     })?;

@@ -167,7 +167,7 @@ impl<F: Flavor> Flavor for PerFamily<F> {
                 out.rebuilt |= e.rebuilt;
                 out.added_dnat.extend(e.added_dnat);
                 out.removed_dnat.extend(e.removed_dnat);
-                out.narrowed.extend(e.narrowed);
+                out.admission.extend(e.admission);
             }
         }
         out

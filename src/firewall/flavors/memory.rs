@@ -12,7 +12,7 @@ use nix::errno::Errno;
 use crate::firewall::engine::monitor::{Blocker, Interest, Tracker};
 use crate::firewall::wire::netlink::NetlinkError;
 use crate::firewall::{
-    canonical, view, ApplyReport, Backend, Changes, FirewallError, Names, Narrowed,
+    canonical, view, Admission, ApplyReport, Backend, Changes, FirewallError, Names,
 };
 use crate::model::RuleSet;
 
@@ -96,7 +96,7 @@ fn commit(k: &mut MemoryKernel, changes: &Changes, cache_hit: bool) -> ApplyRepo
         report.messages = changes.add.len() + changes.del.len();
         report.added_dnat = changes.add.dnat.clone();
         report.removed_dnat = changes.del.dnat.clone();
-        report.narrowed = Narrowed::by_change(&k.rules, changes);
+        report.admission = Admission::by_change(&k.rules, changes);
         changes.apply_to(&mut k.rules);
     }
     report

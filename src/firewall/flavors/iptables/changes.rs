@@ -99,7 +99,7 @@ pub struct Changes {
     pub(super) removed_dnat: Vec<Mapping>,
     /// Keys whose allowed sources shrink (their conntrack entries from
     /// the sources no longer allowed are flushed).
-    pub(super) narrowed: Vec<Narrowed>,
+    pub(super) admission: Vec<Admission>,
     /// Chains of an earlier version's, deleted first and made anew (marked)
     /// by the rest of the plan, which is planned against the state without
     /// them (`IptState::without`).
@@ -165,12 +165,12 @@ impl Changes {
             delta: false,
             added_dnat: Vec::new(),
             removed_dnat: Vec::new(),
-            narrowed: Vec::new(),
+            admission: Vec::new(),
             adopt: None,
         };
         (changes.added_dnat, changes.removed_dnat) = changes.dnat_changes(state, desired);
         if !changes.own[Place::Pre.index()].is_empty() {
-            changes.narrowed = Narrowed::between(&state.rules(), desired);
+            changes.admission = Admission::between(&state.rules(), desired);
         }
         changes
     }
@@ -238,7 +238,7 @@ impl Changes {
             delta: true,
             added_dnat: ch.add.dnat.clone(),
             removed_dnat: ch.del.dnat.clone(),
-            narrowed: dnat.narrowed,
+            admission: dnat.admission,
             adopt: None,
         })
     }
@@ -398,7 +398,7 @@ impl Changes {
 struct DnatDelta {
     add: Vec<AgentRule>,
     del: Vec<AgentRule>,
-    narrowed: Vec<Narrowed>,
+    admission: Vec<Admission>,
 }
 
 /// `None`: `ch` does not fit the chain (see `KeyView::after`), or the
@@ -411,7 +411,7 @@ fn dnat_delta(
     let mut out = DnatDelta {
         add: Vec::new(),
         del: Vec::new(),
-        narrowed: Vec::new(),
+        admission: Vec::new(),
     };
     for key in KeyView::touched(ch) {
         let old = key_rules(chain, &key);
@@ -422,7 +422,7 @@ fn dnat_delta(
             .extend(old.iter().filter(|r| !new.contains(r)).cloned());
         out.add
             .extend(new.iter().filter(|r| !old.contains(r)).cloned());
-        out.narrowed.extend(Narrowed::of(&key, &before, &after));
+        out.admission.extend(Admission::of(&key, &before, &after));
     }
     Some(out)
 }

@@ -34,7 +34,7 @@ use crate::firewall::engine::applier::{Applier, Effect, Flavor, Planned};
 use crate::firewall::engine::coexist::OwnForward;
 use crate::firewall::engine::monitor::{Interest, TableInterest};
 use crate::firewall::names::{internal_returns, Names};
-use crate::firewall::sources::{KeyView, Narrowed};
+use crate::firewall::sources::{Admission, KeyView};
 use crate::firewall::wire::netlink::{
     attr_be64, attr_str, find_attr, protocol_family, sys, Attrs, Echo, NetlinkError, NfSocket,
     NftBatch, NftMsg, Scope,
@@ -324,7 +324,7 @@ impl Flavor for Iptables {
                 // An earlier version's mapping (the Go version publishes every
                 // entry open) restricted now: its other sources' connections
                 // go too.
-                c.narrowed = Narrowed::between(&state.rules(), desired);
+                c.admission = Admission::between(&state.rules(), desired);
                 c.adopt = Some(a);
                 c
             }
@@ -402,7 +402,7 @@ impl Flavor for Iptables {
             rebuilt: plan.creates(),
             added_dnat: plan.added_dnat.clone(),
             removed_dnat: plan.removed_dnat.clone(),
-            narrowed: plan.narrowed.clone(),
+            admission: plan.admission.clone(),
         }
     }
 

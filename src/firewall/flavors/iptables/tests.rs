@@ -189,10 +189,10 @@ fn marked_chains_need_nothing_unmarked_ones_are_adopted_in_one_plan() {
     };
     assert!(plan.adopt.is_some());
     assert_eq!(
-        plan.narrowed,
-        crate::firewall::Narrowed::between(&mail(), &restricted)
+        plan.admission,
+        crate::firewall::Admission::between(&mail(), &restricted)
     );
-    assert_eq!(plan.narrowed.len(), 1);
+    assert_eq!(plan.admission.len(), 1);
 }
 
 #[test]
@@ -292,10 +292,10 @@ fn ranges_delta_steps(local: bool) {
         let ch = crate::firewall::Changes::between(from, to);
         let delta = Changes::delta(&state, &ch).expect("settled state, fitting change");
         let full = Changes::plan(&state, to, &f.jumps);
-        assert_eq!(delta.narrowed, full.narrowed, "{to:?}");
+        assert_eq!(delta.admission, full.admission, "{to:?}");
         assert_eq!(
-            delta.narrowed,
-            crate::firewall::Narrowed::between(from, to),
+            delta.admission,
+            crate::firewall::Admission::between(from, to),
             "{to:?}"
         );
         // Only port 25's DNAT rules move (and 587's when everything goes).

@@ -18,7 +18,7 @@ use crate::firewall::wire::netlink::{
     attr_be32, attr_str, find_attr, parse_attrs, protocol_family, sys, Attrs, Echo, NetlinkError,
     NfSocket, NftBatch, NftMsg, Scope,
 };
-use crate::firewall::{view, Changes, FirewallError, Narrowed};
+use crate::firewall::{view, Admission, Changes, FirewallError};
 use crate::model::{
     internal_networks, Families, Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, Proto,
     RuleSet, SnatRule, SourceRule,
@@ -511,14 +511,14 @@ impl Flavor for Nftables {
                     rebuilt: true,
                     added_dnat,
                     removed_dnat,
-                    narrowed: Narrowed::between(&state.rules, desired),
+                    admission: Admission::between(&state.rules, desired),
                 }
             }
             NftPlan::Elements(ch) => Effect {
                 rebuilt: false,
                 added_dnat: ch.add.dnat.clone(),
                 removed_dnat: ch.del.dnat.clone(),
-                narrowed: Narrowed::by_change(&state.rules, ch),
+                admission: Admission::by_change(&state.rules, ch),
             },
         }
     }
