@@ -395,6 +395,11 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
         );
     }
     drop(held);
+    // The wider ranges list the node's own address (…7): with local access
+    // the node now reaches the pod through the key.
+    for public in [PUBLIC4, PUBLIC6] {
+        assert!(reaches(&sb.node, public, 25), "node → {public}:25 listed");
+    }
 
     sb.node
         .run(move || flavor_backend(flavor, Families::DUAL).cleanup())
