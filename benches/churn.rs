@@ -75,6 +75,7 @@ fn table_of(n: u32, public: IpAddr, pod: fn(u32) -> IpAddr) -> RuleSet {
             pod_ip: pod(i),
             pod_port: 80,
             owner: owner.clone(),
+            span: 0,
         });
         r.snat.push(SnatRule {
             pod_ip: pod(i),
@@ -87,6 +88,7 @@ fn table_of(n: u32, public: IpAddr, pod: fn(u32) -> IpAddr) -> RuleSet {
             proto: Proto::Tcp,
             pod_port: 80,
             owner,
+            span: 0,
         });
     }
     r.normalize();

@@ -47,6 +47,7 @@ fn table(n: u32) -> RuleSet {
             pod_ip: IpAddr::from([10, 1, (pod / 250) as u8, (pod % 250 + 2) as u8]),
             pod_port: 80,
             owner: PodRef::new("bench", format!("pod-{pod}")),
+            span: 0,
         });
     }
     r.normalize();

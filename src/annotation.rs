@@ -73,7 +73,10 @@ pub fn parse(
     // (srcPort, proto, family) → first entry index; the public address is not
     // part of the key, as in the Go version: one pod never publishes a port
     // twice on one family.
-    let mut seen: BTreeMap<(u16, Proto, Family), usize> = BTreeMap::new();
+    let mut seen: BTreeMap<(Proto, Family, u16), (u16, usize)> = BTreeMap::new();
+    // Pod ports: a range's may not overlap another entry's (two entries
+    // onto one pod port stay allowed, as in the Go version).
+    let mut pod_ports = PodPorts::default();
     for (index, entry) in entries.iter().enumerate() {
         let fields = match entry {
             Value::Object(o) => o,
@@ -128,17 +131,43 @@ pub fn parse(
                 },
             ));
         }
+        if mapping.span > 0 && sources.is_some() {
+            return Err(field_err(
+                index,
+                "sourceRanges",
+                "not supported together with srcPortEnd by this version; publish the range without sourceRanges or the ports one by one",
+            ));
+        }
         for family in serves {
-            let key = (mapping.src_port, mapping.proto, family);
-            if let Some(&first) = seen.get(&key) {
-                return Err(AnnotationError::Duplicate {
-                    index,
-                    first,
-                    port: mapping.src_port,
-                    proto: mapping.proto,
-                });
+            let (lo, hi) = (mapping.src_port, mapping.src_end());
+            let before = seen.range(..=(mapping.proto, family, hi)).next_back();
+            if let Some((&(proto, f, first_lo), &(first_hi, first))) = before {
+                if proto == mapping.proto && f == family && first_hi >= lo {
+                    if mapping.span == 0 && first_lo == first_hi {
+                        return Err(AnnotationError::Duplicate {
+                            index,
+                            first,
+                            port: lo,
+                            proto: mapping.proto,
+                        });
+                    }
+                    return Err(field_err(
+                        index,
+                        if mapping.span > 0 {
+                            "srcPortEnd"
+                        } else {
+                            "srcPort"
+                        },
+                        format!(
+                            "{} overlaps entries[{first}] ({})",
+                            span_text(lo, hi, mapping.proto),
+                            span_text(first_lo, first_hi, mapping.proto)
+                        ),
+                    ));
+                }
             }
-            seen.insert(key, index);
+            seen.insert((mapping.proto, family, lo), (hi, index));
+            pod_ports.insert(index, &mapping, family)?;
             out.push(PortMapping {
                 family,
                 sources: of_family(family).flatten(),
@@ -147,6 +176,59 @@ pub fn parse(
         }
     }
     Ok(out)
+}
+
+/// `lo-hi/proto`, or `lo/proto` for one port.
+fn span_text(lo: u16, hi: u16, proto: Proto) -> String {
+    if lo == hi {
+        format!("{lo}/{proto}")
+    } else {
+        format!("{lo}-{hi}/{proto}")
+    }
+}
+
+/// The pod ports of a pod's entries so far, per protocol and family: a
+/// range's may not overlap another entry's (each would accept the other's
+/// ports); single ports may repeat.
+#[derive(Default)]
+struct PodPorts {
+    ranges: BTreeMap<(Proto, Family, u16), (u16, usize)>,
+    singles: BTreeMap<(Proto, Family, u16), usize>,
+}
+
+impl PodPorts {
+    fn insert(&mut self, index: usize, m: &PortMapping, f: Family) -> Result<(), AnnotationError> {
+        let (lo, hi) = (m.dst_port, m.dst_end());
+        let clash = |first: usize, text: String| {
+            Err(field_err(
+                index,
+                "dstPort",
+                format!(
+                    "pod ports {} overlap entries[{first}]'s ({text}); a range's pod ports are its own",
+                    span_text(lo, hi, m.proto)
+                ),
+            ))
+        };
+        let before = self.ranges.range(..=(m.proto, f, hi)).next_back();
+        if let Some((&(p, g, a), &(b, first))) = before {
+            if p == m.proto && g == f && b >= lo {
+                return clash(first, span_text(a, b, p));
+            }
+        }
+        if m.span == 0 {
+            self.singles.insert((m.proto, f, lo), index);
+            return Ok(());
+        }
+        if let Some((&(_, _, port), &first)) = self
+            .singles
+            .range((m.proto, f, lo)..=(m.proto, f, hi))
+            .next()
+        {
+            return clash(first, span_text(port, port, m.proto));
+        }
+        self.ranges.insert((m.proto, f, lo), (hi, index));
+        Ok(())
+    }
 }
 
 /// `parse` with the planner's settings, refusing `sourceRanges` where the
@@ -165,6 +247,15 @@ pub fn parse_for(
             ));
         }
     }
+    if !cfg.port_ranges {
+        if let Some(m) = mappings.iter().find(|m| m.span > 0) {
+            return Err(field_err(
+                m.entry,
+                "srcPortEnd",
+                "port ranges are not published by this flavor yet (the nftables flavor publishes them); the entry is not published rather than one port of it",
+            ));
+        }
+    }
     Ok(mappings)
 }
 
@@ -176,12 +267,8 @@ fn field_err(index: usize, field: &'static str, problem: impl Into<String>) -> A
     }
 }
 
-/// Fields this version knows and does not enforce yet, with what ignoring
-/// them would do.
-const UNSUPPORTED: &[(&str, &str)] = &[(
-    "srcPortEnd",
-    "ignoring it would publish one port of the range",
-)];
+/// Most ports one entry may publish (`srcPortEnd - srcPort + 1`).
+pub const MAX_RANGE_PORTS: u16 = 1000;
 
 /// Most `sourceRanges` one entry may list.
 pub const MAX_SOURCE_RANGES: usize = 256;
@@ -278,18 +365,6 @@ fn parse_entry(
     restricted: &BTreeSet<u16>,
     families: Families,
 ) -> Result<PortMapping, AnnotationError> {
-    // Fields of a later version (issue 25): ignoring one would publish the
-    // port to every source, or one port of a range, which is not what the
-    // entry asks for — refused by name until this version enforces it.
-    for (field, what) in UNSUPPORTED {
-        if fields.get(*field).is_some_and(|v| !v.is_null()) {
-            return Err(field_err(
-                index,
-                field,
-                format!("not supported by this version of the agent ({what}); the entry is not published rather than published wider than asked — remove the field or upgrade the agent"),
-            ));
-        }
-    }
     let iface_auto = match fields.get("ifaceAuto") {
         None | Some(Value::Null) => None,
         Some(Value::Bool(b)) => Some(*b),
@@ -332,6 +407,7 @@ fn parse_entry(
     };
     let src_port = parse_port(index, "srcPort", fields.get("srcPort"), restricted)?;
     let dst_port = parse_port(index, "dstPort", fields.get("dstPort"), restricted)?;
+    let span = parse_span(index, fields, src_port, dst_port, restricted)?;
     let proto = match fields.get("proto") {
         None | Some(Value::Null) => Proto::Tcp,
         Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
@@ -361,7 +437,55 @@ fn parse_entry(
         family: src_ip.map_or(Family::Ipv4, Family::of),
         entry: index,
         sources: None,
+        span,
     })
+}
+
+/// `srcPortEnd` (inclusive) as the number of ports after `srcPort`: at
+/// most [`MAX_RANGE_PORTS`] in all, the pod's ports (`dstPort` on, one
+/// offset) within 65535, no restricted port on either side.
+fn parse_span(
+    index: usize,
+    fields: &Map<String, Value>,
+    src_port: u16,
+    dst_port: u16,
+    restricted: &BTreeSet<u16>,
+) -> Result<u16, AnnotationError> {
+    const FIELD: &str = "srcPortEnd";
+    let value = fields.get(FIELD);
+    if value.is_none_or(Value::is_null) {
+        return Ok(0);
+    }
+    let end = parse_port(index, FIELD, value, &BTreeSet::new())?;
+    let bad = |problem: String| Err(field_err(index, FIELD, problem));
+    if end < src_port {
+        return bad(format!("{end} is below srcPort {src_port}"));
+    }
+    let span = end - src_port;
+    if span >= MAX_RANGE_PORTS {
+        return bad(format!(
+            "{src_port}-{end} is {} ports; an entry publishes at most {MAX_RANGE_PORTS}",
+            u32::from(span) + 1
+        ));
+    }
+    let Some(dst_end) = dst_port.checked_add(span) else {
+        return bad(format!(
+            "{src_port}-{end} maps to pod ports {dst_port}-{} past 65535",
+            u32::from(dst_port) + u32::from(span)
+        ));
+    };
+    let touched = |lo: u16, hi: u16| restricted.range(lo..=hi).next().copied();
+    if let Some(p) = touched(src_port, end) {
+        return bad(format!(
+            "{src_port}-{end} includes port {p}, restricted on this node (restrictedports)"
+        ));
+    }
+    if let Some(p) = touched(dst_port, dst_end) {
+        return bad(format!(
+            "pod ports {dst_port}-{dst_end} include port {p}, restricted on this node (restrictedports)"
+        ));
+    }
+    Ok(span)
 }
 
 /// A public address in `srcIP`: one a node can publish on, of an enabled
@@ -503,18 +627,26 @@ mod tests {
                 family: Family::Ipv4,
                 entry: i,
                 sources: None,
+                span: 0,
             })
             .collect();
         assert_eq!(m, expect);
     }
 
     #[test]
-    fn fields_not_enforced_yet_refuse_the_entry_by_name() {
-        let e = err(r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000}]}"#);
-        assert!(
-            e.starts_with("entries[0].srcPortEnd: not supported by this version"),
-            "{e}"
+    fn a_port_range_is_one_entry_with_its_span() {
+        let m = parse(
+            r#"{"entries":[{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000,"proto":"udp"},{"srcPort":80,"srcPortEnd":80,"dstPort":8080}]}"#,
+            &restricted(),
+            Families::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (m[0].src_port, m[0].src_end(), m[0].dst_end()),
+            (10000, 10099, 20099)
         );
+        assert_eq!(m[0].span, 99);
+        assert_eq!(m[1].span, 0, "srcPortEnd = srcPort is one port");
         // null is absent, as for every other field; other unknown keys are
         // still ignored (the Go version's forward compatibility).
         let m = parse(
@@ -523,8 +655,78 @@ mod tests {
             Families::default(),
         )
         .unwrap();
-        assert_eq!(m.len(), 1);
+        assert_eq!((m.len(), m[0].span), (1, 0));
         assert_eq!(m[0].sources, None);
+    }
+
+    #[test]
+    fn a_bad_port_range_is_rejected_by_name() {
+        let cases = [
+            (
+                r#"{"entries":[{"srcPort":10000,"srcPortEnd":9999,"dstPort":20000}]}"#,
+                "entries[0].srcPortEnd: 9999 is below srcPort 10000",
+            ),
+            (
+                r#"{"entries":[{"srcPort":10000,"srcPortEnd":11000,"dstPort":20000}]}"#,
+                "entries[0].srcPortEnd: 10000-11000 is 1001 ports; an entry publishes at most 1000",
+            ),
+            (
+                r#"{"entries":[{"srcPort":1000,"srcPortEnd":1100,"dstPort":65500}]}"#,
+                "entries[0].srcPortEnd: 1000-1100 maps to pod ports 65500-65600 past 65535",
+            ),
+            (
+                r#"{"entries":[{"srcPort":1,"srcPortEnd":100,"dstPort":1000}]}"#,
+                "entries[0].srcPortEnd: 1-100 includes port 22, restricted on this node (restrictedports)",
+            ),
+            (
+                r#"{"entries":[{"srcPort":1000,"srcPortEnd":1100,"dstPort":1}]}"#,
+                "entries[0].srcPortEnd: pod ports 1-101 include port 22, restricted on this node (restrictedports)",
+            ),
+            (
+                r#"{"entries":[{"srcPort":1000,"srcPortEnd":70000,"dstPort":1}]}"#,
+                "entries[0].srcPortEnd: port 70000 is out of range 1-65535",
+            ),
+            (
+                r#"{"entries":[{"srcPort":1000,"srcPortEnd":"1100","dstPort":2000}]}"#,
+                "entries[0].srcPortEnd: expected a port number 1-65535, got a string",
+            ),
+            (
+                r#"{"entries":[{"srcPort":10050,"dstPort":80,"proto":"udp"},{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"proto":"udp"}]}"#,
+                "entries[1].srcPortEnd: 10000-10100/udp overlaps entries[0] (10050/udp)",
+            ),
+            (
+                r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"proto":"udp"},{"srcPort":10100,"dstPort":80,"proto":"udp"}]}"#,
+                "entries[1].srcPort: 10100/udp overlaps entries[0] (10000-10100/udp)",
+            ),
+            (
+                r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"proto":"udp"},{"srcPort":30000,"srcPortEnd":30010,"dstPort":20100,"proto":"udp"}]}"#,
+                "entries[1].dstPort: pod ports 20100-20110/udp overlap entries[0]'s (20000-20100/udp); a range's pod ports are its own",
+            ),
+            (
+                r#"{"entries":[{"srcPort":80,"dstPort":20005,"proto":"udp"},{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"proto":"udp"}]}"#,
+                "entries[1].dstPort: pod ports 20000-20100/udp overlap entries[0]'s (20005/udp); a range's pod ports are its own",
+            ),
+            (
+                r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"sourceRanges":["198.51.100.0/24"]}]}"#,
+                "entries[0].sourceRanges: not supported together with srcPortEnd by this version; publish the range without sourceRanges or the ports one by one",
+            ),
+        ];
+        for (text, want) in cases {
+            assert_eq!(err(text), want, "{text}");
+        }
+        // Another protocol, or the same ports on another family, is another
+        // range; two single entries onto one pod port stay allowed.
+        let ok = [
+            r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"proto":"udp"},{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000}]}"#,
+            r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":2525,"dstPort":25}]}"#,
+            r#"{"entries":[{"srcPort":10000,"srcPortEnd":10010,"dstPort":20000},{"srcPort":10011,"srcPortEnd":10020,"dstPort":20011}]}"#,
+        ];
+        for text in ok {
+            assert!(
+                parse(text, &restricted(), Families::default()).is_ok(),
+                "{text}"
+            );
+        }
     }
 
     fn ranges(text: &str, families: Families) -> Vec<(Family, Option<Vec<String>>)> {
@@ -627,6 +829,7 @@ mod tests {
             families: Families::default(),
             local_access: true,
             source_ranges: false,
+            port_ranges: false,
         };
         let text = r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#;
         let e = parse_for(text, &cfg).unwrap_err().to_string();
@@ -658,6 +861,7 @@ mod tests {
                 family: Family::Ipv4,
                 entry: 0,
                 sources: None,
+                span: 0,
             }]
         );
     }

@@ -473,7 +473,8 @@ pub fn entry_rows(
             proto: Some(c.key.proto),
             message: Some(format!(
                 "{} is taken by {} (a Ready pod beats a not-ready one, then the newer pod wins)",
-                c.key, c.winner
+                c.ports(),
+                c.winner
             )),
             winner: Some(c.winner.to_string()),
             ..row(&c.loser, EntryState::ConflictLost)

@@ -201,13 +201,14 @@ fn run(config: Config) -> anyhow::Result<()> {
             families: config.families,
             local_access: config.local_access,
             source_ranges: podnat_controller::firewall::enforces_source_ranges(config.flavor),
+            port_ranges: podnat_controller::firewall::publishes_port_ranges(config.flavor),
         },
     );
     for r in &table.rejected {
         tracing::warn!(pod = %r.pod, "invalid annotation: {}", r.error);
     }
     for c in &table.conflicts {
-        tracing::warn!(pod = %c.loser, "{} is taken by {}", c.key, c.winner);
+        tracing::warn!(pod = %c.loser, "{} is taken by {}", c.ports(), c.winner);
     }
     for p in &table.pending {
         tracing::warn!(pod = %p.pod, entry = p.entry, family = %p.family, "no public address known yet; entry pending");

@@ -265,6 +265,22 @@ pub struct PortMapping {
     /// ranges leave out a family is not published on that family.
     #[serde(default)]
     pub sources: Option<Arc<[ipnet::IpNet]>>,
+    /// `srcPortEnd - srcPort`: ports after the first, published with one
+    /// offset (0: one port).
+    #[serde(default)]
+    pub span: u16,
+}
+
+impl PortMapping {
+    /// The last public port (`srcPortEnd`, or `srcPort`).
+    pub fn src_end(&self) -> u16 {
+        self.src_port + self.span
+    }
+
+    /// The last pod port.
+    pub fn dst_end(&self) -> u16 {
+        self.dst_port + self.span
+    }
 }
 
 /// The identity of a published port: what two pods can fight over.
@@ -292,13 +308,44 @@ impl NatKey {
     }
 }
 
-/// A winning mapping: traffic to `key` goes to `pod_ip:pod_port`.
+/// A winning mapping: traffic to `key` goes to `pod_ip:pod_port`; with a
+/// `span`, the `span` ports after `key`'s too, one offset (`srcPortEnd`:
+/// port `key.public_port + i` to `pod_port + i`). A pod that won part of a
+/// range holds one mapping per part it won.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Mapping {
     pub key: NatKey,
     pub pod_ip: IpAddr,
     pub pod_port: u16,
     pub owner: PodRef,
+    /// Ports after the first (0: one port).
+    #[serde(default)]
+    pub span: u16,
+}
+
+impl Mapping {
+    /// The last public port (the first's for a single port).
+    pub fn port_end(&self) -> u16 {
+        self.key.public_port + self.span
+    }
+
+    /// Each published port with its pod port, in order.
+    pub fn ports(&self) -> impl Iterator<Item = (NatKey, u16)> + '_ {
+        (0..=self.span).map(move |i| {
+            let key = NatKey {
+                public_port: self.key.public_port + i,
+                ..self.key
+            };
+            (key, self.pod_port + i)
+        })
+    }
+
+    /// Does it publish `port` of `key`'s address and protocol?
+    pub fn covers(&self, key: &NatKey) -> bool {
+        key.public_ip == self.key.public_ip
+            && key.proto == self.key.proto
+            && (self.key.public_port..=self.port_end()).contains(&key.public_port)
+    }
 }
 
 /// Outbound traffic of `pod_ip` with `proto` leaves with source `public_ip`.
@@ -310,13 +357,24 @@ pub struct SnatRule {
     pub owner: PodRef,
 }
 
-/// New connections to `pod_ip:pod_port/proto` are accepted in FORWARD.
+/// New connections to `pod_ip:pod_port/proto` are accepted in FORWARD (and
+/// to the `span` pod ports after it: a range's part).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct ForwardRule {
     pub pod_ip: IpAddr,
     pub proto: Proto,
     pub pod_port: u16,
     pub owner: PodRef,
+    /// Pod ports after the first (0: one port).
+    #[serde(default)]
+    pub span: u16,
+}
+
+impl ForwardRule {
+    /// Each pod port it accepts, in order.
+    pub fn ports(&self) -> impl Iterator<Item = u16> + '_ {
+        (0..=self.span).map(move |i| self.pod_port + i)
+    }
 }
 
 /// A pod on this node, by address (`-localaccess`): its new connections to

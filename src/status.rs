@@ -298,6 +298,7 @@ mod tests {
             pod_ip: Ipv4Addr::new(10, 1, 0, 5).into(),
             pod_port: 25,
             owner: PodRef::new("mail", "mx"),
+            span: 0,
         });
         m.observe_table(&table, true);
         status.counters.watch_events.store(5, Ordering::Relaxed);

@@ -328,6 +328,7 @@ fn agent_rules() -> RuleSet {
             families: Families::default(),
             local_access: false,
             source_ranges: false,
+            port_ranges: false,
         },
     );
     assert!(table.rejected.is_empty() && table.conflicts.is_empty() && table.pending.is_empty());
@@ -440,6 +441,7 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
         proto: Proto::Udp,
         pod_port: udp.pod_port,
         owner: udp.owner.clone(),
+        span: 0,
     });
     rules.snat.push(SnatRule {
         pod_ip: pod,
@@ -460,6 +462,7 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
         pod_ip: "fd00::5".parse().unwrap(),
         pod_port: 25,
         owner: tcp.owner.clone(),
+        span: 0,
     };
     rules.dnat.push(v6.clone());
     rules.forward.push(ForwardRule {
@@ -467,6 +470,7 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
         proto: Proto::Tcp,
         pod_port: 25,
         owner: v6.owner.clone(),
+        span: 0,
     });
     // A mapping restricted to sources (`sourceRanges`), of a pod of its
     // own: the Go version would publish it to every source, so it is not
@@ -480,6 +484,7 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
         pod_ip: "10.1.9.9".parse().unwrap(),
         pod_port: 993,
         owner: podnat_controller::model::PodRef::new("mail", "imap-0"),
+        span: 0,
     };
     rules.dnat.push(imap.clone());
     rules.forward.push(ForwardRule {
@@ -487,6 +492,7 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
         proto: Proto::Tcp,
         pod_port: 993,
         owner: imap.owner.clone(),
+        span: 0,
     });
     rules.snat.push(SnatRule {
         pod_ip: imap.pod_ip,

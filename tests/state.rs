@@ -44,6 +44,7 @@ fn mapping(port: u16, pod_ip: [u8; 4], owner: &str) -> Mapping {
         pod_ip: pod_ip.into(),
         pod_port: port,
         owner: PodRef::from_comment(owner).expect("namespace:pod"),
+        span: 0,
     }
 }
 
@@ -166,6 +167,7 @@ fn go_fixture_round_trip_keeps_created() {
         pod_ip: Ipv4Addr::new(10, 42, 1, 31).into(),
         pod_port: 2525,
         owner: PodRef::new("mail", "mx-backup-0"),
+        span: 0,
     }));
     let now = Timestamp::now();
     let ours = StateFile::from_mappings(&mappings, &go, now);

@@ -185,12 +185,14 @@ mod tests {
             pod_ip,
             pod_port: port,
             owner: owner.clone(),
+            span: 0,
         });
         r.forward.push(ForwardRule {
             pod_ip,
             proto,
             pod_port: port,
             owner: owner.clone(),
+            span: 0,
         });
         r.snat.push(SnatRule {
             pod_ip,

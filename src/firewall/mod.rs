@@ -195,6 +195,12 @@ pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
     flavor == crate::config::Flavor::Iptables || flavors::nftables::kernel_supports_source_ranges()
 }
 
+/// Whether `flavor` publishes port ranges (`srcPortEnd`). Neither does yet:
+/// the planner settles them, the flavors do not write them.
+pub fn publishes_port_ranges(_flavor: crate::config::Flavor) -> bool {
+    false
+}
+
 /// What a table holds beyond the NAT maps and sets, by the agent's version
 /// and the kernel: this version's layout has the allow-lists on Linux 5.6
 /// and the counters too on 5.7; the version before had the allow-lists
@@ -523,6 +529,7 @@ mod tests {
             pod_ip: std::net::Ipv4Addr::new(10, 0, 0, pod).into(),
             pod_port: 80,
             owner: PodRef::new("a", "b"),
+            span: 0,
         };
         let cur = RuleSet {
             dnat: vec![m(1, 1), m(2, 1), m(3, 1)],

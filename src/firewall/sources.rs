@@ -154,6 +154,7 @@ mod tests {
                 pod_ip: "10.0.0.5".parse().unwrap(),
                 pod_port: 993,
                 owner: owner.clone(),
+                span: 0,
             }],
             allow: ranges
                 .iter()

@@ -140,6 +140,7 @@ mod tests {
             pod_ip: "10.1.0.5".parse().unwrap(),
             pod_port: port,
             owner: PodRef::new("mail", pod),
+            span: 0,
         }
     }
 

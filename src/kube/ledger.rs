@@ -189,7 +189,8 @@ fn add_conflict(text: &mut String, c: &crate::plan::Conflict) {
     let _ = write!(
         text,
         "{} is taken by {} (a Ready pod beats a not-ready one, then the newer pod wins)",
-        c.key, c.winner
+        c.ports(),
+        c.winner
     );
 }
 
@@ -220,6 +221,7 @@ mod tests {
             pod_ip: pod_ip.into(),
             pod_port: port,
             owner: owner.clone(),
+            span: 0,
         }
     }
 
@@ -279,6 +281,7 @@ mod tests {
             key: t.rules.dnat[0].key,
             loser: a.clone(),
             winner: b.clone(),
+            span: 0,
         });
         let evs = ledger.observe(&t2, in_store);
         assert_eq!(

@@ -30,12 +30,19 @@ pub enum NamespacePolicy {
 impl NamespacePolicy {
     /// Why entry (`port`, `proto`) may not be published; `None`: it may.
     /// The namespace's policy is asked first: it needs no address.
+    #[cfg(test)]
     pub(crate) fn refuses(&self, port: u16, proto: Proto) -> Option<RefusalReason> {
+        self.refuses_span(port, 0, proto)
+    }
+
+    /// Why ports `port..=port + span` may not be published: a range is
+    /// refused whole when the policy leaves out any of its ports.
+    pub(crate) fn refuses_span(&self, port: u16, span: u16, proto: Proto) -> Option<RefusalReason> {
         match self {
             NamespacePolicy::Open => None,
             NamespacePolicy::NotSelected => Some(RefusalReason::NamespaceNotSelected),
             NamespacePolicy::Invalid(e) => Some(RefusalReason::NamespacePolicyInvalid(e.clone())),
-            NamespacePolicy::Ports(a) if a.allows(port, proto) => None,
+            NamespacePolicy::Ports(a) if (port..=port + span).all(|p| a.allows(p, proto)) => None,
             NamespacePolicy::Ports(a) => Some(RefusalReason::PortNotAllowed(a.to_string())),
         }
     }
@@ -259,13 +266,34 @@ impl fmt::Display for Refusal {
 
 /// Why a node service forbids `key`; `None` when none serves it or the
 /// agent held it first.
+#[cfg(test)]
 pub(crate) fn node_refuses(services: &NodeServices, key: &NatKey) -> Option<RefusalReason> {
-    if services.kept.contains(key) {
+    node_refuses_span(services, key, 0)
+}
+
+/// Why `key` and the `span` ports after it may not be published: a node
+/// service on any of them refuses the whole range (unless the agent held
+/// that port first).
+pub(crate) fn node_refuses_span(
+    services: &NodeServices,
+    key: &NatKey,
+    span: u16,
+) -> Option<RefusalReason> {
+    if services.is_empty() {
         return None;
     }
-    services
-        .serving(key)
-        .map(|s| RefusalReason::NodeService(s.to_string()))
+    (0..=span).find_map(|i| {
+        let k = NatKey {
+            public_port: key.public_port + i,
+            ..*key
+        };
+        if services.kept.contains(&k) {
+            return None;
+        }
+        services
+            .serving(&k)
+            .map(|s| RefusalReason::NodeService(s.to_string()))
+    })
 }
 
 #[cfg(test)]

@@ -4,12 +4,12 @@
 //! `plan()` stays the oracle: after every event `table()` equals `plan()` of
 //! the same pods, and the returned changes turn the old rules into the new.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use k8s_openapi::jiff::Timestamp;
 
-use super::admission::node_refuses;
+use super::admission::node_refuses_span;
 use super::{
     on_node, refusal, NatTable, NodeServices, Pending, PlanConfig, PodFacts, Refusal, Rejection,
 };
@@ -113,16 +113,18 @@ fn fold<T: Ord + Clone>(add: &mut Vec<T>, del: &mut Vec<T>, add2: Vec<T>, del2: 
     del.sort();
 }
 
-/// One pod's claim on a public key. The derived order is `plan()`'s rank
-/// (Ready, then creation time, then namespace/name), so a key's winner is the
-/// greatest claim; `entry` never decides, as a pod claims a key at most once
-/// (the annotation rejects the same srcPort/proto twice).
+/// One pod's claim on a public key and the `span` ports after it. The
+/// derived order is `plan()`'s rank (Ready, then creation time, then
+/// namespace/name), so a port's winner is the greatest claim covering it;
+/// `entry` never decides, as a pod claims a port at most once (the
+/// annotation rejects overlapping entries).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Claim {
     ready: bool,
     created: Option<Timestamp>,
     pod: PodRef,
     entry: usize,
+    span: u16,
 }
 
 /// A pod `plan()` looks at (on this node, annotated), with its annotation
@@ -138,12 +140,13 @@ impl PodState {
         (self.facts.ready, self.facts.created, &self.facts.pod)
     }
 
-    fn claim(&self, entry: usize) -> Claim {
+    fn claim(&self, entry: usize, span: u16) -> Claim {
         Claim {
             ready: self.facts.ready,
             created: self.facts.created,
             pod: self.facts.pod.clone(),
             entry,
+            span,
         }
     }
 
@@ -172,7 +175,8 @@ impl PodState {
 /// Everything one event may have changed, collected before re-planning it.
 #[derive(Default)]
 struct Dirty {
-    keys: BTreeSet<NatKey>,
+    /// Claims that came or went: their first key and span.
+    keys: BTreeSet<(NatKey, u16)>,
     snat: BTreeSet<(IpAddr, Proto)>,
     forward: BTreeSet<(IpAddr, Proto, u16)>,
     pods: BTreeSet<PodRef>,
@@ -217,8 +221,12 @@ impl Dirty {
 pub(crate) struct IncrementalPlan {
     cfg: PlanConfig,
     pods: HashMap<PodRef, PodState>,
-    /// Claims per public key; the greatest is the winner.
-    claims: HashMap<NatKey, SmallSet<Claim>>,
+    /// Claims by their first public key (a range's first port); the
+    /// greatest claim covering a port wins it.
+    claims: BTreeMap<NatKey, SmallSet<Claim>>,
+    /// How many claims there are of each span above 0: the longest bounds
+    /// how far back a claim covering a port can start.
+    spans: BTreeMap<u16, usize>,
     /// Candidate pods per pod IP: who competes for SNAT and FORWARD there
     /// (two pods share an IP while an old one is not gone yet).
     by_ip: HashMap<IpAddr, SmallSet<PodRef>>,
@@ -234,7 +242,8 @@ impl IncrementalPlan {
         IncrementalPlan {
             cfg,
             pods: HashMap::new(),
-            claims: HashMap::new(),
+            claims: BTreeMap::new(),
+            spans: BTreeMap::new(),
             by_ip: HashMap::new(),
             locals: local::Locals::default(),
             services: NodeServices::default(),
@@ -328,13 +337,10 @@ impl IncrementalPlan {
         let Some(s) = self.pods.get(pod) else {
             return Vec::new();
         };
-        let dnat = &self.table.rules.dnat;
         let mut out: Vec<&Mapping> = s
             .entries()
             .iter()
-            .filter_map(|e| self.key_of(e))
-            .filter_map(|key| dnat.binary_search_by(|m| m.key.cmp(&key)).ok())
-            .map(|i| &dnat[i])
+            .flat_map(|e| self.parts_of(e))
             .filter(|m| &m.owner == pod)
             .collect();
         out.sort_unstable_by_key(|m| m.key);
@@ -377,8 +383,8 @@ impl IncrementalPlan {
         } else {
             let dnat = &self.table.rules.dnat;
             dnat.iter()
-                .filter(|m| sockets.serving(&m.key).is_some())
-                .map(|m| m.key)
+                .flat_map(|m| m.ports().map(|(k, _)| k))
+                .filter(|k| sockets.serving(k).is_some())
                 .collect()
         };
         sockets.keeping(held)
@@ -431,14 +437,30 @@ impl IncrementalPlan {
         })
     }
 
-    /// Does `pod` win the key of entry `e`? The sorted DNAT list answers.
-    fn wins(&self, pod: &PodRef, e: &PortMapping) -> bool {
-        let Some(key) = self.key_of(e) else {
-            return false;
-        };
+    /// The mappings within entry `e`'s ports, whoever won them: the sorted
+    /// DNAT list answers (a binary search, then the parts of a range).
+    fn parts_of(&self, e: &PortMapping) -> impl Iterator<Item = &Mapping> + '_ {
         let dnat = &self.table.rules.dnat;
-        dnat.binary_search_by(|m| m.key.cmp(&key))
-            .is_ok_and(|i| &dnat[i].owner == pod)
+        let key = self.key_of(e);
+        let start = key.map_or(dnat.len(), |k| dnat.partition_point(|m| m.key < k));
+        let (proto, end) = (e.proto, e.src_end());
+        dnat[start..]
+            .iter()
+            .take_while(move |m| {
+                key.is_some_and(|k| m.key.public_ip == k.public_ip && m.key.public_port <= end)
+            })
+            .filter(move |m| m.key.proto == proto)
+    }
+
+    /// Does `pod` win (any port of) entry `e`?
+    fn wins(&self, pod: &PodRef, e: &PortMapping) -> bool {
+        self.parts_of(e).any(|m| &m.owner == pod)
+    }
+
+    /// The longest span of any claim: how far before a port a claim
+    /// covering it can start.
+    fn reach(&self) -> u16 {
+        self.spans.last_key_value().map_or(0, |(s, _)| *s)
     }
 
     /// Replaces the whole state. Pods go in in `PodRef` order and keys, slots
@@ -451,6 +473,7 @@ impl IncrementalPlan {
         states.dedup_by(|a, b| a.facts.pod == b.facts.pod);
         self.pods.clear();
         self.claims.clear();
+        self.spans.clear();
         self.by_ip.clear();
         // The hairpin sources do not depend on annotations: kept as they are.
         let local = std::mem::take(&mut self.table.rules.local);
@@ -510,19 +533,23 @@ impl IncrementalPlan {
                 continue;
             }
             let policy = &s.facts.namespace_policy;
-            if let Some(reason) = policy.refuses(e.src_port, e.proto) {
+            if let Some(reason) = policy.refuses_span(e.src_port, e.span, e.proto) {
                 let ip = e.src_ip.or(self.table.public_address.get(e.family));
                 refused.push(refusal(pod, e, ip, reason));
                 continue;
             }
             match self.key_of(e) {
                 Some(key) => {
-                    if let Some(reason) = node_refuses(&self.services, &key) {
+                    if let Some(reason) = node_refuses_span(&self.services, &key, e.span) {
                         refused.push(refusal(pod, e, Some(key.public_ip), reason));
                         continue;
                     }
-                    self.claims.entry(key).or_default().insert(s.claim(entry));
-                    dirty.keys.insert(key);
+                    self.claims
+                        .entry(key)
+                        .or_default()
+                        .insert(s.claim(entry, e.span));
+                    count_span(&mut self.spans, e.span, true);
+                    dirty.keys.insert((key, e.span));
                 }
                 None => pending.push(Pending {
                     pod: pod.clone(),
@@ -557,12 +584,16 @@ impl IncrementalPlan {
             }
             let Some(key) = self.key_of(e) else { continue };
             if let Some(set) = self.claims.get_mut(&key) {
-                set.remove(&s.claim(entry));
+                let claim = s.claim(entry, e.span);
+                if set.into_iter().any(|c| c == &claim) {
+                    set.remove(&claim);
+                    count_span(&mut self.spans, e.span, false);
+                }
                 if set.is_empty() {
                     self.claims.remove(&key);
                 }
             }
-            dirty.keys.insert(key);
+            dirty.keys.insert((key, e.span));
         }
         dirty.slots_of(s);
     }
@@ -597,6 +628,22 @@ impl IncrementalPlan {
     fn set_pending(&mut self, pod: &PodRef, pending: Vec<Pending>, dirty: &mut Dirty) {
         if replace_run(&mut self.table.pending, pod, pending, |p| &p.pod) {
             dirty.touch(pod);
+        }
+    }
+}
+
+/// Counts a claim of `span` in or out of `spans` (spans above 0 only).
+fn count_span(spans: &mut BTreeMap<u16, usize>, span: u16, up: bool) {
+    if span == 0 {
+        return;
+    }
+    let n = spans.entry(span).or_default();
+    if up {
+        *n += 1;
+    } else {
+        *n -= 1;
+        if *n == 0 {
+            spans.remove(&span);
         }
     }
 }

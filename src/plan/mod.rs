@@ -10,6 +10,7 @@
 
 pub mod admission;
 pub(crate) mod incremental;
+pub(crate) mod ranges;
 pub mod selector;
 
 use std::cmp::Ordering;
@@ -19,7 +20,7 @@ use std::net::IpAddr;
 use k8s_openapi::jiff::Timestamp;
 use serde::Serialize;
 
-use self::admission::node_refuses;
+use self::admission::node_refuses_span;
 pub use self::admission::{NamespacePolicy, NodeServices, Refusal, RefusalReason};
 use crate::annotation::{self, AnnotationError};
 use crate::config::short_node_name;
@@ -62,6 +63,9 @@ pub struct PlanConfig {
     /// The flavor enforces `sourceRanges`; if not, an entry carrying them is
     /// refused (published to every source it would be wider than asked).
     pub source_ranges: bool,
+    /// The flavor publishes port ranges (`srcPortEnd`); if not, an entry
+    /// carrying one is refused (one port of it would be less than asked).
+    pub port_ranges: bool,
 }
 
 /// The allow-list of `key` won by entry `e` of `owner` (none: every source).
@@ -86,6 +90,24 @@ pub struct Conflict {
     pub key: NatKey,
     pub loser: PodRef,
     pub winner: PodRef,
+    /// Ports after `key`'s the loser lost too (a range's part).
+    pub span: u16,
+}
+
+impl Conflict {
+    /// The ports lost: `203.0.113.7:25/tcp`, or `203.0.113.7:10040-10059/udp`
+    /// for a range's part.
+    pub fn ports(&self) -> String {
+        if self.span == 0 {
+            return self.key.to_string();
+        }
+        let end = u32::from(self.key.public_port) + u32::from(self.span);
+        format!(
+            "{}-{end}/{}",
+            crate::model::host_port(self.key.public_ip, self.key.public_port),
+            self.key.proto
+        )
+    }
 }
 
 /// A pod whose annotation was rejected: it gets no NAT at all.
@@ -216,8 +238,9 @@ pub fn plan_with(
     table.rejected.sort_by(|a, b| a.pod.cmp(&b.pod));
     table.rejected.dedup_by(|a, b| a.pod == b.pod);
 
-    // Candidates claim keys.
-    let mut claims: BTreeMap<NatKey, Vec<(usize, usize)>> = BTreeMap::new();
+    // Candidates claim runs of ports (one port: a run of one), per public
+    // address.
+    let mut claims: BTreeMap<IpAddr, Vec<ranges::Claimed<_, (usize, usize)>>> = BTreeMap::new();
     for (pi, (p, entries)) in parsed.iter().enumerate() {
         if p.terminating || p.finished {
             continue;
@@ -228,7 +251,7 @@ pub fn plan_with(
                 continue;
             }
             let known_ip = e.src_ip.or(public_address.get(e.family));
-            if let Some(reason) = p.namespace_policy.refuses(e.src_port, e.proto) {
+            if let Some(reason) = p.namespace_policy.refuses_span(e.src_port, e.span, e.proto) {
                 table.refused.push(refusal(&p.pod, e, known_ip, reason));
                 continue;
             }
@@ -248,58 +271,77 @@ pub fn plan_with(
                 public_port: e.src_port,
                 proto: e.proto,
             };
-            if let Some(reason) = node_refuses(services, &key) {
+            if let Some(reason) = node_refuses_span(services, &key, e.span) {
                 table.refused.push(refusal(&p.pod, e, known_ip, reason));
                 continue;
             }
-            claims.entry(key).or_default().push((pi, ei));
+            claims.entry(public_ip).or_default().push(ranges::Claimed {
+                lo: e.src_port,
+                hi: e.src_end(),
+                proto: e.proto,
+                rank: rank(p),
+                id: (pi, ei),
+            });
         }
     }
 
-    // Winner per key; remember which entries won, per pod.
+    // Winner per port; remember which entries won any, per pod.
     let mut won: BTreeSet<(usize, usize)> = BTreeSet::new();
-    for (key, claimants) in &claims {
-        let Some(&(wp, we)) = claimants.iter().reduce(|a, b| {
-            if outranks(parsed[b.0].0, parsed[a.0].0) {
-                b
-            } else {
-                a
-            }
-        }) else {
-            continue;
-        };
-        won.insert((wp, we));
-        let winner = parsed[wp].0;
-        let Some(pod_ip) = winner.ips.get(key.family()) else {
-            continue;
-        };
-        table.rules.dnat.push(Mapping {
-            key: *key,
-            pod_ip,
-            pod_port: parsed[wp].1[we].dst_port,
-            owner: winner.pod.clone(),
-        });
-        table
-            .rules
-            .allow
-            .extend(source_rules(*key, &parsed[wp].1[we], &winner.pod));
-        for &(lp, _) in claimants {
-            if lp != wp {
-                table.conflicts.push(Conflict {
-                    key: *key,
-                    loser: parsed[lp].0.pod.clone(),
-                    winner: winner.pod.clone(),
+    // Pod ports accepted in FORWARD: (pod IP, proto, first) → (pod, span).
+    let mut forward: BTreeMap<(IpAddr, Proto, u16), (usize, u16)> = BTreeMap::new();
+    for (public_ip, mut list) in claims {
+        list.sort_by_key(|c| c.lo);
+        for group in ranges::overlapping_groups(&list) {
+            for part in ranges::settle(group) {
+                let (wp, we) = part.winner;
+                let winner = parsed[wp].0;
+                let key = NatKey {
+                    public_ip,
+                    public_port: part.lo,
+                    proto: part.proto,
+                };
+                let span = part.hi - part.lo;
+                if let Some((lp, _)) = part.loser {
+                    table.conflicts.push(Conflict {
+                        key,
+                        loser: parsed[lp].0.pod.clone(),
+                        winner: winner.pod.clone(),
+                        span,
+                    });
+                    continue;
+                }
+                let Some(pod_ip) = winner.ips.get(key.family()) else {
+                    continue;
+                };
+                won.insert((wp, we));
+                let e = &parsed[wp].1[we];
+                let pod_port = e.dst_port + (part.lo - e.src_port);
+                table.rules.dnat.push(Mapping {
+                    key,
+                    pod_ip,
+                    pod_port,
+                    owner: winner.pod.clone(),
+                    span,
                 });
+                table.rules.allow.extend(source_rules(key, e, &winner.pod));
+                // FORWARD per (pod IP, proto, pod port): when two pods
+                // share a slot (an IP reused before the old pod is gone),
+                // the higher-ranked pod owns it.
+                let slot = forward
+                    .entry((pod_ip, e.proto, pod_port))
+                    .or_insert((wp, span));
+                if outranks(winner, parsed[slot.0].0) {
+                    *slot = (wp, span);
+                }
             }
         }
     }
 
-    // SNAT per (pod IP, proto): the first winning entry in annotation order;
-    // FORWARD per (pod IP, proto, pod port). When two pods share a key there
-    // (an IP reused before the old pod is gone), the higher-ranked pod owns it.
-    // Per family: an IPv6 pod address is SNATed to an IPv6 public address.
+    // SNAT per (pod IP, proto): the first winning entry in annotation order.
+    // When two pods share a key there (an IP reused before the old pod is
+    // gone), the higher-ranked pod owns it. Per family: an IPv6 pod address
+    // is SNATed to an IPv6 public address.
     let mut snat: BTreeMap<(IpAddr, Proto), (usize, IpAddr)> = BTreeMap::new();
-    let mut forward: BTreeMap<(IpAddr, Proto, u16), usize> = BTreeMap::new();
     for &(pi, ei) in &won {
         let (p, entries) = &parsed[pi];
         let e = &entries[ei];
@@ -319,10 +361,6 @@ pub fn plan_with(
                 *slot = (pi, public_ip);
             }
         }
-        let slot = forward.entry((ip, e.proto, e.dst_port)).or_insert(pi);
-        if outranks(p, parsed[*slot].0) {
-            *slot = pi;
-        }
     }
     table.rules.snat = snat
         .into_iter()
@@ -335,11 +373,12 @@ pub fn plan_with(
         .collect();
     table.rules.forward = forward
         .into_iter()
-        .map(|((pod_ip, proto, pod_port), pi)| ForwardRule {
+        .map(|((pod_ip, proto, pod_port), (pi, span))| ForwardRule {
             pod_ip,
             proto,
             pod_port,
             owner: parsed[pi].0.pod.clone(),
+            span,
         })
         .collect();
     table.rules.local = local_pods(pods, cfg);

@@ -30,6 +30,7 @@ pub(super) fn cfg() -> PlanConfig {
         families: Families::default(),
         local_access: false,
         source_ranges: true,
+        port_ranges: true,
     }
 }
 
@@ -444,4 +445,66 @@ fn namespace_policy_decides_per_entry() {
     assert!(t.refused[0]
         .to_string()
         .contains("namespace c is not selected by -namespaceselector"));
+}
+
+#[test]
+fn a_range_is_one_mapping_with_one_offset() {
+    let rtp = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000,"proto":"udp"}]}"#;
+    let t = plan(
+        &[pod("voip", "pbx", "10.1.0.5", 100, rtp)],
+        DualStack::v4(PUB),
+        &cfg(),
+    );
+    assert_eq!(t.rules.dnat.len(), 1, "one mapping for 100 ports");
+    let m = &t.rules.dnat[0];
+    assert_eq!(
+        (m.key.public_port, m.port_end(), m.pod_port),
+        (10000, 10099, 20000)
+    );
+    let f = &t.rules.forward[0];
+    assert_eq!((t.rules.forward.len(), f.pod_port, f.span), (1, 20000, 99));
+    assert_eq!(t.rules.snat.len(), 1);
+}
+
+#[test]
+fn a_newer_pod_claiming_part_of_a_range_wins_only_that_part() {
+    let rtp = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000,"proto":"udp"}]}"#;
+    let part = r#"{"entries":[{"srcPort":10040,"srcPortEnd":10059,"dstPort":100,"proto":"udp"}]}"#;
+    let old = pod("voip", "pbx", "10.1.0.5", 100, rtp);
+    let new = pod("voip", "probe", "10.1.0.6", 200, part);
+    // Either order of the pods: the same table.
+    let t = plan(&[old.clone(), new.clone()], DualStack::v4(PUB), &cfg());
+    assert_eq!(t, plan(&[new, old], DualStack::v4(PUB), &cfg()));
+    let parts: Vec<(u16, u16, u16, &str)> = t
+        .rules
+        .dnat
+        .iter()
+        .map(|m| (m.key.public_port, m.port_end(), m.pod_port, &*m.owner.name))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            (10000, 10039, 20000, "pbx"),
+            (10040, 10059, 100, "probe"),
+            (10060, 10099, 20060, "pbx"),
+        ]
+    );
+    // The loser is told which ports it lost: one conflict for the run.
+    assert_eq!(t.conflicts.len(), 1);
+    let c = &t.conflicts[0];
+    assert_eq!(
+        (c.key.public_port, c.span, &*c.loser.name),
+        (10040, 19, "pbx")
+    );
+    // FORWARD accepts the pod ports of the parts each pod won.
+    let fwd: Vec<(u16, u16, &str)> = t
+        .rules
+        .forward
+        .iter()
+        .map(|f| (f.pod_port, f.span, &*f.owner.name))
+        .collect();
+    assert_eq!(
+        fwd,
+        [(20000, 39, "pbx"), (20060, 39, "pbx"), (100, 19, "probe")]
+    );
 }

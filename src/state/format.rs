@@ -77,6 +77,7 @@ impl NatRecord {
             pod_ip: self.destination_ip,
             pod_port: self.destination_port,
             owner: PodRef::from_comment(&self.comment)?,
+            span: 0,
         })
     }
 }
@@ -386,6 +387,7 @@ mod tests {
             pod_ip: pod_ip.into(),
             pod_port: port,
             owner: PodRef::from_comment(owner).unwrap(),
+            span: 0,
         }
     }
 
@@ -436,6 +438,7 @@ mod tests {
             pod_ip: "fd00:1::5".parse().unwrap(),
             pod_port: 2525,
             owner: PodRef::new("mail", "mx-0"),
+            span: 0,
         };
         let now = ts("2025-01-02T03:04:05Z");
         let file = StateFile::from_mappings(std::slice::from_ref(&m), &StateFile::default(), now);

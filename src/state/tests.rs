@@ -61,6 +61,7 @@ fn mapping(port: u16) -> Mapping {
         pod_ip: Ipv4Addr::new(10, 1, 0, 5).into(),
         pod_port: port,
         owner: PodRef::new("mail", "mx"),
+        span: 0,
     }
 }
 

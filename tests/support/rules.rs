@@ -38,6 +38,7 @@ pub fn publish(
         pod_ip: ip(pod),
         pod_port,
         owner: owner.clone(),
+        span: 0,
     });
     if !rules
         .snat
@@ -56,6 +57,7 @@ pub fn publish(
         proto,
         pod_port,
         owner,
+        span: 0,
     });
     rules.normalize();
 }
@@ -98,6 +100,7 @@ pub fn bulk(ports: u16) -> RuleSet {
             pod_ip: pod,
             pod_port: 80,
             owner: owner.clone(),
+            span: 0,
         });
         r.snat.push(SnatRule {
             pod_ip: pod,
@@ -110,6 +113,7 @@ pub fn bulk(ports: u16) -> RuleSet {
             proto: Proto::Tcp,
             pod_port: 80,
             owner,
+            span: 0,
         });
     }
     r.normalize();

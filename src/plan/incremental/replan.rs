@@ -4,9 +4,10 @@
 use std::net::IpAddr;
 use std::ops::Range;
 
-use super::{Dirty, IncrementalPlan, PodState, TableChange};
+use super::{Claim, Dirty, IncrementalPlan, PodState, TableChange};
 use crate::firewall::{diff, Changes};
-use crate::model::{Family, ForwardRule, Mapping, SnatRule, SourceRule};
+use crate::model::{Family, ForwardRule, Mapping, NatKey, Proto, SnatRule, SourceRule};
+use crate::plan::ranges::{settle, Claimed};
 use crate::plan::{source_rules, Conflict};
 
 impl IncrementalPlan {
@@ -14,82 +15,21 @@ impl IncrementalPlan {
     /// slots of every pod whose winning entries may have moved.
     pub(super) fn replan(&mut self, mut dirty: Dirty) -> TableChange {
         let mut rules = Changes::default();
-        for key in std::mem::take(&mut dirty.keys) {
-            let claims = self.claims.get(&key);
-            let winner = claims.and_then(|c| c.last());
-            let want = winner.and_then(|w| {
-                let s = self.pods.get(&w.pod)?;
-                let ip = s.facts.ips.get(key.family())?;
-                Some((ip, s.entries().get(w.entry)?.dst_port, &w.pod))
-            });
-            let mut conflicts: Vec<Conflict> = winner
-                .into_iter()
-                .flat_map(|w| {
-                    claims
-                        .into_iter()
-                        .flatten()
-                        .filter(move |c| c.pod != w.pod)
-                        .map(move |c| Conflict {
-                            key,
-                            loser: c.pod.clone(),
-                            winner: w.pod.clone(),
-                        })
-                })
-                .collect();
-            conflicts.sort();
-            let list = &mut self.table.conflicts;
-            let range = range_of(list, |c| c.key.cmp(&key));
-            if list[range.clone()] != conflicts[..] {
-                for c in list[range.clone()].iter().chain(&conflicts) {
-                    dirty.touch(&c.loser);
+        // Dirty claims in key order; each is re-planned with every claim it
+        // overlaps, transitively (a window): what `plan()` settles together.
+        let mut done: Option<(IpAddr, u16)> = None;
+        for (key, span) in std::mem::take(&mut dirty.keys) {
+            let ip = key.public_ip;
+            let (mut lo, hi) = (key.public_port, key.public_port + span);
+            if let Some((_, last)) = done.filter(|d| d.0 == ip) {
+                if hi <= last {
+                    continue;
                 }
-                list.splice(range, conflicts);
+                lo = lo.max(last + 1);
             }
-            // The key's allow-list follows its winning entry (none without a
-            // mapping): compared in place, like the conflicts.
-            let allow: Vec<SourceRule> = winner
-                .and_then(|w| {
-                    let s = self.pods.get(&w.pod)?;
-                    s.facts.ips.get(key.family())?;
-                    let e = s.entries().get(w.entry)?;
-                    Some(source_rules(key, e, &w.pod).collect())
-                })
-                .unwrap_or_default();
-            let list = &mut self.table.rules.allow;
-            let range = range_of(list, |a| a.key.cmp(&key));
-            if list[range.clone()] != allow[..] {
-                let (add, del) = diff(&list[range.clone()], &allow);
-                rules.add.allow.extend(add);
-                rules.del.allow.extend(del);
-                list.splice(range, allow);
-            }
-            // Compared before it is built: most re-planned keys keep their
-            // mapping, and building one allocates its owner.
-            let dnat = &self.table.rules.dnat;
-            let at = dnat.binary_search_by(|m| m.key.cmp(&key));
-            let old = at.ok().map(|i| &dnat[i]);
-            if old.map(|m| (m.pod_ip, m.pod_port, &m.owner)) == want {
-                continue;
-            }
-            let mapping = want.map(|(pod_ip, pod_port, owner)| Mapping {
-                key,
-                pod_ip,
-                pod_port,
-                owner: owner.clone(),
-            });
-            let old = old.map(|m| m.owner.clone());
-            // The winning entries of both owners moved: their SNAT and
-            // FORWARD slots are re-planned below (a rebuild has all of them).
-            let rebuild = dirty.rebuild;
-            let owners = old.iter().chain(mapping.as_ref().map(|m| &m.owner));
-            for owner in owners.filter(|_| !rebuild) {
-                if let Some(s) = self.pods.get(owner) {
-                    dirty.slots_of(s);
-                }
-                dirty.touch(owner);
-            }
-            let dnat = &mut self.table.rules.dnat;
-            swap_rule(dnat, at, mapping, &mut rules.add.dnat, &mut rules.del.dnat);
+            let (lo, hi) = self.window(ip, lo, hi);
+            done = Some((ip, hi));
+            self.replan_ports(ip, lo, hi, &mut dirty, &mut rules);
         }
 
         for (pod_ip, proto) in std::mem::take(&mut dirty.snat) {
@@ -125,28 +65,39 @@ impl IncrementalPlan {
         for (pod_ip, proto, pod_port) in std::mem::take(&mut dirty.forward) {
             let want = self
                 .candidates_at(pod_ip)
-                .filter(|s| {
-                    s.entries().iter().any(|e| {
-                        e.proto == proto
-                            && e.dst_port == pod_port
-                            && e.family == Family::of(pod_ip)
-                            && self.wins(&s.facts.pod, e)
-                    })
+                .filter_map(|s| {
+                    let pod = &s.facts.pod;
+                    let span = s.entries().iter().find_map(|e| {
+                        if e.proto != proto || e.family != Family::of(pod_ip) {
+                            return None;
+                        }
+                        if e.span == 0 {
+                            return (e.dst_port == pod_port && self.wins(pod, e)).then_some(0);
+                        }
+                        // A range: the part it won that starts at this pod port.
+                        let offset = pod_port.checked_sub(e.dst_port).filter(|o| *o <= e.span)?;
+                        let first = e.src_port + offset;
+                        self.parts_of(e)
+                            .find(|m| m.key.public_port == first && &m.owner == pod)
+                            .map(|m| m.span)
+                    })?;
+                    Some((s, span))
                 })
-                .max_by(|a, b| a.rank().cmp(&b.rank()))
-                .map(|s| &s.facts.pod);
+                .max_by(|a, b| a.0.rank().cmp(&b.0.rank()))
+                .map(|(s, span)| (&s.facts.pod, span));
             let list = &self.table.rules.forward;
             let at = list.binary_search_by(|r| {
                 (r.pod_ip, r.proto, r.pod_port).cmp(&(pod_ip, proto, pod_port))
             });
-            if at.ok().map(|i| &list[i].owner) == want {
+            if at.ok().map(|i| (&list[i].owner, list[i].span)) == want {
                 continue;
             }
-            let want = want.map(|owner| ForwardRule {
+            let want = want.map(|(owner, span)| ForwardRule {
                 pod_ip,
                 proto,
                 pod_port,
                 owner: owner.clone(),
+                span,
             });
             let list = &mut self.table.rules.forward;
             swap_rule(
@@ -170,12 +121,159 @@ impl IncrementalPlan {
         }
     }
 
+    /// The ports `lo..=hi` of `ip` grown by every claim overlapping them,
+    /// until none sticks out: the claims `replan_ports` settles together.
+    fn window(&self, ip: IpAddr, mut lo: u16, mut hi: u16) -> (u16, u16) {
+        loop {
+            let (mut l, mut h) = (lo, hi);
+            for (key, claim) in self.claims_near(ip, lo, hi) {
+                l = l.min(key.public_port);
+                h = h.max(key.public_port + claim.span);
+            }
+            if (l, h) == (lo, hi) {
+                return (lo, hi);
+            }
+            (lo, hi) = (l, h);
+        }
+    }
+
+    /// The claims on `ip` covering any of the ports `lo..=hi`.
+    fn claims_near(&self, ip: IpAddr, lo: u16, hi: u16) -> impl Iterator<Item = (&NatKey, &Claim)> {
+        let from = key_at(ip, lo.saturating_sub(self.reach()), Proto::Tcp);
+        self.claims
+            .range(from..=key_at(ip, hi, Proto::Udp))
+            .flat_map(|(k, set)| set.into_iter().map(move |c| (k, c)))
+            .filter(move |(k, c)| k.public_port + c.span >= lo)
+    }
+
+    /// Settles the claims on ports `lo..=hi` of `ip` (a closed window: no
+    /// claim sticks out of it) and puts the mappings, conflicts and
+    /// allow-lists they give in place of the window's, recording the rules
+    /// that changed.
+    fn replan_ports(
+        &mut self,
+        ip: IpAddr,
+        lo: u16,
+        hi: u16,
+        dirty: &mut Dirty,
+        rules: &mut Changes,
+    ) {
+        let claims: Vec<(&NatKey, &Claim)> = self.claims_near(ip, lo, hi).collect();
+        let claimed: Vec<Claimed<&Claim, usize>> = claims
+            .iter()
+            .enumerate()
+            .map(|(id, (k, c))| Claimed {
+                lo: k.public_port,
+                hi: k.public_port + c.span,
+                proto: k.proto,
+                rank: *c,
+                id,
+            })
+            .collect();
+        let mut dnat: Vec<Mapping> = Vec::new();
+        let mut conflicts: Vec<Conflict> = Vec::new();
+        let mut allow: Vec<SourceRule> = Vec::new();
+        for part in settle(&claimed) {
+            let key = key_at(ip, part.lo, part.proto);
+            let span = part.hi - part.lo;
+            let w = claims[part.winner].1;
+            if let Some(l) = part.loser {
+                conflicts.push(Conflict {
+                    key,
+                    loser: claims[l].1.pod.clone(),
+                    winner: w.pod.clone(),
+                    span,
+                });
+                continue;
+            }
+            let Some(s) = self.pods.get(&w.pod) else {
+                continue;
+            };
+            let Some(pod_ip) = s.facts.ips.get(key.family()) else {
+                continue;
+            };
+            let Some(e) = s.entries().get(w.entry) else {
+                continue;
+            };
+            dnat.push(Mapping {
+                key,
+                pod_ip,
+                pod_port: e.dst_port + (part.lo - e.src_port),
+                owner: w.pod.clone(),
+                span,
+            });
+            allow.extend(source_rules(key, e, &w.pod));
+        }
+        dnat.sort();
+        conflicts.sort();
+        allow.sort();
+        let window = |k: &NatKey| {
+            if k.public_ip != ip {
+                k.public_ip.cmp(&ip)
+            } else if k.public_port < lo {
+                std::cmp::Ordering::Less
+            } else if k.public_port > hi {
+                std::cmp::Ordering::Greater
+            } else {
+                std::cmp::Ordering::Equal
+            }
+        };
+
+        let list = &mut self.table.conflicts;
+        let range = range_of(list, |c| window(&c.key));
+        if list[range.clone()] != conflicts[..] {
+            for c in list[range.clone()].iter().chain(&conflicts) {
+                dirty.touch(&c.loser);
+            }
+            list.splice(range, conflicts);
+        }
+        // The allow-lists follow the winning entries (none without a
+        // mapping): compared in place, like the conflicts.
+        let list = &mut self.table.rules.allow;
+        let range = range_of(list, |a| window(&a.key));
+        if list[range.clone()] != allow[..] {
+            let (add, del) = diff(&list[range.clone()], &allow);
+            rules.add.allow.extend(add);
+            rules.del.allow.extend(del);
+            list.splice(range, allow);
+        }
+        let list = &self.table.rules.dnat;
+        let range = range_of(list, |m| window(&m.key));
+        if list[range.clone()] == dnat[..] {
+            return;
+        }
+        let (add, del) = diff(&list[range.clone()], &dnat);
+        // The winning entries of every owner whose mappings moved: their
+        // SNAT and FORWARD slots are re-planned after (a rebuild has all).
+        for m in add.iter().chain(&del) {
+            dirty.forward.insert((m.pod_ip, m.key.proto, m.pod_port));
+            if dirty.rebuild {
+                continue;
+            }
+            if let Some(s) = self.pods.get(&m.owner) {
+                dirty.slots_of(s);
+            }
+            dirty.touch(&m.owner);
+        }
+        rules.add.dnat.extend(add);
+        rules.del.dnat.extend(del);
+        self.table.rules.dnat.splice(range, dnat);
+    }
+
     fn candidates_at(&self, ip: IpAddr) -> impl Iterator<Item = &PodState> + '_ {
         self.by_ip
             .get(&ip)
             .into_iter()
             .flatten()
             .filter_map(|p| self.pods.get(p))
+    }
+}
+
+fn key_at(public_ip: IpAddr, public_port: u16, proto: Proto) -> NatKey {
+    NatKey {
+        public_ip,
+        public_port,
+        proto,
     }
 }
 

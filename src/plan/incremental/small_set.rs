@@ -37,11 +37,6 @@ impl<T: Ord> SmallSet<T> {
     pub(super) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
-
-    /// The greatest member.
-    pub(super) fn last(&self) -> Option<&T> {
-        self.0.last()
-    }
 }
 
 impl<'a, T> IntoIterator for &'a SmallSet<T> {

@@ -188,6 +188,13 @@ const ANNOTATIONS: &[&str] = &[
     r#"{"entries":[{"srcPort":25,"dstPort":25,"sourceRanges":["198.51.100.0/24","2001:db8:1::/48"]}]}"#,
     r#"{"entries":[{"srcPort":25,"dstPort":25,"sourceRanges":["198.51.100.0/25","192.0.2.0/24"]},{"srcPort":26,"dstPort":25}]}"#,
     r#"{"entries":[{"srcIP":"2001:db8::7","srcPort":25,"dstPort":2525,"proto":"udp","sourceRanges":["2001:db8:1::/48"]}]}"#,
+    // Port ranges over the single ports above and over each other: won
+    // per port, in parts.
+    r#"{"entries":[{"srcPort":23,"srcPortEnd":30,"dstPort":1023,"proto":"udp"}]}"#,
+    r#"{"entries":[{"srcPort":25,"srcPortEnd":27,"dstPort":2000}]}"#,
+    r#"{"entries":[{"srcPort":24,"srcPortEnd":26,"dstPort":24},{"srcPort":143,"srcPortEnd":150,"dstPort":143,"proto":"udp"}]}"#,
+    r#"{"entries":[{"srcIP":"2001:db8::7","srcPort":54,"srcPortEnd":600,"dstPort":30000,"proto":"udp"}]}"#,
+    r#"{"entries":[{"srcPort":26,"srcPortEnd":500,"dstPort":3000,"proto":"udp"},{"srcPort":143,"dstPort":143}]}"#,
 ];
 
 /// Public addresses the node may have: none, IPv4 alone, both, IPv6 alone.
@@ -219,6 +226,7 @@ fn dual() -> PlanConfig {
         families: Families::DUAL,
         local_access: true,
         source_ranges: true,
+        port_ranges: true,
         ..cfg()
     }
 }

@@ -18,12 +18,14 @@ fn mail() -> RuleSet {
             pod_ip,
             pod_port: port,
             owner: owner.clone(),
+            span: 0,
         });
         r.forward.push(ForwardRule {
             pod_ip,
             proto: Proto::Tcp,
             pod_port: port,
             owner: owner.clone(),
+            span: 0,
         });
     }
     r.snat.push(SnatRule {

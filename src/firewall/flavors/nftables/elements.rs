@@ -414,6 +414,7 @@ pub(super) fn decode_element(
                 pod_ip,
                 pod_port,
                 owner,
+                span: 0,
             });
         }
         names::NFT_SNAT_MAP => {
@@ -446,6 +447,7 @@ pub(super) fn decode_element(
                 proto,
                 pod_port,
                 owner,
+                span: 0,
             });
         }
     }

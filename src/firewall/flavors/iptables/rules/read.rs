@@ -216,6 +216,7 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
                 pod_ip: *pod_ip,
                 pod_port: *pod_port,
                 owner: owner()?,
+                span: 0,
             },
             f.source,
         )],
@@ -231,6 +232,7 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
                 proto: f.proto?,
                 pod_port: f.dport?,
                 owner: owner()?,
+                span: 0,
             })]
         }
         (None, None, Some((code, None))) if *code == sys::NFT_RETURN => {

@@ -34,6 +34,7 @@ fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
                 pod_ip: ip(pod),
                 pod_port,
                 owner: owner(o),
+                span: 0,
             },
             None,
         )
@@ -94,6 +95,7 @@ fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
                 proto: Proto::Tcp,
                 pod_port: 25,
                 owner: owner("mail:mx-0"),
+                span: 0,
             }),
         ),
         (
@@ -105,6 +107,7 @@ fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
                 proto: Proto::Udp,
                 pod_port: 53,
                 owner: owner("dns:resolver-1"),
+                span: 0,
             }),
         ),
         ("ret_172", "nat", "PODNAT_POST", AgentRule::Return(0)),
@@ -155,6 +158,7 @@ fn near_misses_are_not_the_agents() {
             pod_ip: ip("10.1.0.5"),
             pod_port: 25,
             owner: owner("mail:mx-0"),
+            span: 0,
         },
         None,
     );
@@ -236,6 +240,7 @@ fn arb_rule() -> impl Strategy<Value = AgentRule> {
                             pod_ip,
                             pod_port,
                             owner,
+                            span: 0,
                         },
                         source,
                     )
@@ -247,6 +252,7 @@ fn arb_rule() -> impl Strategy<Value = AgentRule> {
                 proto,
                 pod_port,
                 owner,
+                span: 0,
             })
         }),
         "[A-Z_]{1,28}".prop_map(AgentRule::Jump),
@@ -368,6 +374,7 @@ fn source_restricted_dnat_rules_encode_the_prefix_as_iptables_nft() {
                 pod_ip: ip(pod),
                 pod_port: 993,
                 owner: owner("mail:imap-0"),
+                span: 0,
             },
             Some(source.parse().unwrap()),
         )
