@@ -226,6 +226,9 @@ pub struct Entry {
     pub family: Option<Family>,
     pub public_address: Option<IpAddr>,
     pub public_port: Option<u16>,
+    /// The last public port of a range's part (`srcPortEnd`); `null` for
+    /// one port. Its pod ports run from `pod_port` with the same offset.
+    pub public_port_end: Option<u16>,
     pub pod_address: Option<IpAddr>,
     pub pod_port: Option<u16>,
     pub proto: Option<Proto>,
@@ -428,6 +431,7 @@ pub fn entry_rows(
         family: None,
         public_address: None,
         public_port: None,
+        public_port_end: None,
         pod_address: None,
         pod_port: None,
         proto: None,
@@ -456,6 +460,7 @@ pub fn entry_rows(
             family: Some(m.key.family()),
             public_address: Some(m.key.public_ip),
             public_port: Some(m.key.public_port),
+            public_port_end: (m.span > 0).then(|| m.port_end()),
             pod_address: Some(m.pod_ip),
             pod_port: Some(m.pod_port),
             proto: Some(m.key.proto),

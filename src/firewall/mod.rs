@@ -97,7 +97,11 @@ pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
     // connection is a new entry anyway.
     let udp = |k: &crate::model::NatKey| k.proto == crate::model::Proto::Udp;
     conntrack::Targets {
-        whole: report.removed_dnat.iter().map(|m| m.key).collect(),
+        whole: report
+            .removed_dnat
+            .iter()
+            .flat_map(|m| m.ports().map(|(k, _)| k))
+            .collect(),
         outside: report
             .admission
             .iter()
@@ -107,7 +111,7 @@ pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
         unnated: report
             .added_dnat
             .iter()
-            .map(|m| m.key)
+            .flat_map(|m| m.ports().map(|(k, _)| k))
             .chain(report.admission.iter().filter(|n| n.gained).map(|n| n.key))
             .filter(udp)
             .collect(),
@@ -195,10 +199,11 @@ pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
     flavor == crate::config::Flavor::Iptables || flavors::nftables::kernel_supports_source_ranges()
 }
 
-/// Whether `flavor` publishes port ranges (`srcPortEnd`). Neither does yet:
-/// the planner settles them, the flavors do not write them.
-pub fn publishes_port_ranges(_flavor: crate::config::Flavor) -> bool {
-    false
+/// Whether `flavor` publishes port ranges (`srcPortEnd`): the nftables
+/// flavor (an element per port of the range, any kernel); the iptables
+/// flavor not yet (its DNAT with a port offset is not written).
+pub fn publishes_port_ranges(flavor: crate::config::Flavor) -> bool {
+    flavor == crate::config::Flavor::Nftables
 }
 
 /// What a table holds beyond the NAT maps and sets, by the agent's version

@@ -9,7 +9,8 @@ use std::net::IpAddr;
 use crate::firewall::names::{self, internal_returns, Names};
 use crate::firewall::Features;
 use crate::model::{
-    host_port, Family, ForwardRule, LocalPod, Mapping, NatKey, RuleSet, SnatRule, SourceRule,
+    host_port, Family, ForwardRule, LocalPod, Mapping, NatKey, PodRef, RuleSet, SnatRule,
+    SourceRule,
 };
 
 /// nft's name of a family's tables: `ip` or `ip6`.
@@ -168,21 +169,29 @@ pub fn iptables_save_with(rules: &RuleSet, n: &Names, family: Family, local: boo
 
 /// One element of the DNAT map in nft syntax.
 /// A DNAT map element's key, as `delete element` names it.
-pub fn nft_dnat_key(m: &Mapping) -> String {
-    format!(
-        "{} . {} . {}",
-        m.key.public_ip, m.key.proto, m.key.public_port
-    )
+/// One per published port (a range's part is its ports).
+pub fn nft_dnat_keys(m: &Mapping) -> impl Iterator<Item = String> + '_ {
+    m.ports()
+        .map(|(k, _)| format!("{} . {} . {}", k.public_ip, k.proto, k.public_port))
 }
 
-pub fn nft_dnat_element(m: &Mapping) -> String {
-    format!(
-        "{} comment \"{}\" : {} . {}",
-        nft_dnat_key(m),
-        m.owner,
-        m.pod_ip,
-        m.pod_port
-    )
+/// An element's comment: the owner, after `first-last ` for a port of a
+/// range's part (how the flavor reads the part back as one mapping).
+pub fn nft_element_comment(owner: &PodRef, first: u16, span: u16) -> String {
+    if span == 0 {
+        return owner.to_string();
+    }
+    format!("{first}-{} {owner}", first + span)
+}
+
+/// The DNAT map's elements of a mapping, one per port.
+pub fn nft_dnat_elements(m: &Mapping) -> impl Iterator<Item = String> + '_ {
+    let comment = nft_element_comment(&m.owner, m.key.public_port, m.span);
+    nft_dnat_keys(m)
+        .zip(m.ports())
+        .map(move |(key, (_, pod_port))| {
+            format!("{key} comment \"{comment}\" : {} . {pod_port}", m.pod_ip)
+        })
 }
 
 pub fn nft_snat_key(s: &SnatRule) -> String {
@@ -198,12 +207,15 @@ pub fn nft_snat_element(s: &SnatRule) -> String {
     )
 }
 
-pub fn nft_forward_key(f: &ForwardRule) -> String {
-    format!("{} . {} . {}", f.pod_ip, f.proto, f.pod_port)
+/// One per accepted pod port.
+pub fn nft_forward_keys(f: &ForwardRule) -> impl Iterator<Item = String> + '_ {
+    f.ports()
+        .map(|p| format!("{} . {} . {p}", f.pod_ip, f.proto))
 }
 
-pub fn nft_forward_element(f: &ForwardRule) -> String {
-    format!("{} comment \"{}\"", nft_forward_key(f), f.owner)
+pub fn nft_forward_elements(f: &ForwardRule) -> impl Iterator<Item = String> + '_ {
+    let comment = nft_element_comment(&f.owner, f.pod_port, f.span);
+    nft_forward_keys(f).map(move |k| format!("{k} comment \"{comment}\""))
 }
 
 fn nft_elements(out: &mut String, elements: &[String]) {
@@ -285,7 +297,11 @@ pub fn nft_layout(
     );
     nft_elements(
         &mut out,
-        &rules.dnat.iter().map(nft_dnat_element).collect::<Vec<_>>(),
+        &rules
+            .dnat
+            .iter()
+            .flat_map(nft_dnat_elements)
+            .collect::<Vec<_>>(),
     );
     out.push_str("\t}\n\n");
     let _ = writeln!(out, "\tmap {} {{", names::NFT_SNAT_MAP);
@@ -302,7 +318,7 @@ pub fn nft_layout(
         &rules
             .forward
             .iter()
-            .map(nft_forward_element)
+            .flat_map(nft_forward_elements)
             .collect::<Vec<_>>(),
     );
     out.push_str("\t}\n\n");
@@ -325,7 +341,7 @@ pub fn nft_layout(
             &rules
                 .dnat
                 .iter()
-                .map(nft_traffic_element)
+                .flat_map(nft_traffic_elements)
                 .collect::<Vec<_>>(),
         );
         out.push_str("\t}\n\n");
@@ -495,12 +511,9 @@ pub fn nft_layout(
 
 /// A counted key in `mapping_traffic`: the view shows no traffic (the
 /// counters are the metrics'; `canonical_nft` zeroes the kernel's).
-fn nft_traffic_element(m: &Mapping) -> String {
-    format!(
-        "{} counter packets 0 bytes 0 comment \"{}\"",
-        nft_key(&m.key),
-        m.owner
-    )
+fn nft_traffic_elements(m: &Mapping) -> impl Iterator<Item = String> + '_ {
+    let comment = nft_element_comment(&m.owner, m.key.public_port, m.span);
+    nft_dnat_keys(m).map(move |k| format!("{k} counter packets 0 bytes 0 comment \"{comment}\""))
 }
 
 /// `address . proto . port` of a key, as nft prints it.

@@ -154,6 +154,7 @@ fn json_keys_are_stable() {
         pod: "mx".into(),
         public_address: Some(Ipv4Addr::new(203, 0, 113, 7).into()),
         public_port: Some(25),
+        public_port_end: None,
         pod_address: Some(Ipv4Addr::new(10, 1, 0, 5).into()),
         pod_port: Some(25),
         proto: Some(Proto::Tcp),

@@ -17,9 +17,11 @@ use crate::model::Mapping;
 /// says how many keys to expect (a dump that came short is read again).
 pub async fn read(ctx: &HttpContext) -> Option<Vec<Traffic>> {
     let source: TrafficSource = ctx.traffic.as_ref().filter(|_| !ctx.dry_run)?.clone();
-    let expected = ctx
-        .status
-        .with_last(|l| l.table.as_ref().map_or(0, |t| t.rules.dnat.len()));
+    let expected = ctx.status.with_last(|l| {
+        l.table.as_ref().map_or(0, |t| {
+            t.rules.dnat.iter().map(|m| usize::from(m.span) + 1).sum()
+        })
+    });
     let read = tokio::task::spawn_blocking(move || source.read(expected)).await;
     // Said once when reading starts to fail and once when it works again,
     // not on every scrape; meanwhile the series are absent.
@@ -37,19 +39,22 @@ pub async fn read(ctx: &HttpContext) -> Option<Vec<Traffic>> {
 /// The last read of the counters failed.
 static FAILING: AtomicBool = AtomicBool::new(false);
 
-/// The mapping of `traffic`'s key in the applied table (sorted by key).
-fn mapping_of<'a>(dnat: &'a [Mapping], t: &Traffic) -> Option<&'a Mapping> {
-    let at = dnat.partition_point(|m| m.key < t.key);
-    dnat.get(at).filter(|m| m.key == t.key)
-}
-
-/// A counter of `traffic`, by key, for an applied mapping: (packets, bytes).
+/// The counters of an applied mapping, by key (sorted), summed over a
+/// range's ports: (packets, bytes); `None` when no port of it is counted.
 pub fn counters_of(traffic: &[Traffic], m: &Mapping) -> Option<(u64, u64)> {
     let at = traffic.partition_point(|t| t.key < m.key);
-    traffic
-        .get(at)
-        .filter(|t| t.key == m.key)
-        .map(|t| (t.packets, t.bytes))
+    let mut sum: Option<(u64, u64)> = None;
+    for t in traffic[at..]
+        .iter()
+        .take_while(|t| t.key.public_ip == m.key.public_ip && t.key.public_port <= m.port_end())
+    {
+        if t.key.proto == m.key.proto {
+            let s = sum.get_or_insert((0, 0));
+            s.0 += t.packets;
+            s.1 += t.bytes;
+        }
+    }
+    sum
 }
 
 /// A label value as the Prometheus text formats escape it.
@@ -80,12 +85,12 @@ pub fn encode(body: &mut String, traffic: &[Traffic], dnat: &[Mapping], openmetr
         (
             "podnat_mapping_packets",
             "Packets of the connections through a published mapping, both directions, as the node forwards them (and, with local access, sends and receives them), since the mapping last changed.",
-            (|t: &Traffic| t.packets) as fn(&Traffic) -> u64,
+            (|p: u64, _: u64| p) as fn(u64, u64) -> u64,
         ),
         (
             "podnat_mapping_bytes",
             "Bytes (IP lengths) of the connections through a published mapping, both directions, counted as the packets are.",
-            |t: &Traffic| t.bytes,
+            |_, b| b,
         ),
     ] {
         // OpenMetrics names a counter's family without `_total`.
@@ -99,25 +104,25 @@ pub fn encode(body: &mut String, traffic: &[Traffic], dnat: &[Mapping], openmetr
         // The public addresses repeat from key to key: each is formatted
         // once per run of it.
         let mut address = (None, String::new());
-        for t in traffic {
-            let Some(m) = mapping_of(dnat, t) else {
+        for m in dnat {
+            let Some((packets, bytes)) = counters_of(traffic, m) else {
                 continue;
             };
-            if address.0 != Some(t.key.public_ip) {
-                address = (Some(t.key.public_ip), t.key.public_ip.to_string());
+            if address.0 != Some(m.key.public_ip) {
+                address = (Some(m.key.public_ip), m.key.public_ip.to_string());
             }
             body.push_str(name);
             body.push_str("_total{address=\"");
             body.push_str(&address.1);
-            let _ = write!(
-                body,
-                "\",port=\"{}\",protocol=\"{}\",namespace=\"",
-                t.key.public_port, t.key.proto
-            );
+            let _ = write!(body, "\",port=\"{}\",", m.key.public_port);
+            if m.span > 0 {
+                let _ = write!(body, "port_end=\"{}\",", m.port_end());
+            }
+            let _ = write!(body, "protocol=\"{}\",namespace=\"", m.key.proto);
             escaped(body, &m.owner.namespace);
             body.push_str("\",pod=\"");
             escaped(body, &m.owner.name);
-            let _ = writeln!(body, "\"}} {}", value(t));
+            let _ = writeln!(body, "\"}} {}", value(packets, bytes));
         }
     }
     if eof {

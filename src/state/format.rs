@@ -130,13 +130,15 @@ impl StateFile {
     /// Like `from_mappings`, with the `Created` times of a [`Summary`].
     pub fn with_times(dnat: &[Mapping], previous: &Summary, now: Timestamp) -> StateFile {
         let mut entries: BTreeMap<String, Vec<NatRecord>> = BTreeMap::new();
-        for m in dnat {
+        // A range's part is recorded port by port, as the Go version's
+        // schema has one port per record.
+        for (m, (key, pod_port)) in dnat.iter().flat_map(|m| m.ports().map(move |p| (m, p))) {
             let mut record = NatRecord {
-                protocol: m.key.proto,
-                source_ip: m.key.public_ip,
-                source_port: m.key.public_port,
+                protocol: key.proto,
+                source_ip: key.public_ip,
+                source_port: key.public_port,
                 destination_ip: m.pod_ip,
-                destination_port: m.pod_port,
+                destination_port: pod_port,
                 last_verified: now,
                 created: now,
                 comment: m.owner.to_string(),
@@ -145,7 +147,7 @@ impl StateFile {
                 record.created = t;
             }
             entries
-                .entry(record_key(m.key.public_ip, m.key.public_port))
+                .entry(record_key(key.public_ip, key.public_port))
                 .or_default()
                 .push(record);
         }

@@ -39,7 +39,8 @@ impl MemoryKernel {
             .rules
             .dnat
             .iter()
-            .map(|m| format!("dnat {}", view::nft_dnat_element(m)))
+            .flat_map(view::nft_dnat_elements)
+            .map(|e| format!("dnat {e}"))
             .chain(
                 self.rules
                     .snat
@@ -50,7 +51,8 @@ impl MemoryKernel {
                 self.rules
                     .forward
                     .iter()
-                    .map(|f| format!("forward {}", view::nft_forward_element(f))),
+                    .flat_map(view::nft_forward_elements)
+                    .map(|e| format!("forward {e}")),
             )
             .collect();
         lines.sort();

@@ -37,8 +37,20 @@ fn comment_udata(owner: &PodRef) -> Vec<u8> {
     v
 }
 
+#[cfg(test)]
 pub(super) fn parse_comment_udata(u: &[u8]) -> Option<PodRef> {
-    PodRef::from_comment(udata::comment_of(u)?)
+    parse_element_comment(udata::comment_of(u)?).map(|(owner, _)| owner)
+}
+
+/// An element's comment: the owner, after `first-last ` for a port of a
+/// range's part (an owner comment has no space).
+pub(super) fn parse_element_comment(c: &str) -> Option<(PodRef, Option<(u16, u16)>)> {
+    let Some((head, owner)) = c.split_once(' ') else {
+        return Some((PodRef::from_comment(c)?, None));
+    };
+    let (lo, hi) = head.split_once('-')?;
+    let range = (lo.parse().ok()?, hi.parse().ok()?);
+    Some((PodRef::from_comment(owner)?, Some(range)))
 }
 
 /// A key or data value: concatenated fields, each padded to 4 bytes (at
@@ -75,13 +87,21 @@ pub(super) struct Element<'a> {
     pub(super) key_end: Option<Value>,
     pub(super) data: Option<Value>,
     pub(super) owner: Option<&'a PodRef>,
+    /// The element is a port of a range's part (first and last port of
+    /// the part): said in front of the owner in the comment, so the part
+    /// reads back as one mapping.
+    pub(super) range: Option<(u16, u16)>,
 }
 
 /// NFTNL_UDATA_SET_ELEM_COMMENT for `owner` into `buf` (cleared first),
 /// as `comment_udata` but without allocating.
-fn comment_udata_into(buf: &mut Vec<u8>, owner: &PodRef) {
+fn comment_udata_into(buf: &mut Vec<u8>, owner: &PodRef, range: Option<(u16, u16)>) {
+    use std::io::Write;
     buf.clear();
     buf.extend_from_slice(&[0, 0]);
+    if let Some((lo, hi)) = range {
+        let _ = write!(buf, "{lo}-{hi} ");
+    }
     buf.extend_from_slice(owner.namespace.as_bytes());
     buf.push(b':');
     buf.extend_from_slice(owner.name.as_bytes());
@@ -204,7 +224,7 @@ impl<'b> ElementWriter<'b> {
                                         });
                                     }
                                     if let Some(o) = e.owner {
-                                        comment_udata_into(udata, o);
+                                        comment_udata_into(udata, o, e.range);
                                         a.bytes(sys::NFTA_SET_ELEM_USERDATA, udata);
                                     }
                                 }
@@ -275,6 +295,7 @@ pub(super) fn restricted_elements(keys: &[NatKey]) -> impl Iterator<Item = Eleme
         key_end: None,
         data: None,
         owner: None,
+        range: None,
     })
 }
 
@@ -295,6 +316,7 @@ pub(super) fn source_elements(v: &[SourceRule]) -> impl Iterator<Item = Element<
             key_end: Some(at(a.source.broadcast())),
             data: None,
             owner: Some(&a.owner),
+            range: None,
         }
     })
 }
@@ -323,22 +345,35 @@ pub(super) fn restricted_changes(
     (add, del)
 }
 
+/// The range marker of a mapping's elements (none for one port).
+fn range_of(m: &Mapping) -> Option<(u16, u16)> {
+    (m.span > 0).then(|| (m.key.public_port, m.port_end()))
+}
+
+/// One element per published port: nft has no DNAT with a port offset, so
+/// a range's part is its ports, each to its own pod port.
 pub(super) fn dnat_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> {
-    v.iter().map(|m| Element {
-        key: key_value(&m.key),
-        key_end: None,
-        data: Some(Value::of(&[&octets(&m.pod_ip), &port_field(m.pod_port)])),
-        owner: Some(&m.owner),
+    v.iter().flat_map(|m| {
+        m.ports().map(move |(key, pod_port)| Element {
+            key: key_value(&key),
+            key_end: None,
+            data: Some(Value::of(&[&octets(&m.pod_ip), &port_field(pod_port)])),
+            owner: Some(&m.owner),
+            range: range_of(m),
+        })
     })
 }
 
-/// A published key, counted (its owner's comment).
+/// A published port, counted (its owner's comment, as its DNAT element).
 pub(super) fn traffic_elements(v: &[Mapping]) -> impl Iterator<Item = Element<'_>> {
-    v.iter().map(|m| Element {
-        key: key_value(&m.key),
-        key_end: None,
-        data: None,
-        owner: Some(&m.owner),
+    v.iter().flat_map(|m| {
+        m.ports().map(move |(key, _)| Element {
+            key: key_value(&key),
+            key_end: None,
+            data: None,
+            owner: Some(&m.owner),
+            range: range_of(m),
+        })
     })
 }
 
@@ -348,19 +383,20 @@ pub(super) fn snat_elements(v: &[SnatRule]) -> impl Iterator<Item = Element<'_>>
         key_end: None,
         data: Some(Value::of(&[&octets(&s.public_ip)])),
         owner: Some(&s.owner),
+        range: None,
     })
 }
 
 pub(super) fn forward_elements(v: &[ForwardRule]) -> impl Iterator<Item = Element<'_>> {
-    v.iter().map(|f| Element {
-        key: Value::of(&[
-            &octets(&f.pod_ip),
-            &proto_field(f.proto),
-            &port_field(f.pod_port),
-        ]),
-        key_end: None,
-        data: None,
-        owner: Some(&f.owner),
+    v.iter().flat_map(|f| {
+        let range = (f.span > 0).then(|| (f.pod_port, f.pod_port + f.span));
+        f.ports().map(move |port| Element {
+            key: Value::of(&[&octets(&f.pod_ip), &proto_field(f.proto), &port_field(port)]),
+            key_end: None,
+            data: None,
+            owner: Some(&f.owner),
+            range,
+        })
     })
 }
 
@@ -370,6 +406,7 @@ pub(super) fn local_elements(v: &[LocalPod]) -> impl Iterator<Item = Element<'_>
         key_end: None,
         data: None,
         owner: Some(&l.owner),
+        range: None,
     })
 }
 
@@ -538,6 +575,7 @@ pub(super) fn read_elements(
     let (mut sum, mut count, mut decoded) = (0u64, 0u64, true);
     let mut restricted: Vec<NatKey> = Vec::new();
     let mut counted: Vec<NatKey> = Vec::new();
+    let mut parts = Parts::default();
     for shape in &sets_of(family, local, features) {
         let scope = Scope::object(family.nfproto(), tname, shape.name);
         for msg in sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope)? {
@@ -576,9 +614,10 @@ pub(super) fn read_elements(
                 // An element without an owner comment is not one of ours
                 // as written; it is kept as "ownerless" so the diff
                 // replaces it.
-                let owner = udata
-                    .and_then(parse_comment_udata)
-                    .unwrap_or_else(|| PodRef::new("", ""));
+                let (owner, range) = udata
+                    .and_then(udata::comment_of)
+                    .and_then(parse_element_comment)
+                    .unwrap_or_else(|| (PodRef::new("", ""), None));
                 if shape.name == names::NFT_SOURCES_SET {
                     match source_rule_at(family, key, key_end.unwrap_or(&[]), owner) {
                         Some(a) => rules.allow.push(a),
@@ -586,13 +625,23 @@ pub(super) fn read_elements(
                     }
                     continue;
                 }
+                let before = (rules.dnat.len(), rules.forward.len());
                 if !decode_element(family, shape.name, key, data, owner, rules) {
                     decoded = false;
+                }
+                if let Some(r) = range {
+                    // A port of a range's part: joined with the others below.
+                    if rules.dnat.len() > before.0 {
+                        parts.dnat.extend(rules.dnat.pop().map(|m| (m, r)));
+                    } else if rules.forward.len() > before.1 {
+                        parts.forward.extend(rules.forward.pop().map(|f| (f, r)));
+                    }
                 }
             }
         }
     }
     if let Some(rules) = out {
+        parts.join(rules);
         rules.normalize();
         // The restricted keys are exactly those with ranges: a key left
         // restricted without any would drop every source; one with ranges
@@ -603,13 +652,111 @@ pub(super) fn read_elements(
         }
         // Every published key is counted, and only those.
         counted.sort();
-        if features.traffic && !counted.iter().eq(rules.dnat.iter().map(|m| &m.key)) {
+        let mut published: Vec<NatKey> = rules
+            .dnat
+            .iter()
+            .flat_map(|m| m.ports().map(|(k, _)| k))
+            .collect();
+        published.sort();
+        if features.traffic && counted != published {
             decoded = false;
         }
     }
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (sum, count).hash(&mut h);
     Ok((h.finish(), decoded))
+}
+
+/// The elements read that are ports of a range's part, with their marker.
+#[derive(Default)]
+struct Parts {
+    dnat: Vec<(Mapping, (u16, u16))>,
+    forward: Vec<(ForwardRule, (u16, u16))>,
+}
+
+impl Parts {
+    /// Each complete part (every port of its marker, in order, one owner,
+    /// one pod address, pod ports one offset apart) as one rule with its
+    /// span; the ports of an incomplete one each alone, so the diff
+    /// rewrites them.
+    fn join(mut self, rules: &mut RuleSet) {
+        self.dnat.sort();
+        rules.dnat.extend(join_runs(
+            self.dnat,
+            |m| {
+                (
+                    m.key.public_ip,
+                    m.key.proto,
+                    m.key.public_port,
+                    m.pod_ip,
+                    m.pod_port,
+                    m.owner.clone(),
+                )
+            },
+            |m, span| m.span = span,
+        ));
+        self.forward.sort();
+        rules.forward.extend(join_runs(
+            self.forward,
+            |f| {
+                (
+                    f.pod_ip,
+                    f.proto,
+                    f.pod_port,
+                    f.pod_ip,
+                    f.pod_port,
+                    f.owner.clone(),
+                )
+            },
+            |f, span| f.span = span,
+        ));
+    }
+}
+
+/// Joins runs of marked single-port rules: `id` gives (address, proto,
+/// port, target address, target port, owner); a run is complete when its
+/// ports are its marker's first to last, each one on from the one before,
+/// with the same address, proto, target address and owner.
+fn join_runs<T, A: PartialEq, B: PartialEq, O: PartialEq>(
+    marked: Vec<(T, (u16, u16))>,
+    id: impl Fn(&T) -> (A, Proto, u16, B, u16, O),
+    set_span: impl Fn(&mut T, u16),
+) -> Vec<T> {
+    let mut out = Vec::with_capacity(marked.len());
+    let mut it = marked.into_iter().peekable();
+    while let Some((first, (lo, hi))) = it.next() {
+        let (a, p, port, b, target, o) = id(&first);
+        if port != lo || hi < lo {
+            out.push(first);
+            continue;
+        }
+        let mut run = vec![first];
+        while run.len() <= usize::from(hi - lo) {
+            let n = run.len() as u16;
+            let next = it.next_if(|(x, r)| {
+                let (a2, p2, port2, b2, t2, o2) = id(x);
+                *r == (lo, hi)
+                    && a2 == a
+                    && p2 == p
+                    && port2 == lo + n
+                    && b2 == b
+                    && t2 == target + n
+                    && o2 == o
+            });
+            match next {
+                Some((x, _)) => run.push(x),
+                None => break,
+            }
+        }
+        if run.len() == usize::from(hi - lo) + 1 {
+            let mut whole = run.swap_remove(0);
+            set_span(&mut whole, hi - lo);
+            out.push(whole);
+        } else {
+            out.extend(run);
+        }
+    }
+    out
 }
 
 #[cfg(test)]
@@ -758,7 +905,7 @@ mod tests {
             ("ns", &"ü".repeat(100)[..]),
         ] {
             let owner = PodRef::new(ns, name);
-            comment_udata_into(&mut buf, &owner);
+            comment_udata_into(&mut buf, &owner, None);
             assert_eq!(buf, comment_udata(&owner), "{owner}");
             assert_eq!(
                 parse_comment_udata(&buf).map(|p| p.to_string()),

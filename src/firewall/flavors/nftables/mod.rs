@@ -548,33 +548,47 @@ impl Flavor for Nftables {
             out.push_str(&format!("{verb} element {fam} {t} {set} {{ {element} }}\n"));
         };
         for m in &ch.del.dnat {
-            line("delete", names::NFT_DNAT_MAP, view::nft_dnat_key(m));
-            if self.features.traffic {
-                line("delete", names::NFT_TRAFFIC_SET, view::nft_key(&m.key));
+            for key in view::nft_dnat_keys(m) {
+                if self.features.traffic {
+                    line("delete", names::NFT_TRAFFIC_SET, key.clone());
+                }
+                line("delete", names::NFT_DNAT_MAP, key);
             }
         }
         for s in &ch.del.snat {
             line("delete", names::NFT_SNAT_MAP, view::nft_snat_key(s));
         }
         for f in &ch.del.forward {
-            line("delete", names::NFT_FORWARD_SET, view::nft_forward_key(f));
+            for key in view::nft_forward_keys(f) {
+                line("delete", names::NFT_FORWARD_SET, key);
+            }
         }
         for l in &ch.del.local {
             line("delete", names::NFT_LOCAL_SET, l.pod_ip.to_string());
         }
         for m in &ch.add.dnat {
-            line("add", names::NFT_DNAT_MAP, view::nft_dnat_element(m));
+            for e in view::nft_dnat_elements(m) {
+                line("add", names::NFT_DNAT_MAP, e);
+            }
             if self.features.traffic {
                 // The set's own counter comes with the element.
-                let counted = format!("{} comment \"{}\"", view::nft_key(&m.key), m.owner);
-                line("add", names::NFT_TRAFFIC_SET, counted);
+                let comment = view::nft_element_comment(&m.owner, m.key.public_port, m.span);
+                for key in view::nft_dnat_keys(m) {
+                    line(
+                        "add",
+                        names::NFT_TRAFFIC_SET,
+                        format!("{key} comment \"{comment}\""),
+                    );
+                }
             }
         }
         for s in &ch.add.snat {
             line("add", names::NFT_SNAT_MAP, view::nft_snat_element(s));
         }
         for f in &ch.add.forward {
-            line("add", names::NFT_FORWARD_SET, view::nft_forward_element(f));
+            for e in view::nft_forward_elements(f) {
+                line("add", names::NFT_FORWARD_SET, e);
+            }
         }
         for l in &ch.add.local {
             line("add", names::NFT_LOCAL_SET, view::nft_local_element(l));

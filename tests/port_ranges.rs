@@ -1,0 +1,223 @@
+//! Port ranges (`srcPortEnd`, issue 25) in the nftables flavor, against the
+//! real kernel on a crowded dual-stack node, planned from annotations by
+//! the real planner: a 100-port UDP range with an offset reaches the right
+//! pod port at three ports across it; a newer pod claiming part of the
+//! range wins only that part; the table equals the view, reads back as the
+//! same parts (a re-apply sends nothing), counts each part's datagrams,
+//! and gives the range back whole when the newer pod goes.
+
+mod support;
+
+use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::time::Duration;
+
+use podnat_controller::config::{Flavor, JumpPositions};
+use podnat_controller::firewall::flavors::nftables::read_traffic;
+use podnat_controller::firewall::{backend_with_options, view, Backend};
+use podnat_controller::model::{DualStack, Families, Family, PodRef, RuleSet};
+use podnat_controller::plan::{plan, NamespacePolicy, PlanConfig, PodFacts};
+use support::crowd::crowd_dual;
+use support::netns::{Netns, Sandbox, POD_A_IP, POD_A_IP6, POD_B_IP, POD_B_IP6};
+use support::rules::names;
+
+const PUBLIC4: &str = "203.0.113.7";
+const PUBLIC6: &str = "2001:db8::7";
+const RTP: &str =
+    r#"{"entries":[{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000,"proto":"udp"}]}"#;
+const PART: &str =
+    r#"{"entries":[{"srcPort":10040,"srcPortEnd":10059,"dstPort":30040,"proto":"udp"}]}"#;
+
+fn backend() -> Box<dyn Backend> {
+    backend_with_options(
+        Flavor::Nftables,
+        names(),
+        JumpPositions::default(),
+        Families::DUAL,
+        true,
+    )
+}
+
+fn pod(name: &str, v4: &str, v6: &str, created: i64, annotation: &str) -> PodFacts {
+    let mut ips = DualStack::default();
+    ips.add(v4.parse().unwrap());
+    ips.add(v6.parse().unwrap());
+    PodFacts {
+        pod: PodRef::new("voip", name),
+        node: Some("node1".into()),
+        ips,
+        created: Some(k8s_openapi::jiff::Timestamp::from_second(created).unwrap()),
+        ready: true,
+        terminating: false,
+        finished: false,
+        annotation: Some(annotation.into()),
+        host_network: false,
+        namespace_policy: NamespacePolicy::Open,
+    }
+}
+
+fn planned(pods: &[PodFacts]) -> RuleSet {
+    let cfg = PlanConfig {
+        node_id: "node1".into(),
+        restricted_ports: [22, 53, 6443].into(),
+        families: Families::DUAL,
+        local_access: true,
+        source_ranges: true,
+        port_ranges: true,
+    };
+    let address =
+        DualStack::from_iter([PUBLIC4.parse::<IpAddr>().unwrap(), PUBLIC6.parse().unwrap()]);
+    let t = plan(pods, address, &cfg);
+    assert!(t.rejected.is_empty(), "{:?}", t.rejected);
+    t.rules
+}
+
+/// Applies `rules` whole, checks the kernel against the view, and that a
+/// second apply (which reads the table back) finds nothing to do.
+fn apply_and_check(ns: &Netns, rules: &RuleSet) {
+    let r = rules.clone();
+    ns.run(move || backend().apply(&r)).unwrap();
+    for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
+        assert_eq!(
+            view::canonical_nft(&ns.sh(&format!("nft list table {fam} podnat"))),
+            view::canonical_nft(&view::nft_with(
+                &rules.of_family(family),
+                &names(),
+                family,
+                true
+            )),
+            "{fam}: the kernel holds the view"
+        );
+    }
+    let again = rules.clone();
+    let report = ns.run(move || backend().apply(&again)).unwrap();
+    assert_eq!(
+        report.messages, 0,
+        "the parts read back as planned: {report:?}"
+    );
+    let read = ns.run(|| backend().read()).unwrap();
+    assert_eq!(&read.dnat, &rules.dnat, "one mapping per part, read back");
+    assert_eq!(&read.forward, &rules.forward);
+}
+
+/// Sends one datagram from the client to `public:port`; the pod socket in
+/// `sockets` that receives it, by its port.
+fn lands(sb: &Sandbox, public: &str, port: u16, sockets: &[(u16, &UdpSocket)]) -> Option<u16> {
+    let to = SocketAddr::new(public.parse().unwrap(), port);
+    sb.client.run(|| {
+        let s = UdpSocket::bind(if public.contains(':') {
+            "[::]:0"
+        } else {
+            "0.0.0.0:0"
+        })
+        .unwrap();
+        s.send_to(&port.to_be_bytes(), to).unwrap();
+    });
+    let mut buf = [0u8; 16];
+    for (at, s) in sockets {
+        s.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        if let Ok((n, _)) = s.recv_from(&mut buf) {
+            assert_eq!(
+                &buf[..n],
+                &port.to_be_bytes(),
+                "the datagram sent to {port}"
+            );
+            return Some(*at);
+        }
+    }
+    None
+}
+
+#[test]
+fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
+    let sb = Sandbox::new("rng").with_ipv6();
+    crowd_dual(&sb.node);
+    let pbx = pod("pbx", POD_A_IP, POD_A_IP6, 100, RTP);
+    let probe = pod("probe", POD_B_IP, POD_B_IP6, 200, PART);
+
+    // The pbx alone: 100 ports, one mapping per family.
+    let alone = planned(std::slice::from_ref(&pbx));
+    assert_eq!(alone.dnat.len(), 2);
+    apply_and_check(&sb.node, &alone);
+
+    let bind = |ns: &Netns, port: u16| ns.run(|| UdpSocket::bind(("::", port)).unwrap());
+    let a: Vec<(u16, UdpSocket)> = [20000, 20050, 20099]
+        .into_iter()
+        .map(|p| (p, bind(&sb.pod_a, p)))
+        .collect();
+    let b = (30050, bind(&sb.pod_b, 30050));
+    let sockets: Vec<(u16, &UdpSocket)> = a
+        .iter()
+        .map(|(p, s)| (*p, s))
+        .chain([(b.0, &b.1)])
+        .collect();
+    for public in [PUBLIC4, PUBLIC6] {
+        for (port, want) in [(10000, 20000), (10050, 20050), (10099, 20099)] {
+            assert_eq!(
+                lands(&sb, public, port, &sockets),
+                Some(want),
+                "{public}:{port}"
+            );
+        }
+    }
+
+    // The newer probe claims 10040-10059: it wins that part only.
+    let both = planned(&[pbx.clone(), probe]);
+    let parts: Vec<(u16, u16, &str)> = both
+        .of_family(Family::Ipv4)
+        .dnat
+        .iter()
+        .map(|m| (m.key.public_port, m.port_end(), &*m.owner.name))
+        .map(|(a, b, c)| (a, b, if c == "pbx" { "pbx" } else { "probe" }))
+        .collect();
+    assert_eq!(
+        parts,
+        [
+            (10000, 10039, "pbx"),
+            (10040, 10059, "probe"),
+            (10060, 10099, "pbx")
+        ]
+    );
+    apply_and_check(&sb.node, &both);
+    // The conntrack entries of the moved ports go with the change, as the
+    // agent flushes them; here each datagram comes from a new source port.
+    for public in [PUBLIC4, PUBLIC6] {
+        for (port, want) in [(10000, 20000), (10050, 30050), (10099, 20099)] {
+            assert_eq!(
+                lands(&sb, public, port, &sockets),
+                Some(want),
+                "{public}:{port}"
+            );
+        }
+    }
+
+    // Each part counts its own datagrams: the probe's one per family.
+    let traffic = sb
+        .node
+        .run(|| read_traffic(&names(), Families::DUAL, 0))
+        .unwrap()
+        .expect("the table counts traffic");
+    for m in &both.dnat {
+        let sum: u64 = traffic
+            .iter()
+            .filter(|t| m.covers(&t.key))
+            .map(|t| t.packets)
+            .sum();
+        // One datagram to each part since the split (the pbx's parts are
+        // elements made anew then, so they count from then).
+        let want = 1;
+        assert_eq!(sum, want, "{}-{}", m.key, m.port_end());
+    }
+
+    // The probe goes: the pbx has the whole range again, one mapping.
+    let back = planned(std::slice::from_ref(&pbx));
+    assert_eq!(back, alone);
+    apply_and_check(&sb.node, &back);
+    for public in [PUBLIC4, PUBLIC6] {
+        assert_eq!(
+            lands(&sb, public, 10050, &sockets),
+            Some(20050),
+            "{public}:10050"
+        );
+    }
+}
