@@ -165,7 +165,7 @@ fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64>
         .map(|s| s.value)
 }
 
-const ENTRY_KEYS: [&str; 15] = [
+const ENTRY_KEYS: [&str; 16] = [
     "bytes",
     "family",
     "message",
@@ -177,6 +177,7 @@ const ENTRY_KEYS: [&str; 15] = [
     "proto",
     "public_address",
     "public_port",
+    "public_port_end",
     "reason",
     "source_ranges",
     "state",

@@ -185,4 +185,36 @@ mod tests {
         assert!(classic.starts_with("# HELP podnat_mapping_packets_total "));
         assert!(classic.contains("# TYPE podnat_mapping_bytes_total counter\n"));
     }
+
+    #[test]
+    fn a_range_is_one_series_of_its_ports_summed_with_port_end() {
+        let range = Mapping {
+            span: 99,
+            ..mapping(10000, "pbx")
+        };
+        let at = |port, proto, packets| Traffic {
+            key: NatKey {
+                public_port: port,
+                proto,
+                ..range.key
+            },
+            packets,
+            bytes: packets * 100,
+        };
+        // Its ports counted (a UDP key inside it is another mapping's).
+        let traffic = vec![
+            at(10000, Proto::Tcp, 2),
+            at(10050, Proto::Tcp, 3),
+            at(10050, Proto::Udp, 7),
+            at(10099, Proto::Tcp, 4),
+            at(10100, Proto::Tcp, 8),
+        ];
+        assert_eq!(counters_of(&traffic, &range), Some((9, 900)));
+        let mut text = String::new();
+        encode(&mut text, &traffic, std::slice::from_ref(&range), false);
+        assert!(
+            text.contains("podnat_mapping_packets_total{address=\"203.0.113.7\",port=\"10000\",port_end=\"10099\",protocol=\"tcp\",namespace=\"mail\",pod=\"pbx\"} 9\n"),
+            "{text}"
+        );
+    }
 }
