@@ -11,7 +11,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::{backend_with_options, view, Backend};
@@ -68,7 +68,21 @@ struct Server {
 
 impl Server {
     fn start(pod: &Netns) -> Server {
-        let listener = pod.run(|| TcpListener::bind("[::]:2525").unwrap());
+        // The port of the server before may still be held for a moment:
+        // a process another test thread forks copies the listener's
+        // descriptor until it execs (close-on-exec), and the port stays in
+        // LISTEN until then. Retried briefly; any other error fails.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let listener = pod.run(|| loop {
+            match TcpListener::bind("[::]:2525") {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => break other.unwrap(),
+            }
+        });
         listener.set_nonblocking(true).unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let s = stop.clone();
