@@ -171,8 +171,7 @@ pub fn iptables_save_with(rules: &RuleSet, n: &Names, family: Family, local: boo
 /// A DNAT map element's key, as `delete element` names it.
 /// One per published port (a range's part is its ports).
 pub fn nft_dnat_keys(m: &Mapping) -> impl Iterator<Item = String> + '_ {
-    m.ports()
-        .map(|(k, _)| format!("{} . {} . {}", k.public_ip, k.proto, k.public_port))
+    m.ports().map(|(k, _)| nft_key(&k))
 }
 
 /// An element's comment: the owner, after `first-last ` for a port of a

@@ -28,15 +28,9 @@ pub enum NamespacePolicy {
 }
 
 impl NamespacePolicy {
-    /// Why entry (`port`, `proto`) may not be published; `None`: it may.
-    /// The namespace's policy is asked first: it needs no address.
-    #[cfg(test)]
-    pub(crate) fn refuses(&self, port: u16, proto: Proto) -> Option<RefusalReason> {
-        self.refuses_span(port, 0, proto)
-    }
-
     /// Why ports `port..=port + span` may not be published: a range is
-    /// refused whole when the policy leaves out any of its ports.
+    /// refused whole when the policy leaves out any of its ports. The
+    /// namespace's policy is asked first: it needs no address.
     pub(crate) fn refuses_span(&self, port: u16, span: u16, proto: Proto) -> Option<RefusalReason> {
         match self {
             NamespacePolicy::Open => None,
@@ -264,13 +258,6 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// Why a node service forbids `key`; `None` when none serves it or the
-/// agent held it first.
-#[cfg(test)]
-pub(crate) fn node_refuses(services: &NodeServices, key: &NatKey) -> Option<RefusalReason> {
-    node_refuses_span(services, key, 0)
-}
-
 /// Why `key` and the `span` ports after it may not be published: a node
 /// service on any of them refuses the whole range (unless the agent held
 /// that port first).
@@ -357,9 +344,12 @@ mod tests {
             Some("0.0.0.0:10250".parse().unwrap())
         );
         let k = key("203.0.113.5", 10250, Proto::Tcp);
-        assert!(node_refuses(&s, &k).is_some());
+        assert!(node_refuses_span(&s, &k, 0).is_some());
         let kept = s.clone().keeping([k].into());
-        assert!(node_refuses(&kept, &k).is_none(), "a held key stays");
+        assert!(
+            node_refuses_span(&kept, &k, 0).is_none(),
+            "a held key stays"
+        );
         assert!(kept.same_sockets(&s));
     }
 
@@ -378,15 +368,20 @@ mod tests {
     #[test]
     fn namespace_policies() {
         let p = NamespacePolicy::Ports(PortAllotment::parse("25").unwrap());
-        assert_eq!(p.refuses(25, Proto::Tcp), None);
+        assert_eq!(p.refuses_span(25, 0, Proto::Tcp), None);
         assert_eq!(
-            p.refuses(26, Proto::Tcp),
+            p.refuses_span(26, 0, Proto::Tcp),
             Some(RefusalReason::PortNotAllowed("25".into()))
         );
         assert_eq!(
-            NamespacePolicy::NotSelected.refuses(25, Proto::Tcp),
+            NamespacePolicy::NotSelected.refuses_span(25, 0, Proto::Tcp),
             Some(RefusalReason::NamespaceNotSelected)
         );
-        assert_eq!(NamespacePolicy::Open.refuses(1, Proto::Udp), None);
+        assert_eq!(NamespacePolicy::Open.refuses_span(1, 0, Proto::Udp), None);
+        // A range is refused whole when the policy leaves out any port.
+        let rtp = NamespacePolicy::Ports(PortAllotment::parse("10000-10100/udp").unwrap());
+        assert_eq!(rtp.refuses_span(10000, 100, Proto::Udp), None);
+        assert!(rtp.refuses_span(10001, 100, Proto::Udp).is_some());
+        assert!(rtp.refuses_span(10000, 100, Proto::Tcp).is_some());
     }
 }

@@ -584,9 +584,8 @@ impl IncrementalPlan {
             }
             let Some(key) = self.key_of(e) else { continue };
             if let Some(set) = self.claims.get_mut(&key) {
-                let claim = s.claim(entry, e.span);
-                if set.into_iter().any(|c| c == &claim) {
-                    set.remove(&claim);
+                // A refused entry claimed nothing.
+                if set.remove(&s.claim(entry, e.span)) {
                     count_span(&mut self.spans, e.span, false);
                 }
                 if set.is_empty() {

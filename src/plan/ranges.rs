@@ -33,10 +33,28 @@ pub(crate) struct Part<I> {
 pub(crate) fn settle<R: Ord, I: Copy + Eq>(claims: &[Claimed<R, I>]) -> Vec<Part<I>> {
     let mut out: Vec<Part<I>> = Vec::new();
     for proto in [crate::model::Proto::Tcp, crate::model::Proto::Udp] {
-        let mine: Vec<&Claimed<R, I>> = claims.iter().filter(|c| c.proto == proto).collect();
+        let mine = || claims.iter().filter(move |c| c.proto == proto);
+        let Some(first) = mine().next() else { continue };
+        // The usual case, one port (or one range) and its claims: one run,
+        // decided without cutting it.
+        if mine().all(|c| (c.lo, c.hi) == (first.lo, first.hi)) {
+            let Some(win) = mine().max_by(|a, b| a.rank.cmp(&b.rank)) else {
+                continue;
+            };
+            let losers = mine().filter(|c| c.id != win.id).map(|c| Some(c.id));
+            for loser in std::iter::once(None).chain(losers) {
+                out.push(Part {
+                    lo: first.lo,
+                    hi: first.hi,
+                    proto,
+                    winner: win.id,
+                    loser,
+                });
+            }
+            continue;
+        }
         // Segment starts: every claim's first port and the one after its last.
-        let mut cuts: Vec<u32> = mine
-            .iter()
+        let mut cuts: Vec<u32> = mine()
             .flat_map(|c| [u32::from(c.lo), u32::from(c.hi) + 1])
             .collect();
         cuts.sort_unstable();
@@ -44,7 +62,7 @@ pub(crate) fn settle<R: Ord, I: Copy + Eq>(claims: &[Claimed<R, I>]) -> Vec<Part
         let first = out.len();
         for w in cuts.windows(2) {
             let (lo, hi) = (w[0] as u16, (w[1] - 1) as u16);
-            let covering = mine.iter().filter(|c| c.lo <= lo && hi <= c.hi);
+            let covering = mine().filter(|c| c.lo <= lo && hi <= c.hi);
             let Some(win) = covering.clone().max_by(|a, b| a.rank.cmp(&b.rank)) else {
                 continue;
             };

@@ -27,9 +27,8 @@ impl IncrementalPlan {
                 }
                 lo = lo.max(last + 1);
             }
-            let (lo, hi) = self.window(ip, lo, hi);
-            done = Some((ip, hi));
-            self.replan_ports(ip, lo, hi, &mut dirty, &mut rules);
+            let last = self.replan_ports(ip, lo, hi, &mut dirty, &mut rules);
+            done = Some((ip, last));
         }
 
         for (pod_ip, proto) in std::mem::take(&mut dirty.snat) {
@@ -121,17 +120,26 @@ impl IncrementalPlan {
         }
     }
 
-    /// The ports `lo..=hi` of `ip` grown by every claim overlapping them,
-    /// until none sticks out: the claims `replan_ports` settles together.
-    fn window(&self, ip: IpAddr, mut lo: u16, mut hi: u16) -> (u16, u16) {
+    /// The claims settled together with ports `lo..=hi` of `ip`: every
+    /// claim overlapping them, the ports grown until none sticks out (a
+    /// closed window, a union of `plan()`'s groups); with the window.
+    fn window(&self, ip: IpAddr, mut lo: u16, mut hi: u16) -> Window<'_> {
         loop {
-            let (mut l, mut h) = (lo, hi);
-            for (key, claim) in self.claims_near(ip, lo, hi) {
-                l = l.min(key.public_port);
-                h = h.max(key.public_port + claim.span);
-            }
+            let claims: Vec<Claimed<&Claim, usize>> = self
+                .claims_near(ip, lo, hi)
+                .enumerate()
+                .map(|(id, (k, c))| Claimed {
+                    lo: k.public_port,
+                    hi: k.public_port + c.span,
+                    proto: k.proto,
+                    rank: c,
+                    id,
+                })
+                .collect();
+            let l = claims.iter().map(|c| c.lo).fold(lo, u16::min);
+            let h = claims.iter().map(|c| c.hi).fold(hi, u16::max);
             if (l, h) == (lo, hi) {
-                return (lo, hi);
+                return Window { ip, lo, hi, claims };
             }
             (lo, hi) = (l, h);
         }
@@ -146,10 +154,53 @@ impl IncrementalPlan {
             .filter(move |(k, c)| k.public_port + c.span >= lo)
     }
 
-    /// Settles the claims on ports `lo..=hi` of `ip` (a closed window: no
-    /// claim sticks out of it) and puts the mappings, conflicts and
-    /// allow-lists they give in place of the window's, recording the rules
-    /// that changed.
+    /// The mappings, conflicts and allow-lists a window's claims give,
+    /// each sorted.
+    fn settle_window(&self, w: &Window<'_>) -> (Vec<Mapping>, Vec<Conflict>, Vec<SourceRule>) {
+        let mut dnat: Vec<Mapping> = Vec::new();
+        let mut conflicts: Vec<Conflict> = Vec::new();
+        let mut allow: Vec<SourceRule> = Vec::new();
+        for part in settle(&w.claims) {
+            let key = key_at(w.ip, part.lo, part.proto);
+            let span = part.hi - part.lo;
+            let winner = w.claims[part.winner].rank;
+            if let Some(l) = part.loser {
+                conflicts.push(Conflict {
+                    key,
+                    loser: w.claims[l].rank.pod.clone(),
+                    winner: winner.pod.clone(),
+                    span,
+                });
+                continue;
+            }
+            let Some(s) = self.pods.get(&winner.pod) else {
+                continue;
+            };
+            let Some(pod_ip) = s.facts.ips.get(key.family()) else {
+                continue;
+            };
+            let Some(e) = s.entries().get(winner.entry) else {
+                continue;
+            };
+            dnat.push(Mapping {
+                key,
+                pod_ip,
+                pod_port: e.dst_port + (part.lo - e.src_port),
+                owner: winner.pod.clone(),
+                span,
+            });
+            allow.extend(source_rules(key, e, &winner.pod));
+        }
+        dnat.sort();
+        conflicts.sort();
+        allow.sort();
+        (dnat, conflicts, allow)
+    }
+
+    /// Settles the claims of ports `lo..=hi` of `ip` (grown to a closed
+    /// window) and puts the mappings, conflicts and allow-lists they give
+    /// in place of the window's, recording the rules that changed; the
+    /// window's last port.
     fn replan_ports(
         &mut self,
         ip: IpAddr,
@@ -157,56 +208,11 @@ impl IncrementalPlan {
         hi: u16,
         dirty: &mut Dirty,
         rules: &mut Changes,
-    ) {
-        let claims: Vec<(&NatKey, &Claim)> = self.claims_near(ip, lo, hi).collect();
-        let claimed: Vec<Claimed<&Claim, usize>> = claims
-            .iter()
-            .enumerate()
-            .map(|(id, (k, c))| Claimed {
-                lo: k.public_port,
-                hi: k.public_port + c.span,
-                proto: k.proto,
-                rank: *c,
-                id,
-            })
-            .collect();
-        let mut dnat: Vec<Mapping> = Vec::new();
-        let mut conflicts: Vec<Conflict> = Vec::new();
-        let mut allow: Vec<SourceRule> = Vec::new();
-        for part in settle(&claimed) {
-            let key = key_at(ip, part.lo, part.proto);
-            let span = part.hi - part.lo;
-            let w = claims[part.winner].1;
-            if let Some(l) = part.loser {
-                conflicts.push(Conflict {
-                    key,
-                    loser: claims[l].1.pod.clone(),
-                    winner: w.pod.clone(),
-                    span,
-                });
-                continue;
-            }
-            let Some(s) = self.pods.get(&w.pod) else {
-                continue;
-            };
-            let Some(pod_ip) = s.facts.ips.get(key.family()) else {
-                continue;
-            };
-            let Some(e) = s.entries().get(w.entry) else {
-                continue;
-            };
-            dnat.push(Mapping {
-                key,
-                pod_ip,
-                pod_port: e.dst_port + (part.lo - e.src_port),
-                owner: w.pod.clone(),
-                span,
-            });
-            allow.extend(source_rules(key, e, &w.pod));
-        }
-        dnat.sort();
-        conflicts.sort();
-        allow.sort();
+    ) -> u16 {
+        let w = self.window(ip, lo, hi);
+        let (lo, hi) = (w.lo, w.hi);
+        let (dnat, conflicts, allow) = self.settle_window(&w);
+        drop(w);
         let window = |k: &NatKey| {
             if k.public_ip != ip {
                 k.public_ip.cmp(&ip)
@@ -240,7 +246,7 @@ impl IncrementalPlan {
         let list = &self.table.rules.dnat;
         let range = range_of(list, |m| window(&m.key));
         if list[range.clone()] == dnat[..] {
-            return;
+            return hi;
         }
         let (add, del) = diff(&list[range.clone()], &dnat);
         // The winning entries of every owner whose mappings moved: their
@@ -258,6 +264,7 @@ impl IncrementalPlan {
         rules.add.dnat.extend(add);
         rules.del.dnat.extend(del);
         self.table.rules.dnat.splice(range, dnat);
+        hi
     }
 
     fn candidates_at(&self, ip: IpAddr) -> impl Iterator<Item = &PodState> + '_ {
@@ -267,6 +274,15 @@ impl IncrementalPlan {
             .flatten()
             .filter_map(|p| self.pods.get(p))
     }
+}
+
+/// Claims settled together: every claim on `ip` overlapping ports
+/// `lo..=hi`, none sticking out.
+struct Window<'a> {
+    ip: IpAddr,
+    lo: u16,
+    hi: u16,
+    claims: Vec<Claimed<&'a Claim, usize>>,
 }
 
 fn key_at(public_ip: IpAddr, public_port: u16, proto: Proto) -> NatKey {

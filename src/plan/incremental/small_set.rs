@@ -28,10 +28,13 @@ impl<T: Ord> SmallSet<T> {
         }
     }
 
-    pub(super) fn remove(&mut self, v: &T) {
-        if let Ok(i) = self.0.binary_search(v) {
+    /// Whether `v` was there.
+    pub(super) fn remove(&mut self, v: &T) -> bool {
+        let found = self.0.binary_search(v);
+        if let Ok(i) = found {
             self.0.remove(i);
         }
+        found.is_ok()
     }
 
     pub(super) fn is_empty(&self) -> bool {
