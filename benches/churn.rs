@@ -437,6 +437,97 @@ fn ranges_row(n: u32) -> (Pair, Pair) {
     (nft, ipt)
 }
 
+/// Port ranges (issue 25), nftables flavor: one pod's 1,000-port UDP
+/// range (one mapping, `apply_changes`: 1,000 DNAT, 1,000 counted and
+/// 1,000 FORWARD elements and an SNAT element) added to and deleted from
+/// `table(n)`, beside the kernel's floor for the same batch and `nft -f`
+/// adding / deleting the same elements (M). No peer publishes a range with
+/// an offset. (add (ours, floor, M), delete (ours, floor, M)).
+fn port_range_rows(n: u32) -> [(Duration, Duration, Duration); 2] {
+    const FIRST: u16 = 40000;
+    const SPAN: u16 = 999;
+    let base = table(n);
+    let mut plus = base.clone();
+    let owner = PodRef::new("bench", "rtp");
+    let ip = pod_ip(n);
+    plus.dnat.push(Mapping {
+        key: NatKey {
+            public_ip: PUBLIC.into(),
+            public_port: FIRST,
+            proto: Proto::Udp,
+        },
+        pod_ip: ip.into(),
+        pod_port: 20000,
+        owner: owner.clone(),
+        span: SPAN,
+    });
+    plus.snat.push(SnatRule {
+        pod_ip: ip.into(),
+        proto: Proto::Udp,
+        public_ip: PUBLIC.into(),
+        owner: owner.clone(),
+    });
+    plus.forward.push(ForwardRule {
+        pod_ip: ip.into(),
+        proto: Proto::Udp,
+        pod_port: 20000,
+        owner,
+        span: SPAN,
+    });
+    plus.normalize();
+    let ns = Netns::new("bpr");
+    let (b, p) = (base.clone(), plus.clone());
+    let (add, del) = ns.run(move || {
+        let be = || NftablesBackend::new(Names::new("podnat"));
+        (
+            measure_ranges!(be(), b.clone(), p.clone()),
+            measure_ranges!(be(), p, b),
+        )
+    });
+    // M: the same elements through `nft -f`, on the same table.
+    let (mut dnat, mut counted, mut fwd) = (vec![], vec![], vec![]);
+    let comment = format!("{FIRST}-{} bench:rtp", FIRST + SPAN);
+    for i in 0..=SPAN {
+        let port = FIRST + i;
+        dnat.push(format!(
+            "{PUBLIC} . udp . {port} comment \"{comment}\" : {ip} . {}",
+            20000 + i
+        ));
+        counted.push(format!("{PUBLIC} . udp . {port} comment \"{comment}\""));
+        fwd.push(format!(
+            "{ip} . udp . {} comment \"{}-{} bench:rtp\"",
+            20000 + i,
+            20000,
+            20000 + SPAN
+        ));
+    }
+    let keys = |v: &[String]| -> String {
+        v.iter()
+            .map(|e| e.split(" comment").next().unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let add_text = format!(
+        "add element ip podnat dnat_to_pod {{ {} }}\nadd element ip podnat mapping_traffic {{ {} }}\nadd element ip podnat forward_allowed {{ {} }}\nadd element ip podnat snat_to_public {{ {ip} . udp comment \"bench:rtp\" : {PUBLIC} }}\n",
+        dnat.join(", "),
+        counted.join(", "),
+        fwd.join(", ")
+    );
+    let del_text = format!(
+        "delete element ip podnat dnat_to_pod {{ {} }}\ndelete element ip podnat mapping_traffic {{ {} }}\ndelete element ip podnat forward_allowed {{ {} }}\ndelete element ip podnat snat_to_public {{ {ip} . udp }}\n",
+        keys(&dnat),
+        keys(&counted),
+        keys(&fwd)
+    );
+    let full = view::nft(&base, &Names::new("podnat"), Family::Ipv4);
+    let mut m: [Row; 3] = Default::default();
+    nft_map_rows("bprm", "ip", &full, &add_text, &del_text, &mut m);
+    [
+        (add.0, add.1, m[1].m.unwrap_or_default()),
+        (del.0, del.1, m[2].m.unwrap_or_default()),
+    ]
+}
+
 fn peer_a(n: u32, rows: &mut [Row; 3]) {
     let ns = Netns::new("ba");
     ns.sh("iptables-nft -t nat -N PODNAT_PRE && iptables-nft -t nat -N PODNAT_POST && iptables-nft -t filter -N PODNAT_FORWARD");
@@ -695,6 +786,19 @@ fn main() {
             ratio(Some(ours), Some(floor)),
             ratio(Some(ours_ipt), Some(floor_ipt))
         );
+    }
+    // Port ranges (issue 25), nftables flavor.
+    for &n in &sizes {
+        for (work, (ours, floor, m)) in ["add", "delete"].iter().zip(port_range_rows(n)) {
+            println!(
+                "| {work} one 1,000-port range at {n} | {} | {} | | | | | | | | {} | {} | | | {} | | | 3,001 elements; no peer publishes a range with an offset (M: nft -f of the same elements) |",
+                ms(Some(ours)),
+                ms(Some(floor)),
+                ms(Some(m)),
+                ratio(Some(ours), Some(floor)),
+                ratio(Some(ours), Some(m))
+            );
+        }
     }
     // IPv6 (issue 15): the same work on ip6 tables, beside
     // ip6tables-nft-restore (B) and nft -f with maps (M).
