@@ -14,7 +14,7 @@ use std::time::Duration;
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::flavors::nftables::read_traffic;
 use podnat_controller::firewall::{backend_with_options, view, Backend};
-use podnat_controller::model::{DualStack, Families, Family, PodRef, RuleSet};
+use podnat_controller::model::{DualStack, Families, Family, PodRef, Proto, RuleSet};
 use podnat_controller::plan::{plan, NamespacePolicy, PlanConfig, PodFacts};
 use support::crowd::crowd_dual;
 use support::netns::{Netns, Sandbox, POD_A_IP, POD_A_IP6, POD_B_IP, POD_B_IP6};
@@ -22,8 +22,9 @@ use support::rules::names;
 
 const PUBLIC4: &str = "203.0.113.7";
 const PUBLIC6: &str = "2001:db8::7";
-const RTP: &str =
-    r#"{"entries":[{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000,"proto":"udp"}]}"#;
+// The same ports on TCP too: in key order the two ranges' ports
+// interleave, and each must still read back as one mapping.
+const RTP: &str = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000,"proto":"udp"},{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000}]}"#;
 const PART: &str =
     r#"{"entries":[{"srcPort":10040,"srcPortEnd":10059,"dstPort":30040,"proto":"udp"}]}"#;
 
@@ -135,9 +136,9 @@ fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
     let pbx = pod("pbx", POD_A_IP, POD_A_IP6, 100, RTP);
     let probe = pod("probe", POD_B_IP, POD_B_IP6, 200, PART);
 
-    // The pbx alone: 100 ports, one mapping per family.
+    // The pbx alone: 100 ports, one mapping per family and protocol.
     let alone = planned(std::slice::from_ref(&pbx));
-    assert_eq!(alone.dnat.len(), 2);
+    assert_eq!(alone.dnat.len(), 4);
     apply_and_check(&sb.node, &alone);
 
     let bind = |ns: &Netns, port: u16| ns.run(|| UdpSocket::bind(("::", port)).unwrap());
@@ -167,6 +168,7 @@ fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
         .of_family(Family::Ipv4)
         .dnat
         .iter()
+        .filter(|m| m.key.proto == Proto::Udp)
         .map(|m| (m.key.public_port, m.port_end(), &*m.owner.name))
         .map(|(a, b, c)| (a, b, if c == "pbx" { "pbx" } else { "probe" }))
         .collect();
@@ -197,7 +199,7 @@ fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
         .run(|| read_traffic(&names(), Families::DUAL, 0))
         .unwrap()
         .expect("the table counts traffic");
-    for m in &both.dnat {
+    for m in both.dnat.iter().filter(|m| m.key.proto == Proto::Udp) {
         let sum: u64 = traffic
             .iter()
             .filter(|t| m.covers(&t.key))

@@ -680,70 +680,54 @@ impl Parts {
     /// span; the ports of an incomplete one each alone, so the diff
     /// rewrites them.
     fn join(mut self, rules: &mut RuleSet) {
-        self.dnat.sort();
+        // By address, protocol, port: the same ports of TCP and UDP would
+        // interleave in key order.
+        self.dnat
+            .sort_by_key(|(m, _)| (m.key.public_ip, m.key.proto, m.key.public_port));
         rules.dnat.extend(join_runs(
             self.dnat,
-            |m| {
-                (
-                    m.key.public_ip,
-                    m.key.proto,
-                    m.key.public_port,
-                    m.pod_ip,
-                    m.pod_port,
-                    m.owner.clone(),
-                )
+            |m| m.key.public_port,
+            |a, b| {
+                (b.key.public_ip, b.key.proto, b.pod_ip, &b.owner)
+                    == (a.key.public_ip, a.key.proto, a.pod_ip, &a.owner)
+                    && (b.key.public_port, b.pod_port) == (a.key.public_port + 1, a.pod_port + 1)
             },
             |m, span| m.span = span,
         ));
         self.forward.sort();
         rules.forward.extend(join_runs(
             self.forward,
-            |f| {
-                (
-                    f.pod_ip,
-                    f.proto,
-                    f.pod_port,
-                    f.pod_ip,
-                    f.pod_port,
-                    f.owner.clone(),
-                )
+            |f| f.pod_port,
+            |a, b| {
+                (b.pod_ip, b.proto, &b.owner) == (a.pod_ip, a.proto, &a.owner)
+                    && b.pod_port == a.pod_port + 1
             },
             |f, span| f.span = span,
         ));
     }
 }
 
-/// Joins runs of marked single-port rules: `id` gives (address, proto,
-/// port, target address, target port, owner); a run is complete when its
-/// ports are its marker's first to last, each one on from the one before,
-/// with the same address, proto, target address and owner.
-fn join_runs<T, A: PartialEq, B: PartialEq, O: PartialEq>(
+/// Joins runs of marked single-port rules (sorted so that a part's ports
+/// follow each other): a run is complete when it starts at its marker's
+/// first port and each rule `follows` the one before, with the same
+/// marker, up to its last.
+fn join_runs<T>(
     marked: Vec<(T, (u16, u16))>,
-    id: impl Fn(&T) -> (A, Proto, u16, B, u16, O),
+    port: impl Fn(&T) -> u16,
+    follows: impl Fn(&T, &T) -> bool,
     set_span: impl Fn(&mut T, u16),
 ) -> Vec<T> {
     let mut out = Vec::with_capacity(marked.len());
     let mut it = marked.into_iter().peekable();
     while let Some((first, (lo, hi))) = it.next() {
-        let (a, p, port, b, target, o) = id(&first);
-        if port != lo || hi < lo {
+        if port(&first) != lo || hi < lo {
             out.push(first);
             continue;
         }
         let mut run = vec![first];
         while run.len() <= usize::from(hi - lo) {
-            let n = run.len() as u16;
-            let next = it.next_if(|(x, r)| {
-                let (a2, p2, port2, b2, t2, o2) = id(x);
-                *r == (lo, hi)
-                    && a2 == a
-                    && p2 == p
-                    && port2 == lo + n
-                    && b2 == b
-                    && t2 == target + n
-                    && o2 == o
-            });
-            match next {
+            let last = &run[run.len() - 1];
+            match it.next_if(|(x, r)| *r == (lo, hi) && follows(last, x)) {
                 Some((x, _)) => run.push(x),
                 None => break,
             }
@@ -892,6 +876,51 @@ mod tests {
         // Never two alike in five: given up on, not taken.
         assert_eq!(run(&[1, 2, 3, 4, 5, 5]).0, Ok(None));
         assert_eq!(run(&[1]).0, Err("no more answers"));
+    }
+
+    #[test]
+    fn range_parts_read_back_joined_and_broken_ones_port_by_port() {
+        let m = |port: u16, proto: Proto, pod_port: u16| Mapping {
+            key: NatKey {
+                public_ip: "203.0.113.7".parse().unwrap(),
+                public_port: port,
+                proto,
+            },
+            pod_ip: "10.1.0.5".parse().unwrap(),
+            pod_port,
+            owner: PodRef::new("voip", "pbx"),
+            span: 0,
+        };
+        let mut parts = Parts::default();
+        // The same three ports on both protocols (they interleave in key
+        // order), and a part of four with its third port missing.
+        for port in 100..=102 {
+            for proto in [Proto::Tcp, Proto::Udp] {
+                parts.dnat.push((m(port, proto, port + 1000), (100, 102)));
+            }
+        }
+        for port in [200, 201, 203] {
+            parts.dnat.push((m(port, Proto::Udp, port), (200, 203)));
+        }
+        parts.dnat.reverse();
+        let mut rules = RuleSet::default();
+        parts.join(&mut rules);
+        rules.normalize();
+        let got: Vec<(u16, Proto, u16, u16)> = rules
+            .dnat
+            .iter()
+            .map(|m| (m.key.public_port, m.key.proto, m.pod_port, m.span))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (100, Proto::Tcp, 1100, 2),
+                (100, Proto::Udp, 1100, 2),
+                (200, Proto::Udp, 200, 0),
+                (201, Proto::Udp, 201, 0),
+                (203, Proto::Udp, 203, 0),
+            ]
+        );
     }
 
     #[test]
