@@ -96,7 +96,6 @@ fn main() {
         families: Families::default(),
         local_access: false,
         source_ranges: true,
-        port_ranges: true,
     };
     let public = DualStack::v4(Ipv4Addr::new(203, 0, 113, 7));
     // A node's usual services: a few dozen listeners, some on ports a pod

@@ -247,15 +247,6 @@ pub fn parse_for(
             ));
         }
     }
-    if !cfg.port_ranges {
-        if let Some(m) = mappings.iter().find(|m| m.span > 0) {
-            return Err(field_err(
-                m.entry,
-                "srcPortEnd",
-                "port ranges are not published by this flavor yet (the nftables flavor publishes them); the entry is not published rather than one port of it",
-            ));
-        }
-    }
     Ok(mappings)
 }
 
@@ -829,7 +820,6 @@ mod tests {
             families: Families::default(),
             local_access: true,
             source_ranges: false,
-            port_ranges: false,
         };
         let text = r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#;
         let e = parse_for(text, &cfg).unwrap_err().to_string();

@@ -201,7 +201,6 @@ fn run(config: Config) -> anyhow::Result<()> {
             families: config.families,
             local_access: config.local_access,
             source_ranges: podnat_controller::firewall::enforces_source_ranges(config.flavor),
-            port_ranges: podnat_controller::firewall::publishes_port_ranges(config.flavor),
         },
     );
     for r in &table.rejected {

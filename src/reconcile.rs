@@ -98,7 +98,6 @@ impl ReconcileConfig {
                 families: config.families,
                 local_access: config.local_access,
                 source_ranges: crate::firewall::enforces_source_ranges(config.flavor),
-                port_ranges: crate::firewall::publishes_port_ranges(config.flavor),
             },
             resync: (config.informer_resync_secs > 0)
                 .then(|| Duration::from_secs(config.informer_resync_secs)),

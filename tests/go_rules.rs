@@ -328,7 +328,6 @@ fn agent_rules() -> RuleSet {
             families: Families::default(),
             local_access: false,
             source_ranges: false,
-            port_ranges: false,
         },
     );
     assert!(table.rejected.is_empty() && table.conflicts.is_empty() && table.pending.is_empty());

@@ -19,7 +19,7 @@ use podnat_controller::firewall::flavors::iptables::IptablesBackend;
 use podnat_controller::firewall::{view, ApplyReport, Backend};
 use podnat_controller::model::{Family, Proto, RuleSet};
 use support::netns::{Netns, Sandbox, POD_B_IP, PUBLIC_IP};
-use support::rules::{bulk, mail, names, publish};
+use support::rules::{bulk, mail, names, publish, publish_range};
 use support::save::{agent_chain_decls, chain_decls, netlink_debug, write_with};
 
 const JUMP: &str = "\"podnat[jump_to_chain]\"";
@@ -445,6 +445,16 @@ fn dry_run_is_iptables_restore_input_for_the_same_change() {
         7,
     );
     let mut after = mail();
+    publish_range(
+        &mut after,
+        "voip:pbx",
+        PUBLIC_IP,
+        10000,
+        99,
+        Proto::Udp,
+        "10.1.2.8",
+        20000,
+    );
     publish(
         &mut after,
         "web:w-1",
@@ -481,6 +491,10 @@ fn dry_run_is_iptables_restore_input_for_the_same_change() {
     });
     assert!(text.contains("-D PODNAT_PRE -d 203.0.113.7/32 -p udp -m udp --dport 7000"));
     assert!(text.contains("-I PODNAT_PRE 1 -d 203.0.113.7/32 -p tcp -m tcp --dport 1 "));
+    assert!(
+        text.contains("--dport 10000:10099 -m comment --comment \"voip:pbx\" -j DNAT --to-destination 10.1.2.8:20000-20099/10000"),
+        "{text}"
+    );
     assert!(
         empty.starts_with("*nat\n-N PODNAT_PRE\n-N PODNAT_POST\n"),
         "{empty}"

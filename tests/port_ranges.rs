@@ -1,10 +1,12 @@
-//! Port ranges (`srcPortEnd`, issue 25) in the nftables flavor, against the
-//! real kernel on a crowded dual-stack node, planned from annotations by
-//! the real planner: a 100-port UDP range with an offset reaches the right
-//! pod port at three ports across it; a newer pod claiming part of the
-//! range wins only that part; the table equals the view, reads back as the
-//! same parts (a re-apply sends nothing), counts each part's datagrams,
-//! and gives the range back whole when the newer pod goes.
+//! Port ranges (`srcPortEnd`, issue 25) in both flavors, against the real
+//! kernel on a crowded dual-stack node, planned from annotations by the
+//! real planner: a 100-port UDP range with an offset reaches the right pod
+//! port at three ports across it; a newer pod claiming part of the range
+//! wins only that part; the kernel equals the view (`nft list`, or
+//! `iptables-nft-save` / `ip6tables-nft-save` and `-C` for each rule),
+//! reads back as the same parts (a re-apply sends nothing), counts each
+//! part's datagrams (nftables), and gives the range back whole when the
+//! newer pod goes.
 
 mod support;
 
@@ -13,12 +15,13 @@ use std::time::Duration;
 
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::flavors::nftables::read_traffic;
-use podnat_controller::firewall::{backend_with_options, view, Backend};
+use podnat_controller::firewall::{backend_with_options, Backend};
 use podnat_controller::model::{DualStack, Families, Family, PodRef, Proto, RuleSet};
 use podnat_controller::plan::{plan, NamespacePolicy, PlanConfig, PodFacts};
 use support::crowd::crowd_dual;
 use support::netns::{Netns, Sandbox, POD_A_IP, POD_A_IP6, POD_B_IP, POD_B_IP6};
 use support::rules::names;
+use support::save::assert_kernel_holds_view;
 
 const PUBLIC4: &str = "203.0.113.7";
 const PUBLIC6: &str = "2001:db8::7";
@@ -28,9 +31,9 @@ const RTP: &str = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10099,"dstPort":2
 const PART: &str =
     r#"{"entries":[{"srcPort":10040,"srcPortEnd":10059,"dstPort":30040,"proto":"udp"}]}"#;
 
-fn backend() -> Box<dyn Backend> {
+fn backend(flavor: Flavor) -> Box<dyn Backend> {
     backend_with_options(
-        Flavor::Nftables,
+        flavor,
         names(),
         JumpPositions::default(),
         Families::DUAL,
@@ -63,7 +66,6 @@ fn planned(pods: &[PodFacts]) -> RuleSet {
         families: Families::DUAL,
         local_access: true,
         source_ranges: true,
-        port_ranges: true,
     };
     let address =
         DualStack::from_iter([PUBLIC4.parse::<IpAddr>().unwrap(), PUBLIC6.parse().unwrap()]);
@@ -73,29 +75,23 @@ fn planned(pods: &[PodFacts]) -> RuleSet {
 }
 
 /// Applies `rules` whole, checks the kernel against the view, and that a
-/// second apply (which reads the table back) finds nothing to do.
-fn apply_and_check(ns: &Netns, rules: &RuleSet) {
+/// second apply (which reads the rules back) finds nothing to do.
+fn apply_and_check(ns: &Netns, flavor: Flavor, rules: &RuleSet) {
     let r = rules.clone();
-    ns.run(move || backend().apply(&r)).unwrap();
-    for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
-        assert_eq!(
-            view::canonical_nft(&ns.sh(&format!("nft list table {fam} podnat"))),
-            view::canonical_nft(&view::nft_with(
-                &rules.of_family(family),
-                &names(),
-                family,
-                true
-            )),
-            "{fam}: the kernel holds the view"
-        );
+    ns.run(move || backend(flavor).apply(&r)).unwrap();
+    assert_kernel_holds_view(ns, flavor, rules);
+    if flavor == Flavor::Iptables {
+        let save = ns.sh("iptables-nft-save; ip6tables-nft-save");
+        // One rule per part (the TCP range stays whole throughout).
+        assert!(save.contains("--dport 10000:10099"), "{save}");
     }
     let again = rules.clone();
-    let report = ns.run(move || backend().apply(&again)).unwrap();
+    let report = ns.run(move || backend(flavor).apply(&again)).unwrap();
     assert_eq!(
         report.messages, 0,
         "the parts read back as planned: {report:?}"
     );
-    let read = ns.run(|| backend().read()).unwrap();
+    let read = ns.run(move || backend(flavor).read()).unwrap();
     assert_eq!(&read.dnat, &rules.dnat, "one mapping per part, read back");
     assert_eq!(&read.forward, &rules.forward);
 }
@@ -131,7 +127,18 @@ fn lands(sb: &Sandbox, public: &str, port: u16, sockets: &[(u16, &UdpSocket)]) -
 
 #[test]
 fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
-    let sb = Sandbox::new("rng").with_ipv6();
+    shared_per_port_and_given_back_whole(Flavor::Nftables, "rng");
+}
+
+/// The iptables flavor writes a part as one DNAT rule (`--dport N:M`,
+/// `--to-destination A:P-Q/N`) and one FORWARD rule (`--dport P:Q`).
+#[test]
+fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole_iptables() {
+    shared_per_port_and_given_back_whole(Flavor::Iptables, "rngi");
+}
+
+fn shared_per_port_and_given_back_whole(flavor: Flavor, name: &str) {
+    let sb = Sandbox::new(name).with_ipv6();
     crowd_dual(&sb.node);
     let pbx = pod("pbx", POD_A_IP, POD_A_IP6, 100, RTP);
     let probe = pod("probe", POD_B_IP, POD_B_IP6, 200, PART);
@@ -139,7 +146,7 @@ fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
     // The pbx alone: 100 ports, one mapping per family and protocol.
     let alone = planned(std::slice::from_ref(&pbx));
     assert_eq!(alone.dnat.len(), 4);
-    apply_and_check(&sb.node, &alone);
+    apply_and_check(&sb.node, flavor, &alone);
 
     let bind = |ns: &Netns, port: u16| ns.run(|| UdpSocket::bind(("::", port)).unwrap());
     let a: Vec<(u16, UdpSocket)> = [20000, 20050, 20099]
@@ -180,7 +187,21 @@ fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
             (10060, 10099, "pbx")
         ]
     );
-    apply_and_check(&sb.node, &both);
+    if flavor == Flavor::Nftables {
+        // The dry run of the split, fed to `nft -f`, makes what apply
+        // makes: the per-port elements of every part, their comments too.
+        let b = both.clone();
+        let text = sb
+            .node
+            .run(move || backend(flavor).dry_run(&b, false))
+            .unwrap();
+        assert!(text.contains("\"10040-10059 voip:probe\""), "{text}");
+        sb.node.sh(&format!("nft -f - <<'EOF'\n{text}EOF"));
+        let b = both.clone();
+        let report = sb.node.run(move || backend(flavor).apply(&b)).unwrap();
+        assert_eq!(report.messages, 0, "the dry run was the change: {text}");
+    }
+    apply_and_check(&sb.node, flavor, &both);
     // The conntrack entries of the moved ports go with the change, as the
     // agent flushes them; here each datagram comes from a new source port.
     for public in [PUBLIC4, PUBLIC6] {
@@ -193,13 +214,19 @@ fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
         }
     }
 
-    // Each part counts its own datagrams: the probe's one per family.
+    // Each part counts its own datagrams: the probe's one per family
+    // (nftables; the iptables flavor keeps no counters per mapping).
     let traffic = sb
         .node
         .run(|| read_traffic(&names(), Families::DUAL, 0))
-        .unwrap()
-        .expect("the table counts traffic");
-    for m in both.dnat.iter().filter(|m| m.key.proto == Proto::Udp) {
+        .unwrap();
+    assert_eq!(traffic.is_some(), flavor == Flavor::Nftables);
+    for m in both
+        .dnat
+        .iter()
+        .filter(|m| traffic.is_some() && m.key.proto == Proto::Udp)
+    {
+        let traffic = traffic.as_deref().unwrap_or_default();
         let sum: u64 = traffic
             .iter()
             .filter(|t| m.covers(&t.key))
@@ -214,7 +241,7 @@ fn a_port_range_with_an_offset_is_shared_per_port_and_given_back_whole() {
     // The probe goes: the pbx has the whole range again, one mapping.
     let back = planned(std::slice::from_ref(&pbx));
     assert_eq!(back, alone);
-    apply_and_check(&sb.node, &back);
+    apply_and_check(&sb.node, flavor, &back);
     for public in [PUBLIC4, PUBLIC6] {
         assert_eq!(
             lands(&sb, public, 10050, &sockets),

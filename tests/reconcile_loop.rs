@@ -90,7 +90,6 @@ impl Harness {
                 families: Default::default(),
                 local_access: false,
                 source_ranges: true,
-                port_ranges: true,
             },
             resync,
             dry_run: false,

@@ -25,7 +25,7 @@ use podnat_controller::model::{
 use support::crowd::{crowd_dual, ruleset, without_counters};
 use support::netns::{veth, Netns, Sandbox, POD_A_IP, POD_A_IP6, POD_B_IP, POD_B_IP6};
 use support::rules::{names, publish};
-use support::save::agent_save_by;
+use support::save::assert_kernel_holds_view;
 
 const PUBLIC4: &str = "203.0.113.7";
 const PUBLIC6: &str = "2001:db8::7";
@@ -177,39 +177,6 @@ fn apply_table(ns: &Netns, flavor: Flavor, rules: &RuleSet) -> ApplyReport {
     .unwrap()
 }
 
-fn assert_views(ns: &Netns, flavor: Flavor, rules: &RuleSet) {
-    for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
-        let ours = rules.of_family(family);
-        if flavor == Flavor::Nftables {
-            assert_eq!(
-                view::canonical_nft(&ns.sh(&format!("nft list table {fam} podnat"))),
-                view::canonical_nft(&view::nft_with(&ours, &names(), family, true)),
-                "table {fam} podnat"
-            );
-            continue;
-        }
-        let tool = if family == Family::Ipv4 {
-            "iptables-nft"
-        } else {
-            "ip6tables-nft"
-        };
-        let text = view::iptables_save_with(&ours, &names(), family, true);
-        assert_eq!(
-            agent_save_by(ns, &format!("{tool}-save")),
-            text,
-            "{tool}-save"
-        );
-        // `-C` finds each DNAT rule, `-s` included, as its own.
-        for spec in text
-            .lines()
-            .filter_map(|l| l.strip_prefix("-A PODNAT_PRE "))
-        {
-            let out = ns.try_sh(&format!("{tool} -t nat -C PODNAT_PRE {spec}"));
-            assert!(out.status.success(), "{tool} -C PODNAT_PRE {spec}: {out:?}");
-        }
-    }
-}
-
 #[test]
 fn only_the_allowed_sources_reach_a_restricted_port() {
     allow_lists_in(Flavor::Nftables, "src");
@@ -247,7 +214,7 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
     // own address (…7) and the pods are not.
     let first = rules(&[(PUBLIC4, "203.0.113.0/30"), (PUBLIC6, "2001:db8::/126")]);
     apply_table(&sb.node, flavor, &first);
-    assert_views(&sb.node, flavor, &first);
+    assert_kernel_holds_view(&sb.node, flavor, &first);
     let read = sb
         .node
         .run(move || flavor_backend(flavor, Families::DUAL).read())
@@ -314,7 +281,7 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
         2,
         "port 25 narrowed in both families"
     );
-    assert_views(&sb.node, flavor, &second);
+    assert_kernel_holds_view(&sb.node, flavor, &second);
     for s in &mut held {
         let t = Instant::now();
         assert!(!echoes(s), "an open connection from a removed range stops");
@@ -331,7 +298,7 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
     // The last range goes: the key is open again.
     let open_again = rules(&[]);
     apply_table(&sb.node, flavor, &open_again);
-    assert_views(&sb.node, flavor, &open_again);
+    assert_kernel_holds_view(&sb.node, flavor, &open_again);
     assert!(reaches(&sb.client, PUBLIC4, 25) && reaches(&sb.node, PUBLIC6, 25));
 
     // An open key gains ranges through a change (its restricted element
@@ -345,7 +312,7 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
     let change = Changes::between(&open_again, &first);
     assert_eq!(change.add.allow.len(), 2);
     apply_change(&sb.node, flavor, change);
-    assert_views(&sb.node, flavor, &first);
+    assert_kernel_holds_view(&sb.node, flavor, &first);
     for s in &mut held {
         assert!(
             !echoes(s),
@@ -365,7 +332,7 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
     // out and in); the key never opens.
     let swapped = owned_by(&first, "mx-1");
     apply_change(&sb.node, flavor, Changes::between(&first, &swapped));
-    assert_views(&sb.node, flavor, &swapped);
+    assert_kernel_holds_view(&sb.node, flavor, &swapped);
     for public in [PUBLIC4, PUBLIC6] {
         assert!(reaches(&sb.client, public, 25), "client → {public}:25");
         assert!(
@@ -387,7 +354,7 @@ fn allow_lists_in(flavor: Flavor, tag: &str) {
     );
     let report = apply_change(&sb.node, flavor, Changes::between(&swapped, &wider));
     assert_eq!(report.admission.len(), 2);
-    assert_views(&sb.node, flavor, &wider);
+    assert_kernel_holds_view(&sb.node, flavor, &wider);
     for s in &mut held {
         assert!(
             echoes(s),

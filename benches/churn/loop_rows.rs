@@ -79,7 +79,6 @@ impl Loop {
                 families: Default::default(),
                 local_access: false,
                 source_ranges: true,
-                port_ranges: true,
             },
             resync: None,
             dry_run: false,

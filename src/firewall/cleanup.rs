@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use super::flavors::{iptables::IptablesBackend, nftables::NftablesBackend};
 use super::{Backend, FirewallError, Names};
 use crate::config::JumpPositions;
-use crate::model::{restricted_keys, Families, Family, Proto, RuleSet};
+use crate::model::{restricted_keys, Families, Family, ForwardRule, Mapping, Proto, RuleSet};
 
 const IPV6_ONLY: Families = Families {
     ipv4: false,
@@ -65,12 +65,15 @@ pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>
         if report.messages > 0 {
             let v4 = rules.of_family(Family::Ipv4);
             let restricted = restricted_keys(&v4.allow).len();
-            let second = v4.dnat.len() - go.dnat.len() - restricted;
+            let ports: usize = v4.dnat.iter().map(|m| usize::from(m.span) + 1).sum();
+            let second = ports - go.dnat.len() - restricted;
+            let ranges = v4.dnat.iter().filter(|m| m.span > 0).count();
             lines.push(format!(
                 "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}), \
                  {second} mapping(s) on the second protocol of a port and {restricted} \
                  mapping(s) with source allow-lists removed (the Go version ignores \
                  sourceRanges and publishes those entries to every source when it runs); \
+                 {ranges} port range(s) written as one rule per port; \
                  the Go version's chains and rules kept",
                 rules.local.len(),
                 names.output
@@ -118,7 +121,34 @@ fn collect(
 /// sources, and of a port published on both protocols only TCP; the SNAT
 /// and FORWARD rules of what is left.
 fn go_layout(rules: &RuleSet) -> RuleSet {
-    let v4 = rules.of_family(Family::Ipv4);
+    let mut v4 = rules.of_family(Family::Ipv4);
+    // The Go version writes one rule per port: a range becomes the rules it
+    // makes from the state store's records, one per port (it drops them
+    // once they go stale, keeping the entry's first port).
+    v4.dnat = v4
+        .dnat
+        .iter()
+        .flat_map(|m| {
+            m.ports().map(|(key, pod_port)| Mapping {
+                key,
+                pod_port,
+                span: 0,
+                ..m.clone()
+            })
+        })
+        .collect();
+    v4.forward = v4
+        .forward
+        .iter()
+        .flat_map(|f| {
+            f.ports().map(|pod_port| ForwardRule {
+                pod_port,
+                span: 0,
+                ..f.clone()
+            })
+        })
+        .collect();
+    v4.normalize();
     let restricted = restricted_keys(&v4.allow);
     let tcp: BTreeSet<_> = v4
         .dnat
@@ -162,7 +192,7 @@ fn go_layout(rules: &RuleSet) -> RuleSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ForwardRule, LocalPod, Mapping, NatKey, PodRef, SnatRule};
+    use crate::model::{LocalPod, NatKey, PodRef, SnatRule};
     use std::net::IpAddr;
 
     fn ip(s: &str) -> IpAddr {
@@ -257,5 +287,39 @@ mod tests {
             .collect();
         assert_eq!(ports, [(53, Proto::Tcp), (5060, Proto::Udp)]);
         assert!(go.allow.is_empty());
+    }
+
+    #[test]
+    fn the_go_layout_writes_a_range_one_rule_per_port() {
+        let mut r = RuleSet::default();
+        publish(&mut r, "203.0.113.7", 10000, Proto::Udp, "pbx");
+        publish(&mut r, "203.0.113.7", 10001, Proto::Tcp, "pbx");
+        for m in r.dnat.iter_mut().filter(|m| m.key.proto == Proto::Udp) {
+            m.span = 2;
+            m.pod_port = 20000;
+        }
+        for f in r.forward.iter_mut().filter(|f| f.proto == Proto::Udp) {
+            f.span = 2;
+            f.pod_port = 20000;
+        }
+        r.normalize();
+        let go = go_layout(&r);
+        let ports: Vec<(u16, Proto, u16)> = go
+            .dnat
+            .iter()
+            .map(|m| (m.key.public_port, m.key.proto, m.pod_port))
+            .collect();
+        // 10001/udp gives way to 10001/tcp, as a two-protocol port does.
+        assert_eq!(
+            ports,
+            [
+                (10000, Proto::Udp, 20000),
+                (10001, Proto::Tcp, 10001),
+                (10002, Proto::Udp, 20002)
+            ]
+        );
+        assert!(go.dnat.iter().all(|m| m.span == 0));
+        let fwd: Vec<(u16, u16)> = go.forward.iter().map(|f| (f.pod_port, f.span)).collect();
+        assert_eq!(fwd, [(10001, 0), (20000, 0), (20002, 0)]);
     }
 }

@@ -199,13 +199,6 @@ pub fn enforces_source_ranges(flavor: crate::config::Flavor) -> bool {
     flavor == crate::config::Flavor::Iptables || flavors::nftables::kernel_supports_source_ranges()
 }
 
-/// Whether `flavor` publishes port ranges (`srcPortEnd`): the nftables
-/// flavor (an element per port of the range, any kernel); the iptables
-/// flavor not yet (its DNAT with a port offset is not written).
-pub fn publishes_port_ranges(flavor: crate::config::Flavor) -> bool {
-    flavor == crate::config::Flavor::Nftables
-}
-
 /// What a table holds beyond the NAT maps and sets, by the agent's version
 /// and the kernel: this version's layout has the allow-lists on Linux 5.6
 /// and the counters too on 5.7; the version before had the allow-lists

@@ -27,18 +27,31 @@ fn host(ip: IpAddr) -> String {
 }
 
 /// `-A <PREFIX>_PRE ...` for one mapping, exactly as iptables-nft-save prints it.
-/// `source`: the allowed range of a restricted mapping's rule.
+/// `source`: the allowed range of a restricted mapping's rule. A port range
+/// is `--dport N:M` and `--to-destination A:P-Q/N`.
 pub fn ipt_dnat(n: &Names, m: &Mapping, source: Option<ipnet::IpNet>) -> String {
     let p = m.key.proto;
+    let mut to = host_port(m.pod_ip, m.pod_port);
+    if m.span > 0 {
+        let _ = write!(to, "-{}/{}", m.pod_port + m.span, m.key.public_port);
+    }
     format!(
-        "-A {}{} -d {} -p {p} -m {p} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {}",
+        "-A {}{} -d {} -p {p} -m {p} --dport {} -m comment --comment \"{}\" -j DNAT --to-destination {to}",
         n.pre,
         source.map(|s| format!(" -s {s}")).unwrap_or_default(),
         host(m.key.public_ip),
-        m.key.public_port,
+        ipt_ports(m.key.public_port, m.span),
         m.owner,
-        host_port(m.pod_ip, m.pod_port)
     )
+}
+
+/// `--dport`'s value: `N`, or `N:M` for a range.
+fn ipt_ports(first: u16, span: u16) -> String {
+    if span == 0 {
+        first.to_string()
+    } else {
+        format!("{first}:{}", first + span)
+    }
 }
 
 pub fn ipt_snat(n: &Names, s: &SnatRule) -> String {
@@ -58,7 +71,7 @@ pub fn ipt_forward(n: &Names, f: &ForwardRule) -> String {
         "-A {} -d {} -p {p} -m conntrack --ctstate NEW -m {p} --dport {} -m comment --comment \"{}\" -j ACCEPT",
         n.forward,
         host(f.pod_ip),
-        f.pod_port,
+        ipt_ports(f.pod_port, f.span),
         f.owner
     )
 }

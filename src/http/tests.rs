@@ -97,7 +97,6 @@ fn rows_cover_every_state() {
         families: Families::default(),
         local_access: false,
         source_ranges: true,
-        port_ranges: true,
     };
     let table = plan::plan(
         &pods,

@@ -63,9 +63,6 @@ pub struct PlanConfig {
     /// The flavor enforces `sourceRanges`; if not, an entry carrying them is
     /// refused (published to every source it would be wider than asked).
     pub source_ranges: bool,
-    /// The flavor publishes port ranges (`srcPortEnd`); if not, an entry
-    /// carrying one is refused (one port of it would be less than asked).
-    pub port_ranges: bool,
 }
 
 /// The allow-list of `key` won by entry `e` of `owner` (none: every source).

@@ -30,7 +30,6 @@ pub(super) fn cfg() -> PlanConfig {
         families: Families::default(),
         local_access: false,
         source_ranges: true,
-        port_ranges: true,
     }
 }
 

@@ -62,6 +62,28 @@ pub fn publish(
     rules.normalize();
 }
 
+/// `publish` of a port range: port..=port+span → pod_port..=pod_port+span.
+#[allow(clippy::too_many_arguments)]
+pub fn publish_range(
+    rules: &mut RuleSet,
+    owner: &str,
+    public: &str,
+    port: u16,
+    span: u16,
+    proto: Proto,
+    pod: &str,
+    pod_port: u16,
+) {
+    publish(rules, owner, public, port, proto, pod, pod_port);
+    for m in rules.dnat.iter_mut().filter(|m| m.key.public_port == port) {
+        m.span = span;
+    }
+    for f in rules.forward.iter_mut().filter(|f| f.pod_port == pod_port) {
+        f.span = span;
+    }
+    rules.normalize();
+}
+
 /// The mail pod of `traffic::check_mail_traffic`: 25/tcp → 2525 and
 /// 5353/udp → 5300 on pod A, plus 587/tcp.
 pub fn mail() -> RuleSet {

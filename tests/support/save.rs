@@ -111,3 +111,48 @@ pub fn write_with(ns: &Netns, tool: &str, view: &str) {
         }
     }
 }
+
+/// The kernel holds exactly the rule view of `rules` (the agent's table in
+/// `nft list`, or its part of `iptables-nft-save` / `ip6tables-nft-save`),
+/// in both families; in the iptables flavor `-C` also finds each DNAT and
+/// FORWARD rule the view lists as the rule iptables would write itself.
+pub fn assert_kernel_holds_view(
+    ns: &Netns,
+    flavor: podnat_controller::config::Flavor,
+    rules: &podnat_controller::model::RuleSet,
+) {
+    use podnat_controller::firewall::view;
+    use podnat_controller::model::Family;
+    let names = super::rules::names();
+    for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
+        let ours = rules.of_family(family);
+        if flavor == podnat_controller::config::Flavor::Nftables {
+            assert_eq!(
+                view::canonical_nft(&ns.sh(&format!("nft list table {fam} podnat"))),
+                view::canonical_nft(&view::nft_with(&ours, &names, family, true)),
+                "table {fam} podnat holds the view"
+            );
+            continue;
+        }
+        let tool = if family == Family::Ipv4 {
+            "iptables-nft"
+        } else {
+            "ip6tables-nft"
+        };
+        let text = view::iptables_save_with(&ours, &names, family, true);
+        assert_eq!(
+            agent_save_by(ns, &format!("{tool}-save")),
+            text,
+            "{tool}-save"
+        );
+        for (table, chain) in [("nat", "PODNAT_PRE"), ("filter", "PODNAT_FORWARD")] {
+            for spec in text
+                .lines()
+                .filter_map(|l| l.strip_prefix(&format!("-A {chain} ")))
+            {
+                let out = ns.try_sh(&format!("{tool} -t {table} -C {chain} {spec}"));
+                assert!(out.status.success(), "{tool} -C {chain} {spec}: {out:?}");
+            }
+        }
+    }
+}

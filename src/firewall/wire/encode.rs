@@ -17,6 +17,14 @@ pub const REG32_02: u32 = sys::NFT_REG32_02;
 pub const BASE_NETWORK: u32 = sys::NFT_PAYLOAD_NETWORK_HEADER;
 pub const BASE_TRANSPORT: u32 = sys::NFT_PAYLOAD_TRANSPORT_HEADER;
 
+/// The range expression's attributes (linux/netfilter/nf_tables.h; not in
+/// rustables' sys) and its "equal" operation.
+pub const NFTA_RANGE_SREG: u16 = 1;
+pub const NFTA_RANGE_OP: u16 = 2;
+pub const NFTA_RANGE_FROM_DATA: u16 = 3;
+pub const NFTA_RANGE_TO_DATA: u16 = 4;
+pub const NFT_RANGE_EQ: u32 = 0;
+
 /// Offsets in the IPv4 header and in a TCP/UDP header.
 pub const IP_SADDR: u32 = 12;
 pub const IP_DADDR: u32 = 16;
@@ -197,6 +205,21 @@ impl Exprs {
                 .be32(sys::NFTA_CMP_OP, op)
                 .nest(sys::NFTA_CMP_DATA, |v| {
                     v.bytes(sys::NFTA_DATA_VALUE, value);
+                });
+        })
+    }
+
+    /// `range eq reg lo hi` (`--dport lo:hi` in iptables-nft): `op`
+    /// NFT_RANGE_EQ (0) or NFT_RANGE_NEQ (1), bounds inclusive.
+    pub fn range(&mut self, sreg: u32, op: u32, from: &[u8], to: &[u8]) -> &mut Self {
+        self.push("range", |d| {
+            d.be32(NFTA_RANGE_SREG, sreg)
+                .be32(NFTA_RANGE_OP, op)
+                .nest(NFTA_RANGE_FROM_DATA, |v| {
+                    v.bytes(sys::NFTA_DATA_VALUE, from);
+                })
+                .nest(NFTA_RANGE_TO_DATA, |v| {
+                    v.bytes(sys::NFTA_DATA_VALUE, to);
                 });
         })
     }

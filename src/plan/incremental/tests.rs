@@ -226,7 +226,6 @@ fn dual() -> PlanConfig {
         families: Families::DUAL,
         local_access: true,
         source_ranges: true,
-        port_ranges: true,
         ..cfg()
     }
 }

@@ -36,7 +36,9 @@ pub enum AgentRule {
     Snat(SnatRule),
     /// `[-s R] -d S -p P -m P --dport N -m comment --comment ns:pod -j DNAT
     /// --to-destination A:M`: one rule per allowed range of a restricted
-    /// mapping (`sourceRanges`), one without `-s` for an open one.
+    /// mapping (`sourceRanges`), one without `-s` for an open one. A port
+    /// range (`srcPortEnd`) is one rule: `--dport N:N+k` and
+    /// `--to-destination A:M-(M+k)/N`.
     Dnat(Mapping, Option<IpNet>),
     Forward(ForwardRule),
     /// `-m comment --comment "<prefix>[jump_to_chain]" -j <chain>`.
@@ -101,6 +103,13 @@ pub enum Expr {
         name: String,
         rev: u32,
         info: Vec<u8>,
+    },
+    /// `range eq reg lo hi`: `--dport lo:hi`.
+    Range {
+        sreg: u32,
+        op: u32,
+        from: Vec<u8>,
+        to: Vec<u8>,
     },
     Counter,
     Verdict {

@@ -75,6 +75,8 @@ pub fn conntrack_state_new() -> Vec<u8> {
 /// NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED (linux/netfilter/nf_nat.h).
 const NF_NAT_RANGE_MAP_IPS: u32 = 1;
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
+/// NF_NAT_RANGE_PROTO_OFFSET: the port is min + (dport - base_proto).
+const NF_NAT_RANGE_PROTO_OFFSET: u32 = 1 << 5;
 
 /// sizeof(struct nf_nat_range2) = 4 + 16 + 16 + 2 + 2 + 2 = 42 → 48.
 pub const DNAT_INFO_LEN: usize = xt_align(42);
@@ -82,34 +84,44 @@ const R2_MIN_ADDR: usize = 4;
 const R2_MAX_ADDR: usize = 20;
 const R2_MIN_PROTO: usize = 36;
 const R2_MAX_PROTO: usize = 38;
+const R2_BASE_PROTO: usize = 40;
 
 /// `-j DNAT --to-destination ip:port` (target revision 2): one address and
-/// one port, as min = max.
+/// one port, as min = max; with a `span` (a port range published with one
+/// offset), `ip:port-(port+span)/base`: the ports min..max and
+/// NF_NAT_RANGE_PROTO_OFFSET with base_proto = the first public port, so
+/// public port `base + i` goes to `port + i`.
 /// An IPv4 address sits in the first 4 of the 16 bytes of `nf_inet_addr`,
 /// an IPv6 one fills them (ip6tables-nft, revision 2 as for IPv4).
-pub fn dnat_range2(ip: IpAddr, port: u16) -> Vec<u8> {
+pub fn dnat_range2(ip: IpAddr, port: u16, span: u16, base: u16) -> Vec<u8> {
     let mut info = vec![0u8; DNAT_INFO_LEN];
-    info[..4].copy_from_slice(&(NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED).to_ne_bytes());
+    let mut flags = NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED;
+    if span > 0 {
+        flags |= NF_NAT_RANGE_PROTO_OFFSET;
+        info[R2_BASE_PROTO..R2_BASE_PROTO + 2].copy_from_slice(&base.to_be_bytes());
+    }
+    info[..4].copy_from_slice(&flags.to_ne_bytes());
     let bytes = ip_bytes(&ip);
     for at in [R2_MIN_ADDR, R2_MAX_ADDR] {
         info[at..at + bytes.len()].copy_from_slice(&bytes);
     }
-    for at in [R2_MIN_PROTO, R2_MAX_PROTO] {
-        info[at..at + 2].copy_from_slice(&port.to_be_bytes());
-    }
+    let max = port.saturating_add(span);
+    info[R2_MIN_PROTO..R2_MIN_PROTO + 2].copy_from_slice(&port.to_be_bytes());
+    info[R2_MAX_PROTO..R2_MAX_PROTO + 2].copy_from_slice(&max.to_be_bytes());
     info
 }
 
-/// The address and port of a `dnat_range2` payload (min side; whether it is
-/// exactly the agent's encoding is checked by re-encoding).
+/// The address and ports of a `dnat_range2` payload: (address, min port,
+/// max port); whether it is exactly the agent's encoding (flags, base) is
+/// checked by re-encoding.
 /// `ipv6`: read the address as the 16 bytes ip6tables-nft writes.
-pub fn parse_dnat_range2(info: &[u8], ipv6: bool) -> Option<(IpAddr, u16)> {
+pub fn parse_dnat_range2(info: &[u8], ipv6: bool) -> Option<(IpAddr, u16, u16)> {
     if info.len() != DNAT_INFO_LEN {
         return None;
     }
     let ip = addr_at(info, R2_MIN_ADDR, ipv6)?;
-    let port = u16::from_be_bytes([info[R2_MIN_PROTO], info[R2_MIN_PROTO + 1]]);
-    Some((ip, port))
+    let port = |at: usize| u16::from_be_bytes([info[at], info[at + 1]]);
+    Some((ip, port(R2_MIN_PROTO), port(R2_MAX_PROTO)))
 }
 
 fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
@@ -286,16 +298,23 @@ pub(crate) mod tests {
 
     #[test]
     fn dnat_matches_iptables_nft() {
-        let got = dnat_range2(Ipv4Addr::new(10, 1, 0, 5).into(), 25);
+        let got = dnat_range2(Ipv4Addr::new(10, 1, 0, 5).into(), 25, 0, 25);
         assert_eq!(got.len(), 48);
         assert_eq!(got, observed_info("dnat_tcp", "target", "DNAT"));
         assert_eq!(
-            dnat_range2(Ipv4Addr::new(10, 1, 1, 5).into(), 53),
+            dnat_range2(Ipv4Addr::new(10, 1, 1, 5).into(), 53, 0, 5353),
             observed_info("dnat_udp", "target", "DNAT")
         );
         assert_eq!(
             parse_dnat_range2(&got, false),
-            Some((Ipv4Addr::new(10, 1, 0, 5).into(), 25))
+            Some((Ipv4Addr::new(10, 1, 0, 5).into(), 25, 25))
+        );
+        // `--to-destination 10.1.2.5:20000-20099/10000`.
+        let range = dnat_range2(Ipv4Addr::new(10, 1, 2, 5).into(), 20000, 99, 10000);
+        assert_eq!(range, observed_info("dnat_range", "target", "DNAT"));
+        assert_eq!(
+            parse_dnat_range2(&range, false),
+            Some((Ipv4Addr::new(10, 1, 2, 5).into(), 20000, 20099))
         );
     }
 

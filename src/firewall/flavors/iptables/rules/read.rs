@@ -56,6 +56,12 @@ fn parse_expr(e: &[u8]) -> Expr {
                 .map(<[u8]>::to_vec)
                 .unwrap_or_default(),
         },
+        "range" => Expr::Range {
+            sreg: u(encode::NFTA_RANGE_SREG),
+            op: u(encode::NFTA_RANGE_OP),
+            from: data_value(d, encode::NFTA_RANGE_FROM_DATA),
+            to: data_value(d, encode::NFTA_RANGE_TO_DATA),
+        },
         "counter" => Expr::Counter,
         "immediate" if u(sys::NFTA_IMMEDIATE_DREG) == sys::NFT_REG_VERDICT => {
             let v = find_attr(d, sys::NFTA_IMMEDIATE_DATA)
@@ -97,12 +103,24 @@ struct Fields {
     source: Option<IpNet>,
     daddr: Option<IpAddr>,
     dport: Option<u16>,
+    /// The last port of `--dport N:M` (`dport` is N).
+    dport_end: Option<u16>,
     comment: Option<String>,
-    dnat: Option<(IpAddr, u16)>,
+    dnat: Option<(IpAddr, u16, u16)>,
     snat: Option<IpAddr>,
     /// The name of an xt target other than DNAT/SNAT (MARK, MASQUERADE).
     target: Option<String>,
     verdict: Option<(i32, Option<String>)>,
+}
+
+impl Fields {
+    /// The ports after the first of `--dport N:M` (0 for one port).
+    fn span(&self) -> Option<u16> {
+        match self.dport_end {
+            None => Some(0),
+            Some(end) => end.checked_sub(self.dport?),
+        }
+    }
 }
 
 fn collect(exprs: &[Expr], family: Family) -> Fields {
@@ -157,6 +175,23 @@ fn collect(exprs: &[Expr], family: Family) -> Fields {
                 last_load = None;
                 mask = None;
             }
+            Expr::Range { from, to, .. } => {
+                if let Some(Expr::Payload {
+                    base,
+                    offset,
+                    len: 2,
+                    ..
+                }) = last_load
+                {
+                    if *base == BASE_TRANSPORT && *offset == TH_DPORT {
+                        let port = |d: &[u8]| <[u8; 2]>::try_from(d).ok().map(u16::from_be_bytes);
+                        f.dport = port(from);
+                        f.dport_end = port(to);
+                    }
+                }
+                last_load = None;
+                mask = None;
+            }
             Expr::Xt {
                 kind, name, info, ..
             } => match (kind.as_str(), name.as_str()) {
@@ -206,7 +241,7 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
             pod_ip: f.saddr?,
             owner: owner()?,
         })],
-        (Some((pod_ip, pod_port)), None, None) => vec![AgentRule::Dnat(
+        (Some((pod_ip, pod_port, _)), None, None) => vec![AgentRule::Dnat(
             Mapping {
                 key: NatKey {
                     public_ip: f.daddr?,
@@ -216,7 +251,7 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
                 pod_ip: *pod_ip,
                 pod_port: *pod_port,
                 owner: owner()?,
-                span: 0,
+                span: f.span()?,
             },
             f.source,
         )],
@@ -232,7 +267,7 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
                 proto: f.proto?,
                 pod_port: f.dport?,
                 owner: owner()?,
-                span: 0,
+                span: f.span()?,
             })]
         }
         (None, None, Some((code, None))) if *code == sys::NFT_RETURN => {

@@ -110,6 +110,27 @@ fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
                 span: 0,
             }),
         ),
+        (
+            "dnat_range",
+            "nat",
+            "PODNAT_PRE",
+            match dnat(10000, Proto::Udp, "10.1.2.5", 20000, "voip:rtp-0") {
+                AgentRule::Dnat(m, None) => AgentRule::Dnat(Mapping { span: 99, ..m }, None),
+                _ => unreachable!(),
+            },
+        ),
+        (
+            "fwd_range",
+            "filter",
+            "PODNAT_FORWARD",
+            AgentRule::Forward(ForwardRule {
+                pod_ip: ip("10.1.2.5"),
+                proto: Proto::Udp,
+                pod_port: 20000,
+                owner: owner("voip:rtp-0"),
+                span: 99,
+            }),
+        ),
         ("ret_172", "nat", "PODNAT_POST", AgentRule::Return(0)),
         ("ret_192", "nat", "PODNAT_POST", AgentRule::Return(1)),
         ("ret_10", "nat", "PODNAT_POST", AgentRule::Return(2)),
@@ -197,6 +218,64 @@ fn near_misses_are_not_the_agents() {
     assert_eq!(decode(&bad, &names, V4), None);
 }
 
+#[test]
+fn a_port_range_is_the_agents_only_as_written() {
+    let names = Names::new("podnat");
+    let m = Mapping {
+        key: NatKey {
+            public_ip: ip("203.0.113.7"),
+            public_port: 10000,
+            proto: Proto::Udp,
+        },
+        pod_ip: ip("10.1.2.5"),
+        pod_port: 20000,
+        owner: owner("voip:rtp-0"),
+        span: 99,
+    };
+    let exprs = exprs_of(&AgentRule::Dnat(m.clone(), None), &names, V4);
+    assert_eq!(
+        decode(&exprs, &names, V4),
+        Some(AgentRule::Dnat(m.clone(), None))
+    );
+    let dnat_of = |e: &[Expr]| {
+        e.iter()
+            .position(|x| matches!(x, Expr::Xt { name, .. } if name == "DNAT"))
+            .unwrap()
+    };
+    // `--dport` a port shorter than the pod ports: not the agent's.
+    let mut short = exprs.clone();
+    for e in &mut short {
+        if let Expr::Range { to, .. } = e {
+            *to = 10098u16.to_be_bytes().to_vec();
+        }
+    }
+    assert_eq!(decode(&short, &names, V4), None);
+    // Another base (`/10001`): public 10000 would go to 19999.
+    let mut base = exprs.clone();
+    let at = dnat_of(&base);
+    base[at] = Expr::Xt {
+        kind: "target".into(),
+        name: "DNAT".into(),
+        rev: xt::DNAT_REV,
+        info: xt::dnat_range2(m.pod_ip, 20000, 99, 10001),
+    };
+    assert_eq!(decode(&base, &names, V4), None);
+    // `--dport 10000:10000` is not how the agent writes one port.
+    let one = Mapping { span: 0, ..m };
+    let mut wide = exprs_of(&AgentRule::Dnat(one, None), &names, V4);
+    let cmp = wide
+        .iter()
+        .position(|x| matches!(x, Expr::Cmp { data, .. } if *data == 10000u16.to_be_bytes()))
+        .unwrap();
+    wide[cmp] = Expr::Range {
+        sreg: crate::firewall::wire::encode::REG_1,
+        op: 0,
+        from: 10000u16.to_be_bytes().to_vec(),
+        to: 10000u16.to_be_bytes().to_vec(),
+    };
+    assert_eq!(decode(&wide, &names, V4), None);
+}
+
 fn arb_owner() -> impl Strategy<Value = PodRef> {
     ("[a-z][a-z0-9-]{0,20}", "[a-z][a-z0-9.-]{0,150}").prop_map(|(ns, n)| PodRef::new(ns, n))
 }
@@ -221,10 +300,11 @@ fn arb_rule() -> impl Strategy<Value = AgentRule> {
             ip.clone(),
             any::<u16>(),
             arb_owner(),
-            proptest::option::of((any::<u32>(), 1..=32u8))
+            proptest::option::of((any::<u32>(), 1..=32u8)),
+            0..1000u16,
         )
             .prop_map(
-                |(public_ip, public_port, proto, pod_ip, pod_port, owner, source)| {
+                |(public_ip, public_port, proto, pod_ip, pod_port, owner, source, span)| {
                     let source = source.map(|(a, len)| {
                         ipnet::IpNet::new(IpAddr::V4(Ipv4Addr::from(a)), len)
                             .unwrap()
@@ -240,21 +320,23 @@ fn arb_rule() -> impl Strategy<Value = AgentRule> {
                             pod_ip,
                             pod_port,
                             owner,
-                            span: 0,
+                            span: span.min(u16::MAX - public_port.max(pod_port)),
                         },
                         source,
                     )
                 }
             ),
-        (ip, proto, any::<u16>(), arb_owner()).prop_map(|(pod_ip, proto, pod_port, owner)| {
-            AgentRule::Forward(ForwardRule {
-                pod_ip,
-                proto,
-                pod_port,
-                owner,
-                span: 0,
-            })
-        }),
+        (ip, proto, any::<u16>(), arb_owner(), 0..1000u16).prop_map(
+            |(pod_ip, proto, pod_port, owner, span)| {
+                AgentRule::Forward(ForwardRule {
+                    pod_ip,
+                    proto,
+                    pod_port,
+                    owner,
+                    span: span.min(u16::MAX - pod_port),
+                })
+            }
+        ),
         "[A-Z_]{1,28}".prop_map(AgentRule::Jump),
     ]
 }

@@ -104,9 +104,20 @@ fn prefix(e: &mut Vec<Expr>, side: Side, net: IpAddr, len: u8) {
     }
 }
 
-fn dport(e: &mut Vec<Expr>, port: u16) {
+/// `--dport N`, or `--dport N:N+span` (a native range expression in
+/// iptables-nft 1.8.9).
+fn dport(e: &mut Vec<Expr>, port: u16, span: u16) {
     e.push(load(BASE_TRANSPORT, TH_DPORT, 2));
-    e.push(cmp_eq(&port.to_be_bytes()));
+    if span == 0 {
+        e.push(cmp_eq(&port.to_be_bytes()));
+    } else {
+        e.push(Expr::Range {
+            sreg: REG_1,
+            op: encode::NFT_RANGE_EQ,
+            from: port.to_be_bytes().to_vec(),
+            to: port.saturating_add(span).to_be_bytes().to_vec(),
+        });
+    }
 }
 
 fn comment(e: &mut Vec<Expr>, c: &str) {
@@ -177,10 +188,10 @@ pub fn exprs_of(rule: &AgentRule, names: &Names, family: Family) -> Vec<Expr> {
                 prefix(&mut e, Side::Src, net.addr(), net.prefix_len());
             }
             host(&mut e, Side::Dst, m.key.public_ip);
-            dport(&mut e, m.key.public_port);
+            dport(&mut e, m.key.public_port, m.span);
             comment(&mut e, &comment_for(&m.owner));
             e.push(Expr::Counter);
-            let info = xt::dnat_range2(m.pod_ip, m.pod_port);
+            let info = xt::dnat_range2(m.pod_ip, m.pod_port, m.span, m.key.public_port);
             e.push(xt("target", "DNAT", xt::DNAT_REV, info));
         }
         AgentRule::Forward(f) => {
@@ -190,7 +201,7 @@ pub fn exprs_of(rule: &AgentRule, names: &Names, family: Family) -> Vec<Expr> {
             host(&mut e, Side::Dst, f.pod_ip);
             let ct = xt::conntrack_state_new();
             e.push(xt("match", "conntrack", xt::CONNTRACK_REV, ct));
-            dport(&mut e, f.pod_port);
+            dport(&mut e, f.pod_port, f.span);
             comment(&mut e, &comment_for(&f.owner));
             e.push(Expr::Counter);
             e.push(verdict(libc::NF_ACCEPT));
@@ -256,6 +267,7 @@ fn serialize(list: &[Expr]) -> Exprs {
                     .be32(xt::NFTA_XT_REV, *rev)
                     .bytes(xt::NFTA_XT_INFO, info);
             }),
+            Expr::Range { sreg, op, from, to } => e.range(*sreg, *op, from, to),
             Expr::Counter => e.counter(),
             Expr::Verdict { code, chain } => e.verdict(*code, chain.as_deref()),
             Expr::Other(name) => unreachable!("exprs_of never produces {name}"),

@@ -50,6 +50,9 @@ capture snat_tcp nat -A PODNAT_POST -s 10.1.0.5/32 -p tcp -m comment --comment m
 capture snat_udp nat -A PODNAT_POST -s 10.1.1.5/32 -p udp -m comment --comment dns:resolver-1 -j SNAT --to-source 198.51.100.9
 capture fwd_tcp filter -A PODNAT_FORWARD -d 10.1.0.5/32 -p tcp -m conntrack --ctstate NEW -m tcp --dport 25 -m comment --comment mail:mx-0 -j ACCEPT
 capture fwd_udp filter -A PODNAT_FORWARD -d 10.1.1.5/32 -p udp -m conntrack --ctstate NEW -m udp --dport 53 -m comment --comment dns:resolver-1 -j ACCEPT
+# A port range with one offset (srcPortEnd).
+capture dnat_range nat -A PODNAT_PRE -d 203.0.113.7/32 -p udp -m udp --dport 10000:10099 -m comment --comment voip:rtp-0 -j DNAT --to-destination 10.1.2.5:20000-20099/10000
+capture fwd_range filter -A PODNAT_FORWARD -d 10.1.2.5/32 -p udp -m conntrack --ctstate NEW -m udp --dport 20000:20099 -m comment --comment voip:rtp-0 -j ACCEPT
 for net in 172.16.0.0/12 192.168.0.0/16 10.0.0.0/8 127.0.0.0/8; do
     capture "ret_${net%%.*}" nat -A PODNAT_POST -d "$net" -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
 done
