@@ -437,13 +437,22 @@ fn ranges_row(n: u32) -> (Pair, Pair) {
     (nft, ipt)
 }
 
-/// Port ranges (issue 25), nftables flavor: one pod's 1,000-port UDP
-/// range (one mapping, `apply_changes`: 1,000 DNAT, 1,000 counted and
-/// 1,000 FORWARD elements and an SNAT element) added to and deleted from
-/// `table(n)`, beside the kernel's floor for the same batch and `nft -f`
-/// adding / deleting the same elements (M). No peer publishes a range with
-/// an offset. (add (ours, floor, M), delete (ours, floor, M)).
-fn port_range_rows(n: u32) -> [(Duration, Duration, Duration); 2] {
+/// Port ranges (issue 25), both flavors: one pod's 1,000-port UDP range
+/// (one mapping, `apply_changes`) added to and deleted from `table(n)`,
+/// beside the kernel's floor for the same batch. nftables: 1,000 DNAT,
+/// 1,000 counted and 1,000 FORWARD elements and an SNAT element, beside
+/// `nft -f` adding / deleting the same elements (M); iptables: one DNAT
+/// rule with a port offset, one FORWARD rule and an SNAT rule, beside
+/// `iptables-nft-restore --noflush` of the same lines (B). No peer
+/// publishes a range with an offset. Per work (add, delete).
+struct RangeRow {
+    nft: Pair,
+    m: Duration,
+    ipt: Pair,
+    b: Duration,
+}
+
+fn port_range_rows(n: u32) -> [RangeRow; 2] {
     const FIRST: u16 = 40000;
     const SPAN: u16 = 999;
     let base = table(n);
@@ -484,6 +493,35 @@ fn port_range_rows(n: u32) -> [(Duration, Duration, Duration); 2] {
             measure_ranges!(be(), p, b),
         )
     });
+    let ns = Netns::new("bpri");
+    let (b, p) = (base.clone(), plus.clone());
+    let (add_ipt, del_ipt) = ns.run(move || {
+        let be = || IptablesBackend::new(Names::new("podnat"), JumpPositions::default());
+        (
+            measure_ranges!(be(), b.clone(), p.clone()),
+            measure_ranges!(be(), p, b),
+        )
+    });
+    // B: the range's three rules through iptables-nft-restore.
+    let names = Names::new("podnat");
+    let range = |t: &RuleSet| -> Vec<(String, String)> {
+        let d = t.dnat.iter().find(|m| m.span > 0).unwrap();
+        let s = t.snat.iter().find(|s| s.pod_ip == d.pod_ip).unwrap();
+        let f = t.forward.iter().find(|f| f.span > 0).unwrap();
+        vec![
+            ("nat".to_string(), view::ipt_dnat(&names, d, None)),
+            ("nat".to_string(), view::ipt_snat(&names, s)),
+            ("filter".to_string(), view::ipt_forward(&names, f)),
+        ]
+    };
+    let mut b_rows: [Row; 3] = Default::default();
+    restore_rows(
+        "bprb",
+        "iptables-nft",
+        &ipt_lines(0, n),
+        &range(&plus),
+        &mut b_rows,
+    );
     // M: the same elements through `nft -f`, on the same table.
     let (mut dnat, mut counted, mut fwd) = (vec![], vec![], vec![]);
     let comment = format!("{FIRST}-{} bench:rtp", FIRST + SPAN);
@@ -523,8 +561,18 @@ fn port_range_rows(n: u32) -> [(Duration, Duration, Duration); 2] {
     let mut m: [Row; 3] = Default::default();
     nft_map_rows("bprm", "ip", &full, &add_text, &del_text, &mut m);
     [
-        (add.0, add.1, m[1].m.unwrap_or_default()),
-        (del.0, del.1, m[2].m.unwrap_or_default()),
+        RangeRow {
+            nft: add,
+            m: m[1].m.unwrap_or_default(),
+            ipt: add_ipt,
+            b: b_rows[1].b.unwrap_or_default(),
+        },
+        RangeRow {
+            nft: del,
+            m: m[2].m.unwrap_or_default(),
+            ipt: del_ipt,
+            b: b_rows[2].b.unwrap_or_default(),
+        },
     ]
 }
 
@@ -787,16 +835,21 @@ fn main() {
             ratio(Some(ours_ipt), Some(floor_ipt))
         );
     }
-    // Port ranges (issue 25), nftables flavor.
+    // Port ranges (issue 25), both flavors.
     for &n in &sizes {
-        for (work, (ours, floor, m)) in ["add", "delete"].iter().zip(port_range_rows(n)) {
+        for (work, r) in ["add", "delete"].iter().zip(port_range_rows(n)) {
             println!(
-                "| {work} one 1,000-port range at {n} | {} | {} | | | | | | | | {} | {} | | | {} | | | 3,001 elements; no peer publishes a range with an offset (M: nft -f of the same elements) |",
-                ms(Some(ours)),
-                ms(Some(floor)),
-                ms(Some(m)),
-                ratio(Some(ours), Some(floor)),
-                ratio(Some(ours), Some(m))
+                "| {work} one 1,000-port range at {n} | {} | {} | | {} | {} | | | {} | | {} | {} | {} | {} | {} | | | nftables 3,001 elements, iptables 3 rules; no peer publishes a range with an offset (B, M: the same rules / elements by restore / nft -f) |",
+                ms(Some(r.nft.0)),
+                ms(Some(r.nft.1)),
+                ms(Some(r.ipt.0)),
+                ms(Some(r.ipt.1)),
+                ms(Some(r.b)),
+                ms(Some(r.m)),
+                ratio(Some(r.nft.0), Some(r.nft.1)),
+                ratio(Some(r.ipt.0), Some(r.ipt.1)),
+                ratio(Some(r.ipt.0), Some(r.b)),
+                ratio(Some(r.nft.0), Some(r.m))
             );
         }
     }

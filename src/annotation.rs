@@ -38,6 +38,18 @@ pub enum AnnotationError {
     },
 }
 
+impl AnnotationError {
+    /// The entry it names, if it names one.
+    pub fn entry(&self) -> Option<usize> {
+        match self {
+            AnnotationError::EntryNotAnObject { index, .. }
+            | AnnotationError::Field { index, .. }
+            | AnnotationError::Duplicate { index, .. } => Some(*index),
+            _ => None,
+        }
+    }
+}
+
 fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
@@ -49,15 +61,47 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
-/// Parses and validates an annotation value. `restricted` ports may be neither
-/// source nor destination of any entry. An auto entry becomes one mapping per
-/// enabled family (IPv4 first); an entry with `srcIP` one of that address's
-/// family, which must be enabled.
+/// A valid annotation: the mappings of its entries, and the entries
+/// rejected alone.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Parsed {
+    pub mappings: Vec<PortMapping>,
+    /// Entries rejected alone, by the first error of each: those that use a
+    /// field the Go version does not know (`sourceRanges`, `srcPortEnd`) or
+    /// clash with one that does. The pod's other entries are published; an
+    /// error in any other entry rejects the whole annotation, as the Go
+    /// version's fields always have.
+    pub rejected: Vec<AnnotationError>,
+}
+
+/// Parses and validates an annotation value, every entry valid: the first
+/// error, of any entry, rejects it. `restricted` ports may be neither
+/// source nor destination of any entry. An auto entry becomes one mapping
+/// per enabled family (IPv4 first); an entry with `srcIP` one of that
+/// address's family, which must be enabled.
 pub fn parse(
     text: &str,
     restricted: &BTreeSet<u16>,
     families: Families,
 ) -> Result<Vec<PortMapping>, AnnotationError> {
+    let parsed = parse_entries(text, restricted, families)?;
+    match parsed.rejected.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(parsed.mappings),
+    }
+}
+
+/// Fields the Go version does not know: an entry using one is rejected
+/// alone.
+const NEW_FIELDS: [&str; 2] = ["sourceRanges", "srcPortEnd"];
+
+/// `parse`, rejecting alone the entries that use a new field (or clash
+/// with one that does); see [`Parsed::rejected`].
+pub fn parse_entries(
+    text: &str,
+    restricted: &BTreeSet<u16>,
+    families: Families,
+) -> Result<Parsed, AnnotationError> {
     let doc: Value =
         serde_json::from_str(text).map_err(|e| AnnotationError::Json(e.to_string()))?;
     let obj = match &doc {
@@ -69,14 +113,12 @@ pub fn parse(
         Some(Value::Array(a)) => a,
         Some(other) => return Err(AnnotationError::EntriesNotAList(kind(other))),
     };
-    let mut out = Vec::with_capacity(entries.len());
-    // (srcPort, proto, family) → first entry index; the public address is not
-    // part of the key, as in the Go version: one pod never publishes a port
-    // twice on one family.
-    let mut seen: BTreeMap<(Proto, Family, u16), (u16, usize)> = BTreeMap::new();
-    // Pod ports: a range's may not overlap another entry's (two entries
-    // onto one pod port stay allowed, as in the Go version).
-    let mut pod_ports = PodPorts::default();
+    let mut out = Parsed {
+        mappings: Vec::with_capacity(entries.len()),
+        rejected: Vec::new(),
+    };
+    let mut published = Published::default();
+    let mut new_fields = Vec::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
         let fields = match entry {
             Value::Object(o) => o,
@@ -87,95 +129,169 @@ pub fn parse(
                 })
             }
         };
-        let mapping = parse_entry(index, fields, restricted, families)?;
-        let sources = parse_sources(index, fields.get("sourceRanges"))?;
-        let serves: Vec<Family> = match mapping.src_ip {
-            Some(ip) => vec![Family::of(ip)],
-            None => families.iter().collect(),
-        };
-        // An entry with ranges is published only on the families it names
-        // a range of: the others would otherwise be open to every source.
-        // `None`: not published on `family`; `Some(None)`: every source (no
-        // field, or a /0 of that family, which is no restriction at all).
-        let of_family = |family: Family| -> Option<Option<Arc<[ipnet::IpNet]>>> {
-            let Some(nets) = sources.as_ref() else {
-                return Some(None);
-            };
-            let mine: Vec<ipnet::IpNet> = nets
-                .iter()
-                .filter(|n| Family::of(n.addr()) == family)
-                .copied()
-                .collect();
-            match mine.as_slice() {
-                [] => None,
-                [all] if all.prefix_len() == 0 => Some(None),
-                _ => Some(Some(mine.into())),
-            }
-        };
-        let serves: Vec<Family> = serves
-            .into_iter()
-            .filter(|f| of_family(*f).is_some())
-            .collect();
-        if serves.is_empty() {
-            return Err(field_err(
-                index,
-                "sourceRanges",
-                match mapping.src_ip {
-                    Some(ip) => format!(
-                        "no range of {}'s family: no source could reach the port",
-                        ip
-                    ),
-                    None => format!(
-                        "no range of an enabled family (ipfamilies={families}): no source could reach the port"
-                    ),
-                },
-            ));
-        }
-        if mapping.span > 0 && sources.is_some() {
-            return Err(field_err(
-                index,
-                "sourceRanges",
-                "not supported together with srcPortEnd by this version; publish the range without sourceRanges or the ports one by one",
-            ));
-        }
-        for family in serves {
-            let (lo, hi) = (mapping.src_port, mapping.src_end());
-            let before = seen.range(..=(mapping.proto, family, hi)).next_back();
-            if let Some((&(proto, f, first_lo), &(first_hi, first))) = before {
-                if proto == mapping.proto && f == family && first_hi >= lo {
-                    if mapping.span == 0 && first_lo == first_hi {
-                        return Err(AnnotationError::Duplicate {
-                            index,
-                            first,
-                            port: lo,
-                            proto: mapping.proto,
-                        });
-                    }
-                    return Err(field_err(
-                        index,
-                        if mapping.span > 0 {
-                            "srcPortEnd"
-                        } else {
-                            "srcPort"
-                        },
-                        format!(
-                            "{} overlaps entries[{first}] ({})",
-                            span_text(lo, hi, mapping.proto),
-                            span_text(first_lo, first_hi, mapping.proto)
-                        ),
-                    ));
+        new_fields.push(NEW_FIELDS.iter().any(|f| fields.contains_key(*f)));
+        match entry_mappings(index, fields, restricted, families, &published) {
+            Ok(mappings) => {
+                for m in &mappings {
+                    published.insert(m);
                 }
+                out.mappings.extend(mappings);
             }
-            seen.insert((mapping.proto, family, lo), (hi, index));
-            pod_ports.insert(index, &mapping, family)?;
-            out.push(PortMapping {
-                family,
-                sources: of_family(family).flatten(),
-                ..mapping.clone()
-            });
+            Err((e, clash)) if new_fields[index] || clash.is_some_and(|c| new_fields[c]) => {
+                out.rejected.push(e)
+            }
+            Err((e, _)) => return Err(e),
         }
     }
     Ok(out)
+}
+
+/// The mappings of entry `index`, checked against the entries before it;
+/// an error with the index of the entry it clashes with, if any.
+fn entry_mappings(
+    index: usize,
+    fields: &Map<String, Value>,
+    restricted: &BTreeSet<u16>,
+    families: Families,
+    published: &Published,
+) -> Result<Vec<PortMapping>, (AnnotationError, Option<usize>)> {
+    let alone = |e| (e, None);
+    let mapping = parse_entry(index, fields, restricted, families).map_err(alone)?;
+    let sources = parse_sources(index, fields.get("sourceRanges")).map_err(alone)?;
+    let serves: Vec<Family> = match mapping.src_ip {
+        Some(ip) => vec![Family::of(ip)],
+        None => families.iter().collect(),
+    };
+    // An entry with ranges is published only on the families it names a
+    // range of: the others would otherwise be open to every source.
+    // `None`: not published on `family`; `Some(None)`: every source (no
+    // field, or a /0 of that family, which is no restriction at all).
+    let of_family = |family: Family| -> Option<Option<Arc<[ipnet::IpNet]>>> {
+        let Some(nets) = sources.as_ref() else {
+            return Some(None);
+        };
+        let mine: Vec<ipnet::IpNet> = nets
+            .iter()
+            .filter(|n| Family::of(n.addr()) == family)
+            .copied()
+            .collect();
+        match mine.as_slice() {
+            [] => None,
+            [all] if all.prefix_len() == 0 => Some(None),
+            _ => Some(Some(mine.into())),
+        }
+    };
+    let serves: Vec<Family> = serves
+        .into_iter()
+        .filter(|f| of_family(*f).is_some())
+        .collect();
+    if serves.is_empty() {
+        return Err(alone(field_err(
+            index,
+            "sourceRanges",
+            match mapping.src_ip {
+                Some(ip) => format!("no range of {}'s family: no source could reach the port", ip),
+                None => format!(
+                    "no range of an enabled family (ipfamilies={families}): no source could reach the port"
+                ),
+            },
+        )));
+    }
+    if mapping.span > 0 && sources.is_some() {
+        return Err(alone(field_err(
+            index,
+            "sourceRanges",
+            "not supported together with srcPortEnd by this version; publish the range without sourceRanges or the ports one by one",
+        )));
+    }
+    // The families' keys differ: each is checked against the entries
+    // before, none against another family of this entry.
+    let mut out = Vec::with_capacity(serves.len());
+    for family in serves {
+        let m = PortMapping {
+            family,
+            sources: of_family(family).flatten(),
+            ..mapping.clone()
+        };
+        published.check(index, &m)?;
+        out.push(m);
+    }
+    Ok(out)
+}
+
+/// What the entries before published, per protocol and family: public
+/// ports (no two entries overlap) and pod ports (a range's may not overlap
+/// another entry's; two single entries onto one pod port stay allowed, as
+/// in the Go version).
+#[derive(Default)]
+struct Published {
+    /// First public port → (last, entry); the public address is not part
+    /// of the key, as in the Go version: one pod never publishes a port
+    /// twice on one family.
+    public: BTreeMap<(Proto, Family, u16), (u16, usize)>,
+    pod_ranges: BTreeMap<(Proto, Family, u16), (u16, usize)>,
+    pod_singles: BTreeMap<(Proto, Family, u16), usize>,
+}
+
+impl Published {
+    fn check(&self, index: usize, m: &PortMapping) -> Result<(), (AnnotationError, Option<usize>)> {
+        let (lo, hi) = (m.src_port, m.src_end());
+        let before = self.public.range(..=(m.proto, m.family, hi)).next_back();
+        if let Some((&(proto, f, first_lo), &(first_hi, first))) = before {
+            if proto == m.proto && f == m.family && first_hi >= lo {
+                if m.span == 0 && first_lo == first_hi {
+                    return Err((
+                        AnnotationError::Duplicate {
+                            index,
+                            first,
+                            port: lo,
+                            proto: m.proto,
+                        },
+                        Some(first),
+                    ));
+                }
+                let field = if m.span > 0 { "srcPortEnd" } else { "srcPort" };
+                let problem = format!(
+                    "{} overlaps entries[{first}] ({})",
+                    span_text(lo, hi, m.proto),
+                    span_text(first_lo, first_hi, m.proto)
+                );
+                return Err((field_err(index, field, problem), Some(first)));
+            }
+        }
+        let (lo, hi) = (m.dst_port, m.dst_end());
+        let clash = |first: usize, text: String| {
+            let problem = format!(
+                "pod ports {} overlap entries[{first}]'s ({text}); a range's pod ports are its own",
+                span_text(lo, hi, m.proto)
+            );
+            Err((field_err(index, "dstPort", problem), Some(first)))
+        };
+        let key = |port| (m.proto, m.family, port);
+        if let Some((&(p, f, a), &(b, first))) = self.pod_ranges.range(..=key(hi)).next_back() {
+            if p == m.proto && f == m.family && b >= lo {
+                return clash(first, span_text(a, b, p));
+            }
+        }
+        if m.span > 0 {
+            if let Some((&(_, _, port), &first)) = self.pod_singles.range(key(lo)..=key(hi)).next()
+            {
+                return clash(first, span_text(port, port, m.proto));
+            }
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, m: &PortMapping) {
+        let key = |port| (m.proto, m.family, port);
+        self.public.insert(key(m.src_port), (m.src_end(), m.entry));
+        if m.span == 0 {
+            self.pod_singles.insert(key(m.dst_port), m.entry);
+        } else {
+            self.pod_ranges
+                .insert(key(m.dst_port), (m.dst_end(), m.entry));
+        }
+    }
 }
 
 /// `lo-hi/proto`, or `lo/proto` for one port.
@@ -187,67 +303,27 @@ fn span_text(lo: u16, hi: u16, proto: Proto) -> String {
     }
 }
 
-/// The pod ports of a pod's entries so far, per protocol and family: a
-/// range's may not overlap another entry's (each would accept the other's
-/// ports); single ports may repeat.
-#[derive(Default)]
-struct PodPorts {
-    ranges: BTreeMap<(Proto, Family, u16), (u16, usize)>,
-    singles: BTreeMap<(Proto, Family, u16), usize>,
-}
-
-impl PodPorts {
-    fn insert(&mut self, index: usize, m: &PortMapping, f: Family) -> Result<(), AnnotationError> {
-        let (lo, hi) = (m.dst_port, m.dst_end());
-        let clash = |first: usize, text: String| {
-            Err(field_err(
-                index,
-                "dstPort",
-                format!(
-                    "pod ports {} overlap entries[{first}]'s ({text}); a range's pod ports are its own",
-                    span_text(lo, hi, m.proto)
-                ),
-            ))
-        };
-        let before = self.ranges.range(..=(m.proto, f, hi)).next_back();
-        if let Some((&(p, g, a), &(b, first))) = before {
-            if p == m.proto && g == f && b >= lo {
-                return clash(first, span_text(a, b, p));
-            }
-        }
-        if m.span == 0 {
-            self.singles.insert((m.proto, f, lo), index);
-            return Ok(());
-        }
-        if let Some((&(_, _, port), &first)) = self
-            .singles
-            .range((m.proto, f, lo)..=(m.proto, f, hi))
-            .next()
-        {
-            return clash(first, span_text(port, port, m.proto));
-        }
-        self.ranges.insert((m.proto, f, lo), (hi, index));
-        Ok(())
-    }
-}
-
-/// `parse` with the planner's settings, refusing `sourceRanges` where the
-/// flavor does not enforce them.
-pub fn parse_for(
-    text: &str,
-    cfg: &crate::plan::PlanConfig,
-) -> Result<Vec<PortMapping>, AnnotationError> {
-    let mappings = parse(text, &cfg.restricted_ports, cfg.families)?;
+/// `parse_entries` with the planner's settings: where the flavor does not
+/// enforce `sourceRanges`, an entry carrying them is rejected alone.
+pub fn parse_for(text: &str, cfg: &crate::plan::PlanConfig) -> Result<Parsed, AnnotationError> {
+    let mut parsed = parse_entries(text, &cfg.restricted_ports, cfg.families)?;
     if !cfg.source_ranges {
-        if let Some(m) = mappings.iter().find(|m| m.sources.is_some()) {
-            return Err(field_err(
-                m.entry,
-                "sourceRanges",
-                "not enforced here (the nftables flavor needs Linux 5.6 or later for them; the iptables flavor has no such limit); the entry is not published rather than published to every source",
-            ));
-        }
+        let mut unenforced: Vec<usize> = parsed
+            .mappings
+            .iter()
+            .filter(|m| m.sources.is_some())
+            .map(|m| m.entry)
+            .collect();
+        unenforced.dedup();
+        parsed.mappings.retain(|m| !unenforced.contains(&m.entry));
+        parsed.rejected.extend(unenforced.into_iter().map(|entry| field_err(
+            entry,
+            "sourceRanges",
+            "not enforced here (the nftables flavor needs Linux 5.6 or later for them; the iptables flavor has no such limit); the entry is not published rather than published to every source",
+        )));
+        parsed.rejected.sort_by_key(AnnotationError::entry);
     }
-    Ok(mappings)
+    Ok(parsed)
 }
 
 fn field_err(index: usize, field: &'static str, problem: impl Into<String>) -> AnnotationError {
@@ -599,6 +675,33 @@ mod tests {
             .to_string()
     }
 
+    /// The error of the one entry of `text` rejected alone; every other
+    /// entry is published (a good entry appended to `text` too).
+    fn err_alone(text: &str) -> String {
+        let with_good = text.replacen(
+            "{\"entries\":[",
+            "{\"entries\":[{\"srcPort\":8080,\"dstPort\":80},",
+            1,
+        );
+        let p = parse_entries(&with_good, &restricted(), Families::default())
+            .unwrap_or_else(|e| panic!("{with_good}: the whole annotation rejected: {e}"));
+        assert_eq!(p.rejected.len(), 1, "{with_good}: {:?}", p.rejected);
+        let bad = p.rejected[0].entry().expect("names its entry");
+        let doc: Value = serde_json::from_str(&with_good).unwrap();
+        let all = doc["entries"].as_array().unwrap().len();
+        let published: BTreeSet<usize> = p.mappings.iter().map(|m| m.entry).collect();
+        let others: BTreeSet<usize> = (0..all).filter(|&i| i != bad).collect();
+        assert_eq!(published, others, "{with_good}: the good entries published");
+        // Named as in `text` (the good entry shifted the indexes by one).
+        let e = p.rejected[0].to_string();
+        let shifted = |i: usize| format!("entries[{i}]");
+        (1..=all)
+            .fold(e, |e, i| {
+                e.replace(&shifted(i), &format!("entries[#{}]", i - 1))
+            })
+            .replace("entries[#", "entries[")
+    }
+
     #[test]
     fn spec_example_mail_server() {
         let m = parse(
@@ -704,6 +807,7 @@ mod tests {
         ];
         for (text, want) in cases {
             assert_eq!(err(text), want, "{text}");
+            assert_eq!(err_alone(text), want, "{text}");
         }
         // Another protocol, or the same ports on another family, is another
         // range; two single entries onto one pod port stay allowed.
@@ -793,6 +897,10 @@ mod tests {
         for (ranges, want) in cases {
             let e = entry(ranges);
             assert!(e.starts_with(want), "{ranges}: {e}");
+            let alone = err_alone(&format!(
+                r#"{{"entries":[{{"srcPort":80,"dstPort":80}},{{"srcPort":993,"dstPort":993,"sourceRanges":{ranges}}}]}}"#
+            ));
+            assert_eq!(alone, e, "{ranges}");
         }
         let many: Vec<String> = (0..=MAX_SOURCE_RANGES)
             .map(|i| format!("\"10.{}.{}.0/24\"", i / 256, i % 256))
@@ -813,6 +921,46 @@ mod tests {
     }
 
     #[test]
+    fn only_errors_of_the_go_versions_fields_reject_the_whole_annotation() {
+        // A bad dstPort beside a good range: the whole annotation, as before.
+        let text = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10010,"dstPort":20000},{"srcPort":25,"dstPort":0}]}"#;
+        assert_eq!(
+            parse_entries(text, &restricted(), Families::default())
+                .unwrap_err()
+                .to_string(),
+            "entries[1].dstPort: port 0 is reserved"
+        );
+        // A plain entry clashing with a range: rejected alone (the range
+        // stays); two plain duplicates still reject the annotation.
+        let text = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10010,"dstPort":20000},{"srcPort":10005,"dstPort":80},{"srcPort":25,"dstPort":25}]}"#;
+        let p = parse_entries(text, &restricted(), Families::default()).unwrap();
+        let published: Vec<(usize, u16)> = p.mappings.iter().map(|m| (m.entry, m.span)).collect();
+        assert_eq!(published, [(0, 10), (2, 0)]);
+        assert_eq!(
+            p.rejected[0].to_string(),
+            "entries[1].srcPort: 10005/tcp overlaps entries[0] (10000-10010/tcp)"
+        );
+        assert!(parse_entries(
+            r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":25,"dstPort":26}]}"#,
+            &restricted(),
+            Families::default()
+        )
+        .is_err());
+        // A range rejected alone publishes nothing: a later entry on its
+        // ports is no overlap.
+        let text = r#"{"entries":[{"srcPort":10000,"srcPortEnd":20000,"dstPort":20000},{"srcPort":10005,"dstPort":80}]}"#;
+        let p = parse_entries(text, &restricted(), Families::default()).unwrap();
+        let published: Vec<u16> = p.mappings.iter().map(|m| m.src_port).collect();
+        assert_eq!(published, [10005]);
+        assert_eq!(p.rejected.len(), 1);
+        // `parse` (every entry valid) rejects the annotation with it.
+        assert!(parse(text, &restricted(), Families::default())
+            .unwrap_err()
+            .to_string()
+            .starts_with("entries[0].srcPortEnd: 10000-20000 is 10001 ports"));
+    }
+
+    #[test]
     fn a_flavor_that_does_not_enforce_source_ranges_refuses_them() {
         let mut cfg = crate::plan::PlanConfig {
             node_id: "n".into(),
@@ -822,15 +970,21 @@ mod tests {
             source_ranges: false,
         };
         let text = r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.0/24"]}]}"#;
-        let e = parse_for(text, &cfg).unwrap_err().to_string();
+        // The restricted entry alone: port 80 is published.
+        let p = parse_for(text, &cfg).unwrap();
+        assert_eq!(p.mappings.len(), 1);
+        assert_eq!(p.mappings[0].src_port, 80);
+        let e: Vec<String> = p.rejected.iter().map(ToString::to_string).collect();
+        assert_eq!(e.len(), 1);
         assert!(
-            e.starts_with(
+            e[0].starts_with(
                 "entries[1].sourceRanges: not enforced here (the nftables flavor needs Linux 5.6"
             ),
-            "{e}"
+            "{e:?}"
         );
         cfg.source_ranges = true;
-        assert_eq!(parse_for(text, &cfg).unwrap().len(), 2);
+        let p = parse_for(text, &cfg).unwrap();
+        assert_eq!((p.mappings.len(), p.rejected.len()), (2, 0));
     }
 
     #[test]

@@ -208,7 +208,8 @@ pub enum EntryState {
     ConflictLost,
     /// Waits for a public address to be detected.
     Pending,
-    /// The pod's annotation was rejected (no NAT for the whole pod).
+    /// The pod's annotation was rejected (no NAT for the pod), or entries
+    /// of it (the message names them; the others have rows of their own).
     Invalid,
     /// Valid, but not published: the namespace may not publish it, or the
     /// node itself serves the port (`reason` says which).
@@ -500,7 +501,7 @@ pub fn entry_rows(
     }
     for r in &table.rejected {
         rows.push(Entry {
-            message: Some(r.error.to_string()),
+            message: Some(r.rejected.to_string()),
             ..row(&r.pod, EntryState::Invalid)
         });
     }

@@ -204,7 +204,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         },
     );
     for r in &table.rejected {
-        tracing::warn!(pod = %r.pod, "invalid annotation: {}", r.error);
+        tracing::warn!(pod = %r.pod, "{}", r.rejected);
     }
     for c in &table.conflicts {
         tracing::warn!(pod = %c.loser, "{} is taken by {}", c.ports(), c.winner);

@@ -189,7 +189,7 @@ impl Metrics {
         );
         registry.register(
             "invalid_annotations",
-            "Pods on this node whose annotation was rejected in the last plan",
+            "Pods on this node whose annotation, or some of its entries, was rejected in the last plan",
             self.invalid_annotations.clone(),
         );
         registry.register(

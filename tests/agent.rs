@@ -127,11 +127,28 @@ fn invalid_annotation_gets_a_warning_and_leaves_other_pods_alone() {
     w.set_running("broken", POD_B_IP);
     w.create_pod("restricted", NODE, Some(&annotation(&[(22, 22)])));
     w.set_running("restricted", "10.1.2.5");
+    // A bad port range is rejected alone: the pod's other entry is
+    // published.
+    w.create_pod(
+        "partial",
+        NODE,
+        Some(r#"{"entries":[{"srcPort":27,"dstPort":27},{"srcPort":10000,"srcPortEnd":11000,"dstPort":20000}]}"#),
+    );
+    w.set_running("partial", "10.1.2.6");
     w.create_pod("mx-a", NODE, Some(&annotation(&[(25, 2525)])));
     w.set_running("mx-a", POD_A_IP);
 
-    wait_for("only the valid pod's mapping", WAIT, || {
-        w.dnat() == set(&["203.0.113.7:25/tcp → 10.1.0.5:2525"])
+    wait_for("only the valid entries' mappings", WAIT, || {
+        w.dnat()
+            == set(&[
+                "203.0.113.7:25/tcp → 10.1.0.5:2525",
+                "203.0.113.7:27/tcp → 10.1.2.6:27",
+            ])
+    });
+    wait_for("InvalidAnnotation on the partial pod", WAIT, || {
+        w.events("partial", "InvalidAnnotation").iter().any(|n| {
+            n.contains("entries rejected, the pod's other entries are published: entries[1].srcPortEnd: 10000-11000 is 1001 ports")
+        })
     });
     wait_for("TCP to the valid pod", WAIT, || w.roundtrip(25));
     wait_for("InvalidAnnotation on the broken pod", WAIT, || {

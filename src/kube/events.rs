@@ -19,7 +19,8 @@ pub enum Reason {
     NatApplied,
     /// Warning: another pod won a public port this pod claims.
     NatConflict,
-    /// Warning: the annotation was rejected; the pod gets no NAT.
+    /// Warning: the annotation was rejected (the pod gets no NAT), or
+    /// entries of it (the others are published).
     InvalidAnnotation,
     /// Normal: the pod's mappings were removed.
     NatRemoved,

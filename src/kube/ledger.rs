@@ -199,7 +199,7 @@ fn refused(r: &crate::plan::Refusal) -> (&'static str, String) {
 }
 
 fn invalid(r: &crate::plan::Rejection) -> String {
-    format!("annotation rejected, no NAT for this pod: {}", r.error)
+    r.rejected.to_string()
 }
 
 #[cfg(test)]
@@ -254,7 +254,9 @@ mod tests {
         t.rules.dnat.push(mapping(&a, 25, [10, 1, 0, 5]));
         t.rejected.push(Rejection {
             pod: bad.clone(),
-            error: annotation::parse("{", &Default::default(), Default::default()).unwrap_err(),
+            rejected: crate::plan::Rejected::Annotation(
+                annotation::parse("{", &Default::default(), Default::default()).unwrap_err(),
+            ),
         });
         let evs = ledger.observe(&t, in_store);
         assert_eq!(

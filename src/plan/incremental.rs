@@ -132,7 +132,7 @@ struct Claim {
 #[derive(Clone, Debug)]
 struct PodState {
     facts: PodFacts,
-    parsed: Result<Vec<PortMapping>, AnnotationError>,
+    parsed: Result<annotation::Parsed, AnnotationError>,
 }
 
 impl PodState {
@@ -151,7 +151,7 @@ impl PodState {
     }
 
     fn entries(&self) -> &[PortMapping] {
-        self.parsed.as_deref().unwrap_or(&[])
+        self.parsed.as_ref().map_or(&[], |p| &p.mappings)
     }
 
     /// Whether the pod is a candidate: a valid annotation, not terminating,
@@ -425,7 +425,7 @@ impl IncrementalPlan {
         f.annotation.is_some() && on_node(f.node.as_deref(), &self.cfg.node_id)
     }
 
-    fn parse(&self, f: &PodFacts) -> Result<Vec<PortMapping>, AnnotationError> {
+    fn parse(&self, f: &PodFacts) -> Result<annotation::Parsed, AnnotationError> {
         annotation::parse_for(f.annotation.as_deref().unwrap_or_default(), &self.cfg)
     }
 
@@ -522,7 +522,7 @@ impl IncrementalPlan {
     /// Indexes a pod's claims and records its rejection and pending entries.
     fn enter(&mut self, s: &PodState, dirty: &mut Dirty) {
         let pod = &s.facts.pod;
-        self.set_rejected(pod, s.parsed.as_ref().err(), dirty);
+        self.set_rejected(pod, Rejection::of(pod, &s.parsed), dirty);
         let mut pending = Vec::new();
         let mut refused = Vec::new();
         for ip in s.candidate_ips() {
@@ -597,22 +597,16 @@ impl IncrementalPlan {
         dirty.slots_of(s);
     }
 
-    fn set_rejected(&mut self, pod: &PodRef, error: Option<&AnnotationError>, dirty: &mut Dirty) {
+    fn set_rejected(&mut self, pod: &PodRef, rejection: Option<Rejection>, dirty: &mut Dirty) {
         let list = &mut self.table.rejected;
         let at = list.binary_search_by(|r| r.pod.cmp(pod));
-        match (at, error) {
-            (Ok(i), Some(e)) if &list[i].error == e => return,
-            (Ok(i), Some(e)) => list[i].error = e.clone(),
+        match (at, rejection) {
+            (Ok(i), Some(r)) if list[i] == r => return,
+            (Ok(i), Some(r)) => list[i] = r,
             (Ok(i), None) => {
                 list.remove(i);
             }
-            (Err(i), Some(e)) => list.insert(
-                i,
-                Rejection {
-                    pod: pod.clone(),
-                    error: e.clone(),
-                },
-            ),
+            (Err(i), Some(r)) => list.insert(i, r),
             (Err(_), None) => return,
         }
         dirty.touch(pod);

@@ -107,11 +107,57 @@ impl Conflict {
     }
 }
 
-/// A pod whose annotation was rejected: it gets no NAT at all.
+/// A pod whose annotation, or some of whose entries, were rejected.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
     pub pod: PodRef,
-    pub error: AnnotationError,
+    pub rejected: Rejected,
+}
+
+/// What of an annotation was rejected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Rejected {
+    /// All of it: the pod gets no NAT.
+    Annotation(AnnotationError),
+    /// These entries (the first error of each; see
+    /// [`annotation::Parsed::rejected`]): the others are published.
+    Entries(Vec<AnnotationError>),
+}
+
+impl std::fmt::Display for Rejected {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejected::Annotation(e) => write!(f, "annotation rejected, no NAT for this pod: {e}"),
+            Rejected::Entries(list) => {
+                write!(
+                    f,
+                    "entries rejected, the pod's other entries are published: "
+                )?;
+                for (i, e) in list.iter().enumerate() {
+                    if i > 0 {
+                        write!(f, "; ")?;
+                    }
+                    write!(f, "{e}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Rejection {
+    /// The rejection a parse result makes, if any.
+    pub fn of(pod: &PodRef, parsed: &Result<annotation::Parsed, AnnotationError>) -> Option<Self> {
+        let rejected = match parsed {
+            Err(e) => Rejected::Annotation(e.clone()),
+            Ok(p) if p.rejected.is_empty() => return None,
+            Ok(p) => Rejected::Entries(p.rejected.clone()),
+        };
+        Some(Rejection {
+            pod: pod.clone(),
+            rejected,
+        })
+    }
 }
 
 /// An auto-address entry waiting for a public address to be detected.
@@ -224,12 +270,10 @@ pub fn plan_with(
         if !on_node(p.node.as_deref(), &cfg.node_id) {
             continue;
         }
-        match annotation::parse_for(text, cfg) {
-            Ok(entries) => parsed.push((p, entries)),
-            Err(error) => table.rejected.push(Rejection {
-                pod: p.pod.clone(),
-                error,
-            }),
+        let result = annotation::parse_for(text, cfg);
+        table.rejected.extend(Rejection::of(&p.pod, &result));
+        if let Ok(entries) = result {
+            parsed.push((p, entries.mappings));
         }
     }
     table.rejected.sort_by(|a, b| a.pod.cmp(&b.pod));

@@ -250,8 +250,32 @@ fn rejected_pod_gets_nothing_and_others_keep_working() {
     assert_eq!(t.rejected.len(), 1);
     assert_eq!(t.rejected[0].pod, PodRef::new("a", "bad"));
     assert_eq!(
-        t.rejected[0].error.to_string(),
-        "entries[0].dstPort: port 0 is reserved"
+        t.rejected[0].rejected.to_string(),
+        "annotation rejected, no NAT for this pod: entries[0].dstPort: port 0 is reserved"
+    );
+}
+
+#[test]
+fn a_bad_range_or_allow_list_is_rejected_alone_and_the_pods_other_entries_published() {
+    let p = pod(
+        "voip",
+        "pbx",
+        "10.1.0.1",
+        1,
+        r#"{"entries":[{"srcPort":5060,"dstPort":5060,"proto":"udp"},{"srcPort":10000,"srcPortEnd":10999,"dstPort":65000,"proto":"udp"},{"srcPort":993,"dstPort":993,"sourceRanges":["198.51.100.1/24"]},{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000,"proto":"udp"}]}"#,
+    );
+    let t = plan(&[p], DualStack::v4(PUB), &cfg());
+    assert_eq!(
+        keys_of(&t),
+        vec!["203.0.113.7:5060/udp", "203.0.113.7:10000/udp"]
+    );
+    assert_eq!(t.rules.dnat[1].span, 99);
+    assert_eq!(t.rejected.len(), 1);
+    assert_eq!(
+        t.rejected[0].rejected.to_string(),
+        "entries rejected, the pod's other entries are published: \
+         entries[1].srcPortEnd: 10000-10999 maps to pod ports 65000-65999 past 65535; \
+         entries[2].sourceRanges: [0]: 198.51.100.1/24 has host bits set; the network is 198.51.100.0/24"
     );
 }
 

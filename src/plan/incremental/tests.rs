@@ -195,6 +195,9 @@ const ANNOTATIONS: &[&str] = &[
     r#"{"entries":[{"srcPort":24,"srcPortEnd":26,"dstPort":24},{"srcPort":143,"srcPortEnd":150,"dstPort":143,"proto":"udp"}]}"#,
     r#"{"entries":[{"srcIP":"2001:db8::7","srcPort":54,"srcPortEnd":600,"dstPort":30000,"proto":"udp"}]}"#,
     r#"{"entries":[{"srcPort":26,"srcPortEnd":500,"dstPort":3000,"proto":"udp"},{"srcPort":143,"dstPort":143}]}"#,
+    // Entries rejected alone, the pod's others published.
+    r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":143,"srcPortEnd":5000,"dstPort":143}]}"#,
+    r#"{"entries":[{"srcPort":143,"dstPort":143,"sourceRanges":[]},{"srcPort":26,"dstPort":26,"proto":"udp"}]}"#,
 ];
 
 /// Public addresses the node may have: none, IPv4 alone, both, IPv6 alone.
