@@ -80,11 +80,6 @@ fn apply_and_check(ns: &Netns, flavor: Flavor, rules: &RuleSet) {
     let r = rules.clone();
     ns.run(move || backend(flavor).apply(&r)).unwrap();
     assert_kernel_holds_view(ns, flavor, rules);
-    if flavor == Flavor::Iptables {
-        let save = ns.sh("iptables-nft-save; ip6tables-nft-save");
-        // One rule per part (the TCP range stays whole throughout).
-        assert!(save.contains("--dport 10000:10099"), "{save}");
-    }
     let again = rules.clone();
     let report = ns.run(move || backend(flavor).apply(&again)).unwrap();
     assert_eq!(
@@ -147,6 +142,15 @@ fn shared_per_port_and_given_back_whole(flavor: Flavor, name: &str) {
     let alone = planned(std::slice::from_ref(&pbx));
     assert_eq!(alone.dnat.len(), 4);
     apply_and_check(&sb.node, flavor, &alone);
+    if flavor == Flavor::Iptables {
+        // One DNAT rule per range (and family), not one per port.
+        let save = sb.node.sh("iptables-nft-save; ip6tables-nft-save");
+        assert_eq!(save.matches("--dport 10000:10099").count(), 4, "{save}");
+        let ours = save
+            .lines()
+            .filter(|l| l.starts_with("-A PODNAT_PRE") && l.contains("-j DNAT"));
+        assert_eq!(ours.count(), 4, "{save}");
+    }
 
     let bind = |ns: &Netns, port: u16| ns.run(|| UdpSocket::bind(("::", port)).unwrap());
     let a: Vec<(u16, UdpSocket)> = [20000, 20050, 20099]
@@ -248,5 +252,53 @@ fn shared_per_port_and_given_back_whole(flavor: Flavor, name: &str) {
             Some(20050),
             "{public}:10050"
         );
+    }
+}
+
+/// Two pods on one address (hostNetwork pods, or an address reused before
+/// the old pod is gone) whose pod ports overlap: each pod port is accepted
+/// once, by the newer pod's rule, the older pod's range cut around it — a
+/// second element or rule for the same port would make the whole batch
+/// fail (the nftables flavor's set refuses a duplicate).
+#[test]
+fn pods_sharing_an_address_accept_each_pod_port_once() {
+    for (flavor, name) in [(Flavor::Nftables, "rngs"), (Flavor::Iptables, "rngsi")] {
+        let sb = Sandbox::new(name).with_ipv6();
+        crowd_dual(&sb.node);
+        let pbx = pod("pbx", POD_A_IP, POD_A_IP6, 100, RTP);
+        let sip = pod(
+            "sip",
+            POD_A_IP,
+            POD_A_IP6,
+            200,
+            r#"{"entries":[{"srcPort":5060,"dstPort":20050,"proto":"udp"}]}"#,
+        );
+        let both = planned(&[pbx, sip]);
+        let v4 = both.of_family(Family::Ipv4);
+        let runs: Vec<(u16, u16, &str)> = v4
+            .forward
+            .iter()
+            .filter(|f| f.proto == Proto::Udp)
+            .map(|f| (f.pod_port, f.pod_port + f.span, &*f.owner.name))
+            .collect();
+        assert_eq!(
+            runs,
+            [
+                (20000, 20049, "pbx"),
+                (20050, 20050, "sip"),
+                (20051, 20099, "pbx")
+            ]
+        );
+        apply_and_check(&sb.node, flavor, &both);
+        let sock = sb.pod_a.run(|| UdpSocket::bind(("::", 20050)).unwrap());
+        for public in [PUBLIC4, PUBLIC6] {
+            for port in [10050, 5060] {
+                assert_eq!(
+                    lands(&sb, public, port, &[(20050, &sock)]),
+                    Some(20050),
+                    "{flavor:?} {public}:{port}"
+                );
+            }
+        }
     }
 }

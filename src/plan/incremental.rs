@@ -178,7 +178,8 @@ struct Dirty {
     /// Claims that came or went: their first key and span.
     keys: BTreeSet<(NatKey, u16)>,
     snat: BTreeSet<(IpAddr, Proto)>,
-    forward: BTreeSet<(IpAddr, Proto, u16)>,
+    /// Pod addresses and protocols whose FORWARD rules are re-planned.
+    forward: BTreeSet<(IpAddr, Proto)>,
     pods: BTreeSet<PodRef>,
     /// A rebuild: every slot is dirty already and nobody asks which pods
     /// changed, so neither is tracked (a third of a rebuild's time).
@@ -199,7 +200,7 @@ impl Dirty {
                 continue;
             };
             self.snat.insert((ip, e.proto));
-            self.forward.insert((ip, e.proto, e.dst_port));
+            self.forward.insert((ip, e.proto));
         }
     }
 }

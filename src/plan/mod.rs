@@ -239,6 +239,52 @@ fn rank(p: &PodFacts) -> (bool, Option<Timestamp>, &str, &str) {
     (p.ready, p.created, &p.pod.namespace, &p.pod.name)
 }
 
+/// A pod-port run a candidate won: (candidate, first pod port, span).
+type PodPortRun = (usize, u16, u16);
+
+/// The FORWARD rules of one pod address and protocol from the pod-port
+/// runs its candidates won (`(first, span, rank, pod)`), settled per port
+/// as public ports are: pods sharing an address (hostNetwork pods, or an
+/// address reused before the old pod is gone) never accept one port twice
+/// — a port's rule is the highest-ranked pod's, a run cut where another
+/// pod's holds ports. The full and the incremental planner both end here.
+pub(crate) fn forward_rules<R: Ord>(
+    pod_ip: IpAddr,
+    proto: Proto,
+    runs: Vec<(u16, u16, R, &PodRef)>,
+) -> Vec<ForwardRule> {
+    let mut owners = Vec::with_capacity(runs.len());
+    let mut claims: Vec<ranges::Claimed<R, usize>> = runs
+        .into_iter()
+        .enumerate()
+        .map(|(id, (lo, span, rank, owner))| {
+            owners.push(owner);
+            ranges::Claimed {
+                lo,
+                hi: lo + span,
+                proto,
+                rank,
+                id,
+            }
+        })
+        .collect();
+    claims.sort_by_key(|c| c.lo);
+    let mut out: Vec<ForwardRule> = ranges::overlapping_groups(&claims)
+        .into_iter()
+        .flat_map(ranges::settle)
+        .filter(|part| part.loser.is_none())
+        .map(|part| ForwardRule {
+            pod_ip,
+            proto,
+            pod_port: part.lo,
+            owner: owners[part.winner].clone(),
+            span: part.hi - part.lo,
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 fn outranks(a: &PodFacts, b: &PodFacts) -> bool {
     rank(a).cmp(&rank(b)) == Ordering::Greater
 }
@@ -328,8 +374,8 @@ pub fn plan_with(
 
     // Winner per port; remember which entries won any, per pod.
     let mut won: BTreeSet<(usize, usize)> = BTreeSet::new();
-    // Pod ports accepted in FORWARD: (pod IP, proto, first) → (pod, span).
-    let mut forward: BTreeMap<(IpAddr, Proto, u16), (usize, u16)> = BTreeMap::new();
+    // Pod-port runs to accept in FORWARD, per pod IP and protocol.
+    let mut forward: BTreeMap<(IpAddr, Proto), Vec<PodPortRun>> = BTreeMap::new();
     for (public_ip, mut list) in claims {
         list.sort_by_key(|c| c.lo);
         for group in ranges::overlapping_groups(&list) {
@@ -365,15 +411,10 @@ pub fn plan_with(
                     span,
                 });
                 table.rules.allow.extend(source_rules(key, e, &winner.pod));
-                // FORWARD per (pod IP, proto, pod port): when two pods
-                // share a slot (an IP reused before the old pod is gone),
-                // the higher-ranked pod owns it.
-                let slot = forward
-                    .entry((pod_ip, e.proto, pod_port))
-                    .or_insert((wp, span));
-                if outranks(winner, parsed[slot.0].0) {
-                    *slot = (wp, span);
-                }
+                forward
+                    .entry((pod_ip, e.proto))
+                    .or_default()
+                    .push((wp, pod_port, span));
             }
         }
     }
@@ -414,12 +455,12 @@ pub fn plan_with(
         .collect();
     table.rules.forward = forward
         .into_iter()
-        .map(|((pod_ip, proto, pod_port), (pi, span))| ForwardRule {
-            pod_ip,
-            proto,
-            pod_port,
-            owner: parsed[pi].0.pod.clone(),
-            span,
+        .flat_map(|((pod_ip, proto), runs)| {
+            let claims = runs
+                .iter()
+                .map(|&(pi, lo, span)| (lo, span, rank(parsed[pi].0), &parsed[pi].0.pod))
+                .collect();
+            forward_rules(pod_ip, proto, claims)
         })
         .collect();
     table.rules.local = local_pods(pods, cfg);

@@ -6,9 +6,9 @@ use std::ops::Range;
 
 use super::{Claim, Dirty, IncrementalPlan, PodState, TableChange};
 use crate::firewall::{diff, Changes};
-use crate::model::{Family, ForwardRule, Mapping, NatKey, Proto, SnatRule, SourceRule};
+use crate::model::{Family, Mapping, NatKey, Proto, SnatRule, SourceRule};
 use crate::plan::ranges::{settle, Claimed};
-use crate::plan::{source_rules, Conflict};
+use crate::plan::{forward_rules, source_rules, Conflict};
 
 impl IncrementalPlan {
     /// Re-plans the dirty keys (winner, conflicts), then the SNAT and FORWARD
@@ -61,51 +61,33 @@ impl IncrementalPlan {
             swap_rule(list, at, want, &mut rules.add.snat, &mut rules.del.snat);
         }
 
-        for (pod_ip, proto, pod_port) in std::mem::take(&mut dirty.forward) {
-            let want = self
-                .candidates_at(pod_ip)
-                .filter_map(|s| {
-                    let pod = &s.facts.pod;
-                    let span = s.entries().iter().find_map(|e| {
-                        if e.proto != proto || e.family != Family::of(pod_ip) {
-                            return None;
-                        }
-                        if e.span == 0 {
-                            return (e.dst_port == pod_port && self.wins(pod, e)).then_some(0);
-                        }
-                        // A range: the part it won that starts at this pod port.
-                        let offset = pod_port.checked_sub(e.dst_port).filter(|o| *o <= e.span)?;
-                        let first = e.src_port + offset;
-                        self.parts_of(e)
-                            .find(|m| m.key.public_port == first && &m.owner == pod)
-                            .map(|m| m.span)
-                    })?;
-                    Some((s, span))
-                })
-                .max_by(|a, b| a.0.rank().cmp(&b.0.rank()))
-                .map(|(s, span)| (&s.facts.pod, span));
-            let list = &self.table.rules.forward;
-            let at = list.binary_search_by(|r| {
-                (r.pod_ip, r.proto, r.pod_port).cmp(&(pod_ip, proto, pod_port))
-            });
-            if at.ok().map(|i| (&list[i].owner, list[i].span)) == want {
+        for (pod_ip, proto) in std::mem::take(&mut dirty.forward) {
+            // The pod-port runs every candidate at the address won, settled
+            // per port as `plan()` settles them.
+            let family = Family::of(pod_ip);
+            let mut runs = Vec::new();
+            for s in self.candidates_at(pod_ip) {
+                let pod = &s.facts.pod;
+                for e in s.entries() {
+                    if e.proto != proto || e.family != family {
+                        continue;
+                    }
+                    for m in self.parts_of(e).filter(|m| &m.owner == pod) {
+                        let offset = m.key.public_port - e.src_port;
+                        runs.push((e.dst_port + offset, m.span, s.rank(), pod));
+                    }
+                }
+            }
+            let want = forward_rules(pod_ip, proto, runs);
+            let list = &mut self.table.rules.forward;
+            let range = range_of(list, |r| (r.pod_ip, r.proto).cmp(&(pod_ip, proto)));
+            if list[range.clone()] == want[..] {
                 continue;
             }
-            let want = want.map(|(owner, span)| ForwardRule {
-                pod_ip,
-                proto,
-                pod_port,
-                owner: owner.clone(),
-                span,
-            });
-            let list = &mut self.table.rules.forward;
-            swap_rule(
-                list,
-                at,
-                want,
-                &mut rules.add.forward,
-                &mut rules.del.forward,
-            );
+            let (add, del) = diff(&list[range.clone()], &want);
+            rules.add.forward.extend(add);
+            rules.del.forward.extend(del);
+            list.splice(range, want);
         }
 
         for r in [&rules.add, &rules.del] {
@@ -252,7 +234,7 @@ impl IncrementalPlan {
         // The winning entries of every owner whose mappings moved: their
         // SNAT and FORWARD slots are re-planned after (a rebuild has all).
         for m in add.iter().chain(&del) {
-            dirty.forward.insert((m.pod_ip, m.key.proto, m.pod_port));
+            dirty.forward.insert((m.pod_ip, m.key.proto));
             if dirty.rebuild {
                 continue;
             }

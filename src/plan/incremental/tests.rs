@@ -432,6 +432,11 @@ proptest! {
             let all: Vec<PodFacts> = pods.values().cloned().collect();
             let want = plan_with(&all, address, inc.node_services(), &dual());
             prop_assert_eq!(inc.table(), &want);
+            // No pod port is accepted twice (pods sharing an address).
+            for w in want.rules.forward.windows(2) {
+                let same = (w[0].pod_ip, w[0].proto) == (w[1].pod_ip, w[1].proto);
+                prop_assert!(!same || w[0].pod_port + w[0].span < w[1].pod_port, "{:?}", w);
+            }
             // The change is exactly the difference, and applying it gives the new rules.
             prop_assert_eq!(&change.rules, &Changes::between(&before.rules, &want.rules));
             let mut rules = before.rules.clone();
