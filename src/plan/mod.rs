@@ -269,17 +269,22 @@ pub(crate) fn forward_rules<R: Ord>(
         })
         .collect();
     claims.sort_by_key(|c| c.lo);
+    let rule = |lo: u16, hi: u16, id: usize| ForwardRule {
+        pod_ip,
+        proto,
+        pod_port: lo,
+        owner: owners[id].clone(),
+        span: hi - lo,
+    };
+    // The usual case: no two runs overlap, each is its rule.
+    if claims.windows(2).all(|w| w[0].hi < w[1].lo) {
+        return claims.iter().map(|c| rule(c.lo, c.hi, c.id)).collect();
+    }
     let mut out: Vec<ForwardRule> = ranges::overlapping_groups(&claims)
         .into_iter()
         .flat_map(ranges::settle)
         .filter(|part| part.loser.is_none())
-        .map(|part| ForwardRule {
-            pod_ip,
-            proto,
-            pod_port: part.lo,
-            owner: owners[part.winner].clone(),
-            span: part.hi - part.lo,
-        })
+        .map(|part| rule(part.lo, part.hi, part.winner))
         .collect();
     out.sort();
     out
