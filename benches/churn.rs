@@ -411,6 +411,7 @@ fn ranges_row(n: u32) -> (Pair, Pair) {
         for r in ranges {
             t.allow.push(SourceRule {
                 key,
+                span: 0,
                 source: r.parse().unwrap(),
                 owner: owner.clone(),
             });

@@ -197,13 +197,6 @@ fn entry_mappings(
             },
         )));
     }
-    if mapping.span > 0 && sources.is_some() {
-        return Err(alone(field_err(
-            index,
-            "sourceRanges",
-            "not supported together with srcPortEnd by this version; publish the range without sourceRanges or the ports one by one",
-        )));
-    }
     // The families' keys differ: each is checked against the entries
     // before, none against another family of this entry.
     let mut out = Vec::with_capacity(serves.len());
@@ -799,10 +792,6 @@ mod tests {
             (
                 r#"{"entries":[{"srcPort":80,"dstPort":20005,"proto":"udp"},{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"proto":"udp"}]}"#,
                 "entries[1].dstPort: pod ports 20000-20100/udp overlap entries[0]'s (20005/udp); a range's pod ports are its own",
-            ),
-            (
-                r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"sourceRanges":["198.51.100.0/24"]}]}"#,
-                "entries[0].sourceRanges: not supported together with srcPortEnd by this version; publish the range without sourceRanges or the ports one by one",
             ),
         ];
         for (text, want) in cases {

@@ -395,6 +395,9 @@ pub struct LocalPod {
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct SourceRule {
     pub key: NatKey,
+    /// The ports after `key`'s it restricts too: its mapping's `span`
+    /// (a range's part, `srcPortEnd`).
+    pub span: u16,
     pub source: ipnet::IpNet,
     pub owner: PodRef,
 }
@@ -406,9 +409,30 @@ pub fn allow_of<'a>(allow: &'a [SourceRule], key: &NatKey) -> &'a [SourceRule] {
     &allow[start..start + len]
 }
 
-/// The distinct keys of a sorted allow-list: the restricted ones, sorted.
+/// The distinct keys of a sorted allow-list: the restricted mappings' first
+/// keys, sorted.
 pub fn restricted_keys(allow: &[SourceRule]) -> Vec<NatKey> {
     let mut keys: Vec<NatKey> = allow.iter().map(|a| a.key).collect();
+    keys.dedup();
+    keys
+}
+
+/// Every restricted port's key of a sorted allow-list (a range's part
+/// port by port), sorted.
+pub fn restricted_ports(allow: &[SourceRule]) -> Vec<NatKey> {
+    let mut keys: Vec<NatKey> = Vec::with_capacity(allow.len());
+    let mut last: Option<(NatKey, u16)> = None;
+    for a in allow {
+        if last == Some((a.key, a.span)) {
+            continue;
+        }
+        last = Some((a.key, a.span));
+        keys.extend((0..=a.span).map(|i| NatKey {
+            public_port: a.key.public_port + i,
+            ..a.key
+        }));
+    }
+    keys.sort();
     keys.dedup();
     keys
 }

@@ -501,6 +501,7 @@ fn cleanup_for_go_version_leaves_exactly_the_go_layout() {
     });
     rules.allow.push(podnat_controller::model::SourceRule {
         key: imap.key,
+        span: 0,
         source: "198.51.100.0/24".parse().unwrap(),
         owner: imap.owner.clone(),
     });

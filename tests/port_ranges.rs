@@ -89,20 +89,43 @@ fn apply_and_check(ns: &Netns, flavor: Flavor, rules: &RuleSet) {
     let read = ns.run(move || backend(flavor).read()).unwrap();
     assert_eq!(&read.dnat, &rules.dnat, "one mapping per part, read back");
     assert_eq!(&read.forward, &rules.forward);
+    assert_eq!(&read.allow, &rules.allow, "one allowed range per part");
+}
+
+/// UDP sockets on pod A's ports 20000, 20050, 20099 (the range's first,
+/// middle and last) and pod B's 30050, by port.
+fn pod_sockets(sb: &Sandbox) -> Vec<(u16, UdpSocket)> {
+    let bind = |ns: &Netns, port: u16| ns.run(|| UdpSocket::bind(("::", port)).unwrap());
+    let mut v: Vec<(u16, UdpSocket)> = [20000, 20050, 20099]
+        .into_iter()
+        .map(|p| (p, bind(&sb.pod_a, p)))
+        .collect();
+    v.push((30050, bind(&sb.pod_b, 30050)));
+    v
 }
 
 /// Sends one datagram from the client to `public:port`; the pod socket in
 /// `sockets` that receives it, by its port.
 fn lands(sb: &Sandbox, public: &str, port: u16, sockets: &[(u16, &UdpSocket)]) -> Option<u16> {
+    lands_from(&sb.client, public, port, sockets)
+}
+
+/// `lands`, sent from `from`.
+fn lands_from(from: &Netns, public: &str, port: u16, sockets: &[(u16, &UdpSocket)]) -> Option<u16> {
     let to = SocketAddr::new(public.parse().unwrap(), port);
-    sb.client.run(|| {
+    from.run(|| {
         let s = UdpSocket::bind(if public.contains(':') {
             "[::]:0"
         } else {
             "0.0.0.0:0"
         })
         .unwrap();
-        s.send_to(&port.to_be_bytes(), to).unwrap();
+        // A drop in the output path (the node's own datagram to a
+        // restricted key, nftables flavor) is EPERM to the sender: it lands
+        // nowhere.
+        if let Err(e) = s.send_to(&port.to_be_bytes(), to) {
+            assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+        }
     });
     let mut buf = [0u8; 16];
     for (at, s) in sockets {
@@ -152,17 +175,8 @@ fn shared_per_port_and_given_back_whole(flavor: Flavor, name: &str) {
         assert_eq!(ours.count(), 4, "{save}");
     }
 
-    let bind = |ns: &Netns, port: u16| ns.run(|| UdpSocket::bind(("::", port)).unwrap());
-    let a: Vec<(u16, UdpSocket)> = [20000, 20050, 20099]
-        .into_iter()
-        .map(|p| (p, bind(&sb.pod_a, p)))
-        .collect();
-    let b = (30050, bind(&sb.pod_b, 30050));
-    let sockets: Vec<(u16, &UdpSocket)> = a
-        .iter()
-        .map(|(p, s)| (*p, s))
-        .chain([(b.0, &b.1)])
-        .collect();
+    let owned = pod_sockets(&sb);
+    let sockets: Vec<(u16, &UdpSocket)> = owned.iter().map(|(p, s)| (*p, s)).collect();
     for public in [PUBLIC4, PUBLIC6] {
         for (port, want) in [(10000, 20000), (10050, 20050), (10099, 20099)] {
             assert_eq!(
@@ -299,6 +313,61 @@ fn pods_sharing_an_address_accept_each_pod_port_once() {
                     "{flavor:?} {public}:{port}"
                 );
             }
+        }
+    }
+}
+
+/// A range restricted to sources (`srcPortEnd` with `sourceRanges`): the
+/// client in the ranges reaches ports across it, the node (local access,
+/// its address not listed) none; a newer open pod winning a middle part
+/// opens exactly that part. One allowed range is one element per part
+/// (nftables: the ports as an interval) or one DNAT rule per part and
+/// range (iptables).
+#[test]
+fn a_restricted_port_range_admits_only_its_sources() {
+    const RESTRICTED: &str = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10099,"dstPort":20000,"proto":"udp","sourceRanges":["203.0.113.0/30","2001:db8::/126"]}]}"#;
+    for (flavor, name) in [(Flavor::Nftables, "rngr"), (Flavor::Iptables, "rngri")] {
+        let sb = Sandbox::new(name).with_ipv6();
+        crowd_dual(&sb.node);
+        let pbx = pod("pbx", POD_A_IP, POD_A_IP6, 100, RESTRICTED);
+        let probe = pod("probe", POD_B_IP, POD_B_IP6, 200, PART);
+        let owned = pod_sockets(&sb);
+        let sockets: Vec<(u16, &UdpSocket)> = owned.iter().map(|(p, s)| (*p, s)).collect();
+
+        let alone = planned(std::slice::from_ref(&pbx));
+        assert_eq!(alone.allow.len(), 2, "{:?}", alone.allow);
+        assert!(alone.allow.iter().all(|a| a.span == 99));
+        apply_and_check(&sb.node, flavor, &alone);
+        for public in [PUBLIC4, PUBLIC6] {
+            for (port, want) in [(10000, 20000), (10050, 20050), (10099, 20099)] {
+                let got = lands(&sb, public, port, &sockets);
+                assert_eq!(got, Some(want), "{flavor:?} client → {public}:{port}");
+            }
+            let got = lands_from(&sb.node, public, 10050, &sockets);
+            assert_eq!(got, None, "{flavor:?} node → {public}:10050");
+        }
+
+        // The open probe wins 10040-10059: that part is open, the pbx's
+        // parts stay restricted.
+        let both = planned(&[pbx, probe]);
+        let parts: Vec<(u16, u16)> = both
+            .allow
+            .iter()
+            .map(|a| (a.key.public_port, a.span))
+            .collect();
+        assert_eq!(parts, [(10000, 39), (10060, 39), (10000, 39), (10060, 39)]);
+        apply_and_check(&sb.node, flavor, &both);
+        for public in [PUBLIC4, PUBLIC6] {
+            let got = lands_from(&sb.node, public, 10050, &sockets);
+            assert_eq!(
+                got,
+                Some(30050),
+                "{flavor:?} node → {public}:10050, open now"
+            );
+            let got = lands_from(&sb.node, public, 10060, &sockets);
+            assert_eq!(got, None, "{flavor:?} node → {public}:10060");
+            let got = lands(&sb, public, 10099, &sockets);
+            assert_eq!(got, Some(20099), "{flavor:?} client → {public}:10099");
         }
     }
 }

@@ -45,6 +45,7 @@ fn allow(public: &str, port: u16, source: &str) -> SourceRule {
             public_port: port,
             proto: Proto::Tcp,
         },
+        span: 0,
         source: source.parse().unwrap(),
         owner: PodRef::new("mail", "mx-0"),
     }

@@ -64,9 +64,15 @@ pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>
         let report = go_backend.apply(&go)?;
         if report.messages > 0 {
             let v4 = rules.of_family(Family::Ipv4);
-            let restricted = restricted_keys(&v4.allow).len();
-            let ports: usize = v4.dnat.iter().map(|m| usize::from(m.span) + 1).sum();
-            let second = ports - go.dnat.len() - restricted;
+            let restricted = restricted_keys(&v4.allow);
+            let open: usize = v4
+                .dnat
+                .iter()
+                .filter(|m| restricted.binary_search(&m.key).is_err())
+                .map(|m| usize::from(m.span) + 1)
+                .sum();
+            let second = open - go.dnat.len();
+            let restricted = restricted.len();
             let ranges = v4.dnat.iter().filter(|m| m.span > 0).count();
             lines.push(format!(
                 "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}), \
@@ -122,6 +128,11 @@ fn collect(
 /// and FORWARD rules of what is left.
 fn go_layout(rules: &RuleSet) -> RuleSet {
     let mut v4 = rules.of_family(Family::Ipv4);
+    // A restricted mapping is not handed over (the Go version would publish
+    // it open), a range's part neither port by port.
+    let restricted = restricted_keys(&v4.allow);
+    v4.dnat
+        .retain(|m| restricted.binary_search(&m.key).is_err());
     // The Go version writes one rule per port: a range becomes the rules it
     // makes from the state store's records, one per port (it drops them
     // once they go stale, keeping the entry's first port).
@@ -149,17 +160,15 @@ fn go_layout(rules: &RuleSet) -> RuleSet {
         })
         .collect();
     v4.normalize();
-    let restricted = restricted_keys(&v4.allow);
     let tcp: BTreeSet<_> = v4
         .dnat
         .iter()
-        .filter(|m| m.key.proto == Proto::Tcp && restricted.binary_search(&m.key).is_err())
+        .filter(|m| m.key.proto == Proto::Tcp)
         .map(|m| (m.key.public_ip, m.key.public_port))
         .collect();
     let dnat: Vec<_> = v4
         .dnat
         .into_iter()
-        .filter(|m| restricted.binary_search(&m.key).is_err())
         .filter(|m| {
             m.key.proto == Proto::Tcp || !tcp.contains(&(m.key.public_ip, m.key.public_port))
         })
@@ -274,6 +283,7 @@ mod tests {
         for (port, source) in [(993, "198.51.100.0/24"), (5060, "192.0.2.0/24")] {
             r.allow.push(crate::model::SourceRule {
                 key: key(port),
+                span: 0,
                 source: source.parse().unwrap(),
                 owner: PodRef::new("ns", "imap"),
             });

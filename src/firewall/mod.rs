@@ -106,16 +106,30 @@ pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
             .admission
             .iter()
             .filter(|n| n.lost)
-            .map(|n| (n.key, n.sources.clone()))
+            .flat_map(|n| admission_ports(n).map(|k| (k, n.sources.clone())))
             .collect(),
         unnated: report
             .added_dnat
             .iter()
             .flat_map(|m| m.ports().map(|(k, _)| k))
-            .chain(report.admission.iter().filter(|n| n.gained).map(|n| n.key))
+            .chain(
+                report
+                    .admission
+                    .iter()
+                    .filter(|n| n.gained)
+                    .flat_map(admission_ports),
+            )
             .filter(udp)
             .collect(),
     }
+}
+
+/// Every port's key of an admission (a range's part port by port).
+fn admission_ports(n: &Admission) -> impl Iterator<Item = crate::model::NatKey> + '_ {
+    (0..=n.span).map(|i| crate::model::NatKey {
+        public_port: n.key.public_port + i,
+        ..n.key
+    })
 }
 
 /// Deletes the conntrack entries of `targets`; how many (0 on a failure,

@@ -88,6 +88,8 @@ impl KeyView {
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Admission {
     pub key: NatKey,
+    /// The ports after `key`'s its mapping publishes (a range's part).
+    pub span: u16,
     /// What it admits after the change (empty: every source).
     pub sources: Vec<IpNet>,
     pub lost: bool,
@@ -108,6 +110,7 @@ impl Admission {
         let gained = misses(&after.sources, &before.sources);
         (same && (lost || gained)).then(|| Admission {
             key: *key,
+            span: after.mapping.as_ref().map_or(0, |m| m.span),
             sources: after.sources.clone(),
             lost,
             gained,
@@ -160,6 +163,7 @@ mod tests {
                 .iter()
                 .map(|s| SourceRule {
                     key: key(),
+                    span: 0,
                     source: s.parse().unwrap(),
                     owner: owner.clone(),
                 })

@@ -361,7 +361,7 @@ pub fn nft_layout(
     if sources {
         let _ = writeln!(out, "\tset {} {{", names::NFT_RESTRICTED_SET);
         let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
-        let keys: Vec<String> = crate::model::restricted_keys(&rules.allow)
+        let keys: Vec<String> = crate::model::restricted_ports(&rules.allow)
             .iter()
             .map(nft_key)
             .collect();
@@ -541,12 +541,22 @@ pub fn nft_source_key(a: &SourceRule) -> String {
     } else {
         a.source.to_string()
     };
-    format!("{} . {source}", nft_key(&a.key))
+    if a.span == 0 {
+        return format!("{} . {source}", nft_key(&a.key));
+    }
+    let k = &a.key;
+    let last = k.public_port + a.span;
+    format!(
+        "{} . {} . {}-{last} . {source}",
+        k.public_ip, k.proto, k.public_port
+    )
 }
 
-/// An allowed source range in `source_allowed`, with its owner.
+/// An allowed source range in `source_allowed`, with its owner (after its
+/// part's first and last port, for a range's).
 pub fn nft_source_element(a: &SourceRule) -> String {
-    format!("{} comment \"{}\"", nft_source_key(a), a.owner)
+    let comment = nft_element_comment(&a.owner, a.key.public_port, a.span);
+    format!("{} comment \"{comment}\"", nft_source_key(a))
 }
 
 /// Puts the elements of every set/map in `nft list` output into sorted order,

@@ -68,6 +68,7 @@ pub struct PlanConfig {
 /// The allow-list of `key` won by entry `e` of `owner` (none: every source).
 pub(crate) fn source_rules<'a>(
     key: NatKey,
+    span: u16,
     e: &'a PortMapping,
     owner: &'a PodRef,
 ) -> impl Iterator<Item = SourceRule> + 'a {
@@ -76,6 +77,7 @@ pub(crate) fn source_rules<'a>(
         .flat_map(|s| s.iter())
         .map(move |&source| SourceRule {
             key,
+            span,
             source,
             owner: owner.clone(),
         })
@@ -415,7 +417,10 @@ pub fn plan_with(
                     owner: winner.pod.clone(),
                     span,
                 });
-                table.rules.allow.extend(source_rules(key, e, &winner.pod));
+                table
+                    .rules
+                    .allow
+                    .extend(source_rules(key, span, e, &winner.pod));
                 forward
                     .entry((pod_ip, e.proto))
                     .or_default()

@@ -171,7 +171,7 @@ impl IncrementalPlan {
                 owner: winner.pod.clone(),
                 span,
             });
-            allow.extend(source_rules(key, e, &winner.pod));
+            allow.extend(source_rules(key, span, e, &winner.pod));
         }
         dnat.sort();
         conflicts.sort();

@@ -195,6 +195,8 @@ const ANNOTATIONS: &[&str] = &[
     r#"{"entries":[{"srcPort":24,"srcPortEnd":26,"dstPort":24},{"srcPort":143,"srcPortEnd":150,"dstPort":143,"proto":"udp"}]}"#,
     r#"{"entries":[{"srcIP":"2001:db8::7","srcPort":54,"srcPortEnd":600,"dstPort":30000,"proto":"udp"}]}"#,
     r#"{"entries":[{"srcPort":26,"srcPortEnd":500,"dstPort":3000,"proto":"udp"},{"srcPort":143,"dstPort":143}]}"#,
+    // A range restricted to sources: its parts keep the ranges.
+    r#"{"entries":[{"srcPort":24,"srcPortEnd":28,"dstPort":3024,"sourceRanges":["198.51.100.0/24","2001:db8:1::/48"]}]}"#,
     // Entries rejected alone, the pod's others published.
     r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":143,"srcPortEnd":5000,"dstPort":143}]}"#,
     r#"{"entries":[{"srcPort":143,"dstPort":143,"sourceRanges":[]},{"srcPort":26,"dstPort":26,"proto":"udp"}]}"#,

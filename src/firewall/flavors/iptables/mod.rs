@@ -193,6 +193,7 @@ impl IptState {
                         if let Some(source) = source {
                             r.allow.push(SourceRule {
                                 key: m.key,
+                                span: m.span,
                                 source: *source,
                                 owner: m.owner.clone(),
                             });

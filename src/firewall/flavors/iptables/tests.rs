@@ -242,6 +242,7 @@ fn mail_restricted(ranges: &[&str], pod: &str, pod_ip: &str) -> RuleSet {
         .iter()
         .map(|s| crate::model::SourceRule {
             key,
+            span: 0,
             source: s.parse().unwrap(),
             owner: owner.clone(),
         })

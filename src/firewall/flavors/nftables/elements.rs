@@ -276,8 +276,7 @@ impl<'b> ElementWriter<'b> {
     }
 }
 
-use crate::model::allow_of;
-pub(super) use crate::model::restricted_keys;
+pub(super) use crate::model::restricted_ports;
 
 fn key_value(k: &NatKey) -> Value {
     Value::of(&[
@@ -299,49 +298,86 @@ pub(super) fn restricted_elements(keys: &[NatKey]) -> impl Iterator<Item = Eleme
     })
 }
 
-/// `key . source`, an interval from the range's network address to its
-/// broadcast address.
+/// `key . source`, an interval from the first port and the range's
+/// network address to the last port (a range's part) and its broadcast
+/// address: one element per allowed range, however many ports.
 pub(super) fn source_elements(v: &[SourceRule]) -> impl Iterator<Item = Element<'_>> {
     v.iter().map(|a| {
-        let at = |ip: std::net::IpAddr| {
+        let at = |port: u16, ip: std::net::IpAddr| {
             Value::of(&[
                 &octets(&a.key.public_ip),
                 &proto_field(a.key.proto),
-                &port_field(a.key.public_port),
+                &port_field(port),
                 &octets(&ip),
             ])
         };
+        let last = a.key.public_port + a.span;
         Element {
-            key: at(a.source.network()),
-            key_end: Some(at(a.source.broadcast())),
+            key: at(a.key.public_port, a.source.network()),
+            key_end: Some(at(last, a.source.broadcast())),
             data: None,
             owner: Some(&a.owner),
-            range: None,
+            range: (a.span > 0).then_some((a.key.public_port, last)),
         }
     })
 }
 
-/// The restricted keys a change adds and deletes: a key whose first range
-/// comes, and one whose last range goes (`current`: the allow-list before).
+/// The restricted ports a change adds and deletes (`current`: the
+/// allow-list before): per first key it touches, the ports of its runs
+/// (`key`, `span`) with ranges after and not before, and the other way
+/// round — a key's first range comes, its last goes, or its part grows or
+/// shrinks.
 pub(super) fn restricted_changes(
     current: &[SourceRule],
     ch: &Changes,
 ) -> (Vec<NatKey>, Vec<NatKey>) {
-    let count = |v: &[SourceRule], k: &NatKey| allow_of(v, k).len();
+    use crate::model::allow_of;
     let (mut add, mut del) = (Vec::new(), Vec::new());
-    let mut keys = restricted_keys(&ch.add.allow);
-    keys.extend(restricted_keys(&ch.del.allow));
+    let mut keys = crate::model::restricted_keys(&ch.add.allow);
+    keys.extend(crate::model::restricted_keys(&ch.del.allow));
     keys.sort();
     keys.dedup();
+    let ports = |runs: &[(NatKey, u16)]| -> Vec<NatKey> {
+        let mut v: Vec<NatKey> = runs
+            .iter()
+            .flat_map(|(k, span)| {
+                (0..=*span).map(move |i| NatKey {
+                    public_port: k.public_port + i,
+                    ..*k
+                })
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
     for k in keys {
-        let before = count(current, &k);
-        let after = before + count(&ch.add.allow, &k) - count(&ch.del.allow, &k);
-        match (before, after) {
-            (0, a) if a > 0 => add.push(k),
-            (b, 0) if b > 0 => del.push(k),
-            _ => {}
-        }
+        // The runs of `k` with at least one range, before and after.
+        let (before, plus, minus) = (
+            allow_of(current, &k),
+            allow_of(&ch.add.allow, &k),
+            allow_of(&ch.del.allow, &k),
+        );
+        let mut spans: Vec<u16> = before.iter().chain(plus).map(|a| a.span).collect();
+        spans.sort_unstable();
+        spans.dedup();
+        let count = |v: &[SourceRule], span: u16| v.iter().filter(|a| a.span == span).count();
+        let was: Vec<(NatKey, u16)> = spans
+            .iter()
+            .filter(|&&s| count(before, s) > 0)
+            .map(|&s| (k, s))
+            .collect();
+        let is: Vec<(NatKey, u16)> = spans
+            .iter()
+            .filter(|&&s| count(before, s) + count(plus, s) > count(minus, s))
+            .map(|&s| (k, s))
+            .collect();
+        let (was, is) = (ports(&was), ports(&is));
+        add.extend(is.iter().filter(|p| was.binary_search(p).is_err()));
+        del.extend(was.iter().filter(|p| is.binary_search(p).is_err()));
     }
+    add.sort();
+    del.sort();
     (add, del)
 }
 
@@ -502,17 +538,30 @@ pub(super) fn nat_key_at(f: Family, key: &[u8]) -> Option<NatKey> {
 }
 
 /// A `source_allowed` element back to its rule: the interval must be one
-/// CIDR (network to broadcast address), as the agent writes them.
-fn source_rule_at(f: Family, key: &[u8], end: &[u8], owner: PodRef) -> Option<SourceRule> {
+/// CIDR (network to broadcast address) and one run of ports (a range's
+/// part, marked so in its comment: `range`), as the agent writes them.
+fn source_rule_at(
+    f: Family,
+    key: &[u8],
+    end: &[u8],
+    owner: PodRef,
+    range: Option<(u16, u16)>,
+) -> Option<SourceRule> {
     let n = encode::header(f).addr_len as usize;
-    let k = nat_key_at(f, key)?;
-    if nat_key_at(f, end)? != k {
+    let (k, last_key) = (nat_key_at(f, key)?, nat_key_at(f, end)?);
+    if (last_key.public_ip, last_key.proto) != (k.public_ip, k.proto) {
+        return None;
+    }
+    let span = last_key.public_port.checked_sub(k.public_port)?;
+    let marked = (span > 0).then_some((k.public_port, last_key.public_port));
+    if range != marked {
         return None;
     }
     let (first, last) = (encode::ip_at(key, n + 8, f)?, encode::ip_at(end, n + 8, f)?);
     let source = cidr_of(first, last)?;
     Some(SourceRule {
         key: k,
+        span,
         source,
         owner,
     })
@@ -619,7 +668,7 @@ pub(super) fn read_elements(
                     .and_then(parse_element_comment)
                     .unwrap_or_else(|| (PodRef::new("", ""), None));
                 if shape.name == names::NFT_SOURCES_SET {
-                    match source_rule_at(family, key, key_end.unwrap_or(&[]), owner) {
+                    match source_rule_at(family, key, key_end.unwrap_or(&[]), owner, range) {
                         Some(a) => rules.allow.push(a),
                         None => decoded = false,
                     }
@@ -647,7 +696,7 @@ pub(super) fn read_elements(
         // restricted without any would drop every source; one with ranges
         // but not restricted would let every source in.
         restricted.sort();
-        if restricted != restricted_keys(&rules.allow) {
+        if restricted != restricted_ports(&rules.allow) {
             decoded = false;
         }
         // Every published key is counted, and only those.
@@ -754,9 +803,28 @@ mod tests {
                 public_port: port,
                 proto: Proto::Tcp,
             },
+            span: 0,
             source: source.parse().unwrap(),
             owner: PodRef::new("ns", "p"),
         }
+    }
+
+    #[test]
+    fn a_restricted_range_split_frees_exactly_the_part_it_lost() {
+        let part = |port: u16, span: u16| SourceRule {
+            span,
+            ..rule(port, "198.51.100.0/24")
+        };
+        let current = vec![part(10000, 99)];
+        let mut ch = Changes::default();
+        ch.del.allow = vec![part(10000, 99)];
+        ch.add.allow = vec![part(10000, 39), part(10060, 39)];
+        let (restrict, free) = restricted_changes(&current, &ch);
+        let ports = |v: &[NatKey]| -> Vec<u16> { v.iter().map(|k| k.public_port).collect() };
+        assert_eq!(ports(&restrict), (10060..=10099).collect::<Vec<_>>());
+        assert_eq!(ports(&free), (10040..=10099).collect::<Vec<_>>());
+        // Deletes go first: 10060-10099 are deleted and added again, the
+        // lost part 10040-10059 stays free.
     }
 
     #[test]
@@ -839,14 +907,24 @@ mod tests {
             let mut a = rule(993, source);
             a.key.public_ip = public.parse().unwrap();
             let f = Family::of(a.key.public_ip);
-            let e = source_elements(std::slice::from_ref(&a)).next().unwrap();
-            let back = source_rule_at(
-                f,
-                e.key.as_slice(),
-                e.key_end.unwrap().as_slice(),
-                a.owner.clone(),
-            );
-            assert_eq!(back, Some(a));
+            for span in [0, 99] {
+                a.span = span;
+                let e = source_elements(std::slice::from_ref(&a)).next().unwrap();
+                let back = |range| {
+                    source_rule_at(
+                        f,
+                        e.key.as_slice(),
+                        e.key_end.unwrap().as_slice(),
+                        a.owner.clone(),
+                        range,
+                    )
+                };
+                assert_eq!(back(e.range), Some(a.clone()));
+                // A part's element whose comment does not say so (or says
+                // another part) is not the agent's as written.
+                let other = if span == 0 { Some((993, 994)) } else { None };
+                assert_eq!(back(other), None);
+            }
         }
     }
 
