@@ -65,17 +65,23 @@ fn kind(v: &Value) -> &'static str {
 /// rejected alone.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Parsed {
+    /// In annotation order (an entry's families IPv4 first).
     pub mappings: Vec<PortMapping>,
-    /// Entries rejected alone, by the first error of each: those that use a
-    /// field the Go version does not know (`sourceRanges`, `srcPortEnd`) or
-    /// clash with one that does. The pod's other entries are published; an
-    /// error in any other entry rejects the whole annotation, as the Go
-    /// version's fields always have.
+    /// Entries rejected alone, by the first error of each, in annotation
+    /// order: those that use a field the Go version does not know
+    /// (`sourceRanges`, `srcPortEnd`) and are bad, clash with another entry
+    /// (the entries without those fields are checked first, so a clash
+    /// always rejects the entry that uses one), or carry `sourceRanges`
+    /// where the flavor does not enforce them. The pod's other entries are
+    /// published; an error in an entry without those fields (or a clash
+    /// between two such entries) rejects the whole annotation, as it
+    /// always has.
     pub rejected: Vec<AnnotationError>,
 }
 
-/// Parses and validates an annotation value, every entry valid: the first
-/// error, of any entry, rejects it. `restricted` ports may be neither
+/// Parses and validates an annotation value, every entry valid: an error
+/// in any entry rejects it (an entry without the new fields first, as
+/// [`parse_entries`] checks them). `restricted` ports may be neither
 /// source nor destination of any entry. An auto entry becomes one mapping
 /// per enabled family (IPv4 first); an entry with `srcIP` one of that
 /// address's family, which must be enabled.
@@ -84,7 +90,7 @@ pub fn parse(
     restricted: &BTreeSet<u16>,
     families: Families,
 ) -> Result<Vec<PortMapping>, AnnotationError> {
-    let parsed = parse_entries(text, restricted, families)?;
+    let parsed = parse_entries(text, restricted, families, true)?;
     match parsed.rejected.into_iter().next() {
         Some(e) => Err(e),
         None => Ok(parsed.mappings),
@@ -95,12 +101,13 @@ pub fn parse(
 /// alone.
 const NEW_FIELDS: [&str; 2] = ["sourceRanges", "srcPortEnd"];
 
-/// `parse`, rejecting alone the entries that use a new field (or clash
-/// with one that does); see [`Parsed::rejected`].
+/// `parse`, rejecting alone the entries that use a new field; see
+/// [`Parsed::rejected`]. `enforced`: the flavor enforces `sourceRanges`.
 pub fn parse_entries(
     text: &str,
     restricted: &BTreeSet<u16>,
     families: Families,
+    enforced: bool,
 ) -> Result<Parsed, AnnotationError> {
     let doc: Value =
         serde_json::from_str(text).map_err(|e| AnnotationError::Json(e.to_string()))?;
@@ -113,51 +120,74 @@ pub fn parse_entries(
         Some(Value::Array(a)) => a,
         Some(other) => return Err(AnnotationError::EntriesNotAList(kind(other))),
     };
-    let mut out = Parsed {
-        mappings: Vec::with_capacity(entries.len()),
-        rejected: Vec::new(),
-    };
-    let mut published = Published::default();
-    let mut new_fields = Vec::with_capacity(entries.len());
+    let mut objects = Vec::with_capacity(entries.len());
     for (index, entry) in entries.iter().enumerate() {
-        let fields = match entry {
-            Value::Object(o) => o,
+        match entry {
+            Value::Object(o) => objects.push(o),
             other => {
                 return Err(AnnotationError::EntryNotAnObject {
                     index,
                     got: kind(other),
                 })
             }
-        };
-        new_fields.push(NEW_FIELDS.iter().any(|f| fields.contains_key(*f)));
-        match entry_mappings(index, fields, restricted, families, &published) {
+        }
+    }
+    // A field given as null is no field, as the parsers read it.
+    let uses_new = |o: &Map<String, Value>| {
+        NEW_FIELDS
+            .iter()
+            .any(|f| o.get(*f).is_some_and(|v| !v.is_null()))
+    };
+    let mut out = Parsed {
+        mappings: Vec::with_capacity(entries.len()),
+        rejected: Vec::new(),
+    };
+    let mut published = Published::default();
+    // The Go version's entries first: a clash with one rejects the entry
+    // that uses a new field, whatever the order.
+    let (plain, new): (Vec<usize>, Vec<usize>) =
+        (0..objects.len()).partition(|&i| !uses_new(objects[i]));
+    for (index, alone) in plain
+        .into_iter()
+        .map(|i| (i, false))
+        .chain(new.into_iter().map(|i| (i, true)))
+    {
+        match entry_mappings(
+            index,
+            objects[index],
+            restricted,
+            families,
+            &published,
+            enforced,
+        ) {
             Ok(mappings) => {
                 for m in &mappings {
                     published.insert(m);
                 }
                 out.mappings.extend(mappings);
             }
-            Err((e, clash)) if new_fields[index] || clash.is_some_and(|c| new_fields[c]) => {
-                out.rejected.push(e)
-            }
-            Err((e, _)) => return Err(e),
+            Err(e) if alone => out.rejected.push(e),
+            Err(e) => return Err(e),
         }
     }
+    // Stable: an entry's families stay IPv4 first.
+    out.mappings.sort_by_key(|m| m.entry);
+    out.rejected.sort_by_key(AnnotationError::entry);
     Ok(out)
 }
 
-/// The mappings of entry `index`, checked against the entries before it;
-/// an error with the index of the entry it clashes with, if any.
+/// The mappings of entry `index`, checked against the entries published
+/// before it.
 fn entry_mappings(
     index: usize,
     fields: &Map<String, Value>,
     restricted: &BTreeSet<u16>,
     families: Families,
     published: &Published,
-) -> Result<Vec<PortMapping>, (AnnotationError, Option<usize>)> {
-    let alone = |e| (e, None);
-    let mapping = parse_entry(index, fields, restricted, families).map_err(alone)?;
-    let sources = parse_sources(index, fields.get("sourceRanges")).map_err(alone)?;
+    enforced: bool,
+) -> Result<Vec<PortMapping>, AnnotationError> {
+    let mapping = parse_entry(index, fields, restricted, families)?;
+    let sources = parse_sources(index, fields.get("sourceRanges"))?;
     let serves: Vec<Family> = match mapping.src_ip {
         Some(ip) => vec![Family::of(ip)],
         None => families.iter().collect(),
@@ -186,7 +216,7 @@ fn entry_mappings(
         .filter(|f| of_family(*f).is_some())
         .collect();
     if serves.is_empty() {
-        return Err(alone(field_err(
+        return Err(field_err(
             index,
             "sourceRanges",
             match mapping.src_ip {
@@ -195,7 +225,7 @@ fn entry_mappings(
                     "no range of an enabled family (ipfamilies={families}): no source could reach the port"
                 ),
             },
-        )));
+        ));
     }
     // The families' keys differ: each is checked against the entries
     // before, none against another family of this entry.
@@ -208,6 +238,13 @@ fn entry_mappings(
         };
         published.check(index, &m)?;
         out.push(m);
+    }
+    if !enforced && out.iter().any(|m| m.sources.is_some()) {
+        return Err(field_err(
+            index,
+            "sourceRanges",
+            "not enforced here (the nftables flavor needs Linux 5.6 or later for them; the iptables flavor has no such limit); the entry is not published rather than published to every source",
+        ));
     }
     Ok(out)
 }
@@ -227,21 +264,18 @@ struct Published {
 }
 
 impl Published {
-    fn check(&self, index: usize, m: &PortMapping) -> Result<(), (AnnotationError, Option<usize>)> {
+    fn check(&self, index: usize, m: &PortMapping) -> Result<(), AnnotationError> {
         let (lo, hi) = (m.src_port, m.src_end());
         let before = self.public.range(..=(m.proto, m.family, hi)).next_back();
         if let Some((&(proto, f, first_lo), &(first_hi, first))) = before {
             if proto == m.proto && f == m.family && first_hi >= lo {
                 if m.span == 0 && first_lo == first_hi {
-                    return Err((
-                        AnnotationError::Duplicate {
-                            index,
-                            first,
-                            port: lo,
-                            proto: m.proto,
-                        },
-                        Some(first),
-                    ));
+                    return Err(AnnotationError::Duplicate {
+                        index,
+                        first,
+                        port: lo,
+                        proto: m.proto,
+                    });
                 }
                 let field = if m.span > 0 { "srcPortEnd" } else { "srcPort" };
                 let problem = format!(
@@ -249,7 +283,7 @@ impl Published {
                     span_text(lo, hi, m.proto),
                     span_text(first_lo, first_hi, m.proto)
                 );
-                return Err((field_err(index, field, problem), Some(first)));
+                return Err(field_err(index, field, problem));
             }
         }
         let (lo, hi) = (m.dst_port, m.dst_end());
@@ -258,7 +292,7 @@ impl Published {
                 "pod ports {} overlap entries[{first}]'s ({text}); a range's pod ports are its own",
                 span_text(lo, hi, m.proto)
             );
-            Err((field_err(index, "dstPort", problem), Some(first)))
+            Err(field_err(index, "dstPort", problem))
         };
         let key = |port| (m.proto, m.family, port);
         if let Some((&(p, f, a), &(b, first))) = self.pod_ranges.range(..=key(hi)).next_back() {
@@ -279,7 +313,8 @@ impl Published {
         let key = |port| (m.proto, m.family, port);
         self.public.insert(key(m.src_port), (m.src_end(), m.entry));
         if m.span == 0 {
-            self.pod_singles.insert(key(m.dst_port), m.entry);
+            // The first entry onto a pod port is the one a clash names.
+            self.pod_singles.entry(key(m.dst_port)).or_insert(m.entry);
         } else {
             self.pod_ranges
                 .insert(key(m.dst_port), (m.dst_end(), m.entry));
@@ -296,27 +331,9 @@ fn span_text(lo: u16, hi: u16, proto: Proto) -> String {
     }
 }
 
-/// `parse_entries` with the planner's settings: where the flavor does not
-/// enforce `sourceRanges`, an entry carrying them is rejected alone.
+/// `parse_entries` with the planner's settings.
 pub fn parse_for(text: &str, cfg: &crate::plan::PlanConfig) -> Result<Parsed, AnnotationError> {
-    let mut parsed = parse_entries(text, &cfg.restricted_ports, cfg.families)?;
-    if !cfg.source_ranges {
-        let mut unenforced: Vec<usize> = parsed
-            .mappings
-            .iter()
-            .filter(|m| m.sources.is_some())
-            .map(|m| m.entry)
-            .collect();
-        unenforced.dedup();
-        parsed.mappings.retain(|m| !unenforced.contains(&m.entry));
-        parsed.rejected.extend(unenforced.into_iter().map(|entry| field_err(
-            entry,
-            "sourceRanges",
-            "not enforced here (the nftables flavor needs Linux 5.6 or later for them; the iptables flavor has no such limit); the entry is not published rather than published to every source",
-        )));
-        parsed.rejected.sort_by_key(AnnotationError::entry);
-    }
-    Ok(parsed)
+    parse_entries(text, &cfg.restricted_ports, cfg.families, cfg.source_ranges)
 }
 
 fn field_err(index: usize, field: &'static str, problem: impl Into<String>) -> AnnotationError {
@@ -676,7 +693,7 @@ mod tests {
             "{\"entries\":[{\"srcPort\":8080,\"dstPort\":80},",
             1,
         );
-        let p = parse_entries(&with_good, &restricted(), Families::default())
+        let p = parse_entries(&with_good, &restricted(), Families::default(), true)
             .unwrap_or_else(|e| panic!("{with_good}: the whole annotation rejected: {e}"));
         assert_eq!(p.rejected.len(), 1, "{with_good}: {:?}", p.rejected);
         let bad = p.rejected[0].entry().expect("names its entry");
@@ -783,7 +800,7 @@ mod tests {
             ),
             (
                 r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"proto":"udp"},{"srcPort":10100,"dstPort":80,"proto":"udp"}]}"#,
-                "entries[1].srcPort: 10100/udp overlaps entries[0] (10000-10100/udp)",
+                "entries[0].srcPortEnd: 10000-10100/udp overlaps entries[1] (10100/udp)",
             ),
             (
                 r#"{"entries":[{"srcPort":10000,"srcPortEnd":10100,"dstPort":20000,"proto":"udp"},{"srcPort":30000,"srcPortEnd":30010,"dstPort":20100,"proto":"udp"}]}"#,
@@ -914,31 +931,68 @@ mod tests {
         // A bad dstPort beside a good range: the whole annotation, as before.
         let text = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10010,"dstPort":20000},{"srcPort":25,"dstPort":0}]}"#;
         assert_eq!(
-            parse_entries(text, &restricted(), Families::default())
+            parse_entries(text, &restricted(), Families::default(), true)
                 .unwrap_err()
                 .to_string(),
             "entries[1].dstPort: port 0 is reserved"
         );
-        // A plain entry clashing with a range: rejected alone (the range
-        // stays); two plain duplicates still reject the annotation.
-        let text = r#"{"entries":[{"srcPort":10000,"srcPortEnd":10010,"dstPort":20000},{"srcPort":10005,"dstPort":80},{"srcPort":25,"dstPort":25}]}"#;
-        let p = parse_entries(text, &restricted(), Families::default()).unwrap();
-        let published: Vec<(usize, u16)> = p.mappings.iter().map(|m| (m.entry, m.span)).collect();
-        assert_eq!(published, [(0, 10), (2, 0)]);
-        assert_eq!(
-            p.rejected[0].to_string(),
-            "entries[1].srcPort: 10005/tcp overlaps entries[0] (10000-10010/tcp)"
-        );
+        // A plain entry clashing with a range, in either order: the range
+        // is rejected alone, the Go version's entry stays published; two
+        // plain duplicates still reject the annotation.
+        for (text, range_at) in [
+            (
+                r#"{"entries":[{"srcPort":10000,"srcPortEnd":10010,"dstPort":20000},{"srcPort":10005,"dstPort":80},{"srcPort":25,"dstPort":25}]}"#,
+                0,
+            ),
+            (
+                r#"{"entries":[{"srcPort":10005,"dstPort":80},{"srcPort":25,"dstPort":25},{"srcPort":10000,"srcPortEnd":10010,"dstPort":20000}]}"#,
+                2,
+            ),
+        ] {
+            let p = parse_entries(text, &restricted(), Families::default(), true).unwrap();
+            let published: Vec<(u16, u16)> =
+                p.mappings.iter().map(|m| (m.src_port, m.span)).collect();
+            assert_eq!(published, [(10005, 0), (25, 0)], "{text}");
+            let plain = if range_at == 0 { 1 } else { 0 };
+            assert_eq!(
+                p.rejected[0].to_string(),
+                format!("entries[{range_at}].srcPortEnd: 10000-10010/tcp overlaps entries[{plain}] (10005/tcp)")
+            );
+        }
+        // A null new field is no new field: the entry's bad dstPort rejects
+        // the annotation.
+        assert!(parse_entries(
+            r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":26,"dstPort":0,"srcPortEnd":null}]}"#,
+            &restricted(),
+            Families::default(),
+            true
+        )
+        .is_err());
+        // An entry whose sourceRanges are not enforced publishes nothing:
+        // a later entry on its ports is no overlap.
+        let p = parse_entries(
+            r#"{"entries":[{"srcPort":10000,"srcPortEnd":10010,"dstPort":20000,"sourceRanges":["198.51.100.0/24"]},{"srcPort":10005,"srcPortEnd":10006,"dstPort":80}]}"#,
+            &restricted(),
+            Families::default(),
+            false,
+        )
+        .unwrap();
+        let published: Vec<(u16, u16)> = p.mappings.iter().map(|m| (m.src_port, m.span)).collect();
+        assert_eq!(published, [(10005, 1)]);
+        assert!(p.rejected[0]
+            .to_string()
+            .starts_with("entries[0].sourceRanges: not enforced here"));
         assert!(parse_entries(
             r#"{"entries":[{"srcPort":25,"dstPort":25},{"srcPort":25,"dstPort":26}]}"#,
             &restricted(),
-            Families::default()
+            Families::default(),
+            true
         )
         .is_err());
         // A range rejected alone publishes nothing: a later entry on its
         // ports is no overlap.
         let text = r#"{"entries":[{"srcPort":10000,"srcPortEnd":20000,"dstPort":20000},{"srcPort":10005,"dstPort":80}]}"#;
-        let p = parse_entries(text, &restricted(), Families::default()).unwrap();
+        let p = parse_entries(text, &restricted(), Families::default(), true).unwrap();
         let published: Vec<u16> = p.mappings.iter().map(|m| m.src_port).collect();
         assert_eq!(published, [10005]);
         assert_eq!(p.rejected.len(), 1);

@@ -476,6 +476,7 @@ pub fn entry_rows(
             family: Some(c.key.family()),
             public_address: Some(c.key.public_ip),
             public_port: Some(c.key.public_port),
+            public_port_end: (c.span > 0).then(|| c.key.public_port + c.span),
             proto: Some(c.key.proto),
             message: Some(format!(
                 "{} is taken by {} (a Ready pod beats a not-ready one, then the newer pod wins)",
@@ -490,6 +491,7 @@ pub fn entry_rows(
         rows.push(Entry {
             family: Some(p.family),
             public_port: Some(p.public_port),
+            public_port_end: (p.span > 0).then(|| p.public_port + p.span),
             pod_port: Some(p.pod_port),
             proto: Some(p.proto),
             message: Some(format!(
@@ -510,6 +512,7 @@ pub fn entry_rows(
             family: Some(r.family),
             public_address: r.public_ip,
             public_port: Some(r.public_port),
+            public_port_end: (r.span > 0).then(|| r.public_port + r.span),
             proto: Some(r.proto),
             message: Some(r.to_string()),
             reason: Some(r.reason.metric_label()),

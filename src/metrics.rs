@@ -84,6 +84,8 @@ pub struct Metrics {
     pub rules_owned: Family<KindLabels, Gauge>,
     pub conflicts: Gauge,
     pub invalid_annotations: Gauge,
+    /// Entries rejected alone (a bad `sourceRanges` / `srcPortEnd`).
+    pub rejected_entries: Gauge,
     pub pending_entries: Gauge,
     pub public_address: Family<AddressLabels, Gauge>,
     pub forward_blocked: Family<BlockerLabels, Gauge>,
@@ -133,6 +135,7 @@ impl Default for Metrics {
             rules_owned: Family::default(),
             conflicts: Gauge::default(),
             invalid_annotations: Gauge::default(),
+            rejected_entries: Gauge::default(),
             pending_entries: Gauge::default(),
             public_address: Family::default(),
             forward_blocked: Family::default(),
@@ -189,8 +192,13 @@ impl Metrics {
         );
         registry.register(
             "invalid_annotations",
-            "Pods on this node whose annotation, or some of its entries, was rejected in the last plan",
+            "Pods on this node whose whole annotation was rejected in the last plan",
             self.invalid_annotations.clone(),
+        );
+        registry.register(
+            "rejected_entries",
+            "Entries rejected alone (a bad sourceRanges or srcPortEnd; the pod's other entries go on) in the last plan",
+            self.rejected_entries.clone(),
         );
         registry.register(
             "pending_entries",
@@ -302,7 +310,15 @@ impl Metrics {
                 .set(n);
         }
         self.conflicts.set(table.conflicts.len() as i64);
-        self.invalid_annotations.set(table.rejected.len() as i64);
+        let (mut whole, mut alone) = (0, 0);
+        for r in &table.rejected {
+            match &r.rejected {
+                crate::plan::Rejected::Annotation(_) => whole += 1,
+                crate::plan::Rejected::Entries { errors, .. } => alone += errors.len() as i64,
+            }
+        }
+        self.invalid_annotations.set(whole);
+        self.rejected_entries.set(alone);
         self.pending_entries.set(table.pending.len() as i64);
         for reason in crate::plan::RefusalReason::LABELS {
             let n = table

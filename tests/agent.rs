@@ -147,7 +147,7 @@ fn invalid_annotation_gets_a_warning_and_leaves_other_pods_alone() {
     });
     wait_for("InvalidAnnotation on the partial pod", WAIT, || {
         w.events("partial", "InvalidAnnotation").iter().any(|n| {
-            n.contains("entries rejected, the pod's other entries are published: entries[1].srcPortEnd: 10000-11000 is 1001 ports")
+            n.contains("entries rejected alone, the pod's other entries are unaffected: entries[1].srcPortEnd: 10000-11000 is 1001 ports")
         })
     });
     wait_for("TCP to the valid pod", WAIT, || w.roundtrip(25));

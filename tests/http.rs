@@ -357,6 +357,7 @@ fn endpoints_of_a_running_agent() {
         ("podnat_rules_owned", "gauge"),
         ("podnat_conflicts", "gauge"),
         ("podnat_invalid_annotations", "gauge"),
+        ("podnat_rejected_entries", "gauge"),
         ("podnat_pending_entries", "gauge"),
         ("podnat_public_address_info", "gauge"),
         ("podnat_watch_events_total", "counter"),
@@ -435,6 +436,7 @@ fn endpoints_of_a_running_agent() {
     assert_eq!(v("podnat_mapping_packets_total", &tcp25), Some(0.0));
     assert_eq!(v("podnat_conflicts", &[]), Some(1.0));
     assert_eq!(v("podnat_invalid_annotations", &[]), Some(1.0));
+    assert_eq!(v("podnat_rejected_entries", &[]), Some(0.0));
     assert_eq!(v("podnat_pending_entries", &[]), Some(0.0));
     assert_eq!(
         v("podnat_public_address_info", &[("address", "203.0.113.7")]),

@@ -227,13 +227,21 @@ pub struct Refusal {
     /// The public address, when one is known.
     pub public_ip: Option<IpAddr>,
     pub public_port: u16,
+    /// The ports after the first (a range, refused whole).
+    pub span: u16,
     pub proto: Proto,
     pub reason: RefusalReason,
 }
 
 impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let (port, proto, ns) = (self.public_port, self.proto, &self.pod.namespace);
+        let (proto, ns) = (self.proto, &self.pod.namespace);
+        let port = if self.span == 0 {
+            self.public_port.to_string()
+        } else {
+            let end = u32::from(self.public_port) + u32::from(self.span);
+            format!("{}-{end}", self.public_port)
+        };
         match &self.reason {
             RefusalReason::NodeService(socket) => match self.public_ip {
                 Some(ip) => write!(

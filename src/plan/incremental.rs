@@ -154,8 +154,8 @@ impl PodState {
         self.parsed.as_ref().map_or(&[], |p| &p.mappings)
     }
 
-    /// Whether the pod is a candidate: a valid annotation, not terminating,
-    /// not finished.
+    /// Whether the pod is a candidate: an annotation not rejected whole, not
+    /// terminating, not finished.
     fn candidate(&self) -> bool {
         let f = &self.facts;
         self.parsed.is_ok() && !(f.terminating || f.finished)
@@ -559,6 +559,7 @@ impl IncrementalPlan {
                     public_port: e.src_port,
                     proto: e.proto,
                     pod_port: e.dst_port,
+                    span: e.span,
                 }),
             }
         }

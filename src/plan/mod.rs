@@ -61,11 +61,13 @@ pub struct PlanConfig {
     /// `-localaccess`: plan the hairpin sources (every pod on this node).
     pub local_access: bool,
     /// The flavor enforces `sourceRanges`; if not, an entry carrying them is
-    /// refused (published to every source it would be wider than asked).
+    /// rejected alone (published to every source it would be wider than
+    /// asked).
     pub source_ranges: bool,
 }
 
-/// The allow-list of `key` won by entry `e` of `owner` (none: every source).
+/// The allow-list of the part at `key` (and the `span` ports after it) won by
+/// entry `e` of `owner` (none: every source).
 pub(crate) fn source_rules<'a>(
     key: NatKey,
     span: u16,
@@ -121,21 +123,29 @@ pub struct Rejection {
 pub enum Rejected {
     /// All of it: the pod gets no NAT.
     Annotation(AnnotationError),
-    /// These entries (the first error of each; see
-    /// [`annotation::Parsed::rejected`]): the others are published.
-    Entries(Vec<AnnotationError>),
+    /// These entries alone (the first error of each; see
+    /// [`annotation::Parsed::rejected`]); `others`: the annotation has
+    /// other entries, which go on as if these were not there.
+    Entries {
+        errors: Vec<AnnotationError>,
+        others: bool,
+    },
 }
 
 impl std::fmt::Display for Rejected {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Rejected::Annotation(e) => write!(f, "annotation rejected, no NAT for this pod: {e}"),
-            Rejected::Entries(list) => {
-                write!(
-                    f,
-                    "entries rejected, the pod's other entries are published: "
-                )?;
-                for (i, e) in list.iter().enumerate() {
+            Rejected::Entries { errors, others } => {
+                if *others {
+                    write!(
+                        f,
+                        "entries rejected alone, the pod's other entries are unaffected: "
+                    )?;
+                } else {
+                    write!(f, "every entry rejected, no NAT for this pod: ")?;
+                }
+                for (i, e) in errors.iter().enumerate() {
                     if i > 0 {
                         write!(f, "; ")?;
                     }
@@ -153,7 +163,10 @@ impl Rejection {
         let rejected = match parsed {
             Err(e) => Rejected::Annotation(e.clone()),
             Ok(p) if p.rejected.is_empty() => return None,
-            Ok(p) => Rejected::Entries(p.rejected.clone()),
+            Ok(p) => Rejected::Entries {
+                errors: p.rejected.clone(),
+                others: !p.mappings.is_empty(),
+            },
         };
         Some(Rejection {
             pod: pod.clone(),
@@ -171,6 +184,8 @@ pub struct Pending {
     pub public_port: u16,
     pub proto: Proto,
     pub pod_port: u16,
+    /// The ports after the first (a range, `srcPortEnd`).
+    pub span: u16,
 }
 
 /// The planner's answer: the rules to program plus what to tell users.
@@ -241,7 +256,8 @@ fn rank(p: &PodFacts) -> (bool, Option<Timestamp>, &str, &str) {
     (p.ready, p.created, &p.pod.namespace, &p.pod.name)
 }
 
-/// A pod-port run a candidate won: (candidate, first pod port, span).
+/// A pod-port run a candidate won: (its index in `parsed`, first pod port,
+/// span).
 type PodPortRun = (usize, u16, u16);
 
 /// The FORWARD rules of one pod address and protocol from the pod-port
@@ -357,6 +373,7 @@ pub fn plan_with(
                     public_port: e.src_port,
                     proto: e.proto,
                     pod_port: e.dst_port,
+                    span: e.span,
                 });
                 continue;
             };
@@ -494,6 +511,7 @@ pub(crate) fn refusal(
         family: e.family,
         public_ip,
         public_port: e.src_port,
+        span: e.span,
         proto: e.proto,
         reason,
     }

@@ -200,7 +200,8 @@ fn manual_address_vs_auto_and_pending() {
             family: Family::Ipv4,
             public_port: 80,
             proto: Proto::Tcp,
-            pod_port: 8080
+            pod_port: 8080,
+            span: 0
         }]
     );
     assert_eq!(t.rules.snat[0].public_ip, Ipv4Addr::new(198, 51, 100, 9));
@@ -273,7 +274,7 @@ fn a_bad_range_or_allow_list_is_rejected_alone_and_the_pods_other_entries_publis
     assert_eq!(t.rejected.len(), 1);
     assert_eq!(
         t.rejected[0].rejected.to_string(),
-        "entries rejected, the pod's other entries are published: \
+        "entries rejected alone, the pod's other entries are unaffected: \
          entries[1].srcPortEnd: 10000-10999 maps to pod ports 65000-65999 past 65535; \
          entries[2].sourceRanges: [0]: 198.51.100.1/24 has host bits set; the network is 198.51.100.0/24"
     );
@@ -529,5 +530,41 @@ fn a_newer_pod_claiming_part_of_a_range_wins_only_that_part() {
     assert_eq!(
         fwd,
         [(20000, 39, "pbx"), (20060, 39, "pbx"), (100, 19, "probe")]
+    );
+}
+
+#[test]
+fn forward_rules_accept_each_pod_port_once_by_rank() {
+    let ip: IpAddr = "10.1.0.5".parse().unwrap();
+    let (a, b) = (PodRef::new("ns", "a"), PodRef::new("ns", "b"));
+    let rules = |runs: Vec<(u16, u16, u8, &PodRef)>| -> Vec<(u16, u16, String)> {
+        super::forward_rules(ip, Proto::Udp, runs)
+            .into_iter()
+            .map(|f| (f.pod_port, f.span, f.owner.name.to_string()))
+            .collect()
+    };
+    // A range cut around a higher-ranked pod's port.
+    assert_eq!(
+        rules(vec![(100, 99, 1, &a), (150, 0, 2, &b)]),
+        [
+            (100, 49, "a".into()),
+            (150, 0, "b".into()),
+            (151, 48, "a".into())
+        ]
+    );
+    // A lower-ranked pod's port inside the range: the range stays whole.
+    assert_eq!(
+        rules(vec![(100, 99, 2, &a), (150, 0, 1, &b)]),
+        [(100, 99, "a".into())]
+    );
+    // Two entries of one pod onto one pod port: one rule; adjacent runs
+    // stay apart (one rule per entry, as the Go version writes them).
+    assert_eq!(
+        rules(vec![(25, 0, 1, &a), (25, 0, 1, &a)]),
+        [(25, 0, "a".into())]
+    );
+    assert_eq!(
+        rules(vec![(26, 0, 1, &a), (25, 0, 1, &a)]),
+        [(25, 0, "a".into()), (26, 0, "a".into())]
     );
 }
