@@ -237,30 +237,30 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (proto, ns) = (self.proto, &self.pod.namespace);
         let port = if self.span == 0 {
-            self.public_port.to_string()
+            format!("port {}", self.public_port)
         } else {
             let end = u32::from(self.public_port) + u32::from(self.span);
-            format!("{}-{end}", self.public_port)
+            format!("ports {}-{end}", self.public_port)
         };
         match &self.reason {
             RefusalReason::NodeService(socket) => match self.public_ip {
                 Some(ip) => write!(
                     f,
-                    "port {port}/{proto} on {ip} is served by the node itself ({socket})"
+                    "{port}/{proto} on {ip} is served by the node itself ({socket})"
                 ),
-                None => write!(f, "port {port}/{proto} is served by the node itself ({socket})"),
+                None => write!(f, "{port}/{proto} is served by the node itself ({socket})"),
             },
             RefusalReason::NamespaceNotSelected => write!(
                 f,
-                "port {port}/{proto}: namespace {ns} is not selected by -namespaceselector"
+                "{port}/{proto}: namespace {ns} is not selected by -namespaceselector"
             ),
             RefusalReason::PortNotAllowed(allowed) => write!(
                 f,
-                "port {port}/{proto}: namespace {ns} may publish only {allowed}"
+                "{port}/{proto}: namespace {ns} may publish only {allowed}"
             ),
             RefusalReason::NamespacePolicyInvalid(e) => write!(
                 f,
-                "port {port}/{proto}: namespace {ns} publishes nothing until its ports annotation is fixed: {e}"
+                "{port}/{proto}: namespace {ns} publishes nothing until its ports annotation is fixed: {e}"
             ),
         }
     }
@@ -391,5 +391,20 @@ mod tests {
         assert_eq!(rtp.refuses_span(10000, 100, Proto::Udp), None);
         assert!(rtp.refuses_span(10001, 100, Proto::Udp).is_some());
         assert!(rtp.refuses_span(10000, 100, Proto::Tcp).is_some());
+        // The refusal names the whole range.
+        let r = Refusal {
+            pod: PodRef::new("voip", "pbx"),
+            entry: 0,
+            family: Family::Ipv4,
+            public_ip: None,
+            public_port: 10001,
+            span: 100,
+            proto: Proto::Udp,
+            reason: rtp.refuses_span(10001, 100, Proto::Udp).unwrap(),
+        };
+        assert_eq!(
+            r.to_string(),
+            "ports 10001-10101/udp: namespace voip may publish only 10000-10100/udp"
+        );
     }
 }
