@@ -306,6 +306,14 @@ impl NatKey {
     pub fn family(&self) -> Family {
         Family::of(self.public_ip)
     }
+
+    /// This key and the `span` keys after it (a range's part, port by port).
+    pub fn run(self, span: u16) -> impl Iterator<Item = NatKey> {
+        (0..=span).map(move |i| NatKey {
+            public_port: self.public_port + i,
+            ..self
+        })
+    }
 }
 
 /// A winning mapping: traffic to `key` goes to `pod_ip:pod_port`; with a
@@ -331,13 +339,9 @@ impl Mapping {
 
     /// Each published port with its pod port, in order.
     pub fn ports(&self) -> impl Iterator<Item = (NatKey, u16)> + '_ {
-        (0..=self.span).map(move |i| {
-            let key = NatKey {
-                public_port: self.key.public_port + i,
-                ..self.key
-            };
-            (key, self.pod_port + i)
-        })
+        // Not `pod_port..`: stepping past the last port may overflow.
+        let pod_ports = (0..=self.span).map(move |i| self.pod_port + i);
+        self.key.run(self.span).zip(pod_ports)
     }
 
     /// Does it publish `port` of `key`'s address and protocol?
@@ -397,6 +401,7 @@ pub struct SourceRule {
     pub key: NatKey,
     /// The ports after `key`'s it restricts too: its mapping's `span`
     /// (a range's part, `srcPortEnd`).
+    #[serde(default)]
     pub span: u16,
     pub source: ipnet::IpNet,
     pub owner: PodRef,
@@ -418,8 +423,8 @@ pub fn restricted_keys(allow: &[SourceRule]) -> Vec<NatKey> {
 }
 
 /// Every restricted port's key of a sorted allow-list (a range's part
-/// port by port), sorted.
-pub fn restricted_ports(allow: &[SourceRule]) -> Vec<NatKey> {
+/// port by port), sorted: the nftables flavor's `source_restricted`.
+pub fn source_restricted_ports(allow: &[SourceRule]) -> Vec<NatKey> {
     let mut keys: Vec<NatKey> = Vec::with_capacity(allow.len());
     let mut last: Option<(NatKey, u16)> = None;
     for a in allow {
@@ -427,10 +432,7 @@ pub fn restricted_ports(allow: &[SourceRule]) -> Vec<NatKey> {
             continue;
         }
         last = Some((a.key, a.span));
-        keys.extend((0..=a.span).map(|i| NatKey {
-            public_port: a.key.public_port + i,
-            ..a.key
-        }));
+        keys.extend(a.key.run(a.span));
     }
     keys.sort();
     keys.dedup();

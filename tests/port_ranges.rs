@@ -92,6 +92,21 @@ fn apply_and_check(ns: &Netns, flavor: Flavor, rules: &RuleSet) {
     assert_eq!(&read.allow, &rules.allow, "one allowed range per part");
 }
 
+/// The nftables flavor's dry run of `rules`, fed to `nft -f`, makes what
+/// apply makes (every part's per-port elements, their comments too): an
+/// apply then sends nothing. The dry run's text.
+fn dry_run_through_nft(ns: &Netns, rules: &RuleSet) -> String {
+    let r = rules.clone();
+    let text = ns
+        .run(move || backend(Flavor::Nftables).dry_run(&r, false))
+        .unwrap();
+    ns.sh(&format!("nft -f - <<'EOF'\n{text}EOF"));
+    let r = rules.clone();
+    let report = ns.run(move || backend(Flavor::Nftables).apply(&r)).unwrap();
+    assert_eq!(report.messages, 0, "the dry run was the change: {text}");
+    text
+}
+
 /// UDP sockets on pod A's ports 20000, 20050, 20099 (the range's first,
 /// middle and last) and pod B's 30050, by port.
 fn pod_sockets(sb: &Sandbox) -> Vec<(u16, UdpSocket)> {
@@ -206,18 +221,8 @@ fn shared_per_port_and_given_back_whole(flavor: Flavor, name: &str) {
         ]
     );
     if flavor == Flavor::Nftables {
-        // The dry run of the split, fed to `nft -f`, makes what apply
-        // makes: the per-port elements of every part, their comments too.
-        let b = both.clone();
-        let text = sb
-            .node
-            .run(move || backend(flavor).dry_run(&b, false))
-            .unwrap();
+        let text = dry_run_through_nft(&sb.node, &both);
         assert!(text.contains("\"10040-10059 voip:probe\""), "{text}");
-        sb.node.sh(&format!("nft -f - <<'EOF'\n{text}EOF"));
-        let b = both.clone();
-        let report = sb.node.run(move || backend(flavor).apply(&b)).unwrap();
-        assert_eq!(report.messages, 0, "the dry run was the change: {text}");
     }
     apply_and_check(&sb.node, flavor, &both);
     // The conntrack entries of the moved ports go with the change, as the
@@ -259,6 +264,11 @@ fn shared_per_port_and_given_back_whole(flavor: Flavor, name: &str) {
     // The probe goes: the pbx has the whole range again, one mapping.
     let back = planned(std::slice::from_ref(&pbx));
     assert_eq!(back, alone);
+    if flavor == Flavor::Nftables {
+        // The parts joined again: the whole range's elements come back.
+        let text = dry_run_through_nft(&sb.node, &back);
+        assert!(text.contains("\"10000-10099 voip:pbx\""), "{text}");
+    }
     apply_and_check(&sb.node, flavor, &back);
     for public in [PUBLIC4, PUBLIC6] {
         assert_eq!(

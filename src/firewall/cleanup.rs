@@ -72,11 +72,15 @@ pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>
                 .map(|m| usize::from(m.span) + 1)
                 .sum();
             let second = open - go.dnat.len();
+            let ranges = v4
+                .dnat
+                .iter()
+                .filter(|m| m.span > 0 && restricted.binary_search(&m.key).is_err())
+                .count();
             let restricted = restricted.len();
-            let ranges = v4.dnat.iter().filter(|m| m.span > 0).count();
             lines.push(format!(
                 "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}), \
-                 {second} mapping(s) on the second protocol of a port and {restricted} \
+                 {second} port(s) on the second protocol of a port and {restricted} \
                  mapping(s) with source allow-lists removed (the Go version ignores \
                  sourceRanges and publishes those entries to every source when it runs); \
                  {ranges} port range(s) written as one rule per port; \
@@ -134,8 +138,9 @@ fn go_layout(rules: &RuleSet) -> RuleSet {
     v4.dnat
         .retain(|m| restricted.binary_search(&m.key).is_err());
     // The Go version writes one rule per port: a range becomes the rules it
-    // makes from the state store's records, one per port (it drops them
-    // once they go stale, keeping the entry's first port).
+    // makes from the state store's records, one per port. It does not know
+    // `srcPortEnd`: once those records go stale it keeps each range's first
+    // port only.
     v4.dnat = v4
         .dnat
         .iter()

@@ -96,17 +96,26 @@ pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
     // UDP only for the entries that went to the node: a TCP client's next
     // connection is a new entry anyway.
     let udp = |k: &crate::model::NatKey| k.proto == crate::model::Proto::Udp;
+    // A port that goes to the same pod address and port before and after
+    // (a range's part that only got split or joined) keeps its connections.
+    let kept: std::collections::HashSet<_> = report
+        .added_dnat
+        .iter()
+        .flat_map(|m| m.ports().map(move |(k, p)| (k, m.pod_ip, p)))
+        .collect();
     conntrack::Targets {
         whole: report
             .removed_dnat
             .iter()
-            .flat_map(|m| m.ports().map(|(k, _)| k))
+            .flat_map(|m| m.ports().map(move |(k, p)| (k, m.pod_ip, p)))
+            .filter(|t| !kept.contains(t))
+            .map(|(k, _, _)| k)
             .collect(),
         outside: report
             .admission
             .iter()
             .filter(|n| n.lost)
-            .flat_map(|n| admission_ports(n).map(|k| (k, n.sources.clone())))
+            .flat_map(|n| n.key.run(n.span).map(|k| (k, n.sources.clone())))
             .collect(),
         unnated: report
             .added_dnat
@@ -117,19 +126,11 @@ pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
                     .admission
                     .iter()
                     .filter(|n| n.gained)
-                    .flat_map(admission_ports),
+                    .flat_map(|n| n.key.run(n.span)),
             )
             .filter(udp)
             .collect(),
     }
-}
-
-/// Every port's key of an admission (a range's part port by port).
-fn admission_ports(n: &Admission) -> impl Iterator<Item = crate::model::NatKey> + '_ {
-    (0..=n.span).map(|i| crate::model::NatKey {
-        public_port: n.key.public_port + i,
-        ..n.key
-    })
 }
 
 /// Deletes the conntrack entries of `targets`; how many (0 on a failure,
@@ -445,7 +446,20 @@ impl Changes {
 pub const MAX_COMMENT: usize = 127;
 
 pub fn comment_for(owner: &PodRef) -> String {
-    let mut s = owner.to_string();
+    cut_comment(owner.to_string())
+}
+
+/// The comment of an element of a range's part (nftables flavor): the
+/// part's first and last port before the owner, cut as `comment_for` cuts.
+pub fn part_comment(owner: &PodRef, first: u16, span: u16) -> String {
+    if span == 0 {
+        return comment_for(owner);
+    }
+    let last = u32::from(first) + u32::from(span);
+    cut_comment(format!("{first}-{last} {owner}"))
+}
+
+fn cut_comment(mut s: String) -> String {
     if s.len() > MAX_COMMENT {
         let mut cut = MAX_COMMENT;
         while !s.is_char_boundary(cut) {
@@ -460,22 +474,40 @@ pub fn comment_for(owner: &PodRef) -> String {
 /// cut) comments say. Diffing against this keeps long names from churning.
 /// Borrowed when no owner is cut (the usual case: no copy of a large table).
 pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
-    let too_long = |o: &PodRef| o.namespace.len() + 1 + o.name.len() > MAX_COMMENT;
-    if !rules.dnat.iter().any(|m| too_long(&m.owner))
-        && !rules.snat.iter().any(|s| too_long(&s.owner))
-        && !rules.forward.iter().any(|f| too_long(&f.owner))
-        && !rules.local.iter().any(|l| too_long(&l.owner))
-        && !rules.allow.iter().any(|a| too_long(&a.owner))
+    // A range's part: "first-last " goes before the owner in the comment
+    // of its elements (nftables), at most 12 bytes.
+    let too_long = |o: &PodRef, span: u16| {
+        let prefix = if span == 0 { 0 } else { 12 };
+        prefix + o.namespace.len() + 1 + o.name.len() > MAX_COMMENT
+    };
+    if !rules.dnat.iter().any(|m| too_long(&m.owner, m.span))
+        && !rules.snat.iter().any(|s| too_long(&s.owner, 0))
+        && !rules.forward.iter().any(|f| too_long(&f.owner, f.span))
+        && !rules.local.iter().any(|l| too_long(&l.owner, 0))
+        && !rules.allow.iter().any(|a| too_long(&a.owner, a.span))
     {
         return std::borrow::Cow::Borrowed(rules);
     }
     let fix = |o: &PodRef| PodRef::from_comment(&comment_for(o)).unwrap_or_else(|| o.clone());
+    // The owner as a part's element comment keeps it: both flavors write
+    // that owner, so either reads back what it wrote.
+    let fix_part = |o: &PodRef, first: u16, span: u16| {
+        let c = part_comment(o, first, span);
+        let owner = if span == 0 {
+            Some(c.as_str())
+        } else {
+            c.split_once(' ').map(|(_, owner)| owner)
+        };
+        owner
+            .and_then(PodRef::from_comment)
+            .unwrap_or_else(|| o.clone())
+    };
     let mut r = RuleSet {
         dnat: rules
             .dnat
             .iter()
             .map(|m| Mapping {
-                owner: fix(&m.owner),
+                owner: fix_part(&m.owner, m.key.public_port, m.span),
                 ..m.clone()
             })
             .collect(),
@@ -491,7 +523,7 @@ pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
             .forward
             .iter()
             .map(|f| crate::model::ForwardRule {
-                owner: fix(&f.owner),
+                owner: fix_part(&f.owner, f.pod_port, f.span),
                 ..f.clone()
             })
             .collect(),
@@ -507,7 +539,7 @@ pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
             .allow
             .iter()
             .map(|a| crate::model::SourceRule {
-                owner: fix(&a.owner),
+                owner: fix_part(&a.owner, a.key.public_port, a.span),
                 ..a.clone()
             })
             .collect(),
@@ -519,6 +551,68 @@ pub fn canonical(rules: &RuleSet) -> std::borrow::Cow<'_, RuleSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_split_range_flushes_only_the_ports_that_moved() {
+        let part = |port: u16, span: u16, pod: &str, pod_port: u16| Mapping {
+            key: crate::model::NatKey {
+                public_ip: "203.0.113.7".parse().unwrap(),
+                public_port: port,
+                proto: crate::model::Proto::Udp,
+            },
+            pod_ip: pod.parse().unwrap(),
+            pod_port,
+            owner: PodRef::new("voip", pod),
+            span,
+        };
+        let report = ApplyReport {
+            removed_dnat: vec![part(10000, 99, "10.1.0.5", 20000)],
+            added_dnat: vec![
+                part(10000, 39, "10.1.0.5", 20000),
+                part(10040, 19, "10.1.1.5", 30040),
+                part(10060, 39, "10.1.0.5", 20060),
+            ],
+            ..ApplyReport::default()
+        };
+        let t = stale_targets(&report);
+        let whole: Vec<u16> = t.whole.iter().map(|k| k.public_port).collect();
+        assert_eq!(whole, (10040..=10059).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_long_owner_of_a_range_reads_back_as_canonical_says() {
+        let owner = PodRef::new("n".repeat(60), "p".repeat(70));
+        let m = Mapping {
+            key: crate::model::NatKey {
+                public_ip: "203.0.113.7".parse().unwrap(),
+                public_port: 10000,
+                proto: crate::model::Proto::Udp,
+            },
+            pod_ip: "10.1.0.5".parse().unwrap(),
+            pod_port: 20000,
+            owner: owner.clone(),
+            span: 99,
+        };
+        let rules = RuleSet {
+            dnat: vec![m.clone()],
+            ..RuleSet::default()
+        };
+        let c = canonical(&rules).into_owned();
+        let written = part_comment(&c.dnat[0].owner, 10000, 99);
+        assert!(written.len() <= MAX_COMMENT, "{written}");
+        // What the element's comment reads back as is the canonical owner:
+        // a re-apply finds nothing to change.
+        let (_, read) = written.split_once(' ').unwrap();
+        assert_eq!(PodRef::from_comment(read), Some(c.dnat[0].owner.clone()));
+        assert_eq!(part_comment(&owner, 10000, 99), written);
+        // One port: the owner cut as before, at 127 bytes.
+        let one = RuleSet {
+            dnat: vec![Mapping { span: 0, ..m }],
+            ..RuleSet::default()
+        };
+        let c = canonical(&one).into_owned();
+        assert_eq!(c.dnat[0].owner.to_string().len(), MAX_COMMENT);
+    }
 
     #[test]
     fn diff_touches_only_changes() {

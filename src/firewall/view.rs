@@ -193,7 +193,7 @@ pub fn nft_element_comment(owner: &PodRef, first: u16, span: u16) -> String {
     if span == 0 {
         return owner.to_string();
     }
-    format!("{first}-{} {owner}", first + span)
+    crate::firewall::part_comment(owner, first, span)
 }
 
 /// The DNAT map's elements of a mapping, one per port.
@@ -361,7 +361,7 @@ pub fn nft_layout(
     if sources {
         let _ = writeln!(out, "\tset {} {{", names::NFT_RESTRICTED_SET);
         let _ = writeln!(out, "\t\ttype {addr} . inet_proto . inet_service");
-        let keys: Vec<String> = crate::model::restricted_ports(&rules.allow)
+        let keys: Vec<String> = crate::model::source_restricted_ports(&rules.allow)
             .iter()
             .map(nft_key)
             .collect();
@@ -541,15 +541,16 @@ pub fn nft_source_key(a: &SourceRule) -> String {
     } else {
         a.source.to_string()
     };
-    if a.span == 0 {
-        return format!("{} . {source}", nft_key(&a.key));
+    format!("{} . {source}", nft_key_run(&a.key, a.span))
+}
+
+/// `address . proto . first-last` of a run of keys (`nft_key` for one).
+pub fn nft_key_run(k: &NatKey, span: u16) -> String {
+    if span == 0 {
+        return nft_key(k);
     }
-    let k = &a.key;
-    let last = k.public_port + a.span;
-    format!(
-        "{} . {} . {}-{last} . {source}",
-        k.public_ip, k.proto, k.public_port
-    )
+    let last = k.public_port + span;
+    format!("{} . {} . {}-{last}", k.public_ip, k.proto, k.public_port)
 }
 
 /// An allowed source range in `source_allowed`, with its owner (after its

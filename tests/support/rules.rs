@@ -75,10 +75,20 @@ pub fn publish_range(
     pod_port: u16,
 ) {
     publish(rules, owner, public, port, proto, pod, pod_port);
-    for m in rules.dnat.iter_mut().filter(|m| m.key.public_port == port) {
+    let key = (ip(public), port, proto);
+    for m in rules
+        .dnat
+        .iter_mut()
+        .filter(|m| (m.key.public_ip, m.key.public_port, m.key.proto) == key)
+    {
         m.span = span;
     }
-    for f in rules.forward.iter_mut().filter(|f| f.pod_port == pod_port) {
+    let slot = (ip(pod), pod_port, proto);
+    for f in rules
+        .forward
+        .iter_mut()
+        .filter(|f| (f.pod_ip, f.pod_port, f.proto) == slot)
+    {
         f.span = span;
     }
     rules.normalize();

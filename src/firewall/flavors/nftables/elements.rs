@@ -276,7 +276,7 @@ impl<'b> ElementWriter<'b> {
     }
 }
 
-pub(super) use crate::model::restricted_ports;
+pub(super) use crate::model::source_restricted_ports;
 
 fn key_value(k: &NatKey) -> Value {
     Value::of(&[
@@ -323,10 +323,12 @@ pub(super) fn source_elements(v: &[SourceRule]) -> impl Iterator<Item = Element<
 }
 
 /// The restricted ports a change adds and deletes (`current`: the
-/// allow-list before): per first key it touches, the ports of its runs
-/// (`key`, `span`) with ranges after and not before, and the other way
-/// round — a key's first range comes, its last goes, or its part grows or
-/// shrinks.
+/// allow-list before): the ports of the runs (`key`, `span`) of the first
+/// keys it touches that have ranges after and not before, and the other
+/// way round — a key's first range comes, its last goes, or a part grows,
+/// shrinks or splits. Parts never overlap within a table and a key the
+/// change does not touch keeps its ports, so the touched keys' ports
+/// before and after differ exactly by what changes.
 pub(super) fn restricted_changes(
     current: &[SourceRule],
     ch: &Changes,
@@ -338,19 +340,12 @@ pub(super) fn restricted_changes(
     keys.sort();
     keys.dedup();
     let ports = |runs: &[(NatKey, u16)]| -> Vec<NatKey> {
-        let mut v: Vec<NatKey> = runs
-            .iter()
-            .flat_map(|(k, span)| {
-                (0..=*span).map(move |i| NatKey {
-                    public_port: k.public_port + i,
-                    ..*k
-                })
-            })
-            .collect();
+        let mut v: Vec<NatKey> = runs.iter().flat_map(|(k, span)| k.run(*span)).collect();
         v.sort();
         v.dedup();
         v
     };
+    let (mut was_all, mut is_all) = (Vec::new(), Vec::new());
     for k in keys {
         // The runs of `k` with at least one range, before and after.
         let (before, plus, minus) = (
@@ -372,12 +367,12 @@ pub(super) fn restricted_changes(
             .filter(|&&s| count(before, s) + count(plus, s) > count(minus, s))
             .map(|&s| (k, s))
             .collect();
-        let (was, is) = (ports(&was), ports(&is));
-        add.extend(is.iter().filter(|p| was.binary_search(p).is_err()));
-        del.extend(was.iter().filter(|p| is.binary_search(p).is_err()));
+        was_all.extend(was);
+        is_all.extend(is);
     }
-    add.sort();
-    del.sort();
+    let (was, is) = (ports(&was_all), ports(&is_all));
+    add.extend(is.iter().filter(|p| was.binary_search(p).is_err()));
+    del.extend(was.iter().filter(|p| is.binary_search(p).is_err()));
     (add, del)
 }
 
@@ -696,7 +691,7 @@ pub(super) fn read_elements(
         // restricted without any would drop every source; one with ranges
         // but not restricted would let every source in.
         restricted.sort();
-        if restricted != restricted_ports(&rules.allow) {
+        if restricted != source_restricted_ports(&rules.allow) {
             decoded = false;
         }
         // Every published key is counted, and only those.
@@ -821,10 +816,16 @@ mod tests {
         ch.add.allow = vec![part(10000, 39), part(10060, 39)];
         let (restrict, free) = restricted_changes(&current, &ch);
         let ports = |v: &[NatKey]| -> Vec<u16> { v.iter().map(|k| k.public_port).collect() };
-        assert_eq!(ports(&restrict), (10060..=10099).collect::<Vec<_>>());
-        assert_eq!(ports(&free), (10040..=10099).collect::<Vec<_>>());
-        // Deletes go first: 10060-10099 are deleted and added again, the
-        // lost part 10040-10059 stays free.
+        assert!(restrict.is_empty(), "{restrict:?}");
+        assert_eq!(ports(&free), (10040..=10059).collect::<Vec<_>>());
+        // And back: the part the range regains, nothing else.
+        let current = vec![part(10000, 39), part(10060, 39)];
+        let mut back = Changes::default();
+        back.del.allow = current.clone();
+        back.add.allow = vec![part(10000, 99)];
+        let (restrict, free) = restricted_changes(&current, &back);
+        assert_eq!(ports(&restrict), (10040..=10059).collect::<Vec<_>>());
+        assert!(free.is_empty(), "{free:?}");
     }
 
     #[test]

@@ -364,7 +364,7 @@ impl Nftables {
         }
         // Every element, straight from the desired lists (no copy of them).
         let mut w = ElementWriter::new(batch, self.family, tname, self.features.traffic);
-        w.write_all(desired, &restricted_ports(&desired.allow), false);
+        w.write_all(desired, &source_restricted_ports(&desired.allow), false);
         w.sent
     }
 

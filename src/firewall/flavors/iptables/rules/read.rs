@@ -241,20 +241,26 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
             pod_ip: f.saddr?,
             owner: owner()?,
         })],
-        (Some((pod_ip, pod_port, _)), None, None) => vec![AgentRule::Dnat(
-            Mapping {
-                key: NatKey {
-                    public_ip: f.daddr?,
-                    public_port: f.dport?,
-                    proto: f.proto?,
+        // The pod ports run as far as the public ones, within 65535 (the
+        // encoding saturates; `Mapping::ports` must not overflow).
+        (Some((pod_ip, pod_port, max)), None, None)
+            if pod_port.checked_add(f.span()?) == Some(*max) =>
+        {
+            vec![AgentRule::Dnat(
+                Mapping {
+                    key: NatKey {
+                        public_ip: f.daddr?,
+                        public_port: f.dport?,
+                        proto: f.proto?,
+                    },
+                    pod_ip: *pod_ip,
+                    pod_port: *pod_port,
+                    owner: owner()?,
+                    span: f.span()?,
                 },
-                pod_ip: *pod_ip,
-                pod_port: *pod_port,
-                owner: owner()?,
-                span: f.span()?,
-            },
-            f.source,
-        )],
+                f.source,
+            )]
+        }
         (None, Some(public_ip), None) => vec![AgentRule::Snat(SnatRule {
             pod_ip: f.saddr?,
             proto: f.proto?,

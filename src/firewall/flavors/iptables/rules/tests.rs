@@ -260,6 +260,17 @@ fn a_port_range_is_the_agents_only_as_written() {
         info: xt::dnat_range2(m.pod_ip, 20000, 99, 10001),
     };
     assert_eq!(decode(&base, &names, V4), None);
+    // Pod ports past 65535 (`--to-destination A:65500-65535/10000` for a
+    // 100-port range): never the agent's, whatever the bytes say.
+    let mut past = exprs.clone();
+    let at = dnat_of(&past);
+    past[at] = Expr::Xt {
+        kind: "target".into(),
+        name: "DNAT".into(),
+        rev: xt::DNAT_REV,
+        info: xt::dnat_range2(m.pod_ip, 65500, 99, 10000),
+    };
+    assert_eq!(decode(&past, &names, V4), None);
     // `--dport 10000:10000` is not how the agent writes one port.
     let one = Mapping { span: 0, ..m };
     let mut wide = exprs_of(&AgentRule::Dnat(one, None), &names, V4);
