@@ -502,10 +502,19 @@ pub fn entry_rows(
         });
     }
     for r in &table.rejected {
-        rows.push(Entry {
-            message: Some(r.rejected.to_string()),
-            ..row(&r.pod, EntryState::Invalid)
-        });
+        match &r.rejected {
+            crate::plan::Rejected::Annotation(_) => rows.push(Entry {
+                message: Some(r.rejected.to_string()),
+                ..row(&r.pod, EntryState::Invalid)
+            }),
+            // One row per entry rejected alone, as every entry has one.
+            crate::plan::Rejected::Entries { errors, .. } => {
+                rows.extend(errors.iter().map(|e| Entry {
+                    message: Some(format!("entry rejected alone: {e}")),
+                    ..row(&r.pod, EntryState::Invalid)
+                }))
+            }
+        }
     }
     for r in &table.refused {
         rows.push(Entry {

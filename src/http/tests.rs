@@ -90,6 +90,13 @@ fn rows_cover_every_state() {
             3,
             r#"{"entries":[{"srcPort":0,"dstPort":25}]}"#,
         ),
+        // Two entries rejected alone, one published.
+        pod(
+            "part",
+            [10, 1, 3, 5],
+            4,
+            r#"{"entries":[{"srcPort":80,"dstPort":80},{"srcPort":90,"srcPortEnd":80,"dstPort":90},{"srcPort":91,"dstPort":91,"sourceRanges":[]}]}"#,
+        ),
     ];
     let cfg = PlanConfig {
         node_id: "node1".into(),
@@ -111,7 +118,22 @@ fn rows_cover_every_state() {
             ("bad", EntryState::Invalid),
             ("new", EntryState::Applied),
             ("old", EntryState::ConflictLost),
+            ("part", EntryState::Invalid),
+            ("part", EntryState::Invalid),
+            ("part", EntryState::Applied),
         ]
+    );
+    let part: Vec<&str> = rows[3..5]
+        .iter()
+        .map(|r| r.message.as_deref().unwrap())
+        .collect();
+    assert!(
+        part[0].starts_with("entry rejected alone: entries[1].srcPortEnd: 80 is below srcPort 90"),
+        "{part:?}"
+    );
+    assert!(
+        part[1].starts_with("entry rejected alone: entries[2].sourceRanges: empty"),
+        "{part:?}"
     );
     assert_eq!(rows[1].pod_port, Some(2525));
     assert_eq!(rows[2].winner.as_deref(), Some("mail:new"));
