@@ -249,6 +249,10 @@ pub struct Flags {
     #[arg(long = "local-access", global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true,
           default_value = "true", default_missing_value = "true", value_parser = parse_bool)]
     pub local_access: bool,
+    /// iptables flavor: count every packet of each mapping in chains of the agent's in ip mangle (a rule per mapping on every DNATed packet's path; the nftables flavor always counts, with a set lookup) [-iptablescounters]
+    #[arg(long = "iptables-counters", global = true, value_name = "BOOL", num_args = 0..=1, require_equals = true,
+          default_value = "false", default_missing_value = "true", value_parser = parse_bool)]
+    pub iptables_counters: bool,
     /// Address families to publish on: ipv4, ipv6 or ipv4,ipv6 [SPEC: -ipfamilies]
     #[arg(long = "ip-families", global = true, value_name = "FAMILIES", default_value = "ipv4", value_parser = parse_families)]
     pub ip_families: Families,
@@ -314,6 +318,7 @@ const ALIASES: &[(&str, &str)] = &[
     ("nodeid", "node-id"),
     ("ipfamilies", "ip-families"),
     ("localaccess", "local-access"),
+    ("iptablescounters", "iptables-counters"),
     ("podsfile", "pods-file"),
     ("publicaddress", "public-address"),
     ("guardnodeports", "guard-node-ports"),
@@ -418,6 +423,8 @@ pub struct Config {
     pub excl_filter_net: Vec<IpNet>,
     pub families: Families,
     pub local_access: bool,
+    /// `-iptablescounters`.
+    pub iptables_counters: bool,
     pub resource_prefix: String,
     pub state_flavor: StateFlavor,
     pub state_uri: String,
@@ -503,6 +510,7 @@ impl Config {
             excl_filter_net: f.excl_filter_net.into_iter().flatten().collect(),
             families: f.ip_families,
             local_access: f.local_access,
+            iptables_counters: f.iptables_counters,
             resource_prefix: f.resource_prefix,
             state_flavor: f.state_flavor,
             state_uri: f.state_uri,

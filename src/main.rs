@@ -10,7 +10,7 @@ use clap::error::ErrorKind;
 use podnat_controller::config::{Command, Config, TlsSource};
 use podnat_controller::firewall::engine::{coexist, monitor};
 use podnat_controller::firewall::wire::netlink::NetlinkError;
-use podnat_controller::firewall::{backend_with_options, cleanup, Backend, FirewallError, Names};
+use podnat_controller::firewall::{backend_counting, cleanup, Backend, FirewallError, Names};
 use podnat_controller::http::access::{self, Access};
 use podnat_controller::http::review::ApiserverReviewer;
 use podnat_controller::http::{self, AddressSource, HttpContext};
@@ -135,12 +135,13 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let names = Names::new(&config.resource_prefix);
-    let mut backend = backend_with_options(
+    let mut backend = backend_counting(
         config.flavor,
         names.clone(),
         config.jump,
         config.families,
         config.local_access,
+        config.iptables_counters,
     );
     if let Some(Command::Cleanup { for_go_version }) = config.command {
         if config.dry_run && for_go_version {
@@ -532,12 +533,13 @@ fn spawn_http(
         registry,
         status: status.clone(),
         flavor: config.flavor,
-        view: std::sync::Mutex::new(backend_with_options(
+        view: std::sync::Mutex::new(backend_counting(
             config.flavor,
             Names::new(&config.resource_prefix),
             config.jump,
             config.families,
             config.local_access,
+            config.iptables_counters,
         )),
         node: node_id.to_string(),
         dry_run: config.dry_run,
@@ -546,6 +548,7 @@ fn spawn_http(
             config.flavor,
             Names::new(&config.resource_prefix),
             config.families,
+            config.iptables_counters,
         ),
         address_source: if config.public_address.is_some() {
             AddressSource::Flag

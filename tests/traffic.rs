@@ -13,11 +13,14 @@ use std::time::{Duration, Instant};
 
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::flavors::nftables::{read_traffic, Traffic};
-use podnat_controller::firewall::{backend_with_options, view, Backend, Changes};
+use podnat_controller::firewall::{
+    backend_counting, backend_with_options, view, Backend, Changes, TrafficSource,
+};
 use podnat_controller::model::{Families, Family, NatKey, PodRef, Proto, RuleSet};
 use support::crowd::crowd_dual;
 use support::netns::{Netns, Sandbox, POD_A_IP, POD_A_IP6, POD_B_IP, POD_B_IP6};
 use support::rules::{names, publish};
+use support::save::agent_save_by;
 
 const PUBLIC4: &str = "203.0.113.7";
 const PUBLIC6: &str = "2001:db8::7";
@@ -85,96 +88,7 @@ fn each_published_key_counts_its_packets_and_bytes() {
     let r = rules();
     let first = r.clone();
     sb.node.run(move || backend().apply(&first)).unwrap();
-
-    // Every key is counted, from zero.
-    let before = traffic(&sb.node);
-    assert_eq!(before.len(), r.dnat.len());
-    assert!(before.iter().all(|t| t.packets == 0 && t.bytes == 0));
-
-    // A pod that reads and never answers: only the client's datagrams
-    // pass (no reply, no ICMP error).
-    let sink = sb
-        .pod_a
-        .run(|| UdpSocket::bind("[::]:5353").expect("bind 5353 in pod A"));
-    const N: u64 = 10;
-    const PAYLOAD: usize = 100;
-    for (public, header) in [(PUBLIC4, 20 + 8), (PUBLIC6, 40 + 8)] {
-        let to = SocketAddr::new(public.parse::<IpAddr>().unwrap(), 5353);
-        sb.client.run(|| {
-            let s = UdpSocket::bind(if public.contains(':') {
-                "[::]:0"
-            } else {
-                "0.0.0.0:0"
-            })
-            .unwrap();
-            for _ in 0..N {
-                s.send_to(&[7u8; PAYLOAD], to).unwrap();
-            }
-        });
-        // The pod got them all (so the counter saw them all).
-        sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        let mut buf = [0u8; 512];
-        for i in 0..N {
-            let (n, _) = sink
-                .recv_from(&mut buf)
-                .unwrap_or_else(|e| panic!("datagram {i} to {public}: {e}"));
-            assert_eq!(n, PAYLOAD);
-        }
-        let (packets, bytes) = of(&traffic(&sb.node), key(public, 5353, Proto::Udp));
-        assert_eq!(packets, N, "{public}: exactly the datagrams sent");
-        assert_eq!(
-            bytes,
-            N * (PAYLOAD + header) as u64,
-            "{public}: their IP lengths"
-        );
-    }
-
-    // With local access the node's own connections count too (its packets
-    // in the output hook; replies would count in the input hook).
-    let before = of(&traffic(&sb.node), key(PUBLIC4, 5353, Proto::Udp));
-    sb.node.run(|| {
-        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..N {
-            s.send_to(&[7u8; PAYLOAD], (PUBLIC4, 5353)).unwrap();
-        }
-    });
-    let mut buf = [0u8; 512];
-    for i in 0..N {
-        sink.recv_from(&mut buf)
-            .unwrap_or_else(|e| panic!("datagram {i} from the node: {e}"));
-    }
-    assert_eq!(
-        of(&traffic(&sb.node), key(PUBLIC4, 5353, Proto::Udp)),
-        (before.0 + N, before.1 + N * (PAYLOAD + 28) as u64),
-        "the node's own datagrams"
-    );
-
-    // A TCP exchange through 25 counts both directions; 26 stays at zero.
-    let listener = sb.pod_a.run(|| TcpListener::bind("[::]:2525").unwrap());
-    let server = std::thread::spawn(move || {
-        let (mut c, _) = listener.accept().unwrap();
-        let mut b = [0u8; 5];
-        std::io::Read::read_exact(&mut c, &mut b).unwrap();
-        std::io::Write::write_all(&mut c, &b).unwrap();
-    });
-    sb.client.run(|| {
-        let mut s = TcpStream::connect_timeout(
-            &SocketAddr::new(PUBLIC4.parse().unwrap(), 25),
-            Duration::from_secs(2),
-        )
-        .unwrap();
-        std::io::Write::write_all(&mut s, b"hello").unwrap();
-        let mut b = [0u8; 5];
-        std::io::Read::read_exact(&mut s, &mut b).unwrap();
-    });
-    server.join().unwrap();
-    let now = traffic(&sb.node);
-    let (packets, bytes) = of(&now, key(PUBLIC4, 25, Proto::Tcp));
-    // SYN, SYN-ACK, ACK, data, its ACK or the echo: at least five, both ways.
-    assert!(packets >= 5, "{packets} packets");
-    assert!(bytes >= packets * 40, "{bytes} bytes");
-    assert_eq!(of(&now, key(PUBLIC4, 26, Proto::Tcp)), (0, 0));
-    assert_eq!(of(&now, key(PUBLIC6, 25, Proto::Tcp)), (0, 0));
+    counts_exactly(&sb, &r, &|| traffic(&sb.node));
 
     // The table is still the view (counter values aside), and nothing to do.
     for (family, fam) in [(Family::Ipv4, "ip"), (Family::Ipv6, "ip6")] {
@@ -199,10 +113,11 @@ fn each_published_key_counts_its_packets_and_bytes() {
         m.owner = PodRef::new("mail", "mx-1");
     }
     moved.normalize();
+    let tcp25 = of(&traffic(&sb.node), key(PUBLIC4, 25, Proto::Tcp));
     apply_change(&sb.node, Changes::between(&r, &moved));
     let after = traffic(&sb.node);
     assert_eq!(of(&after, key(PUBLIC4, 5353, Proto::Udp)), (0, 0));
-    assert_eq!(of(&after, key(PUBLIC4, 25, Proto::Tcp)), (packets, bytes));
+    assert_eq!(of(&after, key(PUBLIC4, 25, Proto::Tcp)), tcp25);
 
     // The dry run of a change, fed to `nft -f`, makes what apply makes:
     // the new key's counted element included (else the next read would
@@ -265,4 +180,236 @@ fn each_published_key_counts_its_packets_and_bytes() {
             .unwrap(),
         None
     );
+}
+
+/// N datagrams to a published UDP port are exactly N packets on its key and
+/// their IP lengths in bytes, in both families; the node's own datagrams
+/// count (local access); a TCP exchange counts both directions; other keys
+/// count nothing. `traffic`: the counters now.
+fn counts_exactly(sb: &Sandbox, r: &RuleSet, traffic: &dyn Fn() -> Vec<Traffic>) {
+    // Every key is counted, from zero.
+    let before = traffic();
+    assert_eq!(before.len(), r.dnat.len());
+    assert!(before.iter().all(|t| t.packets == 0 && t.bytes == 0));
+
+    // A pod that reads and never answers: only the client's datagrams
+    // pass (no reply, no ICMP error).
+    let sink = sb
+        .pod_a
+        .run(|| UdpSocket::bind("[::]:5353").expect("bind 5353 in pod A"));
+    const N: u64 = 10;
+    const PAYLOAD: usize = 100;
+    for (public, header) in [(PUBLIC4, 20 + 8), (PUBLIC6, 40 + 8)] {
+        let to = SocketAddr::new(public.parse::<IpAddr>().unwrap(), 5353);
+        sb.client.run(|| {
+            let s = UdpSocket::bind(if public.contains(':') {
+                "[::]:0"
+            } else {
+                "0.0.0.0:0"
+            })
+            .unwrap();
+            for _ in 0..N {
+                s.send_to(&[7u8; PAYLOAD], to).unwrap();
+            }
+        });
+        // The pod got them all (so the counter saw them all).
+        sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 512];
+        for i in 0..N {
+            let (n, _) = sink
+                .recv_from(&mut buf)
+                .unwrap_or_else(|e| panic!("datagram {i} to {public}: {e}"));
+            assert_eq!(n, PAYLOAD);
+        }
+        let (packets, bytes) = of(&traffic(), key(public, 5353, Proto::Udp));
+        assert_eq!(packets, N, "{public}: exactly the datagrams sent");
+        assert_eq!(
+            bytes,
+            N * (PAYLOAD + header) as u64,
+            "{public}: their IP lengths"
+        );
+    }
+
+    // With local access the node's own connections count too (its packets
+    // in the output hook; replies would count in the input hook).
+    let before = of(&traffic(), key(PUBLIC4, 5353, Proto::Udp));
+    sb.node.run(|| {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..N {
+            s.send_to(&[7u8; PAYLOAD], (PUBLIC4, 5353)).unwrap();
+        }
+    });
+    let mut buf = [0u8; 512];
+    for i in 0..N {
+        sink.recv_from(&mut buf)
+            .unwrap_or_else(|e| panic!("datagram {i} from the node: {e}"));
+    }
+    assert_eq!(
+        of(&traffic(), key(PUBLIC4, 5353, Proto::Udp)),
+        (before.0 + N, before.1 + N * (PAYLOAD + 28) as u64),
+        "the node's own datagrams"
+    );
+
+    // A TCP exchange through 25 counts both directions; 26 stays at zero.
+    let listener = sb.pod_a.run(|| TcpListener::bind("[::]:2525").unwrap());
+    let server = std::thread::spawn(move || {
+        let (mut c, _) = listener.accept().unwrap();
+        let mut b = [0u8; 5];
+        std::io::Read::read_exact(&mut c, &mut b).unwrap();
+        std::io::Write::write_all(&mut c, &b).unwrap();
+    });
+    sb.client.run(|| {
+        let mut s = TcpStream::connect_timeout(
+            &SocketAddr::new(PUBLIC4.parse().unwrap(), 25),
+            Duration::from_secs(2),
+        )
+        .unwrap();
+        std::io::Write::write_all(&mut s, b"hello").unwrap();
+        let mut b = [0u8; 5];
+        std::io::Read::read_exact(&mut s, &mut b).unwrap();
+    });
+    server.join().unwrap();
+    let now = traffic();
+    let (packets, bytes) = of(&now, key(PUBLIC4, 25, Proto::Tcp));
+    // SYN, SYN-ACK, ACK, data, its ACK or the echo: at least five, both ways.
+    assert!(packets >= 5, "{packets} packets");
+    assert!(bytes >= packets * 40, "{bytes} bytes");
+    assert_eq!(of(&now, key(PUBLIC4, 26, Proto::Tcp)), (0, 0));
+    assert_eq!(of(&now, key(PUBLIC6, 25, Proto::Tcp)), (0, 0));
+}
+
+/// The iptables flavor with `-iptablescounters`: one counting rule per
+/// mapping in `<PREFIX>_COUNT` (ip and ip6 mangle, from POSTROUTING and,
+/// with local access, INPUT) counts exactly what the nftables flavor's set
+/// counts; `iptables-nft-save` / `ip6tables-nft-save` list the chains as
+/// the view does, `-C` finds each counting rule, a re-apply sends nothing,
+/// and the rules' counters survive a change of another key.
+#[test]
+fn each_published_key_counts_its_packets_and_bytes_iptables() {
+    let sb = Sandbox::new("trfi").with_ipv6();
+    crowd_dual(&sb.node);
+    let backend = || {
+        backend_counting(
+            Flavor::Iptables,
+            names(),
+            JumpPositions::default(),
+            Families::DUAL,
+            true,
+            true,
+        )
+    };
+    let source = TrafficSource::for_flavor(Flavor::Iptables, names(), Families::DUAL, true)
+        .expect("counted");
+    let read = || {
+        let s = source.clone();
+        sb.node
+            .run(move || s.read(0))
+            .unwrap()
+            .expect("the chains count traffic")
+    };
+    let r = rules();
+    let first = r.clone();
+    sb.node.run(move || backend().apply(&first)).unwrap();
+    counts_exactly(&sb, &r, &read);
+    for (family, tool) in [
+        (Family::Ipv4, "iptables-nft"),
+        (Family::Ipv6, "ip6tables-nft"),
+    ] {
+        let text = view::iptables_save_counted(&r.of_family(family), &names(), family, true, true);
+        assert!(text.contains("*mangle\n:PODNAT_COUNT - [0:0]"), "{text}");
+        assert_eq!(
+            agent_save_by(&sb.node, &format!("{tool}-save")),
+            text,
+            "{tool}-save"
+        );
+        // iptables-nft-save prints the address bare, but iptables reads a
+        // bare `--ctorigdst` with another mask than the /32 (/128) it wrote.
+        let host = if family == Family::Ipv4 {
+            "/32"
+        } else {
+            "/128"
+        };
+        for spec in text
+            .lines()
+            .filter_map(|l| l.strip_prefix("-A PODNAT_COUNT "))
+        {
+            let (head, rest) = spec.split_once(" --ctorigdstport").unwrap();
+            let spec = format!("{head}{host} --ctorigdstport{rest}");
+            let out = sb
+                .node
+                .try_sh(&format!("{tool} -t mangle -C PODNAT_COUNT {spec}"));
+            assert!(
+                out.status.success(),
+                "{tool} -C PODNAT_COUNT {spec}: {out:?}"
+            );
+        }
+    }
+    let again = r.clone();
+    let report = sb.node.run(move || backend().apply(&again)).unwrap();
+    assert_eq!(report.messages, 0, "{report:?}");
+    // Another key added: the others keep their counts (their rules stay).
+    let before = read();
+    let mut grown = r.clone();
+    publish(
+        &mut grown,
+        "mail:mx-0",
+        PUBLIC4,
+        27,
+        Proto::Tcp,
+        POD_A_IP,
+        2527,
+    );
+    grown.normalize();
+    let g = grown.clone();
+    sb.node.run(move || backend().apply(&g)).unwrap();
+    let after = read();
+    assert_eq!(
+        of(&after, key(PUBLIC4, 5353, Proto::Udp)),
+        of(&before, key(PUBLIC4, 5353, Proto::Udp))
+    );
+    assert_eq!(of(&after, key(PUBLIC4, 27, Proto::Tcp)), (0, 0));
+    // Without the flag the counting chains go, the rest stays.
+    let plain = grown.clone();
+    sb.node
+        .run(move || {
+            backend_with_options(
+                Flavor::Iptables,
+                names(),
+                JumpPositions::default(),
+                Families::DUAL,
+                true,
+            )
+            .apply(&plain)
+        })
+        .unwrap();
+    assert!(!sb
+        .node
+        .sh("iptables-nft-save; ip6tables-nft-save")
+        .contains("PODNAT_COUNT"));
+    assert_eq!(
+        agent_save_by(&sb.node, "iptables-nft-save"),
+        view::iptables_save_with(&grown.of_family(Family::Ipv4), &names(), Family::Ipv4, true)
+    );
+    // With it again, then `cleanup`: nothing of the agent's is left in
+    // mangle either (the base chains and the table it made go too).
+    let g = grown.clone();
+    sb.node.run(move || backend().apply(&g)).unwrap();
+    assert!(sb
+        .node
+        .sh("iptables-nft-save -t mangle")
+        .contains("PODNAT_COUNT"));
+    let said = sb.node.run(move || backend().cleanup()).unwrap();
+    assert!(
+        said.iter().any(|l| l.contains("mangle PODNAT_COUNT")),
+        "{said:?}"
+    );
+    let left = sb.node.sh("nft list ruleset");
+    for gone in [
+        "PODNAT_COUNT",
+        "PODNAT_FORWARD",
+        "PODNAT_POST",
+        "table ip mangle",
+    ] {
+        assert!(!left.contains(gone), "{gone}: {left}");
+    }
 }

@@ -252,29 +252,43 @@ impl Features {
 }
 
 /// Where the per-mapping traffic counters are read: the nftables flavor's
-/// tables, on a kernel that counts (Linux 5.7). The iptables flavor does
-/// not count (yet): no source.
+/// tables, on a kernel that counts (Linux 5.7), or the iptables flavor's
+/// counting chains (`-iptablescounters`). None otherwise.
 #[derive(Clone, Debug)]
 pub struct TrafficSource {
+    flavor: Flavor,
     names: Names,
     families: Families,
 }
 
 impl TrafficSource {
-    pub fn for_flavor(flavor: Flavor, names: Names, families: Families) -> Option<TrafficSource> {
-        (flavor == Flavor::Nftables && flavors::nftables::kernel_counts_traffic())
-            .then_some(TrafficSource { names, families })
+    pub fn for_flavor(
+        flavor: Flavor,
+        names: Names,
+        families: Families,
+        iptables_counters: bool,
+    ) -> Option<TrafficSource> {
+        let counts = match flavor {
+            Flavor::Nftables => flavors::nftables::kernel_counts_traffic(),
+            Flavor::Iptables => iptables_counters,
+        };
+        counts.then_some(TrafficSource {
+            flavor,
+            names,
+            families,
+        })
     }
 
-    /// Every published key's counters, sorted by key (`None`: nothing of
-    /// the agent's counts); `expected`: how many keys the applied table
-    /// publishes. Blocking: one dump per family (more if one came short).
+    /// Every counted key's counters, sorted by key (`None`: nothing of the
+    /// agent's counts); `expected`: how many keys the applied table
+    /// publishes. Blocking: one dump per family (the nftables flavor's
+    /// more if one came short). A range's part is one row under its first
+    /// key in the iptables flavor, a row per port in the nftables flavor.
     pub fn read(&self, expected: usize) -> Result<Option<Vec<nftables::Traffic>>, FirewallError> {
-        Ok(nftables::read_traffic(
-            &self.names,
-            self.families,
-            expected,
-        )?)
+        Ok(match self.flavor {
+            Flavor::Nftables => nftables::read_traffic(&self.names, self.families, expected)?,
+            Flavor::Iptables => iptables::read_traffic(&self.names, self.families)?,
+        })
     }
 }
 
@@ -286,13 +300,28 @@ pub fn backend_with_options(
     families: Families,
     local: bool,
 ) -> Box<dyn Backend> {
+    backend_counting(flavor, names, jumps, families, local, false)
+}
+
+/// As `backend_with_options`; `iptables_counters`: `-iptablescounters`
+/// (the iptables flavor's counting chains; the nftables flavor always
+/// counts).
+pub fn backend_counting(
+    flavor: Flavor,
+    names: Names,
+    jumps: JumpPositions,
+    families: Families,
+    local: bool,
+    iptables_counters: bool,
+) -> Box<dyn Backend> {
     match flavor {
         Flavor::Nftables => Box::new(nftables::NftablesBackend::with_options(
             names, families, local,
         )),
-        Flavor::Iptables => Box::new(iptables::IptablesBackend::with_options(
-            names, jumps, families, local,
-        )),
+        Flavor::Iptables => Box::new(
+            iptables::IptablesBackend::with_options(names, jumps, families, local)
+                .with_counters(iptables_counters),
+        ),
     }
 }
 

@@ -26,6 +26,13 @@ pub struct Names {
     pub output: String,
     /// Comment of the hairpin masquerade: `<prefix>[hairpin]`.
     pub hairpin_comment: String,
+    /// `<PREFIX>_COUNT` in `ip mangle` (`-iptablescounters`): one counting
+    /// rule per mapping, reached from mangle POSTROUTING.
+    pub count: String,
+    /// `<PREFIX>_COUNT_INPUT` in `ip mangle`: reached from mangle INPUT
+    /// (with `-localaccess`, the replies to the node's own connections),
+    /// one jump to `<PREFIX>_COUNT`.
+    pub count_input: String,
 }
 
 /// Native flavor: map/set and chain names inside `table ip <prefix>`.
@@ -106,6 +113,8 @@ impl Names {
             internal_comment: format!("{prefix}[no_snat_for_internal]"),
             output: format!("{up}_OUTPUT"),
             hairpin_comment: format!("{prefix}[hairpin]"),
+            count: format!("{up}_COUNT"),
+            count_input: format!("{up}_COUNT_INPUT"),
         }
     }
 

@@ -121,6 +121,27 @@ pub fn ipt_masquerade(n: &Names) -> String {
     )
 }
 
+/// A counting rule of `<PREFIX>_COUNT` (`-iptablescounters`), as
+/// iptables-nft-save prints it (the protocol as a number, the address
+/// without its prefix length).
+pub fn ipt_count(n: &Names, key: &NatKey, span: u16, owner: &PodRef) -> String {
+    format!(
+        "-A {} -m conntrack --ctproto {} --ctorigdst {} --ctorigdstport {} -m comment --comment \"{owner}\" -j RETURN",
+        n.count,
+        key.proto.number(),
+        key.public_ip,
+        ipt_ports(key.public_port, span),
+    )
+}
+
+/// A jump of DNATed connections' packets (mangle's to the counting chains).
+pub fn ipt_dnat_jump(n: &Names, parent: &str, target: &str) -> String {
+    format!(
+        "-A {parent} -m conntrack --ctstate DNAT -m comment --comment \"{}\" -j {target}",
+        n.jump_comment
+    )
+}
+
 /// The agent's part of `iptables-nft-save` (`ip6tables-nft-save` for IPv6):
 /// its chains, its jump rules and its rules, table by table, in the order
 /// iptables-nft-save prints them.
@@ -131,6 +152,19 @@ pub fn iptables_save(rules: &RuleSet, n: &Names, family: Family) -> String {
 /// `iptables_save` with `-localaccess`'s objects when `local`: the chain
 /// `<PREFIX>_OUTPUT` and its jump, the hairpin marks and masquerade.
 pub fn iptables_save_with(rules: &RuleSet, n: &Names, family: Family, local: bool) -> String {
+    iptables_save_counted(rules, n, family, local, false)
+}
+
+/// `iptables_save_with`, with `-iptablescounters`' mangle chains when
+/// `counters`: `<PREFIX>_COUNT` (one rule per mapping) from POSTROUTING,
+/// and with `local` `<PREFIX>_COUNT_INPUT` from INPUT.
+pub fn iptables_save_counted(
+    rules: &RuleSet,
+    n: &Names,
+    family: Family,
+    local: bool,
+    counters: bool,
+) -> String {
     let mut out = String::new();
     let mut user_chains = vec![n.post.as_str(), n.pre.as_str()];
     if local {
@@ -177,6 +211,22 @@ pub fn iptables_save_with(rules: &RuleSet, n: &Names, family: Family, local: boo
         let _ = writeln!(out, "{}", ipt_forward(n, f));
     }
     out.push_str("COMMIT\n");
+    if counters {
+        out.push_str("*mangle\n");
+        let _ = writeln!(out, ":{} - [0:0]", n.count);
+        if local {
+            let _ = writeln!(out, ":{} - [0:0]", n.count_input);
+            let _ = writeln!(out, "{}", ipt_dnat_jump(n, "INPUT", &n.count_input));
+        }
+        let _ = writeln!(out, "{}", ipt_dnat_jump(n, "POSTROUTING", &n.count));
+        for m in &rules.dnat {
+            let _ = writeln!(out, "{}", ipt_count(n, &m.key, m.span, &m.owner));
+        }
+        if local {
+            let _ = writeln!(out, "{}", ipt_jump(n, &n.count_input, &n.count));
+        }
+        out.push_str("COMMIT\n");
+    }
     out
 }
 

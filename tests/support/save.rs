@@ -19,18 +19,22 @@ pub fn agent_ip6tables_save(ns: &Netns) -> String {
 /// `ip6tables-nft-save`) prints.
 pub fn agent_save_by(ns: &Netns, tool: &str) -> String {
     let mut out = String::new();
-    for t in ["nat", "filter"] {
-        out.push_str(&format!("*{t}\n"));
-        for l in ns.sh(&format!("{tool} -t {t}")).lines() {
+    // mangle only when the agent has something there (-iptablescounters).
+    for t in ["nat", "filter", "mangle"] {
+        let listed = ns.try_sh(&format!("{tool} -t {t}"));
+        let mut ours = String::new();
+        for l in String::from_utf8_lossy(&listed.stdout).lines() {
             if l.starts_with(":PODNAT_")
                 || l.starts_with("-A PODNAT_")
                 || l.contains("\"podnat[jump_to_chain]\"")
             {
-                out.push_str(l);
-                out.push('\n');
+                ours.push_str(l);
+                ours.push('\n');
             }
         }
-        out.push_str("COMMIT\n");
+        if t != "mangle" || !ours.is_empty() {
+            out.push_str(&format!("*{t}\n{ours}COMMIT\n"));
+        }
     }
     out
 }

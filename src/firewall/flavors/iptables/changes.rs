@@ -6,12 +6,13 @@ use super::*;
 
 /// The content each of the agent's chains must have, in order.
 /// `local`: `-localaccess`, with the name of `<PREFIX>_PRE` (the OUTPUT
-/// chain's jump target).
+/// chain's jump target); `counters`: `-iptablescounters`.
 pub(super) fn desired_chains(
     desired: &RuleSet,
     family: Family,
     local: Option<&str>,
-) -> [Vec<AgentRule>; 4] {
+    counters: bool,
+) -> [Vec<AgentRule>; N_PLACES] {
     let marks = local.map(|_| desired.local.iter().cloned().map(AgentRule::Mark));
     let pre = marks
         .into_iter()
@@ -39,12 +40,36 @@ pub(super) fn desired_chains(
         .map(|pre| AgentRule::LocalJump(pre.to_string()))
         .into_iter()
         .collect();
-    let mut chains: [Vec<AgentRule>; 4] = [pre, post, fwd, out];
+    let count = if counters {
+        counted(&desired.dnat)
+    } else {
+        Vec::new()
+    };
+    // `<PREFIX>_COUNT_INPUT` holds the jump to `<PREFIX>_COUNT`, whose name
+    // follows `<PREFIX>_PRE`'s prefix.
+    let count_input = match (counters, local) {
+        (true, Some(pre)) => vec![AgentRule::Jump(count_chain_of(pre))],
+        _ => Vec::new(),
+    };
+    let mut chains: [Vec<AgentRule>; N_PLACES] = [pre, post, fwd, out, count, count_input];
     for c in &mut chains {
         c.sort();
         c.dedup();
     }
     chains
+}
+
+/// The counting rules of mappings (one each).
+fn counted(dnat: &[Mapping]) -> Vec<AgentRule> {
+    dnat.iter()
+        .map(|m| AgentRule::Count(rules::Counted::of(m)))
+        .collect()
+}
+
+/// `<PREFIX>_COUNT` from `<PREFIX>_PRE`.
+fn count_chain_of(pre: &str) -> String {
+    let prefix = pre.strip_suffix("_PRE").unwrap_or(pre);
+    format!("{prefix}_COUNT")
 }
 
 /// Up to this many new rules per batch ask the kernel for an echo, whose
@@ -78,19 +103,19 @@ pub(super) fn echoed_handles(
 
 /// Everything one apply changes, planned against one read of the kernel.
 pub struct Changes {
-    pub(super) create_nat: bool,
-    pub(super) create_filter: bool,
-    pub(super) create_parent: [bool; 4],
-    pub(super) create_own: [bool; 4],
+    /// Per table (`TABLES`): made by this plan.
+    pub(super) create_table: [bool; 3],
+    pub(super) create_parent: [bool; N_PLACES],
+    pub(super) create_own: [bool; N_PLACES],
     /// An own chain of a place no longer managed (`<PREFIX>_OUTPUT` after
     /// `-localaccess` was switched off): emptied by `own`, its jumps deleted
     /// by `jumps`, then the chain itself goes.
-    pub(super) delete_own: [bool; 4],
+    pub(super) delete_own: [bool; N_PLACES],
     /// The base chain of such a place, when the agent made it and nothing
     /// but its jumps are in it: it goes too, last.
-    pub(super) delete_parent: [bool; 4],
-    pub(super) own: [ChainPlan<AgentRule>; 4],
-    pub(super) jumps: [ChainPlan<()>; 4],
+    pub(super) delete_parent: [bool; N_PLACES],
+    pub(super) own: [ChainPlan<AgentRule>; N_PLACES],
+    pub(super) jumps: [ChainPlan<()>; N_PLACES],
     /// Planned by `delta` on a settled state (which it keeps settled).
     pub(super) delta: bool,
     /// DNAT mappings this plan adds and removes (for the report and the
@@ -108,7 +133,12 @@ pub struct Changes {
 
 impl Changes {
     pub(super) fn plan(state: &IptState, desired: &RuleSet, jumps: &JumpPositions) -> Changes {
-        let want = desired_chains(desired, state.family, state.local.as_deref());
+        let want = desired_chains(
+            desired,
+            state.family,
+            state.local.as_deref(),
+            state.counters,
+        );
         let managed = |i: usize| state.manages(i);
         // A place no longer managed is retired: its chain emptied and
         // deleted, its jumps removed (the Go layout again).
@@ -147,8 +177,10 @@ impl Changes {
             plan_jump(&current, PLACES[i].requested(jumps))
         });
         let mut changes = Changes {
-            create_nat: !state.nat_exists,
-            create_filter: !state.filter_exists,
+            create_table: std::array::from_fn(|t| {
+                !state.table_present[t]
+                    && (t < 2 || state.places().iter().any(|p| p.table() == TABLES[t]))
+            }),
             create_parent: std::array::from_fn(|i| managed(i) && !state.parent_exists[i]),
             create_own: std::array::from_fn(|i| managed(i) && !state.own_exists[i]),
             delete_own: std::array::from_fn(retired),
@@ -185,7 +217,8 @@ impl Changes {
         }
         // The hairpin sources are rules only with local access.
         let local = state.local.is_some();
-        let rules = |r: &RuleSet| -> [Vec<AgentRule>; 4] {
+        let counters = state.counters;
+        let rules = |r: &RuleSet| -> [Vec<AgentRule>; N_PLACES] {
             let marks = r
                 .local
                 .iter()
@@ -197,6 +230,12 @@ impl Changes {
                 r.snat.iter().cloned().map(AgentRule::Snat).collect(),
                 r.forward.iter().cloned().map(AgentRule::Forward).collect(),
                 Vec::new(),
+                if counters {
+                    counted(&r.dnat)
+                } else {
+                    Vec::new()
+                },
+                Vec::new(),
             ]
         };
         let (mut adds, mut dels) = (rules(&ch.add), rules(&ch.del));
@@ -204,8 +243,9 @@ impl Changes {
         let dnat = dnat_delta(&state.own[pre], ch)?;
         adds[pre].extend(dnat.add);
         dels[pre].extend(dnat.del);
-        let mut own: [ChainPlan<AgentRule>; 4] = std::array::from_fn(|_| ChainPlan::default());
-        for i in 0..4 {
+        let mut own: [ChainPlan<AgentRule>; N_PLACES] =
+            std::array::from_fn(|_| ChainPlan::default());
+        for i in 0..N_PLACES {
             let chain = &state.own[i];
             let find = |r: &AgentRule| chain.binary_search_by(|s| s.rule.as_ref().cmp(&Some(r)));
             let plan = &mut own[i];
@@ -227,12 +267,11 @@ impl Changes {
             }
         }
         Some(Changes {
-            create_nat: false,
-            create_filter: false,
-            create_parent: [false; 4],
-            create_own: [false; 4],
-            delete_own: [false; 4],
-            delete_parent: [false; 4],
+            create_table: [false; 3],
+            create_parent: [false; N_PLACES],
+            create_own: [false; N_PLACES],
+            delete_own: [false; N_PLACES],
+            delete_parent: [false; N_PLACES],
             own,
             jumps: std::array::from_fn(|_| ChainPlan::default()),
             delta: true,
@@ -245,8 +284,7 @@ impl Changes {
 
     pub(super) fn creates(&self) -> bool {
         self.adopt.is_some()
-            || self.create_nat
-            || self.create_filter
+            || self.create_table.iter().any(|c| *c)
             || self.create_parent.iter().any(|c| *c)
             || self.create_own.iter().any(|c| *c)
     }
@@ -275,7 +313,7 @@ impl Changes {
     }
 
     fn rule_handles_known(&self, state: &IptState) -> bool {
-        (0..4).all(|i| {
+        (0..N_PLACES).all(|i| {
             self.own[i]
                 .referenced()
                 .all(|j| state.own[i][j].handle.is_some())
@@ -294,12 +332,14 @@ impl Changes {
     /// The state after this plan commits; a new rule's handle is known if
     /// the kernel echoed it.
     pub(super) fn after(&self, state: IptState, handles: &HashMap<Inserted, u64>) -> IptState {
-        let managed: [bool; 4] = std::array::from_fn(|i| state.manages(i));
+        let managed: [bool; N_PLACES] = std::array::from_fn(|i| state.manages(i));
         let IptState {
             parents,
             own,
             family,
             local,
+            counters,
+            table_present,
             parent_exists,
             own_exists,
             table_marked,
@@ -314,12 +354,9 @@ impl Changes {
         let mut after = IptState {
             family,
             local,
-            nat_exists: true,
-            filter_exists: true,
-            table_marked: [
-                table_marked[0] || self.create_nat,
-                table_marked[1] || self.create_filter,
-            ],
+            counters,
+            table_present: std::array::from_fn(|t| table_present[t] || self.create_table[t]),
+            table_marked: std::array::from_fn(|t| table_marked[t] || self.create_table[t]),
             parent_exists: std::array::from_fn(|i| {
                 (parent_exists[i] || managed[i]) && !self.delete_parent[i]
             }),

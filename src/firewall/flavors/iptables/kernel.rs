@@ -40,23 +40,19 @@ impl Iptables {
     /// Reads the agent's chains and the parent chains back from the kernel.
     pub(super) fn read_state(&self, sock: &mut NfSocket) -> Result<IptState, NetlinkError> {
         let mut st = self.empty_state();
-        for (i, table) in [NAT, FILTER].into_iter().enumerate() {
+        for (i, table) in TABLES.into_iter().enumerate() {
             let mut a = Attrs::new();
             a.str(sys::NFTA_TABLE_NAME, table);
             let got = sock.get(sys::NFT_MSG_GETTABLE, self.family.nfproto(), &a)?;
             st.table_marked[i] = got
                 .as_deref()
                 .is_some_and(|t| self.names.marked(find_attr(t, sys::NFTA_TABLE_USERDATA)));
-            if i == 0 {
-                st.nat_exists = got.is_some();
-            } else {
-                st.filter_exists = got.is_some();
-            }
+            st.table_present[i] = got.is_some();
         }
         let names = self.names.clone();
         let family = self.family;
         // Each base chain is as iptables-nft (and the agent) makes it.
-        let mut made_like = [false; 4];
+        let mut made_like = [false; N_PLACES];
         for place in PLACES {
             let i = place.index();
             if !st.table_exists(place.table()) {
@@ -86,8 +82,7 @@ impl Iptables {
                     .map(|(handle, exprs)| {
                         let rule = if jump_target(&exprs) == Some(own) {
                             ParentRule::Jump {
-                                exact: decode(&exprs, &names, family)
-                                    == Some(AgentRule::Jump(own.to_string())),
+                                exact: decode(&exprs, &names, family) == Some(place.jump(&names)),
                             }
                         } else {
                             ParentRule::Foreign
@@ -190,10 +185,8 @@ impl Iptables {
         let echo = changes.inserts() <= MAX_ECHOED_RULES;
         let pf = protocol_family(self.family);
         let fam = view::nft_family(self.family);
-        let nat = Table::new(pf).with_name(NAT);
-        let filter = Table::new(pf).with_name(FILTER);
-        for (create, name) in [(changes.create_nat, NAT), (changes.create_filter, FILTER)] {
-            if create {
+        for (t, name) in TABLES.into_iter().enumerate() {
+            if changes.create_table[t] {
                 let marked = Table::new(pf)
                     .with_name(name)
                     .with_userdata(self.names.mark_udata());
@@ -202,7 +195,7 @@ impl Iptables {
         }
         for place in PLACES {
             let i = place.index();
-            let table = if place.table() == NAT { &nat } else { &filter };
+            let table = &Table::new(pf).with_name(place.table());
             if changes.create_parent[i] {
                 batch.add_chain(
                     &place.base_chain(table, &self.names),
@@ -249,7 +242,7 @@ impl Iptables {
             for &j in &plan.delete {
                 self.delete_rule(batch, place, place.parent(), handle(j));
             }
-            let jump = AgentRule::Jump(place.own(&self.names).to_string());
+            let jump = place.jump(&self.names);
             for (k, (_, anchor)) in plan.insert.iter().enumerate() {
                 let pos = match anchor {
                     Anchor::Before(j) => Some(handle(*j)),
@@ -349,6 +342,7 @@ impl Iptables {
         IptState {
             family: self.family,
             local: self.local.then(|| self.names.pre.clone()),
+            counters: self.counters,
             ..IptState::default()
         }
     }

@@ -16,6 +16,9 @@ mod place;
 mod render;
 #[cfg(test)]
 mod tests;
+mod traffic;
+
+pub use self::traffic::read_traffic;
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -24,7 +27,7 @@ use rustables::{Chain, MsgType, Table};
 
 use self::changes::*;
 pub(crate) use self::changes::{Changes, Inserted};
-use self::place::{places, Place, FILTER, NAT, PLACES};
+use self::place::{places, table_index, Place, FILTER, N_PLACES, PLACES, TABLES};
 use self::position::{apply_plan, plan_chain, plan_jump, Anchor, ChainPlan, ParentRule};
 use self::render::line;
 use self::rules::{decode, jump_target, parse_exprs, rule_attrs, AgentRule};
@@ -58,26 +61,28 @@ pub struct IptState {
     /// `-localaccess`: the name of `<PREFIX>_PRE`, which `<PREFIX>_OUTPUT`
     /// jumps to; `None`: the Go version's three places only.
     local: Option<String>,
-    nat_exists: bool,
-    filter_exists: bool,
-    /// `ip nat`, `ip filter`: made (and marked) by the agent.
-    table_marked: [bool; 2],
+    /// `-iptablescounters`: the counting chains in `ip mangle`.
+    counters: bool,
+    /// Per table (`TABLES`: nat, filter, mangle): it exists.
+    table_present: [bool; 3],
+    /// Per table: made (and marked) by the agent.
+    table_marked: [bool; 3],
     /// Per place (`PLACES`); all four are read (so `cleanup` finds an
     /// OUTPUT chain left from a run with local access), the managed ones
     /// planned.
-    parent_exists: [bool; 4],
+    parent_exists: [bool; N_PLACES],
     /// The base chain carries the agent's mark: the agent made it.
-    parent_marked: [bool; 4],
+    parent_marked: [bool; N_PLACES],
     /// Unmarked, as made, and holding only the agent's jumps: an earlier
     /// version made it (adopted at the next apply, removed by `cleanup`).
-    parent_earlier: [bool; 4],
-    own_exists: [bool; 4],
+    parent_earlier: [bool; N_PLACES],
+    own_exists: [bool; N_PLACES],
     /// The agent's chain carries its mark.
-    own_marked: [bool; 4],
+    own_marked: [bool; N_PLACES],
     /// Parent chains: which rules jump to the agent's chain.
-    parents: [Vec<Slot<ParentRule>>; 4],
+    parents: [Vec<Slot<ParentRule>>; N_PLACES],
     /// The agent's chains: `None` for a rule that is not its encoding.
-    own: [Vec<Slot<Option<AgentRule>>>; 4],
+    own: [Vec<Slot<Option<AgentRule>>>; N_PLACES],
     /// Everything exists, each of the agent's chains holds exactly its
     /// rules in sorted order, and the jumps are where they are asked to be:
     /// a change can then be planned by binary search (`Changes::delta`).
@@ -86,11 +91,7 @@ pub struct IptState {
 
 impl IptState {
     fn table_exists(&self, table: &str) -> bool {
-        if table == NAT {
-            self.nat_exists
-        } else {
-            self.filter_exists
-        }
+        self.table_present[table_index(table)]
     }
 
     /// The chain named as the agent's chain of place `i` is someone else's:
@@ -117,7 +118,7 @@ impl IptState {
     /// anew, marked, in the same batch (the kernel keeps the userdata a
     /// table or chain was created with): `None` when nothing is unmarked.
     fn adoption(&self) -> Option<Adoption> {
-        let managed = 0..self.places().len();
+        let managed = self.places().iter().map(|p| p.index());
         let unmarked_own = managed
             .clone()
             .any(|i| self.own_owned(i) && !self.own_marked[i]);
@@ -152,26 +153,29 @@ impl IptState {
 
     /// The places managed (see `places`).
     fn places(&self) -> &'static [Place] {
-        places(self.local.is_some())
+        places(self.local.is_some(), self.counters)
     }
 
-    /// Whether the place with index `i` is managed (the managed places are
-    /// the first ones of `PLACES`).
+    /// Whether the place with index `i` is managed.
     fn manages(&self, i: usize) -> bool {
-        i < self.places().len()
+        self.places().iter().any(|p| p.index() == i)
     }
 
     /// Every table and chain exists and each own chain is exactly its
     /// desired content in sorted order (what `delta` needs besides jumps).
     fn own_sorted(&self) -> bool {
-        let managed = 0..self.places().len();
-        let exist = self.nat_exists
-            && self.filter_exists
+        let managed = self.places().iter().map(|p| p.index());
+        let exist = self.places().iter().all(|p| self.table_exists(p.table()))
             && managed
                 .clone()
                 .all(|i| self.parent_exists[i] && self.own_exists[i]);
         exist && {
-            let want = desired_chains(&self.rules(), self.family, self.local.as_deref());
+            let want = desired_chains(
+                &self.rules(),
+                self.family,
+                self.local.as_deref(),
+                self.counters,
+            );
             managed.into_iter().all(|i| {
                 self.own[i].len() == want[i].len()
                     && self.own[i]
@@ -230,6 +234,8 @@ pub struct Iptables {
     family: Family,
     /// `-localaccess`: nat OUTPUT, the hairpin marks and masquerade.
     local: bool,
+    /// `-iptablescounters`: the counting chains in mangle.
+    counters: bool,
 }
 
 /// The iptables flavor, in iptables-nft's tables and (with IPv6 enabled)
@@ -257,7 +263,17 @@ impl IptablesBackend {
             jumps,
             family,
             local,
+            counters: false,
         }))
+    }
+
+    /// Counts every packet of each mapping (`-iptablescounters`): the
+    /// counting chains in mangle, read at scrape time.
+    pub fn with_counters(mut self, on: bool) -> IptablesBackend {
+        for (_, part) in self.flavor.parts_mut() {
+            part.counters = on;
+        }
+        self
     }
 
     /// The agent's rules in the backend's families, read once; `None` when
@@ -373,10 +389,7 @@ impl Flavor for Iptables {
         let at = sent.binary_search_by_key(&seq, |(s, _)| *s).ok()?;
         let (rule, place) = match sent[at].1 {
             Inserted::Own(i, k) => (plan.own[i].insert[k].0.clone(), PLACES[i]),
-            Inserted::Jump(i, _) => (
-                AgentRule::Jump(PLACES[i].own(&self.names).to_string()),
-                PLACES[i],
-            ),
+            Inserted::Jump(i, _) => (PLACES[i].jump(&self.names), PLACES[i]),
         };
         Some(format!(
             "add rule {}",
@@ -436,7 +449,7 @@ impl Flavor for Iptables {
         let mut chains = Vec::new();
         let mut bases = Vec::new();
         let mut tables = Vec::new();
-        for (t, table) in [NAT, FILTER].into_iter().enumerate() {
+        for (t, table) in TABLES.into_iter().enumerate() {
             if !state.table_exists(table) {
                 continue;
             }
@@ -540,10 +553,17 @@ impl Flavor for Iptables {
     }
 
     fn interest(&self) -> Interest {
-        let tables = [NAT, FILTER]
+        let tables = TABLES
             .into_iter()
+            .filter(|table| {
+                places(self.local, self.counters)
+                    .iter()
+                    .any(|p| p.table() == *table)
+            })
             .map(|table| {
-                let here = places(self.local).iter().filter(|p| p.table() == table);
+                let here = places(self.local, self.counters)
+                    .iter()
+                    .filter(|p| p.table() == table);
                 TableInterest {
                     family: self.family.nfproto(),
                     table: table.to_string(),
@@ -569,6 +589,6 @@ impl Flavor for Iptables {
     }
 
     fn view(&self, rules: &RuleSet) -> String {
-        view::iptables_save_with(rules, &self.names, self.family, self.local)
+        view::iptables_save_counted(rules, &self.names, self.family, self.local, self.counters)
     }
 }

@@ -1,6 +1,7 @@
 //! Where the agent hooks into iptables-nft's tables: each place is a base
-//! chain of iptables-nft's (PREROUTING, POSTROUTING, FORWARD, nat OUTPUT)
-//! and the agent's chain its jump leads to.
+//! chain of iptables-nft's (PREROUTING, POSTROUTING, FORWARD, nat OUTPUT,
+//! and with `-iptablescounters` mangle POSTROUTING and INPUT) and the
+//! agent's chain its jump leads to.
 
 use rustables::{Chain, ChainPolicy, ChainType, Hook, HookClass, Table};
 
@@ -10,6 +11,14 @@ use crate::firewall::wire::netlink::{attr_be32, attr_str, find_attr, sys};
 
 pub(super) const NAT: &str = "nat";
 pub(super) const FILTER: &str = "filter";
+pub(super) const MANGLE: &str = "mangle";
+/// The tables the agent may use, in the order it reads and writes them.
+pub(super) const TABLES: [&str; 3] = [NAT, FILTER, MANGLE];
+
+/// The index of `table` in `TABLES`.
+pub(super) fn table_index(table: &str) -> usize {
+    TABLES.iter().position(|t| *t == table).unwrap_or(0)
+}
 
 /// One of the three places the agent hooks in: a parent (base) chain of
 /// iptables-nft's and the agent's chain its jump leads to.
@@ -21,18 +30,40 @@ pub(super) enum Place {
     /// nat OUTPUT → `<PREFIX>_OUTPUT` (`-localaccess`), which jumps to
     /// `<PREFIX>_PRE`: the node's own connections get the same DNAT.
     Output,
+    /// mangle POSTROUTING → `<PREFIX>_COUNT` (`-iptablescounters`): every
+    /// DNATed packet leaving the node, forwarded (both directions) or its
+    /// own, walks the counting rules.
+    Count,
+    /// mangle INPUT → `<PREFIX>_COUNT_INPUT` (`-iptablescounters` with
+    /// `-localaccess`): the replies to the node's own connections; it jumps
+    /// to `<PREFIX>_COUNT`.
+    CountInput,
 }
 
-/// Every place; the first three are the Go version's, the fourth is
-/// `-localaccess`'s.
-pub(super) const PLACES: [Place; 4] = [Place::Pre, Place::Post, Place::Forward, Place::Output];
+/// How many places there are (the length of every per-place array).
+pub(super) const N_PLACES: usize = 6;
 
-/// The places the agent manages: `local` adds nat OUTPUT.
-pub(super) fn places(local: bool) -> &'static [Place] {
-    if local {
-        &PLACES
-    } else {
-        &PLACES[..3]
+/// Every place; the first three are the Go version's, the fourth is
+/// `-localaccess`'s, the last two `-iptablescounters`'.
+pub(super) const PLACES: [Place; N_PLACES] = [
+    Place::Pre,
+    Place::Post,
+    Place::Forward,
+    Place::Output,
+    Place::Count,
+    Place::CountInput,
+];
+
+/// The places the agent manages: `local` adds nat OUTPUT, `counters` the
+/// counting chains in mangle (INPUT's with `local` only).
+pub(super) fn places(local: bool, counters: bool) -> &'static [Place] {
+    const GO: [Place; 3] = [Place::Pre, Place::Post, Place::Forward];
+    const COUNTED: [Place; 4] = [Place::Pre, Place::Post, Place::Forward, Place::Count];
+    match (local, counters) {
+        (false, false) => &GO,
+        (true, false) => &PLACES[..4],
+        (false, true) => &COUNTED,
+        (true, true) => &PLACES,
     }
 }
 
@@ -45,6 +76,7 @@ impl Place {
         match self {
             Place::Pre | Place::Post | Place::Output => NAT,
             Place::Forward => FILTER,
+            Place::Count | Place::CountInput => MANGLE,
         }
     }
 
@@ -54,6 +86,8 @@ impl Place {
             Place::Post => "POSTROUTING",
             Place::Forward => "FORWARD",
             Place::Output => "OUTPUT",
+            Place::Count => "POSTROUTING",
+            Place::CountInput => "INPUT",
         }
     }
 
@@ -65,6 +99,8 @@ impl Place {
             Place::Post => (HookClass::PostRouting, 100, ChainType::Nat),
             Place::Forward => (HookClass::Forward, 0, ChainType::Filter),
             Place::Output => (HookClass::Out, -100, ChainType::Nat),
+            Place::Count => (HookClass::PostRouting, -150, ChainType::Filter),
+            Place::CountInput => (HookClass::In, -150, ChainType::Filter),
         }
     }
 
@@ -102,6 +138,8 @@ impl Place {
             Place::Post => &n.post,
             Place::Forward => &n.forward,
             Place::Output => &n.output,
+            Place::Count => &n.count,
+            Place::CountInput => &n.count_input,
         }
     }
 
@@ -111,6 +149,19 @@ impl Place {
             Place::Post => j.postrouting,
             Place::Forward => j.forward,
             Place::Output => j.output,
+            // First: a foreign ACCEPT before the jump would end the walk
+            // of mangle's chain before the packet is counted.
+            Place::Count | Place::CountInput => 1,
+        }
+    }
+
+    /// The rule in the base chain that leads to the agent's chain: a plain
+    /// jump, or for the counting chains a jump of DNATed packets only.
+    pub(super) fn jump(self, n: &Names) -> super::rules::AgentRule {
+        let own = self.own(n).to_string();
+        match self {
+            Place::Count | Place::CountInput => super::rules::AgentRule::DnatJump(own),
+            _ => super::rules::AgentRule::Jump(own),
         }
     }
 }

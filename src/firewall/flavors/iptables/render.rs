@@ -15,8 +15,13 @@ pub(super) fn line(rule: &AgentRule, place: Place, n: &Names, family: Family) ->
         AgentRule::Snat(s) => view::ipt_snat(n, s),
         AgentRule::Dnat(m, source) => view::ipt_dnat(n, m, *source),
         AgentRule::Forward(f) => view::ipt_forward(n, f),
+        AgentRule::Jump(target) if place == Place::CountInput => {
+            view::ipt_jump(n, place.own(n), target)
+        }
         AgentRule::Jump(target) => view::ipt_jump(n, place.parent(), target),
         AgentRule::LocalJump(target) => view::ipt_local_jump(n, place.own(n), target),
+        AgentRule::DnatJump(target) => view::ipt_dnat_jump(n, place.parent(), target),
+        AgentRule::Count(c) => view::ipt_count(n, &c.key, c.span, &c.owner),
     }
 }
 
@@ -64,7 +69,7 @@ impl Iptables {
     pub(super) fn render_adoption(&self, state: &IptState, a: &Adoption) -> String {
         let n = &self.names;
         let mut out = String::from("# adopted: made anew with the agent's mark\n");
-        for table in [NAT, FILTER] {
+        for table in TABLES {
             let mut t = String::new();
             for &i in a.own.iter().chain(&a.parents) {
                 let place = PLACES[i];
@@ -73,12 +78,7 @@ impl Iptables {
                 }
                 for s in &state.parents[i] {
                     if s.rule != ParentRule::Foreign {
-                        let jump = line(
-                            &AgentRule::Jump(place.own(n).to_string()),
-                            place,
-                            n,
-                            self.family,
-                        );
+                        let jump = line(&place.jump(n), place, n, self.family);
                         let _ = writeln!(t, "{}", respec(&jump, &format!("-D {}", place.parent())));
                     }
                 }
@@ -103,7 +103,7 @@ impl Iptables {
     pub(super) fn render_changes(&self, state: &IptState, changes: &Changes) -> String {
         let n = &self.names;
         let mut out = String::new();
-        for table in [NAT, FILTER] {
+        for table in TABLES {
             let mut t = String::new();
             for place in PLACES.iter().filter(|p| p.table() == table) {
                 if changes.create_own[place.index()] {
@@ -144,8 +144,7 @@ impl Iptables {
             for place in PLACES.iter().copied().filter(|p| p.table() == table) {
                 let i = place.index();
                 let plan = &changes.jumps[i];
-                let jump = AgentRule::Jump(place.own(n).to_string());
-                let jump_line = line(&jump, place, n, self.family);
+                let jump_line = line(&place.jump(n), place, n, self.family);
                 let specs: Vec<Option<String>> = state.parents[i]
                     .iter()
                     .map(|s| {

@@ -16,7 +16,26 @@ pub(crate) use write::{exprs_of, rule_attrs};
 
 use ipnet::IpNet;
 
-use crate::model::{ForwardRule, LocalPod, Mapping, SnatRule};
+use crate::model::{ForwardRule, LocalPod, Mapping, NatKey, PodRef, SnatRule};
+
+/// A mapping counted in `<PREFIX>_COUNT` (`-iptablescounters`): its key,
+/// the ports after it (a range's part) and its owner.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Counted {
+    pub key: NatKey,
+    pub span: u16,
+    pub owner: PodRef,
+}
+
+impl Counted {
+    pub fn of(m: &Mapping) -> Counted {
+        Counted {
+            key: m.key,
+            span: m.span,
+            owner: m.owner.clone(),
+        }
+    }
+}
 
 /// One rule the agent writes. The variant order is the order inside a chain:
 /// in `<PREFIX>_POST` the hairpin masquerade, then the internal-network
@@ -47,6 +66,15 @@ pub enum AgentRule {
     /// "<prefix>[jump_to_chain]" -j <chain>`: `<PREFIX>_OUTPUT` to
     /// `<PREFIX>_PRE`, for connections to the node's own addresses only.
     LocalJump(String),
+    /// `-m conntrack --ctstate DNAT -m comment --comment
+    /// "<prefix>[jump_to_chain]" -j <chain>`: mangle's jumps to the
+    /// counting chains, for DNATed connections only.
+    DnatJump(String),
+    /// `-m conntrack --ctproto P --ctorigdst S --ctorigdstport N[:M] -m
+    /// comment --comment ns:pod -j RETURN` in `<PREFIX>_COUNT`: its counter
+    /// counts every packet, both directions, of the connections to the
+    /// mapping (`-iptablescounters`).
+    Count(Counted),
 }
 
 impl AgentRule {

@@ -46,6 +46,7 @@ fn dry_run_on_an_empty_kernel_creates_everything() {
         jumps: JumpPositions::default(),
         family: Family::Ipv4,
         local: false,
+        counters: false,
     };
     let state = flavor.empty();
     let changes = Changes::plan(&state, &mail(), &flavor.jumps);
@@ -100,6 +101,7 @@ fn a_refused_rule_is_described_as_the_dry_run_writes_it() {
         jumps: JumpPositions::default(),
         family: Family::Ipv4,
         local: false,
+        counters: false,
     };
     let state = flavor.empty();
     let changes = Changes::plan(&state, &mail(), &flavor.jumps);
@@ -139,9 +141,9 @@ fn applied(flavor: &Iptables, rules: &RuleSet, marked: bool) -> IptState {
     }
     let mut st = changes.after(empty, &handles);
     if !marked {
-        st.table_marked = [false; 2];
-        st.own_marked = [false; 4];
-        st.parent_marked = [false; 4];
+        st.table_marked = [false; 3];
+        st.own_marked = [false; N_PLACES];
+        st.parent_marked = [false; N_PLACES];
         for i in 0..PLACES.len() {
             st.parent_earlier[i] = st.parent_exists[i] && !st.parents[i].is_empty();
         }
@@ -155,6 +157,7 @@ fn flavor(local: bool) -> Iptables {
         jumps: JumpPositions::default(),
         family: Family::Ipv4,
         local,
+        counters: false,
     }
 }
 
@@ -179,7 +182,8 @@ fn marked_chains_need_nothing_unmarked_ones_are_adopted_in_one_plan() {
     assert!(plan.creates() && plan.added_dnat.is_empty() && plan.removed_dnat.is_empty());
     // Once committed, everything is marked and settled: nothing more to do.
     let after = f.after(earlier, plan, Vec::new(), &[]);
-    assert!(after.own_marked.iter().all(|m| *m) && after.parent_marked.iter().all(|m| *m));
+    // The managed places (the counting ones are not, without the flag).
+    assert!((0..4).all(|i| after.own_marked[i] && after.parent_marked[i]));
     assert!(after.adoption().is_none());
 
     // The Go version published port 25 open; adopted into a restricted

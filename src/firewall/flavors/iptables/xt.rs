@@ -72,6 +72,61 @@ pub fn conntrack_state_new() -> Vec<u8> {
     info
 }
 
+/// XT_CONNTRACK_STATE_DNAT = 1 << (IP_CT_NUMBER + 2), IP_CT_NUMBER = 5.
+const STATE_BIT_DNAT: u16 = 1 << 7;
+/// XT_CONNTRACK_PROTO | XT_CONNTRACK_ORIGDST | XT_CONNTRACK_ORIGDST_PORT.
+const CT_ORIG_FLAGS: u16 = (1 << 1) | (1 << 3) | (1 << 9);
+const CT_ORIGDST_ADDR: usize = 2 * 16;
+const CT_ORIGDST_MASK: usize = 3 * 16;
+const CT_L4PROTO: usize = 8 * 16 + 2 * 4;
+const CT_ORIGDST_PORT: usize = CT_L4PROTO + 2 * 2; // after l4proto, origsrc_port
+const CT_ORIGDST_PORT_HIGH: usize = CT_STATE_MASK + 3 * 2; // after status, origsrc_high
+
+/// `-m conntrack --ctstate DNAT` (mangle's jumps to the counting chains).
+pub fn conntrack_state_dnat() -> Vec<u8> {
+    let mut info = vec![0u8; CONNTRACK_INFO_LEN];
+    info[CT_MATCH_FLAGS..CT_MATCH_FLAGS + 2].copy_from_slice(&XT_CONNTRACK_STATE.to_ne_bytes());
+    info[CT_STATE_MASK..CT_STATE_MASK + 2].copy_from_slice(&STATE_BIT_DNAT.to_ne_bytes());
+    info
+}
+
+/// `-m conntrack --ctproto P --ctorigdst A --ctorigdstport lo[:hi]`: the
+/// original destination of a connection (a mapping's key, a range's ports;
+/// one port is lo = hi). The ports in host byte order, as iptables writes
+/// them; an IPv4 address in the first 4 bytes of its 16.
+pub fn conntrack_orig_dst(ip: IpAddr, proto: u8, lo: u16, hi: u16) -> Vec<u8> {
+    let mut info = vec![0u8; CONNTRACK_INFO_LEN];
+    let bytes = ip_bytes(&ip);
+    info[CT_ORIGDST_ADDR..CT_ORIGDST_ADDR + bytes.len()].copy_from_slice(&bytes);
+    info[CT_ORIGDST_MASK..CT_ORIGDST_MASK + bytes.len()].fill(0xff);
+    info[CT_L4PROTO..CT_L4PROTO + 2].copy_from_slice(&u16::from(proto).to_ne_bytes());
+    info[CT_ORIGDST_PORT..CT_ORIGDST_PORT + 2].copy_from_slice(&lo.to_ne_bytes());
+    info[CT_ORIGDST_PORT_HIGH..CT_ORIGDST_PORT_HIGH + 2].copy_from_slice(&hi.to_ne_bytes());
+    info[CT_MATCH_FLAGS..CT_MATCH_FLAGS + 2].copy_from_slice(&CT_ORIG_FLAGS.to_ne_bytes());
+    info
+}
+
+/// The original destination of a `conntrack_orig_dst` payload: (address,
+/// protocol number, first port, last port); whether it is exactly the
+/// agent's encoding is checked by re-encoding.
+pub fn parse_conntrack_orig_dst(info: &[u8], ipv6: bool) -> Option<(IpAddr, u8, u16, u16)> {
+    if info.len() != CONNTRACK_INFO_LEN {
+        return None;
+    }
+    let u16_at = |at: usize| u16::from_ne_bytes([info[at], info[at + 1]]);
+    if u16_at(CT_MATCH_FLAGS) != CT_ORIG_FLAGS {
+        return None;
+    }
+    let ip = addr_at(info, CT_ORIGDST_ADDR, ipv6)?;
+    let proto = u8::try_from(u16_at(CT_L4PROTO)).ok()?;
+    Some((
+        ip,
+        proto,
+        u16_at(CT_ORIGDST_PORT),
+        u16_at(CT_ORIGDST_PORT_HIGH),
+    ))
+}
+
 /// NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED (linux/netfilter/nf_nat.h).
 const NF_NAT_RANGE_MAP_IPS: u32 = 1;
 const NF_NAT_RANGE_PROTO_SPECIFIED: u32 = 2;
@@ -294,6 +349,27 @@ pub(crate) mod tests {
         assert_eq!(got.len(), 168);
         assert_eq!(got, observed_info("fwd_tcp", "match", "conntrack"));
         assert_eq!(got, observed_info("fwd_udp", "match", "conntrack"));
+    }
+
+    #[test]
+    fn counting_matches_iptables_nft() {
+        assert_eq!(
+            conntrack_state_dnat(),
+            observed_info("count_jump", "match", "conntrack")
+        );
+        let ip = Ipv4Addr::new(203, 0, 113, 7).into();
+        let one = conntrack_orig_dst(ip, 6, 25, 25);
+        assert_eq!(one, observed_info("count_tcp", "match", "conntrack"));
+        let range = conntrack_orig_dst(ip, 17, 10000, 10099);
+        assert_eq!(range, observed_info("count_range", "match", "conntrack"));
+        assert_eq!(
+            parse_conntrack_orig_dst(&range, false),
+            Some((ip, 17, 10000, 10099))
+        );
+        assert_eq!(
+            parse_conntrack_orig_dst(&conntrack_state_dnat(), false),
+            None
+        );
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 
 use super::super::xt;
-use super::{exprs_of, AgentRule, Expr};
+use super::{exprs_of, AgentRule, Counted, Expr};
 use crate::firewall::names::internal_returns;
 use crate::firewall::wire::encode::{self, BASE_NETWORK, BASE_TRANSPORT, TH_DPORT};
 use crate::firewall::wire::netlink::{attr_be32, attr_str, find_attr, parse_attrs, sys};
@@ -108,6 +108,9 @@ struct Fields {
     comment: Option<String>,
     dnat: Option<(IpAddr, u16, u16)>,
     snat: Option<IpAddr>,
+    /// `-m conntrack --ctorigdst …` of a counting rule: (address, protocol
+    /// number, first port, last port).
+    counted: Option<(IpAddr, u8, u16, u16)>,
     /// The name of an xt target other than DNAT/SNAT (MARK, MASQUERADE).
     target: Option<String>,
     verdict: Option<(i32, Option<String>)>,
@@ -196,6 +199,9 @@ fn collect(exprs: &[Expr], family: Family) -> Fields {
                 kind, name, info, ..
             } => match (kind.as_str(), name.as_str()) {
                 ("match", "comment") => f.comment = xt::parse_comment_info(info),
+                ("match", "conntrack") => {
+                    f.counted = xt::parse_conntrack_orig_dst(info, family == Family::Ipv6)
+                }
                 ("target", "DNAT") => f.dnat = xt::parse_dnat_range2(info, family == Family::Ipv6),
                 ("target", "SNAT") if family == Family::Ipv4 => {
                     f.snat = xt::parse_snat_compat(info).map(IpAddr::V4)
@@ -276,15 +282,25 @@ pub fn decode(exprs: &[Expr], names: &Names, family: Family) -> Option<AgentRule
                 span: f.span()?,
             })]
         }
-        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => {
-            (0..internal_returns(family).len())
+        (None, None, Some((code, None))) if *code == sys::NFT_RETURN => match f.counted {
+            Some((public_ip, proto, lo, hi)) => vec![AgentRule::Count(Counted {
+                key: NatKey {
+                    public_ip,
+                    public_port: lo,
+                    proto: Proto::from_number(proto)?,
+                },
+                span: hi.checked_sub(lo)?,
+                owner: owner()?,
+            })],
+            None => (0..internal_returns(family).len())
                 .map(AgentRule::Return)
-                .collect()
-        }
+                .collect(),
+        },
         (None, None, Some((code, Some(chain)))) if *code == sys::NFT_JUMP => {
             vec![
                 AgentRule::Jump(chain.clone()),
                 AgentRule::LocalJump(chain.clone()),
+                AgentRule::DnatJump(chain.clone()),
             ]
         }
         _ => return None,

@@ -131,6 +131,40 @@ fn agent_rules() -> Vec<(&'static str, &'static str, &'static str, AgentRule)> {
                 span: 99,
             }),
         ),
+        (
+            "count_jump",
+            "mangle",
+            "POSTROUTING",
+            AgentRule::DnatJump("PODNAT_COUNT".into()),
+        ),
+        (
+            "count_tcp",
+            "mangle",
+            "PODNAT_COUNT",
+            AgentRule::Count(Counted {
+                key: NatKey {
+                    public_ip: ip("203.0.113.7"),
+                    public_port: 25,
+                    proto: Proto::Tcp,
+                },
+                span: 0,
+                owner: owner("mail:mx-0"),
+            }),
+        ),
+        (
+            "count_range",
+            "mangle",
+            "PODNAT_COUNT",
+            AgentRule::Count(Counted {
+                key: NatKey {
+                    public_ip: ip("203.0.113.7"),
+                    public_port: 10000,
+                    proto: Proto::Udp,
+                },
+                span: 99,
+                owner: owner("voip:rtp-0"),
+            }),
+        ),
         ("ret_172", "nat", "PODNAT_POST", AgentRule::Return(0)),
         ("ret_192", "nat", "PODNAT_POST", AgentRule::Return(1)),
         ("ret_10", "nat", "PODNAT_POST", AgentRule::Return(2)),

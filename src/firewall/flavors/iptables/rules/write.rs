@@ -206,10 +206,27 @@ pub fn exprs_of(rule: &AgentRule, names: &Names, family: Family) -> Vec<Expr> {
             e.push(Expr::Counter);
             e.push(verdict(libc::NF_ACCEPT));
         }
-        AgentRule::Jump(chain) | AgentRule::LocalJump(chain) => {
+        AgentRule::Count(c) => {
+            let hi = c.key.public_port.saturating_add(c.span);
+            let ct = xt::conntrack_orig_dst(
+                c.key.public_ip,
+                c.key.proto.number(),
+                c.key.public_port,
+                hi,
+            );
+            e.push(xt("match", "conntrack", xt::CONNTRACK_REV, ct));
+            comment(&mut e, &comment_for(&c.owner));
+            e.push(Expr::Counter);
+            e.push(verdict(sys::NFT_RETURN));
+        }
+        AgentRule::Jump(chain) | AgentRule::LocalJump(chain) | AgentRule::DnatJump(chain) => {
             if matches!(rule, AgentRule::LocalJump(_)) {
                 let info = xt::addrtype_dst_local();
                 e.push(xt("match", "addrtype", xt::ADDRTYPE_REV, info));
+            }
+            if matches!(rule, AgentRule::DnatJump(_)) {
+                let info = xt::conntrack_state_dnat();
+                e.push(xt("match", "conntrack", xt::CONNTRACK_REV, info));
             }
             comment(&mut e, &names.jump_comment);
             e.push(Expr::Counter);
@@ -229,6 +246,7 @@ fn compat_proto(rule: &AgentRule) -> u32 {
         AgentRule::Dnat(m, _) => m.key.proto.number().into(),
         AgentRule::Forward(f) => f.proto.number().into(),
         AgentRule::Return(_) | AgentRule::Jump(_) | AgentRule::LocalJump(_) => 0,
+        AgentRule::DnatJump(_) | AgentRule::Count(_) => 0,
         AgentRule::Masquerade | AgentRule::Mark(_) => 0,
     }
 }

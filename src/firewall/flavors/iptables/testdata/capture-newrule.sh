@@ -53,6 +53,11 @@ capture fwd_udp filter -A PODNAT_FORWARD -d 10.1.1.5/32 -p udp -m conntrack --ct
 # A port range with one offset (srcPortEnd).
 capture dnat_range nat -A PODNAT_PRE -d 203.0.113.7/32 -p udp -m udp --dport 10000:10099 -m comment --comment voip:rtp-0 -j DNAT --to-destination 10.1.2.5:20000-20099/10000
 capture fwd_range filter -A PODNAT_FORWARD -d 10.1.2.5/32 -p udp -m conntrack --ctstate NEW -m udp --dport 20000:20099 -m comment --comment voip:rtp-0 -j ACCEPT
+# Per-mapping counters (-iptablescounters): mangle's counting chain.
+iptables-nft -t mangle -N PODNAT_COUNT
+capture count_jump mangle -A POSTROUTING -m conntrack --ctstate DNAT -m comment --comment "podnat[jump_to_chain]" -j PODNAT_COUNT
+capture count_tcp mangle -A PODNAT_COUNT -m conntrack --ctproto tcp --ctorigdst 203.0.113.7/32 --ctorigdstport 25 -m comment --comment mail:mx-0 -j RETURN
+capture count_range mangle -A PODNAT_COUNT -m conntrack --ctproto udp --ctorigdst 203.0.113.7/32 --ctorigdstport 10000:10099 -m comment --comment voip:rtp-0 -j RETURN
 for net in 172.16.0.0/12 192.168.0.0/16 10.0.0.0/8 127.0.0.0/8; do
     capture "ret_${net%%.*}" nat -A PODNAT_POST -d "$net" -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
 done
