@@ -1,10 +1,11 @@
 //! The cost of a scrape of the per-mapping traffic counters (issue 25):
-//! the element dump of `mapping_traffic` (`read_traffic`) and the
+//! the kernel dump (nftables: the elements of `mapping_traffic`; iptables
+//! with `-iptablescounters`: the rules of `<PREFIX>_COUNT`) and the
 //! Prometheus text of both counters (`http::traffic::encode`), at 100,
 //! 1,000 and 5,000 published ports, beside what an admin would run without
-//! the agent (`nft -j list set`, which prints the same counters). No peer
-//! counts per published port. Medians of repeated runs; prints a table,
-//! asserts nothing.
+//! the agent (`nft -j list set`, `iptables-nft -t mangle -L -v -x -n`,
+//! which print the same counters). No peer counts per published port.
+//! Medians of repeated runs; prints a table, asserts nothing.
 //!
 //! Run as root: `cargo bench --bench traffic` (network namespaces of its own).
 
@@ -16,8 +17,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use netns::Netns;
-use podnat_controller::firewall::flavors::nftables::{read_traffic, NftablesBackend};
-use podnat_controller::firewall::{Backend, Names};
+use podnat_controller::config::{Flavor, JumpPositions};
+use podnat_controller::firewall::flavors::iptables::IptablesBackend;
+use podnat_controller::firewall::flavors::nftables::NftablesBackend;
+use podnat_controller::firewall::{Backend, Names, TrafficSource};
 use podnat_controller::http::traffic::encode;
 use podnat_controller::model::{Families, Mapping, NatKey, PodRef, Proto, RuleSet};
 
@@ -56,62 +59,91 @@ fn table(n: u32) -> RuleSet {
 
 fn main() {
     println!("traffic scrape benchmark: medians of {REPS} runs, milliseconds (wall); one machine, compare within this run only");
-    println!("| ports | read_traffic (dump) | encode (text) | scrape total | body KiB | nft -j list set |");
-    println!("|---|---|---|---|---|---|");
-    for n in [100u32, 1000, 5000] {
-        let ns = Netns::new("btr");
-        let rules = table(n);
-        let r = rules.clone();
-        let (read, text, total, kib) = ns.run(move || {
-            let names = Names::new("podnat");
-            NftablesBackend::new(names.clone()).apply(&r).unwrap();
-            let (mut read, mut text, mut total) = (vec![], vec![], vec![]);
-            let mut kib = 0.0;
-            for _ in 0..REPS {
-                let t = Instant::now();
-                let traffic = read_traffic(&names, Families::default(), r.dnat.len())
-                    .unwrap()
-                    .unwrap();
-                let t1 = t.elapsed();
-                let mut body = String::new();
-                encode(&mut body, &traffic, &r.dnat, false);
-                let t2 = t.elapsed();
-                assert_eq!(traffic.len(), r.dnat.len());
-                kib = body.len() as f64 / 1024.0;
-                read.push(t1);
-                text.push(t2 - t1);
-                total.push(t2);
-            }
-            (median(read), median(text), median(total), kib)
-        });
-        let nft: Vec<Duration> = (0..REPS / 4)
-            .map(|_| {
-                let t = Instant::now();
-                let out = Command::new("ip")
-                    .args([
-                        "netns",
-                        "exec",
-                        &ns.name,
-                        "nft",
-                        "-j",
-                        "list",
-                        "set",
-                        "ip",
-                        "podnat",
-                        "mapping_traffic",
-                    ])
-                    .output()
-                    .unwrap();
-                assert!(out.status.success());
-                t.elapsed()
-            })
-            .collect();
-        println!(
-            "| {n} | {} | {} | {} | {kib:.0} | {} |",
-            ms(read),
-            ms(text),
-            ms(total),
-            ms(median(nft))
-        );
+    println!(
+        "| flavor | ports | dump | encode (text) | scrape total | body KiB | the admin's listing |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    for flavor in [Flavor::Nftables, Flavor::Iptables] {
+        for n in [100u32, 1000, 5000] {
+            row(flavor, n);
+        }
     }
+}
+
+fn row(flavor: Flavor, n: u32) {
+    let ns = Netns::new("btr");
+    let rules = table(n);
+    let r = rules.clone();
+    let (read, text, total, kib) = ns.run(move || {
+        let names = Names::new("podnat");
+        let mut backend: Box<dyn Backend> = match flavor {
+            Flavor::Nftables => Box::new(NftablesBackend::new(names.clone())),
+            Flavor::Iptables => Box::new(
+                IptablesBackend::new(names.clone(), JumpPositions::default()).with_counters(true),
+            ),
+        };
+        backend.apply(&r).unwrap();
+        let source = TrafficSource::for_flavor(flavor, names, Families::default(), true).unwrap();
+        let (mut read, mut text, mut total) = (vec![], vec![], vec![]);
+        let mut kib = 0.0;
+        for _ in 0..REPS {
+            let t = Instant::now();
+            let traffic = source.read(r.dnat.len()).unwrap().unwrap();
+            let t1 = t.elapsed();
+            let mut body = String::new();
+            encode(&mut body, &traffic, &r.dnat, false);
+            let t2 = t.elapsed();
+            assert_eq!(traffic.len(), r.dnat.len());
+            kib = body.len() as f64 / 1024.0;
+            read.push(t1);
+            text.push(t2 - t1);
+            total.push(t2);
+        }
+        (median(read), median(text), median(total), kib)
+    });
+    let listing: &[&str] = match flavor {
+        Flavor::Nftables => &[
+            "nft",
+            "-j",
+            "list",
+            "set",
+            "ip",
+            "podnat",
+            "mapping_traffic",
+        ],
+        Flavor::Iptables => &[
+            "iptables-nft",
+            "-t",
+            "mangle",
+            "-L",
+            "PODNAT_COUNT",
+            "-v",
+            "-x",
+            "-n",
+        ],
+    };
+    let admin: Vec<Duration> = (0..REPS / 4)
+        .map(|_| {
+            let t = Instant::now();
+            let out = Command::new("ip")
+                .args(["netns", "exec", &ns.name])
+                .args(listing)
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            t.elapsed()
+        })
+        .collect();
+    println!(
+        "| {} | {n} | {} | {} | {} | {kib:.0} | {} |",
+        if flavor == Flavor::Nftables {
+            "nftables"
+        } else {
+            "iptables"
+        },
+        ms(read),
+        ms(text),
+        ms(total),
+        ms(median(admin))
+    );
 }

@@ -527,6 +527,65 @@ fn iptables_view_equals_iptables_nft_save() {
     drop(agent);
 }
 
+/// `-iptablescounters`: the iptables flavor counts every packet of each
+/// mapping (its counting chain in mangle) and a real agent serves exactly
+/// the datagrams sent, in /entries/list and /metrics; the view shows the
+/// counting chains as iptables-nft-save does.
+#[test]
+fn iptables_counters_through_a_real_agent() {
+    let w = World::new("htcnt");
+    let node = &w.sandbox.node;
+    let agent = w.start_agent(&["-firewallflavor=iptables", "-iptablescounters"]);
+    agent.wait_first_sync();
+    w.create_pod(
+        "mx-a",
+        NODE,
+        Some(r#"{"entries":[{"srcPort":25,"dstPort":2525},{"srcPort":5353,"dstPort":53535,"proto":"udp"}]}"#),
+    );
+    w.set_running("mx-a", POD_A_IP);
+    wait_for("the counting rules in the view", WAIT, || {
+        body(node, "/entries/list?format=iptables").contains("--ctorigdstport 5353")
+    });
+    wait_equal(
+        "?format=iptables equals iptables-nft-save, mangle included",
+        || body(node, "/entries/list?format=iptables"),
+        || agent_save(node),
+    );
+    let sink = w
+        .sandbox
+        .pod_a
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:53535").unwrap());
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    const DATAGRAMS: u64 = 9;
+    w.sandbox.client.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..DATAGRAMS {
+            s.send_to(&[1u8; 100], "203.0.113.7:5353").unwrap();
+        }
+    });
+    for _ in 0..DATAGRAMS {
+        sink.recv_from(&mut [0u8; 256])
+            .expect("a datagram through 5353");
+    }
+    let rows = entries(node)["entries"].as_array().unwrap().clone();
+    let row = rows.iter().find(|r| r["public_port"] == 5353).unwrap();
+    assert_eq!(row["packets"], DATAGRAMS, "{row}");
+    assert_eq!(row["bytes"], DATAGRAMS * 128, "{row}");
+    let tcp = rows.iter().find(|r| r["public_port"] == 25).unwrap();
+    assert_eq!(tcp["packets"], 0, "{tcp}");
+    let (_, samples) = parse_prometheus(&body(node, "/metrics"));
+    let udp = [("port", "5353"), ("protocol", "udp"), ("pod", "mx-a")];
+    assert_eq!(
+        value(&samples, "podnat_mapping_packets_total", &udp),
+        Some(DATAGRAMS as f64)
+    );
+    assert_eq!(
+        value(&samples, "podnat_mapping_bytes_total", &udp),
+        Some((DATAGRAMS * 128) as f64)
+    );
+    drop(agent);
+}
+
 #[test]
 fn dry_run_agent_lists_planned_entries_and_owns_no_rules() {
     let w = World::new("htdry");
