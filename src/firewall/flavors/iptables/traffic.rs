@@ -1,16 +1,17 @@
 //! Per-mapping traffic in the iptables flavor (`-iptablescounters`): one
 //! rule dump of `<PREFIX>_COUNT` (ip and ip6 mangle) when asked, each
-//! counting rule decoded to its mapping's key and read for the packets and
-//! bytes its counter holds. Read-only, on a socket of its own.
+//! counting rule read for its mapping's key (the conntrack match's original
+//! destination) and the packets and bytes its counter holds. Read-only, on
+//! a socket of its own.
 
 use super::place::MANGLE;
-use super::rules::{decode, parse_exprs, AgentRule};
+use super::xt;
 use crate::firewall::flavors::nftables::Traffic;
 use crate::firewall::names::Names;
 use crate::firewall::wire::netlink::{
     attr_be64, attr_str, find_attr, parse_attrs, sys, NetlinkError, NfSocket, Scope,
 };
-use crate::model::Families;
+use crate::model::{Families, Family, NatKey, Proto};
 
 /// Every counted mapping's packets and bytes (both directions, since its
 /// rule was made), sorted by key, a range's part under its first key;
@@ -35,15 +36,8 @@ pub fn read_traffic(
         let list = out.get_or_insert_with(Vec::new);
         for msg in &msgs {
             let exprs = find_attr(msg, sys::NFTA_RULE_EXPRESSIONS).unwrap_or(&[]);
-            let Some(AgentRule::Count(c)) = decode(&parse_exprs(exprs), names, family) else {
-                continue;
-            };
-            if let Some((packets, bytes)) = rule_counter(exprs) {
-                list.push(Traffic {
-                    key: c.key,
-                    packets,
-                    bytes,
-                });
+            if let Some(t) = counted(exprs, family == Family::Ipv6) {
+                list.push(t);
             }
         }
     }
@@ -53,16 +47,36 @@ pub fn read_traffic(
     Ok(out)
 }
 
-/// The packets and bytes of a rule's `counter` expression.
-fn rule_counter(exprs: &[u8]) -> Option<(u64, u64)> {
-    parse_attrs(exprs).find_map(|(_, e)| {
-        if attr_str(e, sys::NFTA_EXPR_NAME).as_deref() != Some("counter") {
-            return None;
+/// A counting rule's key and counter, read straight from its expressions
+/// (the conntrack match's original destination, the counter's values):
+/// a scrape allocates nothing per rule. Whether the rules are exactly the
+/// agent's is the applies' business (they read and repair the chain).
+fn counted(exprs: &[u8], ipv6: bool) -> Option<Traffic> {
+    let (mut dst, mut counter) = (None, None);
+    for (_, e) in parse_attrs(exprs) {
+        let d = find_attr(e, sys::NFTA_EXPR_DATA).unwrap_or(&[]);
+        match attr_str(e, sys::NFTA_EXPR_NAME).as_deref() {
+            Some("match") if attr_str(d, xt::NFTA_XT_NAME).as_deref() == Some("conntrack") => {
+                dst = find_attr(d, xt::NFTA_XT_INFO)
+                    .and_then(|info| xt::parse_conntrack_orig_dst(info, ipv6));
+            }
+            Some("counter") => {
+                counter = Some((
+                    attr_be64(d, sys::NFTA_COUNTER_PACKETS)?,
+                    attr_be64(d, sys::NFTA_COUNTER_BYTES)?,
+                ));
+            }
+            _ => {}
         }
-        let d = find_attr(e, sys::NFTA_EXPR_DATA)?;
-        Some((
-            attr_be64(d, sys::NFTA_COUNTER_PACKETS)?,
-            attr_be64(d, sys::NFTA_COUNTER_BYTES)?,
-        ))
+    }
+    let ((public_ip, proto, port, _), (packets, bytes)) = (dst?, counter?);
+    Some(Traffic {
+        key: NatKey {
+            public_ip,
+            public_port: port,
+            proto: Proto::from_number(proto)?,
+        },
+        packets,
+        bytes,
     })
 }
