@@ -135,6 +135,11 @@ fn init_logging(config: &Config) {
 
 fn run(config: Config) -> anyhow::Result<()> {
     let names = Names::new(&config.resource_prefix);
+    if config.iptables_counters && config.flavor == podnat_controller::config::Flavor::Nftables {
+        tracing::warn!(
+            "-iptablescounters has no effect in the nftables flavor: it counts every mapping anyway"
+        );
+    }
     let mut backend = backend_counting(
         config.flavor,
         names.clone(),

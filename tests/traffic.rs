@@ -322,19 +322,12 @@ fn each_published_key_counts_its_packets_and_bytes_iptables() {
             text,
             "{tool}-save"
         );
-        // iptables-nft-save prints the address bare, but iptables reads a
-        // bare `--ctorigdst` with another mask than the /32 (/128) it wrote.
-        let host = if family == Family::Ipv4 {
-            "/32"
-        } else {
-            "/128"
-        };
+        // As iptables-nft-save prints them: the saved text finds the rule,
+        // and a save restores it (below).
         for spec in text
             .lines()
             .filter_map(|l| l.strip_prefix("-A PODNAT_COUNT "))
         {
-            let (head, rest) = spec.split_once(" --ctorigdstport").unwrap();
-            let spec = format!("{head}{host} --ctorigdstport{rest}");
             let out = sb
                 .node
                 .try_sh(&format!("{tool} -t mangle -C PODNAT_COUNT {spec}"));
@@ -347,6 +340,15 @@ fn each_published_key_counts_its_packets_and_bytes_iptables() {
     let again = r.clone();
     let report = sb.node.run(move || backend().apply(&again)).unwrap();
     assert_eq!(report.messages, 0, "{report:?}");
+    // A save restored (iptables-persistent at boot): the counting rules come
+    // back as the agent's own (unmarked: adopted once), nothing refused.
+    sb.node
+        .sh("iptables-nft-save > /tmp/trfi.save && iptables-nft-restore < /tmp/trfi.save; rm -f /tmp/trfi.save");
+    let again = r.clone();
+    sb.node.run(move || backend().apply(&again)).unwrap();
+    let again = r.clone();
+    let report = sb.node.run(move || backend().apply(&again)).unwrap();
+    assert_eq!(report.messages, 0, "settled after the restore: {report:?}");
     // Another key added: the others keep their counts (their rules stay).
     let before = read();
     let mut grown = r.clone();
@@ -368,6 +370,41 @@ fn each_published_key_counts_its_packets_and_bytes_iptables() {
         of(&before, key(PUBLIC4, 5353, Proto::Udp))
     );
     assert_eq!(of(&after, key(PUBLIC4, 27, Proto::Tcp)), (0, 0));
+    // A change of the pod port alone, as the loop applies it (one batch on
+    // top of the last commit): the counting rule (key and owner) stays,
+    // with its count.
+    let mut moved = grown.clone();
+    for m in moved
+        .dnat
+        .iter_mut()
+        .filter(|m| m.key == key(PUBLIC4, 5353, Proto::Udp))
+    {
+        m.pod_port = 5354;
+    }
+    for f in moved
+        .forward
+        .iter_mut()
+        .filter(|f| f.pod_port == 5353 && f.pod_ip.is_ipv4())
+    {
+        f.pod_port = 5354;
+    }
+    moved.normalize();
+    let change = Changes::between(&grown, &moved);
+    let applied = sb
+        .node
+        .run(move || {
+            let mut b = backend();
+            b.read()?;
+            b.apply_changes(change)
+        })
+        .unwrap();
+    let report = applied.expect("the change fits the settled chains");
+    assert!(report.messages <= 4, "DNAT and FORWARD only: {report:?}");
+    assert_eq!(
+        of(&read(), key(PUBLIC4, 5353, Proto::Udp)),
+        of(&after, key(PUBLIC4, 5353, Proto::Udp))
+    );
+    let grown = moved;
     // Without the flag the counting chains go, the rest stays.
     let plain = grown.clone();
     sb.node
@@ -391,7 +428,7 @@ fn each_published_key_counts_its_packets_and_bytes_iptables() {
         view::iptables_save_with(&grown.of_family(Family::Ipv4), &names(), Family::Ipv4, true)
     );
     // With it again, then `cleanup`: nothing of the agent's is left in
-    // mangle either (the base chains and the table it made go too).
+    // mangle either.
     let g = grown.clone();
     sb.node.run(move || backend().apply(&g)).unwrap();
     assert!(sb
@@ -404,12 +441,8 @@ fn each_published_key_counts_its_packets_and_bytes_iptables() {
         "{said:?}"
     );
     let left = sb.node.sh("nft list ruleset");
-    for gone in [
-        "PODNAT_COUNT",
-        "PODNAT_FORWARD",
-        "PODNAT_POST",
-        "table ip mangle",
-    ] {
+    // (The tables stay: the restore above made them anew, unmarked.)
+    for gone in ["PODNAT_COUNT", "PODNAT_FORWARD", "PODNAT_POST"] {
         assert!(!left.contains(gone), "{gone}: {left}");
     }
 }

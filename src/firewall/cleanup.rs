@@ -79,7 +79,8 @@ pub fn for_go_version(names: &Names, jumps: JumpPositions) -> Result<Vec<String>
                 .count();
             let restricted = restricted.len();
             lines.push(format!(
-                "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}), \
+                "ip iptables: local access ({} MARK rule(s), the hairpin MASQUERADE, {}) \
+                 and the counting chains of -iptablescounters where there were any, \
                  {second} port(s) on the second protocol of a port and {restricted} \
                  mapping(s) with source allow-lists removed (the Go version ignores \
                  sourceRanges and publishes those entries to every source when it runs); \

@@ -29,9 +29,10 @@ pub struct Names {
     /// `<PREFIX>_COUNT` in `ip mangle` (`-iptablescounters`): one counting
     /// rule per mapping, reached from mangle POSTROUTING.
     pub count: String,
-    /// `<PREFIX>_COUNT_INPUT` in `ip mangle`: reached from mangle INPUT
+    /// `<PREFIX>_COUNTIN` in `ip mangle`: reached from mangle INPUT
     /// (with `-localaccess`, the replies to the node's own connections),
-    /// one jump to `<PREFIX>_COUNT`.
+    /// one jump to `<PREFIX>_COUNT`. (iptables takes chain names of at most
+    /// 28 characters: a 20-character prefix and `_FORWARD` or `_COUNTIN`.)
     pub count_input: String,
 }
 
@@ -114,7 +115,7 @@ impl Names {
             output: format!("{up}_OUTPUT"),
             hairpin_comment: format!("{prefix}[hairpin]"),
             count: format!("{up}_COUNT"),
-            count_input: format!("{up}_COUNT_INPUT"),
+            count_input: format!("{up}_COUNTIN"),
         }
     }
 

@@ -157,7 +157,7 @@ pub fn iptables_save_with(rules: &RuleSet, n: &Names, family: Family, local: boo
 
 /// `iptables_save_with`, with `-iptablescounters`' mangle chains when
 /// `counters`: `<PREFIX>_COUNT` (one rule per mapping) from POSTROUTING,
-/// and with `local` `<PREFIX>_COUNT_INPUT` from INPUT.
+/// and with `local` `<PREFIX>_COUNTIN` from INPUT.
 pub fn iptables_save_counted(
     rules: &RuleSet,
     n: &Names,

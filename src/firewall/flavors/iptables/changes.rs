@@ -6,12 +6,13 @@ use super::*;
 
 /// The content each of the agent's chains must have, in order.
 /// `local`: `-localaccess`, with the name of `<PREFIX>_PRE` (the OUTPUT
-/// chain's jump target); `counters`: `-iptablescounters`.
+/// chain's jump target); `counting`: `-iptablescounters`, with the name of
+/// `<PREFIX>_COUNT` (the INPUT counting chain's jump target).
 pub(super) fn desired_chains(
     desired: &RuleSet,
     family: Family,
     local: Option<&str>,
-    counters: bool,
+    counting: Option<&str>,
 ) -> [Vec<AgentRule>; N_PLACES] {
     let marks = local.map(|_| desired.local.iter().cloned().map(AgentRule::Mark));
     let pre = marks
@@ -40,15 +41,13 @@ pub(super) fn desired_chains(
         .map(|pre| AgentRule::LocalJump(pre.to_string()))
         .into_iter()
         .collect();
-    let count = if counters {
-        counted(&desired.dnat)
-    } else {
-        Vec::new()
+    let count = match counting {
+        Some(_) => counted(&desired.dnat),
+        None => Vec::new(),
     };
-    // `<PREFIX>_COUNT_INPUT` holds the jump to `<PREFIX>_COUNT`, whose name
-    // follows `<PREFIX>_PRE`'s prefix.
-    let count_input = match (counters, local) {
-        (true, Some(pre)) => vec![AgentRule::Jump(count_chain_of(pre))],
+    // `<PREFIX>_COUNTIN` holds the jump to `<PREFIX>_COUNT`.
+    let count_input = match (counting, local) {
+        (Some(count), Some(_)) => vec![AgentRule::Jump(count.to_string())],
         _ => Vec::new(),
     };
     let mut chains: [Vec<AgentRule>; N_PLACES] = [pre, post, fwd, out, count, count_input];
@@ -64,12 +63,6 @@ fn counted(dnat: &[Mapping]) -> Vec<AgentRule> {
     dnat.iter()
         .map(|m| AgentRule::Count(rules::Counted::of(m)))
         .collect()
-}
-
-/// `<PREFIX>_COUNT` from `<PREFIX>_PRE`.
-fn count_chain_of(pre: &str) -> String {
-    let prefix = pre.strip_suffix("_PRE").unwrap_or(pre);
-    format!("{prefix}_COUNT")
 }
 
 /// Up to this many new rules per batch ask the kernel for an echo, whose
@@ -137,7 +130,7 @@ impl Changes {
             desired,
             state.family,
             state.local.as_deref(),
-            state.counters,
+            state.counting.as_deref(),
         );
         let managed = |i: usize| state.manages(i);
         // A place no longer managed is retired: its chain emptied and
@@ -178,8 +171,7 @@ impl Changes {
         });
         let mut changes = Changes {
             create_table: std::array::from_fn(|t| {
-                !state.table_present[t]
-                    && (t < 2 || state.places().iter().any(|p| p.table() == TABLES[t]))
+                !state.table_present[t] && state.places().iter().any(|p| p.table() == TABLES[t])
             }),
             create_parent: std::array::from_fn(|i| managed(i) && !state.parent_exists[i]),
             create_own: std::array::from_fn(|i| managed(i) && !state.own_exists[i]),
@@ -217,7 +209,7 @@ impl Changes {
         }
         // The hairpin sources are rules only with local access.
         let local = state.local.is_some();
-        let counters = state.counters;
+        let counters = state.counting.is_some();
         let rules = |r: &RuleSet| -> [Vec<AgentRule>; N_PLACES] {
             let marks = r
                 .local
@@ -243,6 +235,18 @@ impl Changes {
         let dnat = dnat_delta(&state.own[pre], ch)?;
         adds[pre].extend(dnat.add);
         dels[pre].extend(dnat.del);
+        // A rule both deleted and added stays (a mapping whose pod address
+        // or port changed keeps its counting rule, key and owner the same).
+        for (a, d) in adds.iter_mut().zip(dels.iter_mut()) {
+            if a.is_empty() || d.is_empty() {
+                continue;
+            }
+            a.sort_unstable();
+            d.sort_unstable();
+            let (a0, d0) = (a.clone(), d.clone());
+            a.retain(|r| d0.binary_search(r).is_err());
+            d.retain(|r| a0.binary_search(r).is_err());
+        }
         let mut own: [ChainPlan<AgentRule>; N_PLACES] =
             std::array::from_fn(|_| ChainPlan::default());
         for i in 0..N_PLACES {
@@ -338,7 +342,7 @@ impl Changes {
             own,
             family,
             local,
-            counters,
+            counting,
             table_present,
             parent_exists,
             own_exists,
@@ -354,7 +358,7 @@ impl Changes {
         let mut after = IptState {
             family,
             local,
-            counters,
+            counting,
             table_present: std::array::from_fn(|t| table_present[t] || self.create_table[t]),
             table_marked: std::array::from_fn(|t| table_marked[t] || self.create_table[t]),
             parent_exists: std::array::from_fn(|i| {

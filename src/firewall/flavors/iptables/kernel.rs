@@ -106,9 +106,12 @@ impl Iptables {
             }
         }
         // An earlier version's base chain: unmarked, as the agent makes it,
-        // holding nothing but the agent's jumps.
+        // holding nothing but the agent's jumps. Mangle's never: every
+        // version that hooks there marks what it makes (an unmarked one is
+        // someone else's, e.g. iptables-restore's, holding only our jump).
         st.parent_earlier = std::array::from_fn(|i| {
-            st.parent_exists[i]
+            !matches!(PLACES[i], Place::Count | Place::CountInput)
+                && st.parent_exists[i]
                 && !st.parent_marked[i]
                 && made_like[i]
                 && !st.parents[i].is_empty()
@@ -342,7 +345,7 @@ impl Iptables {
         IptState {
             family: self.family,
             local: self.local.then(|| self.names.pre.clone()),
-            counters: self.counters,
+            counting: self.counters.then(|| self.names.count.clone()),
             ..IptState::default()
         }
     }

@@ -1,10 +1,11 @@
 //! Flavor `iptables` (the default, as in the Go version): the agent's rules
 //! live in iptables-nft's own tables — `<PREFIX>_PRE`/`<PREFIX>_POST` in
-//! `ip nat`, `<PREFIX>_FORWARD` in `ip filter` — reached by one jump each
-//! from PREROUTING, POSTROUTING and FORWARD, every rule encoded exactly as
-//! iptables-nft 1.8.9 encodes it, so `iptables-nft -S`/`-save` list them
-//! and kube-proxy or CNI plugins keep working beside them. Nothing else in
-//! those tables is touched.
+//! `ip nat`, `<PREFIX>_FORWARD` in `ip filter` (with `-localaccess`
+//! `<PREFIX>_OUTPUT` in `ip nat`, with `-iptablescounters` the counting
+//! chains in `ip mangle`) — reached by one jump each from their base
+//! chains, every rule encoded exactly as iptables-nft 1.8.9 encodes it, so
+//! `iptables-nft -S`/`-save` list them and kube-proxy or CNI plugins keep
+//! working beside them. Nothing else in those tables is touched.
 
 pub mod position;
 pub(crate) mod rules;
@@ -53,7 +54,8 @@ struct Slot<T> {
     rule: T,
 }
 
-/// What the kernel holds of the agent's part of `ip nat` and `ip filter`.
+/// What the kernel holds of the agent's part of `ip nat`, `ip filter` and
+/// `ip mangle`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct IptState {
     /// Whose tables these are: `ip` (iptables-nft) or `ip6` (ip6tables-nft).
@@ -61,15 +63,16 @@ pub struct IptState {
     /// `-localaccess`: the name of `<PREFIX>_PRE`, which `<PREFIX>_OUTPUT`
     /// jumps to; `None`: the Go version's three places only.
     local: Option<String>,
-    /// `-iptablescounters`: the counting chains in `ip mangle`.
-    counters: bool,
+    /// `-iptablescounters`: the name of `<PREFIX>_COUNT` (the counting
+    /// chain in `ip mangle`, `<PREFIX>_COUNTIN`'s jump target).
+    counting: Option<String>,
     /// Per table (`TABLES`: nat, filter, mangle): it exists.
     table_present: [bool; 3],
     /// Per table: made (and marked) by the agent.
     table_marked: [bool; 3],
-    /// Per place (`PLACES`); all four are read (so `cleanup` finds an
-    /// OUTPUT chain left from a run with local access), the managed ones
-    /// planned.
+    /// Per place (`PLACES`); all are read where their chain exists (so
+    /// `cleanup` finds an OUTPUT or counting chain left from a run with
+    /// local access or counters), the managed ones planned.
     parent_exists: [bool; N_PLACES],
     /// The base chain carries the agent's mark: the agent made it.
     parent_marked: [bool; N_PLACES],
@@ -153,7 +156,7 @@ impl IptState {
 
     /// The places managed (see `places`).
     fn places(&self) -> &'static [Place] {
-        places(self.local.is_some(), self.counters)
+        places(self.local.is_some(), self.counting.is_some())
     }
 
     /// Whether the place with index `i` is managed.
@@ -174,7 +177,7 @@ impl IptState {
                 &self.rules(),
                 self.family,
                 self.local.as_deref(),
-                self.counters,
+                self.counting.as_deref(),
             );
             managed.into_iter().all(|i| {
                 self.own[i].len() == want[i].len()
@@ -430,7 +433,7 @@ impl Flavor for Iptables {
     }
 
     /// Jumps first (a chain still referenced cannot be deleted), from
-    /// wherever they are in the two tables, then the agent's chains, then
+    /// wherever they are in the agent's tables, then the agent's chains, then
     /// the base chains and tables the agent made that nothing else uses.
     /// A chain named like the agent's but not its own stays, with its jumps.
     fn teardown(

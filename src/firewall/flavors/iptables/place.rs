@@ -15,12 +15,20 @@ pub(super) const MANGLE: &str = "mangle";
 /// The tables the agent may use, in the order it reads and writes them.
 pub(super) const TABLES: [&str; 3] = [NAT, FILTER, MANGLE];
 
-/// The index of `table` in `TABLES`.
+/// The index of `table` (one of `TABLES`, as every place's table is) in
+/// `TABLES`.
 pub(super) fn table_index(table: &str) -> usize {
-    TABLES.iter().position(|t| *t == table).unwrap_or(0)
+    match table {
+        NAT => 0,
+        FILTER => 1,
+        _ => {
+            debug_assert_eq!(table, MANGLE);
+            2
+        }
+    }
 }
 
-/// One of the three places the agent hooks in: a parent (base) chain of
+/// One of the places the agent hooks in: a parent (base) chain of
 /// iptables-nft's and the agent's chain its jump leads to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Place {
@@ -34,7 +42,7 @@ pub(super) enum Place {
     /// DNATed packet leaving the node, forwarded (both directions) or its
     /// own, walks the counting rules.
     Count,
-    /// mangle INPUT → `<PREFIX>_COUNT_INPUT` (`-iptablescounters` with
+    /// mangle INPUT → `<PREFIX>_COUNTIN` (`-iptablescounters` with
     /// `-localaccess`): the replies to the node's own connections; it jumps
     /// to `<PREFIX>_COUNT`.
     CountInput,

@@ -15,7 +15,8 @@ use crate::model::{Families, Family, NatKey, Proto};
 
 /// Every counted mapping's packets and bytes (both directions, since its
 /// rule was made), sorted by key, a range's part under its first key;
-/// `None` when no family has the counting chain.
+/// `None` when no family has the table (a chain missing from an existing
+/// table dumps as empty).
 pub fn read_traffic(
     names: &Names,
     families: Families,

@@ -93,38 +93,41 @@ pub fn conntrack_state_dnat() -> Vec<u8> {
 /// `-m conntrack --ctproto P --ctorigdst A --ctorigdstport lo[:hi]`: the
 /// original destination of a connection (a mapping's key, a range's ports;
 /// one port is lo = hi). The ports in host byte order, as iptables writes
-/// them; an IPv4 address in the first 4 bytes of its 16.
+/// them; an IPv4 address in the first 4 bytes of its 16. The address bare,
+/// as iptables-nft-save prints it: every mask byte set (iptables sets only
+/// 4 for `A/32`; the kernel compares 4 for IPv4 either way), so that a
+/// save restores, and `-C` finds, the very rule.
 pub fn conntrack_orig_dst(ip: IpAddr, proto: u8, lo: u16, hi: u16) -> Vec<u8> {
     let mut info = vec![0u8; CONNTRACK_INFO_LEN];
+    write_orig_dst(&mut info, ip, proto, lo, hi);
+    info
+}
+
+fn write_orig_dst(info: &mut [u8], ip: IpAddr, proto: u8, lo: u16, hi: u16) {
     let bytes = ip_bytes(&ip);
     info[CT_ORIGDST_ADDR..CT_ORIGDST_ADDR + bytes.len()].copy_from_slice(&bytes);
-    info[CT_ORIGDST_MASK..CT_ORIGDST_MASK + bytes.len()].fill(0xff);
+    info[CT_ORIGDST_MASK..CT_ORIGDST_MASK + 16].fill(0xff);
     info[CT_L4PROTO..CT_L4PROTO + 2].copy_from_slice(&u16::from(proto).to_ne_bytes());
     info[CT_ORIGDST_PORT..CT_ORIGDST_PORT + 2].copy_from_slice(&lo.to_ne_bytes());
     info[CT_ORIGDST_PORT_HIGH..CT_ORIGDST_PORT_HIGH + 2].copy_from_slice(&hi.to_ne_bytes());
     info[CT_MATCH_FLAGS..CT_MATCH_FLAGS + 2].copy_from_slice(&CT_ORIG_FLAGS.to_ne_bytes());
-    info
 }
 
 /// The original destination of a `conntrack_orig_dst` payload: (address,
-/// protocol number, first port, last port); whether it is exactly the
-/// agent's encoding is checked by re-encoding.
+/// protocol number, first port, last port), only if the payload is exactly
+/// the agent's encoding of them (no inversion, no other field, the mask it
+/// writes) — compared on the stack, without allocating.
 pub fn parse_conntrack_orig_dst(info: &[u8], ipv6: bool) -> Option<(IpAddr, u8, u16, u16)> {
     if info.len() != CONNTRACK_INFO_LEN {
         return None;
     }
     let u16_at = |at: usize| u16::from_ne_bytes([info[at], info[at + 1]]);
-    if u16_at(CT_MATCH_FLAGS) != CT_ORIG_FLAGS {
-        return None;
-    }
     let ip = addr_at(info, CT_ORIGDST_ADDR, ipv6)?;
     let proto = u8::try_from(u16_at(CT_L4PROTO)).ok()?;
-    Some((
-        ip,
-        proto,
-        u16_at(CT_ORIGDST_PORT),
-        u16_at(CT_ORIGDST_PORT_HIGH),
-    ))
+    let (lo, hi) = (u16_at(CT_ORIGDST_PORT), u16_at(CT_ORIGDST_PORT_HIGH));
+    let mut mine = [0u8; CONNTRACK_INFO_LEN];
+    write_orig_dst(&mut mine, ip, proto, lo, hi);
+    (info == mine).then_some((ip, proto, lo, hi))
 }
 
 /// NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED (linux/netfilter/nf_nat.h).

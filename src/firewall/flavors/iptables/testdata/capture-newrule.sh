@@ -56,8 +56,10 @@ capture fwd_range filter -A PODNAT_FORWARD -d 10.1.2.5/32 -p udp -m conntrack --
 # Per-mapping counters (-iptablescounters): mangle's counting chain.
 iptables-nft -t mangle -N PODNAT_COUNT
 capture count_jump mangle -A POSTROUTING -m conntrack --ctstate DNAT -m comment --comment "podnat[jump_to_chain]" -j PODNAT_COUNT
-capture count_tcp mangle -A PODNAT_COUNT -m conntrack --ctproto tcp --ctorigdst 203.0.113.7/32 --ctorigdstport 25 -m comment --comment mail:mx-0 -j RETURN
-capture count_range mangle -A PODNAT_COUNT -m conntrack --ctproto udp --ctorigdst 203.0.113.7/32 --ctorigdstport 10000:10099 -m comment --comment voip:rtp-0 -j RETURN
+# As iptables-nft-save prints them (a bare address: all 16 mask bytes set,
+# where `/32` sets 4), so that a save restores the very rules.
+capture count_tcp mangle -A PODNAT_COUNT -m conntrack --ctproto 6 --ctorigdst 203.0.113.7 --ctorigdstport 25 -m comment --comment mail:mx-0 -j RETURN
+capture count_range mangle -A PODNAT_COUNT -m conntrack --ctproto 17 --ctorigdst 203.0.113.7 --ctorigdstport 10000:10099 -m comment --comment voip:rtp-0 -j RETURN
 for net in 172.16.0.0/12 192.168.0.0/16 10.0.0.0/8 127.0.0.0/8; do
     capture "ret_${net%%.*}" nat -A PODNAT_POST -d "$net" -m comment --comment "podnat[no_snat_for_internal]" -j RETURN
 done
