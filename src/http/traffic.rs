@@ -43,6 +43,11 @@ static FAILING: AtomicBool = AtomicBool::new(false);
 /// range's ports: (packets, bytes); `None` when no port of it is counted.
 pub fn counters_of(traffic: &[Traffic], m: &Mapping) -> Option<(u64, u64)> {
     let at = traffic.partition_point(|t| t.key < m.key);
+    counters_at(traffic, at, m)
+}
+
+/// `counters_of` with the first key at or after `m`'s already found.
+fn counters_at(traffic: &[Traffic], at: usize, m: &Mapping) -> Option<(u64, u64)> {
     let mut sum: Option<(u64, u64)> = None;
     for t in traffic[at..]
         .iter()
@@ -104,8 +109,13 @@ pub fn encode(body: &mut String, traffic: &[Traffic], dnat: &[Mapping], openmetr
         // The public addresses repeat from key to key: each is formatted
         // once per run of it.
         let mut address = (None, String::new());
+        // Both sorted by key: one walk, no search per mapping.
+        let mut at = 0;
         for m in dnat {
-            let Some((packets, bytes)) = counters_of(traffic, m) else {
+            while traffic.get(at).is_some_and(|t| t.key < m.key) {
+                at += 1;
+            }
+            let Some((packets, bytes)) = counters_at(traffic, at, m) else {
                 continue;
             };
             if address.0 != Some(m.key.public_ip) {
