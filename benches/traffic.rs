@@ -7,6 +7,13 @@
 //! which print the same counters). No peer counts per published port.
 //! Medians of repeated runs; prints a table, asserts nothing.
 //!
+//! Then the per-packet cost of counting: the round trip of a UDP datagram
+//! to a published port and its echo (both directions cross the node)
+//! beside N other mappings, the echoed mapping last in key order — the
+//! iptables flavor without and with `-iptablescounters` (every DNATed
+//! packet walks `<PREFIX>_COUNT` up to its rule), the nftables flavor (one
+//! set lookup).
+//!
 //! Run as root: `cargo bench --bench traffic` (network namespaces of its own).
 
 #[path = "../tests/support/netns.rs"]
@@ -16,7 +23,7 @@ use std::net::IpAddr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use netns::Netns;
+use netns::{Netns, Sandbox, POD_A_IP};
 use podnat_controller::config::{Flavor, JumpPositions};
 use podnat_controller::firewall::flavors::iptables::IptablesBackend;
 use podnat_controller::firewall::flavors::nftables::NftablesBackend;
@@ -58,6 +65,95 @@ fn table(n: u32) -> RuleSet {
 }
 
 fn main() {
+    scrape_rows();
+    println!();
+    println!("counting walk: UDP round trip through the NAT (median of {RTT_REPS}), microseconds; the echoed mapping is the last of N+1 in key order");
+    println!("| N other mappings | iptables | iptables -iptablescounters | nftables |");
+    println!("|---|---|---|---|");
+    for n in [0u32, 1000, 5000] {
+        let cells: Vec<String> = [
+            (Flavor::Iptables, false),
+            (Flavor::Iptables, true),
+            (Flavor::Nftables, false),
+        ]
+        .into_iter()
+        .map(|(flavor, counters)| {
+            format!("{:.1}", round_trip(flavor, counters, n).as_secs_f64() * 1e6)
+        })
+        .collect();
+        println!("| {n} | {} |", cells.join(" | "));
+    }
+}
+
+const RTT_REPS: usize = 2001;
+
+/// The median round trip of a datagram from the client to 203.0.113.7:65000
+/// (pod A's echo on 7000) with `table(n)` published beside it.
+fn round_trip(flavor: Flavor, counters: bool, n: u32) -> Duration {
+    let sb = Sandbox::new("bwalk");
+    let mut rules = table(n);
+    rules.dnat.push(Mapping {
+        key: NatKey {
+            public_ip: "203.0.113.7".parse().unwrap(),
+            public_port: 65000,
+            proto: Proto::Udp,
+        },
+        pod_ip: POD_A_IP.parse().unwrap(),
+        pod_port: 7000,
+        owner: PodRef::new("bench", "echo"),
+        span: 0,
+    });
+    rules.forward.push(podnat_controller::model::ForwardRule {
+        pod_ip: POD_A_IP.parse().unwrap(),
+        proto: Proto::Udp,
+        pod_port: 7000,
+        owner: PodRef::new("bench", "echo"),
+        span: 0,
+    });
+    rules.normalize();
+    sb.node.run(move || {
+        let names = Names::new("podnat");
+        let mut backend: Box<dyn Backend> = match flavor {
+            Flavor::Nftables => Box::new(NftablesBackend::new(names)),
+            Flavor::Iptables => Box::new(
+                IptablesBackend::new(names, JumpPositions::default()).with_counters(counters),
+            ),
+        };
+        backend.apply(&rules).unwrap();
+    });
+    let echo = sb
+        .pod_a
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:7000").unwrap());
+    let server = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        echo.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        while let Ok((len, from)) = echo.recv_from(&mut buf) {
+            if len == 1 {
+                break;
+            }
+            echo.send_to(&buf[..len], from).unwrap();
+        }
+    });
+    let rtt = sb.client.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.connect("203.0.113.7:65000").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut buf = [0u8; 64];
+        let mut times = Vec::with_capacity(RTT_REPS);
+        for _ in 0..RTT_REPS {
+            let t = Instant::now();
+            s.send(&[7u8; 32]).unwrap();
+            s.recv(&mut buf).expect("the echo");
+            times.push(t.elapsed());
+        }
+        s.send(&[0u8]).unwrap();
+        median(times)
+    });
+    server.join().unwrap();
+    rtt
+}
+
+fn scrape_rows() {
     println!("traffic scrape benchmark: medians of {REPS} runs, milliseconds (wall); one machine, compare within this run only");
     println!(
         "| flavor | ports | dump | encode (text) | scrape total | body KiB | the admin's listing |"
