@@ -241,6 +241,13 @@ fn link_without_carrier_is_ignored() {
     ));
 
     ns.sh("ip link set v1 up");
+    // The kernel sets the operational state UP asynchronously (linkwatch
+    // runs deferred): wait for it, then the address is chosen.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !ns.sh("ip -o link show v0").contains("state UP") {
+        assert!(std::time::Instant::now() < deadline, "v0 never came up");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let c = detect(&ns, &AddressFilter::default());
     assert_eq!(c.chosen, stack(&["203.0.113.7"]), "{c}");
 }
