@@ -6,10 +6,10 @@
 
 use super::place::MANGLE;
 use super::xt;
-use crate::firewall::flavors::nftables::Traffic;
+use crate::firewall::flavors::nftables::{counter_values, Traffic};
 use crate::firewall::names::Names;
 use crate::firewall::wire::netlink::{
-    attr_be64, attr_str, find_attr, parse_attrs, sys, NetlinkError, NfSocket, Scope,
+    attr_str_is, find_attr, parse_attrs, sys, NetlinkError, NfSocket, Scope,
 };
 use crate::model::{Families, Family, NatKey, Proto};
 
@@ -25,14 +25,9 @@ pub fn read_traffic(
     let mut out: Option<Vec<Traffic>> = None;
     for family in families.iter() {
         let scope = Scope::object(family.nfproto(), MANGLE, &names.count);
-        let msgs = match sock.dump_scoped(sys::NFT_MSG_GETRULE, &scope) {
-            Ok(m) => m,
-            // No table or chain: nothing of this family is counted.
-            Err(NetlinkError::Refused {
-                errno: nix::errno::Errno::ENOENT,
-                ..
-            }) => continue,
-            Err(e) => return Err(e),
+        // No table: nothing of this family is counted.
+        let Some(msgs) = sock.dump_scoped_if_present(sys::NFT_MSG_GETRULE, &scope)? else {
+            continue;
         };
         let list = out.get_or_insert_with(Vec::new);
         for msg in &msgs {
@@ -49,25 +44,20 @@ pub fn read_traffic(
 }
 
 /// A counting rule's key and counter, read straight from its expressions
-/// (the conntrack match's original destination, the counter's values):
-/// a scrape allocates nothing per rule. Whether the rules are exactly the
-/// agent's is the applies' business (they read and repair the chain).
+/// (the conntrack match's original destination, taken only when its
+/// payload is exactly the agent's; the counter's values): a scrape
+/// allocates nothing per rule.
 fn counted(exprs: &[u8], ipv6: bool) -> Option<Traffic> {
     let (mut dst, mut counter) = (None, None);
     for (_, e) in parse_attrs(exprs) {
-        let d = find_attr(e, sys::NFTA_EXPR_DATA).unwrap_or(&[]);
-        match attr_str(e, sys::NFTA_EXPR_NAME).as_deref() {
-            Some("match") if attr_str(d, xt::NFTA_XT_NAME).as_deref() == Some("conntrack") => {
+        if attr_str_is(e, sys::NFTA_EXPR_NAME, "match") {
+            let d = find_attr(e, sys::NFTA_EXPR_DATA).unwrap_or(&[]);
+            if attr_str_is(d, xt::NFTA_XT_NAME, "conntrack") {
                 dst = find_attr(d, xt::NFTA_XT_INFO)
                     .and_then(|info| xt::parse_conntrack_orig_dst(info, ipv6));
             }
-            Some("counter") => {
-                counter = Some((
-                    attr_be64(d, sys::NFTA_COUNTER_PACKETS)?,
-                    attr_be64(d, sys::NFTA_COUNTER_BYTES)?,
-                ));
-            }
-            _ => {}
+        } else if let Some(c) = counter_values(e) {
+            counter = Some(c);
         }
     }
     let ((public_ip, proto, port, _), (packets, bytes)) = (dst?, counter?);

@@ -30,6 +30,7 @@ mod traffic;
 
 use self::elements::*;
 use self::layout::*;
+pub(crate) use self::traffic::counter_values;
 pub use self::traffic::{read_traffic, Traffic};
 pub use crate::firewall::Features;
 

@@ -6,7 +6,7 @@
 use super::elements::nat_key_at;
 use crate::firewall::names::{self, Names};
 use crate::firewall::wire::netlink::{
-    attr_be64, attr_str, find_attr, parse_attrs, sys, NetlinkError, NfSocket, Scope,
+    attr_be64, attr_str_is, find_attr, parse_attrs, sys, NetlinkError, NfSocket, Scope,
 };
 use crate::model::{Families, NatKey};
 
@@ -53,14 +53,9 @@ fn dump_once(
     let mut out: Option<Vec<Traffic>> = None;
     for family in families.iter() {
         let scope = Scope::object(family.nfproto(), names.table(), names::NFT_TRAFFIC_SET);
-        let msgs = match sock.dump_scoped(sys::NFT_MSG_GETSETELEM, &scope) {
-            Ok(m) => m,
-            // No such table or set: nothing of this family is counted.
-            Err(NetlinkError::Refused {
-                errno: nix::errno::Errno::ENOENT,
-                ..
-            }) => continue,
-            Err(e) => return Err(e),
+        // No such table or set: nothing of this family is counted.
+        let Some(msgs) = sock.dump_scoped_if_present(sys::NFT_MSG_GETSETELEM, &scope)? else {
+            continue;
         };
         let list = out.get_or_insert_with(Vec::new);
         for msg in &msgs {
@@ -93,19 +88,23 @@ fn dump_once(
 /// An element's counter: NFTA_SET_ELEM_EXPR when it has one expression,
 /// NFTA_SET_ELEM_EXPRESSIONS when several.
 fn element_counter(el: &[u8]) -> Option<(u64, u64)> {
-    let counter = |expr: &[u8]| -> Option<(u64, u64)> {
-        if attr_str(expr, sys::NFTA_EXPR_NAME).as_deref() != Some("counter") {
-            return None;
-        }
-        let d = find_attr(expr, sys::NFTA_EXPR_DATA)?;
-        Some((
-            attr_be64(d, sys::NFTA_COUNTER_PACKETS)?,
-            attr_be64(d, sys::NFTA_COUNTER_BYTES)?,
-        ))
-    };
     if let Some(e) = find_attr(el, sys::NFTA_SET_ELEM_EXPR) {
-        return counter(e);
+        return counter_values(e);
     }
     let list = find_attr(el, sys::NFTA_SET_ELEM_EXPRESSIONS)?;
-    parse_attrs(list).find_map(|(_, e)| counter(e))
+    parse_attrs(list).find_map(|(_, e)| counter_values(e))
+}
+
+/// The packets and bytes of a `counter` expression (`None` for another
+/// expression): an element's, or a rule's (the iptables flavor's counting
+/// rules).
+pub(crate) fn counter_values(expr: &[u8]) -> Option<(u64, u64)> {
+    if !attr_str_is(expr, sys::NFTA_EXPR_NAME, "counter") {
+        return None;
+    }
+    let d = find_attr(expr, sys::NFTA_EXPR_DATA)?;
+    Some((
+        attr_be64(d, sys::NFTA_COUNTER_PACKETS)?,
+        attr_be64(d, sys::NFTA_COUNTER_BYTES)?,
+    ))
 }

@@ -142,6 +142,15 @@ pub fn attr_str(buf: &[u8], ty: u16) -> Option<String> {
     })
 }
 
+/// Whether string attribute `ty` is `s` (compared in place: no allocation,
+/// for the per-element and per-rule paths of a scrape).
+pub fn attr_str_is(buf: &[u8], ty: u16, s: &str) -> bool {
+    find_attr(buf, ty).is_some_and(|p| {
+        let end = p.iter().position(|&b| b == 0).unwrap_or(p.len());
+        &p[..end] == s.as_bytes()
+    })
+}
+
 pub fn attr_be32(buf: &[u8], ty: u16) -> Option<u32> {
     find_attr(buf, ty)
         .and_then(|p| p.get(..4))

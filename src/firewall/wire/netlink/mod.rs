@@ -59,7 +59,8 @@ mod batch;
 
 use attrs::{align4, parse_msg};
 pub use attrs::{
-    attr_be32, attr_be64, attr_str, find_attr, parse_all, parse_attrs, AttrIter, Attrs, RawMsg,
+    attr_be32, attr_be64, attr_str, attr_str_is, find_attr, parse_all, parse_attrs, AttrIter,
+    Attrs, RawMsg,
 };
 use batch::{nlmsg_header, patch_len};
 pub use batch::{protocol_family, BatchBuffers, FinalBatch, NftBatch, NftMsg};
@@ -373,6 +374,23 @@ impl NfSocket {
         let mut all = self.dump(msg_type, scope.family, &filter)?;
         all.retain(|m| scope.holds(m, table_attr, object_attr));
         Ok(all)
+    }
+
+    /// `dump_scoped`; `Ok(None)` when the scope's table or object does not
+    /// exist (ENOENT).
+    pub fn dump_scoped_if_present(
+        &mut self,
+        msg_type: u32,
+        scope: &Scope<'_>,
+    ) -> Result<Option<Vec<Vec<u8>>>, NetlinkError> {
+        match self.dump_scoped(msg_type, scope) {
+            Ok(m) => Ok(Some(m)),
+            Err(NetlinkError::Refused {
+                errno: Errno::ENOENT,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// Gets one object; `Ok(None)` when it does not exist (ENOENT).
