@@ -98,11 +98,16 @@ pub fn stale_targets(report: &ApplyReport) -> conntrack::Targets {
     let udp = |k: &crate::model::NatKey| k.proto == crate::model::Proto::Udp;
     // A port that goes to the same pod address and port before and after
     // (a range's part that only got split or joined) keeps its connections.
-    let kept: std::collections::HashSet<_> = report
-        .added_dnat
-        .iter()
-        .flat_map(|m| m.ports().map(move |(k, p)| (k, m.pod_ip, p)))
-        .collect();
+    // (Nothing to keep when nothing is removed: no set of the adds then.)
+    let kept: std::collections::HashSet<_> = if report.removed_dnat.is_empty() {
+        Default::default()
+    } else {
+        report
+            .added_dnat
+            .iter()
+            .flat_map(|m| m.ports().map(move |(k, p)| (k, m.pod_ip, p)))
+            .collect()
+    };
     conntrack::Targets {
         whole: report
             .removed_dnat

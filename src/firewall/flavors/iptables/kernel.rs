@@ -106,11 +106,10 @@ impl Iptables {
             }
         }
         // An earlier version's base chain: unmarked, as the agent makes it,
-        // holding nothing but the agent's jumps. Mangle's never: every
-        // version that hooks there marks what it makes (an unmarked one is
-        // someone else's, e.g. iptables-restore's, holding only our jump).
+        // holding nothing but the agent's jumps (only where a version that
+        // did not mark its objects hooked).
         st.parent_earlier = std::array::from_fn(|i| {
-            !matches!(PLACES[i], Place::Count | Place::CountInput)
+            PLACES[i].unmarked_by_earlier_versions()
                 && st.parent_exists[i]
                 && !st.parent_marked[i]
                 && made_like[i]

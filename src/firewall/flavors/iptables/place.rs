@@ -163,6 +163,14 @@ impl Place {
         }
     }
 
+    /// Whether a version of the agent that did not mark its objects ever
+    /// made this place's base chain. Not mangle's: every version that hooks
+    /// there marks what it makes, so an unmarked one holding the agent's
+    /// jump is someone else's (e.g. iptables-restore's).
+    pub(super) fn unmarked_by_earlier_versions(self) -> bool {
+        !matches!(self, Place::Count | Place::CountInput)
+    }
+
     /// The rule in the base chain that leads to the agent's chain: a plain
     /// jump, or for the counting chains a jump of DNATed packets only.
     pub(super) fn jump(self, n: &Names) -> super::rules::AgentRule {

@@ -15,7 +15,9 @@ pub(super) fn line(rule: &AgentRule, place: Place, n: &Names, family: Family) ->
         AgentRule::Snat(s) => view::ipt_snat(n, s),
         AgentRule::Dnat(m, source) => view::ipt_dnat(n, m, *source),
         AgentRule::Forward(f) => view::ipt_forward(n, f),
-        AgentRule::Jump(target) if place == Place::CountInput => {
+        // A jump to another of the agent's chains is a rule of this place's
+        // own chain (`<PREFIX>_COUNTIN`'s); to it, one of the base chain.
+        AgentRule::Jump(target) if target != place.own(n) => {
             view::ipt_jump(n, place.own(n), target)
         }
         AgentRule::Jump(target) => view::ipt_jump(n, place.parent(), target),
