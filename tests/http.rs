@@ -184,6 +184,27 @@ const ENTRY_KEYS: [&str; 16] = [
     "winner",
 ];
 
+/// Sends `n` 100-byte datagrams from the client to 203.0.113.7:5353 (pod
+/// A's 53535: a socket that reads and never answers, so counters see
+/// exactly these) and waits until the pod has them all.
+fn send_through_5353(w: &World, n: u64) {
+    let sink = w
+        .sandbox
+        .pod_a
+        .run(|| std::net::UdpSocket::bind("0.0.0.0:53535").unwrap());
+    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    w.sandbox.client.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        for _ in 0..n {
+            s.send_to(&[1u8; 100], "203.0.113.7:5353").unwrap();
+        }
+    });
+    for _ in 0..n {
+        sink.recv_from(&mut [0u8; 256])
+            .expect("a datagram through 5353");
+    }
+}
+
 #[test]
 fn endpoints_of_a_running_agent() {
     let w = World::new("htnft");
@@ -312,22 +333,8 @@ fn endpoints_of_a_running_agent() {
 
     // Traffic through 5353/udp: a pod that reads and never answers, so the
     // counters see exactly the client's datagrams.
-    let sink = w
-        .sandbox
-        .pod_a
-        .run(|| std::net::UdpSocket::bind("0.0.0.0:53535").unwrap());
-    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     const DATAGRAMS: u64 = 7;
-    w.sandbox.client.run(|| {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..DATAGRAMS {
-            s.send_to(&[1u8; 100], "203.0.113.7:5353").unwrap();
-        }
-    });
-    for _ in 0..DATAGRAMS {
-        sink.recv_from(&mut [0u8; 256])
-            .expect("a datagram through 5353");
-    }
+    send_through_5353(&w, DATAGRAMS);
     let row = entries(node)["entries"]
         .as_array()
         .unwrap()
@@ -551,22 +558,8 @@ fn iptables_counters_through_a_real_agent() {
         || body(node, "/entries/list?format=iptables"),
         || agent_save(node),
     );
-    let sink = w
-        .sandbox
-        .pod_a
-        .run(|| std::net::UdpSocket::bind("0.0.0.0:53535").unwrap());
-    sink.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
     const DATAGRAMS: u64 = 9;
-    w.sandbox.client.run(|| {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        for _ in 0..DATAGRAMS {
-            s.send_to(&[1u8; 100], "203.0.113.7:5353").unwrap();
-        }
-    });
-    for _ in 0..DATAGRAMS {
-        sink.recv_from(&mut [0u8; 256])
-            .expect("a datagram through 5353");
-    }
+    send_through_5353(&w, DATAGRAMS);
     let rows = entries(node)["entries"].as_array().unwrap().clone();
     let row = rows.iter().find(|r| r["public_port"] == 5353).unwrap();
     assert_eq!(row["packets"], DATAGRAMS, "{row}");

@@ -204,13 +204,12 @@ fn shared_per_port_and_given_back_whole(flavor: Flavor, name: &str) {
 
     // The newer probe claims 10040-10059: it wins that part only.
     let both = planned(&[pbx.clone(), probe]);
-    let parts: Vec<(u16, u16, &str)> = both
-        .of_family(Family::Ipv4)
+    let v4 = both.of_family(Family::Ipv4);
+    let parts: Vec<(u16, u16, &str)> = v4
         .dnat
         .iter()
         .filter(|m| m.key.proto == Proto::Udp)
         .map(|m| (m.key.public_port, m.port_end(), &*m.owner.name))
-        .map(|(a, b, c)| (a, b, if c == "pbx" { "pbx" } else { "probe" }))
         .collect();
     assert_eq!(
         parts,

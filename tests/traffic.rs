@@ -76,6 +76,22 @@ fn apply_change(ns: &Netns, change: Changes) {
     .expect("the change applies");
 }
 
+/// `r` with one key more: 27/tcp on IPv4 to pod A's 2527.
+fn with_port_27(r: &RuleSet) -> RuleSet {
+    let mut grown = r.clone();
+    publish(
+        &mut grown,
+        "mail:mx-0",
+        PUBLIC4,
+        27,
+        Proto::Tcp,
+        POD_A_IP,
+        2527,
+    );
+    grown.normalize();
+    grown
+}
+
 fn of(list: &[Traffic], k: NatKey) -> (u64, u64) {
     let t = list.iter().find(|t| t.key == k).expect("a counted key");
     (t.packets, t.bytes)
@@ -122,17 +138,7 @@ fn each_published_key_counts_its_packets_and_bytes() {
     // The dry run of a change, fed to `nft -f`, makes what apply makes:
     // the new key's counted element included (else the next read would
     // see the layout drifted and rebuild it).
-    let mut grown = moved.clone();
-    publish(
-        &mut grown,
-        "mail:mx-0",
-        PUBLIC4,
-        27,
-        Proto::Tcp,
-        POD_A_IP,
-        2527,
-    );
-    grown.normalize();
+    let grown = with_port_27(&moved);
     let g = grown.clone();
     let text = sb.node.run(move || backend().dry_run(&g, false)).unwrap();
     assert!(text.contains("mapping_traffic"), "{text}");
@@ -351,17 +357,7 @@ fn each_published_key_counts_its_packets_and_bytes_iptables() {
     assert_eq!(report.messages, 0, "settled after the restore: {report:?}");
     // Another key added: the others keep their counts (their rules stay).
     let before = read();
-    let mut grown = r.clone();
-    publish(
-        &mut grown,
-        "mail:mx-0",
-        PUBLIC4,
-        27,
-        Proto::Tcp,
-        POD_A_IP,
-        2527,
-    );
-    grown.normalize();
+    let grown = with_port_27(&r);
     let g = grown.clone();
     sb.node.run(move || backend().apply(&g)).unwrap();
     let after = read();

@@ -55,18 +55,8 @@ async fn answers_before_the_loop_runs() {
 }
 
 fn pod(name: &str, ip: [u8; 4], created: i64, annotation: &str) -> PodFacts {
-    PodFacts {
-        pod: PodRef::new("mail", name),
-        node: Some("node1".into()),
-        ips: crate::model::DualStack::v4(ip.into()),
-        created: Some(k8s_openapi::jiff::Timestamp::from_second(created).unwrap()),
-        ready: true,
-        terminating: false,
-        finished: false,
-        annotation: Some(annotation.into()),
-        host_network: false,
-        namespace_policy: Default::default(),
-    }
+    let ip = Ipv4Addr::from(ip).to_string();
+    crate::plan::tests::pod("mail", name, &ip, created, annotation)
 }
 
 #[test]

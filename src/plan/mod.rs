@@ -518,4 +518,4 @@ pub(crate) fn refusal(
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

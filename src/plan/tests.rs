@@ -8,7 +8,7 @@ pub(crate) fn ts(secs: i64) -> Option<Timestamp> {
     Some(Timestamp::from_second(secs).unwrap())
 }
 
-pub(super) fn pod(ns: &str, name: &str, ip: &str, created: i64, ann: &str) -> PodFacts {
+pub(crate) fn pod(ns: &str, name: &str, ip: &str, created: i64, ann: &str) -> PodFacts {
     PodFacts {
         pod: PodRef::new(ns, name),
         node: Some("node1.example.org".into()),

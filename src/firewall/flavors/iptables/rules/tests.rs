@@ -271,10 +271,20 @@ fn a_port_range_is_the_agents_only_as_written() {
         decode(&exprs, &names, V4),
         Some(AgentRule::Dnat(m.clone(), None))
     );
-    let dnat_of = |e: &[Expr]| {
-        e.iter()
-            .position(|x| matches!(x, Expr::Xt { name, .. } if name == "DNAT"))
-            .unwrap()
+    // The rule with another DNAT target payload.
+    let with_dnat = |info: Vec<u8>| -> Vec<Expr> {
+        let mut e = exprs.clone();
+        for x in &mut e {
+            if matches!(x, Expr::Xt { name, .. } if name == "DNAT") {
+                *x = Expr::Xt {
+                    kind: "target".into(),
+                    name: "DNAT".into(),
+                    rev: xt::DNAT_REV,
+                    info: info.clone(),
+                };
+            }
+        }
+        e
     };
     // `--dport` a port shorter than the pod ports: not the agent's.
     let mut short = exprs.clone();
@@ -284,26 +294,18 @@ fn a_port_range_is_the_agents_only_as_written() {
         }
     }
     assert_eq!(decode(&short, &names, V4), None);
+    // The helper's own payload decodes (it substitutes, nothing else).
+    let same = with_dnat(xt::dnat_range2(m.pod_ip, 20000, 99, 10000));
+    assert_eq!(
+        decode(&same, &names, V4),
+        Some(AgentRule::Dnat(m.clone(), None))
+    );
     // Another base (`/10001`): public 10000 would go to 19999.
-    let mut base = exprs.clone();
-    let at = dnat_of(&base);
-    base[at] = Expr::Xt {
-        kind: "target".into(),
-        name: "DNAT".into(),
-        rev: xt::DNAT_REV,
-        info: xt::dnat_range2(m.pod_ip, 20000, 99, 10001),
-    };
+    let base = with_dnat(xt::dnat_range2(m.pod_ip, 20000, 99, 10001));
     assert_eq!(decode(&base, &names, V4), None);
     // Pod ports past 65535 (`--to-destination A:65500-65535/10000` for a
     // 100-port range): never the agent's, whatever the bytes say.
-    let mut past = exprs.clone();
-    let at = dnat_of(&past);
-    past[at] = Expr::Xt {
-        kind: "target".into(),
-        name: "DNAT".into(),
-        rev: xt::DNAT_REV,
-        info: xt::dnat_range2(m.pod_ip, 65500, 99, 10000),
-    };
+    let past = with_dnat(xt::dnat_range2(m.pod_ip, 65500, 99, 10000));
     assert_eq!(decode(&past, &names, V4), None);
     // `--dport 10000:10000` is not how the agent writes one port.
     let one = Mapping { span: 0, ..m };
