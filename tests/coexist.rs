@@ -8,7 +8,10 @@
 //! - kube-proxy's rules are the same with and without the agent, and the
 //!   agent's are the same before and after the churn;
 //! - ClusterIP traffic through kube-proxy and DNAT/SNAT traffic through the
-//!   agent both work, before and after the churn.
+//!   agent both work, before and after the churn;
+//! - the iptables flavor runs with `-iptablescounters`: its counting chains
+//!   in mangle (walked by kube-proxy's DNATed Service traffic too) count the
+//!   mail pod's traffic, and `cleanup` removes them.
 //!
 //! Counts, not timings, are asserted; both flavors are measured before the
 //! assertions, so that a failure shows the figures of both.
@@ -81,13 +84,31 @@ fn crowded_node(tag: &str, mode: ProxyMode) {
 
     let mut observed = Vec::new();
     for flavor in ["nftables", "iptables"] {
-        let agent = w.start_agent(&[&format!("-firewallflavor={flavor}")]);
+        let flag = format!("-firewallflavor={flavor}");
+        let agent = match flavor {
+            "iptables" => w.start_agent(&[&flag, "-iptablescounters"]),
+            _ => w.start_agent(&[&flag]),
+        };
         agent.wait_first_sync();
         wait_for("the agent's rules for every pod", WAIT, || {
             mappings(&w.sandbox.node, flavor) == OTHER_PODS + 2
         });
         check_mail_traffic(&w.sandbox);
         check_cluster_ips(&w.sandbox.pod_a);
+        // Both flavors count the mail pod's traffic (the iptables flavor in
+        // mangle, beside kube-proxy's rules).
+        let metrics = support::kube_proxy::http_get(&w.sandbox.node, 8484, "/metrics")
+            .expect("the agent's /metrics");
+        let packets: f64 = metrics
+            .lines()
+            .filter(|l| l.starts_with("podnat_mapping_packets_total{"))
+            .filter(|l| l.contains("port=\"25\"") && l.contains("pod=\"mx-a\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum();
+        assert!(
+            packets > 0.0,
+            "{flavor}: the mail pod's 25/tcp counted:\n{metrics}"
+        );
         let ours = agent_view::rules(&w.sandbox.node, flavor);
         let before = Counters::read(&w.sandbox.node);
 
@@ -120,6 +141,10 @@ fn crowded_node(tag: &str, mode: ProxyMode) {
         drop(agent);
         agent_view::cleanup(&w.sandbox.node, flavor);
         assert_eq!(mappings(&w.sandbox.node, flavor), 0, "cleanup left rules");
+        assert!(
+            agent_view::rules(&w.sandbox.node, "iptables").is_empty(),
+            "cleanup left chains or jumps in iptables-nft's tables (mangle's included)"
+        );
         let cleaned = kp.rules();
         assert!(
             cleaned == alone,
